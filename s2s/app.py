@@ -1,0 +1,45 @@
+"""The aiohttp application: routes, the web demo, and the model's and calls' lifetime."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from s2s.backends import load_backend
+from s2s.config import Settings
+from s2s.registry import SessionRegistry
+from s2s.signaling import BACKEND, REGISTRY, SETTINGS, add_routes, cors_middleware
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[cors_middleware])
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_model_and_calls)
+    add_routes(app)
+    index = settings.web_dir / "index.html"
+
+    async def serve_index(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(index)
+
+    app.router.add_get("/", serve_index)
+    app.router.add_static("/web/", settings.web_dir)
+    return app
+
+
+async def _model_and_calls(app: web.Application) -> AsyncIterator[None]:
+    """Load the model once for the process; on shutdown end every call, then unload it."""
+    settings = app[SETTINGS]
+    backend = await load_backend(settings.model)
+    app[BACKEND] = backend
+    registry = SessionRegistry(settings.max_sessions)
+    app[REGISTRY] = registry
+    log.info("model %s ready; up to %d calls", backend.name, settings.max_sessions)
+    try:
+        yield
+    finally:
+        await registry.close_all("server_shutdown")
+        await backend.close()

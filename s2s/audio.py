@@ -1,0 +1,183 @@
+"""PCM plumbing between WebRTC and a model: resampling, framing and a paced outbound track.
+
+Everything here works on mono ``int16`` numpy arrays; ``av.AudioFrame`` appears only at the
+edges (frames decoded by aiortc in, frames handed to aiortc's encoder out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import fractions
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+WEBRTC_RATE = 48_000
+PACKET_MS = 20
+PACKET_SAMPLES = WEBRTC_RATE * PACKET_MS // 1000
+# A speaker this far behind its schedule (a stalled loop) re-anchors instead of sending a burst
+# of catch-up frames that the far end's jitter buffer would only drop.
+_MAX_LAG_S = 0.1
+
+
+class Resampler:
+    """Turns audio into mono ``int16`` at ``rate``, whatever rate and layout it arrives in."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._av = av.AudioResampler(format="s16", layout="mono", rate=rate)
+
+    def from_frame(self, frame: av.AudioFrame) -> np.ndarray:
+        """Resample one decoded WebRTC frame (any layout) to mono at ``rate``."""
+        out = self._av.resample(frame)
+        if not out:
+            return np.zeros(0, np.int16)
+        return np.concatenate([f.to_ndarray().reshape(-1) for f in out])
+
+    def from_pcm(self, pcm: np.ndarray, rate: int) -> np.ndarray:
+        """Resample mono ``int16`` samples at ``rate`` to mono at ``self.rate``."""
+        if rate == self.rate or pcm.size == 0:
+            return pcm
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(pcm, np.int16).reshape(1, -1), format="s16", layout="mono"
+        )
+        frame.sample_rate = rate
+        return self.from_frame(frame)
+
+
+class FrameChunker:
+    """Cuts a stream of samples into frames of exactly ``size`` samples."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._pending = np.zeros(0, np.int16)
+
+    def push(self, pcm: np.ndarray) -> list[np.ndarray]:
+        data = np.concatenate([self._pending, pcm]) if self._pending.size else pcm
+        whole = data.size // self.size * self.size
+        self._pending = data[whole:].copy()
+        return [data[i : i + self.size] for i in range(0, whole, self.size)]
+
+    def clear(self) -> None:
+        self._pending = np.zeros(0, np.int16)
+
+
+class PcmQueue:
+    """A FIFO of samples that hands out exactly ``n`` at a time, padding with silence."""
+
+    def __init__(self) -> None:
+        self._chunks: collections.deque[np.ndarray] = collections.deque()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def push(self, pcm: np.ndarray) -> None:
+        if pcm.size:
+            self._chunks.append(pcm)
+            self._size += pcm.size
+
+    def pop(self, n: int) -> tuple[np.ndarray, int]:
+        """Return ``n`` samples and how many of them were queued audio (the rest is silence)."""
+        out = np.zeros(n, np.int16)
+        filled = 0
+        while filled < n and self._chunks:
+            head = self._chunks[0]
+            take = min(n - filled, head.size)
+            out[filled : filled + take] = head[:take]
+            filled += take
+            if take == head.size:
+                self._chunks.popleft()
+            else:
+                self._chunks[0] = head[take:]
+        self._size -= filled
+        return out, filled
+
+    def clear(self) -> int:
+        dropped = self._size
+        self._chunks.clear()
+        self._size = 0
+        return dropped
+
+
+class SpeakerTrack(MediaStreamTrack):
+    """The call's outbound audio: 48 kHz mono, 20 ms frames, paced by the wall clock.
+
+    ``write()`` queues model audio and ``flush()`` drops whatever is queued (barge-in). ``recv()``
+    is driven by aiortc's sender; each frame's deadline is computed from the call's start time,
+    not from the previous frame, so scheduling error never accumulates over a long call.
+    """
+
+    kind = "audio"
+
+    def __init__(self, lead_ms: float = 10.0) -> None:
+        super().__init__()
+        self._queue = PcmQueue()
+        self._lead_s = lead_ms / 1000
+        self._start: float | None = None
+        self._frames = 0
+        # Audio written to an empty queue waits ``lead`` before its first frame goes out, so
+        # the frames behind it, arriving with network and scheduling jitter, find the queue
+        # ahead of the clock instead of leaving a gap. A backlog plays without waiting.
+        self._armed_at: float | None = None
+        #: Samples of queued (non-filler) audio sent so far.
+        self.played_samples = 0
+        #: Times the track fell more than ``_MAX_LAG_S`` behind and re-anchored its clock.
+        self.resyncs = 0
+        self._time_base = fractions.Fraction(1, WEBRTC_RATE)
+
+    @property
+    def queued_samples(self) -> int:
+        return len(self._queue)
+
+    @property
+    def frames_sent(self) -> int:
+        return self._frames
+
+    def write(self, pcm: np.ndarray) -> None:
+        """Queue mono ``int16`` samples at 48 kHz for sending."""
+        if not len(self._queue) and pcm.size:
+            self._armed_at = asyncio.get_running_loop().time()
+        self._queue.push(pcm)
+
+    def flush(self) -> int:
+        """Drop everything queued; returns the number of samples dropped."""
+        self._armed_at = None
+        return self._queue.clear()
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._start is None:
+            self._start = now
+        wait = self._start + self._frames * PACKET_MS / 1000 - now
+        if wait > 0:
+            await asyncio.sleep(wait)
+        elif wait < -_MAX_LAG_S:
+            self._start = now - self._frames * PACKET_MS / 1000
+            self.resyncs += 1
+        samples, filled = self._next_samples(loop.time())
+        self.played_samples += filled
+        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = WEBRTC_RATE
+        frame.pts = self._frames * PACKET_SAMPLES
+        frame.time_base = self._time_base
+        self._frames += 1
+        return frame
+
+    def _next_samples(self, now: float) -> tuple[np.ndarray, int]:
+        if not len(self._queue) or (
+            self._armed_at is not None and now - self._armed_at < self._lead_s
+        ):
+            return _SILENCE, 0
+        samples, filled = self._queue.pop(PACKET_SAMPLES)
+        if not len(self._queue):
+            self._armed_at = None
+        return samples, filled
+
+
+_SILENCE = np.zeros(PACKET_SAMPLES, np.int16)

@@ -1,0 +1,38 @@
+"""``echo``: returns the caller's audio unchanged, for transport tests and latency measurement.
+
+There is no model compute, so steps run inline on the event loop: a thread hop per 20 ms frame
+would cost more than the copy and would hide the transport's own latency.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from s2s.backends.base import StepResult
+
+
+class EchoStream:
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def step(self, pcm: np.ndarray) -> StepResult:
+        return StepResult(audio=pcm)
+
+    async def reset(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class EchoBackend:
+    name = "echo"
+    input_rate = 24_000
+    output_rate = 24_000
+    frame_samples = 480  # 20 ms: the echo adds no framing delay beyond one WebRTC packet
+
+    async def open_stream(self, call_id: str) -> EchoStream:
+        return EchoStream()
+
+    async def close(self) -> None:
+        return None

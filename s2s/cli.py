@@ -1,0 +1,95 @@
+"""``s2s`` command line: the only place that reads argv and the environment."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+
+import uvloop
+from aiohttp import web
+
+from s2s import __version__
+from s2s import log as s2s_log
+from s2s.app import create_app
+from s2s.config import Settings
+
+log = logging.getLogger("s2s")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="s2s", description="Realtime speech-to-speech server")
+    parser.add_argument("--version", action="version", version=f"s2s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the WebRTC server")
+    d = Settings()
+    serve.add_argument("--host", default=d.host, help="address to listen on (default %(default)s)")
+    serve.add_argument("--port", type=int, default=d.port, help="HTTP port (default %(default)s)")
+    serve.add_argument(
+        "--model",
+        default=d.model,
+        help="model backend: echo, or NAME:PATH_OR_HUB_ID (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-sessions",
+        type=int,
+        default=d.max_sessions,
+        help="calls this process takes before answering 503 (default %(default)s)",
+    )
+    serve.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=d.peer_timeout_s,
+        help="seconds without inbound audio before a call is ended (default %(default)s)",
+    )
+    serve.add_argument(
+        "--jitter-prefetch",
+        type=int,
+        default=d.jitter_prefetch,
+        help="audio frames held by the receive jitter buffer before playout "
+        "(aiortc's default is 4; default %(default)s)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default=d.log_level,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = Settings(
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        max_sessions=args.max_sessions,
+        peer_timeout_s=args.peer_timeout,
+        jitter_prefetch=args.jitter_prefetch,
+        log_level=args.log_level,
+    )
+    s2s_log.configure(settings.log_level)
+    uvloop.run(serve(settings))
+    return 0
+
+
+async def serve(settings: Settings) -> None:
+    """Serve until SIGINT or SIGTERM, then end every call and unload the model."""
+    runner = web.AppRunner(create_app(settings), handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        for sock in runner.addresses:
+            log.info("s2s listening on http://%s:%s/", *sock[:2])
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await runner.cleanup()

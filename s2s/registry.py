@@ -1,0 +1,82 @@
+"""The live calls of one server process, with a cap on how many there may be."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+
+from s2s.log import CallLogger
+from s2s.session import Session
+
+log = logging.getLogger(__name__)
+
+# How long hang-up and shutdown wait for a call's tasks to finish releasing it.
+_RELEASE_TIMEOUT_S = 5.0
+
+
+class ServerFull(RuntimeError):
+    pass
+
+
+def new_call_id() -> str:
+    return f"rtc_{secrets.token_hex(12)}"
+
+
+class SessionRegistry:
+    """Admits, runs and ends sessions; each runs in its own task and fails on its own."""
+
+    def __init__(self, max_sessions: int) -> None:
+        self.max_sessions = max_sessions
+        self._sessions: dict[str, Session] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def get(self, call_id: str) -> Session | None:
+        return self._sessions.get(call_id)
+
+    def admit(self, session: Session) -> None:
+        """Count ``session`` against the cap from now on (negotiation included)."""
+        if len(self._sessions) >= self.max_sessions:
+            raise ServerFull(f"{len(self._sessions)} of {self.max_sessions} calls in progress")
+        self._sessions[session.call_id] = session
+
+    async def discard(self, session: Session) -> None:
+        """Free a session that was admitted but never started (its offer was refused)."""
+        self._sessions.pop(session.call_id, None)
+        await session.release()
+
+    def start(self, session: Session) -> None:
+        task = asyncio.create_task(session.run(), name=f"{session.call_id}/session")
+        self._tasks[session.call_id] = task
+        task.add_done_callback(lambda t: self._finished(session, t))
+
+    def _finished(self, session: Session, task: asyncio.Task[None]) -> None:
+        self._sessions.pop(session.call_id, None)
+        self._tasks.pop(session.call_id, None)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            CallLogger(log, session.call_id).error("call failed", exc_info=exc)
+
+    async def hangup(self, call_id: str) -> bool:
+        """End a call and wait until it is released. False if there is no such call."""
+        session = self._sessions.get(call_id)
+        if session is None:
+            return False
+        session.end("hangup")
+        task = self._tasks.get(call_id)
+        if task is not None:
+            await asyncio.wait([task], timeout=_RELEASE_TIMEOUT_S)
+        return True
+
+    async def close_all(self, reason: str) -> None:
+        for session in list(self._sessions.values()):
+            session.end(reason)
+        tasks = list(self._tasks.values())
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=_RELEASE_TIMEOUT_S)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)

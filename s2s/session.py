@@ -1,0 +1,271 @@
+"""One call: a peer connection, its model stream, and the tasks that move audio and events.
+
+A ``Session`` owns one ``asyncio.TaskGroup``:
+
+- ``{call_id}/mic`` drains the caller's audio track (aiortc's queue is unbounded, so it is always
+  read), resamples it to the model's rate and cuts it into model frames;
+- ``{call_id}/model`` feeds those frames to the model stream one at a time and queues what comes
+  back on the ``SpeakerTrack``, which aiortc's sender pulls at a paced 20 ms;
+- ``{call_id}/events`` decodes and handles client events from the ``oai-events`` data channel;
+- ``{call_id}/supervise`` ends the call when asked to (hang-up, ICE failure) or when no audio has
+  arrived for ``peer_timeout_s``.
+
+Whichever way a call ends, the group is cancelled and ``release()`` frees the peer connection,
+the track and the model stream. A failure inside one session never reaches another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+import numpy as np
+from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from s2s.audio import WEBRTC_RATE, FrameChunker, Resampler, SpeakerTrack
+from s2s.backends import Backend, ModelStream
+from s2s.config import Settings
+from s2s.log import CallLogger
+from s2s.protocol import (
+    AnyClientEvent,
+    Error,
+    ErrorDetail,
+    EventError,
+    OutputAudioBufferClear,
+    OutputAudioBufferCleared,
+    ServerEvent,
+    SessionConfig,
+    SessionCreated,
+    SessionUpdate,
+    SessionUpdated,
+    decode_client_event,
+    encode_event,
+)
+from s2s.rtc import set_audio_prefetch
+
+log = logging.getLogger(__name__)
+
+EVENTS_LABEL = "oai-events"
+# Model frames waiting for a slow model; past this the oldest are dropped (and counted) so a
+# stalled model never makes the caller's audio pile up in memory.
+_MODEL_BACKLOG = 50
+# Client events waiting to be handled; past this, new ones are refused with an error event.
+_INBOX_SIZE = 256
+# Server events sent before the data channel opened, kept until it does.
+_PENDING_EVENTS = 256
+
+
+class OfferError(ValueError):
+    """The SDP offer cannot be answered; the message says why."""
+
+
+class _Ended(Exception):
+    """Raised inside the task group to stop every task of an ended call."""
+
+
+class Session:
+    def __init__(
+        self,
+        call_id: str,
+        pc: RTCPeerConnection,
+        backend: Backend,
+        settings: Settings,
+        config: SessionConfig,
+    ) -> None:
+        self.call_id = call_id
+        self.pc = pc
+        self.config = config
+        self.speaker = SpeakerTrack()
+        self.log = CallLogger(log, call_id)
+        self.end_reason: str | None = None
+        #: Model frames dropped because the model fell behind.
+        self.frames_dropped = 0
+        self._backend = backend
+        self._settings = settings
+        self._stream: ModelStream | None = None
+        self._mic: asyncio.Future[MediaStreamTrack] = asyncio.get_running_loop().create_future()
+        self._channel: RTCDataChannel | None = None
+        self._pending: deque[str] = deque(maxlen=_PENDING_EVENTS)
+        self._inbox: asyncio.Queue[bytes | str] = asyncio.Queue(_INBOX_SIZE)
+        self._model_in: asyncio.Queue[np.ndarray] = asyncio.Queue(_MODEL_BACKLOG)
+        self._ended = asyncio.Event()
+        self._last_audio = asyncio.get_running_loop().time()
+        pc.on("track", self._on_track)
+        pc.on("datachannel", self._on_datachannel)
+        pc.on("connectionstatechange", self._on_connection_state)
+
+    # -- negotiation -----------------------------------------------------------------------------
+
+    async def accept(self, offer_sdp: str) -> str:
+        """Apply the caller's offer and return the SDP answer, or raise ``OfferError``."""
+        try:
+            await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        except Exception as exc:  # aiortc raises ValueError, KeyError, IndexError... on bad SDP
+            raise OfferError(f"malformed SDP offer: {exc or type(exc).__name__}") from exc
+        audio = [t for t in self.pc.getTransceivers() if t.kind == "audio"]
+        if not audio:
+            raise OfferError("the offer has no audio section")
+        for transceiver in self.pc.getTransceivers():
+            if transceiver.kind != "audio":
+                # Nothing reads video yet; an unread remote track would queue frames forever.
+                transceiver.direction = "inactive"
+        set_audio_prefetch(audio[0].receiver, self._settings.jitter_prefetch)
+        self.pc.addTrack(self.speaker)
+        try:
+            await self.pc.setLocalDescription(await self.pc.createAnswer())
+        except Exception as exc:
+            raise OfferError(f"cannot answer the offer: {exc or type(exc).__name__}") from exc
+        return str(self.pc.localDescription.sdp)
+
+    # -- running ---------------------------------------------------------------------------------
+
+    @property
+    def ended(self) -> bool:
+        return self._ended.is_set()
+
+    def end(self, reason: str) -> None:
+        """Ask the call to end; the first reason given is the one reported."""
+        if not self._ended.is_set():
+            self.end_reason = reason
+            self.log.info("ending: %s", reason)
+            self._ended.set()
+
+    async def run(self) -> None:
+        """Serve the call until it ends, then free everything it holds."""
+        cid = self.call_id
+        try:
+            self._stream = await self._backend.open_stream(cid)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._pump_mic(), name=f"{cid}/mic")
+                tg.create_task(self._run_model(self._stream), name=f"{cid}/model")
+                tg.create_task(self._read_events(), name=f"{cid}/events")
+                tg.create_task(self._supervise(), name=f"{cid}/supervise")
+        except* _Ended:
+            pass
+        except* Exception:
+            self.end("internal_error")
+            raise
+        finally:
+            await self.release()
+
+    async def release(self) -> None:
+        """Close the peer connection, the track and the model stream. Safe to call twice."""
+        self.end(self.end_reason or "released")
+        await self.pc.close()
+        self.speaker.stop()
+        if not self._mic.done():
+            self._mic.cancel()
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            await stream.close()
+        self.log.info("released (%s)", self.end_reason)
+
+    async def _supervise(self) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = self._settings.peer_timeout_s
+        # Poll instead of arming a timer per audio frame: one wake-up a second per call is cheap.
+        while True:
+            try:
+                async with asyncio.timeout(min(1.0, timeout)):
+                    await self._ended.wait()
+                raise _Ended
+            except TimeoutError:
+                if loop.time() - self._last_audio > timeout:
+                    self.end("peer_timeout")
+
+    async def _pump_mic(self) -> None:
+        track = await self._mic
+        resampler = Resampler(self._backend.input_rate)
+        chunker = FrameChunker(self._backend.frame_samples)
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                self.end("peer_gone")
+                return
+            self._last_audio = loop.time()
+            for chunk in chunker.push(resampler.from_frame(frame)):  # type: ignore[arg-type]
+                if self._model_in.full():
+                    self._model_in.get_nowait()
+                    self.frames_dropped += 1
+                self._model_in.put_nowait(chunk)
+
+    async def _run_model(self, stream: ModelStream) -> None:
+        to_speaker = Resampler(WEBRTC_RATE)
+        rate = self._backend.output_rate
+        while True:
+            frame = await self._model_in.get()
+            result = await stream.step(frame)
+            if result.audio.size:
+                self.speaker.write(to_speaker.from_pcm(result.audio, rate))
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def send(self, event: ServerEvent) -> None:
+        """Send a server event to the client, or keep it until the data channel opens."""
+        text = encode_event(event)
+        channel = self._channel
+        if channel is not None and channel.readyState == "open":
+            channel.send(text)
+        else:
+            self._pending.append(text)
+
+    async def _read_events(self) -> None:
+        while True:
+            raw = await self._inbox.get()
+            try:
+                event = decode_client_event(raw, max_bytes=self._settings.max_event_bytes)
+            except EventError as exc:
+                self.log.debug("bad client event: %s", exc)
+                self.send(Error(error=exc.detail))
+                continue
+            await self._handle(event)
+
+    async def _handle(self, event: AnyClientEvent) -> None:
+        match event:
+            case SessionUpdate(session=patch):
+                self.config.apply(patch)
+                self.send(SessionUpdated(session=self.config.to_wire()))
+            case OutputAudioBufferClear():
+                dropped = self.speaker.flush()
+                self.log.debug("output cleared (%d samples)", dropped)
+                self.send(OutputAudioBufferCleared())
+
+    # -- aiortc callbacks ------------------------------------------------------------------------
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "audio" and not self._mic.done():
+            self._mic.set_result(track)
+
+    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        if channel.label != EVENTS_LABEL or self._channel is not None:
+            self.log.info("closing unexpected data channel %r", channel.label)
+            channel.close()
+            return
+        self._channel = channel
+        channel.on("message", self._on_message)
+        self.send(SessionCreated(session=self.config.to_wire()))
+        while self._pending and channel.readyState == "open":
+            channel.send(self._pending.popleft())
+
+    def _on_message(self, message: bytes | str) -> None:
+        try:
+            self._inbox.put_nowait(message)
+        except asyncio.QueueFull:
+            self.send(
+                Error(
+                    error=ErrorDetail(
+                        code="event_queue_full",
+                        message=f"more than {_INBOX_SIZE} events are waiting; this one was dropped",
+                    )
+                )
+            )
+
+    def _on_connection_state(self) -> None:
+        state = self.pc.connectionState
+        self.log.debug("connection %s", state)
+        if state in ("failed", "closed"):
+            self.end(f"connection_{state}")

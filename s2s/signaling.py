@@ -1,0 +1,205 @@
+"""HTTP endpoints: OpenAI-style WebRTC call set-up, hang-up and health.
+
+This is the only module that turns errors into HTTP statuses: 400 for an offer or session it
+cannot take, 404 for an unknown call, 413/415 for bodies of the wrong size or type, 503 (with
+``Retry-After``) when the server is full. Error bodies are JSON in OpenAI's ``{"error": {...}}``
+shape; nothing that failed is ever answered with 200.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from aiohttp import BodyPartReader, web
+
+from s2s.backends import Backend
+from s2s.config import Settings
+from s2s.protocol import SessionConfig, SessionPatch
+from s2s.registry import ServerFull, SessionRegistry, new_call_id
+from s2s.rtc import new_peer_connection
+from s2s.session import OfferError, Session
+
+log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", Settings)
+BACKEND = web.AppKey("backend", Backend)
+REGISTRY = web.AppKey("registry", SessionRegistry)
+
+CALLS_PATH = "/v1/realtime/calls"
+_ALLOW_HEADERS = "Authorization, Content-Type, X-OpenAI-Agents-SDK, OpenAI-Beta"
+_ALLOW_METHODS = "GET, POST, OPTIONS"
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post(CALLS_PATH, create_call)
+    app.router.add_post(CALLS_PATH + "/{call_id}/hangup", hangup_call)
+    app.router.add_get("/healthz", healthz)
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    body = {
+        "error": {"type": "invalid_request_error", "code": code, "message": message, "param": param}
+    }
+    return web.json_response(body, status=status, headers=headers)
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.response = error_response(status, code, message, param=param)
+
+
+async def create_call(request: web.Request) -> web.Response:
+    """``POST /v1/realtime/calls``: the SDP offer in, 201 with the SDP answer out."""
+    app = request.app
+    settings = app[SETTINGS]
+    try:
+        offer, patch = await _read_offer(request, settings.max_sdp_bytes)
+    except _BadRequest as exc:
+        return exc.response
+    backend = app[BACKEND]
+    call_id = new_call_id()
+    config = SessionConfig(id=call_id, model=settings.model)
+    if patch is not None:
+        config.apply(patch)
+    session = Session(call_id, new_peer_connection(), backend, settings, config)
+    registry = app[REGISTRY]
+    try:
+        registry.admit(session)
+    except ServerFull as exc:
+        await session.release()
+        return error_response(
+            503,
+            "server_full",
+            f"no capacity for another call ({exc})",
+            headers={"Retry-After": str(settings.retry_after_s)},
+        )
+    try:
+        answer = await session.accept(offer)
+    except OfferError as exc:
+        await registry.discard(session)
+        return error_response(400, "invalid_offer", str(exc), param="sdp")
+    registry.start(session)
+    session.log.info("call created from %s", request.remote)
+    return web.Response(
+        status=201,
+        text=answer,
+        content_type="application/sdp",
+        headers={"Location": f"{CALLS_PATH}/{call_id}"},
+    )
+
+
+async def _read_offer(request: web.Request, max_bytes: int) -> tuple[str, SessionPatch | None]:
+    """The offer SDP and optional session config, from an SDP or a multipart body."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise _BadRequest(413, "offer_too_large", f"the offer exceeds {max_bytes} bytes")
+    ctype = request.content_type
+    if ctype == "application/sdp":
+        return _check_sdp(await _read_limited(request, max_bytes)), None
+    if ctype == "multipart/form-data":
+        return await _read_multipart(request, max_bytes)
+    raise _BadRequest(
+        415,
+        "unsupported_media_type",
+        f"expected application/sdp or multipart/form-data, got {ctype or 'no content type'}",
+    )
+
+
+async def _read_multipart(request: web.Request, max_bytes: int) -> tuple[str, SessionPatch | None]:
+    sdp: str | None = None
+    patch: SessionPatch | None = None
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                continue
+            data = await part.read(decode=True)
+            if len(data) > max_bytes:
+                message = f"part {part.name!r} exceeds {max_bytes} bytes"
+                raise _BadRequest(413, "offer_too_large", message)
+            if part.name == "sdp":
+                sdp = _check_sdp(data)
+            elif part.name == "session":
+                try:
+                    patch = msgspec.json.decode(data, type=SessionPatch)
+                except msgspec.DecodeError as exc:
+                    message = f"invalid session: {exc}"
+                    raise _BadRequest(400, "invalid_session", message, "session") from None
+    except ValueError as exc:  # aiohttp's multipart parser on a broken body
+        raise _BadRequest(400, "invalid_body", f"malformed multipart body: {exc}") from None
+    if sdp is None:
+        raise _BadRequest(400, "missing_sdp", "the multipart body has no 'sdp' part", "sdp")
+    return sdp, patch
+
+
+async def _read_limited(request: web.Request, max_bytes: int) -> bytes:
+    body = await request.content.read(max_bytes + 1)
+    if len(body) > max_bytes:
+        raise _BadRequest(413, "offer_too_large", f"the offer exceeds {max_bytes} bytes")
+    return body
+
+
+def _check_sdp(data: bytes) -> str:
+    try:
+        sdp = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _BadRequest(400, "invalid_offer", "the offer is not UTF-8 text", "sdp") from None
+    if not sdp.lstrip().startswith("v=0"):
+        message = "the offer is not an SDP description (no v=0)"
+        raise _BadRequest(400, "invalid_offer", message, "sdp")
+    return sdp
+
+
+async def hangup_call(request: web.Request) -> web.Response:
+    """``POST /v1/realtime/calls/{call_id}/hangup``."""
+    call_id = request.match_info["call_id"]
+    if not await request.app[REGISTRY].hangup(call_id):
+        return error_response(404, "call_not_found", f"no call {call_id!r}", param="call_id")
+    return web.Response(status=200)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    return web.json_response(
+        {
+            "status": "ok",
+            "model": request.app[BACKEND].name,
+            "calls": len(registry),
+            "max_calls": registry.max_sessions,
+        }
+    )
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Let a page on another origin create and hang up calls, as OpenAI's clients do."""
+    origin = request.headers.get("Origin")
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        response: web.StreamResponse = web.Response(status=204)
+        response.headers["Access-Control-Allow-Methods"] = _ALLOW_METHODS
+        response.headers["Access-Control-Allow-Headers"] = _ALLOW_HEADERS
+        response.headers["Access-Control-Max-Age"] = "600"
+    else:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            response = exc
+    if origin:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = "Location"
+        response.headers["Vary"] = "Origin"
+    if isinstance(response, web.HTTPException):
+        raise response
+    return response

@@ -1,0 +1,233 @@
+"""A real aiortc client for tests and benchmarks: a microphone, ``oai-events``, recorded replies.
+
+It sets up a call exactly as OpenAI's WebRTC clients do (offer with a data channel named
+``oai-events``, posted as ``application/sdp``) and keeps what comes back: the audio, with the time
+each frame arrived, and every event, decoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import json
+from typing import Any
+
+import aiohttp
+import av
+import numpy as np
+from aiortc import RTCDataChannel, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from s2s.rtc import new_peer_connection, set_audio_prefetch
+
+RATE = 48_000
+FRAME = 960  # 20 ms
+
+
+class MicTrack(MediaStreamTrack):
+    """A paced 48 kHz mono microphone that plays what it is given, then silence.
+
+    ``frame_times[i]`` is the loop time at which frame ``i`` (samples ``i*960`` onward) was handed
+    to aiortc's sender, so a sample's send time can be looked up after the fact.
+    """
+
+    kind = "audio"
+
+    def __init__(self, pcm: np.ndarray | None = None) -> None:
+        super().__init__()
+        self._pcm = np.zeros(0, np.int16) if pcm is None else pcm
+        self._pos = 0
+        self._start: float | None = None
+        self.frame_times: list[float] = []
+
+    @property
+    def samples_sent(self) -> int:
+        return len(self.frame_times) * FRAME
+
+    def play(self, pcm: np.ndarray) -> int:
+        """Play ``pcm`` from the next frame on; returns the sample offset where it starts."""
+        self._pcm = np.concatenate([self._pcm[: self._pos], pcm]) if self._pos else pcm
+        return self.samples_sent
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        loop = asyncio.get_running_loop()
+        if self._start is None:
+            self._start = loop.time()
+        wait = self._start + len(self.frame_times) * FRAME / RATE - loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        chunk = np.zeros(FRAME, np.int16)
+        part = self._pcm[self._pos : self._pos + FRAME]
+        chunk[: part.size] = part
+        self._pos += part.size
+        frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = RATE
+        frame.pts = len(self.frame_times) * FRAME
+        frame.time_base = fractions.Fraction(1, RATE)
+        self.frame_times.append(loop.time())
+        return frame
+
+
+class CallRefused(Exception):
+    def __init__(self, status: int, body: str, headers: dict[str, str]) -> None:
+        super().__init__(f"HTTP {status}: {body}")
+        self.status = status
+        self.body = body
+        self.headers = headers
+
+
+class Peer:
+    def __init__(
+        self,
+        base_url: str,
+        mic: MicTrack | None = None,
+        *,
+        prefetch: int | None = 0,
+        session: dict[str, Any] | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.mic = mic or MicTrack()
+        self.pc = new_peer_connection()
+        self.channel: RTCDataChannel = self.pc.createDataChannel("oai-events")
+        self.events: list[dict[str, Any]] = []
+        #: ``(arrival loop time, mono int16 samples)`` for every audio frame received.
+        self.frames: list[tuple[float, np.ndarray]] = []
+        self.call_url: str | None = None
+        self.setup_s: float | None = None
+        self.channel_open_s: float | None = None
+        self.states: list[str] = []
+        self._prefetch = prefetch
+        self._session = session
+        self._event_arrived = asyncio.Event()
+        self._audio_arrived = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._recorder: asyncio.Task[None] | None = None
+        self._t0 = 0.0
+        self.channel.on("open", self._on_open)
+        self.channel.on("message", self._on_message)
+        self.pc.on("track", self._on_track)
+        self.pc.on("connectionstatechange", self._on_state)
+
+    async def connect(self, *, timeout: float = 10.0) -> None:
+        """Offer, post, answer, and wait for ``connected``; raises ``CallRefused`` on HTTP errors."""
+        transceiver = self.pc.addTransceiver(self.mic, direction="sendrecv")
+        if self._prefetch is not None:
+            set_audio_prefetch(transceiver.receiver, self._prefetch)
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        loop = asyncio.get_running_loop()
+        self._t0 = loop.time()
+        async with asyncio.timeout(timeout):
+            status, body, headers = await self._post_offer(self.pc.localDescription.sdp)
+            if status != 201:
+                await self.pc.close()
+                raise CallRefused(status, body, headers)
+            self.call_url = self.base_url + headers["Location"]
+            await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
+            await self._connected.wait()
+
+    async def _post_offer(self, sdp: str) -> tuple[int, str, dict[str, str]]:
+        url = self.base_url + "/v1/realtime/calls"
+        async with aiohttp.ClientSession() as http:
+            if self._session is None:
+                request = http.post(url, data=sdp, headers={"Content-Type": "application/sdp"})
+            else:
+                form = aiohttp.FormData()
+                form.add_field("sdp", sdp)
+                form.add_field("session", json.dumps(self._session))
+                request = http.post(url, data=form)
+            async with request as resp:
+                return resp.status, await resp.text(), dict(resp.headers)
+
+    async def hangup(self) -> int:
+        assert self.call_url is not None
+        async with aiohttp.ClientSession() as http, http.post(self.call_url + "/hangup") as resp:
+            return resp.status
+
+    async def close(self) -> None:
+        if self._recorder is not None:
+            self._recorder.cancel()
+            await asyncio.gather(self._recorder, return_exceptions=True)
+        await self.pc.close()
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def send(self, event: dict[str, Any] | str | bytes) -> None:
+        self.channel.send(event if isinstance(event, str | bytes) else json.dumps(event))
+
+    async def wait_open(self, timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            while self.channel.readyState != "open":
+                await self._wait_event_change()
+
+    async def next_event(self, type_: str, *, after: int = 0, timeout: float = 5.0) -> dict[str, Any]:
+        """The first event of ``type_`` at index ``after`` or later, waiting for it if need be."""
+        async with asyncio.timeout(timeout):
+            while True:
+                for event in self.events[after:]:
+                    if event.get("type") == type_:
+                        return event
+                await self._wait_event_change()
+
+    async def _wait_event_change(self) -> None:
+        self._event_arrived.clear()
+        await self._event_arrived.wait()
+
+    def _on_open(self) -> None:
+        self.channel_open_s = asyncio.get_running_loop().time() - self._t0
+        self._event_arrived.set()
+
+    def _on_message(self, message: str | bytes) -> None:
+        self.events.append(json.loads(message))
+        self._event_arrived.set()
+
+    def _on_state(self) -> None:
+        state = self.pc.connectionState
+        self.states.append(state)
+        if state == "connected":
+            self.setup_s = asyncio.get_running_loop().time() - self._t0
+            self._connected.set()
+        self._event_arrived.set()
+
+    # -- audio -----------------------------------------------------------------------------------
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "audio" and self._recorder is None:
+            self._recorder = asyncio.create_task(self._record(track), name="peer/record")
+
+    async def _record(self, track: MediaStreamTrack) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            pcm = frame.to_ndarray().reshape(-1)
+            channels = len(frame.layout.channels)
+            if channels > 1:
+                pcm = pcm.reshape(-1, channels).mean(axis=1).astype(np.int16)
+            self.frames.append((loop.time(), pcm))
+            self._audio_arrived.set()
+
+    def audio(self, since: float = 0.0) -> np.ndarray:
+        """Everything received (from loop time ``since`` on), as one mono 48 kHz array."""
+        chunks = [pcm for t, pcm in self.frames if t >= since]
+        return np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
+
+    def arrival_time(self, offset: int, since: float = 0.0) -> float:
+        """When the sample at ``offset`` in ``audio(since)`` arrived."""
+        for t, pcm in self.frames:
+            if t < since:
+                continue
+            if offset < pcm.size:
+                return t
+            offset -= pcm.size
+        raise IndexError("no such sample received")
+
+    async def wait_audio(self, seconds: float, *, since: float = 0.0, timeout: float = 10.0) -> None:
+        """Wait until ``seconds`` of audio have arrived (counting from loop time ``since``)."""
+        async with asyncio.timeout(timeout):
+            while sum(p.size for t, p in self.frames if t >= since) < seconds * RATE:
+                self._audio_arrived.clear()
+                await self._audio_arrived.wait()
