@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import msgspec
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 
 from s2s.backends import Backend
 from s2s.config import Settings
@@ -105,8 +105,8 @@ async def _read_offer(request: web.Request, max_bytes: int) -> tuple[str, Sessio
     ctype = request.content_type
     if ctype == "application/sdp":
         return _check_sdp(await _read_limited(request, max_bytes)), None
-    if ctype == "multipart/form-data":
-        return await _read_multipart(request, max_bytes)
+    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        return await _read_form(request)
     raise _BadRequest(
         415,
         "unsupported_media_type",
@@ -114,31 +114,25 @@ async def _read_offer(request: web.Request, max_bytes: int) -> tuple[str, Sessio
     )
 
 
-async def _read_multipart(request: web.Request, max_bytes: int) -> tuple[str, SessionPatch | None]:
-    sdp: str | None = None
-    patch: SessionPatch | None = None
+async def _read_form(request: web.Request) -> tuple[str, SessionPatch | None]:
+    """OpenAI's unified interface: an ``sdp`` field and an optional ``session`` JSON field."""
     try:
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                continue
-            data = await part.read(decode=True)
-            if len(data) > max_bytes:
-                message = f"part {part.name!r} exceeds {max_bytes} bytes"
-                raise _BadRequest(413, "offer_too_large", message)
-            if part.name == "sdp":
-                sdp = _check_sdp(data)
-            elif part.name == "session":
-                try:
-                    patch = msgspec.json.decode(data, type=SessionPatch)
-                except msgspec.DecodeError as exc:
-                    message = f"invalid session: {exc}"
-                    raise _BadRequest(400, "invalid_session", message, "session") from None
+        form = await request.post()
     except ValueError as exc:  # aiohttp's multipart parser on a broken body
-        raise _BadRequest(400, "invalid_body", f"malformed multipart body: {exc}") from None
-    if sdp is None:
-        raise _BadRequest(400, "missing_sdp", "the multipart body has no 'sdp' part", "sdp")
-    return sdp, patch
+        raise _BadRequest(400, "invalid_body", f"malformed form body: {exc}") from None
+    sdp, session = form.get("sdp"), form.get("session")
+    if not isinstance(sdp, str):
+        raise _BadRequest(400, "missing_sdp", "the form has no 'sdp' field", "sdp")
+    patch = None
+    if session is not None:
+        if not isinstance(session, str):
+            raise _BadRequest(400, "invalid_session", "'session' must be a JSON field", "session")
+        try:
+            patch = msgspec.json.decode(session, type=SessionPatch)
+        except msgspec.DecodeError as exc:
+            message = f"invalid session: {exc}"
+            raise _BadRequest(400, "invalid_session", message, "session") from None
+    return _check_sdp(sdp.encode()), patch
 
 
 async def _read_limited(request: web.Request, max_bytes: int) -> bytes:

@@ -111,7 +111,7 @@ class Peer:
         self.pc.on("connectionstatechange", self._on_state)
 
     async def connect(self, *, timeout: float = 10.0) -> None:
-        """Offer, post, answer, and wait for ``connected``; raises ``CallRefused`` on HTTP errors."""
+        """Offer, post, answer, wait for ``connected``; raises ``CallRefused`` on HTTP errors."""
         transceiver = self.pc.addTransceiver(self.mic, direction="sendrecv")
         if self._prefetch is not None:
             set_audio_prefetch(transceiver.receiver, self._prefetch)
@@ -133,7 +133,7 @@ class Peer:
             if self._session is None:
                 request = http.post(url, data=sdp, headers={"Content-Type": "application/sdp"})
             else:
-                form = aiohttp.FormData()
+                form = aiohttp.FormData(default_to_multipart=True)
                 form.add_field("sdp", sdp)
                 form.add_field("session", json.dumps(self._session))
                 request = http.post(url, data=form)
@@ -161,7 +161,9 @@ class Peer:
             while self.channel.readyState != "open":
                 await self._wait_event_change()
 
-    async def next_event(self, type_: str, *, after: int = 0, timeout: float = 5.0) -> dict[str, Any]:
+    async def next_event(
+        self, type_: str, *, after: int = 0, timeout: float = 5.0
+    ) -> dict[str, Any]:
         """The first event of ``type_`` at index ``after`` or later, waiting for it if need be."""
         async with asyncio.timeout(timeout):
             while True:
@@ -225,7 +227,9 @@ class Peer:
             offset -= pcm.size
         raise IndexError("no such sample received")
 
-    async def wait_audio(self, seconds: float, *, since: float = 0.0, timeout: float = 10.0) -> None:
+    async def wait_audio(
+        self, seconds: float, *, since: float = 0.0, timeout: float = 10.0
+    ) -> None:
         """Wait until ``seconds`` of audio have arrived (counting from loop time ``since``)."""
         async with asyncio.timeout(timeout):
             while sum(p.size for t, p in self.frames if t >= since) < seconds * RATE:

@@ -1,0 +1,82 @@
+"""PCM plumbing: framing, resampling and the paced speaker track."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from s2s.audio import PACKET_SAMPLES, FrameChunker, PcmQueue, Resampler, SpeakerTrack
+from tests.signals import dominant_frequency, rms, tone
+
+
+def test_chunker_cuts_exact_frames_and_keeps_the_rest() -> None:
+    chunker = FrameChunker(480)
+    data = np.arange(1000, dtype=np.int16)
+    frames = chunker.push(data[:700]) + chunker.push(data[700:])
+    assert [f.size for f in frames] == [480, 480]
+    np.testing.assert_array_equal(np.concatenate(frames), data[:960])
+    assert [f.size for f in chunker.push(np.zeros(440, np.int16))] == [480]
+
+
+def test_pcm_queue_pads_with_silence_and_reports_fill() -> None:
+    queue = PcmQueue()
+    queue.push(np.ones(100, np.int16))
+    queue.push(np.full(50, 2, np.int16))
+    out, filled = queue.pop(120)
+    assert filled == 120 and out[99] == 1 and out[100] == 2
+    out, filled = queue.pop(120)
+    assert filled == 30 and not out[30:].any()
+    assert len(queue) == 0
+
+
+@pytest.mark.parametrize("rate", [16_000, 24_000])
+def test_resampling_keeps_frequency_and_level(rate: int) -> None:
+    source = tone(1000, 1.0, amplitude=0.5)
+    down = Resampler(rate).from_pcm(source, 48_000)
+    assert abs(down.size - rate) < 100
+    assert abs(dominant_frequency(down[1000:], rate=rate) - 1000) < 2
+    assert abs(rms(down[1000:]) - rms(source)) < 0.01
+    up = Resampler(48_000).from_pcm(down, rate)
+    assert abs(dominant_frequency(up[2000:]) - 1000) < 2
+
+
+async def test_speaker_paces_20ms_frames_without_drift() -> None:
+    track = SpeakerTrack()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for i in range(100):
+        frame = await track.recv()
+        assert frame.samples == PACKET_SAMPLES and frame.pts == i * PACKET_SAMPLES
+        assert frame.layout.name == "mono" and frame.sample_rate == 48_000
+        if i == 40:
+            # A stalled consumer: the schedule catches up instead of shifting.
+            await asyncio.sleep(0.06)
+    elapsed = loop.time() - start
+    # 100 frames are due over 1.98 s after the first; a drifting clock would be ~60 ms late.
+    assert 1.97 < elapsed < 2.0, elapsed
+    track.stop()
+
+
+async def test_speaker_plays_queued_audio_in_order_and_flush_drops_it() -> None:
+    track = SpeakerTrack(lead_ms=0)
+    track.write(np.arange(1, 2001, dtype=np.int16))
+    first = (await track.recv()).to_ndarray().reshape(-1)
+    assert first[0] == 1 and first[-1] == 960
+    second = (await track.recv()).to_ndarray().reshape(-1)
+    assert second[0] == 961
+    assert track.flush() == 80
+    assert not (await track.recv()).to_ndarray().any()
+    assert track.played_samples == 1920
+    track.stop()
+
+
+async def test_speaker_holds_new_audio_for_its_lead() -> None:
+    track = SpeakerTrack(lead_ms=30)
+    await track.recv()
+    track.write(np.ones(4 * PACKET_SAMPLES, np.int16))
+    heard = [bool((await track.recv()).to_ndarray().any()) for _ in range(4)]
+    # Written right after a tick: the next tick (20 ms) is too soon, the one after (40 ms) plays.
+    assert heard == [False, True, True, True]
+    track.stop()

@@ -1,0 +1,124 @@
+"""How calls end: hang-up, the client closing, a client that vanishes; and that nothing leaks."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+import sys
+import weakref
+from pathlib import Path
+
+from s2s.audio import SpeakerTrack
+from tests.conftest import Server, StartServer
+from tests.peer import Peer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def wait_until(condition, *, timeout: float, what: str) -> None:
+    """Poll ``condition`` every 50 ms until it holds, failing after ``timeout`` seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            # Server-side state (the registry, task lists) has no event to await: poll it.
+            while not condition():  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+
+
+async def test_hangup_ends_the_call_and_frees_it(server: Server) -> None:
+    peer = Peer(server.url)
+    try:
+        await peer.connect()
+        await peer.next_event("session.created")
+        call_id = peer.call_url.rsplit("/", 1)[1]
+        session = server.registry.get(call_id)
+        assert session is not None
+        assert await peer.hangup() == 200
+        # Hang-up returns once the call is released.
+        assert server.registry.get(call_id) is None
+        assert session.end_reason == "hangup"
+        assert session.pc.connectionState == "closed"
+        assert session.speaker.readyState == "ended"
+        await wait_until(
+            lambda: peer.pc.connectionState == "closed", timeout=5, what="client close"
+        )
+        assert await peer.hangup() == 404
+    finally:
+        await peer.close()
+
+
+async def test_client_closing_its_side_ends_the_call(server: Server) -> None:
+    peer = Peer(server.url)
+    await peer.connect()
+    await peer.next_event("session.created")
+    session = server.registry.get(peer.call_url.rsplit("/", 1)[1])
+    await peer.close()
+    await wait_until(lambda: len(server.registry) == 0, timeout=5, what="the call to end")
+    assert session is not None and session.end_reason in ("connection_closed", "peer_gone")
+
+
+async def test_vanished_client_is_cleaned_up_within_peer_timeout(start_server: StartServer) -> None:
+    server = await start_server(peer_timeout_s=1.5)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.vanishing_client",
+        server.url,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        async with asyncio.timeout(20):
+            line = await proc.stdout.readline()
+        call_id = line.decode().strip().rsplit("/", 1)[1]
+        session = server.registry.get(call_id)
+        assert session is not None
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        killed_at = asyncio.get_running_loop().time()
+        await wait_until(lambda: len(server.registry) == 0, timeout=5, what="cleanup")
+        elapsed = asyncio.get_running_loop().time() - killed_at
+        assert session.end_reason == "peer_timeout"
+        assert 1.0 < elapsed < 3.0, elapsed
+        assert session.pc.connectionState == "closed"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_twenty_calls_leave_no_tasks_tracks_or_sessions(server: Server) -> None:
+    baseline = {t.get_name() for t in asyncio.all_tasks()}
+    speakers: weakref.WeakSet[SpeakerTrack] = weakref.WeakSet()
+    for batch in range(4):
+        peers = [Peer(server.url) for _ in range(5)]
+        await asyncio.gather(*(p.connect() for p in peers))
+        await asyncio.gather(*(p.next_event("session.created") for p in peers))
+        await asyncio.gather(*(p.wait_audio(0.1) for p in peers))
+        assert len(server.registry) == 5
+        for p in peers:
+            session = server.registry.get(p.call_url.rsplit("/", 1)[1])
+            speakers.add(session.speaker)
+        # Half the calls hang up over HTTP; the others just close their peer connection.
+        for i, p in enumerate(peers):
+            if (i + batch) % 2:
+                assert await p.hangup() == 200
+            await p.close()
+        await wait_until(lambda: len(server.registry) == 0, timeout=5, what="calls to end")
+    del peers, p, session
+
+    def leftover() -> set[str]:
+        return {t.get_name() for t in asyncio.all_tasks()} - baseline - {_current_name()}
+
+    await wait_until(lambda: not leftover(), timeout=5, what="tasks to finish")
+    gc.collect()
+    assert len(speakers) == 0, "speaker tracks are still referenced"
+
+
+def _current_name() -> str:
+    task = asyncio.current_task()
+    return task.get_name() if task else ""

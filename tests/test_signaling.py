@@ -1,0 +1,177 @@
+"""HTTP paths of call set-up against the real aiohttp server."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from tests.conftest import Server, StartServer
+from tests.peer import CallRefused, Peer
+
+CALLS = "/v1/realtime/calls"
+
+
+async def post(url: str, body: bytes | str | aiohttp.FormData, **headers: str):
+    async with aiohttp.ClientSession() as http, http.post(url, data=body, headers=headers) as r:
+        text = await r.text()
+        return r.status, r.headers, text
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "",
+        "hello",
+        "v=0\r\n",
+        "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n",
+        "v=0\r\nm=audio nonsense\r\n\x00\x01",
+    ],
+    ids=["empty", "text", "bare-version", "no-ice-no-dtls", "garbage-m-line"],
+)
+async def test_malformed_offer_is_400_with_json_error(server: Server, body: str) -> None:
+    status, headers, text = await post(
+        server.url + CALLS, body, **{"Content-Type": "application/sdp"}
+    )
+    assert status == 400, text
+    assert headers["Content-Type"].startswith("application/json")
+    error = (await _json(text))["error"]
+    assert error["code"] == "invalid_offer"
+    assert error["message"]
+    assert len(server.registry) == 0
+
+
+async def test_offer_without_audio_is_400(server: Server) -> None:
+    from s2s.rtc import new_peer_connection
+
+    pc = new_peer_connection()
+    pc.createDataChannel("oai-events")
+    await pc.setLocalDescription(await pc.createOffer())
+    try:
+        status, _, text = await post(
+            server.url + CALLS, pc.localDescription.sdp, **{"Content-Type": "application/sdp"}
+        )
+    finally:
+        await pc.close()
+    assert status == 400
+    assert "no audio" in (await _json(text))["error"]["message"]
+    assert len(server.registry) == 0
+
+
+async def test_wrong_content_type_is_415(server: Server) -> None:
+    status, _, text = await post(
+        server.url + CALLS, '{"sdp": "v=0"}', **{"Content-Type": "application/json"}
+    )
+    assert status == 415
+    assert (await _json(text))["error"]["code"] == "unsupported_media_type"
+
+
+async def test_oversized_offer_is_413(start_server: StartServer) -> None:
+    server = await start_server(max_sdp_bytes=1000)
+    status, _, _ = await post(
+        server.url + CALLS, "v=0\r\n" + "a=x\r\n" * 400, **{"Content-Type": "application/sdp"}
+    )
+    assert status == 413
+
+
+@pytest.mark.parametrize("multipart", [True, False], ids=["multipart", "urlencoded"])
+async def test_form_without_sdp_or_with_bad_session_is_400(server: Server, multipart: bool) -> None:
+    form = aiohttp.FormData(default_to_multipart=multipart)
+    form.add_field("session", "{}")
+    status, _, text = await post(server.url + CALLS, form)
+    assert status == 400 and (await _json(text))["error"]["code"] == "missing_sdp"
+
+    form = aiohttp.FormData(default_to_multipart=multipart)
+    form.add_field("sdp", "v=0\r\n")
+    form.add_field("session", '{"instructions": 42}')
+    status, _, text = await post(server.url + CALLS, form)
+    error = (await _json(text))["error"]
+    assert status == 400 and error["code"] == "invalid_session"
+    assert "instructions" in error["message"]
+
+
+async def test_hangup_of_unknown_call_is_404(server: Server) -> None:
+    status, _, text = await post(server.url + CALLS + "/rtc_nope/hangup", b"")
+    assert status == 404
+    assert (await _json(text))["error"]["code"] == "call_not_found"
+
+
+async def test_calls_past_the_limit_get_503_with_retry_after(start_server: StartServer) -> None:
+    server = await start_server(max_sessions=2)
+    peers = [Peer(server.url) for _ in range(3)]
+    try:
+        await peers[0].connect()
+        await peers[1].connect()
+        with pytest.raises(CallRefused) as refused:
+            await peers[2].connect()
+        assert refused.value.status == 503
+        assert refused.value.headers["Retry-After"] == "5"
+        assert "server_full" in refused.value.body
+        # A freed slot is usable again.
+        assert await peers[0].hangup() == 200
+        third = Peer(server.url)
+        peers.append(third)
+        await third.connect()
+    finally:
+        for peer in peers:
+            await peer.close()
+
+
+async def test_cors_preflight_and_exposed_location(server: Server) -> None:
+    origin = "https://app.example"
+    async with aiohttp.ClientSession() as http:
+        async with http.options(
+            server.url + CALLS,
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type,x-openai-agents-sdk",
+            },
+        ) as r:
+            assert r.status == 204
+            assert r.headers["Access-Control-Allow-Origin"] == origin
+            allowed = r.headers["Access-Control-Allow-Headers"].lower()
+            for header in ("authorization", "content-type", "x-openai-agents-sdk"):
+                assert header in allowed
+        peer = Peer(server.url)
+        try:
+            await peer.connect()
+        finally:
+            await peer.close()
+        async with http.post(server.url + CALLS + "/rtc_x/hangup", headers={"Origin": origin}) as r:
+            assert r.headers["Access-Control-Allow-Origin"] == origin
+            assert "Location" in r.headers["Access-Control-Expose-Headers"]
+
+
+async def test_answer_is_201_with_location_and_sdp(server: Server) -> None:
+    peer = Peer(server.url)
+    try:
+        await peer.connect()
+        assert peer.call_url is not None
+        call_id = peer.call_url.rsplit("/", 1)[1]
+        assert call_id.startswith("rtc_")
+        assert server.registry.get(call_id) is not None
+    finally:
+        await peer.close()
+
+
+async def test_healthz(server: Server) -> None:
+    async with aiohttp.ClientSession() as http, http.get(server.url + "/healthz") as r:
+        body = await r.json()
+    assert r.status == 200
+    assert body == {"status": "ok", "model": "echo", "calls": 0, "max_calls": 32}
+
+
+async def test_web_page_is_served(server: Server) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(server.url + "/") as r:
+            assert r.status == 200
+            assert "oai-events" not in await r.text()  # the page's logic lives in the module
+        async with http.get(server.url + "/web/app.js") as r:
+            assert r.status == 200
+            assert "oai-events" in await r.text()
+
+
+async def _json(text: str) -> dict:
+    import json
+
+    return json.loads(text)
