@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from fractions import Fraction
 
+import av
 import numpy as np
 import pytest
 
@@ -47,9 +49,8 @@ async def test_speaker_paces_20ms_frames_without_drift() -> None:
     loop = asyncio.get_running_loop()
     start = loop.time()
     for i in range(100):
-        frame = await track.recv()
-        assert frame.samples == PACKET_SAMPLES and frame.pts == i * PACKET_SAMPLES
-        assert frame.layout.name == "mono" and frame.sample_rate == 48_000
+        packet = await track.recv()
+        assert packet.pts == i * PACKET_SAMPLES and packet.time_base == Fraction(1, 48_000)
         if i == 40:
             # A stalled consumer: the schedule catches up instead of shifting.
             await asyncio.sleep(0.06)
@@ -62,12 +63,12 @@ async def test_speaker_paces_20ms_frames_without_drift() -> None:
 async def test_speaker_plays_queued_audio_in_order_and_flush_drops_it() -> None:
     track = SpeakerTrack(lead_ms=0)
     track.write(np.arange(1, 2001, dtype=np.int16))
-    first = (await track.recv()).to_ndarray().reshape(-1)
+    first = await track.next_pcm()
     assert first[0] == 1 and first[-1] == 960
-    second = (await track.recv()).to_ndarray().reshape(-1)
+    second = await track.next_pcm()
     assert second[0] == 961
     assert track.flush() == 80
-    assert not (await track.recv()).to_ndarray().any()
+    assert not (await track.next_pcm()).any()
     assert track.played_samples == 1920
     track.stop()
 
@@ -76,7 +77,23 @@ async def test_speaker_holds_new_audio_for_its_lead() -> None:
     track = SpeakerTrack(lead_ms=30)
     await track.recv()
     track.write(np.ones(4 * PACKET_SAMPLES, np.int16))
-    heard = [bool((await track.recv()).to_ndarray().any()) for _ in range(4)]
+    heard = [bool((await track.next_pcm()).any()) for _ in range(4)]
     # Written right after a tick: the next tick (20 ms) is too soon, the one after (40 ms) plays.
     assert heard == [False, True, True, True]
+    track.stop()
+
+
+async def test_speaker_sends_mono_opus_that_decodes_to_what_was_written() -> None:
+    track = SpeakerTrack(lead_ms=0)
+    track.write(tone(440, 0.5))
+    decoder = av.CodecContext.create("libopus", "r")
+    decoder.sample_rate, decoder.layout = 48_000, "mono"
+    decoded = []
+    for _ in range(25):
+        for frame in decoder.decode(await track.recv()):
+            decoded.append(frame.to_ndarray().reshape(-1))
+    pcm = np.concatenate(decoded)
+    assert abs(dominant_frequency(pcm[4800:]) - 440) < 3
+    # Mono all the way: no -3 dB upmix.
+    assert abs(rms(pcm[4800:]) - rms(tone(440, 0.5))) < 0.02
     track.stop()
