@@ -191,7 +191,9 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _cpu_seconds(pid: int) -> float:
+def _cpu_seconds(pid: int | None) -> float:
+    if pid is None:
+        return math.nan
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -225,7 +227,7 @@ def _start_server(port: int, prefetch: int) -> subprocess.Popen[bytes]:
     raise SystemExit("server did not start")
 
 
-def _run_level(url: str, pid: int, n: int, args: argparse.Namespace) -> dict[str, Any]:
+def _run_level(url: str, pid: int | None, n: int, args: argparse.Namespace) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     procs = max(1, math.ceil(n / args.calls_per_process))
     pipes, workers = [], []
@@ -305,6 +307,7 @@ def main() -> None:
         default=0,
         help="server's --jitter-prefetch when this script starts it",
     )
+    parser.add_argument("--server-pid", type=int, help="with --url: the pid for CPU figures")
     parser.add_argument("--calls-per-process", type=int, default=15)
     parser.add_argument(
         "--setup-probes",
@@ -316,14 +319,12 @@ def main() -> None:
 
     server = None
     if args.url:
-        url, pid = args.url.rstrip("/"), None
+        url, pid = args.url.rstrip("/"), args.server_pid
     else:
         port = _free_port()
         server = _start_server(port, args.server_prefetch)
         url, pid = f"http://127.0.0.1:{port}", server.pid
     try:
-        if pid is None:
-            raise SystemExit("--url needs the server's pid for CPU figures; start it here instead")
         print(
             f"server pid {pid} pinned to CPU 0, callers on CPU {os.cpu_count() - 1}; "
             f"client prefetch {args.client_prefetch}, server prefetch {args.server_prefetch}"

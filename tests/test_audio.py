@@ -9,7 +9,14 @@ import av
 import numpy as np
 import pytest
 
-from s2s.audio import PACKET_SAMPLES, FrameChunker, PcmQueue, Resampler, SpeakerTrack
+from s2s.audio import (
+    PACKET_SAMPLES,
+    FrameChunker,
+    OpusEncoder,
+    PcmQueue,
+    Resampler,
+    SpeakerTrack,
+)
 from tests.signals import dominant_frequency, rms, tone
 
 
@@ -97,3 +104,16 @@ async def test_speaker_sends_mono_opus_that_decodes_to_what_was_written() -> Non
     # Mono all the way: no -3 dB upmix.
     assert abs(rms(pcm[4800:]) - rms(tone(440, 0.5))) < 0.02
     track.stop()
+
+
+def test_encoder_reuses_its_steady_silence_packet_and_recovers_after_it() -> None:
+    encoder = OpusEncoder()
+    quiet = np.zeros(PACKET_SAMPLES, np.int16)
+    speech = tone(440, 0.2)
+    for i in range(10):
+        encoder.encode(speech[i * PACKET_SAMPLES : (i + 1) * PACKET_SAMPLES], i)
+    packets = [bytes(encoder.encode(quiet, i, silent=True)) for i in range(10, 40)]
+    assert len(set(packets[-5:])) == 1 and len(packets[-1]) <= 8
+    assert encoder.encode(quiet, 40, silent=True).pts == 40 * PACKET_SAMPLES
+    after = encoder.encode(speech[:PACKET_SAMPLES], 41)
+    assert after.pts == 41 * PACKET_SAMPLES and len(bytes(after)) > 20
