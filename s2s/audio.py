@@ -112,51 +112,56 @@ class OpusEncoder:
     """
 
     def __init__(self, bitrate: int = 32_000) -> None:
-        self._ctx = av.CodecContext.create("libopus", "w")
-        self._ctx.sample_rate = WEBRTC_RATE
-        self._ctx.layout = "mono"
-        self._ctx.format = "s16"
-        self._ctx.bit_rate = bitrate
-        self._ctx.time_base = fractions.Fraction(1, WEBRTC_RATE)
-        self._ctx.open()
+        self._bitrate = bitrate
         self._time_base = fractions.Fraction(1, WEBRTC_RATE)
-        self._silence: bytes | None = None
-        self._previous: bytes | None = None
+        self._ctx = self._open()
+        self._silent_run = 0
+
+    def _open(self) -> av.AudioCodecContext:
+        ctx = av.CodecContext.create("libopus", "w")
+        ctx.sample_rate = WEBRTC_RATE
+        ctx.layout = "mono"
+        ctx.format = "s16"
+        ctx.bit_rate = self._bitrate
+        ctx.time_base = self._time_base
+        ctx.open()
+        return ctx
 
     def encode(self, pcm: np.ndarray, index: int, *, silent: bool = False) -> av.Packet[Any]:
         """Encode frame number ``index`` (``PACKET_SAMPLES`` samples; ``silent`` if all zero)."""
-        if silent and self._silence is not None:
-            return self._packet(self._silence, index)
+        if silent:
+            self._silent_run += 1
+            if self._silent_run > _IDLE_AFTER_FRAMES:
+                # libopus spends more on digital silence (~0.17 ms a frame, more in SILK mode)
+                # than on speech, and a voice call is mostly silence on the model's side. After a
+                # while of it, send what a fresh encoder sends for silence, and start a fresh
+                # encoder when sound returns: the far end sees one consistent stream.
+                return self._packet(_OPUS_SILENCE, index)
+        elif self._silent_run > _IDLE_AFTER_FRAMES:
+            self._ctx = self._open()
+            self._silent_run = 0
+        else:
+            self._silent_run = 0
         frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = WEBRTC_RATE
         frame.pts = index * PACKET_SAMPLES
         frame.time_base = self._time_base
         packets = self._ctx.encode(frame)
         # libopus returns exactly one packet per 20 ms frame once opened.
-        data = bytes(packets[0]) if packets else _OPUS_SILENCE
-        if not silent:
-            self._silence = self._previous = None
-        elif data == self._previous and len(data) <= _SILENCE_MAX_BYTES:
-            # Encoding digital silence costs libopus more than speech (~0.17 ms a frame). Once
-            # it settles on a steady silence packet, that packet is resent without encoding;
-            # encoder and far-end decoder both stay in the "after silence" state.
-            self._silence = data
-        else:
-            self._previous = data
-        return self._packet(data, index)
+        return self._packet(bytes(packets[0]) if packets else _OPUS_SILENCE, index)
 
     def _packet(self, data: bytes, index: int) -> av.Packet[Any]:
-        # The packet is stamped with its frame's place (libopus's own pts is shifted by its
-        # look-ahead), which is what aiortc turns into the RTP timestamp.
+        # Stamped with the frame's place (libopus's own pts is shifted by its look-ahead):
+        # aiortc turns it into the RTP timestamp.
         packet = av.Packet(data)
         packet.pts = index * PACKET_SAMPLES
         packet.time_base = self._time_base
         return packet
 
 
-# A zero-length CELT frame: what to send if the encoder has nothing yet.
+# What a fresh libopus encoder emits for a 20 ms frame of digital silence (a CELT frame).
 _OPUS_SILENCE = b"\xf8\xff\xfe"
-_SILENCE_MAX_BYTES = 8
+_IDLE_AFTER_FRAMES = 10
 
 
 class SpeakerTrack(MediaStreamTrack):

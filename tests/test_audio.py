@@ -106,14 +106,29 @@ async def test_speaker_sends_mono_opus_that_decodes_to_what_was_written() -> Non
     track.stop()
 
 
-def test_encoder_reuses_its_steady_silence_packet_and_recovers_after_it() -> None:
+def test_encoder_idles_through_silence_and_restarts_cleanly() -> None:
     encoder = OpusEncoder()
     quiet = np.zeros(PACKET_SAMPLES, np.int16)
     speech = tone(440, 0.2)
-    for i in range(10):
-        encoder.encode(speech[i * PACKET_SAMPLES : (i + 1) * PACKET_SAMPLES], i)
-    packets = [bytes(encoder.encode(quiet, i, silent=True)) for i in range(10, 40)]
-    assert len(set(packets[-5:])) == 1 and len(packets[-1]) <= 8
-    assert encoder.encode(quiet, 40, silent=True).pts == 40 * PACKET_SAMPLES
-    after = encoder.encode(speech[:PACKET_SAMPLES], 41)
-    assert after.pts == 41 * PACKET_SAMPLES and len(bytes(after)) > 20
+    decoder = av.CodecContext.create("libopus", "r")
+    decoder.sample_rate, decoder.layout = 48_000, "mono"
+    decoded = []
+
+    def send(pcm: np.ndarray, index: int) -> bytes:
+        packet = encoder.encode(pcm, index, silent=not pcm.any())
+        assert packet.pts == index * PACKET_SAMPLES
+        decoded.extend(f.to_ndarray().reshape(-1) for f in decoder.decode(packet))
+        return bytes(packet)
+
+    frames = [speech[i * PACKET_SAMPLES : (i + 1) * PACKET_SAMPLES] for i in range(10)]
+    for i, frame in enumerate(frames):
+        send(frame, i)
+    idle = [send(quiet, i) for i in range(10, 40)]
+    assert set(idle[-15:]) == {b"\xf8\xff\xfe"}
+    for i, frame in enumerate(frames, start=40):
+        send(frame, i)
+    pcm = np.concatenate(decoded)
+    # Both bursts decode to the tone; the silence between them is silence.
+    first, gap, second = pcm[2400:9600], pcm[15 * 960 : 38 * 960], pcm[43 * 960 : 50 * 960]
+    assert abs(dominant_frequency(first) - 440) < 10 and abs(dominant_frequency(second) - 440) < 10
+    assert rms(gap) < 0.001 and rms(second) > 0.15
