@@ -32,6 +32,15 @@ class Resampler:
 
     def from_frame(self, frame: av.AudioFrame) -> np.ndarray:
         """Resample one decoded WebRTC frame (any layout) to mono at ``rate``."""
+        if frame.sample_rate == self.rate and frame.format.name == "s16":
+            # Only the layout differs (aiortc decodes to packed stereo): downmix in numpy,
+            # at a fraction of a resampler call's cost.
+            channels = len(frame.layout.channels)
+            pcm = frame.to_ndarray().reshape(-1)
+            if channels == 1:
+                return pcm
+            mixed: np.ndarray = pcm.reshape(-1, channels).sum(axis=1, dtype=np.int32) // channels
+            return mixed.astype(np.int16)
         out = self._av.resample(frame)
         if not out:
             return np.zeros(0, np.int16)
@@ -162,6 +171,7 @@ class OpusEncoder:
 # What a fresh libopus encoder emits for a 20 ms frame of digital silence (a CELT frame).
 _OPUS_SILENCE = b"\xf8\xff\xfe"
 _IDLE_AFTER_FRAMES = 10
+_SILENT_LSB = 2
 
 
 class SpeakerTrack(MediaStreamTrack):
@@ -212,7 +222,10 @@ class SpeakerTrack(MediaStreamTrack):
 
     async def recv(self) -> av.Packet[Any]:
         samples = await self.next_pcm()
-        return self._encoder.encode(samples, self._frames - 1, silent=not samples.any())
+        # Within a couple of LSBs of zero (-84 dBFS) is silence: decoded Opus "silence" from a
+        # caller is +/-1 LSB of comfort noise, which nobody can hear.
+        silent = int(samples.max()) <= _SILENT_LSB and int(samples.min()) >= -_SILENT_LSB
+        return self._encoder.encode(samples, self._frames - 1, silent=silent)
 
     async def next_pcm(self) -> np.ndarray:
         """Wait for the next 20 ms slot and return its samples (what ``recv()`` encodes)."""

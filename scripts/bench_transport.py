@@ -244,13 +244,16 @@ def _run_level(url: str, pid: int | None, n: int, args: argparse.Namespace) -> d
     # Server CPU over the measuring window (callers are set up by then, barring stragglers).
     time.sleep(2.0 + args.warm + n * 0.02 / procs)
     cpu0, t0 = _cpu_seconds(pid), time.monotonic()
+    callers0 = sum(_cpu_seconds(w.pid) for w in workers)
     time.sleep(args.measure * 0.8)
-    cpu = (_cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
+    elapsed = time.monotonic() - t0
+    cpu = (_cpu_seconds(pid) - cpu0) / elapsed
+    callers_cpu = (sum(_cpu_seconds(w.pid) for w in workers) - callers0) / elapsed
     results: list[dict[str, Any]] = []
     for parent, worker in zip(pipes, workers, strict=True):
         results += parent.recv()
         worker.join()
-    return _summarise(n, results, cpu)
+    return {**_summarise(n, results, cpu), "callers_cpu_pct": 100 * callers_cpu}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -258,6 +261,13 @@ def _pct(values: list[float], q: float) -> float:
         return math.nan
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def _drift(latencies: list[float]) -> float:
+    k = max(1, len(latencies) // 10)
+    if len(latencies) < 2 * k:
+        return math.nan
+    return statistics.median(latencies[-k:]) - statistics.median(latencies[:k])
 
 
 def _summarise(n: int, results: list[dict[str, Any]], cpu: float) -> dict[str, Any]:
@@ -280,6 +290,9 @@ def _summarise(n: int, results: list[dict[str, Any]], cpu: float) -> dict[str, A
         "rtt_p95_ms": 1000 * _pct(latencies, 0.95),
         "server_cpu_pct": 100 * cpu,
         "frames_pct": 100 * min((r["frames"] / r["expected"] for r in ok), default=0),
+        # Echo latency at the end of the window minus at its start: a clock that drifts (or a
+        # queue that grows) shows here over a long --measure.
+        "rtt_drift_ms": 1000 * max((_drift(r["latencies"]) for r in ok), default=math.nan),
     }
 
 
@@ -354,15 +367,17 @@ def main() -> None:
             "rtt_p50_ms",
             "rtt_p95_ms",
             "server_cpu_pct",
+            "callers_cpu_pct",
             "frames_pct",
+            "rtt_drift_ms",
         )
-        print(" ".join(f"{h:>14}" for h in header))
+        print(" ".join(f"{h:>15}" for h in header))
         best = 0
         for n in (int(x) for x in args.levels.split(",")):
             row = _run_level(url, pid, n, args)
             print(
                 " ".join(
-                    f"{row[h]:>14.1f}" if isinstance(row[h], float) else f"{row[h]:>14}"
+                    f"{row[h]:>15.1f}" if isinstance(row[h], float) else f"{row[h]:>15}"
                     for h in header
                 ),
                 flush=True,

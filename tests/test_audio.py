@@ -132,3 +132,11 @@ def test_encoder_idles_through_silence_and_restarts_cleanly() -> None:
     first, gap, second = pcm[2400:9600], pcm[15 * 960 : 38 * 960], pcm[43 * 960 : 50 * 960]
     assert abs(dominant_frequency(first) - 440) < 10 and abs(dominant_frequency(second) - 440) < 10
     assert rms(gap) < 0.001 and rms(second) > 0.15
+
+
+def test_stereo_frames_at_the_target_rate_are_downmixed_at_full_level() -> None:
+    mono = tone(440, 0.02)
+    stereo = np.repeat(mono, 2).reshape(1, -1)
+    frame = av.AudioFrame.from_ndarray(stereo, format="s16", layout="stereo")
+    frame.sample_rate = 48_000
+    np.testing.assert_array_equal(Resampler(48_000).from_frame(frame), mono)

@@ -27,9 +27,11 @@ class EchoStream:
 
 class EchoBackend:
     name = "echo"
-    input_rate = 24_000
-    output_rate = 24_000
-    frame_samples = 480  # 20 ms: the echo adds no framing delay beyond one WebRTC packet
+    # WebRTC's own rate and packet size: the echo adds no resampling and no framing delay, so
+    # what it measures is the transport.
+    input_rate = 48_000
+    output_rate = 48_000
+    frame_samples = 960
 
     async def open_stream(self, call_id: str) -> EchoStream:
         return EchoStream()
