@@ -10,7 +10,8 @@ from aiohttp import web
 from s2s.backends import load_backend
 from s2s.config import Settings
 from s2s.registry import SessionRegistry
-from s2s.signaling import BACKEND, REGISTRY, SETTINGS, add_routes, cors_middleware
+from s2s.signaling import BACKEND, REGISTRY, SETTINGS, VAD, add_routes, cors_middleware
+from s2s.vad import VadService
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,9 @@ async def _model_and_calls(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     backend = await load_backend(settings.model)
     app[BACKEND] = backend
+    vad = VadService()
+    await vad.start()
+    app[VAD] = vad
     registry = SessionRegistry(settings.max_sessions)
     app[REGISTRY] = registry
     log.info("model %s ready; up to %d calls", backend.name, settings.max_sessions)
@@ -42,4 +46,5 @@ async def _model_and_calls(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await registry.close_all("server_shutdown")
+        await vad.close()
         await backend.close()

@@ -192,6 +192,7 @@ class SpeakerTrack(MediaStreamTrack):
         self._lead_s = lead_ms / 1000
         self._start: float | None = None
         self._frames = 0
+        self._tick = asyncio.Event()
         # Audio written to an empty queue waits ``lead`` before its first frame goes out, so
         # the frames behind it, arriving with network and scheduling jitter, find the queue
         # ahead of the clock instead of leaving a gap. A backlog plays without waiting.
@@ -244,7 +245,13 @@ class SpeakerTrack(MediaStreamTrack):
         samples, filled = self._next_samples(loop.time())
         self.played_samples += filled
         self._frames += 1
+        self._tick.set()
         return samples
+
+    async def ticked(self) -> None:
+        """Wait until the next frame has been taken for sending."""
+        self._tick.clear()
+        await self._tick.wait()
 
     def _next_samples(self, now: float) -> tuple[np.ndarray, int]:
         if not len(self._queue) or (

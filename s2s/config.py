@@ -12,7 +12,7 @@ WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
-    model: str = "echo"
+    model: str = "local"
     max_sessions: int = 32
     #: Seconds a call may go without inbound audio (no track, or RTP stopped) before it ends.
     peer_timeout_s: float = 15.0

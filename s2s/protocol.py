@@ -1,33 +1,62 @@
-"""Data-channel events, shaped as the OpenAI Realtime API (GA) defines them.
+"""Data-channel events, shaped as the OpenAI Realtime API (GA) defines them, plus s2s extensions.
 
-Every event is a msgspec ``Struct`` tagged by its ``type``; clients' events decode in one call to
-``decode_client_event`` and every server event encodes with ``encode_event``. Pure: no I/O.
-Fields that stock clients send but s2s does not use (``tools``, ``tracing``, format objects...) are
-accepted and ignored, since msgspec skips unknown fields.
+Every event is a msgspec ``Struct`` tagged by its ``type``; a client message decodes in one call
+(``decode_client_event``) and every server event encodes with ``encode_event``. Pure: no I/O.
+Fields that stock clients send but s2s does not use (``tools``, ``tracing``, ``include``, audio
+``format`` objects...) are accepted and ignored, since msgspec skips unknown fields.
+Our own events are namespaced ``s2s.*``. ``python -m s2s.protocol`` prints the JSON schema.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
-from msgspec import UNSET, UnsetType
+from msgspec import UNSET, Meta, UnsetType
+
+Speed = Annotated[float, Meta(ge=0.25, le=1.5)]
+Threshold = Annotated[float, Meta(ge=0.0, le=1.0)]
+Millis = Annotated[int, Meta(ge=0, le=600_000)]
+Modalities = list[Literal["audio", "text"]]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(10)}"
+
 
 # -- session configuration ---------------------------------------------------------------------
 
 
+class ServerVad(msgspec.Struct, tag="server_vad", tag_field="type", kw_only=True):
+    threshold: Threshold = 0.5
+    prefix_padding_ms: Millis = 300
+    silence_duration_ms: Millis = 500
+    create_response: bool = True
+    interrupt_response: bool = True
+    idle_timeout_ms: Millis | None = None
+
+
+class SemanticVad(msgspec.Struct, tag="semantic_vad", tag_field="type", kw_only=True):
+    """Accepted as OpenAI defines it; s2s maps ``eagerness`` to VAD silence durations."""
+
+    eagerness: Literal["low", "medium", "high", "auto"] = "auto"
+    create_response: bool = True
+    interrupt_response: bool = True
+
+
+TurnDetection = ServerVad | SemanticVad
+
+
 class AudioInput(msgspec.Struct, omit_defaults=True):
-    # Kept as the client sent it; turn detection is interpreted by the session's VAD.
-    turn_detection: dict[str, Any] | UnsetType | None = UNSET
-    format: dict[str, Any] | UnsetType = UNSET
+    turn_detection: TurnDetection | UnsetType | None = UNSET
 
 
 class AudioOutput(msgspec.Struct, omit_defaults=True):
     voice: str | UnsetType = UNSET
-    speed: float | UnsetType = UNSET
-    format: dict[str, Any] | UnsetType = UNSET
+    speed: Speed | UnsetType = UNSET
 
 
 class AudioConfig(msgspec.Struct, omit_defaults=True):
@@ -36,31 +65,25 @@ class AudioConfig(msgspec.Struct, omit_defaults=True):
 
 
 class SessionPatch(msgspec.Struct, omit_defaults=True):
-    """A partial session as ``session.update`` (or the call's ``session`` part) carries it."""
+    """A partial session, as ``session.update`` (or the call's ``session`` form field) sends."""
 
     type: str | UnsetType = UNSET
     model: str | UnsetType = UNSET
     instructions: str | UnsetType = UNSET
-    output_modalities: list[Literal["audio", "text"]] | UnsetType = UNSET
+    output_modalities: Modalities | UnsetType = UNSET
     audio: AudioConfig | UnsetType = UNSET
 
 
 class SessionConfig(msgspec.Struct):
-    """The whole effective configuration of one call, as ``session.created`` reports it."""
+    """The effective configuration of one call."""
 
     id: str
     model: str
-    type: str = "realtime"
-    object: str = "realtime.session"
     instructions: str = ""
-    output_modalities: list[Literal["audio", "text"]] = msgspec.field(
-        default_factory=lambda: ["audio"]
-    )
+    output_modalities: Modalities = msgspec.field(default_factory=lambda: ["audio"])
     voice: str = "alloy"
     speed: float = 1.0
-    turn_detection: dict[str, Any] | None = msgspec.field(
-        default_factory=lambda: {"type": "server_vad"}
-    )
+    turn_detection: TurnDetection | None = msgspec.field(default_factory=ServerVad)
 
     def apply(self, patch: SessionPatch) -> None:
         """Take every field ``patch`` sets; leave the rest as they are."""
@@ -83,31 +106,63 @@ class SessionConfig(msgspec.Struct):
 
     def to_wire(self) -> dict[str, Any]:
         """The session object in the GA shape (nested ``audio``) that clients read."""
+        pcm = {"type": "audio/pcm", "rate": 24_000}
         return {
-            "type": self.type,
-            "object": self.object,
+            "type": "realtime",
+            "object": "realtime.session",
             "id": self.id,
             "model": self.model,
             "instructions": self.instructions,
             "output_modalities": self.output_modalities,
             "audio": {
                 "input": {
-                    "format": {"type": "audio/pcm", "rate": 24_000},
-                    "turn_detection": self.turn_detection,
+                    "format": pcm,
+                    "turn_detection": msgspec.to_builtins(self.turn_detection),
                 },
-                "output": {
-                    "format": {"type": "audio/pcm", "rate": 24_000},
-                    "voice": self.voice,
-                    "speed": self.speed,
-                },
+                "output": {"format": pcm, "voice": self.voice, "speed": self.speed},
             },
         }
+
+
+# -- conversation items ------------------------------------------------------------------------
+
+
+class InputText(msgspec.Struct, tag="input_text", tag_field="type"):
+    text: str
+
+
+class InputAudio(msgspec.Struct, tag="input_audio", tag_field="type"):
+    transcript: str | None = None
+
+
+class InputImage(msgspec.Struct, tag="input_image", tag_field="type"):
+    image_url: str
+    detail: str = "auto"
+
+
+class OutputText(msgspec.Struct, tag="output_text", tag_field="type"):
+    text: str
+
+
+class OutputAudio(msgspec.Struct, tag="output_audio", tag_field="type"):
+    transcript: str = ""
+
+
+ContentPart = InputText | InputAudio | InputImage | OutputText | OutputAudio
+
+
+class MessageItem(msgspec.Struct, tag="message", tag_field="type", kw_only=True):
+    role: Literal["user", "assistant", "system"]
+    content: list[ContentPart]
+    id: str | None = None
+    object: str = "realtime.item"
+    status: Literal["completed", "in_progress", "incomplete"] = "completed"
 
 
 # -- client events -------------------------------------------------------------------------------
 
 
-class ClientEvent(msgspec.Struct, tag_field="type"):
+class ClientEvent(msgspec.Struct, tag_field="type", kw_only=True):
     event_id: str | None = None
 
 
@@ -115,21 +170,88 @@ class SessionUpdate(ClientEvent, tag="session.update"):
     session: SessionPatch = msgspec.field(default_factory=SessionPatch)
 
 
+class InputAudioBufferAppend(ClientEvent, tag="input_audio_buffer.append"):
+    audio: str = ""
+
+
+class InputAudioBufferCommit(ClientEvent, tag="input_audio_buffer.commit"):
+    pass
+
+
+class InputAudioBufferClear(ClientEvent, tag="input_audio_buffer.clear"):
+    pass
+
+
+class ConversationItemCreate(ClientEvent, tag="conversation.item.create"):
+    item: MessageItem
+    previous_item_id: str | None = None
+
+
+class ConversationItemRetrieve(ClientEvent, tag="conversation.item.retrieve"):
+    item_id: str
+
+
+class ConversationItemDelete(ClientEvent, tag="conversation.item.delete"):
+    item_id: str
+
+
+class ConversationItemTruncate(ClientEvent, tag="conversation.item.truncate"):
+    item_id: str
+    audio_end_ms: Annotated[int, Meta(ge=0)]
+    content_index: int = 0
+
+
+class ResponseParams(msgspec.Struct, omit_defaults=True):
+    instructions: str | UnsetType = UNSET
+    output_modalities: Modalities | UnsetType = UNSET
+    audio: AudioConfig | UnsetType = UNSET
+    conversation: str | UnsetType = UNSET
+    metadata: dict[str, Any] | None = None
+
+
+class ResponseCreate(ClientEvent, tag="response.create"):
+    response: ResponseParams = msgspec.field(default_factory=ResponseParams)
+
+
+class ResponseCancel(ClientEvent, tag="response.cancel"):
+    response_id: str | None = None
+
+
 class OutputAudioBufferClear(ClientEvent, tag="output_audio_buffer.clear"):
     pass
 
 
-AnyClientEvent = SessionUpdate | OutputAudioBufferClear
+class ResponseSteer(ClientEvent, tag="s2s.response.steer"):
+    """s2s extension: change the response being spoken without cancelling it or the session.
+
+    Fields left out keep their value; nothing here is written back to the session config.
+    """
+
+    instructions: str | None = None
+    voice: str | None = None
+    speed: Speed | None = None
+
+
+AnyClientEvent = (
+    SessionUpdate
+    | InputAudioBufferAppend
+    | InputAudioBufferCommit
+    | InputAudioBufferClear
+    | ConversationItemCreate
+    | ConversationItemRetrieve
+    | ConversationItemDelete
+    | ConversationItemTruncate
+    | ResponseCreate
+    | ResponseCancel
+    | OutputAudioBufferClear
+    | ResponseSteer
+)
 
 # -- server events -------------------------------------------------------------------------------
 
 
-def new_event_id() -> str:
-    return f"event_{secrets.token_hex(8)}"
-
-
 class ServerEvent(msgspec.Struct, tag_field="type", kw_only=True):
-    event_id: str = msgspec.field(default_factory=new_event_id)
+    event_id: str = msgspec.field(default_factory=lambda: new_id("event"))
 
 
 class SessionCreated(ServerEvent, tag="session.created"):
@@ -140,8 +262,167 @@ class SessionUpdated(ServerEvent, tag="session.updated"):
     session: dict[str, Any]
 
 
+class ConversationItemAdded(ServerEvent, tag="conversation.item.added"):
+    item: MessageItem
+    previous_item_id: str | None = None
+
+
+class ConversationItemDone(ServerEvent, tag="conversation.item.done"):
+    item: MessageItem
+    previous_item_id: str | None = None
+
+
+class ConversationItemRetrieved(ServerEvent, tag="conversation.item.retrieved"):
+    item: MessageItem
+
+
+class ConversationItemDeleted(ServerEvent, tag="conversation.item.deleted"):
+    item_id: str
+
+
+class ConversationItemTruncated(ServerEvent, tag="conversation.item.truncated"):
+    item_id: str
+    content_index: int
+    audio_end_ms: int
+
+
+class InputAudioTranscriptionCompleted(
+    ServerEvent, tag="conversation.item.input_audio_transcription.completed"
+):
+    item_id: str
+    content_index: int
+    transcript: str
+
+
+class SpeechStarted(ServerEvent, tag="input_audio_buffer.speech_started"):
+    audio_start_ms: int
+    item_id: str
+
+
+class SpeechStopped(ServerEvent, tag="input_audio_buffer.speech_stopped"):
+    audio_end_ms: int
+    item_id: str
+
+
+class InputAudioBufferCommitted(ServerEvent, tag="input_audio_buffer.committed"):
+    item_id: str
+    previous_item_id: str | None = None
+
+
+class InputAudioBufferCleared(ServerEvent, tag="input_audio_buffer.cleared"):
+    pass
+
+
+class InputAudioBufferTimeoutTriggered(ServerEvent, tag="input_audio_buffer.timeout_triggered"):
+    audio_start_ms: int
+    audio_end_ms: int
+    item_id: str
+
+
+class OutputAudioBufferStarted(ServerEvent, tag="output_audio_buffer.started"):
+    response_id: str | None = None
+
+
+class OutputAudioBufferStopped(ServerEvent, tag="output_audio_buffer.stopped"):
+    response_id: str | None = None
+
+
 class OutputAudioBufferCleared(ServerEvent, tag="output_audio_buffer.cleared"):
     response_id: str | None = None
+
+
+class StatusDetails(msgspec.Struct):
+    type: str
+    reason: str | None = None
+
+
+class Response(msgspec.Struct, kw_only=True):
+    id: str
+    object: str = "realtime.response"
+    status: Literal["in_progress", "completed", "cancelled", "incomplete", "failed"]
+    status_details: StatusDetails | None = None
+    output: list[MessageItem] = msgspec.field(default_factory=list)
+    output_modalities: Modalities = msgspec.field(default_factory=lambda: ["audio"])
+    conversation_id: str | None = None
+    metadata: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None
+
+
+class ResponseCreated(ServerEvent, tag="response.created"):
+    response: Response
+
+
+class ResponseDone(ServerEvent, tag="response.done"):
+    response: Response
+
+
+class ResponseOutputItemAdded(ServerEvent, tag="response.output_item.added"):
+    response_id: str
+    output_index: int
+    item: MessageItem
+
+
+class ResponseOutputItemDone(ServerEvent, tag="response.output_item.done"):
+    response_id: str
+    output_index: int
+    item: MessageItem
+
+
+class ResponseContentPartAdded(ServerEvent, tag="response.content_part.added"):
+    response_id: str
+    item_id: str
+    output_index: int
+    content_index: int
+    part: OutputAudio | OutputText
+
+
+class ResponseContentPartDone(ServerEvent, tag="response.content_part.done"):
+    response_id: str
+    item_id: str
+    output_index: int
+    content_index: int
+    part: OutputAudio | OutputText
+
+
+class TranscriptDelta(ServerEvent, tag="response.output_audio_transcript.delta"):
+    response_id: str
+    item_id: str
+    output_index: int
+    content_index: int
+    delta: str
+
+
+class TranscriptDone(ServerEvent, tag="response.output_audio_transcript.done"):
+    response_id: str
+    item_id: str
+    output_index: int
+    content_index: int
+    transcript: str
+
+
+class OutputTextDelta(ServerEvent, tag="response.output_text.delta"):
+    response_id: str
+    item_id: str
+    output_index: int
+    content_index: int
+    delta: str
+
+
+class OutputTextDone(ServerEvent, tag="response.output_text.done"):
+    response_id: str
+    item_id: str
+    output_index: int
+    content_index: int
+    text: str
+
+
+class ResponseSteered(ServerEvent, tag="s2s.response.steered"):
+    """s2s extension: the response in progress now follows the new instructions or voice."""
+
+    response_id: str
+    instructions: str | None = None
+    voice: str | None = None
+    speed: float | None = None
 
 
 class ErrorDetail(msgspec.Struct):
@@ -156,6 +437,17 @@ class Error(ServerEvent, tag="error"):
     error: ErrorDetail
 
 
+AnyServerEvent = (
+    SessionCreated | SessionUpdated | ConversationItemAdded | ConversationItemDone
+    | ConversationItemRetrieved | ConversationItemDeleted | ConversationItemTruncated
+    | InputAudioTranscriptionCompleted | SpeechStarted | SpeechStopped
+    | InputAudioBufferCommitted | InputAudioBufferCleared | InputAudioBufferTimeoutTriggered
+    | OutputAudioBufferStarted | OutputAudioBufferStopped | OutputAudioBufferCleared
+    | ResponseCreated | ResponseDone | ResponseOutputItemAdded | ResponseOutputItemDone
+    | ResponseContentPartAdded | ResponseContentPartDone | TranscriptDelta | TranscriptDone
+    | OutputTextDelta | OutputTextDone | ResponseSteered | Error
+)  # fmt: skip
+
 # -- encoding ------------------------------------------------------------------------------------
 
 _decoder = msgspec.json.Decoder(AnyClientEvent)
@@ -163,15 +455,17 @@ _encoder = msgspec.json.Encoder()
 
 
 class _Header(msgspec.Struct):
-    # Read only on the error path, to name the offending event in the error we send back.
+    # Read only on the error path, to name the offending event in the error sent back.
     type: Any = None
     event_id: Any = None
 
 
 class EventError(ValueError):
-    """A client message that cannot be taken, with the ``error`` event to answer it."""
+    """A client message that cannot be taken, with the ``error`` event detail to answer it."""
 
-    def __init__(self, code: str, message: str, *, event_id: str | None, param: str | None = None):
+    def __init__(
+        self, code: str, message: str, *, event_id: str | None = None, param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.detail = ErrorDetail(message=message, code=code, param=param, event_id=event_id)
 
@@ -180,9 +474,7 @@ def decode_client_event(raw: bytes | str, *, max_bytes: int) -> AnyClientEvent:
     """Decode one data-channel message, or raise ``EventError`` saying what is wrong with it."""
     if len(raw) > max_bytes:
         raise EventError(
-            "message_too_large",
-            f"event of {len(raw)} bytes exceeds the limit of {max_bytes} bytes",
-            event_id=None,
+            "message_too_large", f"event of {len(raw)} bytes exceeds the limit of {max_bytes}"
         )
     try:
         event: AnyClientEvent = _decoder.decode(raw)
@@ -203,10 +495,10 @@ def decode_client_event(raw: bytes | str, *, max_bytes: int) -> AnyClientEvent:
             "invalid_event",
             f"invalid event: {exc}",
             event_id=event_id,
-            param=path.group(1) or None if path else None,
+            param=(path.group(1) or None) if path else None,
         ) from None
     except msgspec.DecodeError as exc:
-        raise EventError("invalid_json", f"message is not JSON: {exc}", event_id=None) from None
+        raise EventError("invalid_json", f"message is not JSON: {exc}") from None
 
 
 def _peek_header(raw: bytes | str) -> _Header:
@@ -218,3 +510,20 @@ def _peek_header(raw: bytes | str) -> _Header:
 
 def encode_event(event: ServerEvent) -> str:
     return _encoder.encode(event).decode()
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of every client and server event (``docs/events.schema.json``)."""
+    (client, server), components = msgspec.json.schema_components(
+        [AnyClientEvent, AnyServerEvent], ref_template="#/$defs/{name}"
+    )
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "s2s data-channel events (OpenAI Realtime GA + s2s.* extensions)",
+        "$defs": components,
+        "properties": {"client_event": client, "server_event": server},
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(json_schema(), indent=2, sort_keys=True))

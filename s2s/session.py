@@ -4,9 +4,13 @@ A ``Session`` owns one ``asyncio.TaskGroup``:
 
 - ``{call_id}/mic`` drains the caller's audio track (aiortc's queue is unbounded, so it is always
   read), resamples it to the model's rate and cuts it into model frames;
-- ``{call_id}/model`` feeds those frames to the model stream one at a time and queues what comes
-  back on the ``SpeakerTrack``, which aiortc's sender pulls at a paced 20 ms;
-- ``{call_id}/events`` decodes and handles client events from the ``oai-events`` data channel;
+- ``{call_id}/model`` feeds those frames to the model stream one at a time and hands what comes
+  back to the call's ``Realtime`` conversation, which queues it on the ``SpeakerTrack`` that
+  aiortc's sender pulls at a paced 20 ms;
+- ``{call_id}/vad`` runs server VAD (when turn detection is on) and reports turn edges;
+- ``{call_id}/playout`` follows playback while a response plays (transcript deltas aligned with
+  what was heard, ``output_audio_buffer.*``, completion, idle timeout);
+- ``{call_id}/events`` decodes client events from the ``oai-events`` data channel;
 - ``{call_id}/supervise`` ends the call when asked to (hang-up, ICE failure) or when no audio has
   arrived for ``peer_timeout_s``.
 
@@ -20,6 +24,7 @@ import asyncio
 import logging
 from collections import deque
 
+import av
 import numpy as np
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
@@ -29,21 +34,18 @@ from s2s.backends import Backend, ModelStream
 from s2s.config import Settings
 from s2s.log import CallLogger
 from s2s.protocol import (
-    AnyClientEvent,
     Error,
     ErrorDetail,
     EventError,
-    OutputAudioBufferClear,
-    OutputAudioBufferCleared,
     ServerEvent,
     SessionConfig,
     SessionCreated,
-    SessionUpdate,
-    SessionUpdated,
     decode_client_event,
     encode_event,
 )
+from s2s.realtime import Realtime
 from s2s.rtc import set_audio_prefetch
+from s2s.vad import VAD_RATE, SpeechDetector, VadService
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ EVENTS_LABEL = "oai-events"
 # Model frames waiting for a slow model; past this the oldest are dropped (and counted) so a
 # stalled model never makes the caller's audio pile up in memory.
 _MODEL_BACKLOG = 50
+# Caller audio waiting for the VAD thread; past this the oldest is dropped.
+_VAD_BACKLOG = 50
 # Client events waiting to be handled; past this, new ones are refused with an error event.
 _INBOX_SIZE = 256
 # Server events sent before the data channel opened, kept until it does.
@@ -71,6 +75,7 @@ class Session:
         call_id: str,
         pc: RTCPeerConnection,
         backend: Backend,
+        vad: VadService,
         settings: Settings,
         config: SessionConfig,
     ) -> None:
@@ -83,13 +88,16 @@ class Session:
         #: Model frames dropped because the model fell behind.
         self.frames_dropped = 0
         self._backend = backend
+        self._vad = vad
         self._settings = settings
+        self._realtime: Realtime | None = None
         self._stream: ModelStream | None = None
         self._mic: asyncio.Future[MediaStreamTrack] = asyncio.get_running_loop().create_future()
         self._channel: RTCDataChannel | None = None
         self._pending: deque[str] = deque(maxlen=_PENDING_EVENTS)
         self._inbox: asyncio.Queue[bytes | str] = asyncio.Queue(_INBOX_SIZE)
         self._model_in: asyncio.Queue[np.ndarray] = asyncio.Queue(_MODEL_BACKLOG)
+        self._vad_in: asyncio.Queue[np.ndarray] = asyncio.Queue(_VAD_BACKLOG)
         self._ended = asyncio.Event()
         self._last_audio = asyncio.get_running_loop().time()
         pc.on("track", self._on_track)
@@ -137,10 +145,14 @@ class Session:
         cid = self.call_id
         try:
             self._stream = await self._backend.open_stream(cid)
+            realtime = Realtime(self.config, self._backend, self._stream, self.speaker, self.send)
+            self._realtime = realtime
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._pump_mic(), name=f"{cid}/mic")
-                tg.create_task(self._run_model(self._stream), name=f"{cid}/model")
-                tg.create_task(self._read_events(), name=f"{cid}/events")
+                tg.create_task(self._pump_mic(realtime), name=f"{cid}/mic")
+                tg.create_task(self._run_model(self._stream, realtime), name=f"{cid}/model")
+                tg.create_task(self._run_vad(realtime), name=f"{cid}/vad")
+                tg.create_task(self._follow_playout(realtime), name=f"{cid}/playout")
+                tg.create_task(self._read_events(realtime), name=f"{cid}/events")
                 tg.create_task(self._supervise(), name=f"{cid}/supervise")
         except* _Ended:
             pass
@@ -175,7 +187,7 @@ class Session:
                 if loop.time() - self._last_audio > timeout:
                     self.end("peer_timeout")
 
-    async def _pump_mic(self) -> None:
+    async def _pump_mic(self, realtime: Realtime) -> None:
         track = await self._mic
         resampler = Resampler(self._backend.input_rate)
         chunker = FrameChunker(self._backend.frame_samples)
@@ -187,20 +199,49 @@ class Session:
                 self.end("peer_gone")
                 return
             self._last_audio = loop.time()
-            for chunk in chunker.push(resampler.from_frame(frame)):  # type: ignore[arg-type]
-                if self._model_in.full():
-                    self._model_in.get_nowait()
-                    self.frames_dropped += 1
-                self._model_in.put_nowait(chunk)
+            assert isinstance(frame, av.AudioFrame)  # an audio track yields decoded audio
+            realtime.heard(1000 * frame.samples // frame.sample_rate)
+            pcm = resampler.from_frame(frame)
+            for chunk in chunker.push(pcm):
+                self.frames_dropped += _put_dropping_oldest(self._model_in, chunk)
+            if realtime.vad is not None:
+                _put_dropping_oldest(self._vad_in, pcm)
 
-    async def _run_model(self, stream: ModelStream) -> None:
+    async def _run_model(self, stream: ModelStream, realtime: Realtime) -> None:
         to_speaker = Resampler(WEBRTC_RATE)
         rate = self._backend.output_rate
         while True:
             frame = await self._model_in.get()
             result = await stream.step(frame)
-            if result.audio.size:
-                self.speaker.write(to_speaker.from_pcm(result.audio, rate))
+            realtime.on_step(result, to_speaker.from_pcm(result.audio, rate))
+
+    async def _run_vad(self, realtime: Realtime) -> None:
+        detector: SpeechDetector | None = None
+        to_vad = Resampler(VAD_RATE)
+        rate = self._backend.input_rate
+        try:
+            while True:
+                pcm = await self._vad_in.get()
+                settings = realtime.vad
+                if settings is None:
+                    continue
+                if detector is None:
+                    detector = await self._vad.detector(settings)
+                detector.settings = settings
+                for event in await self._vad.feed(detector, to_vad.from_pcm(pcm, rate)):
+                    await realtime.on_vad(event)
+        finally:
+            if detector is not None:
+                self._vad.release(detector)
+
+    async def _follow_playout(self, realtime: Realtime) -> None:
+        while True:
+            if not realtime.needs_playout():
+                realtime.watching.clear()
+                await realtime.watching.wait()
+                continue
+            await self.speaker.ticked()
+            await realtime.on_playout()
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -213,7 +254,7 @@ class Session:
         else:
             self._pending.append(text)
 
-    async def _read_events(self) -> None:
+    async def _read_events(self, realtime: Realtime) -> None:
         while True:
             raw = await self._inbox.get()
             try:
@@ -222,17 +263,7 @@ class Session:
                 self.log.debug("bad client event: %s", exc)
                 self.send(Error(error=exc.detail))
                 continue
-            await self._handle(event)
-
-    async def _handle(self, event: AnyClientEvent) -> None:
-        match event:
-            case SessionUpdate(session=patch):
-                self.config.apply(patch)
-                self.send(SessionUpdated(session=self.config.to_wire()))
-            case OutputAudioBufferClear():
-                dropped = self.speaker.flush()
-                self.log.debug("output cleared (%d samples)", dropped)
-                self.send(OutputAudioBufferCleared())
+            await realtime.handle(event)
 
     # -- aiortc callbacks ------------------------------------------------------------------------
 
@@ -269,3 +300,13 @@ class Session:
         self.log.debug("connection %s", state)
         if state in ("failed", "closed"):
             self.end(f"connection_{state}")
+
+
+def _put_dropping_oldest(queue: asyncio.Queue[np.ndarray], item: np.ndarray) -> int:
+    """Queue ``item``; if the queue is full, drop its oldest entry. Returns the number dropped."""
+    dropped = 0
+    if queue.full():
+        queue.get_nowait()
+        dropped = 1
+    queue.put_nowait(item)
+    return dropped

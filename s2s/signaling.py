@@ -16,16 +16,18 @@ from aiohttp import web
 
 from s2s.backends import Backend
 from s2s.config import Settings
-from s2s.protocol import SessionConfig, SessionPatch
+from s2s.protocol import ServerVad, SessionConfig, SessionPatch
 from s2s.registry import ServerFull, SessionRegistry, new_call_id
 from s2s.rtc import new_peer_connection
 from s2s.session import OfferError, Session
+from s2s.vad import VadService
 
 log = logging.getLogger(__name__)
 
 SETTINGS = web.AppKey("settings", Settings)
 BACKEND = web.AppKey("backend", Backend)
 REGISTRY = web.AppKey("registry", SessionRegistry)
+VAD = web.AppKey("vad", VadService)
 
 CALLS_PATH = "/v1/realtime/calls"
 _ALLOW_HEADERS = "Authorization, Content-Type, X-OpenAI-Agents-SDK, OpenAI-Beta"
@@ -68,10 +70,13 @@ async def create_call(request: web.Request) -> web.Response:
         return exc.response
     backend = app[BACKEND]
     call_id = new_call_id()
-    config = SessionConfig(id=call_id, model=settings.model)
+    # Server VAD is on by default for models that take turns; continuous ones (echo) run none.
+    config = SessionConfig(
+        id=call_id, model=settings.model, turn_detection=ServerVad() if backend.turn_based else None
+    )
     if patch is not None:
         config.apply(patch)
-    session = Session(call_id, new_peer_connection(), backend, settings, config)
+    session = Session(call_id, new_peer_connection(), backend, app[VAD], settings, config)
     registry = app[REGISTRY]
     try:
         registry.admit(session)

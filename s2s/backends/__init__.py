@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
-from s2s.backends.base import Backend, ModelStream, StepResult
+from s2s.backends.base import (
+    Backend,
+    InputTranscribed,
+    ModelStream,
+    ResponseFinished,
+    ResponseRequest,
+    Steering,
+    StepResult,
+)
 
-__all__ = ["Backend", "ModelStream", "StepResult", "UnknownModelError", "load_backend"]
+__all__ = [
+    "Backend",
+    "InputTranscribed",
+    "ModelStream",
+    "ResponseFinished",
+    "ResponseRequest",
+    "Steering",
+    "StepResult",
+    "UnknownModelError",
+    "load_backend",
+]
 
 
 class UnknownModelError(ValueError):
@@ -12,12 +30,17 @@ class UnknownModelError(ValueError):
 
 
 async def load_backend(spec: str) -> Backend:
-    """Load the backend named by ``spec`` (``echo``, or ``NAME:PATH_OR_HUB_ID``)."""
+    """Load the backend named by ``spec`` (``local``, ``echo``, or ``NAME:PATH_OR_HUB_ID``)."""
     name, _, _location = spec.partition(":")
     match name:
         case "echo":
             from s2s.backends.echo import EchoBackend
 
             return EchoBackend()
+        case "local":
+            from s2s.backends.local import LocalBackend
+
+            backend: Backend = await LocalBackend.load()
+            return backend
         case _:
-            raise UnknownModelError(f"unknown model {spec!r}; available: echo")
+            raise UnknownModelError(f"unknown model {spec!r}; available: local, echo")

@@ -2,39 +2,110 @@
 
 A backend is loaded once per process and opens one ``ModelStream`` per call. The session feeds a
 stream exactly one input frame at a time (``Backend.frame_samples`` mono ``int16`` samples at
-``Backend.input_rate``) and gets back whatever audio and text the model produced for that frame.
-A step never covers more than one frame of model work, so a cancel or reset is never stuck behind
-a long computation. Backends that compute (torch) run it on their device's executor, never on the
-event loop; batching backends may gather steps from many streams into one forward.
+``Backend.input_rate``) and gets back what the model produced since the last step: audio at
+``Backend.output_rate`` with the transcript text that starts with it, and events. A step never
+covers more than one frame of model work, so a cancel or reset is never stuck behind a long
+computation: backends that compute (torch) do it on their device's executor, never on the event
+loop, and turn-based backends generate in the background and hand out what is ready.
+
+Turn-based backends (``turn_based = True``) also hear about the caller's turns
+(``speech_started``, ``commit``, ``clear_input``) and are asked to ``respond``; continuous ones
+(echo, full-duplex models) may ignore those calls.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
+
+from s2s.protocol import MessageItem
 
 EMPTY_PCM = np.zeros(0, np.int16)
 
 
+@dataclass(frozen=True, slots=True)
+class InputTranscribed:
+    """The caller's committed turn ``item_id`` was transcribed."""
+
+    item_id: str
+    transcript: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFinished:
+    """The backend has handed out everything for ``response_id``."""
+
+    response_id: str
+
+
+ModelEvent = InputTranscribed | ResponseFinished
+
+
 @dataclass(slots=True)
 class StepResult:
-    """What one step produced: mono ``int16`` audio at ``Backend.output_rate`` and text."""
+    """One step's output: mono ``int16`` audio, the text spoken from its start, and events.
+
+    ``response_id`` names the response the audio and text belong to (None for continuous
+    output), so output that was in flight when a response was cancelled can be dropped.
+    """
 
     audio: np.ndarray = field(default_factory=lambda: EMPTY_PCM)
     text: str = ""
+    response_id: str | None = None
+    events: list[ModelEvent] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseRequest:
+    response_id: str
+    instructions: str
+    voice: str
+    speed: float
+    modalities: list[str]
+    conversation: list[MessageItem]
+    trigger: Literal["turn", "client", "idle"] = "client"
+
+
+@dataclass(frozen=True, slots=True)
+class Steering:
+    """Changes for the rest of the response in progress; None leaves a setting as it is."""
+
+    instructions: str | None = None
+    voice: str | None = None
+    speed: float | None = None
 
 
 class ModelStream(Protocol):
     """One call's streaming state on a model."""
 
     async def step(self, pcm: np.ndarray) -> StepResult:
-        """Feed one input frame; return what the model produced for it."""
+        """Feed one input frame; return what the model produced since the last step."""
+        ...
+
+    async def speech_started(self, item_id: str) -> None:
+        """The caller started a turn (server VAD)."""
+        ...
+
+    async def commit(self, item_id: str) -> None:
+        """The caller's audio since the last commit or clear is the user turn ``item_id``."""
+        ...
+
+    async def clear_input(self) -> None:
+        """Forget the caller's uncommitted audio."""
+        ...
+
+    async def respond(self, request: ResponseRequest) -> None:
+        """Start generating a response; its output comes out of later steps."""
+        ...
+
+    async def steer(self, steering: Steering) -> None:
+        """Apply ``steering`` to the rest of the response in progress."""
         ...
 
     async def reset(self) -> None:
-        """Forget pending output and in-flight work (barge-in, ``response.cancel``)."""
+        """Drop pending output and in-flight generation (barge-in, ``response.cancel``)."""
         ...
 
     async def close(self) -> None:
@@ -49,11 +120,12 @@ class Backend(Protocol):
     input_rate: int
     output_rate: int
     frame_samples: int
+    turn_based: bool
 
     async def open_stream(self, call_id: str) -> ModelStream:
         """Create the per-call state for a new call."""
         ...
 
     async def close(self) -> None:
-        """Unload the model and stop its executor."""
+        """Unload the model and stop its executors."""
         ...

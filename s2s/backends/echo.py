@@ -1,14 +1,15 @@
 """``echo``: returns the caller's audio unchanged, for transport tests and latency measurement.
 
 There is no model compute, so steps run inline on the event loop: a thread hop per 20 ms frame
-would cost more than the copy and would hide the transport's own latency.
+would cost more than the copy and would hide the transport's own latency. It is continuous, not
+turn-based: it never responds, so ``response.create`` is answered with an error.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from s2s.backends.base import StepResult
+from s2s.backends.base import ResponseRequest, Steering, StepResult
 
 
 class EchoStream:
@@ -17,6 +18,21 @@ class EchoStream:
 
     async def step(self, pcm: np.ndarray) -> StepResult:
         return StepResult(audio=pcm)
+
+    async def speech_started(self, item_id: str) -> None:
+        return None
+
+    async def commit(self, item_id: str) -> None:
+        return None
+
+    async def clear_input(self) -> None:
+        return None
+
+    async def respond(self, request: ResponseRequest) -> None:
+        raise NotImplementedError("echo does not generate responses")
+
+    async def steer(self, steering: Steering) -> None:
+        return None
 
     async def reset(self) -> None:
         return None
@@ -27,6 +43,7 @@ class EchoStream:
 
 class EchoBackend:
     name = "echo"
+    turn_based = False
     # WebRTC's own rate and packet size: the echo adds no resampling and no framing delay, so
     # what it measures is the transport.
     input_rate = 48_000
