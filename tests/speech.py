@@ -19,12 +19,44 @@ def speak(text: str, *, voice: str = "en-us", speed: float = 1.0) -> np.ndarray:
     return np.concatenate([pad, pcm, pad])
 
 
+_listener = None
+
+
 def transcribe(pcm48: np.ndarray) -> str:
-    """What pocketsphinx's generic en-us model hears in mono 48 kHz audio."""
+    """What pocketsphinx's generic en-us model hears in mono 48 kHz audio.
+
+    One recognizer serves the whole test run, warmed up on a few sentences first: pocketsphinx
+    normalises its features by a running mean that starts far from espeak-ng's voice, and a
+    fresh recognizer gets most words of its first utterances wrong.
+    """
     from s2s.speech.asr import Recognizer, dither
 
+    global _listener
+    if _listener is None:
+        _listener = Recognizer()
+        for warmup in ("hello there how are you", "I can repeat what you say", "my name is echo"):
+            _recognize(_listener, speak(warmup, voice="en-us+f2"), dither)
+    return _recognize(_listener, pcm48, dither)
+
+
+def _recognize(recognizer: object, pcm48: np.ndarray, dither: object) -> str:
     pcm = Resampler(16_000).from_pcm(pcm48, RATE)
-    recognizer = Recognizer()
-    recognizer.start()
-    recognizer.feed(dither(pcm, np.random.default_rng(0)))
-    return recognizer.finish()
+    recognizer.start()  # type: ignore[attr-defined]
+    recognizer.feed(dither(pcm, np.random.default_rng(0)))  # type: ignore[attr-defined,operator]
+    return recognizer.finish()  # type: ignore[attr-defined,no-any-return]
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Word-level Levenshtein distance over the reference's length (punctuation ignored)."""
+    ref = _words(reference)
+    hyp = _words(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1] / max(1, len(ref))
+
+
+def _words(text: str) -> list[str]:
+    return "".join(c.lower() if c.isalnum() or c == "'" else " " for c in text).split()
