@@ -3,8 +3,9 @@ inside their wheels. It hears with pocketsphinx (streaming while the caller spea
 transcript is ready when the turn ends), replies with a small deterministic policy
 (``local_policy``) and speaks with espeak-ng.
 
-Everything heavy runs off the event loop: recognition on a two-thread ASR pool, synthesis on
-the single thread libespeak-ng allows. Each call's jobs run in order on its own worker task.
+Everything heavy runs off the event loop: recognition in ASR worker processes (pocketsphinx
+holds the GIL while it decodes), synthesis on the single thread libespeak-ng allows. Each
+call's jobs run in order on its own worker task.
 Replies are synthesized a sentence at a time, about a second and a half ahead of playback, so a
 change of voice, speed or instructions mid-response (steering) applies to the rest of it, and a
 cancel has little to throw away. Audio goes out one word per step, each with its text, so the
@@ -18,6 +19,7 @@ import collections
 import concurrent.futures
 import functools
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +36,8 @@ from s2s.backends.base import (
     StepResult,
 )
 from s2s.log import CallLogger
-from s2s.speech.asr import ASR_RATE, Recognizer, RecognizerPool, dither
+from s2s.speech import asr
+from s2s.speech.asr import ASR_RATE, AsrWorkers, dither
 from s2s.speech.espeak import Espeak, Speech
 
 log = logging.getLogger(__name__)
@@ -73,17 +76,14 @@ class LocalBackend:
         self.output_rate = espeak.rate
         self.espeak = espeak
         self.tts = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="local-tts")
-        self.asr = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="local-asr")
-        self.recognizers = RecognizerPool()
+        self.asr = AsrWorkers(processes=max(1, min(2, os.cpu_count() or 1)))
 
     @classmethod
     async def load(cls) -> LocalBackend:
         loop = asyncio.get_running_loop()
         espeak = await loop.run_in_executor(None, Espeak.shared)
         backend = cls(espeak)
-        # Build one recognizer up front so the first call does not wait for it.
-        warm = await loop.run_in_executor(backend.asr, backend.recognizers.acquire)
-        backend.recognizers.release(warm)
+        await backend.asr.start()
         return backend
 
     async def open_stream(self, call_id: str) -> LocalStream:
@@ -91,18 +91,19 @@ class LocalBackend:
 
     async def close(self) -> None:
         self.tts.shutdown(wait=True, cancel_futures=True)
-        self.asr.shutdown(wait=True, cancel_futures=True)
+        self.asr.close()
 
 
 class LocalStream:
     def __init__(self, backend: LocalBackend, call_id: str) -> None:
         self._b = backend
+        self._call_id = call_id
+        self._asr = backend.asr.assign()
         self._log = CallLogger(log, call_id)
         self._rng = np.random.default_rng()
         self._turn: collections.deque[np.ndarray] = collections.deque(maxlen=_MAX_TURN_FRAMES)
         self._feed: list[np.ndarray] = []
         self._streaming = False
-        self._recognizer: Recognizer | None = None
         self._transcripts: dict[str, str] = {}
         self._jobs: asyncio.Queue[tuple[Callable[..., Awaitable[None]], tuple[Any, ...]]]
         self._jobs = asyncio.Queue()
@@ -186,9 +187,7 @@ class LocalStream:
     async def close(self) -> None:
         self._worker.cancel()
         await asyncio.gather(self._worker, return_exceptions=True)
-        if self._recognizer is not None:
-            recognizer, self._recognizer = self._recognizer, None
-            await self._run(self._b.asr, self._b.recognizers.release, recognizer)
+        await self._run(self._asr, asr.worker_release, self._call_id)
 
     def _take_feed(self) -> np.ndarray:
         pcm = _join(self._feed)
@@ -212,26 +211,17 @@ class LocalStream:
                    *args: Any) -> Any:  # fmt: skip
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
-    async def _recognizer_ready(self) -> Recognizer:
-        if self._recognizer is None:
-            self._recognizer = await self._run(self._b.asr, self._b.recognizers.acquire)
-        return self._recognizer
-
     async def _asr_start(self, prefix: np.ndarray) -> None:
-        recognizer = await self._recognizer_ready()
-        await self._run(self._b.asr, _start_and_feed, recognizer, prefix)
+        await self._run(self._asr, asr.worker_start, self._call_id, prefix)
 
     async def _asr_feed(self, pcm: np.ndarray) -> None:
-        recognizer = await self._recognizer_ready()
-        await self._run(self._b.asr, recognizer.feed, pcm)
+        await self._run(self._asr, asr.worker_feed, self._call_id, pcm)
 
     async def _asr_finish(self, item_id: str | None, rest: np.ndarray,
                           whole: np.ndarray | None) -> None:  # fmt: skip
-        recognizer = await self._recognizer_ready()
         if whole is not None:
-            await self._run(self._b.asr, _start_and_feed, recognizer, whole)
-        await self._run(self._b.asr, recognizer.feed, rest)
-        text = await self._run(self._b.asr, recognizer.finish)
+            await self._run(self._asr, asr.worker_start, self._call_id, whole)
+        text = await self._run(self._asr, asr.worker_finish, self._call_id, rest)
         if item_id is not None:
             self._transcripts[item_id] = text
             self._events.append(InputTranscribed(item_id, text))
@@ -294,11 +284,6 @@ class LocalStream:
             self._out.extend(segments)
         finally:
             self._synthesizing = False
-
-
-def _start_and_feed(recognizer: Recognizer, pcm: np.ndarray) -> None:
-    recognizer.start()
-    recognizer.feed(pcm)
 
 
 def _join(frames: list[np.ndarray]) -> np.ndarray:
