@@ -2,6 +2,8 @@
 const $ = (id) => document.getElementById(id);
 let pc = null;
 let callUrl = null;
+// Exposed for debugging from the console (and for the browser tests).
+window.s2s = { pc: null, events: [] };
 
 function show(text) {
   $("log").textContent += text + "\n";
@@ -18,7 +20,11 @@ async function connect() {
     pc.onconnectionstatechange = () => { $("status").textContent = pc.connectionState; };
     mic.getTracks().forEach((t) => pc.addTrack(t, mic));
     const events = pc.createDataChannel("oai-events");
-    events.onmessage = (e) => show("← " + e.data);
+    events.onmessage = (e) => {
+      window.s2s.events.push(JSON.parse(e.data));
+      show("← " + e.data);
+    };
+    window.s2s.pc = pc;
     await pc.setLocalDescription(await pc.createOffer());
     const res = await fetch("/v1/realtime/calls", {
       method: "POST", body: pc.localDescription.sdp, headers: { "Content-Type": "application/sdp" },

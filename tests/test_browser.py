@@ -1,0 +1,153 @@
+"""Real Chromium against the real server: the stock OpenAI client, and our page with a fake mic.
+
+Chromium is Debian's (/usr/bin/chromium, installed by scripts/setup), driven by Playwright.
+Its fake microphone plays a WAV file made with espeak-ng.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import wave
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from aiohttp import web
+from playwright.async_api import Browser, Page, async_playwright
+
+from tests.conftest import StartServer
+from tests.speech import speak
+
+BROWSER_DIR = Path(__file__).resolve().parent / "browser"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+    "--allow-loopback-in-peer-connection", "--autoplay-policy=no-user-gesture-required",
+]  # fmt: skip
+
+LaunchBrowser = Callable[[Path], Awaitable[Browser]]
+
+
+def write_wav(path: Path, pcm: np.ndarray, rate: int = 48_000) -> Path:
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(pcm.astype(np.int16).tobytes())
+    return path
+
+
+@pytest.fixture
+async def launch_browser() -> AsyncIterator[LaunchBrowser]:
+    async with async_playwright() as playwright:
+        browsers: list[Browser] = []
+
+        async def launch(mic_wav: Path) -> Browser:
+            browser = await playwright.chromium.launch(
+                executable_path=CHROMIUM,
+                args=[*CHROMIUM_ARGS, f"--use-file-for-fake-audio-capture={mic_wav}"],
+            )
+            browsers.append(browser)
+            return browser
+
+        yield launch
+        for browser in browsers:
+            await browser.close()
+
+
+@pytest.fixture
+async def static_site() -> AsyncIterator[str]:
+    """tests/browser/ on its own origin, so the page calls s2s cross-origin (CORS)."""
+    app = web.Application()
+    app.router.add_static("/", BROWSER_DIR)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await runner.cleanup()
+
+
+async def wait_for(page: Page, expression: str, *, timeout: float) -> Any:
+    """Evaluate ``expression`` in the page until it is truthy (bounded by ``timeout``)."""
+    return await page.wait_for_function(expression, timeout=timeout * 1000, polling=100)
+
+
+async def screenshot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+async def test_stock_openai_agents_client_holds_a_conversation(
+    start_server: StartServer, static_site: str, launch_browser: LaunchBrowser, tmp_path: Path
+) -> None:
+    server = await start_server(model="local")
+    quiet = write_wav(tmp_path / "quiet.wav", np.zeros(48_000, np.int16))
+    browser = await launch_browser(quiet)
+    page = await browser.new_page()
+    await page.goto(f"{static_site}/agents.html?server={server.url}")
+    await wait_for(page, "window.connected || window.errors.length", timeout=20)
+    assert await page.evaluate("window.errors") == []
+    types = await page.evaluate("window.received.map(e => e.type)")
+    assert "session.created" in types and "session.updated" in types
+    await page.evaluate("window.session.sendMessage('please say hello from the browser')")
+    await wait_for(page, "window.received.some(e => e.type === 'response.done')", timeout=20)
+    done = await page.evaluate("window.received.find(e => e.type === 'response.done')")
+    assert done["response"]["status"] == "completed"
+    assert done["response"]["output"][0]["content"][0]["transcript"] == "hello from the browser"
+    # The SDK kept its own history from our events, and the reply's audio reached the page.
+    history = await page.evaluate(
+        "window.session.history.map(i => [i.role, i.content?.map(c => c.transcript ?? c.text)])"
+    )
+    assert ["assistant", ["hello from the browser"]] in history
+    energy = await page.evaluate("""async () => {
+        const stats = await window.session.transport.connectionState.peerConnection.getStats();
+        let energy = 0;
+        stats.forEach(s => { if (s.type === 'inbound-rtp' && s.kind === 'audio')
+            energy = s.totalAudioEnergy; });
+        return energy;
+    }""")
+    assert energy > 0.01
+    assert await page.evaluate("window.errors") == []
+    await screenshot(page, "agents-sdk")
+
+
+async def test_our_page_hears_the_fake_microphone_and_plays_the_reply(
+    start_server: StartServer, launch_browser: LaunchBrowser, tmp_path: Path
+) -> None:
+    server = await start_server(model="local")
+    speech = np.concatenate([speak("hello there how are you today", voice="en-us+f2"),
+                             np.zeros(48_000 * 4, np.int16)])  # fmt: skip
+    browser = await launch_browser(write_wav(tmp_path / "hello.wav", speech))
+    page = await browser.new_page()
+    await page.goto(server.url + "/")
+    await page.click("#connect")
+    await wait_for(page, "window.s2s && window.s2s.events.some(e => e.type === 'session.created')",
+                   timeout=20)  # fmt: skip
+    heard = await wait_for(
+        page,
+        """window.s2s.events.find(e =>
+        e.type === 'conversation.item.input_audio_transcription.completed')""",
+        timeout=30,
+    )
+    assert (await heard.json_value())["transcript"]
+    await wait_for(page, "window.s2s.events.some(e => e.type === 'response.done')", timeout=30)
+    level = await page.evaluate("""async () => {
+        const stats = await window.s2s.pc.getStats();
+        let energy = 0;
+        stats.forEach(s => { if (s.type === 'inbound-rtp' && s.kind === 'audio')
+            energy = s.totalAudioEnergy; });
+        return energy;
+    }""")
+    assert level > 0.01
+    await screenshot(page, "page-replied")
+    await page.click("#hangup")
+    await wait_for(page, "document.getElementById('status').textContent === 'idle'", timeout=5)
+    async with asyncio.timeout(5):
+        while len(server.registry):  # noqa: ASYNC110 - the registry has no event to await
+            await asyncio.sleep(0.05)
