@@ -483,6 +483,11 @@ def decode_client_event(raw: bytes | str, *, max_bytes: int) -> AnyClientEvent:
         header = _peek_header(raw)
         event_type = header.type if isinstance(header.type, str) else None
         event_id = header.event_id if isinstance(header.event_id, str) else None
+        # msgspec checks the tag before the rest, so an unknown type is reported even when the
+        # rest of the message is not valid JSON (and the header could not be read).
+        bad_tag = re.fullmatch(r"Invalid value '(.*)' - at `\$\.type`", str(exc))
+        if bad_tag and event_type is None:
+            event_type = bad_tag.group(1)
         if event_type is not None and str(exc).endswith("at `$.type`"):
             raise EventError(
                 "unknown_event",
