@@ -34,7 +34,7 @@ def create_app(settings: Settings) -> web.Application:
 async def _model_and_calls(app: web.Application) -> AsyncIterator[None]:
     """Load the model once for the process; on shutdown end every call, then unload it."""
     settings = app[SETTINGS]
-    backend = await load_backend(settings.model)
+    backend = await load_backend(settings.model, settings.device)
     app[BACKEND] = backend
     vad = VadService()
     await vad.start()

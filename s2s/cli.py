@@ -66,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         model=args.model,
+        device=args.device,
         max_sessions=args.max_sessions,
         peer_timeout_s=args.peer_timeout,
         jitter_prefetch=args.jitter_prefetch,

@@ -13,6 +13,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     model: str = "local"
+    #: Device for model compute ("cpu", "cuda", "cuda:1"); None picks CUDA when available.
+    device: str | None = None
     max_sessions: int = 32
     #: Seconds a call may go without inbound audio (no track, or RTP stopped) before it ends.
     peer_timeout_s: float = 15.0

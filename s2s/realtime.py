@@ -206,6 +206,9 @@ class Realtime:
                 self._speaker.write(audio)
             return
         r = self._active
+        if r is None and not self._backend.turn_based:
+            # A continuous (full-duplex) model starts speaking on its own: open a response.
+            r = self._open_response(ResponseParams(), result.response_id)
         if r is None or r.id != result.response_id:
             return  # output of a response that was cancelled while this step ran
         pos = self._speaker.played_samples + self._speaker.queued_samples
@@ -395,17 +398,31 @@ class Realtime:
             raise RequestError(
                 "conversation_already_has_active_response", "a response is in progress"
             )
-        modalities = params.output_modalities
-        if not isinstance(modalities, list):
-            modalities = list(self.config.output_modalities)
         voice, speed = _voice_speed(params)
         instructions = params.instructions
         if not isinstance(instructions, str):
             instructions = self.config.instructions
+        r = self._open_response(params, None)
+        request = ResponseRequest(
+            response_id=r.id, instructions=instructions, voice=voice or self.config.voice,
+            speed=speed or self.config.speed, modalities=list(r.modalities),
+            conversation=list(self._items.values()), trigger=trigger,  # type: ignore[arg-type]
+        )  # fmt: skip
+        try:
+            await self._stream.respond(request)
+        except Exception:
+            log.exception("model failed to start a response")
+            self._finish("failed", "model_error")
+
+    def _open_response(self, params: ResponseParams, response_id: str | None) -> _Response:
+        """Announce a new response (and its assistant item) and make it the active one."""
+        modalities = params.output_modalities
+        if not isinstance(modalities, list):
+            modalities = list(self.config.output_modalities)
         text_only = "audio" not in modalities
         part: OutputAudio | OutputText = OutputText(text="") if text_only else OutputAudio()
         item = MessageItem(id=new_id("item"), role="assistant", status="in_progress", content=[])
-        r = _Response(id=new_id("resp"), item=item, metadata=params.metadata,
+        r = _Response(id=response_id or new_id("resp"), item=item, metadata=params.metadata,
                       modalities=list(modalities))  # fmt: skip
         self._active = r
         self._send(ResponseCreated(response=self._response(r, "in_progress")))
@@ -416,16 +433,7 @@ class Realtime:
             response_id=r.id, item_id=item.id, output_index=0, content_index=0, part=part
         ))  # fmt: skip
         self.watching.set()
-        request = ResponseRequest(
-            response_id=r.id, instructions=instructions, voice=voice or self.config.voice,
-            speed=speed or self.config.speed, modalities=list(modalities),
-            conversation=list(self._items.values()), trigger=trigger,  # type: ignore[arg-type]
-        )  # fmt: skip
-        try:
-            await self._stream.respond(request)
-        except Exception:
-            log.exception("model failed to start a response")
-            self._finish("failed", "model_error")
+        return r
 
     async def cancel(self, reason: str) -> None:
         """Stop the response in progress at once: flush its audio, reset the model stream."""

@@ -29,18 +29,25 @@ class UnknownModelError(ValueError):
     pass
 
 
-async def load_backend(spec: str) -> Backend:
+async def load_backend(spec: str, device: str | None = None) -> Backend:
     """Load the backend named by ``spec`` (``local``, ``echo``, or ``NAME:PATH_OR_HUB_ID``)."""
-    name, _, _location = spec.partition(":")
+    name, _, location = spec.partition(":")
     match name:
         case "echo":
             from s2s.backends.echo import EchoBackend
 
             return EchoBackend()
+        case "moshi" if location:
+            from s2s.backends.moshi import MoshiBackend
+
+            moshi: Backend = await MoshiBackend.load(location, device)
+            return moshi
         case "local":
             from s2s.backends.local import LocalBackend
 
             backend: Backend = await LocalBackend.load()
             return backend
         case _:
-            raise UnknownModelError(f"unknown model {spec!r}; available: local, echo")
+            raise UnknownModelError(
+                f"unknown model {spec!r}; available: local, echo, moshi:PATH_OR_HUB_ID"
+            )

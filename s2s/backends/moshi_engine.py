@@ -1,0 +1,213 @@
+"""Moshi's per-frame generation for many calls at once: one batched forward per tick.
+
+Each call owns a *row*. All rows share one key/value cache whose time axis is global (one
+position per tick); a row only attends to the positions it wrote itself, through a per-row
+attention mask, and counts its own positions for the rotary embedding. So:
+
+- a call joins by appending a row whose past is all masked (zeros in the cache), without
+  touching any other row;
+- a call leaves by dropping its row from the cache tensors;
+- a row that has no frame ready at a tick is simply masked for that position;
+- a reset (``response.cancel``) masks the row's whole past and restarts its positions.
+
+When the shared time axis exceeds ``context`` positions, the oldest are cut for every row (a
+sliding window, as Moshi's own context is bounded).
+
+Per step and row: the caller's 8 Mimi codes (semantic codebook now, acoustic codebooks one step
+late: Moshi's acoustic delay), Moshi's own previous text token and audio codes go in; a text token
+comes out of the main decoder and the audio codebooks out of the depth decoder, one after the
+other. The acoustic delay means a frame of Moshi's audio is complete one step after its semantic
+code, so output lags input by one 80 ms frame.
+
+Everything here runs on the backend's single device thread; nothing here is async.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(eq=False)
+class Row:
+    """One call's generation state."""
+
+    key: object
+    generator: torch.Generator
+    steps: int = 0
+    text: int = 0
+    moshi: torch.Tensor | None = None  # (K,) Moshi's codes fed back at the next step
+    user_prev: torch.Tensor | None = None  # (K,) caller codes of the previous step
+    pending_semantic: int | None = None  # codebook 0 of the frame waiting for its acoustics
+    temperature: float = 0.8
+    text_temperature: float = 0.7
+    forced_text: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class RowOutput:
+    text_token: int
+    codes: torch.Tensor | None  # (K,) a complete frame of Moshi's codes, or None (first step)
+
+
+class MoshiEngine:
+    def __init__(self, model: Any, *, context: int = 3000) -> None:
+        self.model = model
+        self.config = model.config
+        self.k = int(self.config.num_codebooks)
+        self.bos = int(self.config.audio_vocab_size)  # the embeddings' extra id: "no code yet"
+        self.context = context
+        self.device = next(model.parameters()).device
+        self.rows: list[Row] = []
+        self._cache: Any = None
+        self._mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+
+    # -- rows --------------------------------------------------------------------------------
+
+    def join(self, key: object, seed: int | None = None) -> Row:
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed if seed is not None else torch.seed())
+        row = Row(key=key, generator=generator, text=self._text_start())
+        self._reset_row_codes(row)
+        self.rows.append(row)
+        if self._cache is not None:
+            self._cache_pad_rows(1)
+        self._mask = torch.cat([self._mask, self._mask.new_zeros((1, self._mask.shape[1]))])
+        return row
+
+    def leave(self, row: Row) -> None:
+        index = self.rows.index(row)
+        keep = [i for i in range(len(self.rows)) if i != index]
+        self.rows.pop(index)
+        self._mask = self._mask[keep]
+        if self._cache is not None:
+            if not self.rows:
+                self._cache = None
+                self._mask = self._mask[:, :0]
+            else:
+                self._cache_select(torch.tensor(keep, device=self.device))
+
+    def reset(self, row: Row) -> None:
+        """Forget the row's past: its positions are masked from now on and its state restarts."""
+        index = self.rows.index(row)
+        self._mask[index] = 0
+        row.steps = 0
+        row.text = self._text_start()
+        row.pending_semantic = None
+        self._reset_row_codes(row)
+
+    # -- the batched step --------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, user_codes: dict[Row, torch.Tensor]) -> dict[Row, RowOutput]:
+        """Advance every row in ``user_codes`` (its caller's (K,) codes for this frame) by one."""
+        active = torch.tensor([r in user_codes for r in self.rows], device=self.device)
+        b = len(self.rows)
+        text_in = torch.tensor([[r.text] for r in self.rows], device=self.device)
+        moshi_in = torch.stack([r.moshi for r in self.rows])  # type: ignore[misc]
+        user_in = torch.full((b, self.k), self.bos, dtype=torch.long, device=self.device)
+        for i, row in enumerate(self.rows):
+            if row in user_codes:
+                now = user_codes[row].to(self.device)
+                prev = (
+                    row.user_prev
+                    if row.user_prev is not None
+                    else now.new_full((self.k,), self.bos)
+                )
+                user_in[i, 0] = now[0]
+                user_in[i, 1:] = prev[1:]
+        embeds = self.model.decoder.model.embed_tokens(text_in)
+        for c in range(self.k):
+            embeds = embeds + self.model.embed_tokens[c](moshi_in[:, c : c + 1])
+            embeds = embeds + self.model.embed_tokens[self.k + c](user_in[:, c : c + 1])
+        self._mask = torch.cat([self._mask, active.long()[:, None]], dim=1)
+        positions = torch.tensor([[r.steps] for r in self.rows], device=self.device)
+        out = self.model.decoder(
+            inputs_embeds=embeds, attention_mask=self._mask, position_ids=positions,
+            cache=self._cache, use_cache=True,
+        )  # fmt: skip
+        self._cache = out.cache
+        hidden = out.last_hidden_state  # (B, 1, D)
+        noise = self._gumbel(user_codes)
+        text = self._pick(out.logits[:, -1], [r.text_temperature for r in self.rows], noise[:, 0])
+        for i, row in enumerate(self.rows):
+            if row in user_codes and row.forced_text:
+                text[i] = row.forced_text.pop(0)
+        tokens = text[:, None]
+        for c in range(self.k):
+            depth = self.model.depth_decoder(
+                input_ids=tokens, last_hidden_state=hidden.expand(-1, tokens.shape[1], -1)
+            )
+            logits = depth.logits[:, -1, : self.bos]
+            code = self._pick(logits, [r.temperature for r in self.rows], noise[:, c + 1])
+            tokens = torch.cat([tokens, code[:, None]], dim=1)
+        generated = tokens[:, 1:]  # (B, K): codebook 0 of this frame, 1.. of the previous one
+        results: dict[Row, RowOutput] = {}
+        for i, row in enumerate(self.rows):
+            if row not in user_codes:
+                continue
+            frame = None
+            if row.pending_semantic is not None:
+                frame = generated[i].clone()
+                frame[0] = row.pending_semantic
+            row.pending_semantic = int(generated[i, 0])
+            row.moshi = generated[i].clone()
+            row.user_prev = user_codes[row].to(self.device)
+            row.text = int(text[i])
+            row.steps += 1
+            results[row] = RowOutput(int(text[i]), frame)
+        self._trim()
+        return results
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _text_start(self) -> int:
+        start = getattr(self.config, "bos_token_id", None)
+        return int(start) if start is not None else 0
+
+    def _reset_row_codes(self, row: Row) -> None:
+        row.moshi = torch.full((self.k,), self.bos, dtype=torch.long, device=self.device)
+        row.user_prev = None
+
+    def _gumbel(self, user_codes: dict[Row, torch.Tensor]) -> torch.Tensor:
+        # Each row draws its own noise from its own generator, so what it samples does not
+        # depend on which other calls share the batch.
+        width = max(int(self.config.vocab_size), self.bos)
+        noise = []
+        for row in self.rows:
+            u = torch.rand((self.k + 1, width), generator=row.generator, device=self.device)
+            noise.append(-torch.log(-torch.log(u.clamp_min(1e-20))))
+        return torch.stack(noise)
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, temperatures: list[float], noise: torch.Tensor) -> torch.Tensor:
+        t = torch.tensor(temperatures, device=logits.device)[:, None]
+        sampled = (logits / t.clamp_min(1e-6) + noise[:, : logits.shape[1]]).argmax(dim=-1)
+        greedy = logits.argmax(dim=-1)
+        return torch.where(t[:, 0] > 0, sampled, greedy)
+
+    def _layers(self) -> list[Any]:
+        return list(self._cache.layers)
+
+    def _cache_pad_rows(self, n: int) -> None:
+        for layer in self._layers():
+            for name in ("keys", "values"):
+                tensor = getattr(layer, name)
+                pad = tensor.new_zeros((n, *tensor.shape[1:]))
+                setattr(layer, name, torch.cat([tensor, pad]))
+
+    def _cache_select(self, keep: torch.Tensor) -> None:
+        for layer in self._layers():
+            for name in ("keys", "values"):
+                setattr(layer, name, getattr(layer, name).index_select(0, keep))
+
+    def _trim(self) -> None:
+        excess = self._mask.shape[1] - self.context
+        if excess <= 0 or self._cache is None:
+            return
+        self._mask = self._mask[:, excess:]
+        for layer in self._layers():
+            for name in ("keys", "values"):
+                setattr(layer, name, getattr(layer, name)[:, :, excess:])
