@@ -1,8 +1,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -58,3 +62,15 @@ async def server(start_server: StartServer) -> Server:
 @pytest.fixture(autouse=True)
 def _quiet_aioice() -> None:
     logging.getLogger("aioice").setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Tiny random Moshi/Mimi checkpoints built by scripts/make_tiny_models.py, hub offline."""
+    out = tmp_path_factory.mktemp("models")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "make_tiny_models.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, str(script), str(out)], check=True, env=env, timeout=300)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        yield out

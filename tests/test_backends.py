@@ -2,34 +2,50 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from s2s.backends import UnknownModelError, load_backend
+from s2s.backends import ResponseFinished, ResponseRequest, UnknownModelError, load_backend
+from s2s.protocol import InputText, MessageItem
 from tests.signals import tone
 
-BACKENDS = ["echo"]
+BACKENDS = ["echo", "local", "moshi"]
 
 
-@pytest.mark.parametrize("spec", BACKENDS)
-async def test_stream_contract(spec: str) -> None:
+@pytest.mark.parametrize("name", BACKENDS)
+async def test_stream_contract(name: str, tiny_models: Path) -> None:
+    spec = f"moshi:{tiny_models / 'tiny-moshi'}" if name == "moshi" else name
     backend = await load_backend(spec)
     assert backend.input_rate in (16_000, 24_000, 48_000)
     assert backend.frame_samples > 0
     streams = [await backend.open_stream(f"call{i}") for i in range(2)]
     try:
-        source = tone(440, 0.5, rate=backend.input_rate)
-        produced = []
+        if backend.turn_based:
+            # A turn-based model speaks when asked; ask it to say something.
+            say = MessageItem(role="user", content=[InputText("please say hello there")])
+            await streams[0].respond(
+                ResponseRequest("resp_1", "", "alloy", 1.0, ["audio"], [say], "client")
+            )
+        source = tone(440, 1.0, rate=backend.input_rate)
+        produced, events = [], []
         for start in range(0, source.size - backend.frame_samples + 1, backend.frame_samples):
             frame = source[start : start + backend.frame_samples]
             result = await streams[0].step(frame)
             assert result.audio.dtype == np.int16 and result.audio.ndim == 1
             assert isinstance(result.text, str)
             produced.append(result.audio)
+            events += result.events
             # Another call's stream is independent of this one.
             other = await streams[1].step(np.zeros(backend.frame_samples, np.int16))
             assert other.audio.dtype == np.int16
+            # Frames come at the caller's pace; background work (synthesis) runs in between.
+            await asyncio.sleep(backend.frame_samples / backend.input_rate)
         assert sum(a.size for a in produced) > 0
+        if backend.turn_based:
+            assert ResponseFinished("resp_1") in events
         await streams[0].reset()
         after = await streams[0].step(np.zeros(backend.frame_samples, np.int16))
         assert after.audio.dtype == np.int16

@@ -66,6 +66,7 @@ class MoshiEngine:
 
     # -- rows --------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def join(self, key: object, seed: int | None = None) -> Row:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else torch.seed())
@@ -77,6 +78,7 @@ class MoshiEngine:
         self._mask = torch.cat([self._mask, self._mask.new_zeros((1, self._mask.shape[1]))])
         return row
 
+    @torch.inference_mode()
     def leave(self, row: Row) -> None:
         index = self.rows.index(row)
         keep = [i for i in range(len(self.rows)) if i != index]
@@ -89,6 +91,7 @@ class MoshiEngine:
             else:
                 self._cache_select(torch.tensor(keep, device=self.device))
 
+    @torch.inference_mode()
     def reset(self, row: Row) -> None:
         """Forget the row's past: its positions are masked from now on and its state restarts."""
         index = self.rows.index(row)

@@ -1,0 +1,243 @@
+"""``moshi:PATH_OR_HUB_ID``: kyutai's full-duplex Moshi through transformers, many calls per step.
+
+Moshi listens and speaks at once in 80 ms frames (1920 samples at 24 kHz). Every call sends one
+frame per 80 ms; the backend's scheduler gathers the frames that are waiting and runs one
+batched step for all of them on the device's single thread (``MoshiEngine``), so one GPU serves
+many calls in one forward. A call's frame never waits for more than the step already running;
+joins, leaves and resets are applied between steps and never block another call.
+
+Mimi (the codec) runs per call with its own streaming state (``mimi_stream``); the language
+model, the expensive part, is batched.
+
+Full duplex has no turns, so the Realtime events map like this:
+- Moshi's inner-monologue text becomes ``response.output_audio_transcript.delta`` events of a
+  response the backend opens when text starts and closes after a second without text.
+- ``response.cancel`` / barge-in reset the call's state: its past is forgotten (masked), queued
+  audio is dropped, and Moshi starts listening afresh.
+- Steering (``s2s.response.steer`` / ``session.update`` instructions) forces the instructions'
+  text tokens into Moshi's text stream, one per frame, which steers what it says next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from s2s.backends.base import ResponseFinished, ResponseRequest, Steering, StepResult
+from s2s.backends.moshi_engine import MoshiEngine, Row
+from s2s.protocol import new_id
+
+log = logging.getLogger(__name__)
+
+_QUIET_FRAMES_END_TEXT = 12  # ~1 s without text closes the transcript's response
+
+
+def pick_device_and_dtype(device: str | None) -> tuple[str, Any]:
+    import torch
+
+    chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if chosen.startswith("cuda") else torch.float32
+    return chosen, dtype
+
+
+@dataclass(eq=False)
+class _Job:
+    pcm: np.ndarray
+    done: asyncio.Future[StepResult]
+
+
+class MoshiBackend:
+    name = "moshi"
+    turn_based = False
+
+    def __init__(self, model: Any, tokenizer: Any | None, device: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.input_rate = self.output_rate = int(model.config.sampling_rate)
+        self.frame_samples = int(self.input_rate / model.config.audio_encoder_config.frame_rate)
+        self.engine = MoshiEngine(model)
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"moshi-{device}"
+        )
+        self._pending: dict[MoshiStream, _Job] = {}
+        self._changes: list[tuple[str, MoshiStream]] = []
+        self._wake = asyncio.Event()
+        self._scheduler = asyncio.create_task(self._schedule(), name="moshi/scheduler")
+
+    @classmethod
+    async def load(cls, location: str, device: str | None = None) -> MoshiBackend:
+        loop = asyncio.get_running_loop()
+        model, tokenizer, chosen = await loop.run_in_executor(None, _load, location, device)
+        return cls(model, tokenizer, chosen)
+
+    async def open_stream(self, call_id: str) -> MoshiStream:
+        stream = MoshiStream(self, call_id)
+        self._change("join", stream)
+        return stream
+
+    async def close(self) -> None:
+        self._scheduler.cancel()
+        await asyncio.gather(self._scheduler, return_exceptions=True)
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    # -- scheduling --------------------------------------------------------------------------
+
+    def submit(self, stream: MoshiStream, pcm: np.ndarray) -> asyncio.Future[StepResult]:
+        done: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        self._pending[stream] = _Job(pcm, done)
+        self._wake.set()
+        return done
+
+    def _change(self, kind: str, stream: MoshiStream) -> None:
+        self._changes.append((kind, stream))
+        self._wake.set()
+
+    async def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, {}
+            changes, self._changes = self._changes, []
+            try:
+                results = await loop.run_in_executor(self.executor, self._run, batch, changes)
+            except Exception as exc:
+                log.exception("moshi step failed")
+                for job in batch.values():
+                    if not job.done.done():
+                        job.done.set_exception(exc)
+                continue
+            for stream, job in batch.items():
+                if not job.done.done():
+                    job.done.set_result(results.get(stream, StepResult()))
+
+    def _run(self, batch: dict[MoshiStream, _Job],
+             changes: list[tuple[str, MoshiStream]]) -> dict[MoshiStream, StepResult]:  # fmt: skip
+        """One scheduler tick on the device thread: apply joins/leaves/resets, then step."""
+        import torch
+
+        for kind, stream in changes:
+            stream.apply(kind)
+        rows = {s.row: (s, j) for s, j in batch.items() if s.row is not None and not s.closed}
+        if not rows:
+            return {}
+        with torch.inference_mode():
+            outputs = self.engine.step({row: s.encode(j.pcm) for row, (s, j) in rows.items()})
+            return {s: s.finish(outputs[row]) for row, (s, _) in rows.items()}
+
+
+@dataclass(eq=False)
+class MoshiStream:
+    backend: MoshiBackend
+    call_id: str
+    row: Row | None = None
+    closed: bool = False
+    encoder: Any = None
+    decoder: Any = None
+    response_id: str | None = None
+    quiet: int = 0
+    forced: list[int] = field(default_factory=list)
+
+    async def step(self, pcm: np.ndarray) -> StepResult:
+        return await self.backend.submit(self, pcm)
+
+    async def speech_started(self, item_id: str) -> None:
+        return None
+
+    async def commit(self, item_id: str) -> None:
+        return None
+
+    async def clear_input(self) -> None:
+        return None
+
+    async def respond(self, request: ResponseRequest) -> None:
+        raise NotImplementedError("Moshi is full duplex: it speaks when it chooses to")
+
+    async def steer(self, steering: Steering) -> None:
+        tokenizer = self.backend.tokenizer
+        if steering.instructions and tokenizer is not None:
+            self.forced = list(tokenizer.encode(steering.instructions, add_special_tokens=False))
+            self.backend._change("steer", self)
+
+    async def reset(self) -> None:
+        self.response_id = None
+        self.backend._change("reset", self)
+
+    async def close(self) -> None:
+        self.closed = True
+        self.backend._change("leave", self)
+
+    # -- on the device thread ----------------------------------------------------------------
+
+    def apply(self, kind: str) -> None:
+        from s2s.backends.mimi_stream import MimiStreamDecoder, MimiStreamEncoder
+
+        engine = self.backend.engine
+        codec = self.backend.model.audio_encoder
+        if kind == "join" and not self.closed:
+            self.row = engine.join(self.call_id)
+            self.encoder = MimiStreamEncoder(codec, batch_size=1)
+            self.decoder = MimiStreamDecoder(codec, batch_size=1)
+        elif kind == "leave" and self.row is not None:
+            engine.leave(self.row)
+            self.row = None
+        elif kind == "reset" and self.row is not None:
+            engine.reset(self.row)
+            self.encoder.reset()
+            self.decoder.reset()
+        elif kind == "steer" and self.row is not None:
+            self.row.forced_text = list(self.forced)
+
+    def encode(self, pcm: np.ndarray) -> Any:
+        import torch
+
+        model = self.backend.model
+        frame = torch.from_numpy(pcm.astype(np.float32) / 32768).to(model.device, model.dtype)
+        codes = self.encoder.step(frame.reshape(1, 1, -1))  # (1, Q, 1)
+        return codes[0, : self.backend.engine.k, 0]
+
+    def finish(self, output: Any) -> StepResult:
+        audio = np.zeros(self.backend.frame_samples, np.int16)
+        if output.codes is not None:
+            wave = self.decoder.step(output.codes.reshape(1, -1, 1))  # (1, 1, samples)
+            audio = (wave.float().clamp(-1, 1) * 32767).reshape(-1).cpu().numpy().astype(np.int16)
+        text = self._text(output.text_token)
+        events: list[Any] = []
+        if text:
+            self.quiet = 0
+            if self.response_id is None:
+                self.response_id = new_id("resp")
+        elif self.response_id is not None:
+            self.quiet += 1
+            if self.quiet >= _QUIET_FRAMES_END_TEXT:
+                events.append(ResponseFinished(self.response_id))
+                rid, self.response_id = self.response_id, None
+                return StepResult(audio=audio, response_id=rid, events=events)
+        return StepResult(audio=audio, text=text, response_id=self.response_id, events=events)
+
+    def _text(self, token: int) -> str:
+        tokenizer = self.backend.tokenizer
+        if tokenizer is None or token in getattr(tokenizer, "all_special_ids", ()):
+            return ""
+        text: str = tokenizer.decode([token])
+        return text.replace("▁", " ")
+
+
+def _load(location: str, device: str | None) -> tuple[Any, Any | None, str]:
+    from transformers import AutoTokenizer, MoshiForConditionalGeneration
+
+    chosen, dtype = pick_device_and_dtype(device)
+    model: Any = MoshiForConditionalGeneration.from_pretrained(location, dtype=dtype)
+    model = model.to(chosen).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError):
+        log.info("no tokenizer at %s: Moshi's text stream will not be transcribed", location)
+        tokenizer = None
+    return model, tokenizer, chosen

@@ -1,0 +1,154 @@
+"""Streaming Mimi equals offline Mimi: codes exactly, audio within float rounding.
+
+The checkpoint is the tiny random one from ``scripts/make_tiny_models.py``, written into a
+temporary folder once per module (a few seconds), so these tests never touch ``models/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import MimiModel, MoshiForConditionalGeneration
+
+from s2s.backends.mimi_stream import MimiStreamDecoder, MimiStreamEncoder
+
+ROOT = Path(__file__).resolve().parent.parent
+FRAME = 1920  # 80 ms at 24 kHz
+FRAMES = 25  # 2 s
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def models_dir(tiny_models: Path) -> Path:
+    return tiny_models
+
+
+@pytest.fixture(scope="module")
+def mimi(models_dir: Path) -> MimiModel:
+    # from_pretrained hands back the model in eval mode.
+    model: MimiModel = MimiModel.from_pretrained(models_dir / "tiny-mimi", local_files_only=True)
+    return model
+
+
+def _speechlike(seed: int, frames: int = FRAMES) -> torch.Tensor:
+    """A gliding tone with noise, ``(1, 1, frames * FRAME)`` in [-1, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    t = torch.arange(frames * FRAME) / 24_000
+    pitch = 150 + 50 * seed + 100 * t
+    noise = 0.1 * torch.randn(t.shape, generator=generator)
+    return (0.5 * torch.sin(2 * torch.pi * pitch * t) + noise).clamp(-1, 1)[None, None]
+
+
+def _encode_streaming(encoder: MimiStreamEncoder, audio: torch.Tensor) -> torch.Tensor:
+    frames = audio.shape[-1] // FRAME
+    steps = [encoder.step(audio[..., i * FRAME : (i + 1) * FRAME]) for i in range(frames)]
+    return torch.cat(steps, dim=-1)
+
+
+def _decode_streaming(decoder: MimiStreamDecoder, codes: torch.Tensor) -> torch.Tensor:
+    return torch.cat([decoder.step(codes[..., i : i + 1]) for i in range(codes.shape[-1])], -1)
+
+
+def _offline_codes(mimi: MimiModel, audio: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        codes: torch.Tensor = mimi.encode(audio).audio_codes
+    return codes
+
+
+def _offline_audio(mimi: MimiModel, codes: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        audio: torch.Tensor = mimi.decode(codes).audio_values
+    return audio
+
+
+def _max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape
+    return float((a - b).abs().max())
+
+
+def test_tiny_checkpoints_load_back_with_an_80_ms_frame(models_dir: Path, mimi: MimiModel) -> None:
+    moshi = MoshiForConditionalGeneration.from_pretrained(
+        models_dir / "tiny-moshi", local_files_only=True
+    )
+    assert mimi.config.sampling_rate == 24_000 and mimi.config.frame_size == FRAME
+    assert moshi.config.num_codebooks == mimi.config.num_quantizers == 8
+    # tiny-mimi is tiny-moshi's own codec, so codes from one decode in the other.
+    theirs = moshi.audio_encoder.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in mimi.state_dict().items())
+    assert sum(p.numel() for p in moshi.parameters()) < 2_000_000
+
+
+def test_streaming_encode_equals_offline_codes(mimi: MimiModel) -> None:
+    audio = _speechlike(0)
+    offline = _offline_codes(mimi, audio)
+    streamed = _encode_streaming(MimiStreamEncoder(mimi), audio)
+    assert streamed.shape == (1, 8, FRAMES)
+    assert torch.equal(streamed, offline)
+    # Random codebooks and a varied signal: many distinct codes, so equality means something.
+    assert len(set(offline.flatten().tolist())) > 20
+
+
+def test_streaming_decode_equals_offline_and_per_frame_decode_does_not(mimi: MimiModel) -> None:
+    codes = _offline_codes(mimi, _speechlike(0))
+    offline = _offline_audio(mimi, codes)
+    streamed = _decode_streaming(MimiStreamDecoder(mimi), codes)
+    assert _max_error(streamed, offline) < TOLERANCE
+    assert float(offline.abs().max()) > 0.1
+    # transformers' decode keeps no state between calls: frame by frame it clicks.
+    naive = torch.cat([_offline_audio(mimi, codes[..., i : i + 1]) for i in range(FRAMES)], -1)
+    assert _max_error(naive, offline) > 1e-3
+
+
+def test_a_batch_of_three_calls_stream_like_three_single_calls(mimi: MimiModel) -> None:
+    audio = torch.cat([_speechlike(seed) for seed in range(3)])
+    codes = _encode_streaming(MimiStreamEncoder(mimi, batch_size=3), audio)
+    audio_out = _decode_streaming(MimiStreamDecoder(mimi, batch_size=3), codes)
+    for row in range(3):
+        alone = _encode_streaming(MimiStreamEncoder(mimi), audio[row : row + 1])
+        assert torch.equal(codes[row : row + 1], alone)
+        decoded_alone = _decode_streaming(MimiStreamDecoder(mimi), alone)
+        assert _max_error(audio_out[row : row + 1], decoded_alone) < TOLERANCE
+
+
+def test_resetting_one_row_starts_that_call_afresh_and_leaves_the_others(mimi: MimiModel) -> None:
+    first, second, other = _speechlike(0, 8), _speechlike(1, 8), _speechlike(2, 16)
+    encoder, decoder = MimiStreamEncoder(mimi, batch_size=2), MimiStreamDecoder(mimi, batch_size=2)
+    codes = [_encode_streaming(encoder, torch.cat([first, other[..., : 8 * FRAME]]))]
+    audio = [_decode_streaming(decoder, codes[0])]
+    encoder.reset(0)
+    decoder.reset(0)
+    codes.append(_encode_streaming(encoder, torch.cat([second, other[..., 8 * FRAME :]])))
+    audio.append(_decode_streaming(decoder, codes[1]))
+
+    # Row 0 after the reset is a new call: as if its stream had just been made.
+    assert torch.equal(codes[1][:1], _offline_codes(mimi, second))
+    assert _max_error(audio[1][:1], _offline_audio(mimi, codes[1][:1])) < TOLERANCE
+    # Row 1 never noticed.
+    other_codes = torch.cat([c[1:] for c in codes], -1)
+    assert torch.equal(other_codes, _offline_codes(mimi, other))
+    other_audio = torch.cat([a[1:] for a in audio], -1)
+    assert _max_error(other_audio, _offline_audio(mimi, other_codes)) < TOLERANCE
+
+
+def test_the_transformer_cache_follows_the_sliding_window(models_dir: Path) -> None:
+    # The real window is 10 s; shrink it so 2 s of audio slides past it many times.
+    narrow: MimiModel = MimiModel.from_pretrained(
+        models_dir / "tiny-mimi", local_files_only=True, sliding_window=6
+    )
+    assert narrow.config.sliding_window == 6
+    audio = _speechlike(1)
+    codes = _encode_streaming(MimiStreamEncoder(narrow), audio)
+    assert torch.equal(codes, _offline_codes(narrow, audio))
+    streamed = _decode_streaming(MimiStreamDecoder(narrow), codes)
+    assert _max_error(streamed, _offline_audio(narrow, codes)) < TOLERANCE
+
+
+def test_steps_of_the_wrong_shape_are_refused(mimi: MimiModel) -> None:
+    with pytest.raises(ValueError, match="multiple of 1920"):
+        MimiStreamEncoder(mimi).step(torch.zeros(1, 1, 1000))
+    with pytest.raises(ValueError, match="batch=2"):
+        MimiStreamDecoder(mimi, batch_size=2).step(torch.zeros(1, 8, 1, dtype=torch.long))
+    with pytest.raises(IndexError, match="outside a batch of 2"):
+        MimiStreamDecoder(mimi, batch_size=2).reset(2)
