@@ -33,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
         help="model backend: echo, or NAME:PATH_OR_HUB_ID (default %(default)s)",
     )
     serve.add_argument(
+        "--device",
+        default=None,
+        help="device for model compute: cpu, cuda, cuda:N (default: CUDA when there is one)",
+    )
+    serve.add_argument(
         "--max-sessions",
         type=int,
         default=d.max_sessions,

@@ -28,9 +28,11 @@ async def test_serve_starts_with_defaults_and_stops_on_sigterm() -> None:
         stderr=asyncio.subprocess.PIPE,
     )
     try:
+        said: list[bytes] = []
         async with asyncio.timeout(30):
-            while b"listening on" not in await proc.stderr.readline():
-                assert proc.returncode is None
+            while b"listening on" not in (line := await proc.stderr.readline()):
+                said.append(line)
+                assert line, b"".join(said).decode(errors="replace")
         async with (
             aiohttp.ClientSession() as http,
             http.get(f"http://127.0.0.1:{port}/healthz") as r,
