@@ -20,7 +20,16 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import MimiConfig, MimiModel, MoshiConfig, MoshiForConditionalGeneration
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from transformers import (
+    MimiConfig,
+    MimiModel,
+    MoshiConfig,
+    MoshiForConditionalGeneration,
+    PreTrainedTokenizerFast,
+)
 from transformers.models.mimi.modeling_mimi import MimiEuclideanCodebook
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,6 +113,30 @@ def _count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def text_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with ``TEXT_VOCAB`` entries, so Moshi's text stream decodes.
+
+    Real Moshi checkpoints ship a SentencePiece tokenizer; this one only has to turn the tiny
+    model's random text tokens into words, like the real one turns real tokens into text.
+    Special tokens come first so their ids are fixed: 0 is Moshi's text padding.
+    """
+    words = [
+        "hello", "there", "how", "are", "you", "today", "the", "weather", "is", "nice", "I",
+        "can", "hear", "say", "what", "am", "looking", "at", "yes", "no", "maybe", "good",
+        "morning", "evening", "thanks", "sure", "okay", "right", "well", "so", "and", "but",
+        "or", "we", "they", "it", "this", "that", "here", "now", "later", "again", "please",
+        "stop", "go", "wait", "listen", "talk", "speak", "sound", "voice", "music", "light",
+        "dark", "red", "blue", "green", "one", "two", "three", "four",
+    ]  # fmt: skip
+    special = ["<pad>", "<unk>", "<s>"]
+    vocab = {token: i for i, token in enumerate(special + words[: TEXT_VOCAB - len(special)])}
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", bos_token="<s>"
+    )
+
+
 def build(out_dir: Path) -> None:
     """Write ``out_dir/tiny-moshi`` and ``out_dir/tiny-mimi``, replacing any earlier copies."""
     torch.manual_seed(SEED)
@@ -125,6 +158,7 @@ def build(out_dir: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
         model.save_pretrained(path)
         print(f"wrote {path} ({type(model).__name__}, {_count(model):,} parameters)")
+    text_tokenizer().save_pretrained(out_dir / "tiny-moshi")
 
     # Fail here, not in a test far away, if a checkpoint does not load back on its own.
     loaded_moshi = MoshiForConditionalGeneration.from_pretrained(

@@ -89,3 +89,25 @@ async def test_calls_through_the_server_get_moshi_audio_on_time(
     finally:
         for peer in peers:
             await peer.close()
+
+
+async def test_moshi_text_becomes_transcript_events_and_cancel_resets(
+    start_server: StartServer, tiny_models: Path
+) -> None:
+    server = await start_server(model=f"moshi:{tiny_models / 'tiny-moshi'}")
+    peer = Peer(server.url, MicTrack(tone(440, 6)))
+    try:
+        await peer.connect()
+        created = await peer.next_event("response.created", timeout=10)
+        delta = await peer.next_event("response.output_audio_transcript.delta", timeout=10)
+        assert delta["response_id"] == created["response"]["id"] and delta["delta"].strip()
+        mark = len(peer.events)
+        peer.send({"type": "response.cancel"})
+        done = await peer.next_event("response.done", after=mark, timeout=10)
+        assert done["response"]["status"] == "cancelled"
+        assert done["response"]["status_details"]["reason"] == "client_cancelled"
+        # Moshi starts afresh and goes on speaking (a new response) after the reset.
+        again = await peer.next_event("response.created", after=mark, timeout=10)
+        assert again["response"]["id"] != created["response"]["id"]
+    finally:
+        await peer.close()

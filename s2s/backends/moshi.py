@@ -1,10 +1,10 @@
 """``moshi:PATH_OR_HUB_ID``: kyutai's full-duplex Moshi through transformers, many calls per step.
 
 Moshi listens and speaks at once in 80 ms frames (1920 samples at 24 kHz). Every call sends one
-frame per 80 ms; the backend's scheduler gathers the frames that are waiting and runs one
-batched step for all of them on the device's single thread (``MoshiEngine``), so one GPU serves
-many calls in one forward. A call's frame never waits for more than the step already running;
-joins, leaves and resets are applied between steps and never block another call.
+frame per 80 ms; the backend's scheduler ticks once per frame period and runs one batched step
+for every call whose frame is waiting, on the device's single thread (``MoshiEngine``), so one
+GPU serves many calls in one forward. A frame waits at most one period for its tick; joins,
+leaves and resets are applied between steps, so no call waits for another's join.
 
 Mimi (the codec) runs per call with its own streaming state (``mimi_stream``); the language
 model, the expensive part, is batched.
@@ -58,6 +58,9 @@ class MoshiBackend:
     def __init__(self, model: Any, tokenizer: Any | None, device: str) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.sentencepiece = tokenizer is not None and any(
+            piece.startswith("▁") for piece in tokenizer.get_vocab()
+        )
         self.device = device
         self.input_rate = self.output_rate = int(model.config.sampling_rate)
         self.frame_samples = int(self.input_rate / model.config.audio_encoder_config.frame_rate)
@@ -99,9 +102,22 @@ class MoshiBackend:
         self._wake.set()
 
     async def _schedule(self) -> None:
+        """Tick once per frame period and step every call whose frame is waiting, together.
+
+        Ticks are scheduled from the scheduler's start time, so they do not drift; a tick that
+        overran its period is followed at once by the next. A call's frame waits at most one
+        period for its tick, the price of one batched forward for all calls.
+        """
         loop = asyncio.get_running_loop()
+        period = self.frame_samples / self.input_rate
+        start = loop.time()
+        ticks = 0
         while True:
             await self._wake.wait()
+            ticks = max(ticks + 1, int((loop.time() - start) / period) + 1)
+            delay = start + ticks * period - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
             self._wake.clear()
             batch, self._pending = self._pending, {}
             changes, self._changes = self._changes, []
@@ -116,6 +132,8 @@ class MoshiBackend:
             for stream, job in batch.items():
                 if not job.done.done():
                     job.done.set_result(results.get(stream, StepResult()))
+            if self._pending or self._changes:
+                self._wake.set()
 
     def _run(self, batch: dict[MoshiStream, _Job],
              changes: list[tuple[str, MoshiStream]]) -> dict[MoshiStream, StepResult]:  # fmt: skip
@@ -223,10 +241,11 @@ class MoshiStream:
 
     def _text(self, token: int) -> str:
         tokenizer = self.backend.tokenizer
-        if tokenizer is None or token in getattr(tokenizer, "all_special_ids", ()):
+        if tokenizer is None or token in tokenizer.all_special_ids:
             return ""
-        text: str = tokenizer.decode([token])
-        return text.replace("▁", " ")
+        piece: str = tokenizer.convert_ids_to_tokens(token)
+        # SentencePiece marks a word's start with "▁"; a word-level vocabulary has whole words.
+        return piece.replace("▁", " ") if self.backend.sentencepiece else " " + piece
 
 
 def _load(location: str, device: str | None) -> tuple[Any, Any | None, str]:
