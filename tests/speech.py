@@ -46,6 +46,30 @@ def _recognize(recognizer: object, pcm48: np.ndarray, dither: object) -> str:
     return recognizer.finish()  # type: ignore[attr-defined,no-any-return]
 
 
+def transcribe_with_grammar(pcm48: np.ndarray, text: str) -> str:
+    """What pocketsphinx hears when it can only hear ``text``'s words, in order, each optional.
+
+    A grammar of the phrase the policy said: recognition becomes near exact when the audio is
+    intelligible, while garbled or missing audio loses words (every word may be skipped).
+    """
+    from pocketsphinx import Decoder
+
+    from s2s.speech.asr import dither
+
+    decoder = Decoder(samprate=16_000, loglevel="FATAL")
+    words = [w for w in _words(text) if decoder.lookup_word(w)]
+    grammar = "#JSGF V1.0;\ngrammar reply;\npublic <reply> = "
+    grammar += " ".join(f"[{w}]" for w in words) + ";\n"
+    decoder.add_jsgf_string("reply", grammar)
+    decoder.activate_search("reply")
+    pcm = dither(Resampler(16_000).from_pcm(pcm48, RATE), np.random.default_rng(0))
+    decoder.start_utt()
+    decoder.process_raw(pcm.tobytes(), False, True)
+    decoder.end_utt()
+    hypothesis = decoder.hyp()
+    return hypothesis.hypstr if hypothesis is not None else ""
+
+
 def word_error_rate(reference: str, hypothesis: str) -> float:
     """Word-level Levenshtein distance over the reference's length (punctuation ignored)."""
     ref = _words(reference)
