@@ -14,33 +14,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchlib import percentile, serve  # noqa: E402
 
 LONG = (
     "please say this is a long answer that goes on for quite a while. it has many sentences. "
     "each one is spoken slowly and clearly. the caller will talk over it at some point. "
     "then it should stop at once. nobody should hear the rest of it."
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 async def _trials(
@@ -105,39 +92,22 @@ def main() -> None:
         help="the caller's jitter buffer prefetch (aiortc's default is 4)",
     )
     args = parser.parse_args()
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "s2s", "serve", "--model", args.model, "--port", str(port),
-         "--log-level", "WARNING"], cwd=ROOT,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("server did not start") from None
-                time.sleep(0.2)
+    with serve("--model", args.model) as (url, _):
         import uvloop
 
-        voice, cancel, detected = uvloop.run(_trials(f"http://127.0.0.1:{port}", args.trials,
+        voice, cancel, detected = uvloop.run(_trials(url, args.trials,
                                            args.client_prefetch, args.phrase))  # fmt: skip
         print(
             f"caller speech onset -> speech_started at the caller: "
             f"p50 {1000 * statistics.median(detected):.0f} ms, "
-            f"p95 {1000 * _pct(detected, 0.95):.0f} ms"
+            f"p95 {1000 * percentile(detected, 0.95):.0f} ms"
         )
         for name, values in (("caller speech onset", voice), ("response.cancel sent", cancel)):
             print(
                 f"{name} -> last loud reply frame at the caller, {len(values)} trials: "
                 f"p50 {1000 * statistics.median(values):.0f} ms, "
-                f"p95 {1000 * _pct(values, 0.95):.0f} ms, max {1000 * max(values):.0f} ms"
+                f"p95 {1000 * percentile(values, 0.95):.0f} ms, max {1000 * max(values):.0f} ms"
             )
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import multiprocessing as mp
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,18 +26,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchlib import percentile, serve  # noqa: E402
+
 SENTENCES = [
     "hello there how are you today",
     "the weather is nice today",
     "I would like a cup of coffee",
     "what am I looking at",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -55,13 +47,6 @@ def _cpu_seconds(pid: int) -> float:
         if stat.parent.name == str(pid) or fields[1] == str(pid):
             total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 async def _talk(url: str, index: int, seconds: float) -> dict[str, Any]:
@@ -113,42 +98,24 @@ def main() -> None:
     parser.add_argument("--levels", default="1,2,4,8")
     parser.add_argument("--measure", type=float, default=30.0, help="seconds of talking")
     args = parser.parse_args()
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "s2s", "serve", "--port", str(port), "--log-level", "WARNING"],
-        cwd=ROOT,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("server did not start") from None
-                time.sleep(0.2)
-        url = f"http://127.0.0.1:{port}"
+    with serve() as (url, pid):
         print(f"{'calls':>6} {'turns':>6} {'replies':>8} {'turn_p50_ms':>12} {'turn_p95_ms':>12} "
               f"{'server_cores':>13} {'cores_per_call':>15}")  # fmt: skip
         for n in (int(x) for x in args.levels.split(",")):
             ctx = mp.get_context("spawn")
             parent, child = ctx.Pipe(duplex=False)
             worker = ctx.Process(target=_callers, args=(url, n, args.measure, child))
-            cpu0, t0 = _cpu_seconds(server.pid), time.monotonic()
+            cpu0, t0 = _cpu_seconds(pid), time.monotonic()
             worker.start()
             results = parent.recv()
             worker.join()
-            cores = (_cpu_seconds(server.pid) - cpu0) / (time.monotonic() - t0)
+            cores = (_cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
             latencies = [x for r in results for x in r["latencies"]]
             turns = sum(r["turns"] for r in results)
             replies = sum(r["replies"] for r in results)
             print(f"{n:>6} {turns:>6} {replies:>8} {1000 * statistics.median(latencies):>12.0f} "
-                  f"{1000 * _pct(latencies, 0.95):>12.0f} {cores:>13.2f} {cores / n:>15.3f}",
+                  f"{1000 * percentile(latencies, 0.95):>12.0f} {cores:>13.2f} {cores / n:>15.3f}",
                   flush=True)  # fmt: skip
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import fractions
 import math
 import multiprocessing as mp
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +31,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchlib import percentile, serve  # noqa: E402
 
 RATE = 48_000
 FRAME = 960
@@ -185,46 +185,11 @@ def _echo_latencies(burst_times: list[float], frames: list[tuple[float, Any]]) -
 # -- server side ----------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _cpu_seconds(pid: int | None) -> float:
     if pid is None:
         return math.nan
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _start_server(port: int, prefetch: int) -> subprocess.Popen[bytes]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "s2s",
-        "serve",
-        "--model",
-        "echo",
-        "--port",
-        str(port),
-        "--max-sessions",
-        "500",
-        "--jitter-prefetch",
-        str(prefetch),
-        "--log-level",
-        "WARNING",
-    ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, preexec_fn=lambda: os.sched_setaffinity(0, {0}))
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return proc
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("server did not start")
 
 
 def _run_level(url: str, pid: int | None, n: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -256,13 +221,6 @@ def _run_level(url: str, pid: int | None, n: int, args: argparse.Namespace) -> d
     return {**_summarise(n, results, cpu), "callers_cpu_pct": 100 * callers_cpu}
 
 
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
 def _drift(latencies: list[float]) -> float:
     k = max(1, len(latencies) // 10)
     if len(latencies) < 2 * k:
@@ -278,7 +236,7 @@ def _summarise(n: int, results: list[dict[str, Any]], cpu: float) -> dict[str, A
         for r in ok
         if r["frames"] >= ON_TIME_FRAMES * r["expected"]
         and r["latencies"]
-        and _pct(r["latencies"], 0.95) < ON_TIME_P95_S
+        and percentile(r["latencies"], 0.95) < ON_TIME_P95_S
     )
     return {
         "calls": n,
@@ -286,8 +244,8 @@ def _summarise(n: int, results: list[dict[str, Any]], cpu: float) -> dict[str, A
         "on_time": on_time,
         "setup_p50_ms": 1000 * statistics.median([r["setup_s"] for r in ok]) if ok else math.nan,
         "open_p50_ms": 1000 * statistics.median([r["open_s"] for r in ok]) if ok else math.nan,
-        "rtt_p50_ms": 1000 * _pct(latencies, 0.5),
-        "rtt_p95_ms": 1000 * _pct(latencies, 0.95),
+        "rtt_p50_ms": 1000 * percentile(latencies, 0.5),
+        "rtt_p95_ms": 1000 * percentile(latencies, 0.95),
         "server_cpu_pct": 100 * cpu,
         "frames_pct": 100 * min((r["frames"] / r["expected"] for r in ok), default=0),
         # Echo latency at the end of the window minus at its start: a clock that drifts (or a
@@ -330,67 +288,66 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    server = None
-    if args.url:
-        url, pid = args.url.rstrip("/"), args.server_pid
-    else:
-        port = _free_port()
-        server = _start_server(port, args.server_prefetch)
-        url, pid = f"http://127.0.0.1:{port}", server.pid
-    try:
+    with contextlib.ExitStack() as stack:
+        if args.url:
+            url, pid = args.url.rstrip("/"), args.server_pid
+        else:
+            url, pid = stack.enter_context(serve(
+                "--model", "echo", "--max-sessions", "500",
+                "--jitter-prefetch", str(args.server_prefetch), cpus={0},
+            ))  # fmt: skip
+        _run(url, pid, args)
+
+
+def _run(url: str, pid: int | None, args: argparse.Namespace) -> None:
+    print(
+        f"server pid {pid} pinned to CPU 0, callers on CPU {os.cpu_count() - 1}; "
+        f"client prefetch {args.client_prefetch}, server prefetch {args.server_prefetch}"
+    )
+    if args.setup_probes:
+        parent, child = mp.get_context("spawn").Pipe(duplex=False)
+        worker = mp.get_context("spawn").Process(
+            target=_probe_process, args=(url, args.setup_probes, args.client_prefetch, child)
+        )
+        worker.start()
+        timings = parent.recv()
+        worker.join()
+        setups = [1000 * s for s, _ in timings]
+        opens = [1000 * o for _, o in timings]
         print(
-            f"server pid {pid} pinned to CPU 0, callers on CPU {os.cpu_count() - 1}; "
-            f"client prefetch {args.client_prefetch}, server prefetch {args.server_prefetch}"
+            f"set-up, {len(timings)} calls one at a time: connected p50 "
+            f"{statistics.median(setups):.1f} ms p95 {percentile(setups, 0.95):.1f} ms; "
+            f"data channel open p50 {statistics.median(opens):.1f} ms "
+            f"p95 {percentile(opens, 0.95):.1f} ms"
         )
-        if args.setup_probes:
-            parent, child = mp.get_context("spawn").Pipe(duplex=False)
-            worker = mp.get_context("spawn").Process(
-                target=_probe_process, args=(url, args.setup_probes, args.client_prefetch, child)
-            )
-            worker.start()
-            timings = parent.recv()
-            worker.join()
-            setups = [1000 * s for s, _ in timings]
-            opens = [1000 * o for _, o in timings]
-            print(
-                f"set-up, {len(timings)} calls one at a time: connected p50 "
-                f"{statistics.median(setups):.1f} ms p95 {_pct(setups, 0.95):.1f} ms; "
-                f"data channel open p50 {statistics.median(opens):.1f} ms "
-                f"p95 {_pct(opens, 0.95):.1f} ms"
-            )
-        header = (
-            "calls",
-            "failed",
-            "on_time",
-            "setup_p50_ms",
-            "open_p50_ms",
-            "rtt_p50_ms",
-            "rtt_p95_ms",
-            "server_cpu_pct",
-            "callers_cpu_pct",
-            "frames_pct",
-            "rtt_drift_ms",
+    header = (
+        "calls",
+        "failed",
+        "on_time",
+        "setup_p50_ms",
+        "open_p50_ms",
+        "rtt_p50_ms",
+        "rtt_p95_ms",
+        "server_cpu_pct",
+        "callers_cpu_pct",
+        "frames_pct",
+        "rtt_drift_ms",
+    )
+    print(" ".join(f"{h:>15}" for h in header))
+    best = 0
+    for n in (int(x) for x in args.levels.split(",")):
+        row = _run_level(url, pid, n, args)
+        print(
+            " ".join(
+                f"{row[h]:>15.1f}" if isinstance(row[h], float) else f"{row[h]:>15}" for h in header
+            ),
+            flush=True,
         )
-        print(" ".join(f"{h:>15}" for h in header))
-        best = 0
-        for n in (int(x) for x in args.levels.split(",")):
-            row = _run_level(url, pid, n, args)
-            print(
-                " ".join(
-                    f"{row[h]:>15.1f}" if isinstance(row[h], float) else f"{row[h]:>15}"
-                    for h in header
-                ),
-                flush=True,
-            )
-            if row["on_time"] == n and not row["failed"]:
-                best = n
-            else:
-                break
-        print(f"largest N with every call on time: {best}")
-    finally:
-        if server is not None:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=30)
+        if row["on_time"] == n and not row["failed"]:
+            best = n
+        else:
+            break
+    print(f"largest N with every call on time: {best}")
 
 
 if __name__ == "__main__":
