@@ -78,6 +78,18 @@ async def wait_for(page: Page, expression: str, *, timeout: float) -> Any:
     return await page.wait_for_function(expression, timeout=timeout * 1000, polling=100)
 
 
+async def inbound_audio_energy(page: Page, peer_connection: str) -> float:
+    """``totalAudioEnergy`` of the audio the page's peer connection has received."""
+    energy: float = await page.evaluate(f"""async () => {{
+        const stats = await {peer_connection}.getStats();
+        let energy = 0;
+        stats.forEach(s => {{ if (s.type === 'inbound-rtp' && s.kind === 'audio')
+            energy = s.totalAudioEnergy; }});
+        return energy;
+    }}""")
+    return energy
+
+
 async def screenshot(page: Page, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
@@ -105,14 +117,8 @@ async def test_stock_openai_agents_client_holds_a_conversation(
         "window.session.history.map(i => [i.role, i.content?.map(c => c.transcript ?? c.text)])"
     )
     assert ["assistant", ["hello from the browser"]] in history
-    energy = await page.evaluate("""async () => {
-        const stats = await window.session.transport.connectionState.peerConnection.getStats();
-        let energy = 0;
-        stats.forEach(s => { if (s.type === 'inbound-rtp' && s.kind === 'audio')
-            energy = s.totalAudioEnergy; });
-        return energy;
-    }""")
-    assert energy > 0.01
+    pc = "window.session.transport.connectionState.peerConnection"
+    assert await inbound_audio_energy(page, pc) > 0.01
     assert await page.evaluate("window.errors") == []
     await screenshot(page, "agents-sdk")
 
@@ -137,14 +143,7 @@ async def test_our_page_hears_the_fake_microphone_and_plays_the_reply(
     )
     assert (await heard.json_value())["transcript"]
     await wait_for(page, "window.s2s.events.some(e => e.type === 'response.done')", timeout=30)
-    level = await page.evaluate("""async () => {
-        const stats = await window.s2s.pc.getStats();
-        let energy = 0;
-        stats.forEach(s => { if (s.type === 'inbound-rtp' && s.kind === 'audio')
-            energy = s.totalAudioEnergy; });
-        return energy;
-    }""")
-    assert level > 0.01
+    assert await inbound_audio_energy(page, "window.s2s.pc") > 0.01
     await screenshot(page, "page-replied")
     await page.click("#hangup")
     await wait_for(page, "document.getElementById('status').textContent === 'idle'", timeout=5)
