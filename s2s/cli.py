@@ -57,6 +57,24 @@ def _parser() -> argparse.ArgumentParser:
         "(aiortc's default is 4; default %(default)s)",
     )
     serve.add_argument(
+        "--image-max-bytes",
+        type=int,
+        default=d.image_max_bytes,
+        help="largest image a client may send, in bytes (default %(default)s)",
+    )
+    serve.add_argument(
+        "--image-max-pixels",
+        type=int,
+        default=d.image_max_pixels,
+        help="largest image in pixels; checked before decoding (default %(default)s)",
+    )
+    serve.add_argument(
+        "--image-history",
+        type=int,
+        default=d.image_history,
+        help="pictures a call keeps; the latest is what the model looks at (default %(default)s)",
+    )
+    serve.add_argument(
         "--log-level",
         default=d.log_level,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -75,6 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_sessions=args.max_sessions,
         peer_timeout_s=args.peer_timeout,
         jitter_prefetch=args.jitter_prefetch,
+        image_max_bytes=args.image_max_bytes,
+        image_max_pixels=args.image_max_pixels,
+        image_history=args.image_history,
         log_level=args.log_level,
     )
     s2s_log.configure(settings.log_level)

@@ -26,5 +26,13 @@ class Settings:
     max_event_bytes: int = 262_144
     #: Largest SDP offer accepted, in bytes.
     max_sdp_bytes: int = 65_536
+    #: Largest image accepted (bytes, decoded), largest in pixels, and the side it is scaled to.
+    image_max_bytes: int = 8 * 1024 * 1024
+    image_max_pixels: int = 40_000_000
+    image_max_side: int = 1024
+    #: Pictures a call keeps (the latest is what "what am I looking at" refers to).
+    image_history: int = 4
+    #: Bytes of unfinished chunked image uploads one call may have in flight.
+    image_upload_bytes: int = 16 * 1024 * 1024
     log_level: str = "INFO"
     web_dir: Path = WEB_DIR

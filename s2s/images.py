@@ -1,49 +1,126 @@
-"""Plain facts about a picture (size, brightness, dominant colours), for the local model."""
+"""Images from clients: checked, decoded once with Pillow, downscaled once, described.
+
+Only JPEG, PNG and WebP are taken. Sizes are capped in bytes and in pixels; the pixel cap is
+checked from the header, before any decoding, so a decompression bomb costs nothing.
+Everything here is CPU work: callers run it off the event loop.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import io
+import warnings
+from dataclasses import dataclass
 
 import numpy as np
 
+_MAGIC = {b"\xff\xd8\xff": "jpeg", b"\x89PNG\r\n\x1a\n": "png"}
 _COLOURS = {
     "black": (20, 20, 20), "white": (235, 235, 235), "grey": (128, 128, 128),
     "red": (200, 30, 30), "orange": (240, 140, 20), "yellow": (230, 220, 40),
     "green": (40, 160, 60), "blue": (40, 80, 200), "purple": (130, 50, 160),
     "pink": (240, 150, 190), "brown": (120, 75, 35),
 }  # fmt: skip
-_MAX_PIXELS = 40_000_000
 
 
 class ImageError(ValueError):
-    pass
+    """An image that cannot be taken; ``code`` names why, for the ``error`` event."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class ImageLimits:
+    max_bytes: int = 8 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_side: int = 1024  # images are downscaled once, on arrival, to at most this
+
+
+@dataclass(frozen=True, slots=True)
+class Picture:
+    """An image as the session keeps it: downscaled, re-encoded as JPEG, and its facts."""
+
+    jpeg: bytes
+    width: int  # of the original
+    height: int
+    description: str
+
+    @property
+    def data_url(self) -> str:
+        return "data:image/jpeg;base64," + base64.b64encode(self.jpeg).decode()
 
 
 def decode_data_url(url: str) -> bytes:
     """The bytes of a ``data:image/...;base64,`` URL."""
     head, sep, payload = url.partition(",")
     if not sep or not head.startswith("data:image/") or not head.endswith(";base64"):
-        raise ImageError("expected a data:image/...;base64, URL")
+        raise ImageError("invalid_image_url", "expected a data:image/...;base64, URL")
+    return decode_base64(payload)
+
+
+def decode_base64(payload: str) -> bytes:
     try:
         return base64.b64decode(payload, validate=True)
     except binascii.Error as exc:
-        raise ImageError(f"invalid base64: {exc}") from None
+        raise ImageError("invalid_base64", f"invalid base64: {exc}") from None
 
 
-def describe(data: bytes) -> str:
+def image_format(data: bytes) -> str:
+    for magic, name in _MAGIC.items():
+        if data.startswith(magic):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    raise ImageError("unsupported_image_format", "only JPEG, PNG and WebP images are accepted")
+
+
+def load(data: bytes, limits: ImageLimits) -> Picture:
+    """Check, decode, downscale and describe an image, or raise ``ImageError``."""
+    from PIL import Image
+
+    if len(data) > limits.max_bytes:
+        raise ImageError(
+            "image_too_large", f"image of {len(data)} bytes exceeds {limits.max_bytes} bytes"
+        )
+    kind = image_format(data)
+    try:
+        with warnings.catch_warnings():
+            # The pixel cap below is ours; Pillow's own bomb warning would only duplicate it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=[kind.upper()])
+        with image:
+            width, height = image.size
+            if width * height > limits.max_pixels:
+                raise ImageError(
+                    "image_too_many_pixels",
+                    f"{width}x{height} pixels exceeds {limits.max_pixels} pixels",
+                )
+            image.draft("RGB", (limits.max_side, limits.max_side))  # JPEG: decode at lower scale
+            image.load()
+            rgb = image.convert("RGB")
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError("image_too_many_pixels", str(exc)) from None
+    except Exception as exc:  # Pillow raises many types for truncated or corrupt files
+        raise ImageError("invalid_image", f"cannot decode the {kind} image: {exc}") from None
+    rgb.thumbnail((limits.max_side, limits.max_side))
+    out = io.BytesIO()
+    rgb.save(out, "JPEG", quality=85)
+    return Picture(out.getvalue(), width, height, describe(rgb, width, height))
+
+
+def describe(image: object, width: int, height: int) -> str:
     """One sentence about the picture: its size, how bright it is, its main colours."""
     from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = _MAX_PIXELS
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            image.thumbnail((64, 64))
-            rgb = np.asarray(image.convert("RGB"), np.float32).reshape(-1, 3)
-    except Exception as exc:  # Pillow raises many types for bad input
-        raise ImageError(f"cannot decode the image: {exc}") from None
+    assert isinstance(image, Image.Image)
+    small = image.copy()
+    small.thumbnail((64, 64))
+    rgb = np.asarray(small.convert("RGB"), np.float32).reshape(-1, 3)
     brightness = float(rgb.mean()) / 255
     names = list(_COLOURS)
     palette = np.array([_COLOURS[n] for n in names], np.float32)

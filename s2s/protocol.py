@@ -232,6 +232,26 @@ class ResponseSteer(ClientEvent, tag="s2s.response.steer"):
     speed: Speed | None = None
 
 
+class ImageChunk(ClientEvent, tag="s2s.image.chunk"):
+    """s2s extension: one piece of an image too large for one data-channel message.
+
+    ``data`` is base64 (of the raw image bytes, split anywhere); chunks of one ``upload_id`` are
+    numbered from 0 and must arrive in order; ``total`` is the number of chunks.
+    """
+
+    upload_id: Annotated[str, Meta(min_length=1, max_length=64)]
+    index: Annotated[int, Meta(ge=0)]
+    total: Annotated[int, Meta(ge=1, le=10_000)]
+    data: str
+
+
+class ImageCommit(ClientEvent, tag="s2s.image.commit"):
+    """s2s extension: all chunks are sent; add the image to the conversation as a user item."""
+
+    upload_id: Annotated[str, Meta(min_length=1, max_length=64)]
+    previous_item_id: str | None = None
+
+
 AnyClientEvent = (
     SessionUpdate
     | InputAudioBufferAppend
@@ -245,6 +265,8 @@ AnyClientEvent = (
     | ResponseCancel
     | OutputAudioBufferClear
     | ResponseSteer
+    | ImageChunk
+    | ImageCommit
 )
 
 # -- server events -------------------------------------------------------------------------------
@@ -425,6 +447,16 @@ class ResponseSteered(ServerEvent, tag="s2s.response.steered"):
     speed: float | None = None
 
 
+class ImageReceived(ServerEvent, tag="s2s.image.received"):
+    """s2s extension: an uploaded image was checked, downscaled and added as ``item_id``."""
+
+    upload_id: str
+    item_id: str
+    width: int
+    height: int
+    bytes: int
+
+
 class ErrorDetail(msgspec.Struct):
     message: str
     type: str = "invalid_request_error"
@@ -445,7 +477,7 @@ AnyServerEvent = (
     | OutputAudioBufferStarted | OutputAudioBufferStopped | OutputAudioBufferCleared
     | ResponseCreated | ResponseDone | ResponseOutputItemAdded | ResponseOutputItemDone
     | ResponseContentPartAdded | ResponseContentPartDone | TranscriptDelta | TranscriptDone
-    | OutputTextDelta | OutputTextDone | ResponseSteered | Error
+    | OutputTextDelta | OutputTextDone | ResponseSteered | ImageReceived | Error
 )  # fmt: skip
 
 # -- encoding ------------------------------------------------------------------------------------

@@ -18,9 +18,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgspec
 import numpy as np
 from msgspec import UnsetType
 
+from s2s import images
 from s2s.audio import WEBRTC_RATE, SpeakerTrack
 from s2s.backends import (
     Backend,
@@ -31,8 +33,10 @@ from s2s.backends import (
     Steering,
     StepResult,
 )
+from s2s.images import ImageError, ImageLimits, Picture
 from s2s.protocol import (
     AnyClientEvent,
+    ContentPart,
     ConversationItemAdded,
     ConversationItemCreate,
     ConversationItemDelete,
@@ -44,6 +48,9 @@ from s2s.protocol import (
     ConversationItemTruncated,
     Error,
     ErrorDetail,
+    ImageChunk,
+    ImageCommit,
+    ImageReceived,
     InputAudio,
     InputAudioBufferAppend,
     InputAudioBufferClear,
@@ -52,6 +59,7 @@ from s2s.protocol import (
     InputAudioBufferCommitted,
     InputAudioBufferTimeoutTriggered,
     InputAudioTranscriptionCompleted,
+    InputImage,
     MessageItem,
     OutputAudio,
     OutputAudioBufferClear,
@@ -84,6 +92,7 @@ from s2s.protocol import (
     TranscriptDone,
     new_id,
 )
+from s2s.uploads import Uploads
 from s2s.vad import VadEvent, VadSettings
 
 log = logging.getLogger(__name__)
@@ -124,6 +133,10 @@ class Realtime:
         stream: ModelStream,
         speaker: SpeakerTrack,
         send: Callable[[ServerEvent], None],
+        *,
+        image_limits: ImageLimits | None = None,
+        image_history: int = 4,
+        upload_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self.config = config
         self._backend = backend
@@ -138,6 +151,10 @@ class Realtime:
         self._buffer_start_ms = 0  # where the uncommitted input audio buffer starts
         self._idle_since = asyncio.get_running_loop().time()
         self._idle_fired = False
+        self._image_limits = image_limits or ImageLimits()
+        self._image_history = image_history
+        self._pictures: collections.OrderedDict[str, Picture] = collections.OrderedDict()
+        self._uploads = Uploads(upload_bytes)
         self.watching = asyncio.Event()  # set while playout needs following
         self._vad_source: object = None
         self._vad: VadSettings | None = None
@@ -279,9 +296,27 @@ class Realtime:
                 self._buffer_start_ms = self._input_ms
                 self._send(InputAudioBufferCleared())
             case ConversationItemCreate(item=item, previous_item_id=previous):
-                self._create_item(item, previous)
+                await self._create_item(item, previous)
+            case ImageChunk(upload_id=upload_id, index=index, total=total, data=data):
+                try:
+                    self._uploads.chunk(upload_id, index, total, data)
+                except ImageError as exc:
+                    raise RequestError(exc.code, str(exc), "upload_id") from None
+            case ImageCommit(upload_id=upload_id, previous_item_id=previous):
+                try:
+                    raw = self._uploads.commit(upload_id)
+                    picture = await asyncio.to_thread(images.load, raw, self._image_limits)
+                except ImageError as exc:
+                    raise RequestError(exc.code, str(exc), "upload_id") from None
+                item = MessageItem(role="user", content=[InputImage(image_url=picture.data_url)])
+                await self._create_item(item, previous, {0: picture})
+                assert item.id is not None
+                self._send(ImageReceived(
+                    upload_id=upload_id, item_id=item.id, width=picture.width,
+                    height=picture.height, bytes=len(raw),
+                ))  # fmt: skip
             case ConversationItemRetrieve(item_id=item_id):
-                self._send(ConversationItemRetrieved(item=self._item(item_id)))
+                self._send(ConversationItemRetrieved(item=_wire(self._item(item_id))))
             case ConversationItemDelete(item_id=item_id):
                 self._item(item_id)
                 if self._active is not None and self._active.item.id == item_id:
@@ -324,7 +359,9 @@ class Realtime:
             raise RequestError("item_not_found", f"no item {item_id!r}", "item_id")
         return item
 
-    def _create_item(self, item: MessageItem, previous: str | None) -> None:
+    async def _create_item(
+        self, item: MessageItem, previous: str | None, pictures: dict[int, Picture] | None = None
+    ) -> None:
         if item.id is None:
             item.id = new_id("item")
         elif item.id in self._items:
@@ -333,6 +370,7 @@ class Realtime:
             raise RequestError("item_not_found", f"no item {previous!r}", "previous_item_id")
         allowed = {"user": ("input_text", "input_image"), "system": ("input_text",),
                    "assistant": ("output_text", "output_audio")}[item.role]  # fmt: skip
+        pictures = dict(pictures or {})
         for i, part in enumerate(item.content):
             kind = type(part).__struct_config__.tag
             if kind not in allowed:
@@ -340,8 +378,28 @@ class Realtime:
                     "invalid_content", f"a {item.role} item cannot hold {kind} content",
                     f"item.content[{i}].type",
                 )  # fmt: skip
+            if isinstance(part, InputImage) and i not in pictures:
+                try:
+                    data = images.decode_data_url(part.image_url)
+                    pictures[i] = await asyncio.to_thread(images.load, data, self._image_limits)
+                except ImageError as exc:
+                    raise RequestError(exc.code, str(exc), f"item.content[{i}].image_url") from None
+                # Kept downscaled, once: what the model sees and what a retrieve returns.
+                part.image_url = pictures[i].data_url
         reported = self._add_item(item, previous)
-        self._send(ConversationItemDone(item=item, previous_item_id=reported))
+        self._send(ConversationItemDone(item=_wire(item), previous_item_id=reported))
+        for picture in pictures.values():
+            self._remember(item, picture)
+
+    def _remember(self, item: MessageItem, picture: Picture) -> None:
+        """Keep the latest pictures; older ones leave the conversation to bound memory."""
+        assert item.id is not None
+        self._pictures[item.id] = picture
+        while len(self._pictures) > self._image_history:
+            old_id, _ = self._pictures.popitem(last=False)
+            old = self._items.get(old_id)
+            if old is not None:
+                old.content = [p for p in old.content if not isinstance(p, InputImage)]
 
     def _add_item(self, item: MessageItem, previous: str | None = None) -> str | None:
         assert item.id is not None
@@ -358,7 +416,7 @@ class Realtime:
         while len(self._items) > _MAX_ITEMS:
             self._items.popitem(last=False)
         reported = None if previous == "root" else previous
-        self._send(ConversationItemAdded(item=item, previous_item_id=reported))
+        self._send(ConversationItemAdded(item=_wire(item), previous_item_id=reported))
         return reported
 
     async def _commit(self, item_id: str) -> None:
@@ -407,6 +465,7 @@ class Realtime:
             response_id=r.id, instructions=instructions, voice=voice or self.config.voice,
             speed=speed or self.config.speed, modalities=list(r.modalities),
             conversation=list(self._items.values()), trigger=trigger,  # type: ignore[arg-type]
+            pictures=list(self._pictures.values()),
         )  # fmt: skip
         try:
             await self._stream.respond(request)
@@ -522,6 +581,23 @@ class Realtime:
         ))  # fmt: skip
         if vad.create_response and self._backend.turn_based:
             await self._start_response("idle", ResponseParams())
+
+
+def _wire(item: MessageItem) -> MessageItem:
+    """``item`` as events carry it: images by reference, not their bytes.
+
+    A picture can be larger than one data-channel message; the client has it already, and the
+    server keeps it (downscaled) for the model.
+    """
+    if not any(isinstance(part, InputImage) for part in item.content):
+        return item
+    content: list[ContentPart] = [
+        msgspec.structs.replace(part, image_url=f"s2s:image/{item.id}/{i}")
+        if isinstance(part, InputImage)
+        else part
+        for i, part in enumerate(item.content)
+    ]
+    return msgspec.structs.replace(item, content=content)
 
 
 def _voice_speed(params: ResponseParams) -> tuple[str | None, float | None]:

@@ -32,6 +32,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from s2s.audio import WEBRTC_RATE, FrameChunker, Resampler, SpeakerTrack
 from s2s.backends import Backend, ModelStream
 from s2s.config import Settings
+from s2s.images import ImageLimits
 from s2s.log import CallLogger
 from s2s.protocol import (
     Error,
@@ -145,7 +146,15 @@ class Session:
         cid = self.call_id
         try:
             self._stream = await self._backend.open_stream(cid)
-            realtime = Realtime(self.config, self._backend, self._stream, self.speaker, self.send)
+            settings = self._settings
+            realtime = Realtime(
+                self.config, self._backend, self._stream, self.speaker, self.send,
+                image_limits=ImageLimits(
+                    settings.image_max_bytes, settings.image_max_pixels, settings.image_max_side
+                ),
+                image_history=settings.image_history,
+                upload_bytes=settings.image_upload_bytes,
+            )  # fmt: skip
             self._realtime = realtime
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._pump_mic(realtime), name=f"{cid}/mic")
@@ -248,6 +257,14 @@ class Session:
     def send(self, event: ServerEvent) -> None:
         """Send a server event to the client, or keep it until the data channel opens."""
         text = encode_event(event)
+        if len(text) > self._settings.max_event_bytes:
+            # Our own bug if it happens; the call must survive it, and the client hear of it.
+            self.log.error("dropped a %d-byte %s event", len(text), type(event).__name__)
+            detail = ErrorDetail(
+                type="server_error", code="event_too_large",
+                message=f"a server event of {len(text)} bytes was too large to send",
+            )  # fmt: skip
+            text = encode_event(Error(error=detail))
         channel = self._channel
         if channel is not None and channel.readyState == "open":
             channel.send(text)

@@ -32,6 +32,16 @@ def mimi(models_dir: Path) -> MimiModel:
     return model
 
 
+@pytest.fixture(scope="module")
+def narrow(models_dir: Path) -> MimiModel:
+    # The real window is 10 s; shrink it so 2 s of audio slides past it many times.
+    model: MimiModel = MimiModel.from_pretrained(
+        models_dir / "tiny-mimi", local_files_only=True, sliding_window=6
+    )
+    assert model.config.sliding_window == 6
+    return model
+
+
 def _speechlike(seed: int, frames: int = FRAMES) -> torch.Tensor:
     """A gliding tone with noise, ``(1, 1, frames * FRAME)`` in [-1, 1]."""
     generator = torch.Generator().manual_seed(seed)
@@ -132,12 +142,7 @@ def test_resetting_one_row_starts_that_call_afresh_and_leaves_the_others(mimi: M
     assert _max_error(other_audio, _offline_audio(mimi, other_codes)) < TOLERANCE
 
 
-def test_the_transformer_cache_follows_the_sliding_window(models_dir: Path) -> None:
-    # The real window is 10 s; shrink it so 2 s of audio slides past it many times.
-    narrow: MimiModel = MimiModel.from_pretrained(
-        models_dir / "tiny-mimi", local_files_only=True, sliding_window=6
-    )
-    assert narrow.config.sliding_window == 6
+def test_the_transformer_cache_follows_the_sliding_window(narrow: MimiModel) -> None:
     audio = _speechlike(1)
     codes = _encode_streaming(MimiStreamEncoder(narrow), audio)
     assert torch.equal(codes, _offline_codes(narrow, audio))
@@ -152,3 +157,108 @@ def test_steps_of_the_wrong_shape_are_refused(mimi: MimiModel) -> None:
         MimiStreamDecoder(mimi, batch_size=2).step(torch.zeros(1, 8, 1, dtype=torch.long))
     with pytest.raises(IndexError, match="outside a batch of 2"):
         MimiStreamDecoder(mimi, batch_size=2).reset(2)
+
+
+def _frame(audio: torch.Tensor, index: int) -> torch.Tensor:
+    return audio[..., index * FRAME : (index + 1) * FRAME]
+
+
+def _alone(mimi: MimiModel, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and audio of ``audio`` streamed by a batch-1 encoder and decoder of its own."""
+    codes = _encode_streaming(MimiStreamEncoder(mimi), audio)
+    return codes, _decode_streaming(MimiStreamDecoder(mimi), codes)
+
+
+def test_calls_that_join_and_leave_stream_like_single_calls(mimi: MimiModel) -> None:
+    # call: (tick it joins, frames it sends); call 1 leaves while 0 and 2 go on, so the rows
+    # after it move down, and call 3 then joins into the freed place at the end.
+    calls = {0: (0, 10), 1: (2, 5), 2: (3, 9), 3: (8, 5)}
+    audio = {call: _speechlike(call, frames) for call, (_, frames) in calls.items()}
+    encoder, decoder = MimiStreamEncoder(mimi, batch_size=0), MimiStreamDecoder(mimi, batch_size=0)
+    in_rows: list[int] = []  # the call in each row
+    codes: dict[int, list[torch.Tensor]] = {call: [] for call in calls}
+    out: dict[int, list[torch.Tensor]] = {call: [] for call in calls}
+    for tick in range(max(start + frames for start, frames in calls.values())):
+        for call, (start, frames) in calls.items():
+            if tick == start + frames:
+                row = in_rows.index(call)
+                encoder.remove_row(row)
+                decoder.remove_row(row)
+                in_rows.remove(call)
+        for call, (start, _) in calls.items():
+            if tick == start:
+                assert encoder.add_row() == decoder.add_row() == len(in_rows)
+                in_rows.append(call)
+        assert encoder.batch_size == decoder.batch_size == len(in_rows) > 0
+        audio_in = [_frame(audio[call], tick - calls[call][0]) for call in in_rows]
+        step_codes = encoder.step(torch.cat(audio_in))
+        step_audio = decoder.step(step_codes)
+        for row, call in enumerate(in_rows):
+            codes[call].append(step_codes[row : row + 1])
+            out[call].append(step_audio[row : row + 1])
+    for call in calls:
+        alone_codes, alone_audio = _alone(mimi, audio[call])
+        assert torch.equal(torch.cat(codes[call], -1), alone_codes)
+        assert _max_error(torch.cat(out[call], -1), alone_audio) < 1e-5
+
+
+def test_a_call_that_skips_ticks_resumes_where_it_was(narrow: MimiModel) -> None:
+    # The narrow window slides while a call sits out ticks: what it keeps is counted in its own
+    # steps, not in ticks of the batch.
+    # The rows that have a frame at each tick; row 2 sits out 4 ticks, rows 0 and 1 one or more.
+    ticks = ["012", "02", "1", "", "01", "2", "2", "2", "2", "012", "02", "12", "012", "1", "1"]
+    present = [[int(row) for row in tick] for tick in ticks]
+    sent = [sum(row in rows for rows in present) for row in range(3)]
+    audio = [_speechlike(row, frames) for row, frames in enumerate(sent)]
+    encoder, decoder = MimiStreamEncoder(narrow, 3), MimiStreamDecoder(narrow, 3)
+    codes: list[list[torch.Tensor]] = [[], [], []]
+    out: list[list[torch.Tensor]] = [[], [], []]
+    for rows in present:
+        audio_in = [_frame(audio[row], len(codes[row])) for row in rows]
+        index = torch.tensor(rows, dtype=torch.long)
+        step_codes = encoder.step(torch.cat(audio_in) if rows else torch.zeros(0, 1, FRAME), index)
+        step_audio = decoder.step(step_codes, index)
+        assert step_codes.shape == (len(rows), 8, 1) and step_audio.shape == (len(rows), 1, FRAME)
+        for i, row in enumerate(rows):
+            codes[row].append(step_codes[i : i + 1])
+            out[row].append(step_audio[i : i + 1])
+    for row in range(3):
+        alone_codes, alone_audio = _alone(narrow, audio[row])
+        assert torch.equal(torch.cat(codes[row], -1), alone_codes)
+        assert _max_error(torch.cat(out[row], -1), alone_audio) < 1e-5
+
+
+def test_stepping_some_rows_leaves_the_others_as_they_were(mimi: MimiModel) -> None:
+    audio = torch.cat([_speechlike(seed, 8) for seed in range(3)])
+    skipping = (MimiStreamEncoder(mimi, 3), MimiStreamDecoder(mimi, 3))
+    stepping = (MimiStreamEncoder(mimi, 3), MimiStreamDecoder(mimi, 3))
+    for encoder, decoder in (skipping, stepping):
+        _decode_streaming(decoder, _encode_streaming(encoder, audio[..., : 4 * FRAME]))
+    # Only row 1 steps in one pair, with audio the other pair never sees.
+    middle = torch.tensor([1])
+    for seed in range(3, 6):
+        skipping[1].step(skipping[0].step(_speechlike(seed, 1), middle), middle)
+    # Rows 0 and 2 go on as if nothing had happened in between.
+    codes = [
+        _encode_streaming(encoder, audio[..., 4 * FRAME :]) for encoder, _ in (skipping, stepping)
+    ]
+    out = [_decode_streaming(decoder, codes[0]) for _, decoder in (skipping, stepping)]
+    others = torch.tensor([0, 2])
+    assert torch.equal(codes[0][others], codes[1][others])
+    assert torch.equal(out[0][others], out[1][others])
+    assert not torch.equal(codes[0][1], codes[1][1])
+
+
+def test_rows_that_are_not_in_the_batch_are_refused(mimi: MimiModel) -> None:
+    encoder = MimiStreamEncoder(mimi, batch_size=2)
+    frame = torch.zeros(2, 1, FRAME)
+    for rows in ([1, 0], [0, 0], [0, 2], [-1, 0]):
+        with pytest.raises(ValueError, match="sorted distinct long indices into a batch of 2"):
+            encoder.step(frame, torch.tensor(rows))
+    with pytest.raises(ValueError, match="batch=1"):
+        encoder.step(frame, torch.tensor([1]))
+    with pytest.raises(IndexError, match="row 2 is outside a batch of 2"):
+        encoder.remove_row(2)
+    encoder.remove_row(0)
+    assert encoder.batch_size == 1
+    assert encoder.step(frame[:1]).shape == (1, 8, 1)

@@ -20,6 +20,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
+from s2s.images import Picture
 from s2s.protocol import MessageItem
 
 EMPTY_PCM = np.zeros(0, np.int16)
@@ -66,6 +67,8 @@ class ResponseRequest:
     modalities: list[str]
     conversation: list[MessageItem]
     trigger: Literal["turn", "client", "idle"] = "client"
+    #: The latest pictures the caller sent (oldest first), checked and downscaled on arrival.
+    pictures: list[Picture] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

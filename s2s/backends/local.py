@@ -230,7 +230,11 @@ class LocalStream:
         if generation != self._generation:
             return
         reply = policy.reply(
-            request.conversation, request.instructions, request.trigger, self._transcripts
+            request.conversation,
+            request.instructions,
+            request.trigger,
+            self._transcripts,
+            request.pictures,
         )
         self._plan = _Plan(
             response_id=request.response_id, sentences=collections.deque(reply.sentences),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from s2s.images import ImageError, decode_data_url, describe
+from s2s.images import ImageError, ImageLimits, Picture, decode_data_url, load
 from s2s.protocol import InputAudio, InputImage, InputText, MessageItem
 
 DEFAULT_NAME = "Echo"
@@ -81,6 +81,7 @@ def reply(
     instructions: str,
     trigger: str,
     transcripts: dict[str, str] | None = None,
+    pictures: list[Picture] | None = None,
 ) -> Reply:
     """What to say next, given the conversation so far (``transcripts``: user audio items'
     transcripts the model knows before the conversation items carry them)."""
@@ -91,7 +92,8 @@ def reply(
     if trigger == "idle":
         return Reply(["Are you still there?"], style)
     heard = _last_user_text(conversation, transcripts or {})
-    return Reply(split_sentences(_answer(heard, conversation, style)), style)
+    picture = pictures[-1].description if pictures else _latest_image(conversation)
+    return Reply(split_sentences(_answer(heard, picture, style)), style)
 
 
 def restyle(sentences: list[str], old: Style, new: Style) -> list[str]:
@@ -105,7 +107,7 @@ def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE_RE.findall(text) if s.strip()]
 
 
-def _answer(heard: str | None, conversation: list[MessageItem], style: Style) -> str:
+def _answer(heard: str | None, picture: str | None, style: Style) -> str:
     _, heard_phrase, greeting = _LANGUAGES[style.language]
     greeting = greeting.format(name=style.name)
     if heard is None:
@@ -117,7 +119,6 @@ def _answer(heard: str | None, conversation: list[MessageItem], style: Style) ->
     if said:
         return said.group(1)
     if _LOOK_RE.search(text):
-        picture = _latest_image(conversation)
         if picture is None:
             return "I have no picture yet. Send one from your camera and ask me again."
         return f"You are looking at {picture}."
@@ -149,8 +150,9 @@ def _latest_image(conversation: list[MessageItem]) -> str | None:
     for item in reversed(conversation):
         for part in reversed(item.content):
             if isinstance(part, InputImage):
+                # Images were checked and downscaled on arrival; this decodes a small JPEG.
                 try:
-                    return describe(decode_data_url(part.image_url))
+                    return load(decode_data_url(part.image_url), ImageLimits()).description
                 except ImageError:
                     continue
     return None

@@ -85,7 +85,7 @@ class _Codec:
         """How many rows step, and which (on the model's device; None when all of them)."""
         if rows is None:
             return self.batch_size, None
-        # A handful of indices: checking them on the host costs less than a wrong gather.
+        # A handful of indices, checked on the host (pass them there: on a GPU, tolist waits).
         well_typed = rows.dim() == 1 and rows.dtype == torch.long
         index = rows.tolist() if well_typed else []
         in_batch = not index or (index[0] >= 0 and index[-1] < self.batch_size)

@@ -1,0 +1,157 @@
+"""Images on the data channel: chunked uploads, validation, and the model using the picture."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import math
+import struct
+import zlib
+from collections.abc import Iterable
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import Server, StartServer
+from tests.peer import MicTrack, Peer
+
+CHUNK = 150_000  # bytes of image per chunk: ~200 KB of base64, under the 256 KiB message cap
+
+
+def photo(rgb: tuple[int, int, int], size: tuple[int, int], *, noise: int = 60) -> bytes:
+    """A noisy JPEG around ``rgb`` (noise makes it big, as camera frames are)."""
+    rng = np.random.default_rng(0)
+    pixels = np.clip(
+        np.array(rgb, np.int16) + rng.integers(-noise, noise, (size[1], size[0], 3)), 0, 255
+    ).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=95)
+    return out.getvalue()
+
+
+def bomb_png(side: int) -> bytes:
+    """A PNG header claiming side x side pixels over a tiny compressed body."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    rows = zlib.compress(b"\x00" * (side + 1) * 64)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+    )
+
+
+def send_chunks(peer: Peer, upload_id: str, data: bytes, indexes: Iterable[int]) -> None:
+    total = math.ceil(len(data) / CHUNK)
+    for index in indexes:
+        piece = base64.b64encode(data[index * CHUNK : (index + 1) * CHUNK]).decode()
+        peer.send({"type": "s2s.image.chunk", "upload_id": upload_id, "index": index,
+                   "total": total, "data": piece})  # fmt: skip
+
+
+def send_upload(peer: Peer, upload_id: str, data: bytes) -> None:
+    send_chunks(peer, upload_id, data, range(math.ceil(len(data) / CHUNK)))
+    peer.send({"type": "s2s.image.commit", "upload_id": upload_id})
+
+
+@pytest.fixture
+async def local(start_server: StartServer) -> Server:
+    return await start_server(model="local", image_upload_bytes=3_000_000)
+
+
+async def test_a_big_photo_in_chunks_is_acknowledged_without_an_audio_gap_and_used(
+    local: Server,
+) -> None:
+    data = photo((200, 30, 30), (1800, 1400))
+    assert len(data) > 2_000_000
+    peer = Peer(local.url, MicTrack(), session={"audio": {"input": {"turn_detection": None}}})
+    try:
+        await peer.connect()
+        await peer.next_event("session.created")
+        loop = asyncio.get_running_loop()
+        await peer.wait_audio(0.3, since=loop.time())
+        started = loop.time()
+        send_upload(peer, "cam1", data)
+        received = await peer.next_event("s2s.image.received", timeout=20)
+        took = loop.time() - started
+        assert received["width"] == 1800 and received["height"] == 1400
+        assert received["bytes"] == len(data)
+        await peer.wait_audio(0.3, since=loop.time())
+        arrivals = [t for t, _ in peer.frames if started - 0.1 <= t <= loop.time()]
+        gaps = np.diff(arrivals)
+        assert gaps.max() < 0.1, f"audio stalled {gaps.max():.3f} s during a {took:.2f} s upload"
+        item = await peer.next_event("conversation.item.added")
+        assert item["item"]["id"] == received["item_id"]
+        mark = len(peer.events)
+        peer.send(
+            {
+                "type": "conversation.item.create",
+                "item": {
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": "what am I looking at?"}],
+                },
+            }
+        )
+        peer.send({"type": "response.create"})
+        done = await peer.next_event("response.done", after=mark, timeout=20)
+        answer = done["response"]["output"][0]["content"][0]["transcript"]
+        assert "1800 by 1400" in answer and "red" in answer
+        # Events carry the picture by reference: it may not fit in one data-channel message.
+        peer.send({"type": "conversation.item.retrieve", "item_id": received["item_id"]})
+        kept = (await peer.next_event("conversation.item.retrieved", after=mark))["item"]
+        assert kept["content"][0]["image_url"] == f"s2s:image/{received['item_id']}/0"
+    finally:
+        await peer.close()
+
+
+async def test_bad_images_each_get_their_error_and_the_call_goes_on(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(model="local", image_upload_bytes=1_000_000,
+                                image_max_pixels=20_000_000)  # fmt: skip
+    peer = Peer(server.url, MicTrack(), session={"audio": {"input": {"turn_detection": None}}})
+    good = photo((30, 30, 200), (200, 150))
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (0, 200, 0)).save(png, "PNG")
+
+    def as_item(data: bytes, mime: str = "jpeg") -> dict:
+        url = f"data:image/{mime};base64," + base64.b64encode(data).decode()
+        return {"type": "conversation.item.create", "item": {"type": "message", "role": "user",
+                "content": [{"type": "input_image", "image_url": url}]}}  # fmt: skip
+
+    cases = [
+        (lambda: peer.send(as_item(good[: len(good) // 2])), "invalid_image"),
+        (lambda: peer.send(as_item(b"GIF89a" + good[6:])), "unsupported_image_format"),
+        (lambda: peer.send(as_item(bomb_png(30_000), "png")), "image_too_many_pixels"),
+        (lambda: send_chunks(peer, "gap", photo((0, 0, 0), (600, 600), noise=120), [0, 2]),
+         "image_chunk_out_of_order"),
+        (lambda: peer.send({"type": "s2s.image.chunk", "upload_id": "nope", "index": 3,
+                            "total": 5, "data": "AAAA"}), "image_unknown_upload"),
+        (lambda: peer.send({"type": "s2s.image.commit", "upload_id": "never"}),
+         "image_unknown_upload"),
+        (lambda: send_chunks(peer, "huge", photo((9, 9, 9), (1400, 1400), noise=120), range(7)),
+         "image_in_flight_limit"),
+    ]  # fmt: skip
+    try:
+        await peer.connect()
+        await peer.next_event("session.created")
+        for send, code in cases:
+            mark = len(peer.events)
+            send()
+            error = await peer.next_event("error", after=mark, timeout=10)
+            assert error["error"]["code"] == code, (code, error)
+        # Still served, and good images still work, by item and by upload.
+        mark = len(peer.events)
+        peer.send(as_item(png.getvalue(), "png"))
+        await peer.next_event("conversation.item.added", after=mark)
+        send_upload(peer, "ok", good)
+        received = await peer.next_event("s2s.image.received", after=mark)
+        assert received["width"] == 200
+    finally:
+        await peer.close()
