@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Moshi batching benchmark: milliseconds per batched 80 ms step for N calls.
 
-Times what the backend's device thread does each tick for N calls: Mimi streaming encode and
-decode per call plus one batched language-model step (main decoder + depth decoder) for all of
-them. Prints ms per step for each N and the largest N that fits the 80 ms frame budget.
+Times what the backend's device thread does each tick for N calls: one batched Mimi streaming
+encode, one batched language-model step (main decoder + depth decoder) and one batched Mimi
+decode for all of them. Prints ms per step for each N and the largest N within the 80 ms frame.
 
     .venv/bin/python scripts/make_tiny_models.py            # models/tiny-moshi (random, tiny)
     .venv/bin/python scripts/bench_moshi.py --model models/tiny-moshi --calls 1,4,16,64
@@ -48,24 +48,23 @@ def main() -> None:
     for n in (int(x) for x in args.calls.split(",")):
         engine = MoshiEngine(model)
         rows = [engine.join(i, seed=i) for i in range(n)]
-        encoders = [MimiStreamEncoder(codec, 1) for _ in rows]
-        decoders = [MimiStreamDecoder(codec, 1) for _ in rows]
-        audio = torch.randn(1, 1, frame, device=device, dtype=model.dtype) * 0.1
+        encoder = MimiStreamEncoder(codec, n)  # one codec batch for all calls, as the backend
+        decoder = MimiStreamDecoder(codec, n)
+        audio = torch.randn(n, 1, frame, device=device, dtype=model.dtype) * 0.1
         totals, lms = [], []
         with torch.inference_mode():
             for step in range(args.steps + 3):
                 start = time.perf_counter()
-                codes = {
-                    r: e.step(audio)[0, : engine.k, 0] for r, e in zip(rows, encoders, strict=True)
-                }
+                encoded = encoder.step(audio)[:, : engine.k, 0]
+                codes = {r: encoded[i] for i, r in enumerate(rows)}
                 lm_start = time.perf_counter()
                 outputs = engine.step(codes)
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 lm = time.perf_counter() - lm_start
-                for r, d in zip(rows, decoders, strict=True):
-                    if outputs[r].codes is not None:
-                        d.step(outputs[r].codes.reshape(1, -1, 1))  # type: ignore[union-attr]
+                frames = [outputs[r].codes for r in rows]
+                if all(f is not None for f in frames):
+                    decoder.step(torch.stack(frames)[:, :, None])  # type: ignore[arg-type]
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 if step >= 3:  # warm-up steps are not counted

@@ -6,8 +6,8 @@ for every call whose frame is waiting, on the device's single thread (``MoshiEng
 GPU serves many calls in one forward. A frame waits at most one period for its tick; joins,
 leaves and resets are applied between steps, so no call waits for another's join.
 
-Mimi (the codec) runs per call with its own streaming state (``mimi_stream``); the language
-model, the expensive part, is batched.
+Mimi (the codec) is batched too: one streaming encoder and decoder whose rows are the calls
+(``mimi_stream``); calls whose frame is not waiting at a tick keep their codec state untouched.
 
 Full duplex has no turns, so the Realtime events map like this:
 - Moshi's inner-monologue text becomes ``response.output_audio_transcript.delta`` events of a
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from s2s.backends.base import ResponseFinished, ResponseRequest, Steering, StepResult
+from s2s.backends.mimi_stream import MimiStreamDecoder, MimiStreamEncoder
 from s2s.backends.moshi_engine import MoshiEngine, Row
 from s2s.protocol import new_id
 
@@ -65,6 +66,10 @@ class MoshiBackend:
         self.input_rate = self.output_rate = int(model.config.sampling_rate)
         self.frame_samples = int(self.input_rate / model.config.audio_encoder_config.frame_rate)
         self.engine = MoshiEngine(model)
+        # One codec batch for every call: row i of the encoder and decoder is codec_rows[i].
+        self.encoder = MimiStreamEncoder(model.audio_encoder, batch_size=0)
+        self.decoder = MimiStreamDecoder(model.audio_encoder, batch_size=0)
+        self.codec_rows: list[MoshiStream] = []
         self.executor = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix=f"moshi-{device}"
         )
@@ -137,17 +142,58 @@ class MoshiBackend:
 
     def _run(self, batch: dict[MoshiStream, _Job],
              changes: list[tuple[str, MoshiStream]]) -> dict[MoshiStream, StepResult]:  # fmt: skip
-        """One scheduler tick on the device thread: apply joins/leaves/resets, then step."""
+        """One scheduler tick on the device thread: apply joins/leaves/resets, then step.
+
+        Mimi encode, the language model and Mimi decode each run once for all waiting calls.
+        """
         import torch
 
         for kind, stream in changes:
-            stream.apply(kind)
-        rows = {s.row: (s, j) for s, j in batch.items() if s.row is not None and not s.closed}
-        if not rows:
+            self._apply(kind, stream)
+        ready = sorted(
+            ((s, s.row) for s in batch if s.row is not None and not s.closed),
+            key=lambda pair: self.codec_rows.index(pair[0]),
+        )
+        if not ready:
             return {}
+        model = self.model
         with torch.inference_mode():
-            outputs = self.engine.step({row: s.encode(j.pcm) for row, (s, j) in rows.items()})
-            return {s: s.finish(outputs[row]) for row, (s, _) in rows.items()}
+            pcm = np.stack([batch[s].pcm for s, _ in ready]).astype(np.float32) / 32768
+            audio = torch.from_numpy(pcm).to(model.device, model.dtype)[:, None, :]
+            indexes = torch.tensor([self.codec_rows.index(s) for s, _ in ready])
+            codes = self.encoder.step(audio, indexes)[:, : self.engine.k, 0]
+            outputs = self.engine.step({row: codes[i] for i, (_, row) in enumerate(ready)})
+            speaking = [(s, c) for s, row in ready if (c := outputs[row].codes) is not None]
+            waves: dict[MoshiStream, np.ndarray] = {}
+            if speaking:
+                frames = torch.stack([c for _, c in speaking])[:, :, None]
+                rows = torch.tensor([self.codec_rows.index(s) for s, _ in speaking])
+                decoded = self.decoder.step(frames, rows).float().clamp(-1, 1) * 32767
+                samples = decoded.reshape(len(speaking), -1).cpu().numpy().astype(np.int16)
+                waves = {s: samples[i] for i, (s, _) in enumerate(speaking)}
+            return {s: s.finish(outputs[row], waves.get(s)) for s, row in ready}
+
+    def _apply(self, kind: str, stream: MoshiStream) -> None:
+        """A join, leave, reset or steer of ``stream``, between steps on the device thread."""
+        if kind == "join" and not stream.closed:
+            stream.row = self.engine.join(stream.call_id)
+            self.codec_rows.append(stream)
+            self.encoder.add_row()
+            self.decoder.add_row()
+        elif kind == "leave" and stream.row is not None:
+            self.engine.leave(stream.row)
+            stream.row = None
+            index = self.codec_rows.index(stream)
+            self.codec_rows.pop(index)  # the codec's later rows move down by one, as this list
+            self.encoder.remove_row(index)
+            self.decoder.remove_row(index)
+        elif kind == "reset" and stream.row is not None:
+            self.engine.reset(stream.row)
+            index = self.codec_rows.index(stream)
+            self.encoder.reset(index)
+            self.decoder.reset(index)
+        elif kind == "steer" and stream.row is not None:
+            stream.row.forced_text = list(stream.forced)
 
 
 @dataclass(eq=False)
@@ -156,8 +202,6 @@ class MoshiStream:
     call_id: str
     row: Row | None = None
     closed: bool = False
-    encoder: Any = None
-    decoder: Any = None
     response_id: str | None = None
     quiet: int = 0
     forced: list[int] = field(default_factory=list)
@@ -193,38 +237,8 @@ class MoshiStream:
 
     # -- on the device thread ----------------------------------------------------------------
 
-    def apply(self, kind: str) -> None:
-        from s2s.backends.mimi_stream import MimiStreamDecoder, MimiStreamEncoder
-
-        engine = self.backend.engine
-        codec = self.backend.model.audio_encoder
-        if kind == "join" and not self.closed:
-            self.row = engine.join(self.call_id)
-            self.encoder = MimiStreamEncoder(codec, batch_size=1)
-            self.decoder = MimiStreamDecoder(codec, batch_size=1)
-        elif kind == "leave" and self.row is not None:
-            engine.leave(self.row)
-            self.row = None
-        elif kind == "reset" and self.row is not None:
-            engine.reset(self.row)
-            self.encoder.reset()
-            self.decoder.reset()
-        elif kind == "steer" and self.row is not None:
-            self.row.forced_text = list(self.forced)
-
-    def encode(self, pcm: np.ndarray) -> Any:
-        import torch
-
-        model = self.backend.model
-        frame = torch.from_numpy(pcm.astype(np.float32) / 32768).to(model.device, model.dtype)
-        codes = self.encoder.step(frame.reshape(1, 1, -1))  # (1, Q, 1)
-        return codes[0, : self.backend.engine.k, 0]
-
-    def finish(self, output: Any) -> StepResult:
-        audio = np.zeros(self.backend.frame_samples, np.int16)
-        if output.codes is not None:
-            wave = self.decoder.step(output.codes.reshape(1, -1, 1))  # (1, 1, samples)
-            audio = (wave.float().clamp(-1, 1) * 32767).reshape(-1).cpu().numpy().astype(np.int16)
+    def finish(self, output: Any, wave: np.ndarray | None) -> StepResult:
+        audio = wave if wave is not None else np.zeros(self.backend.frame_samples, np.int16)
         text = self._text(output.text_token)
         events: list[Any] = []
         if text:
