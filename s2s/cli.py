@@ -75,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
         help="pictures a call keeps; the latest is what the model looks at (default %(default)s)",
     )
     serve.add_argument(
+        "--camera-fps",
+        type=float,
+        default=d.camera_fps,
+        help="frames per second kept from a client's video track; 0 refuses video "
+        "(default %(default)s)",
+    )
+    serve.add_argument(
         "--log-level",
         default=d.log_level,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -96,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         image_max_bytes=args.image_max_bytes,
         image_max_pixels=args.image_max_pixels,
         image_history=args.image_history,
+        camera_fps=args.camera_fps,
         log_level=args.log_level,
     )
     s2s_log.configure(settings.log_level)

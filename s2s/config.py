@@ -34,5 +34,7 @@ class Settings:
     image_history: int = 4
     #: Bytes of unfinished chunked image uploads one call may have in flight.
     image_upload_bytes: int = 16 * 1024 * 1024
+    #: Frames per second kept from a caller's video track (0: video is refused in the answer).
+    camera_fps: float = 1.0
     log_level: str = "INFO"
     web_dir: Path = WEB_DIR

@@ -113,6 +113,16 @@ def load(data: bytes, limits: ImageLimits) -> Picture:
     return Picture(out.getvalue(), width, height, describe(rgb, width, height))
 
 
+def from_video_frame(frame: object, limits: ImageLimits) -> Picture:
+    """A decoded camera frame (``av.VideoFrame``) as a picture, downscaled like uploads."""
+    image = frame.to_image()  # type: ignore[attr-defined]
+    width, height = image.size
+    image.thumbnail((limits.max_side, limits.max_side))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=85)
+    return Picture(out.getvalue(), width, height, describe(image, width, height))
+
+
 def describe(image: object, width: int, height: int) -> str:
     """One sentence about the picture: its size, how bright it is, its main colours."""
     from PIL import Image

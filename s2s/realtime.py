@@ -151,7 +151,8 @@ class Realtime:
         self._buffer_start_ms = 0  # where the uncommitted input audio buffer starts
         self._idle_since = asyncio.get_running_loop().time()
         self._idle_fired = False
-        self._image_limits = image_limits or ImageLimits()
+        self.image_limits = image_limits or ImageLimits()
+        self._camera: Picture | None = None  # the latest sampled camera frame, if newer
         self._image_history = image_history
         self._pictures: collections.OrderedDict[str, Picture] = collections.OrderedDict()
         self._uploads = Uploads(upload_bytes)
@@ -305,7 +306,7 @@ class Realtime:
             case ImageCommit(upload_id=upload_id, previous_item_id=previous):
                 try:
                     raw = self._uploads.commit(upload_id)
-                    picture = await asyncio.to_thread(images.load, raw, self._image_limits)
+                    picture = await asyncio.to_thread(images.load, raw, self.image_limits)
                 except ImageError as exc:
                     raise RequestError(exc.code, str(exc), "upload_id") from None
                 item = MessageItem(role="user", content=[InputImage(image_url=picture.data_url)])
@@ -381,7 +382,7 @@ class Realtime:
             if isinstance(part, InputImage) and i not in pictures:
                 try:
                     data = images.decode_data_url(part.image_url)
-                    pictures[i] = await asyncio.to_thread(images.load, data, self._image_limits)
+                    pictures[i] = await asyncio.to_thread(images.load, data, self.image_limits)
                 except ImageError as exc:
                     raise RequestError(exc.code, str(exc), f"item.content[{i}].image_url") from None
                 # Kept downscaled, once: what the model sees and what a retrieve returns.
@@ -391,9 +392,18 @@ class Realtime:
         for picture in pictures.values():
             self._remember(item, picture)
 
+    def see(self, picture: Picture) -> None:
+        """A frame sampled from the caller's camera: the newest picture, replacing the last one."""
+        self._camera = picture
+
+    def _pictures_now(self) -> list[Picture]:
+        pictures = list(self._pictures.values())
+        return [*pictures, self._camera] if self._camera is not None else pictures
+
     def _remember(self, item: MessageItem, picture: Picture) -> None:
         """Keep the latest pictures; older ones leave the conversation to bound memory."""
         assert item.id is not None
+        self._camera = None  # an uploaded picture is newer than the last camera frame
         self._pictures[item.id] = picture
         while len(self._pictures) > self._image_history:
             old_id, _ = self._pictures.popitem(last=False)
@@ -465,7 +475,7 @@ class Realtime:
             response_id=r.id, instructions=instructions, voice=voice or self.config.voice,
             speed=speed or self.config.speed, modalities=list(r.modalities),
             conversation=list(self._items.values()), trigger=trigger,  # type: ignore[arg-type]
-            pictures=list(self._pictures.values()),
+            pictures=self._pictures_now(),
         )  # fmt: skip
         try:
             await self._stream.respond(request)

@@ -29,6 +29,7 @@ import numpy as np
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from s2s import images
 from s2s.audio import WEBRTC_RATE, FrameChunker, Resampler, SpeakerTrack
 from s2s.backends import Backend, ModelStream
 from s2s.config import Settings
@@ -94,6 +95,7 @@ class Session:
         self._realtime: Realtime | None = None
         self._stream: ModelStream | None = None
         self._mic: asyncio.Future[MediaStreamTrack] = asyncio.get_running_loop().create_future()
+        self._camera: asyncio.Future[MediaStreamTrack] = asyncio.get_running_loop().create_future()
         self._channel: RTCDataChannel | None = None
         self._pending: deque[str] = deque(maxlen=_PENDING_EVENTS)
         self._inbox: asyncio.Queue[bytes | str] = asyncio.Queue(_INBOX_SIZE)
@@ -116,10 +118,12 @@ class Session:
         audio = [t for t in self.pc.getTransceivers() if t.kind == "audio"]
         if not audio:
             raise OfferError("the offer has no audio section")
-        for transceiver in self.pc.getTransceivers():
-            if transceiver.kind != "audio":
-                # Nothing reads video yet; an unread remote track would queue frames forever.
-                transceiver.direction = "inactive"
+        video = [t for t in self.pc.getTransceivers() if t.kind == "video"]
+        for i, transceiver in enumerate(video):
+            # One camera, received only; with sampling off, none: an unread remote track would
+            # queue decoded frames forever.
+            wanted = i == 0 and self._settings.camera_fps > 0
+            transceiver.direction = "recvonly" if wanted else "inactive"
         set_audio_prefetch(audio[0].receiver, self._settings.jitter_prefetch)
         self.pc.addTrack(self.speaker)
         try:
@@ -162,6 +166,7 @@ class Session:
                 tg.create_task(self._run_vad(realtime), name=f"{cid}/vad")
                 tg.create_task(self._follow_playout(realtime), name=f"{cid}/playout")
                 tg.create_task(self._read_events(realtime), name=f"{cid}/events")
+                tg.create_task(self._sample_camera(realtime), name=f"{cid}/camera")
                 tg.create_task(self._supervise(), name=f"{cid}/supervise")
         except* _Ended:
             pass
@@ -176,8 +181,9 @@ class Session:
         self.end(self.end_reason or "released")
         await self.pc.close()
         self.speaker.stop()
-        if not self._mic.done():
-            self._mic.cancel()
+        for track in (self._mic, self._camera):
+            if not track.done():
+                track.cancel()
         if self._stream is not None:
             stream, self._stream = self._stream, None
             await stream.close()
@@ -243,6 +249,28 @@ class Session:
             if detector is not None:
                 self._vad.release(detector)
 
+    async def _sample_camera(self, realtime: Realtime) -> None:
+        """Drain the caller's video track, keeping one frame every ``1 / camera_fps`` seconds.
+
+        Only the latest sampled frame is kept (as the call's newest picture); nothing queues.
+        """
+        track = await self._camera
+        loop = asyncio.get_running_loop()
+        period = 1 / self._settings.camera_fps
+        limits = realtime.image_limits
+        last = -period
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            if loop.time() - last < period:
+                continue
+            last = loop.time()
+            assert isinstance(frame, av.VideoFrame)
+            picture = await asyncio.to_thread(images.from_video_frame, frame, limits)
+            realtime.see(picture)
+
     async def _follow_playout(self, realtime: Realtime) -> None:
         while True:
             if not realtime.needs_playout():
@@ -287,6 +315,8 @@ class Session:
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "audio" and not self._mic.done():
             self._mic.set_result(track)
+        elif track.kind == "video" and not self._camera.done():
+            self._camera.set_result(track)
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
         if channel.label != EVENTS_LABEL or self._channel is not None:

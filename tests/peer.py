@@ -16,7 +16,7 @@ import aiohttp
 import av
 import numpy as np
 from aiortc import RTCDataChannel, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack, VideoStreamTrack
 
 from s2s.rtc import new_peer_connection, set_audio_prefetch
 
@@ -70,6 +70,23 @@ class MicTrack(MediaStreamTrack):
         return frame
 
 
+class ColourCamera(VideoStreamTrack):
+    """A camera that films a wall of one colour (aiortc paces it at 30 fps)."""
+
+    def __init__(self, rgb: tuple[int, int, int], size: tuple[int, int] = (320, 240)) -> None:
+        super().__init__()
+        self.frames_sent = 0
+        self._pixels = np.empty((size[1], size[0], 3), np.uint8)
+        self._pixels[:] = rgb
+
+    async def recv(self) -> av.VideoFrame:
+        pts, time_base = await self.next_timestamp()
+        frame = av.VideoFrame.from_ndarray(self._pixels, format="rgb24")
+        frame.pts, frame.time_base = pts, time_base
+        self.frames_sent += 1
+        return frame
+
+
 class CallRefused(Exception):
     def __init__(self, status: int, body: str, headers: dict[str, str]) -> None:
         super().__init__(f"HTTP {status}: {body}")
@@ -86,6 +103,7 @@ class Peer:
         *,
         prefetch: int | None = 0,
         session: dict[str, Any] | None = None,
+        camera: MediaStreamTrack | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.mic = mic or MicTrack()
@@ -100,6 +118,7 @@ class Peer:
         self.states: list[str] = []
         self._prefetch = prefetch
         self._session = session
+        self._camera = camera
         self._event_arrived = asyncio.Event()
         self._audio_arrived = asyncio.Event()
         self._connected = asyncio.Event()
@@ -113,6 +132,8 @@ class Peer:
     async def connect(self, *, timeout: float = 10.0) -> None:
         """Offer, post, answer, wait for ``connected``; raises ``CallRefused`` on HTTP errors."""
         transceiver = self.pc.addTransceiver(self.mic, direction="sendrecv")
+        if self._camera is not None:
+            self.pc.addTransceiver(self._camera, direction="sendonly")
         if self._prefetch is not None:
             set_audio_prefetch(transceiver.receiver, self._prefetch)
         await self.pc.setLocalDescription(await self.pc.createOffer())

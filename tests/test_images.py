@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import Server, StartServer
-from tests.peer import MicTrack, Peer
+from tests.peer import ColourCamera, MicTrack, Peer
 
 CHUNK = 150_000  # bytes of image per chunk: ~200 KB of base64, under the 256 KiB message cap
 
@@ -153,5 +153,34 @@ async def test_bad_images_each_get_their_error_and_the_call_goes_on(
         send_upload(peer, "ok", good)
         received = await peer.next_event("s2s.image.received", after=mark)
         assert received["width"] == 200
+    finally:
+        await peer.close()
+
+
+async def test_a_video_track_is_sampled_and_its_latest_frame_answers(local: Server) -> None:
+    camera = ColourCamera((40, 170, 60))
+    peer = Peer(local.url, MicTrack(), camera=camera,
+                session={"audio": {"input": {"turn_detection": None}}})  # fmt: skip
+    try:
+        await peer.connect()
+        await peer.next_event("session.created")
+        loop = asyncio.get_running_loop()
+        # Two seconds of 30 fps video reach a server that keeps one frame a second.
+        await peer.wait_audio(2.0, since=loop.time())
+        assert camera.frames_sent > 30
+        peer.send(
+            {
+                "type": "conversation.item.create",
+                "item": {
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": "what am I looking at?"}],
+                },
+            }
+        )
+        peer.send({"type": "response.create"})
+        done = await peer.next_event("response.done", timeout=20)
+        answer = done["response"]["output"][0]["content"][0]["transcript"]
+        assert "320 by 240" in answer and "green" in answer
     finally:
         await peer.close()
