@@ -123,28 +123,79 @@ async def test_stock_openai_agents_client_holds_a_conversation(
     await screenshot(page, "agents-sdk")
 
 
-async def test_our_page_hears_the_fake_microphone_and_plays_the_reply(
+LONG = (
+    "please say this is a long answer. it goes on for a while. it has many sentences. "
+    "the interrupt button should stop it. nobody should hear the rest of it."
+)
+
+
+async def test_our_page_hears_the_mic_replies_shows_stats_interrupts_and_sends_a_snapshot(
     start_server: StartServer, launch_browser: LaunchBrowser, tmp_path: Path
 ) -> None:
     server = await start_server(model="local")
     speech = np.concatenate([speak("hello there how are you today", voice="en-us+f2"),
-                             np.zeros(48_000 * 4, np.int16)])  # fmt: skip
+                             np.zeros(48_000 * 6, np.int16)])  # fmt: skip
     browser = await launch_browser(write_wav(tmp_path / "hello.wav", speech))
-    page = await browser.new_page()
+    page = await browser.new_page(viewport={"width": 1200, "height": 900})
     await page.goto(server.url + "/")
+    await screenshot(page, "page-idle")
     await page.click("#connect")
-    await wait_for(page, "window.s2s && window.s2s.events.some(e => e.type === 'session.created')",
-                   timeout=20)  # fmt: skip
-    heard = await wait_for(
-        page,
-        """window.s2s.events.find(e =>
-        e.type === 'conversation.item.input_audio_transcription.completed')""",
-        timeout=30,
-    )
-    assert (await heard.json_value())["transcript"]
-    await wait_for(page, "window.s2s.events.some(e => e.type === 'response.done')", timeout=30)
+    events = "window.s2s.events"
+    # What the fake microphone said appears as the caller's turn, and the reply plays.
+    transcribed = "'conversation.item.input_audio_transcription.completed'"
+    await wait_for(page, f"{events}.some(e => e.type === {transcribed})", timeout=30)
+    await wait_for(page, f"{events}.some(e => e.type === 'response.done')", timeout=30)
+    heard = await page.inner_text("#transcript .turn.user .text")
+    assert heard and heard != "…"
+    replied = await page.inner_text("#transcript .turn.assistant .text")
+    assert replied.startswith(("Hello!", "I heard you say"))
     assert await inbound_audio_energy(page, "window.s2s.pc") > 0.01
+    # The stats panel and the turn timeline filled in.
+    unset = "\u2013"  # the en dash the panel shows before a figure is known
+    await wait_for(page, f"document.getElementById('stat-in').textContent !== '{unset}'",
+                   timeout=5)  # fmt: skip
+    for stat in ("stat-setup", "stat-channel", "stat-rtt", "stat-jitter", "stat-out"):
+        assert (await page.inner_text(f"#{stat}")) != unset, stat
+    assert "turn latency" in await page.inner_text("#turn-latency")
     await screenshot(page, "page-replied")
+
+    # Push-to-talk from here on, so the looping fake microphone does not barge in.
+    await page.uncheck("#vad")
+    await wait_for(page, f"{events}.filter(e => e.type === 'session.updated').length >= 2",
+                   timeout=5)  # fmt: skip
+    # Interrupt stops the reply's audio.
+    await page.fill("#message", LONG)
+    await page.press("#message", "Enter")
+    await wait_for(page, f"{events}.filter(e => e.type === 'output_audio_buffer.started')"
+                   ".length >= 2", timeout=20)  # fmt: skip
+    await asyncio.sleep(1.0)  # let the long reply play for a second before interrupting it
+    await page.click("#interrupt")
+    await wait_for(page, f"{events}.some(e => e.type === 'response.done' && "
+                   "e.response.status === 'cancelled')", timeout=10)  # fmt: skip
+    assert "(interrupted)" in await page.inner_text("#transcript")
+    # What was already in flight plays out (a few hundred ms at most); after that, silence.
+    await asyncio.sleep(0.4)
+    silent_from = await inbound_audio_energy(page, "window.s2s.pc")
+    await asyncio.sleep(1.0)  # a second in which the interrupted reply must not be heard
+    assert await inbound_audio_energy(page, "window.s2s.pc") - silent_from < 0.0005
+    await screenshot(page, "page-interrupted")
+
+    # The snapshot button sends a camera frame; the answer is about that picture.
+    await page.click("#snapshot")
+    await wait_for(page, "window.s2s.sent.some(e => e.type === 'conversation.item.create' "
+                   "&& e.item.content[0].type === 'input_image' || e.type === 's2s.image.commit')",
+                   timeout=10)  # fmt: skip
+    await page.fill("#message", "what am I looking at?")
+    await page.press("#message", "Enter")
+    await wait_for(page, "document.getElementById('transcript').innerText.includes('pixel "
+                   "picture')", timeout=20)  # fmt: skip
+    await screenshot(page, "page-snapshot")
+
+    # A server error is shown in plain words: committing an empty push-to-talk turn.
+    await page.click("#talk")
+    await wait_for(page, "document.getElementById('error').textContent.length > 0", timeout=5)
+    assert "audio" in await page.inner_text("#error")
+
     await page.click("#hangup")
     await wait_for(page, "document.getElementById('status').textContent === 'idle'", timeout=5)
     async with asyncio.timeout(5):
