@@ -196,6 +196,11 @@ async def test_our_page_hears_the_mic_replies_shows_stats_interrupts_and_sends_a
     await wait_for(page, "document.getElementById('error').textContent.length > 0", timeout=5)
     assert "audio" in await page.inner_text("#error")
 
+    # On a phone-sized screen the panels stack and nothing overflows sideways.
+    await page.set_viewport_size({"width": 390, "height": 844})
+    assert await page.evaluate("document.documentElement.scrollWidth <= 390")
+    await screenshot(page, "page-phone")
+
     await page.click("#hangup")
     await wait_for(page, "document.getElementById('status').textContent === 'idle'", timeout=5)
     async with asyncio.timeout(5):
