@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from s2s.auth import Keys
 from s2s.backends import load_backend
 from s2s.config import Settings
 from s2s.registry import SessionRegistry
-from s2s.signaling import BACKEND, REGISTRY, SETTINGS, VAD, add_routes, cors_middleware
+from s2s.signaling import BACKEND, KEYS, REGISTRY, SETTINGS, VAD, add_routes, cors_middleware
 from s2s.vad import VadService
 
 log = logging.getLogger(__name__)
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[cors_middleware])
     app[SETTINGS] = settings
+    app[KEYS] = Keys(settings.api_keys)
     app.cleanup_ctx.append(_model_and_calls)
     add_routes(app)
     index = settings.web_dir / "index.html"

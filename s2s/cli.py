@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Sequence
+from pathlib import Path
 
 import uvloop
 from aiohttp import web
@@ -82,6 +83,24 @@ def _parser() -> argparse.ArgumentParser:
         "(default %(default)s)",
     )
     serve.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="server API key clients must present as 'Authorization: Bearer KEY' (repeatable)",
+    )
+    serve.add_argument("--api-key-file", type=Path, help="a file of server API keys, one a line")
+    serve.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        help="browser origin allowed to call the API (repeatable; default: any)",
+    )
+    serve.add_argument(
+        "--insecure-public",
+        action="store_true",
+        help="listen on a public address even with no API key (anyone can call)",
+    )
+    serve.add_argument(
         "--log-level",
         default=d.log_level,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -92,8 +111,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    keys = [k.strip() for k in args.api_key if k.strip()]
+    if args.api_key_file:
+        keys += [
+            line.strip() for line in args.api_key_file.read_text().splitlines() if line.strip()
+        ]
+    host = args.host
+    open_warning = None
+    if not keys and host not in ("127.0.0.1", "::1", "localhost") and not args.insecure_public:
+        open_warning = f"no --api-key given: listening on 127.0.0.1, not {host}"
+        host = "127.0.0.1"
     settings = Settings(
-        host=args.host,
+        host=host,
+        api_keys=tuple(keys),
+        allowed_origins=tuple(args.allow_origin),
         port=args.port,
         model=args.model,
         device=args.device,
@@ -107,6 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_level=args.log_level,
     )
     s2s_log.configure(settings.log_level)
+    if open_warning:
+        log.warning("%s (use --insecure-public to allow it)", open_warning)
+    elif not keys:
+        log.warning("no --api-key given: anyone who can reach %s may make calls", host)
     uvloop.run(serve(settings))
     return 0
 

@@ -36,5 +36,9 @@ class Settings:
     image_upload_bytes: int = 16 * 1024 * 1024
     #: Frames per second kept from a caller's video track (0: video is refused in the answer).
     camera_fps: float = 1.0
+    #: Server API keys; with none, every caller is trusted (and the CLI binds to loopback).
+    api_keys: tuple[str, ...] = ()
+    #: Browser origins allowed to use /v1/ endpoints; empty allows any.
+    allowed_origins: tuple[str, ...] = ()
     log_level: str = "INFO"
     web_dir: Path = WEB_DIR

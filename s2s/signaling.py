@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 from aiohttp import web
 
+from s2s.auth import DEFAULT_SECRET_TTL_S, Keys, bearer
 from s2s.backends import Backend
 from s2s.config import Settings
 from s2s.protocol import ServerVad, SessionConfig, SessionPatch
@@ -28,6 +29,7 @@ SETTINGS = web.AppKey("settings", Settings)
 BACKEND = web.AppKey("backend", Backend)
 REGISTRY = web.AppKey("registry", SessionRegistry)
 VAD = web.AppKey("vad", VadService)
+KEYS = web.AppKey("keys", Keys)
 
 CALLS_PATH = "/v1/realtime/calls"
 _ALLOW_HEADERS = "Authorization, Content-Type, X-OpenAI-Agents-SDK, OpenAI-Beta"
@@ -36,6 +38,7 @@ _ALLOW_METHODS = "GET, POST, OPTIONS"
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post(CALLS_PATH, create_call)
+    app.router.add_post("/v1/realtime/client_secrets", create_client_secret)
     app.router.add_post(CALLS_PATH + "/{call_id}/hangup", hangup_call)
     app.router.add_get("/healthz", healthz)
 
@@ -64,10 +67,20 @@ async def create_call(request: web.Request) -> web.Response:
     """``POST /v1/realtime/calls``: the SDP offer in, 201 with the SDP answer out."""
     app = request.app
     settings = app[SETTINGS]
+    keys = app[KEYS]
+    token = bearer(request.headers.get("Authorization"))
+    secret = None
+    if keys.required and keys.server_key(token) is None:
+        secret = keys.redeem(token)
+        if secret is None:
+            return _unauthorized("a server API key or an unused, unexpired client secret")
     try:
         offer, patch = await _read_offer(request, settings.max_sdp_bytes)
     except _BadRequest as exc:
         return exc.response
+    if secret is not None:
+        # The secret's session is the call's; the client cannot widen it with its own.
+        patch = secret.session
     backend = app[BACKEND]
     call_id = new_call_id()
     # Server VAD is on by default for models that take turns; continuous ones (echo) run none.
@@ -158,8 +171,54 @@ def _check_sdp(data: bytes) -> str:
     return sdp
 
 
+def _unauthorized(what: str) -> web.Response:
+    return error_response(
+        401, "invalid_api_key", f"this endpoint needs {what} in 'Authorization: Bearer ...'",
+        headers={"WWW-Authenticate": "Bearer"},
+    )  # fmt: skip
+
+
+def _server_key(request: web.Request) -> str | web.Response | None:
+    """The caller's server key; a 401 response if keys are required and none matches."""
+    keys = request.app[KEYS]
+    key = keys.server_key(bearer(request.headers.get("Authorization")))
+    if keys.required and key is None:
+        return _unauthorized("a server API key")
+    return key
+
+
+async def create_client_secret(request: web.Request) -> web.Response:
+    """``POST /v1/realtime/client_secrets``: a single-use ``ek_`` key for a browser."""
+    owner = _server_key(request)
+    if isinstance(owner, web.Response):
+        return owner
+    try:
+        body = msgspec.json.decode(await request.read() or b"{}", type=_SecretRequest)
+    except msgspec.DecodeError as exc:
+        return error_response(400, "invalid_request", f"invalid body: {exc}")
+    ttl = body.expires_after.seconds if body.expires_after else DEFAULT_SECRET_TTL_S
+    secret = request.app[KEYS].mint(owner or "", body.session, ttl)
+    session = msgspec.to_builtins(secret.session)
+    return web.json_response(
+        {"value": secret.value, "expires_at": secret.expires_at, "session": session}
+    )
+
+
+class _ExpiresAfter(msgspec.Struct):
+    seconds: int
+    anchor: str = "created_at"
+
+
+class _SecretRequest(msgspec.Struct):
+    expires_after: _ExpiresAfter | None = None
+    session: SessionPatch = msgspec.field(default_factory=SessionPatch)
+
+
 async def hangup_call(request: web.Request) -> web.Response:
     """``POST /v1/realtime/calls/{call_id}/hangup``."""
+    denied = _server_key(request)
+    if isinstance(denied, web.Response):
+        return denied
     call_id = request.match_info["call_id"]
     if not await request.app[REGISTRY].hangup(call_id):
         return error_response(404, "call_not_found", f"no call {call_id!r}", param="call_id")
@@ -185,6 +244,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Let a page on another origin create and hang up calls, as OpenAI's clients do."""
     origin = request.headers.get("Origin")
+    allowed = request.app[SETTINGS].allowed_origins
+    if origin and allowed and origin not in allowed and request.path.startswith("/v1/"):
+        return error_response(403, "origin_not_allowed", f"origin {origin!r} is not allowed")
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         response: web.StreamResponse = web.Response(status=204)
         response.headers["Access-Control-Allow-Methods"] = _ALLOW_METHODS

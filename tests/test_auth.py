@@ -1,0 +1,117 @@
+"""Keys: server API keys, single-use ephemeral client secrets, allowed origins."""
+
+from __future__ import annotations
+
+import time
+
+import aiohttp
+import pytest
+
+from tests.conftest import Server, StartServer
+from tests.peer import CallRefused, Peer
+
+KEY = "sk-test-0123456789"
+
+
+@pytest.fixture
+async def locked(start_server: StartServer) -> Server:
+    return await start_server(api_keys=(KEY, "sk-other"), allowed_origins=("https://app.example",))
+
+
+class KeyedPeer(Peer):
+    """A peer that posts its offer with an Authorization header."""
+
+    def __init__(self, url: str, token: str | None, **kwargs: object) -> None:
+        super().__init__(url, **kwargs)  # type: ignore[arg-type]
+        self.token = token
+
+    async def _post_offer(self, sdp: str) -> tuple[int, str, dict[str, str]]:
+        headers = {"Content-Type": "application/sdp"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(self.base_url + "/v1/realtime/calls", data=sdp, headers=headers) as resp,
+        ):
+            return resp.status, await resp.text(), dict(resp.headers)
+
+
+async def mint(server: Server, key: str | None, body: dict) -> tuple[int, dict]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(server.url + "/v1/realtime/client_secrets", json=body, headers=headers) as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+@pytest.mark.parametrize("token", [None, "sk-wrong", "ek_forged_secret", "Basic abc"])
+async def test_calls_without_a_valid_key_get_401(locked: Server, token: str | None) -> None:
+    peer = KeyedPeer(locked.url, token)
+    with pytest.raises(CallRefused) as refused:
+        await peer.connect()
+    assert refused.value.status == 401
+    assert "invalid_api_key" in refused.value.body
+    assert refused.value.headers["WWW-Authenticate"] == "Bearer"
+    assert len(locked.registry) == 0
+
+
+async def test_a_server_key_makes_a_call_and_hangs_up(locked: Server) -> None:
+    peer = KeyedPeer(locked.url, KEY)
+    try:
+        await peer.connect()
+        assert peer.call_url is not None
+        async with aiohttp.ClientSession() as http:
+            async with http.post(peer.call_url + "/hangup") as resp:
+                assert resp.status == 401
+            headers = {"Authorization": f"Bearer {KEY}"}
+            async with http.post(peer.call_url + "/hangup", headers=headers) as resp:
+                assert resp.status == 200
+    finally:
+        await peer.close()
+
+
+async def test_client_secret_works_once_and_carries_its_session(locked: Server) -> None:
+    status, _ = await mint(locked, None, {})
+    assert status == 401
+    status, secret = await mint(locked, KEY, {"session": {"instructions": "Be brief."}})
+    assert status == 200 and secret["value"].startswith("ek_")
+    assert secret["expires_at"] > time.time() and secret["session"]["instructions"] == "Be brief."
+    # The client tries to widen the session: the secret's session wins.
+    peer = KeyedPeer(locked.url, secret["value"], session={"instructions": "Say anything."})
+    try:
+        await peer.connect()
+        created = await peer.next_event("session.created")
+        assert created["session"]["instructions"] == "Be brief."
+    finally:
+        await peer.close()
+    again = KeyedPeer(locked.url, secret["value"])
+    with pytest.raises(CallRefused) as refused:
+        await again.connect()
+    assert refused.value.status == 401
+
+
+async def test_an_expired_client_secret_is_refused(
+    locked: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, secret = await mint(locked, KEY, {"expires_after": {"anchor": "created_at", "seconds": 10}})
+    later = time.time() + 11
+    monkeypatch.setattr(time, "time", lambda: later)
+    peer = KeyedPeer(locked.url, secret["value"])
+    with pytest.raises(CallRefused) as refused:
+        await peer.connect()
+    assert refused.value.status == 401
+
+
+async def test_origins_outside_the_allow_list_get_403(locked: Server) -> None:
+    async with aiohttp.ClientSession() as http:
+        for origin, status in (("https://evil.example", 403), ("https://app.example", 401)):
+            async with http.post(
+                locked.url + "/v1/realtime/calls", data="v=0",
+                headers={"Origin": origin, "Content-Type": "application/sdp"},
+            ) as resp:  # fmt: skip
+                assert resp.status == status, origin
+        async with http.get(locked.url + "/healthz") as resp:
+            assert resp.status == 200  # health and the page need no key
+        async with http.get(locked.url + "/") as resp:
+            assert resp.status == 200
