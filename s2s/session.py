@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 
 import av
 import numpy as np
@@ -87,6 +88,10 @@ class Session:
         self.speaker = SpeakerTrack()
         self.log = CallLogger(log, call_id)
         self.end_reason: str | None = None
+        #: The server key the call was made with (or that minted its client secret).
+        self.owner: str | None = None
+        #: Sideband watchers: each gets every server event's JSON, as the data channel does.
+        self.listeners: set[Callable[[str], None]] = set()
         #: Model frames dropped because the model fell behind.
         self.frames_dropped = 0
         self._backend = backend
@@ -137,6 +142,9 @@ class Session:
     @property
     def ended(self) -> bool:
         return self._ended.is_set()
+
+    async def wait_ended(self) -> None:
+        await self._ended.wait()
 
     def end(self, reason: str) -> None:
         """Ask the call to end; the first reason given is the one reported."""
@@ -298,6 +306,8 @@ class Session:
             channel.send(text)
         else:
             self._pending.append(text)
+        for listener in list(self.listeners):
+            listener(text)
 
     async def _read_events(self, realtime: Realtime) -> None:
         while True:
@@ -328,6 +338,10 @@ class Session:
         self.send(SessionCreated(session=self.config.to_wire()))
         while self._pending and channel.readyState == "open":
             channel.send(self._pending.popleft())
+
+    def receive(self, message: bytes | str) -> None:
+        """A client event from the data channel or an app backend's sideband connection."""
+        self._on_message(message)
 
     def _on_message(self, message: bytes | str) -> None:
         try:

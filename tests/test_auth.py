@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 
 import aiohttp
@@ -26,14 +28,17 @@ class KeyedPeer(Peer):
         self.token = token
 
     async def _post_offer(self, sdp: str) -> tuple[int, str, dict[str, str]]:
-        headers = {"Content-Type": "application/sdp"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        async with (
-            aiohttp.ClientSession() as http,
-            http.post(self.base_url + "/v1/realtime/calls", data=sdp, headers=headers) as resp,
-        ):
-            return resp.status, await resp.text(), dict(resp.headers)
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        body: str | aiohttp.FormData = sdp
+        if self._session is None:
+            headers["Content-Type"] = "application/sdp"
+        else:
+            body = aiohttp.FormData(default_to_multipart=True)
+            body.add_field("sdp", sdp)
+            body.add_field("session", json.dumps(self._session))
+        url = self.base_url + "/v1/realtime/calls"
+        async with aiohttp.ClientSession() as http, http.post(url, data=body, headers=headers) as r:
+            return r.status, await r.text(), dict(r.headers)
 
 
 async def mint(server: Server, key: str | None, body: dict) -> tuple[int, dict]:
@@ -115,3 +120,51 @@ async def test_origins_outside_the_allow_list_get_403(locked: Server) -> None:
             assert resp.status == 200  # health and the page need no key
         async with http.get(locked.url + "/") as resp:
             assert resp.status == 200
+
+
+async def test_the_app_backend_watches_and_steers_its_call_over_the_sideband(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(model="local", api_keys=(KEY, "sk-other"))
+    peer = KeyedPeer(server.url, KEY, session={"audio": {"input": {"turn_detection": None}}})
+    try:
+        await peer.connect()
+        await peer.next_event("session.created")
+        call_id = peer.call_url.rsplit("/", 1)[1]
+        url = server.url + f"/v1/realtime?call_id={call_id}"
+        async with aiohttp.ClientSession() as http:
+            for key, status in (("sk-other", 403), ("sk-nope", 401)):
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await http.ws_connect(url, headers={"Authorization": f"Bearer {key}"})
+                assert refused.value.status == status
+            with pytest.raises(aiohttp.WSServerHandshakeError) as missing:
+                await http.ws_connect(server.url + "/v1/realtime?call_id=rtc_none",
+                                      headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+            assert missing.value.status == 404
+            async with http.ws_connect(url, headers={"Authorization": f"Bearer {KEY}"}) as ws:
+                # Steering from the backend: the caller hears the reply it asked for.
+                await ws.send_json(
+                    {
+                        "type": "response.create",
+                        "response": {"instructions": 'Say "from the backend"'},
+                    }
+                )
+                seen = []
+                async with asyncio.timeout(20):
+                    async for message in ws:
+                        seen.append(json.loads(message.data)["type"])
+                        if seen[-1] == "response.done":
+                            break
+                assert "response.created" in seen
+                done = await peer.next_event("response.done", timeout=5)
+                assert (
+                    done["response"]["output"][0]["content"][0]["transcript"] == "from the backend"
+                )
+                # The call ending closes the sideband.
+                await peer.close()
+                async with asyncio.timeout(10):
+                    async for _ in ws:
+                        pass
+                assert ws.closed
+    finally:
+        await peer.close()
