@@ -10,6 +10,7 @@ from aiohttp import web
 from s2s.auth import Keys
 from s2s.backends import load_backend
 from s2s.config import Settings
+from s2s.protocol import ServerShutdown
 from s2s.registry import SessionRegistry
 from s2s.signaling import BACKEND, KEYS, REGISTRY, SETTINGS, VAD, add_routes, cors_middleware
 from s2s.vad import VadService
@@ -41,7 +42,7 @@ async def _model_and_calls(app: web.Application) -> AsyncIterator[None]:
     vad = VadService()
     await vad.start()
     app[VAD] = vad
-    registry = SessionRegistry(settings.max_sessions)
+    registry = SessionRegistry(settings.max_sessions, settings.max_calls_per_key)
     app[REGISTRY] = registry
     log.info("model %s ready; up to %d calls", backend.name, settings.max_sessions)
     try:
@@ -50,3 +51,14 @@ async def _model_and_calls(app: web.Application) -> AsyncIterator[None]:
         await registry.close_all("server_shutdown")
         await vad.close()
         await backend.close()
+
+
+async def drain(app: web.Application) -> None:
+    """Stop taking calls, tell every caller, and give calls the grace period to end."""
+    registry = app[REGISTRY]
+    grace = app[SETTINGS].shutdown_grace_s
+    registry.draining = True
+    for session in registry.sessions():
+        session.send(ServerShutdown(grace_s=grace))
+    log.info("draining %d calls for up to %g s", len(registry), grace)
+    await registry.drain(grace)

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from s2s import __version__
 from s2s import log as s2s_log
-from s2s.app import create_app
+from s2s.app import create_app, drain
 from s2s.config import Settings
 
 log = logging.getLogger("s2s")
@@ -101,6 +101,24 @@ def _parser() -> argparse.ArgumentParser:
         help="listen on a public address even with no API key (anyone can call)",
     )
     serve.add_argument(
+        "--max-call-seconds",
+        type=float,
+        default=d.max_call_s,
+        help="longest call in seconds; 0 for no limit (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-calls-per-key",
+        type=int,
+        default=d.max_calls_per_key,
+        help="calls one API key may hold at once; 0 for no limit (default %(default)s)",
+    )
+    serve.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=d.shutdown_grace_s,
+        help="seconds calls may go on after SIGTERM (default %(default)s)",
+    )
+    serve.add_argument(
         "--log-level",
         default=d.log_level,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -135,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         image_max_pixels=args.image_max_pixels,
         image_history=args.image_history,
         camera_fps=args.camera_fps,
+        max_call_s=args.max_call_seconds,
+        max_calls_per_key=args.max_calls_per_key,
+        shutdown_grace_s=args.shutdown_grace,
         log_level=args.log_level,
     )
     s2s_log.configure(settings.log_level)
@@ -148,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def serve(settings: Settings) -> None:
     """Serve until SIGINT or SIGTERM, then end every call and unload the model."""
-    runner = web.AppRunner(create_app(settings), handle_signals=False, access_log=None)
+    app = create_app(settings)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.host, settings.port)
@@ -161,5 +183,6 @@ async def serve(settings: Settings) -> None:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("shutting down")
+        await drain(app)
     finally:
         await runner.cleanup()

@@ -36,6 +36,15 @@ class Settings:
     image_upload_bytes: int = 16 * 1024 * 1024
     #: Frames per second kept from a caller's video track (0: video is refused in the answer).
     camera_fps: float = 1.0
+    #: Longest call in seconds (0: no limit).
+    max_call_s: float = 0.0
+    #: Calls one server key may hold at once (0: only --max-sessions applies).
+    max_calls_per_key: int = 0
+    #: Client events per second and bytes per second one call may send (bursts of 2 s allowed).
+    max_events_per_s: float = 100.0
+    max_event_bytes_per_s: float = 4_000_000.0
+    #: Seconds calls may go on after SIGTERM before they are closed.
+    shutdown_grace_s: float = 10.0
     #: Server API keys; with none, every caller is trusted (and the CLI binds to loopback).
     api_keys: tuple[str, ...] = ()
     #: Browser origins allowed to use /v1/ endpoints; empty allows any.

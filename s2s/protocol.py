@@ -457,6 +457,12 @@ class ImageReceived(ServerEvent, tag="s2s.image.received"):
     bytes: int
 
 
+class ServerShutdown(ServerEvent, tag="s2s.server.shutdown"):
+    """s2s extension: the server is stopping; the call will be closed within ``grace_s``."""
+
+    grace_s: float
+
+
 class ErrorDetail(msgspec.Struct):
     message: str
     type: str = "invalid_request_error"
@@ -477,7 +483,8 @@ AnyServerEvent = (
     | OutputAudioBufferStarted | OutputAudioBufferStopped | OutputAudioBufferCleared
     | ResponseCreated | ResponseDone | ResponseOutputItemAdded | ResponseOutputItemDone
     | ResponseContentPartAdded | ResponseContentPartDone | TranscriptDelta | TranscriptDone
-    | OutputTextDelta | OutputTextDone | ResponseSteered | ImageReceived | Error
+    | OutputTextDelta | OutputTextDone | ResponseSteered | ImageReceived | ServerShutdown
+    | Error
 )  # fmt: skip
 
 # -- encoding ------------------------------------------------------------------------------------

@@ -19,6 +19,10 @@ class ServerFull(RuntimeError):
     pass
 
 
+class KeyLimit(RuntimeError):
+    pass
+
+
 def new_call_id() -> str:
     return f"rtc_{secrets.token_hex(12)}"
 
@@ -26,19 +30,38 @@ def new_call_id() -> str:
 class SessionRegistry:
     """Admits, runs and ends sessions; each runs in its own task and fails on its own."""
 
-    def __init__(self, max_sessions: int) -> None:
+    def __init__(self, max_sessions: int, max_per_owner: int = 0) -> None:
         self.max_sessions = max_sessions
+        self.max_per_owner = max_per_owner
+        #: Set on shutdown: no new calls are admitted.
+        self.draining = False
         self._sessions: dict[str, Session] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def sessions(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    async def drain(self, grace_s: float) -> None:
+        """Admit no more calls and wait up to ``grace_s`` for the current ones to end."""
+        self.draining = True
+        tasks = list(self._tasks.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace_s)
+
     def get(self, call_id: str) -> Session | None:
         return self._sessions.get(call_id)
 
     def admit(self, session: Session) -> None:
-        """Count ``session`` against the cap from now on (negotiation included)."""
+        """Count ``session`` against the caps from now on (negotiation included)."""
+        if self.draining:
+            raise ServerFull("the server is shutting down")
+        if self.max_per_owner and session.owner is not None:
+            held = sum(1 for s in self._sessions.values() if s.owner == session.owner)
+            if held >= self.max_per_owner:
+                raise KeyLimit(f"this key holds {held} of its {self.max_per_owner} calls")
         if len(self._sessions) >= self.max_sessions:
             raise ServerFull(f"{len(self._sessions)} of {self.max_sessions} calls in progress")
         self._sessions[session.call_id] = session

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -64,6 +65,29 @@ _INBOX_SIZE = 256
 _PENDING_EVENTS = 256
 
 
+class EventRate:
+    """Token buckets for a call's client events: so many a second, so many bytes a second.
+
+    Each allows a burst of two seconds' worth, so a picture upload can go at full speed.
+    """
+
+    def __init__(self, events_per_s: float, bytes_per_s: float) -> None:
+        self._rates = (events_per_s, bytes_per_s)
+        self._tokens = [2 * events_per_s, 2 * bytes_per_s]
+        self._at = time.monotonic()
+
+    def take(self, size: int) -> bool:
+        now = time.monotonic()
+        elapsed, self._at = now - self._at, now
+        for i, rate in enumerate(self._rates):
+            self._tokens[i] = min(2 * rate, self._tokens[i] + elapsed * rate)
+        if self._tokens[0] < 1 or self._tokens[1] < size:
+            return False
+        self._tokens[0] -= 1
+        self._tokens[1] -= size
+        return True
+
+
 class OfferError(ValueError):
     """The SDP offer cannot be answered; the message says why."""
 
@@ -104,6 +128,7 @@ class Session:
         self._channel: RTCDataChannel | None = None
         self._pending: deque[str] = deque(maxlen=_PENDING_EVENTS)
         self._inbox: asyncio.Queue[bytes | str] = asyncio.Queue(_INBOX_SIZE)
+        self._rate = EventRate(settings.max_events_per_s, settings.max_event_bytes_per_s)
         self._model_in: asyncio.Queue[np.ndarray] = asyncio.Queue(_MODEL_BACKLOG)
         self._vad_in: asyncio.Queue[np.ndarray] = asyncio.Queue(_VAD_BACKLOG)
         self._ended = asyncio.Event()
@@ -200,6 +225,8 @@ class Session:
     async def _supervise(self) -> None:
         loop = asyncio.get_running_loop()
         timeout = self._settings.peer_timeout_s
+        longest = self._settings.max_call_s
+        started = loop.time()
         # Poll instead of arming a timer per audio frame: one wake-up a second per call is cheap.
         while True:
             try:
@@ -209,6 +236,12 @@ class Session:
             except TimeoutError:
                 if loop.time() - self._last_audio > timeout:
                     self.end("peer_timeout")
+                elif longest and loop.time() - started > longest:
+                    self.send(Error(error=ErrorDetail(
+                        code="call_duration_limit", type="limit_error",
+                        message=f"calls on this server last at most {longest:g} s",
+                    )))  # fmt: skip
+                    self.end("max_duration")
 
     async def _pump_mic(self, realtime: Realtime) -> None:
         track = await self._mic
@@ -344,6 +377,12 @@ class Session:
         self._on_message(message)
 
     def _on_message(self, message: bytes | str) -> None:
+        if not self._rate.take(len(message)):
+            self.send(Error(error=ErrorDetail(
+                code="rate_limited", type="limit_error",
+                message="too many client events or bytes per second; this one was dropped",
+            )))  # fmt: skip
+            return
         try:
             self._inbox.put_nowait(message)
         except asyncio.QueueFull:

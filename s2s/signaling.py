@@ -19,7 +19,7 @@ from s2s.auth import DEFAULT_SECRET_TTL_S, Keys, bearer
 from s2s.backends import Backend
 from s2s.config import Settings
 from s2s.protocol import ServerVad, SessionConfig, SessionPatch
-from s2s.registry import ServerFull, SessionRegistry, new_call_id
+from s2s.registry import KeyLimit, ServerFull, SessionRegistry, new_call_id
 from s2s.rtc import new_peer_connection
 from s2s.session import OfferError, Session
 from s2s.vad import VadService
@@ -98,6 +98,11 @@ async def create_call(request: web.Request) -> web.Response:
     registry = app[REGISTRY]
     try:
         registry.admit(session)
+    except KeyLimit as exc:
+        await session.release()
+        return error_response(
+            429, "too_many_calls", str(exc), headers={"Retry-After": str(settings.retry_after_s)}
+        )
     except ServerFull as exc:
         await session.release()
         return error_response(

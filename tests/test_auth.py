@@ -168,3 +168,32 @@ async def test_the_app_backend_watches_and_steers_its_call_over_the_sideband(
                 assert ws.closed
     finally:
         await peer.close()
+
+
+async def test_limits_per_key_duration_and_event_rate(start_server: StartServer) -> None:
+    server = await start_server(api_keys=(KEY,), max_calls_per_key=1, max_call_s=1.5,
+                                max_events_per_s=5)  # fmt: skip
+    first = KeyedPeer(server.url, KEY)
+    second = KeyedPeer(server.url, KEY)
+    try:
+        await first.connect()
+        await first.next_event("session.created")
+        with pytest.raises(CallRefused) as refused:
+            await second.connect()
+        assert refused.value.status == 429 and "too_many_calls" in refused.value.body
+        for i in range(30):
+            first.send({"type": "session.update", "event_id": f"u{i}", "session": {}})
+        limited = await first.next_event("error", timeout=5)
+        assert limited["error"]["code"] == "rate_limited"
+        after = first.events.index(limited) + 1
+        while (ended := await first.next_event("error", after=after, timeout=5))["error"][
+            "code"
+        ] == "rate_limited":
+            after = first.events.index(ended) + 1
+        assert ended["error"]["code"] == "call_duration_limit"
+        async with asyncio.timeout(5):
+            while len(server.registry):  # noqa: ASYNC110 - the registry has no event to await
+                await asyncio.sleep(0.05)
+    finally:
+        await first.close()
+        await second.close()

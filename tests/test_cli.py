@@ -8,6 +8,7 @@ import socket
 import sys
 
 import aiohttp
+import pytest
 
 
 def free_port() -> int:
@@ -43,6 +44,37 @@ async def test_serve_starts_with_defaults_and_stops_on_sigterm() -> None:
         async with asyncio.timeout(10):
             assert await proc.wait() == 0
     finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_sigterm_tells_callers_refuses_new_calls_and_exits_after_the_grace() -> None:
+    from tests.peer import CallRefused, Peer
+
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "s2s", "serve", "--model", "echo", "--port", str(port),
+        "--shutdown-grace", "2", stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    peer = Peer(f"http://127.0.0.1:{port}")
+    try:
+        async with asyncio.timeout(30):
+            while b"listening on" not in await proc.stderr.readline():
+                pass
+        await peer.connect()
+        await peer.next_event("session.created")
+        proc.send_signal(signal.SIGTERM)
+        notice = await peer.next_event("s2s.server.shutdown", timeout=5)
+        assert notice["grace_s"] == 2
+        late = Peer(f"http://127.0.0.1:{port}")
+        with pytest.raises(CallRefused) as refused:
+            await late.connect()
+        assert refused.value.status == 503
+        async with asyncio.timeout(10):
+            assert await proc.wait() == 0
+    finally:
+        await peer.close()
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
