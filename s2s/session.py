@@ -212,7 +212,12 @@ class Session:
     async def release(self) -> None:
         """Close the peer connection, the track and the model stream. Safe to call twice."""
         self.end(self.end_reason or "released")
-        await self.pc.close()
+        try:
+            await self.pc.close()
+        except Exception:
+            # aiortc can fail to close a connection built from a broken offer (a transceiver
+            # without a transport); what it holds is dropped with it all the same.
+            self.log.warning("peer connection did not close cleanly", exc_info=True)
         self.speaker.stop()
         for track in (self._mic, self._camera):
             if not track.done():
