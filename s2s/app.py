@@ -14,6 +14,7 @@ from s2s.protocol import ServerShutdown
 from s2s.registry import SessionRegistry
 from s2s.signaling import BACKEND, KEYS, REGISTRY, SETTINGS, VAD, add_routes, cors_middleware
 from s2s.vad import VadService
+from s2s.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,11 @@ async def _model_and_calls(app: web.Application) -> AsyncIterator[None]:
     vad = VadService()
     await vad.start()
     app[VAD] = vad
-    registry = SessionRegistry(settings.max_sessions, settings.max_calls_per_key)
+    webhooks = None
+    if settings.webhook_url:
+        webhooks = Webhooks(settings.webhook_url, settings.webhook_secret)
+        webhooks.start()
+    registry = SessionRegistry(settings.max_sessions, settings.max_calls_per_key, webhooks)
     app[REGISTRY] = registry
     log.info("model %s ready; up to %d calls", backend.name, settings.max_sessions)
     try:
@@ -51,6 +56,8 @@ async def _model_and_calls(app: web.Application) -> AsyncIterator[None]:
         await registry.close_all("server_shutdown")
         await vad.close()
         await backend.close()
+        if webhooks is not None:
+            await webhooks.close()
 
 
 async def drain(app: web.Application) -> None:

@@ -118,6 +118,8 @@ def _parser() -> argparse.ArgumentParser:
         default=d.shutdown_grace_s,
         help="seconds calls may go on after SIGTERM (default %(default)s)",
     )
+    serve.add_argument("--webhook", default="", help="URL that gets call started/ended webhooks")
+    serve.add_argument("--webhook-secret", default="", help="secret that signs the webhooks")
     serve.add_argument(
         "--log-level",
         default=d.log_level,
@@ -156,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_call_s=args.max_call_seconds,
         max_calls_per_key=args.max_calls_per_key,
         shutdown_grace_s=args.shutdown_grace,
+        webhook_url=args.webhook,
+        webhook_secret=args.webhook_secret,
         log_level=args.log_level,
     )
     s2s_log.configure(settings.log_level)

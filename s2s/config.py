@@ -45,6 +45,9 @@ class Settings:
     max_event_bytes_per_s: float = 4_000_000.0
     #: Seconds calls may go on after SIGTERM before they are closed.
     shutdown_grace_s: float = 10.0
+    #: Where call started/ended webhooks go (none if empty), and the secret that signs them.
+    webhook_url: str = ""
+    webhook_secret: str = ""
     #: Server API keys; with none, every caller is trusted (and the CLI binds to loopback).
     api_keys: tuple[str, ...] = ()
     #: Browser origins allowed to use /v1/ endpoints; empty allows any.

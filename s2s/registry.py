@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 
 from s2s.log import CallLogger
 from s2s.session import Session
+from s2s.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +32,12 @@ def new_call_id() -> str:
 class SessionRegistry:
     """Admits, runs and ends sessions; each runs in its own task and fails on its own."""
 
-    def __init__(self, max_sessions: int, max_per_owner: int = 0) -> None:
+    def __init__(
+        self, max_sessions: int, max_per_owner: int = 0, webhooks: Webhooks | None = None
+    ) -> None:
         self.max_sessions = max_sessions
+        self._webhooks = webhooks
+        self._started: dict[str, float] = {}
         self.max_per_owner = max_per_owner
         #: Set on shutdown: no new calls are admitted.
         self.draining = False
@@ -73,12 +79,21 @@ class SessionRegistry:
 
     def start(self, session: Session) -> None:
         task = asyncio.create_task(session.run(), name=f"{session.call_id}/session")
+        self._started[session.call_id] = time.monotonic()
+        if self._webhooks is not None:
+            self._webhooks.emit("realtime.call.started", {"call_id": session.call_id})
         self._tasks[session.call_id] = task
         task.add_done_callback(lambda t: self._finished(session, t))
 
     def _finished(self, session: Session, task: asyncio.Task[None]) -> None:
         self._sessions.pop(session.call_id, None)
         self._tasks.pop(session.call_id, None)
+        started = self._started.pop(session.call_id, time.monotonic())
+        if self._webhooks is not None:
+            self._webhooks.emit("realtime.call.ended", {
+                "call_id": session.call_id, "reason": session.end_reason,
+                "duration_s": round(time.monotonic() - started, 3),
+            })  # fmt: skip
         if not task.cancelled() and (exc := task.exception()) is not None:
             CallLogger(log, session.call_id).error("call failed", exc_info=exc)
 

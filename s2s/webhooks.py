@@ -1,0 +1,92 @@
+"""Webhooks to app backends: call started, call ended; signed, retried, never in a call's way.
+
+Deliveries follow the Standard Webhooks scheme: headers ``webhook-id``, ``webhook-timestamp``
+and ``webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">``.
+``s2s.client.verify_webhook`` checks them on the receiving side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import logging
+import time
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from s2s.protocol import new_id
+
+log = logging.getLogger(__name__)
+
+_QUEUE = 1000  # undelivered webhooks kept; past this the oldest is dropped (and logged)
+_ATTEMPTS = 5
+_FIRST_BACKOFF_S = 0.5
+_TIMEOUT_S = 10.0
+
+
+def sign(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
+    signed = f"{webhook_id}.{timestamp}.".encode() + body
+    digest = hmac.new(secret.encode(), signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+class Webhooks:
+    """Queues events and delivers them in order from one background task."""
+
+    def __init__(self, url: str, secret: str) -> None:
+        self.url = url
+        self._secret = secret
+        self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(_QUEUE)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._deliver(), name="webhooks/sender")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def emit(self, event_type: str, data: dict[str, Any]) -> None:
+        """Queue one webhook; returns at once."""
+        webhook_id = new_id("wh")
+        body = msgspec.json.encode(
+            {"id": webhook_id, "type": event_type, "created_at": int(time.time()), "data": data}
+        )
+        if self._queue.full():
+            dropped, _ = self._queue.get_nowait()
+            log.warning("webhook queue full: dropped %s", dropped)
+        self._queue.put_nowait((webhook_id, body))
+
+    async def _deliver(self) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=_TIMEOUT_S)) as http:
+            while True:
+                webhook_id, body = await self._queue.get()
+                await self._post(http, webhook_id, body)
+
+    async def _post(self, http: aiohttp.ClientSession, webhook_id: str, body: bytes) -> None:
+        backoff = _FIRST_BACKOFF_S
+        for attempt in range(1, _ATTEMPTS + 1):
+            timestamp = int(time.time())
+            headers = {
+                "Content-Type": "application/json",
+                "webhook-id": webhook_id,
+                "webhook-timestamp": str(timestamp),
+                "webhook-signature": sign(self._secret, webhook_id, timestamp, body),
+            }
+            try:
+                async with http.post(self.url, data=body, headers=headers) as resp:
+                    if resp.status < 300:
+                        return
+                    why = f"HTTP {resp.status}"
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                why = str(exc) or type(exc).__name__
+            log.info("webhook %s attempt %d failed: %s", webhook_id, attempt, why)
+            if attempt < _ATTEMPTS:
+                await asyncio.sleep(backoff)
+                backoff *= 2
+        log.warning("webhook %s not delivered after %d attempts", webhook_id, _ATTEMPTS)

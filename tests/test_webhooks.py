@@ -1,0 +1,99 @@
+"""Webhooks to an app backend and the s2s.client helpers, against real servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from s2s.client import WebhookError, attach, verify_webhook
+from tests.conftest import StartServer
+from tests.peer import Peer
+
+SECRET = "whsec-test"
+
+
+class Receiver:
+    """An app backend's webhook endpoint that fails each webhook's first delivery."""
+
+    def __init__(self) -> None:
+        self.attempts: dict[str, int] = {}
+        self.events: list[dict] = []
+        self.arrived = asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        webhook_id = request.headers["webhook-id"]
+        self.attempts[webhook_id] = self.attempts.get(webhook_id, 0) + 1
+        if self.attempts[webhook_id] == 1:
+            return web.Response(status=500)
+        self.events.append(verify_webhook(SECRET, request.headers, await request.read()))
+        self.arrived.set()
+        return web.Response(status=204)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
+    hook = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", hook.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield hook, f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
+    await runner.cleanup()
+
+
+async def test_call_started_and_ended_webhooks_are_signed_and_retried(
+    start_server: StartServer, receiver: tuple[Receiver, str]
+) -> None:
+    hook, url = receiver
+    server = await start_server(webhook_url=url, webhook_secret=SECRET)
+    peer = Peer(server.url)
+    try:
+        await peer.connect()
+        call_id = peer.call_url.rsplit("/", 1)[1]
+        # The app backend steers the call with the packaged client while it runs.
+        async with attach(server.url, call_id, None) as call:
+            await call.send({"type": "session.update", "session": {"instructions": "Hi."}})
+            async with asyncio.timeout(5):
+                async for event in call:
+                    if event["type"] == "session.updated":
+                        assert event["session"]["instructions"] == "Hi."
+                        break
+        assert await peer.hangup() == 200
+    finally:
+        await peer.close()
+    async with asyncio.timeout(10):
+        while len(hook.events) < 2:
+            hook.arrived.clear()
+            await hook.arrived.wait()
+    started, ended = hook.events
+    assert started["type"] == "realtime.call.started" and started["data"]["call_id"] == call_id
+    assert ended["type"] == "realtime.call.ended" and ended["data"]["reason"] == "hangup"
+    assert ended["data"]["duration_s"] > 0
+    assert sorted(hook.attempts.values()) == [2, 2]  # each first delivery failed, then retried
+
+
+def test_forged_or_stale_webhooks_are_refused() -> None:
+    from s2s.webhooks import sign
+
+    body = b'{"type": "realtime.call.ended"}'
+    import time
+
+    now = int(time.time())
+    good = {"webhook-id": "wh_1", "webhook-timestamp": str(now),
+            "webhook-signature": sign(SECRET, "wh_1", now, body)}  # fmt: skip
+    assert verify_webhook(SECRET, good, body)["type"] == "realtime.call.ended"
+    with pytest.raises(WebhookError):
+        verify_webhook("other-secret", good, body)
+    with pytest.raises(WebhookError):
+        verify_webhook(SECRET, good, body + b" ")
+    stale = {**good, "webhook-timestamp": str(now - 3600),
+             "webhook-signature": sign(SECRET, "wh_1", now - 3600, body)}  # fmt: skip
+    with pytest.raises(WebhookError):
+        verify_webhook(SECRET, stale, body)
+    with pytest.raises(WebhookError):
+        verify_webhook(SECRET, {}, body)
