@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write tiny random Moshi and Mimi checkpoints for tests and local runs.
+"""Write tiny random Moshi, Mimi and Qwen2.5-Omni checkpoints for tests and local runs.
 
     .venv/bin/python scripts/make_tiny_models.py [OUT_DIR]   # default: models/
 
@@ -9,15 +9,23 @@ seeded, so two runs write the same tensors. The shapes keep what the server reli
 audio, Mimi's ``[8, 6, 5, 4]`` upsampling so one codec frame is 1920 samples (80 ms, 12.5 Hz),
 and 8 codebooks; everything else is shrunk to about 1M parameters so tests run on a laptop CPU.
 
+It also writes ``OUT_DIR/tiny-qwen-omni``: a ``Qwen2_5OmniForConditionalGeneration`` whose every
+part (thinker text model, audio and vision encoders, talker, token2wav) is two layers deep and 32
+wide (~1.1M parameters), a byte-level BPE tokenizer with Qwen's special tokens at ids 0-16, one
+``preprocessor_config.json`` for the Whisper features (128 mel bins) and the Qwen2-VL image
+processor, and ``spk_dict.pt`` with one speaker, as ``from_pretrained`` requires.
+
 ``scripts/`` is not a package, so tests run this file with ``sys.executable`` rather than import
 it; ``build(out_dir)`` is the same thing for a caller that loads the file as a module.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
@@ -40,6 +48,15 @@ TEXT_VOCAB = 64
 CODEBOOK_SIZE = 64  # Mimi needs a power of two
 NUM_CODEBOOKS = 8
 PEAK = 0.5  # of decoded random codes, in [-1, 1] audio units
+
+WORDS = [
+    "hello", "there", "how", "are", "you", "today", "the", "weather", "is", "nice", "I",
+    "can", "hear", "say", "what", "am", "looking", "at", "yes", "no", "maybe", "good",
+    "morning", "evening", "thanks", "sure", "okay", "right", "well", "so", "and", "but",
+    "or", "we", "they", "it", "this", "that", "here", "now", "later", "again", "please",
+    "stop", "go", "wait", "listen", "talk", "speak", "sound", "voice", "music", "light",
+    "dark", "red", "blue", "green", "one", "two", "three", "four",
+]  # fmt: skip
 
 
 def mimi_config() -> MimiConfig:
@@ -120,16 +137,8 @@ def text_tokenizer() -> PreTrainedTokenizerFast:
     model's random text tokens into words, like the real one turns real tokens into text.
     Special tokens come first so their ids are fixed: 0 is Moshi's text padding.
     """
-    words = [
-        "hello", "there", "how", "are", "you", "today", "the", "weather", "is", "nice", "I",
-        "can", "hear", "say", "what", "am", "looking", "at", "yes", "no", "maybe", "good",
-        "morning", "evening", "thanks", "sure", "okay", "right", "well", "so", "and", "but",
-        "or", "we", "they", "it", "this", "that", "here", "now", "later", "again", "please",
-        "stop", "go", "wait", "listen", "talk", "speak", "sound", "voice", "music", "light",
-        "dark", "red", "blue", "green", "one", "two", "three", "four",
-    ]  # fmt: skip
     special = ["<pad>", "<unk>", "<s>"]
-    vocab = {token: i for i, token in enumerate(special + words[: TEXT_VOCAB - len(special)])}
+    vocab = {token: i for i, token in enumerate(special + WORDS[: TEXT_VOCAB - len(special)])}
     tokenizer = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = Whitespace()
     return PreTrainedTokenizerFast(
@@ -137,8 +146,182 @@ def text_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+# -- Qwen2.5-Omni ---------------------------------------------------------------------------
+
+#: Qwen's special tokens, in the real vocabulary's order; here they take ids 0, 1, 2, ...
+QWEN_SPECIAL = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_bos|>", "<|vision_eos|>",
+    "<|vision_pad|>", "<|IMAGE|>", "<|VIDEO|>", "<|tts_pad|>", "<|tts_bos|>", "<|tts_eos|>",
+]  # fmt: skip
+QWEN_IDS = {token: i for i, token in enumerate(QWEN_SPECIAL)}
+QWEN_VOCAB = 256
+QWEN_CODEC_VOCAB = 64  # the talker's speech codes; the last four are its control codes
+QWEN_CODEC = {"pad": 60, "bos": 61, "eos": 62, "mask": 63}
+QWEN_TALKER_BOS = QWEN_IDS["<|tts_bos|>"]  # the speaker's text BOS, kept in spk_dict.pt
+QWEN_SPEAKER = "Chelsie"  # the real checkpoint's default speaker, so generate() finds it
+QWEN_TEXT = 32  # hidden width of the thinker's text model, which the encoders project into
+
+
+def qwen_omni_config() -> Any:
+    """Every part of Qwen2.5-Omni two layers deep and 32 wide, with Qwen's token layout."""
+    from transformers import Qwen2_5OmniConfig
+
+    ids = QWEN_IDS
+    # Multimodal RoPE splits each head's rotary half (head_dim 16 → 8) into time/height/width.
+    rope = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]}
+    tokens = {
+        "audio_token_index": ids["<|AUDIO|>"], "image_token_index": ids["<|IMAGE|>"],
+        "video_token_index": ids["<|VIDEO|>"], "audio_start_token_id": ids["<|audio_bos|>"],
+        "audio_end_token_id": ids["<|audio_eos|>"],
+    }  # fmt: skip
+    thinker = {
+        **tokens,
+        "user_token_id": QWEN_VOCAB - 1,
+        # Not declared by the thinker's config class, but its rope index reads them (the real
+        # checkpoint's config.json carries them too).
+        "vision_start_token_id": ids["<|vision_bos|>"],
+        "vision_end_token_id": ids["<|vision_eos|>"],
+        "text_config": {
+            "vocab_size": QWEN_VOCAB, "hidden_size": QWEN_TEXT, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "rope_parameters": rope, "max_position_embeddings": 4096,
+            "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
+        },
+        "audio_config": {
+            "num_mel_bins": 128, "encoder_layers": 2, "encoder_attention_heads": 2,
+            "encoder_ffn_dim": 64, "d_model": 32, "output_dim": QWEN_TEXT,
+        },
+        "vision_config": {
+            "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+            "out_hidden_size": QWEN_TEXT, "fullatt_block_indexes": [1],
+        },
+    }  # fmt: skip
+    talker = {
+        **tokens,
+        "vocab_size": QWEN_CODEC_VOCAB, "embedding_size": QWEN_TEXT, "hidden_size": 32,
+        "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "head_dim": 16, "rope_parameters": rope,
+        "max_position_embeddings": 4096,
+        "tts_text_start_token_id": ids["<|tts_bos|>"], "tts_text_end_token_id": ids["<|tts_eos|>"],
+        "tts_text_pad_token_id": ids["<|tts_pad|>"],
+        "tts_codec_start_token_id": QWEN_CODEC["bos"], "tts_codec_end_token_id": QWEN_CODEC["eos"],
+        "tts_codec_pad_token_id": QWEN_CODEC["pad"], "tts_codec_mask_token_id": QWEN_CODEC["mask"],
+        "vision_start_token_id": ids["<|vision_bos|>"],
+        "vision_end_token_id": ids["<|vision_eos|>"],
+    }  # fmt: skip
+    token2wav = {
+        "dit_config": {
+            "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "head_dim": 16,
+            "emb_dim": 16, "num_embeds": QWEN_CODEC_VOCAB, "look_ahead_layers": [1],
+            "look_backward_layers": [0], "enc_emb_dim": 16, "enc_dim": 16,
+            "enc_channels": [32, 32, 32, 32, 96], "enc_attention_channels": 16,
+            "enc_se_channels": 16,
+        },
+        # The real upsampling (5*3*2*2*2*2 = 240 samples per mel frame, 24 kHz); channels halve
+        # at each of the six stages, so 128 is the narrowest start that keeps one at the end.
+        "bigvgan_config": {"upsample_initial_channel": 128},
+    }  # fmt: skip
+    return Qwen2_5OmniConfig(
+        thinker_config=thinker, talker_config=talker, token2wav_config=token2wav
+    )
+
+
+def qwen_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with Qwen's special tokens at fixed ids (0, 1, 2, ...)."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=QWEN_VOCAB - 1,  # the last id is the thinker's "user" token
+        special_tokens=QWEN_SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    text = " ".join(WORDS) + " system user assistant You are a helpful voice assistant."
+    tokenizer.train_from_iterator([text] * 4, trainer)
+    tokenizer.add_tokens(["user"] if tokenizer.get_vocab_size() < QWEN_VOCAB else [])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=QWEN_SPECIAL[1:],
+    )
+
+
+def _louden_vocoder(model: Any, speaker: dict[str, Any]) -> None:
+    """Scale the vocoder's last conv so random codes decode to peaks near ``PEAK``.
+
+    Random BigVGAN weights decode to about 1e-5 of full scale, which rounds to digital silence in
+    int16; tests that check the server hands out sound need something audible.
+    """
+    codes = torch.randint(0, QWEN_CODEC["pad"], (1, 25))
+    with torch.inference_mode():
+        wav = model.token2wav(codes, conditioning=speaker["cond"], reference_mel=speaker["ref_mel"])
+    peak = float(wav.abs().max())
+    conv = model.token2wav.code2wav_bigvgan_model.conv_post
+    with torch.no_grad():
+        conv.weight.mul_(PEAK / peak)
+        if conv.bias is not None:
+            conv.bias.mul_(PEAK / peak)
+
+
+def build_qwen_omni(out_dir: Path) -> None:
+    """Write ``out_dir/tiny-qwen-omni``: model, tokenizer, speaker table and preprocessors."""
+    from transformers import (
+        Qwen2_5OmniForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+        WhisperFeatureExtractor,
+    )
+
+    torch.manual_seed(SEED)
+    config = qwen_omni_config()
+    model = Qwen2_5OmniForConditionalGeneration(config).eval()
+    # A random model never says its end token: these keep a reply to 8 words and ~1 s of speech
+    # (the qwen-omni backend reads them; generate() itself defaults to 1024 and 4096).
+    model.generation_config.thinker_max_new_tokens = 8
+    model.generation_config.talker_max_new_tokens = 50
+    # generate() conditions the vocoder on a speaker: its text BOS, an embedding ("cond") and a
+    # reference mel ("ref_mel", frames x mel bins); the real file holds the same keys.
+    dit = config.token2wav_config.dit_config
+    speakers = {
+        QWEN_SPEAKER: {
+            "bos_token": QWEN_TALKER_BOS,
+            "cond": torch.randn(1, dit.enc_emb_dim),
+            "ref_mel": torch.randn(1, 30, dit.mel_dim),
+        }
+    }
+    _louden_vocoder(model, speakers[QWEN_SPEAKER])
+    path = out_dir / "tiny-qwen-omni"
+    shutil.rmtree(path, ignore_errors=True)
+    model.save_pretrained(path)
+    tokenizer = qwen_tokenizer()
+    tokenizer.save_pretrained(path)
+    # Like the real checkpoint, one preprocessor_config.json serves both the audio features and
+    # the image processor (each saved alone would overwrite the other's file).
+    preprocessor = {
+        **WhisperFeatureExtractor(feature_size=128).to_dict(),
+        **Qwen2VLImageProcessorPil().to_dict(),
+    }
+    (path / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    torch.save(speakers, path / "spk_dict.pt")
+    print(f"wrote {path} ({type(model).__name__}, {_count(model):,} parameters)")
+
+    loaded = Qwen2_5OmniForConditionalGeneration.from_pretrained(path, local_files_only=True)
+    theirs = loaded.state_dict()
+    for key, tensor in model.state_dict().items():
+        if not torch.equal(tensor, theirs[key]):
+            raise RuntimeError(f"{key} did not survive save_pretrained/from_pretrained")
+    if QWEN_SPEAKER not in loaded.speaker_map:
+        raise RuntimeError("spk_dict.pt did not load")
+    print(f"loaded back; speakers: {sorted(loaded.speaker_map)}")
+
+
 def build(out_dir: Path) -> None:
-    """Write ``out_dir/tiny-moshi`` and ``out_dir/tiny-mimi``, replacing any earlier copies."""
+    """Write ``tiny-moshi``, ``tiny-mimi`` and ``tiny-qwen-omni`` under ``out_dir``, replacing any
+    earlier copies."""
     torch.manual_seed(SEED)
     moshi = MoshiForConditionalGeneration(moshi_config(mimi_config())).eval()
     if any(p.dtype != torch.float32 for p in moshi.parameters()):
@@ -172,6 +355,7 @@ def build(out_dir: Path) -> None:
                 raise RuntimeError(f"{key} did not survive save_pretrained/from_pretrained")
     frame = mimi.config.frame_size
     print(f"loaded back; Mimi frame: {frame} samples at {mimi.config.sampling_rate} Hz")
+    build_qwen_omni(out_dir)
 
 
 if __name__ == "__main__":

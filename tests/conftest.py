@@ -66,7 +66,7 @@ def _quiet_aioice() -> None:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Tiny random Moshi/Mimi checkpoints built by scripts/make_tiny_models.py, hub offline."""
+    """Tiny random Moshi/Mimi/Qwen2.5-Omni checkpoints from scripts/make_tiny_models.py, offline."""
     out = tmp_path_factory.mktemp("models")
     script = Path(__file__).resolve().parent.parent / "scripts" / "make_tiny_models.py"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -12,12 +12,13 @@ from s2s.backends import ResponseFinished, ResponseRequest, UnknownModelError, l
 from s2s.protocol import InputText, MessageItem
 from tests.signals import tone
 
-BACKENDS = ["echo", "local", "moshi"]
+BACKENDS = ["echo", "local", "moshi", "qwen-omni"]
 
 
 @pytest.mark.parametrize("name", BACKENDS)
 async def test_stream_contract(name: str, tiny_models: Path) -> None:
-    spec = f"moshi:{tiny_models / 'tiny-moshi'}" if name == "moshi" else name
+    checkpoints = {"moshi": "tiny-moshi", "qwen-omni": "tiny-qwen-omni"}
+    spec = f"{name}:{tiny_models / checkpoints[name]}" if name in checkpoints else name
     backend = await load_backend(spec)
     assert backend.input_rate in (16_000, 24_000, 48_000)
     assert backend.frame_samples > 0

@@ -42,6 +42,11 @@ async def load_backend(spec: str, device: str | None = None) -> Backend:
 
             moshi: Backend = await MoshiBackend.load(location, device)
             return moshi
+        case "qwen-omni" if location:
+            from s2s.backends.qwen_omni import QwenOmniBackend
+
+            qwen: Backend = await QwenOmniBackend.load(location, device)
+            return qwen
         case "local":
             from s2s.backends.local import LocalBackend
 
@@ -49,5 +54,6 @@ async def load_backend(spec: str, device: str | None = None) -> Backend:
             return backend
         case _:
             raise UnknownModelError(
-                f"unknown model {spec!r}; available: local, echo, moshi:PATH_OR_HUB_ID"
+                f"unknown model {spec!r}; available: local, echo, moshi:PATH_OR_HUB_ID, "
+                "qwen-omni:PATH_OR_HUB_ID"
             )
