@@ -304,6 +304,7 @@ async def healthz(request: web.Request) -> web.Response:
             "model": request.app[BACKEND].name,
             "calls": len(registry),
             "max_calls": registry.max_sessions,
+            "tasks": len(asyncio.all_tasks()),  # for soak tests and leak hunting
         }
     )
 

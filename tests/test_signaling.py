@@ -158,6 +158,7 @@ async def test_healthz(server: Server) -> None:
     async with aiohttp.ClientSession() as http, http.get(server.url + "/healthz") as r:
         body = await r.json()
     assert r.status == 200
+    assert body.pop("tasks") > 0
     assert body == {"status": "ok", "model": "echo", "calls": 0, "max_calls": 32}
 
 
