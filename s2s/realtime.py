@@ -18,11 +18,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import msgspec
 import numpy as np
 from msgspec import UnsetType
 
-from s2s import images
 from s2s.audio import WEBRTC_RATE, SpeakerTrack
 from s2s.backends import (
     Backend,
@@ -33,10 +31,10 @@ from s2s.backends import (
     Steering,
     StepResult,
 )
-from s2s.images import ImageError, ImageLimits, Picture
+from s2s.conversation import Conversation, RequestError, wire
+from s2s.images import ImageLimits, Picture
 from s2s.protocol import (
     AnyClientEvent,
-    ContentPart,
     ConversationItemAdded,
     ConversationItemCreate,
     ConversationItemDelete,
@@ -59,7 +57,6 @@ from s2s.protocol import (
     InputAudioBufferCommitted,
     InputAudioBufferTimeoutTriggered,
     InputAudioTranscriptionCompleted,
-    InputImage,
     MessageItem,
     OutputAudio,
     OutputAudioBufferClear,
@@ -92,22 +89,12 @@ from s2s.protocol import (
     TranscriptDone,
     new_id,
 )
-from s2s.uploads import Uploads
 from s2s.vad import VadEvent, VadSettings
 
 log = logging.getLogger(__name__)
 
-_MAX_ITEMS = 500  # oldest items are forgotten past this, as a model's context would be
 _MIN_COMMIT_MS = 100
 _SAMPLES_PER_MS = WEBRTC_RATE // 1000
-
-
-class RequestError(ValueError):
-    """A client event that is well-formed but cannot be honoured now."""
-
-    def __init__(self, code: str, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.code, self.param = code, param
 
 
 @dataclass(eq=False)
@@ -143,7 +130,6 @@ class Realtime:
         self._stream = stream
         self._speaker = speaker
         self._send = send
-        self._items: collections.OrderedDict[str, MessageItem] = collections.OrderedDict()
         self._timelines: dict[str, tuple[list[tuple[int, str]], int]] = {}
         self._active: _Response | None = None
         self._user_item: str | None = None
@@ -152,10 +138,7 @@ class Realtime:
         self._idle_since = asyncio.get_running_loop().time()
         self._idle_fired = False
         self.image_limits = image_limits or ImageLimits()
-        self._camera: Picture | None = None  # the latest sampled camera frame, if newer
-        self._image_history = image_history
-        self._pictures: collections.OrderedDict[str, Picture] = collections.OrderedDict()
-        self._uploads = Uploads(upload_bytes)
+        self._conversation = Conversation(self.image_limits, image_history, upload_bytes)
         self.watching = asyncio.Event()  # set while playout needs following
         self._vad_source: object = None
         self._vad: VadSettings | None = None
@@ -207,7 +190,7 @@ class Realtime:
         for event in result.events:
             match event:
                 case InputTranscribed(item_id=item_id, transcript=text):
-                    item = self._items.get(item_id)
+                    item = self._conversation.find(item_id)
                     if item is not None:
                         item.content = [InputAudio(transcript=text)]
                     self._send(
@@ -299,30 +282,22 @@ class Realtime:
             case ConversationItemCreate(item=item, previous_item_id=previous):
                 await self._create_item(item, previous)
             case ImageChunk(upload_id=upload_id, index=index, total=total, data=data):
-                try:
-                    self._uploads.chunk(upload_id, index, total, data)
-                except ImageError as exc:
-                    raise RequestError(exc.code, str(exc), "upload_id") from None
+                self._conversation.chunk(upload_id, index, total, data)
             case ImageCommit(upload_id=upload_id, previous_item_id=previous):
-                try:
-                    raw = self._uploads.commit(upload_id)
-                    picture = await asyncio.to_thread(images.load, raw, self.image_limits)
-                except ImageError as exc:
-                    raise RequestError(exc.code, str(exc), "upload_id") from None
-                item = MessageItem(role="user", content=[InputImage(image_url=picture.data_url)])
+                item, picture, size = await self._conversation.upload(upload_id)
                 await self._create_item(item, previous, {0: picture})
                 assert item.id is not None
                 self._send(ImageReceived(
                     upload_id=upload_id, item_id=item.id, width=picture.width,
-                    height=picture.height, bytes=len(raw),
+                    height=picture.height, bytes=size,
                 ))  # fmt: skip
             case ConversationItemRetrieve(item_id=item_id):
-                self._send(ConversationItemRetrieved(item=_wire(self._item(item_id))))
+                self._send(ConversationItemRetrieved(item=wire(self._conversation.get(item_id))))
             case ConversationItemDelete(item_id=item_id):
-                self._item(item_id)
+                self._conversation.get(item_id)
                 if self._active is not None and self._active.item.id == item_id:
                     raise RequestError("item_in_use", "the item is being generated; cancel first")
-                del self._items[item_id]
+                self._conversation.delete(item_id)
                 self._send(ConversationItemDeleted(item_id=item_id))
             case ConversationItemTruncate():
                 await self._truncate(event)
@@ -354,79 +329,22 @@ class Realtime:
                     raise RequestError("no_active_response", "there is no response to steer")
                 await self._steer(Steering(instructions, voice, speed))
 
-    def _item(self, item_id: str) -> MessageItem:
-        item = self._items.get(item_id)
-        if item is None:
-            raise RequestError("item_not_found", f"no item {item_id!r}", "item_id")
-        return item
-
     async def _create_item(
         self, item: MessageItem, previous: str | None, pictures: dict[int, Picture] | None = None
     ) -> None:
-        if item.id is None:
-            item.id = new_id("item")
-        elif item.id in self._items:
-            raise RequestError("duplicate_item_id", f"item {item.id!r} exists", "item.id")
-        if previous is not None and previous != "root" and previous not in self._items:
-            raise RequestError("item_not_found", f"no item {previous!r}", "previous_item_id")
-        allowed = {"user": ("input_text", "input_image"), "system": ("input_text",),
-                   "assistant": ("output_text", "output_audio")}[item.role]  # fmt: skip
-        pictures = dict(pictures or {})
-        for i, part in enumerate(item.content):
-            kind = type(part).__struct_config__.tag
-            if kind not in allowed:
-                raise RequestError(
-                    "invalid_content", f"a {item.role} item cannot hold {kind} content",
-                    f"item.content[{i}].type",
-                )  # fmt: skip
-            if isinstance(part, InputImage) and i not in pictures:
-                try:
-                    data = images.decode_data_url(part.image_url)
-                    pictures[i] = await asyncio.to_thread(images.load, data, self.image_limits)
-                except ImageError as exc:
-                    raise RequestError(exc.code, str(exc), f"item.content[{i}].image_url") from None
-                # Kept downscaled, once: what the model sees and what a retrieve returns.
-                part.image_url = pictures[i].data_url
+        pictures = await self._conversation.check(item, previous, pictures or {})
         reported = self._add_item(item, previous)
-        self._send(ConversationItemDone(item=_wire(item), previous_item_id=reported))
+        self._send(ConversationItemDone(item=wire(item), previous_item_id=reported))
         for picture in pictures.values():
-            self._remember(item, picture)
+            self._conversation.remember(item, picture)
 
     def see(self, picture: Picture) -> None:
-        """A frame sampled from the caller's camera: the newest picture, replacing the last one."""
-        self._camera = picture
-
-    def _pictures_now(self) -> list[Picture]:
-        pictures = list(self._pictures.values())
-        return [*pictures, self._camera] if self._camera is not None else pictures
-
-    def _remember(self, item: MessageItem, picture: Picture) -> None:
-        """Keep the latest pictures; older ones leave the conversation to bound memory."""
-        assert item.id is not None
-        self._camera = None  # an uploaded picture is newer than the last camera frame
-        self._pictures[item.id] = picture
-        while len(self._pictures) > self._image_history:
-            old_id, _ = self._pictures.popitem(last=False)
-            old = self._items.get(old_id)
-            if old is not None:
-                old.content = [p for p in old.content if not isinstance(p, InputImage)]
+        """A frame sampled from the caller's camera: the newest picture the model looks at."""
+        self._conversation.see(picture)
 
     def _add_item(self, item: MessageItem, previous: str | None = None) -> str | None:
-        assert item.id is not None
-        last = next(reversed(self._items), None)
-        if previous is None:
-            previous = last
-        self._items[item.id] = item
-        if previous != last:
-            # Placed after an earlier item (or at the root): move the ones after it behind.
-            ids = [i for i in self._items if i != item.id]
-            at = 0 if previous == "root" or previous is None else ids.index(previous) + 1
-            for later in ids[at:]:
-                self._items.move_to_end(later)
-        while len(self._items) > _MAX_ITEMS:
-            self._items.popitem(last=False)
-        reported = None if previous == "root" else previous
-        self._send(ConversationItemAdded(item=_wire(item), previous_item_id=reported))
+        reported = self._conversation.add(item, previous)
+        self._send(ConversationItemAdded(item=wire(item), previous_item_id=reported))
         return reported
 
     async def _commit(self, item_id: str) -> None:
@@ -439,7 +357,7 @@ class Realtime:
         await self._stream.commit(item_id)
 
     async def _truncate(self, event: ConversationItemTruncate) -> None:
-        item = self._item(event.item_id)
+        item = self._conversation.get(event.item_id)
         item_id = event.item_id
         if item.role != "assistant":
             raise RequestError("invalid_item", "only assistant audio can be truncated", "item_id")
@@ -474,8 +392,8 @@ class Realtime:
         request = ResponseRequest(
             response_id=r.id, instructions=instructions, voice=voice or self.config.voice,
             speed=speed or self.config.speed, modalities=list(r.modalities),
-            conversation=list(self._items.values()), trigger=trigger,  # type: ignore[arg-type]
-            pictures=self._pictures_now(),
+            conversation=self._conversation.items(), trigger=trigger,  # type: ignore[arg-type]
+            pictures=self._conversation.pictures(),
         )  # fmt: skip
         try:
             await self._stream.respond(request)
@@ -591,23 +509,6 @@ class Realtime:
         ))  # fmt: skip
         if vad.create_response and self._backend.turn_based:
             await self._start_response("idle", ResponseParams())
-
-
-def _wire(item: MessageItem) -> MessageItem:
-    """``item`` as events carry it: images by reference, not their bytes.
-
-    A picture can be larger than one data-channel message; the client has it already, and the
-    server keeps it (downscaled) for the model.
-    """
-    if not any(isinstance(part, InputImage) for part in item.content):
-        return item
-    content: list[ContentPart] = [
-        msgspec.structs.replace(part, image_url=f"s2s:image/{item.id}/{i}")
-        if isinstance(part, InputImage)
-        else part
-        for i, part in enumerate(item.content)
-    ]
-    return msgspec.structs.replace(item, content=content)
 
 
 def _voice_speed(params: ResponseParams) -> tuple[str | None, float | None]:

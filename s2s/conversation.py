@@ -1,0 +1,161 @@
+"""One call's conversation: its items in order, and the pictures the caller sent or showed.
+
+Pure bookkeeping plus image checking (run in a worker thread); no events are sent from here:
+``Realtime`` announces what changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+import msgspec
+
+from s2s import images
+from s2s.images import ImageError, ImageLimits, Picture
+from s2s.protocol import ContentPart, InputImage, MessageItem, new_id
+from s2s.uploads import Uploads
+
+_MAX_ITEMS = 500  # oldest items are forgotten past this, as a model's context would be
+_ALLOWED = {
+    "user": ("input_text", "input_image"),
+    "system": ("input_text",),
+    "assistant": ("output_text", "output_audio"),
+}
+
+
+class RequestError(ValueError):
+    """A client event that is well-formed but cannot be honoured now."""
+
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.param = code, param
+
+
+class Conversation:
+    def __init__(self, image_limits: ImageLimits, image_history: int, upload_bytes: int) -> None:
+        self.image_limits = image_limits
+        self._items: collections.OrderedDict[str, MessageItem] = collections.OrderedDict()
+        self._history = image_history
+        self._pictures: collections.OrderedDict[str, Picture] = collections.OrderedDict()
+        self._camera: Picture | None = None  # the latest camera frame, if newer than uploads
+        self.uploads = Uploads(upload_bytes)
+
+    def items(self) -> list[MessageItem]:
+        return list(self._items.values())
+
+    def find(self, item_id: str) -> MessageItem | None:
+        return self._items.get(item_id)
+
+    def get(self, item_id: str) -> MessageItem:
+        item = self._items.get(item_id)
+        if item is None:
+            raise RequestError("item_not_found", f"no item {item_id!r}", "item_id")
+        return item
+
+    def delete(self, item_id: str) -> None:
+        self.get(item_id)
+        del self._items[item_id]
+
+    def add(self, item: MessageItem, previous: str | None = None) -> str | None:
+        """Place ``item`` after ``previous`` (the last item if None, first if "root").
+
+        Returns the id of the item it now follows, as ``previous_item_id`` reports it.
+        """
+        assert item.id is not None
+        last = next(reversed(self._items), None)
+        if previous is None:
+            previous = last
+        self._items[item.id] = item
+        if previous != last:
+            # Placed after an earlier item (or at the root): move the ones after it behind.
+            ids = [i for i in self._items if i != item.id]
+            at = 0 if previous == "root" or previous is None else ids.index(previous) + 1
+            for later in ids[at:]:
+                self._items.move_to_end(later)
+        while len(self._items) > _MAX_ITEMS:
+            self._items.popitem(last=False)
+        return None if previous == "root" else previous
+
+    async def check(
+        self, item: MessageItem, previous: str | None, pictures: dict[int, Picture]
+    ) -> dict[int, Picture]:
+        """Validate a client's item (ids, roles, parts); check and downscale its images."""
+        if item.id is None:
+            item.id = new_id("item")
+        elif item.id in self._items:
+            raise RequestError("duplicate_item_id", f"item {item.id!r} exists", "item.id")
+        if previous is not None and previous != "root" and previous not in self._items:
+            raise RequestError("item_not_found", f"no item {previous!r}", "previous_item_id")
+        pictures = dict(pictures)
+        for i, part in enumerate(item.content):
+            kind = type(part).__struct_config__.tag
+            if kind not in _ALLOWED[item.role]:
+                raise RequestError(
+                    "invalid_content", f"a {item.role} item cannot hold {kind} content",
+                    f"item.content[{i}].type",
+                )  # fmt: skip
+            if isinstance(part, InputImage) and i not in pictures:
+                try:
+                    data = images.decode_data_url(part.image_url)
+                    pictures[i] = await asyncio.to_thread(images.load, data, self.image_limits)
+                except ImageError as exc:
+                    raise RequestError(exc.code, str(exc), f"item.content[{i}].image_url") from None
+                # Kept downscaled, once: what the model sees and what a retrieve returns.
+                part.image_url = pictures[i].data_url
+        return pictures
+
+    async def upload(self, upload_id: str) -> tuple[MessageItem, Picture, int]:
+        """A finished chunked upload as a new (not yet added) user item, its picture, its size."""
+        try:
+            raw = self.uploads.commit(upload_id)
+            picture = await asyncio.to_thread(images.load, raw, self.image_limits)
+        except ImageError as exc:
+            raise RequestError(exc.code, str(exc), "upload_id") from None
+        item = MessageItem(role="user", content=[InputImage(image_url=picture.data_url)])
+        return item, picture, len(raw)
+
+    def chunk(self, upload_id: str, index: int, total: int, data: str) -> None:
+        try:
+            self.uploads.chunk(upload_id, index, total, data)
+        except ImageError as exc:
+            raise RequestError(exc.code, str(exc), "upload_id") from None
+
+    # -- pictures ----------------------------------------------------------------------------
+
+    def see(self, picture: Picture) -> None:
+        """A frame sampled from the caller's camera: the newest picture."""
+        self._camera = picture
+
+    def pictures(self) -> list[Picture]:
+        """The pictures the model may look at, oldest first."""
+        kept = list(self._pictures.values())
+        return [*kept, self._camera] if self._camera is not None else kept
+
+    def remember(self, item: MessageItem, picture: Picture) -> None:
+        """Keep the latest pictures; older ones leave the conversation to bound memory."""
+        assert item.id is not None
+        self._camera = None  # an uploaded picture is newer than the last camera frame
+        self._pictures[item.id] = picture
+        while len(self._pictures) > self._history:
+            old_id, _ = self._pictures.popitem(last=False)
+            old = self._items.get(old_id)
+            if old is not None:
+                old.content = [p for p in old.content if not isinstance(p, InputImage)]
+
+
+def wire(item: MessageItem) -> MessageItem:
+    """``item`` as events carry it: images by reference, not their bytes.
+
+    A picture can be larger than one data-channel message; the client has it already, and the
+    server keeps it (downscaled) for the model.
+    """
+    if not any(isinstance(part, InputImage) for part in item.content):
+        return item
+    content: list[ContentPart] = [
+        msgspec.structs.replace(part, image_url=f"s2s:image/{item.id}/{i}")
+        if isinstance(part, InputImage)
+        else part
+        for i, part in enumerate(item.content)
+    ]
+    return msgspec.structs.replace(item, content=content)
