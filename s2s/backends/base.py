@@ -116,6 +116,23 @@ class ModelStream(Protocol):
         ...
 
 
+class ContinuousStream:
+    """What streams of continuous models (echo, full duplex) share: they take no turns, so the
+    turn hooks do nothing, and they never respond on request."""
+
+    async def speech_started(self, item_id: str) -> None:
+        return None
+
+    async def commit(self, item_id: str) -> None:
+        return None
+
+    async def clear_input(self) -> None:
+        return None
+
+    async def respond(self, request: ResponseRequest) -> None:
+        raise NotImplementedError(f"{type(self).__name__} speaks when it chooses, not on request")
+
+
 class Backend(Protocol):
     """A loaded model that serves many calls."""
 

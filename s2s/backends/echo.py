@@ -9,27 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from s2s.backends.base import ResponseRequest, Steering, StepResult
+from s2s.backends.base import ContinuousStream, Steering, StepResult
 
 
-class EchoStream:
+class EchoStream(ContinuousStream):
     def __init__(self) -> None:
         self.closed = False
 
     async def step(self, pcm: np.ndarray) -> StepResult:
         return StepResult(audio=pcm)
-
-    async def speech_started(self, item_id: str) -> None:
-        return None
-
-    async def commit(self, item_id: str) -> None:
-        return None
-
-    async def clear_input(self) -> None:
-        return None
-
-    async def respond(self, request: ResponseRequest) -> None:
-        raise NotImplementedError("echo does not generate responses")
 
     async def steer(self, steering: Steering) -> None:
         return None

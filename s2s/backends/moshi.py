@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from s2s.backends.base import ResponseFinished, ResponseRequest, Steering, StepResult
+from s2s.backends.base import ContinuousStream, ResponseFinished, Steering, StepResult
 from s2s.backends.mimi_stream import MimiStreamDecoder, MimiStreamEncoder
 from s2s.backends.moshi_engine import MoshiEngine, Row
 from s2s.protocol import new_id
@@ -197,7 +197,7 @@ class MoshiBackend:
 
 
 @dataclass(eq=False)
-class MoshiStream:
+class MoshiStream(ContinuousStream):
     backend: MoshiBackend
     call_id: str
     row: Row | None = None
@@ -208,18 +208,6 @@ class MoshiStream:
 
     async def step(self, pcm: np.ndarray) -> StepResult:
         return await self.backend.submit(self, pcm)
-
-    async def speech_started(self, item_id: str) -> None:
-        return None
-
-    async def commit(self, item_id: str) -> None:
-        return None
-
-    async def clear_input(self) -> None:
-        return None
-
-    async def respond(self, request: ResponseRequest) -> None:
-        raise NotImplementedError("Moshi is full duplex: it speaks when it chooses to")
 
     async def steer(self, steering: Steering) -> None:
         tokenizer = self.backend.tokenizer
