@@ -89,7 +89,7 @@ from s2s.protocol import (
     TranscriptDone,
     new_id,
 )
-from s2s.vad import VadEvent, VadSettings
+from s2s.vad import VadEvent, VadSettings, vad_settings
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class Realtime:
         td = self.config.turn_detection
         if td is not self._vad_source:
             self._vad_source = td
-            self._vad = None if td is None else VadSettings.from_turn_detection(td)
+            self._vad = None if td is None else vad_settings(td)
         return self._vad
 
     def heard(self, ms: int) -> None:

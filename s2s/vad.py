@@ -26,33 +26,21 @@ _STOP_MARGIN = 0.15
 _EAGERNESS_SILENCE_MS = {"low": 1200, "medium": 700, "auto": 700, "high": 350}
 
 
-@dataclass(frozen=True, slots=True)
-class VadSettings:
-    threshold: float = 0.5
-    prefix_padding_ms: int = 300
-    silence_duration_ms: int = 500
-    create_response: bool = True
-    interrupt_response: bool = True
-    idle_timeout_ms: int | None = None
+#: The VAD's parameters are server_vad's own fields.
+VadSettings = ServerVad
 
-    @classmethod
-    def from_turn_detection(cls, config: TurnDetection) -> VadSettings:
-        match config:
-            case ServerVad():
-                return cls(
-                    threshold=config.threshold,
-                    prefix_padding_ms=config.prefix_padding_ms,
-                    silence_duration_ms=config.silence_duration_ms,
-                    create_response=config.create_response,
-                    interrupt_response=config.interrupt_response,
-                    idle_timeout_ms=config.idle_timeout_ms,
-                )
-            case SemanticVad():
-                return cls(
-                    silence_duration_ms=_EAGERNESS_SILENCE_MS[config.eagerness],
-                    create_response=config.create_response,
-                    interrupt_response=config.interrupt_response,
-                )
+
+def vad_settings(config: TurnDetection) -> VadSettings:
+    """The VAD parameters a turn-detection config stands for."""
+    match config:
+        case ServerVad():
+            return config
+        case SemanticVad():
+            return ServerVad(
+                silence_duration_ms=_EAGERNESS_SILENCE_MS[config.eagerness],
+                create_response=config.create_response,
+                interrupt_response=config.interrupt_response,
+            )
 
 
 @dataclass(frozen=True, slots=True)
