@@ -15,6 +15,8 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from s2s import opus
+
 WEBRTC_RATE = 48_000
 PACKET_MS = 20
 PACKET_SAMPLES = WEBRTC_RATE * PACKET_MS // 1000
@@ -113,28 +115,26 @@ class PcmQueue:
 
 
 class OpusEncoder:
-    """Mono Opus at 48 kHz, one packet per 20 ms frame, encoded inline.
+    """Mono Opus at 48 kHz, one packet per 20 ms frame, encoded inline (``s2s.opus``).
 
     s2s encodes outbound audio itself rather than handing PCM frames to aiortc, whose encoder
     runs each frame through a thread-pool hop, computes the RTP audio level in pure Python and
-    upmixes mono to stereo (-3 dB) at a fixed 96 kbps. Encoding one frame here costs ~0.1 ms.
+    upmixes mono to stereo (-3 dB) at a fixed 96 kbps. In-band FEC is on; how many bits it gets
+    follows the loss the far end reports (``set_expected_loss``).
     """
 
-    def __init__(self, bitrate: int = 32_000) -> None:
-        self._bitrate = bitrate
+    def __init__(self, bitrate: int = 32_000, *, fec: bool = True) -> None:
         self._time_base = fractions.Fraction(1, WEBRTC_RATE)
-        self._ctx = self._open()
+        self._opus = opus.Encoder(bitrate, fec=fec, loss_percent=_DEFAULT_LOSS_PERCENT)
         self._silent_run = 0
 
-    def _open(self) -> av.AudioCodecContext:
-        ctx = av.CodecContext.create("libopus", "w")
-        ctx.sample_rate = WEBRTC_RATE
-        ctx.layout = "mono"
-        ctx.format = "s16"
-        ctx.bit_rate = self._bitrate
-        ctx.time_base = self._time_base
-        ctx.open()
-        return ctx
+    @property
+    def loss_percent(self) -> int:
+        return self._opus.loss_percent
+
+    def set_expected_loss(self, fraction: float) -> None:
+        """Protect against ``fraction`` (0..1) of packets lost; never below the default."""
+        self._opus.set_expected_loss(max(_DEFAULT_LOSS_PERCENT, round(100 * fraction)))
 
     def encode(self, pcm: np.ndarray, index: int, *, silent: bool = False) -> av.Packet[Any]:
         """Encode frame number ``index`` (``PACKET_SAMPLES`` samples; ``silent`` if all zero)."""
@@ -143,30 +143,27 @@ class OpusEncoder:
             if self._silent_run > _IDLE_AFTER_FRAMES:
                 # libopus spends more on digital silence (~0.17 ms a frame, more in SILK mode)
                 # than on speech, and a voice call is mostly silence on the model's side. After a
-                # while of it, send what a fresh encoder sends for silence, and start a fresh
-                # encoder when sound returns: the far end sees one consistent stream.
+                # while of it, send what a fresh encoder sends for silence, and start afresh when
+                # sound returns: the far end sees one consistent stream.
                 return self._packet(_OPUS_SILENCE, index)
         elif self._silent_run > _IDLE_AFTER_FRAMES:
-            self._ctx = self._open()
+            self._opus.reset()
             self._silent_run = 0
         else:
             self._silent_run = 0
-        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = WEBRTC_RATE
-        frame.pts = index * PACKET_SAMPLES
-        frame.time_base = self._time_base
-        packets = self._ctx.encode(frame)
-        # libopus returns exactly one packet per 20 ms frame once opened.
-        return self._packet(bytes(packets[0]) if packets else _OPUS_SILENCE, index)
+        return self._packet(self._opus.encode(pcm), index)
 
     def _packet(self, data: bytes, index: int) -> av.Packet[Any]:
-        # Stamped with the frame's place (libopus's own pts is shifted by its look-ahead):
-        # aiortc turns it into the RTP timestamp.
+        # Stamped with the frame's place: aiortc turns it into the RTP timestamp.
         packet = av.Packet(data)
         packet.pts = index * PACKET_SAMPLES
         packet.time_base = self._time_base
         return packet
 
+
+# Loss libopus protects against before the far end has reported any (RTCP): enough to turn FEC
+# on for speech (libopus adds no FEC at 0%), little enough to cost a few percent of bitrate.
+_DEFAULT_LOSS_PERCENT = 5
 
 # What a fresh libopus encoder emits for a 20 ms frame of digital silence (a CELT frame).
 _OPUS_SILENCE = b"\xf8\xff\xfe"
@@ -185,11 +182,22 @@ class SpeakerTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, lead_ms: float = 10.0, bitrate: int = 32_000) -> None:
+    def __init__(
+        self,
+        lead_ms: float = 10.0,
+        bitrate: int = 32_000,
+        *,
+        encode: bool = True,
+        max_backlog_ms: float | None = None,
+    ) -> None:
         super().__init__()
-        self._encoder = OpusEncoder(bitrate)
+        #: None: hand PCM frames to aiortc's own encoder (the untuned, stock path).
+        self.encoder = OpusEncoder(bitrate) if encode else None
         self._queue = PcmQueue()
         self._lead_s = lead_ms / 1000
+        self._max_backlog = (
+            None if max_backlog_ms is None else int(max_backlog_ms * WEBRTC_RATE / 1000)
+        )
         self._start: float | None = None
         self._frames = 0
         self._tick = asyncio.Event()
@@ -201,6 +209,10 @@ class SpeakerTrack(MediaStreamTrack):
         self.played_samples = 0
         #: Times the track fell more than ``_MAX_LAG_S`` behind and re-anchored its clock.
         self.resyncs = 0
+        #: Frames taken for sending more than one frame after their due time.
+        self.frames_late = 0
+        #: Samples dropped from the head of a live stream's backlog to keep its latency bounded.
+        self.trimmed_samples = 0
 
     @property
     def queued_samples(self) -> int:
@@ -215,18 +227,31 @@ class SpeakerTrack(MediaStreamTrack):
         if not len(self._queue) and pcm.size:
             self._armed_at = asyncio.get_running_loop().time()
         self._queue.push(pcm)
+        if self._max_backlog is not None and len(self._queue) > self._max_backlog:
+            # A live stream (echo, full duplex) that got ahead of the clock, after a burst of
+            # late packets say, would keep that lag for the rest of the call: drop the oldest.
+            excess = len(self._queue) - self._max_backlog
+            self._queue.pop(excess)
+            self.trimmed_samples += excess
 
     def flush(self) -> int:
         """Drop everything queued; returns the number of samples dropped."""
         self._armed_at = None
         return self._queue.clear()
 
-    async def recv(self) -> av.Packet[Any]:
+    async def recv(self) -> av.Packet[Any] | av.AudioFrame:
         samples = await self.next_pcm()
+        index = self._frames - 1
+        if self.encoder is None:
+            frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+            frame.sample_rate = WEBRTC_RATE
+            frame.pts = index * PACKET_SAMPLES
+            frame.time_base = fractions.Fraction(1, WEBRTC_RATE)
+            return frame
         # Within a couple of LSBs of zero (-84 dBFS) is silence: decoded Opus "silence" from a
         # caller is +/-1 LSB of comfort noise, which nobody can hear.
         silent = int(samples.max()) <= _SILENT_LSB and int(samples.min()) >= -_SILENT_LSB
-        return self._encoder.encode(samples, self._frames - 1, silent=silent)
+        return self.encoder.encode(samples, index, silent=silent)
 
     async def next_pcm(self) -> np.ndarray:
         """Wait for the next 20 ms slot and return its samples (what ``recv()`` encodes)."""
@@ -239,7 +264,9 @@ class SpeakerTrack(MediaStreamTrack):
         wait = self._start + self._frames * PACKET_MS / 1000 - now
         if wait > 0:
             await asyncio.sleep(wait)
-        elif wait < -_MAX_LAG_S:
+        elif wait < -PACKET_MS / 1000:
+            self.frames_late += 1
+        if wait < -_MAX_LAG_S:
             self._start = now - self._frames * PACKET_MS / 1000
             self.resyncs += 1
         samples, filled = self._next_samples(loop.time())

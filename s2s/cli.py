@@ -51,11 +51,24 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds without inbound audio before a call is ended (default %(default)s)",
     )
     serve.add_argument(
-        "--jitter-prefetch",
+        "--transport",
+        choices=("tuned", "stock"),
+        default=d.transport,
+        help="media path: s2s's tuned one, or aiortc's stock one for comparison "
+        "(default %(default)s)",
+    )
+    serve.add_argument(
+        "--opus-bitrate",
         type=int,
-        default=d.jitter_prefetch,
-        help="audio frames held by the receive jitter buffer before playout "
-        "(aiortc's default is 4; default %(default)s)",
+        default=d.opus_bitrate,
+        help="Opus bitrate sent, and asked of callers, in bits/s (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-gap-wait",
+        type=float,
+        default=d.max_gap_wait_ms,
+        help="longest wait in ms for a missing inbound packet before it is rebuilt from FEC "
+        "or concealed; the wait adapts to measured jitter below this (default %(default)s)",
     )
     serve.add_argument(
         "--image-max-bytes",
@@ -150,7 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         device=args.device,
         max_sessions=args.max_sessions,
         peer_timeout_s=args.peer_timeout,
-        jitter_prefetch=args.jitter_prefetch,
+        transport=args.transport,
+        opus_bitrate=args.opus_bitrate,
+        max_gap_wait_ms=args.max_gap_wait,
         image_max_bytes=args.image_max_bytes,
         image_max_pixels=args.image_max_pixels,
         image_history=args.image_history,

@@ -20,8 +20,13 @@ class Settings:
     peer_timeout_s: float = 15.0
     #: Seconds suggested to a client turned away because the server is full.
     retry_after_s: int = 5
-    #: Audio frames aiortc's receive jitter buffer holds before it releases one (aiortc's own is 4).
-    jitter_prefetch: int = 0
+    #: "tuned": s2s's own media path (inline Opus both ways, FEC/RED/NACK, loss recovery);
+    #: "stock": aiortc's (its 80 ms jitter buffer, decoder thread, encoder), for comparison.
+    transport: str = "tuned"
+    #: Opus bitrate s2s sends at and asks the caller to stay under (bits/s).
+    opus_bitrate: int = 32_000
+    #: Longest wait for a missing inbound packet before it is rebuilt (FEC) or concealed.
+    max_gap_wait_ms: float = 80.0
     #: Largest data-channel message accepted, in bytes (Chromium and aiortc cap it at 256 KiB).
     max_event_bytes: int = 262_144
     #: Largest SDP offer accepted, in bytes.

@@ -1,20 +1,44 @@
-"""Peer connections as s2s makes them: no STUN by default, and voice-sized receive buffering."""
+"""Peer connections as s2s makes them: no STUN by default, and audio tuned for talking to a model.
+
+aiortc gets the media path right for general use, not for voice AI: it holds 80 ms of inbound
+audio in a fixed jitter buffer, decodes on a thread per receiver, skips lost frames, drops RED,
+never NACKs audio, and answers without any Opus parameters. ``tune_audio`` fixes the
+negotiation and ``VoiceInput`` takes over the audio receiver's packet handling. Both touch
+aiortc internals (named below, guarded, and checked by the tests); they can go when aiortc grows
+settings for them.
+"""
 
 from __future__ import annotations
 
+import fractions
 import logging
+from dataclasses import dataclass
+from typing import Any
 
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpReceiver
+import av
+import numpy as np
+from aiortc import (
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpCodecParameters,
+    RTCRtpReceiver,
+    RTCRtpTransceiver,
+)
 from aiortc.jitterbuffer import JitterBuffer
+from aiortc.rtcrtpparameters import RTCRtcpFeedback
+from aiortc.rtcrtpreceiver import StreamStatistics
+from aiortc.rtp import RtpPacket
+from aiortc.sdp import SessionDescription
+
+from s2s import opus
+from s2s.voicein import ReceiveStats, VoiceReceiver, parse_red
 
 log = logging.getLogger(__name__)
 
-# aiortc builds every audio receiver with JitterBuffer(capacity=16, prefetch=4): 80 ms held
-# before a frame is released, on top of the sender's pacing. It has no setting for this, so the
-# buffer is swapped right after the receiver is created. This is the one place s2s touches an
-# aiortc private; it can go when aiortc lets callers size the audio jitter buffer.
-_JITTER_ATTR = "_RTCRtpReceiver__jitter_buffer"
-_JITTER_CAPACITY = 16
+# Private receiver state that VoiceInput keeps up to date so aiortc's RTCP receiver reports
+# (loss, jitter; what the caller's RTT and bitrate control see) stay right.
+_REMOTE_STREAMS = "_RTCRtpReceiver__remote_streams"
 
 
 def new_peer_connection(ice_servers: list[RTCIceServer] | None = None) -> RTCPeerConnection:
@@ -26,10 +50,181 @@ def new_peer_connection(ice_servers: list[RTCIceServer] | None = None) -> RTCPee
     return RTCPeerConnection(RTCConfiguration(iceServers=list(ice_servers or [])))
 
 
-def set_audio_prefetch(receiver: RTCRtpReceiver, frames: int) -> bool:
-    """Make ``receiver`` release audio after ``frames`` frames instead of aiortc's 4.
+@dataclass(frozen=True, slots=True)
+class VoiceCodecs:
+    """What the answer agreed for the caller's audio."""
 
-    Returns False (and leaves aiortc's buffer) if this aiortc no longer has the attribute.
+    opus: int
+    red: int | None = None
+    nack: bool = False
+
+
+def tune_audio(
+    transceiver: RTCRtpTransceiver, offer_sdp: str, bitrate: int
+) -> VoiceCodecs | None:
+    """Shape the answer for ``transceiver`` (after the offer is applied, before the answer).
+
+    Asks the caller for mono Opus with in-band FEC, no DTX (server VAD needs the silence) and at
+    most ``bitrate``; accepts RED and audio NACK when the caller offers them. Returns None when
+    the call has no Opus (G.711 callers stay on aiortc's path).
+    """
+    codecs: list[RTCRtpCodecParameters] = transceiver._codecs  # aiortc's negotiated list
+    chosen = next((c for c in codecs if c.mimeType.lower() == "audio/opus"), None)
+    if chosen is None or chosen.payloadType is None:
+        return None
+    offered = _offered_codecs(offer_sdp, transceiver.mid)
+    chosen.parameters = {
+        "minptime": 10,
+        "useinbandfec": 1,
+        "usedtx": 0,
+        "stereo": 0,
+        "maxaveragebitrate": bitrate,
+    }
+    remote_opus = next((c for c in offered if c.payloadType == chosen.payloadType), None)
+    nack = remote_opus is not None and any(f.type == "nack" for f in remote_opus.rtcpFeedback)
+    if nack:
+        chosen.rtcpFeedback = [*chosen.rtcpFeedback, RTCRtcpFeedback(type="nack")]
+    red = next(
+        (
+            c
+            for c in offered
+            if c.mimeType.lower() == "audio/red"
+            and c.clockRate == opus.RATE
+            and _red_wraps(c, chosen.payloadType)
+        ),
+        None,
+    )
+    if red is not None:
+        codecs.append(
+            RTCRtpCodecParameters(
+                mimeType="audio/red", clockRate=opus.RATE, channels=red.channels,
+                payloadType=red.payloadType, parameters=dict(red.parameters),
+            )
+        )  # fmt: skip
+    return VoiceCodecs(chosen.payloadType, red.payloadType if red else None, nack)
+
+
+def _offered_codecs(offer_sdp: str, mid: str | None) -> list[RTCRtpCodecParameters]:
+    description = SessionDescription.parse(offer_sdp)
+    for media in description.media:
+        if media.kind == "audio" and (mid is None or media.rtp.muxId == mid):
+            return list(media.rtp.codecs)
+    return []
+
+
+def _red_wraps(red: RTCRtpCodecParameters, opus_type: int) -> bool:
+    # RED's fmtp lists the payload type of each block ("111/111"): only Opus-in-RED is taken.
+    blocks = [key for key in red.parameters if "/" in key or key.isdigit()]
+    return bool(blocks) and all(
+        part == str(opus_type) for key in blocks for part in key.split("/")
+    )
+
+
+def prefer_red(answer_sdp: str, codecs: VoiceCodecs) -> str:
+    """Put RED first in the answer's audio format list, so the caller sends its audio in RED.
+
+    aiortc sends with the first codec of its own list, which must stay Opus; the order in the
+    SDP only tells the caller what s2s prefers to receive.
+    """
+    if codecs.red is None:
+        return answer_sdp
+    lines = answer_sdp.split("\r\n")
+    for i, line in enumerate(lines):
+        if line.startswith("m=audio "):
+            head = line.split(" ")
+            formats = [f for f in head[3:] if f != str(codecs.red)]
+            lines[i] = " ".join([*head[:3], str(codecs.red), *formats])
+            break
+    return "\r\n".join(lines)
+
+
+class VoiceInput:
+    """Takes over an audio receiver's packets: ``VoiceReceiver`` instead of aiortc's jitter
+    buffer and decoder thread, frames pushed straight onto the remote track's queue.
+
+    aiortc's decoder thread is still started by the receiver and idles on its empty queue; when
+    the receiver stops, it ends the track as before.
+    """
+
+    def __init__(
+        self, receiver: RTCRtpReceiver, codecs: VoiceCodecs, max_wait_ms: float
+    ) -> None:
+        self._receiver = receiver
+        self._codecs = codecs
+        self._streams: dict[int, StreamStatistics] = getattr(receiver, _REMOTE_STREAMS)
+        self._time_base = fractions.Fraction(1, opus.RATE)
+        self._first_ts: int | None = None
+        self._pipeline = VoiceReceiver(self._deliver, nack=codecs.nack, max_wait_ms=max_wait_ms)
+        #: RED packets whose payload could not be parsed (counted, then dropped).
+        self.bad_red = 0
+
+    @classmethod
+    def install(
+        cls, receiver: RTCRtpReceiver, codecs: VoiceCodecs, max_wait_ms: float
+    ) -> VoiceInput | None:
+        """Route ``receiver``'s RTP through s2s; None (aiortc's path kept) if aiortc changed."""
+        if not isinstance(getattr(receiver, _REMOTE_STREAMS, None), dict) or not hasattr(
+            receiver, "_handle_rtp_packet"
+        ):
+            log.warning("aiortc's receiver internals changed; keeping its own audio path")
+            return None
+        voice = cls(receiver, codecs, max_wait_ms)
+        # The DTLS transport calls this for every RTP packet of this receiver's SSRC.
+        receiver._handle_rtp_packet = voice.handle_rtp_packet  # type: ignore[method-assign]
+        return voice
+
+    @property
+    def stats(self) -> ReceiveStats:
+        return self._pipeline.stats
+
+    def close(self) -> None:
+        self._pipeline.close()
+
+    async def handle_rtp_packet(self, packet: RtpPacket, arrival_time_ms: int) -> None:
+        if not self._receiver._enabled:
+            return
+        red = packet.payload_type == self._codecs.red
+        if packet.payload_type != self._codecs.opus and not red:
+            return
+        stream = self._streams.get(packet.ssrc)
+        if stream is None:
+            stream = self._streams[packet.ssrc] = StreamStatistics(opus.RATE)
+        stream.add(packet)
+        payload = packet.payload
+        older: list[tuple[int, bytes]] | None = None
+        if red:
+            try:
+                inner, payload, older = parse_red(packet.payload)
+            except ValueError:
+                self.bad_red += 1
+                return
+            if inner != self._codecs.opus:
+                self.bad_red += 1
+                return
+        if not payload:
+            return
+        lost = self._pipeline.push(packet.sequence_number, packet.timestamp, payload, older)
+        if lost:
+            await self._receiver._send_rtcp_nack(packet.ssrc, lost)
+
+    def _deliver(self, pcm: np.ndarray, timestamp: int) -> None:
+        track: Any = self._receiver._track
+        if track is None:
+            return
+        if self._first_ts is None:
+            self._first_ts = timestamp
+        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = opus.RATE
+        frame.pts = (timestamp - self._first_ts) % (1 << 32)
+        frame.time_base = self._time_base
+        track._queue.put_nowait(frame)
+
+
+def set_audio_prefetch(receiver: RTCRtpReceiver, frames: int) -> bool:
+    """Make aiortc's own audio path release after ``frames`` frames instead of its 4.
+
+    For peers that keep aiortc's receive path (test and benchmark callers). Returns False, and
+    leaves aiortc's buffer, if this aiortc no longer has the attribute.
     """
     current = getattr(receiver, _JITTER_ATTR, None)
     if not isinstance(current, JitterBuffer) or current.capacity != _JITTER_CAPACITY:
@@ -37,3 +232,8 @@ def set_audio_prefetch(receiver: RTCRtpReceiver, frames: int) -> bool:
         return False
     setattr(receiver, _JITTER_ATTR, JitterBuffer(capacity=_JITTER_CAPACITY, prefetch=frames))
     return True
+
+
+# aiortc builds every audio receiver with JitterBuffer(capacity=16, prefetch=4).
+_JITTER_ATTR = "_RTCRtpReceiver__jitter_buffer"
+_JITTER_CAPACITY = 16

@@ -48,7 +48,7 @@ from s2s.protocol import (
     encode_event,
 )
 from s2s.realtime import Realtime
-from s2s.rtc import set_audio_prefetch
+from s2s.rtc import VoiceInput, prefer_red, tune_audio
 from s2s.vad import VAD_RATE, SpeechDetector, VadService
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,16 @@ class Session:
         self.call_id = call_id
         self.pc = pc
         self.config = config
-        self.speaker = SpeakerTrack()
+        tuned = settings.transport == "tuned"
+        # A live model's audio is only worth hearing now: keep its backlog to two of its frames.
+        frame_ms = 1000 * backend.frame_samples / backend.input_rate
+        self.speaker = SpeakerTrack(
+            bitrate=settings.opus_bitrate,
+            encode=tuned,
+            max_backlog_ms=None if backend.turn_based else 2 * frame_ms + 10,
+        )
+        #: The tuned inbound audio path, once negotiated (None on the stock path).
+        self.voice_in: VoiceInput | None = None
         self.log = CallLogger(log, call_id)
         self.end_reason: str | None = None
         #: The server key the call was made with (or that minted its client secret).
@@ -154,13 +163,20 @@ class Session:
             # queue decoded frames forever.
             wanted = i == 0 and self._settings.camera_fps > 0
             transceiver.direction = "recvonly" if wanted else "inactive"
-        set_audio_prefetch(audio[0].receiver, self._settings.jitter_prefetch)
+        codecs = None
+        if self._settings.transport == "tuned":
+            codecs = tune_audio(audio[0], offer_sdp, self._settings.opus_bitrate)
         self.pc.addTrack(self.speaker)
         try:
             await self.pc.setLocalDescription(await self.pc.createAnswer())
         except Exception as exc:
             raise OfferError(f"cannot answer the offer: {exc or type(exc).__name__}") from exc
-        return str(self.pc.localDescription.sdp)
+        answer = str(self.pc.localDescription.sdp)
+        if codecs is not None:
+            wait = self._settings.max_gap_wait_ms
+            self.voice_in = VoiceInput.install(audio[0].receiver, codecs, wait)
+            answer = prefer_red(answer, codecs)
+        return answer
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -219,6 +235,8 @@ class Session:
             # without a transport); what it holds is dropped with it all the same.
             self.log.warning("peer connection did not close cleanly", exc_info=True)
         self.speaker.stop()
+        if self.voice_in is not None:
+            self.voice_in.close()
         for track in (self._mic, self._camera):
             if not track.done():
                 track.cancel()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import fractions
 import json
+import random
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -18,7 +20,8 @@ import numpy as np
 from aiortc import RTCDataChannel, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack, VideoStreamTrack
 
-from s2s.rtc import new_peer_connection, set_audio_prefetch
+from s2s.audio import OpusEncoder
+from s2s.rtc import VoiceCodecs, VoiceInput, new_peer_connection, set_audio_prefetch
 
 RATE = 48_000
 FRAME = 960  # 20 ms
@@ -33,8 +36,10 @@ class MicTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, pcm: np.ndarray | None = None) -> None:
+    def __init__(self, pcm: np.ndarray | None = None, *, encode: bool = False) -> None:
         super().__init__()
+        # encode: send Opus packets made here (mono, FEC) instead of aiortc's encoder's.
+        self._encoder = OpusEncoder() if encode else None
         self._pcm = np.zeros(0, np.int16) if pcm is None else pcm
         self._pos = 0
         self._start: float | None = None
@@ -49,7 +54,7 @@ class MicTrack(MediaStreamTrack):
         self._pcm = np.concatenate([self._pcm[: self._pos], pcm]) if self._pos else pcm
         return self.samples_sent
 
-    async def recv(self) -> av.AudioFrame:
+    async def recv(self) -> av.AudioFrame | av.Packet[Any]:
         if self.readyState != "live":
             raise MediaStreamError
         loop = asyncio.get_running_loop()
@@ -62,6 +67,10 @@ class MicTrack(MediaStreamTrack):
         part = self._pcm[self._pos : self._pos + FRAME]
         chunk[: part.size] = part
         self._pos += part.size
+        if self._encoder is not None:
+            packet = self._encoder.encode(chunk, len(self.frame_times), silent=not chunk.any())
+            self.frame_times.append(loop.time())
+            return packet
         frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = RATE
         frame.pts = len(self.frame_times) * FRAME
@@ -104,7 +113,13 @@ class Peer:
         prefetch: int | None = 0,
         session: dict[str, Any] | None = None,
         camera: MediaStreamTrack | None = None,
+        tuned: bool = False,
+        edit_offer: Callable[[str], str] | None = None,
+        loss: float = 0.0,
     ) -> None:
+        """``tuned``: receive through s2s's own inbound path (as the server does) instead of
+        aiortc's; ``edit_offer`` rewrites the SDP offer before it is posted; ``loss`` drops
+        that fraction of outbound RTP (seeded), as a lossy uplink would."""
         self.base_url = base_url.rstrip("/")
         self.mic = mic or MicTrack()
         self.pc = new_peer_connection()
@@ -113,10 +128,17 @@ class Peer:
         #: ``(arrival loop time, mono int16 samples)`` for every audio frame received.
         self.frames: list[tuple[float, np.ndarray]] = []
         self.call_url: str | None = None
+        self.answer: str | None = None
         self.setup_s: float | None = None
         self.channel_open_s: float | None = None
         self.states: list[str] = []
         self._prefetch = prefetch
+        self._tuned = tuned
+        self._edit_offer = edit_offer
+        self._loss = loss
+        #: The inbound path when ``tuned``; RTP packets the lossy uplink dropped.
+        self.voice_in: VoiceInput | None = None
+        self.dropped: list[int] = []
         self._session = session
         self._camera = camera
         self._event_arrived = asyncio.Event()
@@ -139,14 +161,37 @@ class Peer:
         await self.pc.setLocalDescription(await self.pc.createOffer())
         loop = asyncio.get_running_loop()
         self._t0 = loop.time()
+        offer = self.pc.localDescription.sdp
+        if self._edit_offer is not None:
+            offer = self._edit_offer(offer)
         async with asyncio.timeout(timeout):
-            status, body, headers = await self._post_offer(self.pc.localDescription.sdp)
+            status, body, headers = await self._post_offer(offer)
             if status != 201:
                 await self.pc.close()
                 raise CallRefused(status, body, headers)
             self.call_url = self.base_url + headers["Location"]
+            self.answer = body
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
+            if self._tuned:
+                opus = next(c for c in transceiver._codecs if c.mimeType.lower() == "audio/opus")
+                assert opus.payloadType is not None
+                codecs = VoiceCodecs(opus.payloadType)
+                self.voice_in = VoiceInput.install(transceiver.receiver, codecs, 80.0)
+            if self._loss:
+                self._drop_uplink(transceiver.sender.transport)
             await self._connected.wait()
+
+    def _drop_uplink(self, transport: Any) -> None:
+        rng = random.Random(7)
+        send = transport._send_rtp
+
+        async def lossy_send(data: bytes) -> None:
+            if rng.random() < self._loss:
+                self.dropped.append(int.from_bytes(data[2:4], "big"))
+                return
+            await send(data)
+
+        transport._send_rtp = lossy_send
 
     async def _post_offer(self, sdp: str) -> tuple[int, str, dict[str, str]]:
         url = self.base_url + "/v1/realtime/calls"
