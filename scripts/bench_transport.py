@@ -10,8 +10,9 @@ echo round trip (send of the packet holding a burst's start to arrival of the de
 holding its echo's onset) p50/p95, server CPU%, and whether every call's audio stayed on time
 (at least 97% of the expected frames in the window, echo p95 under 200 ms).
 
-    .venv/bin/python scripts/bench_transport.py                     # ramp 1, 10, 20, 30, 40...
-    .venv/bin/python scripts/bench_transport.py --levels 1,20 --client-prefetch 4
+    .venv/bin/python scripts/bench_transport.py                     # tuned, ramp 1, 10, 20...
+    .venv/bin/python scripts/bench_transport.py --compare-untuned   # untuned vs tuned, one run
+    .venv/bin/python scripts/bench_transport.py --setup untuned --levels 1 --client 0
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,28 +74,38 @@ def _encoded_period() -> list[bytes]:
 
 
 def _caller_process(
-    url: str, n: int, warm_s: float, measure_s: float, prefetch: int, conn: Any
+    url: str, n: int, warm_s: float, measure_s: float, client: str, cpus: set[int], conn: Any
 ) -> None:
-    os.sched_setaffinity(0, {os.cpu_count() - 1})  # type: ignore[operator]
+    os.sched_setaffinity(0, cpus)
     import uvloop
 
-    conn.send(uvloop.run(_callers(url, n, warm_s, measure_s, prefetch)))
+    conn.send(uvloop.run(_callers(url, n, warm_s, measure_s, client)))
 
 
-def _probe_process(url: str, n: int, prefetch: int, conn: Any) -> None:
-    os.sched_setaffinity(0, {os.cpu_count() - 1})  # type: ignore[operator]
+def _probe_process(url: str, n: int, client: str, cpus: set[int], conn: Any) -> None:
+    os.sched_setaffinity(0, cpus)
     import uvloop
 
-    conn.send(uvloop.run(_setup_probes(url, n, prefetch)))
+    conn.send(uvloop.run(_setup_probes(url, n, client)))
 
 
-async def _setup_probes(url: str, n: int, prefetch: int) -> list[tuple[float, float]]:
-    """Set-up and data-channel-open times of ``n`` calls made one after another."""
+def _peer(url: str, client: str, mic: Any = None) -> Any:
+    """A caller: "tuned" receives through s2s's inbound path, "stock" through aiortc's (its
+    80 ms jitter buffer), a number through aiortc's with that jitter buffer prefetch."""
     from tests.peer import Peer
 
+    if client == "tuned":
+        return Peer(url, mic, prefetch=None, tuned=True)
+    if client == "stock":
+        return Peer(url, mic, prefetch=None)
+    return Peer(url, mic, prefetch=int(client))
+
+
+async def _setup_probes(url: str, n: int, client: str) -> list[tuple[float, float]]:
+    """Set-up and data-channel-open times of ``n`` calls made one after another."""
     timings = []
     for _ in range(n):
-        peer = Peer(url, prefetch=prefetch)
+        peer = _peer(url, client)
         await peer.connect()
         await peer.wait_open()
         assert peer.setup_s is not None and peer.channel_open_s is not None
@@ -104,12 +116,12 @@ async def _setup_probes(url: str, n: int, prefetch: int) -> list[tuple[float, fl
 
 
 async def _callers(
-    url: str, n: int, warm_s: float, measure_s: float, prefetch: int
+    url: str, n: int, warm_s: float, measure_s: float, client: str
 ) -> list[dict[str, Any]]:
     import av
     from aiortc.mediastreams import MediaStreamTrack
 
-    from tests.peer import CallRefused, Peer
+    from tests.peer import CallRefused
 
     period = _encoded_period()
 
@@ -140,7 +152,7 @@ async def _callers(
     async def one_call(i: int) -> dict[str, Any]:
         await asyncio.sleep(i * 0.02)  # stagger set-ups like independent users
         mic = ProbeMic()
-        peer = Peer(url, mic, prefetch=prefetch)  # type: ignore[arg-type]
+        peer = _peer(url, client, mic)
         try:
             await peer.connect(timeout=20)
             await peer.wait_open(timeout=20)
@@ -186,13 +198,26 @@ def _echo_latencies(burst_times: list[float], frames: list[tuple[float, Any]]) -
 
 
 def _cpu_seconds(pid: int | None) -> float:
+    """CPU time of ``pid`` and every process below it (a server's workers)."""
     if pid is None:
         return math.nan
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stats[int(entry.name)] = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+    tree, total = {pid}, 0.0
+    for p in sorted(stats):  # children have larger pids than their parents here
+        fields = stats[p]
+        if p in tree or int(fields[1]) in tree:
+            tree.add(p)
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
-def _run_level(url: str, pid: int | None, n: int, args: argparse.Namespace) -> dict[str, Any]:
+def _run_level(
+    url: str, pid: int | None, n: int, args: argparse.Namespace, setup: Setup
+) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     procs = max(1, math.ceil(n / args.calls_per_process))
     pipes, workers = [], []
@@ -201,7 +226,7 @@ def _run_level(url: str, pid: int | None, n: int, args: argparse.Namespace) -> d
         parent, child = ctx.Pipe(duplex=False)
         worker = ctx.Process(
             target=_caller_process,
-            args=(url, share, args.warm, args.measure, args.client_prefetch, child),
+            args=(url, share, args.warm, args.measure, setup.client, setup.caller_cpus, child),
         )
         worker.start()
         pipes.append(parent)
@@ -254,6 +279,34 @@ def _summarise(n: int, results: list[dict[str, Any]], cpu: float) -> dict[str, A
     }
 
 
+@dataclass(frozen=True)
+class Setup:
+    """One way of running server and callers."""
+
+    name: str
+    server_args: tuple[str, ...]
+    server_cpus: set[int] | None
+    caller_cpus: set[int]
+    client: str
+
+
+CPUS = set(range(os.cpu_count() or 1))
+LAST = {max(CPUS)}
+
+
+def _setups(args: argparse.Namespace) -> list[Setup]:
+    stock = Setup("untuned", ("--transport", "stock", "--workers", "1"), {0}, LAST, "stock")
+    tuned_1 = Setup("tuned-1", ("--transport", "tuned", "--workers", "1"), {0}, LAST, "tuned")
+    tuned = Setup("tuned", ("--transport", "tuned"), None, CPUS, "tuned")
+    if args.compare_untuned:
+        return [stock, tuned_1, tuned]
+    chosen = {"untuned": stock, "tuned-1": tuned_1, "tuned": tuned}[args.setup]
+    if args.client:
+        chosen = Setup(chosen.name, chosen.server_args, chosen.server_cpus,
+                       chosen.caller_cpus, args.client)  # fmt: skip
+    return [chosen]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -261,22 +314,28 @@ def main() -> None:
     parser.add_argument("--url", help="an already running server (default: start one)")
     parser.add_argument(
         "--levels",
-        default="1,10,20,30,40,50,60",
-        help="comma-separated call counts to try, in order",
+        default="1,10,20,30,40,50,60,70",
+        help="comma-separated call counts to try, in order (stops at the first miss)",
     )
     parser.add_argument("--warm", type=float, default=2.0, help="seconds before measuring")
     parser.add_argument("--measure", type=float, default=8.0, help="seconds measured per level")
     parser.add_argument(
-        "--client-prefetch",
-        type=int,
-        default=0,
-        help="callers' jitter buffer prefetch (aiortc's default is 4)",
+        "--setup",
+        choices=("untuned", "tuned-1", "tuned"),
+        default="tuned",
+        help="untuned: aiortc's stock media path, one process on CPU 0, stock callers; "
+        "tuned-1: s2s's path, one process on CPU 0; tuned: s2s's path, one worker per core "
+        "(callers share the cores)",
     )
     parser.add_argument(
-        "--server-prefetch",
-        type=int,
-        default=0,
-        help="server's --jitter-prefetch when this script starts it",
+        "--compare-untuned",
+        action="store_true",
+        help="run untuned, tuned-1 and tuned one after another and compare them",
+    )
+    parser.add_argument(
+        "--client",
+        help="callers' receive path: tuned, stock (aiortc's 80 ms jitter buffer) or an aiortc "
+        "jitter buffer prefetch in frames (default: the setup's)",
     )
     parser.add_argument("--server-pid", type=int, help="with --url: the pid for CPU figures")
     parser.add_argument("--calls-per-process", type=int, default=15)
@@ -287,33 +346,51 @@ def main() -> None:
         help="sequential single calls timed for set-up before the ramp",
     )
     args = parser.parse_args()
-
-    with contextlib.ExitStack() as stack:
-        if args.url:
-            url, pid = args.url.rstrip("/"), args.server_pid
-        else:
-            url, pid = stack.enter_context(serve(
-                "--model", "echo", "--max-sessions", "500",
-                "--jitter-prefetch", str(args.server_prefetch), cpus={0},
+    summaries = []
+    for setup in _setups(args):
+        with contextlib.ExitStack() as stack:
+            if args.url:
+                url, pid = args.url.rstrip("/"), args.server_pid
+            else:
+                url, pid = stack.enter_context(serve(
+                    "--model", "echo", "--max-sessions", "500", *setup.server_args,
+                    cpus=setup.server_cpus,
+                ))  # fmt: skip
+            summaries.append(_run(url, pid, args, setup))
+    if len(summaries) > 1:
+        print("\nside by side (same machine, same run):")
+        keys = ("setup", "calls_held", "cpu_pct_per_call", "rtt_p50_ms_1", "rtt_p95_ms_1",
+                "setup_p50_ms", "open_p50_ms")  # fmt: skip
+        print(" ".join(f"{k:>16}" for k in keys))
+        for row in summaries:
+            print(" ".join(
+                f"{row[k]:>16.1f}" if isinstance(row[k], float) else f"{row[k]:>16}" for k in keys
             ))  # fmt: skip
-        _run(url, pid, args)
 
 
-def _run(url: str, pid: int | None, args: argparse.Namespace) -> None:
+def _run(url: str, pid: int | None, args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
     print(
-        f"server pid {pid} pinned to CPU 0, callers on CPU {os.cpu_count() - 1}; "
-        f"client prefetch {args.client_prefetch}, server prefetch {args.server_prefetch}"
+        f"\n== {setup.name}: server {' '.join(setup.server_args)} (pid {pid}) on CPUs "
+        f"{sorted(setup.server_cpus or CPUS)}, callers ({setup.client}) on CPUs "
+        f"{sorted(setup.caller_cpus)}",
+        flush=True,
     )
+    summary: dict[str, Any] = {"setup": setup.name, "setup_p50_ms": math.nan,
+                               "open_p50_ms": math.nan}  # fmt: skip
     if args.setup_probes:
-        parent, child = mp.get_context("spawn").Pipe(duplex=False)
-        worker = mp.get_context("spawn").Process(
-            target=_probe_process, args=(url, args.setup_probes, args.client_prefetch, child)
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe(duplex=False)
+        worker = ctx.Process(
+            target=_probe_process,
+            args=(url, args.setup_probes, setup.client, setup.caller_cpus, child),
         )
         worker.start()
         timings = parent.recv()
         worker.join()
         setups = [1000 * s for s, _ in timings]
         opens = [1000 * o for _, o in timings]
+        summary["setup_p50_ms"] = statistics.median(setups)
+        summary["open_p50_ms"] = statistics.median(opens)
         print(
             f"set-up, {len(timings)} calls one at a time: connected p50 "
             f"{statistics.median(setups):.1f} ms p95 {percentile(setups, 0.95):.1f} ms; "
@@ -334,20 +411,25 @@ def _run(url: str, pid: int | None, args: argparse.Namespace) -> None:
         "rtt_drift_ms",
     )
     print(" ".join(f"{h:>15}" for h in header))
-    best = 0
+    best, best_cpu = 0, math.nan
     for n in (int(x) for x in args.levels.split(",")):
-        row = _run_level(url, pid, n, args)
+        row = _run_level(url, pid, n, args, setup)
         print(
             " ".join(
                 f"{row[h]:>15.1f}" if isinstance(row[h], float) else f"{row[h]:>15}" for h in header
             ),
             flush=True,
         )
+        if n == 1:
+            summary["rtt_p50_ms_1"], summary["rtt_p95_ms_1"] = row["rtt_p50_ms"], row["rtt_p95_ms"]
         if row["on_time"] == n and not row["failed"]:
-            best = n
+            best, best_cpu = n, row["server_cpu_pct"] / n
         else:
             break
     print(f"largest N with every call on time: {best}")
+    summary.setdefault("rtt_p50_ms_1", math.nan)
+    summary.setdefault("rtt_p95_ms_1", math.nan)
+    return {**summary, "calls_held": best, "cpu_pct_per_call": best_cpu}
 
 
 if __name__ == "__main__":
