@@ -10,9 +10,19 @@ from aiohttp import web
 from s2s.auth import Keys
 from s2s.backends import load_backend
 from s2s.config import Settings
+from s2s.metrics import ServerMetrics
 from s2s.protocol import ServerShutdown
 from s2s.registry import SessionRegistry
-from s2s.signaling import BACKEND, KEYS, REGISTRY, SETTINGS, VAD, add_routes, cors_middleware
+from s2s.signaling import (
+    BACKEND,
+    KEYS,
+    METRICS,
+    REGISTRY,
+    SETTINGS,
+    VAD,
+    add_routes,
+    cors_middleware,
+)
 from s2s.vad import VadService
 from s2s.webhooks import Webhooks
 
@@ -23,6 +33,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[cors_middleware])
     app[SETTINGS] = settings
     app[KEYS] = Keys(settings.api_keys)
+    app[METRICS] = ServerMetrics()
     app.cleanup_ctx.append(_model_and_calls)
     add_routes(app)
     index = settings.web_dir / "index.html"
@@ -47,7 +58,9 @@ async def _model_and_calls(app: web.Application) -> AsyncIterator[None]:
     if settings.webhook_url:
         webhooks = Webhooks(settings.webhook_url, settings.webhook_secret)
         webhooks.start()
-    registry = SessionRegistry(settings.max_sessions, settings.max_calls_per_key, webhooks)
+    registry = SessionRegistry(
+        settings.max_sessions, settings.max_calls_per_key, webhooks, app[METRICS]
+    )
     app[REGISTRY] = registry
     log.info("model %s ready; up to %d calls", backend.name, settings.max_sessions)
     try:

@@ -23,6 +23,9 @@ PACKET_SAMPLES = WEBRTC_RATE * PACKET_MS // 1000
 # A speaker this far behind its schedule (a stalled loop) re-anchors instead of sending a burst
 # of catch-up frames that the far end's jitter buffer would only drop.
 _MAX_LAG_S = 0.1
+#: A frame taken for sending more than one packet's time after its slot is counted as late: the
+#: far end's jitter buffer then has to stretch to cover the gap.
+LATE_S = PACKET_MS / 1000
 
 
 class Resampler:
@@ -209,7 +212,7 @@ class SpeakerTrack(MediaStreamTrack):
         self.played_samples = 0
         #: Times the track fell more than ``_MAX_LAG_S`` behind and re-anchored its clock.
         self.resyncs = 0
-        #: Frames taken for sending more than one frame after their due time.
+        #: Frames taken for sending more than ``LATE_S`` after their slot (a stalled loop).
         self.frames_late = 0
         #: Samples dropped from the head of a live stream's backlog to keep its latency bounded.
         self.trimmed_samples = 0
@@ -261,15 +264,18 @@ class SpeakerTrack(MediaStreamTrack):
         now = loop.time()
         if self._start is None:
             self._start = now
-        wait = self._start + self._frames * PACKET_MS / 1000 - now
+        due = self._start + self._frames * PACKET_MS / 1000
+        wait = due - now
         if wait > 0:
             await asyncio.sleep(wait)
-        elif wait < -PACKET_MS / 1000:
-            self.frames_late += 1
-        if wait < -_MAX_LAG_S:
+        elif wait < -_MAX_LAG_S:
             self._start = now - self._frames * PACKET_MS / 1000
             self.resyncs += 1
-        samples, filled = self._next_samples(loop.time())
+        now = loop.time()
+        # Measured after the sleep: an event loop that wakes us late makes the frame late too.
+        if now - due > LATE_S:
+            self.frames_late += 1
+        samples, filled = self._next_samples(now)
         self.played_samples += filled
         self._frames += 1
         self._tick.set()

@@ -131,6 +131,13 @@ def _parser() -> argparse.ArgumentParser:
         default=d.shutdown_grace_s,
         help="seconds calls may go on after SIGTERM (default %(default)s)",
     )
+    serve.add_argument(
+        "--stats-interval",
+        type=float,
+        default=d.stats_interval_s,
+        help="seconds between a call's s2s.session.stats events; 0 sends none "
+        "(default %(default)s)",
+    )
     serve.add_argument("--webhook", default="", help="URL that gets call started/ended webhooks")
     serve.add_argument("--webhook-secret", default="", help="secret that signs the webhooks")
     serve.add_argument(
@@ -173,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_call_s=args.max_call_seconds,
         max_calls_per_key=args.max_calls_per_key,
         shutdown_grace_s=args.shutdown_grace,
+        stats_interval_s=args.stats_interval,
         webhook_url=args.webhook,
         webhook_secret=args.webhook_secret,
         log_level=args.log_level,

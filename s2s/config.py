@@ -48,6 +48,9 @@ class Settings:
     #: Client events per second and bytes per second one call may send (bursts of 2 s allowed).
     max_events_per_s: float = 100.0
     max_event_bytes_per_s: float = 4_000_000.0
+    #: Seconds between a call's s2s.session.stats events (0: none; its metrics are then still
+    #: sampled every 5 s).
+    stats_interval_s: float = 5.0
     #: Seconds calls may go on after SIGTERM before they are closed.
     shutdown_grace_s: float = 10.0
     #: Where call started/ended webhooks go (none if empty), and the secret that signs them.

@@ -113,9 +113,7 @@ class Encoder:
         if pcm.size != FRAME or pcm.dtype != np.int16:
             raise ValueError(f"expected {FRAME} int16 samples, got {pcm.size} {pcm.dtype}")
         pcm = np.ascontiguousarray(pcm)
-        size = _check(
-            _lib.opus_encode(self._state, pcm.ctypes.data, FRAME, self._out, _MAX_PACKET)
-        )
+        size = _check(_lib.opus_encode(self._state, pcm.ctypes.data, FRAME, self._out, _MAX_PACKET))
         return self._out.raw[:size]
 
     def reset(self) -> None:

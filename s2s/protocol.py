@@ -463,6 +463,33 @@ class ServerShutdown(ServerEvent, tag="s2s.server.shutdown"):
     grace_s: float
 
 
+class SessionStats(ServerEvent, tag="s2s.session.stats"):
+    """s2s extension: the call's link and latency figures, every ``--stats-interval`` seconds.
+
+    ``in`` is the caller's audio as the server receives it, ``out`` the server's audio as the
+    caller receives it (from the caller's RTCP receiver reports). A figure not known yet is null.
+    ``frames_late`` counts outbound frames sent more than 20 ms after their slot, over the call.
+    The latencies are the call's latest (see the README's Metrics section for where they start
+    and end). ``audio_in`` holds the receive pipeline's running counts (concealed frames, FEC,
+    NACKs...), keyed by name; it is empty where the server counts none.
+    """
+
+    call_seconds: float
+    rtt_ms: float | None = None
+    jitter_in_ms: float | None = None
+    jitter_out_ms: float | None = None
+    packets_lost_in: int | None = None
+    packets_lost_out: int | None = None
+    fraction_lost_in: float | None = None
+    fraction_lost_out: float | None = None
+    bitrate_in_bps: int | None = None
+    bitrate_out_bps: int | None = None
+    frames_late: int | None = None
+    turn_latency_ms: float | None = None
+    barge_in_latency_ms: float | None = None
+    audio_in: dict[str, float] = msgspec.field(default_factory=dict)
+
+
 class ErrorDetail(msgspec.Struct):
     message: str
     type: str = "invalid_request_error"
@@ -484,7 +511,7 @@ AnyServerEvent = (
     | ResponseCreated | ResponseDone | ResponseOutputItemAdded | ResponseOutputItemDone
     | ResponseContentPartAdded | ResponseContentPartDone | TranscriptDelta | TranscriptDone
     | OutputTextDelta | OutputTextDone | ResponseSteered | ImageReceived | ServerShutdown
-    | Error
+    | SessionStats | Error
 )  # fmt: skip
 
 # -- encoding ------------------------------------------------------------------------------------

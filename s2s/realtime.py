@@ -33,6 +33,7 @@ from s2s.backends import (
 )
 from s2s.conversation import Conversation, RequestError, wire
 from s2s.images import ImageLimits, Picture
+from s2s.metrics import CallMetrics
 from s2s.protocol import (
     AnyClientEvent,
     ConversationItemAdded,
@@ -110,6 +111,7 @@ class _Response:
     spoken: list[str] = field(default_factory=list)
     generated: bool = False
     playing: bool = False
+    requested_at: float | None = None  # loop time the caller's turn ended, for turn latency
 
 
 class Realtime:
@@ -124,6 +126,7 @@ class Realtime:
         image_limits: ImageLimits | None = None,
         image_history: int = 4,
         upload_bytes: int = 16 * 1024 * 1024,
+        metrics: CallMetrics | None = None,
     ) -> None:
         self.config = config
         self._backend = backend
@@ -142,6 +145,7 @@ class Realtime:
         self.watching = asyncio.Event()  # set while playout needs following
         self._vad_source: object = None
         self._vad: VadSettings | None = None
+        self._metrics = metrics
 
     # -- inputs from the session -------------------------------------------------------------
 
@@ -172,18 +176,21 @@ class Realtime:
         if settings is None:
             return
         self._touch()
+        now = asyncio.get_running_loop().time()
         if event.kind == "start":
             self._user_item = self._user_item or new_id("item")
             self._send(SpeechStarted(audio_start_ms=event.audio_ms, item_id=self._user_item))
             await self._stream.speech_started(self._user_item)
             if self._active is not None and settings.interrupt_response:
                 await self.cancel("turn_detected")
+                if self._metrics is not None:
+                    self._metrics.barge_in(asyncio.get_running_loop().time() - now)
             return
         item_id = self._user_item or new_id("item")
         self._send(SpeechStopped(audio_end_ms=event.audio_ms, item_id=item_id))
         await self._commit(item_id)
         if settings.create_response and self._backend.turn_based and self._active is None:
-            await self._start_response("turn", ResponseParams())
+            await self._start_response("turn", ResponseParams(), requested_at=now)
 
     def on_step(self, result: StepResult, audio: np.ndarray) -> None:
         """Take one model step's output (``audio`` already at 48 kHz)."""
@@ -234,6 +241,8 @@ class Realtime:
         played = self._speaker.played_samples
         if not r.playing and r.start_pos is not None and played > r.start_pos:
             r.playing = True
+            if r.requested_at is not None and self._metrics is not None:
+                self._metrics.turn(asyncio.get_running_loop().time() - r.requested_at)
             self._send(OutputAudioBufferStarted(response_id=r.id))
         # A piece of text goes out once the first sample it belongs to has been played.
         while r.markers and r.markers[0][0] < played:
@@ -310,7 +319,8 @@ class Realtime:
                     )
                     await self._steer(Steering(instructions, voice, speed))
                 else:
-                    await self._start_response("client", params)
+                    now = asyncio.get_running_loop().time()
+                    await self._start_response("client", params, requested_at=now)
             case ResponseCancel(response_id=rid):
                 if self._active is None or (rid is not None and rid != self._active.id):
                     raise RequestError(
@@ -375,7 +385,9 @@ class Realtime:
 
     # -- responses ---------------------------------------------------------------------------
 
-    async def _start_response(self, trigger: str, params: ResponseParams) -> None:
+    async def _start_response(
+        self, trigger: str, params: ResponseParams, *, requested_at: float | None = None
+    ) -> None:
         if not self._backend.turn_based:
             raise RequestError(
                 "model_does_not_respond", f"the {self._backend.name} model does not respond"
@@ -389,6 +401,7 @@ class Realtime:
         if not isinstance(instructions, str):
             instructions = self.config.instructions
         r = self._open_response(params, None)
+        r.requested_at = requested_at
         request = ResponseRequest(
             response_id=r.id, instructions=instructions, voice=voice or self.config.voice,
             speed=speed or self.config.speed, modalities=list(r.modalities),

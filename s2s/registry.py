@@ -8,6 +8,7 @@ import secrets
 import time
 
 from s2s.log import CallLogger
+from s2s.metrics import ServerMetrics
 from s2s.session import Session
 from s2s.webhooks import Webhooks
 
@@ -33,10 +34,15 @@ class SessionRegistry:
     """Admits, runs and ends sessions; each runs in its own task and fails on its own."""
 
     def __init__(
-        self, max_sessions: int, max_per_owner: int = 0, webhooks: Webhooks | None = None
+        self,
+        max_sessions: int,
+        max_per_owner: int = 0,
+        webhooks: Webhooks | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.max_sessions = max_sessions
         self._webhooks = webhooks
+        self._metrics = metrics or ServerMetrics()
         self._started: dict[str, float] = {}
         self.max_per_owner = max_per_owner
         #: Set on shutdown: no new calls are admitted.
@@ -80,6 +86,7 @@ class SessionRegistry:
     def start(self, session: Session) -> None:
         task = asyncio.create_task(session.run(), name=f"{session.call_id}/session")
         self._started[session.call_id] = time.monotonic()
+        self._metrics.call_started()
         if self._webhooks is not None:
             self._webhooks.emit("realtime.call.started", {"call_id": session.call_id})
         self._tasks[session.call_id] = task
@@ -89,6 +96,7 @@ class SessionRegistry:
         self._sessions.pop(session.call_id, None)
         self._tasks.pop(session.call_id, None)
         started = self._started.pop(session.call_id, time.monotonic())
+        self._metrics.call_ended(session.end_reason or "released")
         if self._webhooks is not None:
             self._webhooks.emit("realtime.call.ended", {
                 "call_id": session.call_id, "reason": session.end_reason,

@@ -59,9 +59,7 @@ class VoiceCodecs:
     nack: bool = False
 
 
-def tune_audio(
-    transceiver: RTCRtpTransceiver, offer_sdp: str, bitrate: int
-) -> VoiceCodecs | None:
+def tune_audio(transceiver: RTCRtpTransceiver, offer_sdp: str, bitrate: int) -> VoiceCodecs | None:
     """Shape the answer for ``transceiver`` (after the offer is applied, before the answer).
 
     Asks the caller for mono Opus with in-band FEC, no DTX (server VAD needs the silence) and at
@@ -115,9 +113,7 @@ def _offered_codecs(offer_sdp: str, mid: str | None) -> list[RTCRtpCodecParamete
 def _red_wraps(red: RTCRtpCodecParameters, opus_type: int) -> bool:
     # RED's fmtp lists the payload type of each block ("111/111"): only Opus-in-RED is taken.
     blocks = [key for key in red.parameters if "/" in key or key.isdigit()]
-    return bool(blocks) and all(
-        part == str(opus_type) for key in blocks for part in key.split("/")
-    )
+    return bool(blocks) and all(part == str(opus_type) for key in blocks for part in key.split("/"))
 
 
 def prefer_red(answer_sdp: str, codecs: VoiceCodecs) -> str:
@@ -146,9 +142,7 @@ class VoiceInput:
     the receiver stops, it ends the track as before.
     """
 
-    def __init__(
-        self, receiver: RTCRtpReceiver, codecs: VoiceCodecs, max_wait_ms: float
-    ) -> None:
+    def __init__(self, receiver: RTCRtpReceiver, codecs: VoiceCodecs, max_wait_ms: float) -> None:
         self._receiver = receiver
         self._codecs = codecs
         self._streams: dict[int, StreamStatistics] = getattr(receiver, _REMOTE_STREAMS)

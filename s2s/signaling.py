@@ -1,4 +1,4 @@
-"""HTTP endpoints: OpenAI-style WebRTC call set-up, hang-up and health.
+"""HTTP endpoints: OpenAI-style WebRTC call set-up, hang-up, health and metrics.
 
 This is the only module that turns errors into HTTP statuses: 400 for an offer or session it
 cannot take, 404 for an unknown call, 413/415 for bodies of the wrong size or type, 503 (with
@@ -14,10 +14,12 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 from aiohttp import WSMsgType, web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from s2s.auth import DEFAULT_SECRET_TTL_S, Keys, bearer
 from s2s.backends import Backend
 from s2s.config import Settings
+from s2s.metrics import ServerMetrics
 from s2s.protocol import ServerVad, SessionConfig, SessionPatch
 from s2s.registry import KeyLimit, ServerFull, SessionRegistry, new_call_id
 from s2s.rtc import new_peer_connection
@@ -31,6 +33,7 @@ BACKEND = web.AppKey("backend", Backend)
 REGISTRY = web.AppKey("registry", SessionRegistry)
 VAD = web.AppKey("vad", VadService)
 KEYS = web.AppKey("keys", Keys)
+METRICS = web.AppKey("metrics", ServerMetrics)
 
 CALLS_PATH = "/v1/realtime/calls"
 _ALLOW_HEADERS = "Authorization, Content-Type, X-OpenAI-Agents-SDK, OpenAI-Beta"
@@ -43,6 +46,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/realtime", sideband)
     app.router.add_post(CALLS_PATH + "/{call_id}/hangup", hangup_call)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
 
 
 def error_response(
@@ -93,7 +97,9 @@ async def create_call(request: web.Request) -> web.Response:
     )
     if patch is not None:
         config.apply(patch)
-    session = Session(call_id, new_peer_connection(), backend, app[VAD], settings, config)
+    session = Session(
+        call_id, new_peer_connection(), backend, app[VAD], settings, config, metrics=app[METRICS]
+    )
     session.owner = owner
     registry = app[REGISTRY]
     try:
@@ -307,6 +313,16 @@ async def healthz(request: web.Request) -> web.Response:
             "tasks": len(asyncio.all_tasks()),  # for soak tests and leak hunting
         }
     )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: the Prometheus text format, open like ``/healthz`` (scrapers rarely
+    carry keys; keep the port private). It names live calls' ids; with API keys on, an id alone
+    lets no one hang up or watch a call.
+    """
+    body = request.app[METRICS].exposition()
+    # CONTENT_TYPE_LATEST carries a charset, which aiohttp wants apart from the content type.
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -104,9 +104,10 @@ async def test_single_losses_are_rebuilt_from_the_next_packets_fec(packets: list
     plain_out = await plain_sink.until(len(packets))
     ref = reference(packets)
     lost_samples = np.concatenate([np.arange(i * FRAME, (i + 1) * FRAME) for i in sorted(lost)])
-    assert corr(out[lost_samples], ref[lost_samples]) > corr(
-        plain_out[lost_samples], ref[lost_samples]
-    ) + 0.2
+    assert (
+        corr(out[lost_samples], ref[lost_samples])
+        > corr(plain_out[lost_samples], ref[lost_samples]) + 0.2
+    )
 
 
 async def test_a_burst_is_concealed_then_the_last_frame_rebuilt(packets: list[bytes]) -> None:
