@@ -136,9 +136,10 @@ class Peer:
         self._tuned = tuned
         self._edit_offer = edit_offer
         self._loss = loss
-        #: The inbound path when ``tuned``; RTP packets the lossy uplink dropped.
+        #: The inbound path when ``tuned``; RTP sequence numbers sent and dropped on a lossy uplink.
         self.voice_in: VoiceInput | None = None
         self.dropped: list[int] = []
+        self.sent: list[int] = []
         self._session = session
         self._camera = camera
         self._event_arrived = asyncio.Event()
@@ -186,8 +187,14 @@ class Peer:
         send = transport._send_rtp
 
         async def lossy_send(data: bytes) -> None:
-            if rng.random() < self._loss:
-                self.dropped.append(int.from_bytes(data[2:4], "big"))
+            if 192 <= data[1] <= 223:  # RTCP shares the path (RFC 5761); only media is dropped
+                await send(data)
+                return
+            seq = int.from_bytes(data[2:4], "big")
+            self.sent.append(seq)
+            # The first second goes through whole: set-up losses are not the lossy link's.
+            if len(self.sent) > 50 and rng.random() < self._loss:
+                self.dropped.append(seq)
                 return
             await send(data)
 

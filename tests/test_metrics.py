@@ -120,7 +120,11 @@ async def test_stats_events_carry_plausible_figures(start_server: StartServer) -
             assert 0 <= event[f"fraction_lost_{direction}"] <= 1
         assert event["frames_late"] >= 0
         assert event["turn_latency_ms"] is None and event["barge_in_latency_ms"] is None
-        assert event["audio_in"] == {}
+        # The tuned inbound path's counts: every packet so far decoded from itself, none lost.
+        audio_in = event["audio_in"]
+        assert audio_in["packets"] > 0
+        assert audio_in["decoded_frames"] == audio_in["packets"]
+        assert audio_in["concealed_frames"] == audio_in["fec_frames"] == 0
     finally:
         await peer.close()
 
