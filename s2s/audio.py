@@ -216,6 +216,8 @@ class SpeakerTrack(MediaStreamTrack):
         self.frames_late = 0
         #: Samples dropped from the head of a live stream's backlog to keep its latency bounded.
         self.trimmed_samples = 0
+        # The smallest backlog seen in the current trim window (see ``_trim``).
+        self._floor: int | None = None
 
     @property
     def queued_samples(self) -> int:
@@ -230,12 +232,6 @@ class SpeakerTrack(MediaStreamTrack):
         if not len(self._queue) and pcm.size:
             self._armed_at = asyncio.get_running_loop().time()
         self._queue.push(pcm)
-        if self._max_backlog is not None and len(self._queue) > self._max_backlog:
-            # A live stream (echo, full duplex) that got ahead of the clock, after a burst of
-            # late packets say, would keep that lag for the rest of the call: drop the oldest.
-            excess = len(self._queue) - self._max_backlog
-            self._queue.pop(excess)
-            self.trimmed_samples += excess
 
     def flush(self) -> int:
         """Drop everything queued; returns the number of samples dropped."""
@@ -275,6 +271,7 @@ class SpeakerTrack(MediaStreamTrack):
         # Measured after the sleep: an event loop that wakes us late makes the frame late too.
         if now - due > LATE_S:
             self.frames_late += 1
+        self._trim()
         samples, filled = self._next_samples(now)
         self.played_samples += filled
         self._frames += 1
@@ -285,6 +282,25 @@ class SpeakerTrack(MediaStreamTrack):
         """Wait until the next frame has been taken for sending."""
         self._tick.clear()
         await self._tick.wait()
+
+    def _trim(self) -> None:
+        """Keep a live stream's latency from creeping up.
+
+        A live stream (echo, full duplex) whose input arrived in a burst (a late packet, a
+        rebuilt gap) gets ahead of the clock, and would keep that lag for the rest of the call.
+        A burst is not a backlog, though: only audio that stayed queued for a whole window, the
+        floor of the queue over it, is latency, and only what is over the bound is dropped.
+        """
+        if self._max_backlog is None:
+            return
+        queued = len(self._queue)
+        self._floor = queued if self._floor is None else min(self._floor, queued)
+        if (self._frames + 1) % _TRIM_WINDOW_FRAMES == 0:
+            if self._floor > self._max_backlog:
+                excess = self._floor - self._max_backlog
+                self._queue.pop(excess)
+                self.trimmed_samples += excess
+            self._floor = None
 
     def _next_samples(self, now: float) -> tuple[np.ndarray, int]:
         if not len(self._queue) or (
@@ -298,3 +314,4 @@ class SpeakerTrack(MediaStreamTrack):
 
 
 _SILENCE = np.zeros(PACKET_SAMPLES, np.int16)
+_TRIM_WINDOW_FRAMES = 25  # half a second

@@ -140,3 +140,28 @@ def test_stereo_frames_at_the_target_rate_are_downmixed_at_full_level() -> None:
     frame = av.AudioFrame.from_ndarray(stereo, format="s16", layout="stereo")
     frame.sample_rate = 48_000
     np.testing.assert_array_equal(Resampler(48_000).from_frame(frame), mono)
+
+
+async def test_live_speaker_trims_a_lasting_backlog_but_not_a_burst() -> None:
+    frame = np.ones(PACKET_SAMPLES, np.int16)
+    for bound_ms, expect_trim in ((50.0, True), (None, False)):
+        track = SpeakerTrack(lead_ms=0, max_backlog_ms=bound_ms)
+        # A burst of 200 ms arrives once, then the stream goes on at its pace (one frame a tick).
+        track.write(np.ones(10 * PACKET_SAMPLES, np.int16))
+        for _ in range(60):
+            await track.next_pcm()
+            track.write(frame)
+        if expect_trim:
+            # The lasting 200 ms was cut back to the bound (50 ms plus the frame in flight).
+            assert track.queued_samples <= 3 * PACKET_SAMPLES
+            assert track.trimmed_samples > 0
+        else:
+            assert track.queued_samples == 10 * PACKET_SAMPLES  # a reply is never trimmed
+            assert track.trimmed_samples == 0
+        track.stop()
+    track = SpeakerTrack(lead_ms=0, max_backlog_ms=50)
+    track.write(np.ones(6 * PACKET_SAMPLES, np.int16))  # a burst that drains within the window
+    for _ in range(30):
+        await track.next_pcm()
+    assert track.trimmed_samples == 0
+    track.stop()

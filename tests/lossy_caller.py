@@ -1,0 +1,61 @@
+"""A caller for the lossy-link tests, run inside the client's network namespace.
+
+It speaks a sentence to an echo server, records what comes back and prints one JSON line: the
+correlation of the echo with what was said (best alignment), the share of the sentence that came
+back, and the server's last ``s2s.session.stats`` (its inbound recovery counts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+import numpy as np
+
+from tests.peer import MicTrack, Peer
+from tests.speech import speak
+
+SENTENCE = "The quick brown fox jumps over the lazy dog, then it runs back home to sleep."
+
+
+def best_correlation(sent: np.ndarray, heard: np.ndarray) -> tuple[float, float]:
+    """Highest normalised correlation of ``sent`` against any stretch of ``heard``, and the
+    ratio of loud samples heard to loud samples sent."""
+    a = sent.astype(np.float64)
+    b = heard.astype(np.float64)
+    if b.size < a.size:
+        b = np.concatenate([b, np.zeros(a.size - b.size)])
+    n = 1 << int(np.ceil(np.log2(a.size + b.size)))
+    xcorr = np.fft.irfft(np.fft.rfft(b, n) * np.conj(np.fft.rfft(a, n)), n)[: b.size - a.size + 1]
+    lag = int(np.argmax(xcorr))
+    window = b[lag : lag + a.size]
+    score = float(xcorr[lag] / (np.linalg.norm(a) * np.linalg.norm(window) + 1e-9))
+    loud = 500
+    ratio = float(np.sum(np.abs(heard) > loud) / max(1, np.sum(np.abs(sent) > loud)))
+    return score, ratio
+
+
+async def main(url: str, tuned: bool) -> None:
+    speech = speak(SENTENCE)
+    mic = MicTrack(encode=tuned)  # tuned: Opus with FEC, as a browser asked for useinbandfec
+    peer = Peer(url, mic, prefetch=None, tuned=tuned)
+    async with asyncio.timeout(30):
+        await peer.connect(timeout=20)
+        await peer.wait_open()
+        await peer.wait_audio(0.5)  # the link settles (and loses) before the sentence starts
+        start = asyncio.get_running_loop().time()
+        mic.play(speech)
+        # Record for the sentence's length and the echo's way back, whatever arrives: the stock
+        # path drops lost frames, so counting received audio would wait longer for it.
+        await asyncio.sleep(speech.size / 48_000 + 0.8)
+    heard = peer.audio(since=start)
+    score, ratio = best_correlation(speech, heard)
+    stats = [e for e in peer.events if e.get("type") == "s2s.session.stats"]
+    result = {"correlation": score, "loud_ratio": ratio, "stats": stats[-1] if stats else None}
+    print(json.dumps(result), flush=True)
+    await peer.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2] == "tuned"))
