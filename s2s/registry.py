@@ -1,13 +1,17 @@
-"""The live calls of one server process, with a cap on how many there may be."""
+"""The live calls of one server process, with a cap on how many there may be.
+
+With ``--workers``, the cap is the whole server's: admission counts every worker's calls
+(``s2s.pool``) and publishes this process's count for the others.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 
 from s2s.log import CallLogger
+from s2s.pool import Pool
 from s2s.session import Session
 from s2s.webhooks import Webhooks
 
@@ -25,17 +29,18 @@ class KeyLimit(RuntimeError):
     pass
 
 
-def new_call_id() -> str:
-    return f"rtc_{secrets.token_hex(12)}"
-
-
 class SessionRegistry:
     """Admits, runs and ends sessions; each runs in its own task and fails on its own."""
 
     def __init__(
-        self, max_sessions: int, max_per_owner: int = 0, webhooks: Webhooks | None = None
+        self,
+        max_sessions: int,
+        max_per_owner: int = 0,
+        webhooks: Webhooks | None = None,
+        pool: Pool | None = None,
     ) -> None:
         self.max_sessions = max_sessions
+        self._pool = pool
         self._webhooks = webhooks
         self._started: dict[str, float] = {}
         self.max_per_owner = max_per_owner
@@ -68,13 +73,28 @@ class SessionRegistry:
             held = sum(1 for s in self._sessions.values() if s.owner == session.owner)
             if held >= self.max_per_owner:
                 raise KeyLimit(f"this key holds {held} of its {self.max_per_owner} calls")
-        if len(self._sessions) >= self.max_sessions:
-            raise ServerFull(f"{len(self._sessions)} of {self.max_sessions} calls in progress")
-        self._sessions[session.call_id] = session
+        if self._pool is None:
+            self._check_room(len(self._sessions))
+            self._sessions[session.call_id] = session
+            return
+        with self._pool.admission() as counts:
+            counts[self._pool.index] = len(self._sessions)
+            self._check_room(sum(counts))
+            self._sessions[session.call_id] = session
+            self._publish()
+
+    def _check_room(self, held: int) -> None:
+        if held >= self.max_sessions:
+            raise ServerFull(f"{held} of {self.max_sessions} calls in progress")
+
+    def _publish(self) -> None:
+        if self._pool is not None:
+            self._pool.publish(len(self._sessions))
 
     async def discard(self, session: Session) -> None:
         """Free a session that was admitted but never started (its offer was refused)."""
         self._sessions.pop(session.call_id, None)
+        self._publish()
         await session.release()
 
     def start(self, session: Session) -> None:
@@ -87,6 +107,7 @@ class SessionRegistry:
 
     def _finished(self, session: Session, task: asyncio.Task[None]) -> None:
         self._sessions.pop(session.call_id, None)
+        self._publish()
         self._tasks.pop(session.call_id, None)
         started = self._started.pop(session.call_id, time.monotonic())
         if self._webhooks is not None:
