@@ -35,6 +35,20 @@ def create_run_dir(run_dir: Path, size: int) -> None:
     (run_dir / _COUNTS_FILE).write_bytes(bytes(_SLOT * size))
 
 
+def forget_worker(run_dir: Path, worker: int) -> None:
+    """After worker ``worker`` died: its calls are gone, and so is its socket until it is back."""
+    _socket_path(run_dir, worker).unlink(missing_ok=True)
+    fd = os.open(run_dir / _COUNTS_FILE, os.O_RDWR)
+    try:
+        os.pwrite(fd, bytes(_SLOT), _SLOT * worker)
+    finally:
+        os.close(fd)
+
+
+def _socket_path(run_dir: Path, worker: int) -> Path:
+    return run_dir / f"worker-{worker}.sock"
+
+
 class Pool:
     """Worker ``index`` of ``size``: where the others listen and how many calls each holds."""
 
@@ -58,7 +72,8 @@ class Pool:
         return self.run_dir / "secrets"
 
     def socket_path(self, worker: int) -> Path:
-        return self.run_dir / f"worker-{worker}.sock"
+        """Worker ``worker``'s private socket; it exists while that worker is up."""
+        return _socket_path(self.run_dir, worker)
 
     def owner(self, call_id: str) -> int | None:
         """The worker that owns ``call_id``, or None if the id names no worker of this server."""
@@ -79,9 +94,13 @@ class Pool:
         self._slots[self.index] = calls
 
     def least_loaded(self) -> int:
-        """The worker with the fewest calls; this one on a tie, so a call moves only if it helps."""
+        """The worker with the fewest calls; this one on a tie, so a call moves only if it helps.
+
+        Workers without a socket (starting, or restarting after a crash) are left out.
+        """
         counts = self.counts()
-        return min(range(self.size), key=lambda w: (counts[w], w != self.index))
+        up = [w for w in range(self.size) if w == self.index or self.socket_path(w).exists()]
+        return min(up, key=lambda w: (counts[w], w != self.index))
 
     @contextmanager
     def admission(self) -> Iterator[list[int]]:

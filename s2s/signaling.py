@@ -130,7 +130,9 @@ async def create_call(request: web.Request) -> web.Response:
         await registry.discard(session)
         return error_response(400, "invalid_offer", str(exc), param="sdp")
     registry.start(session)
-    session.log.info("call created from %s", request.remote)
+    passed_on = is_relayed(request)
+    remote = request.headers.get("X-Forwarded-For") if passed_on else request.remote
+    session.log.info("call created from %s%s", remote, " (passed on)" if passed_on else "")
     return web.Response(
         status=201,
         text=answer,
@@ -148,9 +150,14 @@ async def _to_least_loaded(request: web.Request, pool: Pool) -> web.Response | N
         return None
     try:
         return await request.app[RELAY].http(request, target)
-    except OwnerUnreachable as exc:  # restarting: this worker takes the call itself
+    except OwnerUnreachable as exc:  # it died a moment ago; the offer's body is spent
         log.warning("could not hand an offer on: %s", exc)
-        return None
+        return error_response(
+            503,
+            "worker_unavailable",
+            "the worker chosen for this call just went away; try again",
+            headers={"Retry-After": "1"},
+        )
 
 
 async def _read_offer(request: web.Request, max_bytes: int) -> tuple[str, SessionPatch | None]:

@@ -30,7 +30,7 @@ import uvloop
 
 from s2s import log as s2s_log
 from s2s.config import Settings
-from s2s.pool import Pool, create_run_dir
+from s2s.pool import Pool, create_run_dir, forget_worker
 from s2s.server import serve
 
 log = logging.getLogger("s2s")
@@ -111,6 +111,15 @@ class Supervisor:
 
     async def _keep(self, index: int, started: asyncio.Future[bool]) -> None:
         """Run worker ``index``, and run it again whenever it dies, until the server stops."""
+        try:
+            await self._keep_running(index, started)
+        except Exception:
+            log.exception("worker %d cannot be run; stopping the server", index)
+            if not started.done():
+                started.set_result(False)
+            self._stop()
+
+    async def _keep_running(self, index: int, started: asyncio.Future[bool]) -> None:
         while not self._stopping.is_set():
             born = time.monotonic()
             proc, parent = self._spawn(index)
@@ -121,6 +130,7 @@ class Supervisor:
                 code = await _exited(proc)
             finally:
                 parent.close()
+            forget_worker(self._run_dir, index)
             if self._stopping.is_set() or not started.result():
                 return  # stopping, or the server never came up (run() is stopping it)
             lived = time.monotonic() - born
