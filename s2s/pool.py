@@ -2,8 +2,9 @@
 
 ``s2s serve --workers N`` runs N processes (see ``s2s.supervisor``) that share a run directory:
 one unix socket per worker (calls are forwarded to their owner over it) and a table of live-call
-counts (``calls``), one 8-byte slot per worker, that every worker maps and only its owner writes.
-The table's file lock makes "is the server full? then count this call" atomic across workers.
+counts (``calls``) that every worker maps: one row per worker, written only by that worker, of
+its calls and then its calls per server key. The table's file lock makes "is the server (or this
+key) at its limit? if not, count this call" atomic across workers.
 Pure bookkeeping over files: the HTTP side is in ``signaling`` and ``forwarding``.
 """
 
@@ -13,8 +14,10 @@ import fcntl
 import mmap
 import os
 import secrets
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 MAX_WORKERS = 256  # the owner is one byte of the call id
@@ -29,18 +32,18 @@ def new_call_id(worker: int | None = None) -> str:
     return f"rtc_{worker:02x}{secrets.token_hex(11)}"
 
 
-def create_run_dir(run_dir: Path, size: int) -> None:
-    """Lay out a fresh run directory for ``size`` workers (the supervisor does this once)."""
+def create_run_dir(run_dir: Path, size: int, keys: int) -> None:
+    """Lay out a fresh run directory for ``size`` workers and ``keys`` server keys."""
     (run_dir / "secrets").mkdir(mode=0o700)
-    (run_dir / _COUNTS_FILE).write_bytes(bytes(_SLOT * size))
+    (run_dir / _COUNTS_FILE).write_bytes(bytes(_SLOT * (1 + keys) * size))
 
 
-def forget_worker(run_dir: Path, worker: int) -> None:
+def forget_worker(run_dir: Path, worker: int, keys: int) -> None:
     """After worker ``worker`` died: its calls are gone, and so is its socket until it is back."""
     _socket_path(run_dir, worker).unlink(missing_ok=True)
     fd = os.open(run_dir / _COUNTS_FILE, os.O_RDWR)
     try:
-        os.pwrite(fd, bytes(_SLOT), _SLOT * worker)
+        os.pwrite(fd, bytes(_SLOT * (1 + keys)), _SLOT * (1 + keys) * worker)
     finally:
         os.close(fd)
 
@@ -49,17 +52,37 @@ def _socket_path(run_dir: Path, worker: int) -> Path:
     return run_dir / f"worker-{worker}.sock"
 
 
-class Pool:
-    """Worker ``index`` of ``size``: where the others listen and how many calls each holds."""
+@dataclass(frozen=True, slots=True)
+class Load:
+    """Every worker's calls, read under the admission lock."""
 
-    def __init__(self, index: int, size: int, run_dir: Path) -> None:
+    calls: list[int]  # per worker
+    _per_key: dict[str, int]  # over all workers
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls)
+
+    def held_by(self, key: str) -> int:
+        return self._per_key.get(key, 0)
+
+
+class Pool:
+    """Worker ``index`` of ``size``: where the others listen and how many calls each holds.
+
+    ``keys`` are the server's API keys, in order: each has a column of calls in the table.
+    """
+
+    def __init__(self, index: int, size: int, run_dir: Path, keys: tuple[str, ...] = ()) -> None:
         if not 0 <= index < size <= MAX_WORKERS:
             raise ValueError(f"worker {index} of {size} (at most {MAX_WORKERS} workers)")
         self.index = index
         self.size = size
         self.run_dir = run_dir
+        self._keys = keys
+        self._width = 1 + len(keys)
         self._fd = os.open(run_dir / _COUNTS_FILE, os.O_RDWR)
-        self._map = mmap.mmap(self._fd, _SLOT * size)
+        self._map = mmap.mmap(self._fd, _SLOT * self._width * size)
         self._slots = memoryview(self._map).cast("q")
 
     def close(self) -> None:
@@ -87,11 +110,13 @@ class Pool:
 
     def counts(self) -> list[int]:
         """Live calls per worker (a snapshot; other workers may change theirs at any time)."""
-        return list(self._slots)
+        return list(self._slots[:: self._width])
 
-    def publish(self, calls: int) -> None:
-        """Record this worker's live calls (negotiating ones included)."""
-        self._slots[self.index] = calls
+    def publish(self, calls: int, per_key: Mapping[str, int]) -> None:
+        """Record this worker's live calls (negotiating ones included), in all and per key."""
+        row = array("q", [calls, *(per_key.get(key, 0) for key in self._keys)])
+        start = self.index * self._width
+        self._slots[start : start + self._width] = memoryview(row)
 
     def least_loaded(self) -> int:
         """The worker with the fewest calls; this one on a tie, so a call moves only if it helps.
@@ -103,12 +128,15 @@ class Pool:
         return min(up, key=lambda w: (counts[w], w != self.index))
 
     @contextmanager
-    def admission(self) -> Iterator[list[int]]:
-        """Hold every worker's admissions off while the caller checks and updates the counts."""
+    def admission(self) -> Iterator[Load]:
+        """Hold every worker's admissions off while the caller checks the load and publishes."""
         # A file lock held for microseconds: the check and the count it guards stay atomic
-        # across processes, so --max-sessions is exact for the whole server.
+        # across processes, so --max-sessions and --max-calls-per-key hold for the whole server.
+        # Calls only ever end outside it, which can make a check stricter, never looser.
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
-            yield self.counts()
+            slots = list(self._slots)
+            per_key = {key: sum(slots[1 + k :: self._width]) for k, key in enumerate(self._keys)}
+            yield Load(slots[:: self._width], per_key)
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)

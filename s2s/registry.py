@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 
 from s2s.log import CallLogger
 from s2s.pool import Pool
@@ -69,27 +70,29 @@ class SessionRegistry:
         """Count ``session`` against the caps from now on (negotiation included)."""
         if self.draining:
             raise ServerFull("the server is shutting down")
-        if self.max_per_owner and session.owner is not None:
-            held = sum(1 for s in self._sessions.values() if s.owner == session.owner)
-            if held >= self.max_per_owner:
-                raise KeyLimit(f"this key holds {held} of its {self.max_per_owner} calls")
         if self._pool is None:
-            self._check_room(len(self._sessions))
+            self._check_room(session.owner, len(self._sessions), self._held_here(session.owner))
             self._sessions[session.call_id] = session
             return
-        with self._pool.admission() as counts:
-            counts[self._pool.index] = len(self._sessions)
-            self._check_room(sum(counts))
+        with self._pool.admission() as load:
+            owned = load.held_by(session.owner) if session.owner is not None else 0
+            self._check_room(session.owner, load.total, owned)
             self._sessions[session.call_id] = session
             self._publish()
 
-    def _check_room(self, held: int) -> None:
+    def _held_here(self, owner: str | None) -> int:
+        return sum(1 for s in self._sessions.values() if owner is not None and s.owner == owner)
+
+    def _check_room(self, owner: str | None, held: int, owned: int) -> None:
+        if self.max_per_owner and owner is not None and owned >= self.max_per_owner:
+            raise KeyLimit(f"this key holds {owned} of its {self.max_per_owner} calls")
         if held >= self.max_sessions:
             raise ServerFull(f"{held} of {self.max_sessions} calls in progress")
 
     def _publish(self) -> None:
         if self._pool is not None:
-            self._pool.publish(len(self._sessions))
+            owners = Counter(s.owner for s in self._sessions.values() if s.owner is not None)
+            self._pool.publish(len(self._sessions), owners)
 
     async def discard(self, session: Session) -> None:
         """Free a session that was admitted but never started (its offer was refused)."""

@@ -71,7 +71,7 @@ class Supervisor:
         try:
             port = reserved.getsockname()[1]
             self._settings = replace(self._settings, port=port, workers=self._size)
-            create_run_dir(self._run_dir, self._size)
+            create_run_dir(self._run_dir, self._size, len(self._settings.api_keys))
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._stop)
@@ -130,7 +130,7 @@ class Supervisor:
                 code = await _exited(proc)
             finally:
                 parent.close()
-            forget_worker(self._run_dir, index)
+            forget_worker(self._run_dir, index, len(self._settings.api_keys))
             if self._stopping.is_set() or not started.result():
                 return  # stopping, or the server never came up (run() is stopping it)
             lived = time.monotonic() - born
@@ -214,7 +214,7 @@ def run_worker(
 ) -> None:
     """A worker process's main: serve as worker ``index`` until SIGTERM or the parent is gone."""
     s2s_log.configure(settings.log_level)
-    pool = Pool(index, size, run_dir)
+    pool = Pool(index, size, run_dir, settings.api_keys)
     try:
         uvloop.run(_serve_worker(settings, pool, parent))
     finally:

@@ -271,24 +271,37 @@ async def test_a_client_secret_minted_in_one_worker_works_in_the_other(
         await asyncio.gather(*(p.close() for p in peers))
 
 
-async def test_max_sessions_counts_the_calls_of_every_worker(start_workers: StartWorkers) -> None:
-    workers = await start_workers("--max-sessions", "2")
-    peers = [WorkerPeer(workers) for _ in range(2)]
+async def test_max_sessions_and_calls_per_key_count_every_worker(
+    start_workers: StartWorkers,
+) -> None:
+    other, third = "sk-other-0123", "sk-third-0123"
+    workers = await start_workers(
+        "--max-sessions", "2", "--max-calls-per-key", "1",
+        "--api-key", KEY, "--api-key", other, "--api-key", third,
+    )  # fmt: skip
+
+    async def refused(worker: int | None, token: str) -> CallRefused:
+        with pytest.raises(CallRefused) as refusal:
+            await WorkerPeer(workers, worker, token=token).connect(timeout=20)
+        return refusal.value
+
+    peers = [WorkerPeer(workers, 0, token=KEY)]
     try:
-        for peer in peers:
-            await peer.connect(timeout=20)
-        assert sorted(p.owner for p in peers) == [0, 1]
-        # Each worker holds one call of its own, under the cap, yet the server is full.
+        await peers[0].connect(timeout=20)
+        # KEY's one call is on worker 0; worker 1 holds none of KEY's, yet KEY is at its limit.
+        too_many = await refused(1, KEY)
+        assert too_many.status == 429 and "too_many_calls" in too_many.body
+        peers.append(WorkerPeer(workers, 1, token=other))
+        await peers[1].connect(timeout=20)
+        # Each worker holds one call, under the cap, yet the server is full.
         for worker in (0, 1, None):
-            late = WorkerPeer(workers, worker)
-            with pytest.raises(CallRefused) as refused:
-                await late.connect(timeout=20)
-            assert refused.value.status == 503 and "server_full" in refused.value.body
-            assert "Retry-After" in refused.value.headers
-        assert await peers[0].hangup() == 200
-        peers.append(WorkerPeer(workers, peers[1].owner))
+            full = await refused(worker, third)
+            assert full.status == 503 and "server_full" in full.body, worker
+            assert "Retry-After" in full.headers
+        assert await hangup_via(workers, 1, peers[0], KEY) == 200
+        peers.append(WorkerPeer(workers, 1, token=third))
         await peers[-1].connect(timeout=20)
-        assert (await workers.health(0))["worker_calls"] in ([2, 0], [0, 2])
+        assert (await workers.health(0))["worker_calls"] == [0, 2]
     finally:
         await asyncio.gather(*(p.close() for p in peers))
 
