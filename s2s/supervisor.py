@@ -80,11 +80,12 @@ class Supervisor:
                 asyncio.create_task(self._keep(i, started[i]), name=f"worker-{i}")
                 for i in range(self._size)
             ]
-            ok = all(await asyncio.gather(*started))
-            if ok:
+            up = all(await asyncio.gather(*started))
+            failed = not up and not self._stopping.is_set()  # not just stopped while starting
+            if up:
                 log.info("s2s listening on http://%s:%s/ (%d workers, run directory %s)",
                          host, port, self._size, self._run_dir)  # fmt: skip
-            else:
+            elif failed:
                 log.error("a worker failed to start; stopping")
                 self._stop()
             await self._stopping.wait()
@@ -96,7 +97,7 @@ class Supervisor:
                     proc.kill()
             if late:
                 await asyncio.wait(late)
-            return 0 if ok else 1
+            return 1 if failed else 0
         finally:
             reserved.close()
             shutil.rmtree(self._run_dir, ignore_errors=True)
