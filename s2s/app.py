@@ -10,18 +10,23 @@ from aiohttp import web
 from s2s.auth import Keys
 from s2s.backends import load_backend
 from s2s.config import Settings
+from s2s.forwarding import Relay
 from s2s.metrics import ServerMetrics
+from s2s.pool import Pool
 from s2s.protocol import ServerShutdown
 from s2s.registry import SessionRegistry
 from s2s.signaling import (
     BACKEND,
     KEYS,
     METRICS,
+    POOL,
     REGISTRY,
+    RELAY,
     SETTINGS,
     VAD,
     add_routes,
     cors_middleware,
+    route_to_owner,
 )
 from s2s.vad import VadService
 from s2s.webhooks import Webhooks
@@ -29,10 +34,14 @@ from s2s.webhooks import Webhooks
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[cors_middleware])
+def create_app(settings: Settings, pool: Pool | None = None) -> web.Application:
+    """The server's app; with ``pool``, one worker of several (``s2s serve --workers N``)."""
+    app = web.Application(middlewares=[cors_middleware, route_to_owner])
     app[SETTINGS] = settings
-    app[KEYS] = Keys(settings.api_keys)
+    app[KEYS] = Keys(settings.api_keys, pool.secrets_dir if pool is not None else None)
+    if pool is not None:
+        app[POOL] = pool
+        app.cleanup_ctx.append(_relay)
     app[METRICS] = ServerMetrics()
     app.cleanup_ctx.append(_model_and_calls)
     add_routes(app)
@@ -59,7 +68,11 @@ async def _model_and_calls(app: web.Application) -> AsyncIterator[None]:
         webhooks = Webhooks(settings.webhook_url, settings.webhook_secret)
         webhooks.start()
     registry = SessionRegistry(
-        settings.max_sessions, settings.max_calls_per_key, webhooks, app[METRICS]
+        settings.max_sessions,
+        settings.max_calls_per_key,
+        webhooks,
+        app[METRICS],
+        app.get(POOL),
     )
     app[REGISTRY] = registry
     log.info("model %s ready; up to %d calls", backend.name, settings.max_sessions)
@@ -71,6 +84,15 @@ async def _model_and_calls(app: web.Application) -> AsyncIterator[None]:
         await backend.close()
         if webhooks is not None:
             await webhooks.close()
+
+
+async def _relay(app: web.Application) -> AsyncIterator[None]:
+    relay = Relay(app[POOL])
+    app[RELAY] = relay
+    try:
+        yield
+    finally:
+        await relay.close()
 
 
 async def drain(app: web.Application) -> None:

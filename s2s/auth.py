@@ -2,15 +2,22 @@
 
 Keys are compared in constant time and never logged. A client secret (``ek_…``) is minted by
 a holder of a server key, carries the session config the call must use, expires, and works once.
-Pure bookkeeping: the HTTP side lives in ``signaling``.
+With ``--workers`` a secret minted in one process is redeemed in another, so they live as files in
+the server's run directory instead of a dict; deleting the file is what uses one up, and only one
+process can succeed at that. Pure bookkeeping: the HTTP side lives in ``signaling``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
 
 from s2s.protocol import SessionPatch
 
@@ -33,6 +40,8 @@ class Keys:
     """The server keys of this process and the client secrets minted with them."""
 
     api_keys: tuple[str, ...] = ()
+    #: A directory every worker of the server shares; None keeps secrets in this process.
+    shared_dir: Path | None = None
     _secrets: dict[str, ClientSecret] = field(default_factory=dict)
 
     @property
@@ -51,8 +60,8 @@ class Keys:
         return match
 
     def mint(self, owner: str, session: SessionPatch, ttl_s: int) -> ClientSecret:
-        self._expire()
-        if len(self._secrets) >= _MAX_LIVE_SECRETS:
+        live = self._expire()
+        if live >= _MAX_LIVE_SECRETS:
             raise OverflowError("too many live client secrets")
         ttl = max(10, min(ttl_s, MAX_SECRET_TTL_S))
         secret = ClientSecret(
@@ -61,22 +70,79 @@ class Keys:
             session=session,
             owner=owner,
         )
-        self._secrets[secret.value] = secret
+        if self.shared_dir is None:
+            self._secrets[secret.value] = secret
+        else:
+            self._store(secret)
         return secret
 
     def redeem(self, presented: str | None) -> ClientSecret | None:
         """Use up a client secret: the first use of a live one returns it, anything else None."""
         if presented is None or not presented.startswith(SECRET_PREFIX):
             return None
+        if self.shared_dir is not None:
+            return self._take(presented)
         self._expire()
         # The dict lookup is by value; a forged value is simply absent. Secrets are long random
         # strings, so a timing difference in the lookup reveals nothing usable.
         return self._secrets.pop(presented, None)
 
-    def _expire(self) -> None:
+    def _expire(self) -> int:
+        """Forget expired secrets; the number still live."""
         now = time.time()
+        if self.shared_dir is not None:
+            live = 0
+            for entry in os.scandir(self.shared_dir):
+                if entry.name.endswith(".part"):  # being written by a worker right now
+                    continue
+                try:
+                    expires_at = entry.stat().st_mtime  # a stored secret's mtime: see _store
+                except FileNotFoundError:  # redeemed by another worker meanwhile
+                    continue
+                if expires_at > now:
+                    live += 1
+                else:
+                    Path(entry.path).unlink(missing_ok=True)
+            return live
         for value in [v for v, s in self._secrets.items() if s.expires_at <= now]:
             del self._secrets[value]
+        return len(self._secrets)
+
+    # -- secrets shared by the workers of one server ----------------------------------------------
+
+    def _path(self, value: str) -> Path:
+        assert self.shared_dir is not None
+        # Named by a hash: the run directory never holds a usable secret, nor a server key
+        # (the owner is stored as its position in api_keys).
+        return self.shared_dir / hashlib.sha256(value.encode()).hexdigest()
+
+    def _store(self, secret: ClientSecret) -> None:
+        path = self._path(secret.value)
+        owner = self.api_keys.index(secret.owner) if secret.owner in self.api_keys else -1
+        record = _StoredSecret(secret.expires_at, owner, secret.session)
+        partial = path.with_suffix(".part")
+        partial.write_bytes(msgspec.json.encode(record))
+        os.utime(partial, (secret.expires_at, secret.expires_at))
+        partial.rename(path)  # whole or absent, for a worker redeeming it at the same moment
+
+    def _take(self, presented: str) -> ClientSecret | None:
+        path = self._path(presented)
+        try:
+            data = path.read_bytes()
+            path.unlink()  # the one process whose unlink succeeds has used the secret up
+        except FileNotFoundError:
+            return None
+        record = msgspec.json.decode(data, type=_StoredSecret)
+        if record.expires_at <= time.time():
+            return None
+        owner = self.api_keys[record.owner] if 0 <= record.owner < len(self.api_keys) else ""
+        return ClientSecret(presented, record.expires_at, record.session, owner)
+
+
+class _StoredSecret(msgspec.Struct, array_like=True):
+    expires_at: int
+    owner: int
+    session: SessionPatch
 
 
 def bearer(authorization: str | None) -> str | None:

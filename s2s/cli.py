@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import uvloop
-from aiohttp import web
 
 from s2s import __version__
 from s2s import log as s2s_log
-from s2s.app import create_app, drain
 from s2s.config import Settings
+from s2s.pool import MAX_WORKERS
+from s2s.server import serve
+from s2s.supervisor import supervise
 
 log = logging.getLogger("s2s")
 
@@ -42,7 +42,15 @@ def _parser() -> argparse.ArgumentParser:
         "--max-sessions",
         type=int,
         default=d.max_sessions,
-        help="calls this process takes before answering 503 (default %(default)s)",
+        help="calls the server takes (all workers together) before answering 503 "
+        "(default %(default)s)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=d.workers,
+        help="server processes sharing the port, each pinned to a core; 0 is one per usable "
+        "core, 1 serves in this process (default %(default)s)",
     )
     serve.add_argument(
         "--peer-timeout",
@@ -150,7 +158,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not 0 <= args.workers <= MAX_WORKERS:
+        parser.error(f"--workers must be between 0 and {MAX_WORKERS}")
     keys = [k.strip() for k in args.api_key if k.strip()]
     if args.api_key_file:
         keys += [
@@ -169,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model=args.model,
         device=args.device,
         max_sessions=args.max_sessions,
+        workers=args.workers,
         peer_timeout_s=args.peer_timeout,
         transport=args.transport,
         opus_bitrate=args.opus_bitrate,
@@ -190,26 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("%s (use --insecure-public to allow it)", open_warning)
     elif not keys:
         log.warning("no --api-key given: anyone who can reach %s may make calls", host)
+    workers = settings.workers or len(os.sched_getaffinity(0))
+    if workers > 1:
+        return supervise(settings, workers)
     uvloop.run(serve(settings))
     return 0
-
-
-async def serve(settings: Settings) -> None:
-    """Serve until SIGINT or SIGTERM, then end every call and unload the model."""
-    app = create_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
-        for sock in runner.addresses:
-            log.info("s2s listening on http://%s:%s/", *sock[:2])
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("shutting down")
-        await drain(app)
-    finally:
-        await runner.cleanup()

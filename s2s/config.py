@@ -15,7 +15,10 @@ class Settings:
     model: str = "local"
     #: Device for model compute ("cpu", "cuda", "cuda:1"); None picks CUDA when available.
     device: str | None = None
+    #: Calls the whole server takes (over all its workers) before it answers 503.
     max_sessions: int = 32
+    #: Server processes, each pinned to a core; 0 is one per usable core. 1 serves in-process.
+    workers: int = 0
     #: Seconds a call may go without inbound audio (no track, or RTP stopped) before it ends.
     peer_timeout_s: float = 15.0
     #: Seconds suggested to a client turned away because the server is full.

@@ -1,14 +1,19 @@
-"""The live calls of one server process, with a cap on how many there may be."""
+"""The live calls of one server process, with a cap on how many there may be.
+
+With ``--workers``, the cap is the whole server's: admission counts every worker's calls
+(``s2s.pool``) and publishes this process's count for the others.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
+from collections import Counter
 
 from s2s.log import CallLogger
 from s2s.metrics import ServerMetrics
+from s2s.pool import Pool
 from s2s.session import Session
 from s2s.webhooks import Webhooks
 
@@ -26,10 +31,6 @@ class KeyLimit(RuntimeError):
     pass
 
 
-def new_call_id() -> str:
-    return f"rtc_{secrets.token_hex(12)}"
-
-
 class SessionRegistry:
     """Admits, runs and ends sessions; each runs in its own task and fails on its own."""
 
@@ -39,8 +40,10 @@ class SessionRegistry:
         max_per_owner: int = 0,
         webhooks: Webhooks | None = None,
         metrics: ServerMetrics | None = None,
+        pool: Pool | None = None,
     ) -> None:
         self.max_sessions = max_sessions
+        self._pool = pool
         self._webhooks = webhooks
         self._metrics = metrics or ServerMetrics()
         self._started: dict[str, float] = {}
@@ -70,17 +73,34 @@ class SessionRegistry:
         """Count ``session`` against the caps from now on (negotiation included)."""
         if self.draining:
             raise ServerFull("the server is shutting down")
-        if self.max_per_owner and session.owner is not None:
-            held = sum(1 for s in self._sessions.values() if s.owner == session.owner)
-            if held >= self.max_per_owner:
-                raise KeyLimit(f"this key holds {held} of its {self.max_per_owner} calls")
-        if len(self._sessions) >= self.max_sessions:
-            raise ServerFull(f"{len(self._sessions)} of {self.max_sessions} calls in progress")
-        self._sessions[session.call_id] = session
+        if self._pool is None:
+            self._check_room(session.owner, len(self._sessions), self._held_here(session.owner))
+            self._sessions[session.call_id] = session
+            return
+        with self._pool.admission() as load:
+            owned = load.held_by(session.owner) if session.owner is not None else 0
+            self._check_room(session.owner, load.total, owned)
+            self._sessions[session.call_id] = session
+            self._publish()
+
+    def _held_here(self, owner: str | None) -> int:
+        return sum(1 for s in self._sessions.values() if owner is not None and s.owner == owner)
+
+    def _check_room(self, owner: str | None, held: int, owned: int) -> None:
+        if self.max_per_owner and owner is not None and owned >= self.max_per_owner:
+            raise KeyLimit(f"this key holds {owned} of its {self.max_per_owner} calls")
+        if held >= self.max_sessions:
+            raise ServerFull(f"{held} of {self.max_sessions} calls in progress")
+
+    def _publish(self) -> None:
+        if self._pool is not None:
+            owners = Counter(s.owner for s in self._sessions.values() if s.owner is not None)
+            self._pool.publish(len(self._sessions), owners)
 
     async def discard(self, session: Session) -> None:
         """Free a session that was admitted but never started (its offer was refused)."""
         self._sessions.pop(session.call_id, None)
+        self._publish()
         await session.release()
 
     def start(self, session: Session) -> None:
@@ -94,6 +114,7 @@ class SessionRegistry:
 
     def _finished(self, session: Session, task: asyncio.Task[None]) -> None:
         self._sessions.pop(session.call_id, None)
+        self._publish()
         self._tasks.pop(session.call_id, None)
         started = self._started.pop(session.call_id, time.monotonic())
         self._metrics.call_ended(session.end_reason or "released")

@@ -4,12 +4,16 @@ This is the only module that turns errors into HTTP statuses: 400 for an offer o
 cannot take, 404 for an unknown call, 413/415 for bodies of the wrong size or type, 503 (with
 ``Retry-After``) when the server is full. Error bodies are JSON in OpenAI's ``{"error": {...}}``
 shape; nothing that failed is ever answered with 200.
+
+With ``--workers`` (an app with a ``POOL``), requests about a call another worker owns are relayed
+to it (``route_to_owner``), and an offer goes to the least loaded worker (``create_call``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable
 
 import msgspec
@@ -19,9 +23,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from s2s.auth import DEFAULT_SECRET_TTL_S, Keys, bearer
 from s2s.backends import Backend
 from s2s.config import Settings
-from s2s.metrics import ServerMetrics
+from s2s.forwarding import HandshakeRefused, OwnerUnreachable, Relay, is_relayed
+from s2s.metrics import ServerMetrics, merge_expositions
+from s2s.pool import Pool, new_call_id
 from s2s.protocol import ServerVad, SessionConfig, SessionPatch
-from s2s.registry import KeyLimit, ServerFull, SessionRegistry, new_call_id
+from s2s.registry import KeyLimit, ServerFull, SessionRegistry
 from s2s.rtc import new_peer_connection
 from s2s.session import OfferError, Session
 from s2s.vad import VadService
@@ -34,6 +40,9 @@ REGISTRY = web.AppKey("registry", SessionRegistry)
 VAD = web.AppKey("vad", VadService)
 KEYS = web.AppKey("keys", Keys)
 METRICS = web.AppKey("metrics", ServerMetrics)
+#: Set only in a worker of ``s2s serve --workers N`` (N > 1).
+POOL = web.AppKey("pool", Pool)
+RELAY = web.AppKey("relay", Relay)
 
 CALLS_PATH = "/v1/realtime/calls"
 _ALLOW_HEADERS = "Authorization, Content-Type, X-OpenAI-Agents-SDK, OpenAI-Beta"
@@ -73,6 +82,10 @@ async def create_call(request: web.Request) -> web.Response:
     """``POST /v1/realtime/calls``: the SDP offer in, 201 with the SDP answer out."""
     app = request.app
     settings = app[SETTINGS]
+    if (pool := app.get(POOL)) is not None and not is_relayed(request):
+        relayed = await _to_least_loaded(request, pool)
+        if relayed is not None:
+            return relayed
     keys = app[KEYS]
     token = bearer(request.headers.get("Authorization"))
     secret = None
@@ -90,7 +103,7 @@ async def create_call(request: web.Request) -> web.Response:
         patch = secret.session
         owner = secret.owner
     backend = app[BACKEND]
-    call_id = new_call_id()
+    call_id = new_call_id(pool.index if pool is not None else None)
     # Server VAD is on by default for models that take turns; continuous ones (echo) run none.
     config = SessionConfig(
         id=call_id, model=settings.model, turn_detection=ServerVad() if backend.turn_based else None
@@ -123,13 +136,34 @@ async def create_call(request: web.Request) -> web.Response:
         await registry.discard(session)
         return error_response(400, "invalid_offer", str(exc), param="sdp")
     registry.start(session)
-    session.log.info("call created from %s", request.remote)
+    passed_on = is_relayed(request)
+    remote = request.headers.get("X-Forwarded-For") if passed_on else request.remote
+    session.log.info("call created from %s%s", remote, " (passed on)" if passed_on else "")
     return web.Response(
         status=201,
         text=answer,
         content_type="application/sdp",
         headers={"Location": f"{CALLS_PATH}/{call_id}"},
     )
+
+
+async def _to_least_loaded(request: web.Request, pool: Pool) -> web.Response | None:
+    """Relay the offer to a worker with fewer calls than this one; None to take it here."""
+    if request.app[REGISTRY].draining:
+        return None  # answered 503 here; the others are draining too
+    target = pool.least_loaded()
+    if target == pool.index:
+        return None
+    try:
+        return await request.app[RELAY].http(request, target)
+    except OwnerUnreachable as exc:  # it died a moment ago; the offer's body is spent
+        log.warning("could not hand an offer on: %s", exc)
+        return error_response(
+            503,
+            "worker_unavailable",
+            "the worker chosen for this call just went away; try again",
+            headers={"Retry-After": "1"},
+        )
 
 
 async def _read_offer(request: web.Request, max_bytes: int) -> tuple[str, SessionPatch | None]:
@@ -304,15 +338,17 @@ async def hangup_call(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
-    return web.json_response(
-        {
-            "status": "ok",
-            "model": request.app[BACKEND].name,
-            "calls": len(registry),
-            "max_calls": registry.max_sessions,
-            "tasks": len(asyncio.all_tasks()),  # for soak tests and leak hunting
-        }
-    )
+    body = {
+        "status": "ok",
+        "model": request.app[BACKEND].name,
+        "calls": len(registry),
+        "max_calls": registry.max_sessions,
+        "tasks": len(asyncio.all_tasks()),  # for soak tests and leak hunting
+    }
+    if (pool := request.app.get(POOL)) is not None:
+        # "calls" is this worker's; "worker_calls" every worker's, for the whole server's load.
+        body.update(worker=pool.index, pid=os.getpid(), worker_calls=pool.counts())
+    return web.json_response(body)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -321,11 +357,62 @@ async def metrics(request: web.Request) -> web.Response:
     lets no one hang up or watch a call.
     """
     body = request.app[METRICS].exposition()
+    pool = request.app.get(POOL)
+    if pool is not None and not is_relayed(request):
+        # Several workers: this one's figures and every other's, each labelled worker="i". A
+        # worker that does not answer (restarting) is left out of this scrape.
+        texts, labels = [body.decode()], [str(pool.index)]
+        for worker in range(pool.size):
+            if worker == pool.index:
+                continue
+            try:
+                texts.append(await request.app[RELAY].fetch(worker, "/metrics"))
+                labels.append(str(worker))
+            except OwnerUnreachable:
+                log.warning("worker %d did not answer for /metrics", worker)
+        body = merge_expositions(texts, labels)
     # CONTENT_TYPE_LATEST carries a charset, which aiohttp wants apart from the content type.
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# What a refused sideband handshake relayed from the owner meant (its body does not come back).
+_REFUSALS = {
+    401: ("invalid_api_key", "this endpoint needs a server API key"),
+    403: ("not_call_owner", "this key did not create that call"),
+    404: ("call_not_found", "no such call"),
+}
+
+
+@web.middleware
+async def route_to_owner(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Relay a request about a call to the worker that owns it, if that is not this one."""
+    pool = request.app.get(POOL)
+    if pool is None or is_relayed(request):
+        return await handler(request)
+    if request.path == "/v1/realtime":
+        call_id = request.query.get("call_id", "")
+    else:
+        call_id = request.match_info.get("call_id", "")
+    owner = pool.owner(call_id)
+    if owner is None or owner == pool.index:
+        return await handler(request)
+    relay = request.app[RELAY]
+    try:
+        if request.path == "/v1/realtime":
+            # Keys are the same in every worker: refuse here with the full 401, not via the owner.
+            denied = _server_key(request)
+            if isinstance(denied, web.Response):
+                return denied
+            max_size = request.app[SETTINGS].max_event_bytes
+            return await relay.websocket(request, owner, max_msg_size=max_size)
+        return await relay.http(request, owner)
+    except HandshakeRefused as exc:
+        code, message = _REFUSALS.get(exc.status, ("refused", "the call's worker refused"))
+        return error_response(exc.status, code, message)
+    except OwnerUnreachable:  # its worker is gone, and its calls with it
+        return error_response(404, "call_not_found", f"no call {call_id!r}", param="call_id")
 
 
 @web.middleware

@@ -297,7 +297,7 @@ LAST = {max(CPUS)}
 def _setups(args: argparse.Namespace) -> list[Setup]:
     stock = Setup("untuned", ("--transport", "stock", "--workers", "1"), {0}, LAST, "stock")
     tuned_1 = Setup("tuned-1", ("--transport", "tuned", "--workers", "1"), {0}, LAST, "tuned")
-    tuned = Setup("tuned", ("--transport", "tuned"), None, CPUS, "tuned")
+    tuned = Setup("tuned", ("--transport", "tuned", "--workers", "0"), None, CPUS, "tuned")
     if args.compare_untuned:
         return [stock, tuned_1, tuned]
     chosen = {"untuned": stock, "tuned-1": tuned_1, "tuned": tuned}[args.setup]

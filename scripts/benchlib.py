@@ -31,10 +31,14 @@ def free_port() -> int:
 
 @contextmanager
 def serve(*args: str, cpus: set[int] | None = None) -> Iterator[tuple[str, int]]:
-    """Run ``s2s serve ARGS`` on a free port (pinned to ``cpus``); yields its URL and pid."""
+    """Run ``s2s serve ARGS`` on a free port (pinned to ``cpus``); yields its URL and pid.
+
+    One server process (``--workers 1``) unless ARGS say otherwise: the benchmarks measure the
+    pid they are given (CPU, memory), which with several workers would be the supervisor's.
+    """
     port = free_port()
     command = [sys.executable, "-m", "s2s", "serve", "--port", str(port), "--log-level",
-               "WARNING", *args]  # fmt: skip
+               "WARNING", "--workers", "1", *args]  # fmt: skip
     pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     server = subprocess.Popen(command, cwd=ROOT, preexec_fn=pin)
     try:

@@ -1,0 +1,57 @@
+"""Running the app: one server process, or one worker of several (see ``s2s.supervisor``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable
+
+from aiohttp import web
+
+from s2s.app import create_app, drain
+from s2s.config import Settings
+from s2s.pool import Pool
+
+log = logging.getLogger("s2s")
+
+
+async def serve(
+    settings: Settings,
+    pool: Pool | None = None,
+    *,
+    ready: Callable[[], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve until SIGINT or SIGTERM (or ``stop``), then end every call and unload the model.
+
+    A worker (``pool`` given) shares the public port with the others (``SO_REUSEPORT``: the
+    kernel spreads connections) and also listens on its private unix socket, where the other
+    workers relay requests about its calls. ``ready`` is called once it is listening.
+    """
+    app = create_app(settings, pool)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=pool is not None)
+        await site.start()
+        if pool is None:
+            for sock in runner.addresses:
+                log.info("s2s listening on http://%s:%s/", *sock[:2])
+        else:
+            path = pool.socket_path(pool.index)
+            path.unlink(missing_ok=True)  # left by this worker's predecessor, if it crashed
+            await web.UnixSite(runner, str(path)).start()
+            log.info("worker %d ready (pid %d)", pool.index, os.getpid())
+        if ready is not None:
+            ready()
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down")
+        await drain(app)
+    finally:
+        await runner.cleanup()
