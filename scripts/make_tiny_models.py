@@ -283,6 +283,7 @@ def build_qwen_omni(out_dir: Path) -> None:
     # (the qwen-omni backend reads them; generate() itself defaults to 1024 and 4096).
     model.generation_config.thinker_max_new_tokens = 8
     model.generation_config.talker_max_new_tokens = 50
+    model.generation_config.talker_min_new_tokens = 10
     # generate() conditions the vocoder on a speaker: its text BOS, an embedding ("cond") and a
     # reference mel ("ref_mel", frames x mel bins); the real file holds the same keys.
     dit = config.token2wav_config.dit_config

@@ -119,6 +119,14 @@ async def test_stock_openai_agents_client_holds_a_conversation(
     assert ["assistant", ["hello from the browser"]] in history
     pc = "window.session.transport.connectionState.peerConnection"
     assert await inbound_audio_energy(page, pc) > 0.01
+    # Chromium's offer has RED; the answer preferred it, so its audio came in RED, every packet
+    # of it, and went through s2s's own inbound path.
+    (session,) = server.registry.sessions()
+    assert session.voice_in is not None
+    received = session.voice_in.stats
+    assert received.packets > 20 and received.red_packets == received.packets
+    answer = await page.evaluate(f"{pc}.remoteDescription.sdp")
+    assert "useinbandfec=1" in answer and "usedtx=0" in answer
     assert await page.evaluate("window.errors") == []
     await screenshot(page, "agents-sdk")
 

@@ -123,6 +123,7 @@ class QwenOmniBackend:
         # (the tiny test checkpoint does: its random model never stops by itself).
         self.thinker_max_new_tokens = int(limits.get("thinker_max_new_tokens", 1024))
         self.talker_max_new_tokens = int(limits.get("talker_max_new_tokens", 4096))
+        self.talker_min_new_tokens = int(limits.get("talker_min_new_tokens", 0))
         self.speaker = next(iter(model.speaker_map), "Chelsie")
 
     @classmethod
@@ -183,6 +184,9 @@ class QwenOmniBackend:
                 generation_mode="audio" if speak else "text",
                 thinker_max_new_tokens=self.thinker_max_new_tokens,
                 talker_max_new_tokens=self.talker_max_new_tokens,
+                # A reply whose talker stops at once has no speech: transformers' vocoder then
+                # fails on zero codes (the tiny random test checkpoint does this on some input).
+                talker_min_new_tokens=self.talker_min_new_tokens,
                 talker_eos_token_id=[codec.tts_codec_pad_token_id, codec.tts_codec_end_token_id],
             )
         if speak:
