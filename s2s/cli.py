@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=d.workers,
         help="server processes sharing the port, each pinned to a core; 0 is one per usable "
-        "core, 1 serves in this process (default %(default)s)",
+        "core for CPU models (echo, local) and 1 for GPU ones, whose process batches every "
+        "call; 1 serves in this process (default %(default)s)",
     )
     serve.add_argument(
         "--peer-timeout",
@@ -202,8 +203,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("%s (use --insecure-public to allow it)", open_warning)
     elif not keys:
         log.warning("no --api-key given: anyone who can reach %s may make calls", host)
-    workers = settings.workers or len(os.sched_getaffinity(0))
+    workers = settings.workers or default_workers(settings.model)
     if workers > 1:
         return supervise(settings, workers)
     uvloop.run(serve(settings))
     return 0
+
+
+def default_workers(model: str) -> int:
+    """One worker per usable core, except for GPU models (Moshi, Qwen-Omni): a worker loads its
+    own copy of the weights, and Moshi batches only the calls of its own process."""
+    if model.split(":", 1)[0] in ("moshi", "qwen-omni"):
+        return 1
+    return len(os.sched_getaffinity(0))

@@ -78,3 +78,14 @@ async def test_sigterm_tells_callers_refuses_new_calls_and_exits_after_the_grace
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_gpu_models_default_to_one_worker_cpu_models_to_one_per_core() -> None:
+    import os
+
+    from s2s.cli import default_workers
+
+    cores = len(os.sched_getaffinity(0))
+    assert default_workers("echo") == default_workers("local") == cores
+    assert default_workers("moshi:kyutai/moshiko-pytorch-bf16") == 1
+    assert default_workers("qwen-omni:/models/qwen") == 1
