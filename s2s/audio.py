@@ -192,6 +192,7 @@ class SpeakerTrack(MediaStreamTrack):
         *,
         encode: bool = True,
         max_backlog_ms: float | None = None,
+        live: bool = False,
     ) -> None:
         super().__init__()
         #: None: hand PCM frames to aiortc's own encoder (the untuned, stock path).
@@ -204,6 +205,10 @@ class SpeakerTrack(MediaStreamTrack):
         self._start: float | None = None
         self._frames = 0
         self._tick = asyncio.Event()
+        #: A live stream (echo, full duplex): frames go out as they arrive (``_follow_input``)
+        #: and a lasting backlog over ``max_backlog_ms`` is dropped (``_trim``).
+        self._live = live
+        self._arrived = asyncio.Event()
         # Audio written to an empty queue waits ``lead`` before its first frame goes out, so
         # the frames behind it, arriving with network and scheduling jitter, find the queue
         # ahead of the clock instead of leaving a gap. A backlog plays without waiting.
@@ -229,9 +234,10 @@ class SpeakerTrack(MediaStreamTrack):
 
     def write(self, pcm: np.ndarray) -> None:
         """Queue mono ``int16`` samples at 48 kHz for sending."""
-        if not len(self._queue) and pcm.size:
+        if not len(self._queue) and pcm.size and not self._live:
             self._armed_at = asyncio.get_running_loop().time()
         self._queue.push(pcm)
+        self._arrived.set()
 
     def flush(self) -> int:
         """Drop everything queued; returns the number of samples dropped."""
@@ -262,7 +268,9 @@ class SpeakerTrack(MediaStreamTrack):
             self._start = now
         due = self._start + self._frames * PACKET_MS / 1000
         wait = due - now
-        if wait > 0:
+        if self._live and not len(self._queue) and wait > -_LIVE_GRACE_S:
+            due = await self._follow_input(due)
+        elif wait > 0:
             await asyncio.sleep(wait)
         elif wait < -_MAX_LAG_S:
             self._start = now - self._frames * PACKET_MS / 1000
@@ -277,6 +285,32 @@ class SpeakerTrack(MediaStreamTrack):
         self._frames += 1
         self._tick.set()
         return samples
+
+    async def _follow_input(self, due: float) -> float:
+        """A live stream's slot with nothing queued: send its audio the moment it arrives.
+
+        A fixed clock would hold each echoed or full-duplex frame until the next 20 ms tick
+        (10 ms on average, plus a safety lead) and, when a frame is a little late for its tick,
+        send silence and keep the frame a whole tick longer from then on. Instead the slot
+        waits for input until ``_LIVE_GRACE_S`` past its time and, when audio comes, the clock
+        moves to now: the packet grid locks onto the input's. Only the timing of packets moves;
+        their RTP timestamps still count 20 ms frames. Returns the slot's (new) due time.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = due + _LIVE_GRACE_S
+        while not len(self._queue):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return due  # nothing came: silence, and the clock stays as it was
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._arrived.wait()
+            except TimeoutError:
+                return due
+        now = loop.time()
+        self._start = now - self._frames * PACKET_MS / 1000
+        return now
 
     async def ticked(self) -> None:
         """Wait until the next frame has been taken for sending."""
@@ -315,3 +349,5 @@ class SpeakerTrack(MediaStreamTrack):
 
 _SILENCE = np.zeros(PACKET_SAMPLES, np.int16)
 _TRIM_WINDOW_FRAMES = 25  # half a second
+# How long past its time a live stream's slot waits for input before it sends silence.
+_LIVE_GRACE_S = 0.015

@@ -125,6 +125,8 @@ class Session:
             bitrate=settings.opus_bitrate,
             encode=tuned,
             max_backlog_ms=None if backend.turn_based else 2 * frame_ms + 10,
+            live=tuned and not backend.turn_based,
+            lead_ms=10.0 if backend.turn_based or not tuned else 0.0,
         )
         #: The tuned inbound audio path, once negotiated (None on the stock path).
         self.voice_in: VoiceInput | None = None

@@ -165,3 +165,24 @@ async def test_live_speaker_trims_a_lasting_backlog_but_not_a_burst() -> None:
         await track.next_pcm()
     assert track.trimmed_samples == 0
     track.stop()
+
+
+async def test_live_speaker_sends_input_the_moment_it_arrives() -> None:
+    loop = asyncio.get_running_loop()
+    track = SpeakerTrack(lead_ms=0, live=True)
+    await track.next_pcm()  # the clock starts
+    frame = np.ones(PACKET_SAMPLES, np.int16)
+    delays = []
+    for offset in (0.007, 0.013, 0.029):  # input 7 ms into a slot, 13 ms, 9 ms into the next
+        waiting = asyncio.ensure_future(track.next_pcm())
+        async with asyncio.timeout(1):
+            await asyncio.sleep(offset)
+        written = loop.time()
+        track.write(frame)
+        async with asyncio.timeout(1):
+            samples = await waiting
+        delays.append(loop.time() - written)
+        assert samples.all()  # the frame itself, not a slot of silence before it
+    # A fixed 20 ms clock would have held these frames 13, 7 and 11 ms.
+    assert max(delays) < 0.004, delays
+    track.stop()
