@@ -27,12 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchlib import percentile, serve  # noqa: E402
 
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-    "--allow-loopback-in-peer-connection", "--autoplay-policy=no-user-gesture-required",
-]  # fmt: skip
+from tests.chromium import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 
 
 def _bursts(path: Path) -> Path:
@@ -61,7 +56,7 @@ async def _measure(url: str, wav: Path, seconds: float) -> list[float]:
     try:
         async with async_playwright() as playwright:
             browser = await playwright.chromium.launch(
-                executable_path="/usr/bin/chromium",
+                executable_path=CHROMIUM,
                 args=[*CHROMIUM_ARGS, f"--use-file-for-fake-audio-capture={wav}"],
             )
             page = await browser.new_page()

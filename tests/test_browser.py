@@ -17,18 +17,12 @@ import pytest
 from aiohttp import web
 from playwright.async_api import Browser, Page, async_playwright
 
+from tests.chromium import CHROMIUM, CHROMIUM_ARGS
 from tests.conftest import StartServer
 from tests.speech import speak
 
 BROWSER_DIR = Path(__file__).resolve().parent / "browser"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-    "--allow-loopback-in-peer-connection", "--autoplay-policy=no-user-gesture-required",
-]  # fmt: skip
 
 LaunchBrowser = Callable[[Path], Awaitable[Browser]]
 
