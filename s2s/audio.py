@@ -327,11 +327,13 @@ class SpeakerTrack(MediaStreamTrack):
         """
         if self._max_backlog is None:
             return
-        queued = len(self._queue)
+        # What stays queued once this slot's frame has gone: the frame about to play is not lag.
+        queued = max(0, len(self._queue) - PACKET_SAMPLES)
         self._floor = queued if self._floor is None else min(self._floor, queued)
         if (self._frames + 1) % _TRIM_WINDOW_FRAMES == 0:
             if self._floor > self._max_backlog:
-                excess = self._floor - self._max_backlog
+                # A live stream sends each frame as it comes, so all of a lasting floor is lag.
+                excess = self._floor if self._live else self._floor - self._max_backlog
                 self._queue.pop(excess)
                 self.trimmed_samples += excess
             self._floor = None
@@ -349,5 +351,8 @@ class SpeakerTrack(MediaStreamTrack):
 
 _SILENCE = np.zeros(PACKET_SAMPLES, np.int16)
 _TRIM_WINDOW_FRAMES = 25  # half a second
-# How long past its time a live stream's slot waits for input before it sends silence.
-_LIVE_GRACE_S = 0.015
+# How long past its time a live stream's slot waits for input before it sends silence. A live
+# model's input never stops during a call (the inbound path fills every gap within
+# --max-gap-wait), so audio that is late is jitter to pass on, not a pause to fill: only a stream
+# that really stopped gets silence.
+_LIVE_GRACE_S = 0.1

@@ -119,12 +119,14 @@ class Session:
         self.pc = pc
         self.config = config
         tuned = settings.transport == "tuned"
-        # A live model's audio is only worth hearing now: keep its backlog to two of its frames.
+        # A live model's audio is only worth hearing now: a backlog that lasts is cut (all of it
+        # when frames go out as they arrive; down to two model frames on a fixed clock).
         frame_ms = 1000 * backend.frame_samples / backend.input_rate
+        backlog_ms = 10.0 if tuned else 2 * frame_ms + 10
         self.speaker = SpeakerTrack(
             bitrate=settings.opus_bitrate,
             encode=tuned,
-            max_backlog_ms=None if backend.turn_based else 2 * frame_ms + 10,
+            max_backlog_ms=None if backend.turn_based else backlog_ms,
             live=tuned and not backend.turn_based,
             lead_ms=10.0 if backend.turn_based or not tuned else 0.0,
         )

@@ -68,6 +68,12 @@ async def _measure(url: str, wav: Path, seconds: float) -> list[float]:
                 raise SystemExit(f"the page failed: {errors}")
             await asyncio.sleep(seconds)
             latencies: list[float] = await page.evaluate("window.latencies")
+            buffered = await page.evaluate(
+                "(async () => { let ms = null; (await window.pc.getStats()).forEach(s => {"
+                " if (s.type === 'inbound-rtp' && s.kind === 'audio' && s.jitterBufferEmittedCount)"
+                " ms = 1000 * s.jitterBufferDelay / s.jitterBufferEmittedCount; }); return ms; })()"
+            )
+            print(f"  Chromium's receive jitter buffer held {buffered:.1f} ms on average")
             await browser.close()
     finally:
         await runner.cleanup()

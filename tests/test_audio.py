@@ -152,8 +152,8 @@ async def test_live_speaker_trims_a_lasting_backlog_but_not_a_burst() -> None:
             await track.next_pcm()
             track.write(frame)
         if expect_trim:
-            # The lasting 200 ms was cut back to the bound (50 ms plus the frame in flight).
-            assert track.queued_samples <= 3 * PACKET_SAMPLES
+            # The lasting 200 ms was cut back to the bound (50 ms) behind the frame in flight.
+            assert track.queued_samples <= 2400 + PACKET_SAMPLES
             assert track.trimmed_samples > 0
         else:
             assert track.queued_samples == 10 * PACKET_SAMPLES  # a reply is never trimmed
@@ -185,4 +185,16 @@ async def test_live_speaker_sends_input_the_moment_it_arrives() -> None:
         assert samples.all()  # the frame itself, not a slot of silence before it
     # A fixed 20 ms clock would have held these frames 13, 7 and 11 ms.
     assert max(delays) < 0.004, delays
+    track.stop()
+
+
+async def test_a_live_speaker_drops_all_of_a_lasting_backlog() -> None:
+    track = SpeakerTrack(lead_ms=0, max_backlog_ms=10, live=True)
+    track.write(np.ones(5 * PACKET_SAMPLES, np.int16))  # 100 ms ahead, and it stays ahead
+    for _ in range(30):
+        await track.next_pcm()
+        track.write(np.ones(PACKET_SAMPLES, np.int16))
+    # Only the frame about to go out is left: each frame is now sent as it comes.
+    assert track.queued_samples <= PACKET_SAMPLES
+    assert track.trimmed_samples == 4 * PACKET_SAMPLES
     track.stop()
