@@ -123,7 +123,7 @@ def _call(link: Link, port: int, mode: str) -> dict[str, object]:
     command = ["ip", "netns", "exec", link.client_ns, sys.executable, "-m",
                "tests.lossy_caller", f"http://{link.server_ip}:{port}", mode]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stderr[-2000:]
     result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
