@@ -53,5 +53,12 @@ async def serve(
         await stop.wait()
         log.info("shutting down")
         await drain(app)
+        if pool is not None:
+            # Other workers may still be draining: keep answering (503) until they are done or
+            # the grace is up, so a connection the kernel hands this worker meanwhile gets a
+            # refusal rather than a reset.
+            deadline = loop.time() + settings.shutdown_grace_s
+            while sum(pool.counts()) and loop.time() < deadline:  # noqa: ASYNC110 - shared memory has no event
+                await asyncio.sleep(0.1)
     finally:
         await runner.cleanup()

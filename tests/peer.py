@@ -166,7 +166,11 @@ class Peer:
         if self._edit_offer is not None:
             offer = self._edit_offer(offer)
         async with asyncio.timeout(timeout):
-            status, body, headers = await self._post_offer(offer)
+            try:
+                status, body, headers = await self._post_offer(offer)
+            except BaseException:
+                await self.pc.close()  # its sockets are not left to the garbage collector
+                raise
             if status != 201:
                 await self.pc.close()
                 raise CallRefused(status, body, headers)
