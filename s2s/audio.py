@@ -170,8 +170,11 @@ _DEFAULT_LOSS_PERCENT = 5
 
 # What a fresh libopus encoder emits for a 20 ms frame of digital silence (a CELT frame).
 _OPUS_SILENCE = b"\xf8\xff\xfe"
-_IDLE_AFTER_FRAMES = 10
-_SILENT_LSB = 2
+# Frames of silence still encoded (the far end's decoder fades out on them) before idling.
+_IDLE_AFTER_FRAMES = 3
+# Peak level, in LSBs, up to which a frame counts as silence: 8 is -72 dBFS, far below hearing
+# at any sane volume and below the decay of a sound into silence after Opus.
+_SILENT_LSB = 8
 
 
 class SpeakerTrack(MediaStreamTrack):
@@ -253,8 +256,8 @@ class SpeakerTrack(MediaStreamTrack):
             frame.pts = index * PACKET_SAMPLES
             frame.time_base = fractions.Fraction(1, WEBRTC_RATE)
             return frame
-        # Within a couple of LSBs of zero (-84 dBFS) is silence: decoded Opus "silence" from a
-        # caller is +/-1 LSB of comfort noise, which nobody can hear.
+        # Within a few LSBs of zero (-72 dBFS) is silence: decoded Opus "silence" from a caller
+        # is +/-1 LSB of comfort noise, and a sound's Opus tail decays through single digits.
         silent = int(samples.max()) <= _SILENT_LSB and int(samples.min()) >= -_SILENT_LSB
         return self.encoder.encode(samples, index, silent=silent)
 
