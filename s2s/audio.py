@@ -354,8 +354,7 @@ class SpeakerTrack(MediaStreamTrack):
 
 _SILENCE = np.zeros(PACKET_SAMPLES, np.int16)
 _TRIM_WINDOW_FRAMES = 25  # half a second
-# How long past its time a live stream's slot waits for input before it sends silence. A live
-# model's input never stops during a call (the inbound path fills every gap within
-# --max-gap-wait), so audio that is late is jitter to pass on, not a pause to fill: only a stream
-# that really stopped gets silence.
-_LIVE_GRACE_S = 0.1
+# How long past its time a live stream's slot waits for input before it sends silence: about a
+# frame, to ride out scheduling jitter; a model that pauses its output (and a far end that
+# expects a packet every 20 ms) should not find the stream stalled.
+_LIVE_GRACE_S = 0.02

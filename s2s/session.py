@@ -34,7 +34,7 @@ from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from s2s import images
-from s2s.audio import WEBRTC_RATE, FrameChunker, Resampler, SpeakerTrack
+from s2s.audio import PACKET_MS, WEBRTC_RATE, FrameChunker, Resampler, SpeakerTrack
 from s2s.backends import Backend, ModelStream
 from s2s.config import Settings
 from s2s.images import ImageLimits
@@ -122,12 +122,15 @@ class Session:
         # A live model's audio is only worth hearing now: a backlog that lasts is cut (all of it
         # when frames go out as they arrive; down to two model frames on a fixed clock).
         frame_ms = 1000 * backend.frame_samples / backend.input_rate
-        backlog_ms = 10.0 if tuned else 2 * frame_ms + 10
+        backlog_ms = 10.0 if tuned and frame_ms <= PACKET_MS else 2 * frame_ms + 10
         self.speaker = SpeakerTrack(
             bitrate=settings.opus_bitrate,
             encode=tuned,
             max_backlog_ms=None if backend.turn_based else backlog_ms,
-            live=tuned and not backend.turn_based,
+            # Frames sent as they arrive, for a live model that outputs one packet at a time
+            # (echo). Moshi's 80 ms frames keep the fixed clock: followed chunk by chunk, its
+            # packet rate would ride its step time's jitter.
+            live=tuned and not backend.turn_based and frame_ms <= PACKET_MS,
             lead_ms=10.0 if backend.turn_based or not tuned else 0.0,
         )
         #: The tuned inbound audio path, once negotiated (None on the stock path).
