@@ -119,18 +119,19 @@ class Session:
         self.pc = pc
         self.config = config
         tuned = settings.transport == "tuned"
+        frame_ms = 1000 * backend.frame_samples / backend.input_rate
+        # Frames sent as they arrive, for a live model that outputs one packet at a time (echo).
+        # Moshi's 80 ms frames keep the fixed clock: followed chunk by chunk, its packet rate
+        # would ride its step time's jitter.
+        live = tuned and not backend.turn_based and frame_ms <= PACKET_MS
         # A live model's audio is only worth hearing now: a backlog that lasts is cut (all of it
         # when frames go out as they arrive; down to two model frames on a fixed clock).
-        frame_ms = 1000 * backend.frame_samples / backend.input_rate
-        backlog_ms = 10.0 if tuned and frame_ms <= PACKET_MS else 2 * frame_ms + 10
+        backlog_ms = 10.0 if live else 2 * frame_ms + 10
         self.speaker = SpeakerTrack(
             bitrate=settings.opus_bitrate,
             encode=tuned,
             max_backlog_ms=None if backend.turn_based else backlog_ms,
-            # Frames sent as they arrive, for a live model that outputs one packet at a time
-            # (echo). Moshi's 80 ms frames keep the fixed clock: followed chunk by chunk, its
-            # packet rate would ride its step time's jitter.
-            live=tuned and not backend.turn_based and frame_ms <= PACKET_MS,
+            live=live,
             lead_ms=10.0 if backend.turn_based or not tuned else 0.0,
         )
         #: The tuned inbound audio path, once negotiated (None on the stock path).
