@@ -131,10 +131,6 @@ class OpusEncoder:
         self._opus = opus.Encoder(bitrate, fec=fec, loss_percent=_DEFAULT_LOSS_PERCENT)
         self._silent_run = 0
 
-    @property
-    def loss_percent(self) -> int:
-        return self._opus.loss_percent
-
     def set_expected_loss(self, fraction: float) -> None:
         """Protect against ``fraction`` (0..1) of packets lost; never below the default."""
         self._opus.set_expected_loss(max(_DEFAULT_LOSS_PERCENT, round(100 * fraction)))

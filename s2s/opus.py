@@ -88,7 +88,6 @@ class Encoder:
         self._state = _lib.opus_encoder_create(RATE, 1, _APPLICATION_VOIP, ctypes.byref(error))
         _check(error.value)
         self._out = ctypes.create_string_buffer(_MAX_PACKET)
-        self.bitrate = bitrate
         self._ctl(_SET_BITRATE, bitrate)
         self._ctl(_SET_SIGNAL, _SIGNAL_VOICE)
         self._ctl(_SET_VBR, 1)

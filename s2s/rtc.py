@@ -149,8 +149,6 @@ class VoiceInput:
         self._time_base = fractions.Fraction(1, opus.RATE)
         self._first_ts: int | None = None
         self._pipeline = VoiceReceiver(self._deliver, nack=codecs.nack, max_wait_ms=max_wait_ms)
-        #: RED packets whose payload could not be parsed (counted, then dropped).
-        self.bad_red = 0
 
     @classmethod
     def install(
@@ -190,10 +188,10 @@ class VoiceInput:
             try:
                 inner, payload, older = parse_red(packet.payload)
             except ValueError:
-                self.bad_red += 1
+                self._pipeline.stats.bad_packets += 1
                 return
             if inner != self._codecs.opus:
-                self.bad_red += 1
+                self._pipeline.stats.bad_packets += 1
                 return
         if not payload:
             return

@@ -49,6 +49,8 @@ class ReceiveStats:
     retransmits: int = 0
     #: Packets that came after their frame had been recovered or concealed, or twice.
     late_packets: int = 0
+    #: RED packets dropped because their payload was malformed or wrapped another codec.
+    bad_packets: int = 0
     #: Interarrival jitter (RFC 3550) and the current wait for a missing packet, in ms.
     jitter_ms: float = 0.0
     wait_ms: float = 0.0
