@@ -2,15 +2,17 @@
 
 The server runs in one namespace, the caller in another, joined by a veth pair. Loss (and, where
 the kernel has netem, 30 ms of jitter) is applied to both ends, so only these namespaces' traffic
-is touched. Where the kernel lacks netem, loss comes from iptables' ``statistic`` match instead
-and the jitter part is skipped (said in the output). Without ``ip netns`` (not root, or no
-iproute2) the tests skip with the reason.
+is touched. The loss starts once the call is up (data channel open): what is measured is the
+audio of a call on a lossy link, not how long set-up takes on one. Where the kernel lacks netem,
+loss comes from iptables' ``statistic`` match instead and the jitter part is skipped (said in the
+output). Without ``ip netns`` (not root, or no iproute2) the tests skip with the reason.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -119,13 +121,30 @@ def _server(link: Link, transport: str, port: int) -> subprocess.Popen[bytes]:
     return server
 
 
-def _call(link: Link, port: int, mode: str) -> dict[str, object]:
+def _call(link: Link, port: int, mode: str, loss: float, jitter_ms: float) -> dict[str, object]:
+    """One call from the client namespace; the link turns lossy once the call is up."""
     command = ["ip", "netns", "exec", link.client_ns, sys.executable, "-m",
                "tests.lossy_caller", f"http://{link.server_ip}:{port}", mode]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    caller = subprocess.Popen(command, cwd=ROOT, env=env, text=True, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        assert caller.stdout is not None and caller.stdin is not None
+        ready, _, _ = select.select([caller.stdout], [], [], 30)
+        line = caller.stdout.readline() if ready else ""
+        if line.strip() != "ready":
+            caller.kill()
+            pytest.fail(f"the call did not come up: {line!r} {caller.communicate(timeout=30)}")
+        link.impair(loss, jitter_ms)
+        caller.stdin.write("go\n")
+        caller.stdin.flush()
+        out, err = caller.communicate(timeout=90)
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait(timeout=30)
+    assert caller.returncode == 0, err[-2000:]
+    result: dict[str, object] = json.loads(out.strip().splitlines()[-1])
     return result
 
 
@@ -136,8 +155,7 @@ def test_tuned_path_recovers_what_the_stock_path_loses(link: Link, loss: float) 
     for transport, port in (("stock", PORT), ("tuned", PORT + 1)):
         server = _server(link, transport, port)
         try:
-            link.impair(loss, jitter_ms)
-            results[transport] = _call(link, port, transport)
+            results[transport] = _call(link, port, transport, loss, jitter_ms)
         finally:
             link.impair(0.0, 0)
             server.terminate()
