@@ -6,6 +6,7 @@ import asyncio
 import signal
 import socket
 import sys
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -89,3 +90,56 @@ def test_gpu_models_default_to_one_worker_cpu_models_to_one_per_core() -> None:
     assert default_workers("echo") == default_workers("local") == cores
     assert default_workers("moshi:kyutai/moshiko-pytorch-bf16") == 1
     assert default_workers("qwen-omni:/models/qwen") == 1
+
+
+def test_every_flag_reaches_its_setting(tmp_path: Path) -> None:
+    from s2s.cli import parse_settings
+    from s2s.config import Settings
+
+    keys = tmp_path / "keys"
+    keys.write_text("k2\n\n k3 \n")
+    given = {
+        "--host": ("0.0.0.0", "host", "0.0.0.0"),
+        "--port": ("9001", "port", 9001),
+        "--model": ("echo", "model", "echo"),
+        "--device": ("cuda:1", "device", "cuda:1"),
+        "--max-sessions": ("7", "max_sessions", 7),
+        "--workers": ("2", "workers", 2),
+        "--peer-timeout": ("3.5", "peer_timeout_s", 3.5),
+        "--transport": ("stock", "transport", "stock"),
+        "--opus-bitrate": ("16000", "opus_bitrate", 16000),
+        "--max-gap-wait": ("40", "max_gap_wait_ms", 40.0),
+        "--image-max-bytes": ("1000", "image_max_bytes", 1000),
+        "--image-max-pixels": ("2000", "image_max_pixels", 2000),
+        "--image-history": ("2", "image_history", 2),
+        "--camera-fps": ("0", "camera_fps", 0.0),
+        "--max-call-seconds": ("60", "max_call_s", 60.0),
+        "--max-calls-per-key": ("3", "max_calls_per_key", 3),
+        "--shutdown-grace": ("1", "shutdown_grace_s", 1.0),
+        "--stats-interval": ("0.5", "stats_interval_s", 0.5),
+        "--webhook": ("http://x/hook", "webhook_url", "http://x/hook"),
+        "--webhook-secret": ("s", "webhook_secret", "s"),
+        "--log-level": ("debug", "log_level", "DEBUG"),
+    }
+    argv = ["serve", "--api-key", "k1", "--api-key-file", str(keys), "--allow-origin", "https://a"]
+    for flag, (value, _, _) in given.items():
+        argv += [flag, value]
+    settings, warning = parse_settings(argv)
+    defaults = Settings()
+    for flag, (_, field, expected) in given.items():
+        assert getattr(settings, field) == expected != getattr(defaults, field), flag
+    assert settings.api_keys == ("k1", "k2", "k3")
+    assert settings.allowed_origins == ("https://a",)
+    assert warning is None
+
+
+def test_a_public_host_without_keys_is_narrowed_to_loopback() -> None:
+    from s2s.cli import parse_settings
+
+    settings, warning = parse_settings(["serve", "--host", "0.0.0.0"])
+    assert settings.host == "127.0.0.1"
+    assert warning is not None and "0.0.0.0" in warning
+    settings, warning = parse_settings(["serve", "--host", "0.0.0.0", "--insecure-public"])
+    assert (settings.host, warning) == ("0.0.0.0", None)
+    with pytest.raises(SystemExit):
+        parse_settings(["serve", "--workers", "-1"])
