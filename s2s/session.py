@@ -13,7 +13,7 @@ A ``Session`` owns one ``asyncio.TaskGroup``:
 - ``{call_id}/events`` decodes client events from the ``oai-events`` data channel;
 - ``{call_id}/supervise`` ends the call when asked to (hang-up, ICE failure) or when no audio has
   arrived for ``peer_timeout_s``;
-- ``{call_id}/stats`` samples the call's RTCP figures every ``stats_interval_s`` (one
+- ``{call_id}/stats`` runs ``CallStats``: the call's RTCP figures every ``stats_interval_s`` (one
   ``getStats()``) into its metrics and an ``s2s.session.stats`` event.
 
 Whichever way a call ends, the group is cancelled and ``release()`` frees the peer connection,
@@ -27,6 +27,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 
 import av
 import numpy as np
@@ -36,6 +37,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from s2s import images
 from s2s.audio import PACKET_MS, WEBRTC_RATE, FrameChunker, Resampler, SpeakerTrack
 from s2s.backends import Backend, ModelStream
+from s2s.callstats import CallStats
 from s2s.config import Settings
 from s2s.images import ImageLimits
 from s2s.log import CallLogger
@@ -47,13 +49,11 @@ from s2s.protocol import (
     ServerEvent,
     SessionConfig,
     SessionCreated,
-    SessionStats,
     decode_client_event,
     encode_event,
 )
 from s2s.realtime import Realtime
 from s2s.rtc import VoiceInput, prefer_red, tune_audio
-from s2s.rtpstats import LinkSampler
 from s2s.vad import VAD_RATE, SpeechDetector, VadService
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,6 @@ _VAD_BACKLOG = 50
 _INBOX_SIZE = 256
 # Server events sent before the data channel opened, kept until it does.
 _PENDING_EVENTS = 256
-# How often a call's metrics are sampled when its stats events are off.
-_METRICS_INTERVAL_S = 5.0
 
 
 class EventRate:
@@ -148,6 +146,10 @@ class Session:
         self.metrics = CallMetrics(metrics or ServerMetrics(), call_id)
         # The offer has just been read: set-up and data-channel times count from here.
         self._created_at = asyncio.get_running_loop().time()
+        #: The call's figures, sampled every stats interval.
+        self.stats = CallStats(
+            pc, self.speaker, self.metrics, self.log, created_at=self._created_at
+        )
         self._connected = False
         self._backend = backend
         self._vad = vad
@@ -197,6 +199,7 @@ class Session:
         if codecs is not None:
             wait = self._settings.max_gap_wait_ms
             self.voice_in = VoiceInput.install(audio[0].receiver, codecs, wait)
+            self.stats.voice_in = self.voice_in
             answer = prefer_red(answer, codecs)
         return answer
 
@@ -239,7 +242,8 @@ class Session:
                 tg.create_task(self._read_events(realtime), name=f"{cid}/events")
                 tg.create_task(self._sample_camera(realtime), name=f"{cid}/camera")
                 tg.create_task(self._supervise(), name=f"{cid}/supervise")
-                tg.create_task(self._sample_stats(), name=f"{cid}/stats")
+                stats = self.stats.run(settings.stats_interval_s, partial(self.send, keep=False))
+                tg.create_task(stats, name=f"{cid}/stats")
         except* _Ended:
             pass
         except* Exception:
@@ -260,7 +264,7 @@ class Session:
         self.speaker.stop()
         if self.voice_in is not None:
             self.voice_in.close()
-        self._count()
+        self.stats.count()
         self.metrics.close()
         for track in (self._mic, self._camera):
             if not track.done():
@@ -290,60 +294,6 @@ class Session:
                         message=f"calls on this server last at most {longest:g} s",
                     )))  # fmt: skip
                     self.end("max_duration")
-
-    async def _sample_stats(self) -> None:
-        """Every stats interval: one ``getStats()`` into the call's metrics and stats event."""
-        loop = asyncio.get_running_loop()
-        interval = self._settings.stats_interval_s
-        link = LinkSampler(loop.time())
-        while True:
-            await asyncio.sleep(interval if interval > 0 else _METRICS_INTERVAL_S)
-            try:
-                figures = link.sample(await self.pc.getStats(), loop.time())
-                self.metrics.link(figures)
-                audio_in = self._count()
-                if self.speaker.encoder is not None and figures.fraction_lost_out is not None:
-                    # FEC strength follows the loss the caller reports on our audio.
-                    self.speaker.encoder.set_expected_loss(figures.fraction_lost_out)
-            except Exception:
-                # Figures are not worth a call: a sampling bug is logged, and the call goes on.
-                self.log.warning("could not sample the call's stats", exc_info=True)
-                continue
-            if interval <= 0:
-                continue
-            m = self.metrics
-            self.send(SessionStats(
-                call_seconds=round(loop.time() - self._created_at, 3),
-                rtt_ms=_ms(figures.rtt_s), jitter_in_ms=_ms(figures.jitter_in_s),
-                jitter_out_ms=_ms(figures.jitter_out_s), packets_lost_in=figures.packets_lost_in,
-                packets_lost_out=figures.packets_lost_out,
-                fraction_lost_in=figures.fraction_lost_in,
-                fraction_lost_out=figures.fraction_lost_out,
-                bitrate_in_bps=_round(figures.bitrate_in_bps),
-                bitrate_out_bps=_round(figures.bitrate_out_bps),
-                frames_late=self.speaker.frames_late, turn_latency_ms=_ms(m.last_turn_s),
-                barge_in_latency_ms=_ms(m.last_barge_in_s), audio_in=audio_in,
-            ), keep=False)  # fmt: skip
-
-    def receive_counters(self) -> dict[str, float]:
-        """The receive pipeline's running counts for this call, by name (``concealed_frames``,
-        ``fec_frames``, ``red_frames``, ``nacks_sent``...); each must only grow over the call.
-
-        They go out in ``s2s.session.stats`` as ``audio_in`` and are added to the
-        ``s2s_audio_in_total{kind=NAME}`` counter. Empty on the stock transport.
-        """
-        if self.voice_in is None:
-            return {}
-        counts = self.voice_in.stats.as_dict()
-        for gauge in ("jitter_ms", "wait_ms"):  # levels, not counts
-            del counts[gauge]
-        return counts
-
-    def _count(self) -> dict[str, float]:
-        """Add the call's running counts to the server's counters; returns ``receive_counters``."""
-        audio_in = self.receive_counters()
-        self.metrics.count(self.speaker.frames_sent, self.speaker.frames_late, audio_in)
-        return audio_in
 
     async def _pump_mic(self, realtime: Realtime) -> None:
         track = await self._mic
@@ -509,14 +459,6 @@ class Session:
             self.metrics.connected(asyncio.get_running_loop().time() - self._created_at)
         if state in ("failed", "closed"):
             self.end(f"connection_{state}")
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 1)
-
-
-def _round(value: float | None) -> int | None:
-    return None if value is None else round(value)
 
 
 def _put_dropping_oldest(queue: asyncio.Queue[np.ndarray], item: np.ndarray) -> int:
