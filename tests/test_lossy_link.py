@@ -214,5 +214,7 @@ def test_tuned_path_recovers_what_the_stock_path_loses(link: Link, loss: float) 
         f"{audio_in['decoded_frames']:.0f}, dropped {audio_in['late_packets']:.0f} late packets"
     )
     assert audio_in["fec_frames"] + audio_in["concealed_frames"] > 0  # the link did lose
-    assert stats["jitter_in_ms"] > jitter_ms / 3  # and did jitter (uniform delay: ~2/3 of it)
+    # and did jitter: RFC 3550 jitter of a uniform 0-60 ms delay is ~20 ms (measured 14-17 ms),
+    # of a whole link ~1 ms
+    assert stats["jitter_in_ms"] > jitter_ms / 6
     assert float(tuned["correlation"]) > float(stock["correlation"])  # type: ignore[arg-type]
