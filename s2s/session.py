@@ -307,9 +307,13 @@ class Session:
                 self.end("peer_gone")
                 return
             self._last_audio = loop.time()
-            assert isinstance(frame, av.AudioFrame)  # an audio track yields decoded audio
-            realtime.heard(1000 * frame.samples // frame.sample_rate)
-            pcm = resampler.from_frame(frame)
+            if isinstance(frame, np.ndarray):  # the tuned path's mono 48 kHz (rtc.VoiceInput)
+                realtime.heard(1000 * frame.size // WEBRTC_RATE)
+                pcm = resampler.from_pcm(frame, WEBRTC_RATE)
+            else:
+                assert isinstance(frame, av.AudioFrame)  # aiortc's path yields decoded audio
+                realtime.heard(1000 * frame.samples // frame.sample_rate)
+                pcm = resampler.from_frame(frame)
             for chunk in chunker.push(pcm):
                 self.frames_dropped += _put_dropping_oldest(self._model_in, chunk)
             if realtime.vad is not None:

@@ -282,10 +282,13 @@ class Peer:
                 frame = await track.recv()
             except MediaStreamError:
                 return
-            pcm = frame.to_ndarray().reshape(-1)
-            channels = len(frame.layout.channels)
-            if channels > 1:
-                pcm = pcm.reshape(-1, channels).mean(axis=1).astype(np.int16)
+            if isinstance(frame, np.ndarray):  # s2s's receive path (tuned=True): mono 48 kHz
+                pcm = frame
+            else:
+                pcm = frame.to_ndarray().reshape(-1)
+                channels = len(frame.layout.channels)
+                if channels > 1:
+                    pcm = pcm.reshape(-1, channels).mean(axis=1).astype(np.int16)
             self.frames.append((loop.time(), pcm))
             self._audio_arrived.set()
 
