@@ -263,10 +263,18 @@ def _summarise(n: int, results: list[dict[str, Any]], cpu: float) -> dict[str, A
         and r["latencies"]
         and percentile(r["latencies"], 0.95) < ON_TIME_P95_S
     )
+    short = sum(1 for r in ok if r["frames"] < ON_TIME_FRAMES * r["expected"])
+    unheard = sum(1 for r in ok if not r["latencies"])
+    slow = sum(
+        1 for r in ok if r["latencies"] and percentile(r["latencies"], 0.95) >= ON_TIME_P95_S
+    )
     return {
         "calls": n,
         "failed": len(results) - len(ok),
         "on_time": on_time,
+        # Why calls missed (one call may count in several).
+        "missed": f"{short} short of frames, {slow} with echo p95 >= {1000 * ON_TIME_P95_S:.0f} "
+        f"ms, {unheard} with no echo heard",
         "setup_p50_ms": 1000 * statistics.median([r["setup_s"] for r in ok]) if ok else math.nan,
         "open_p50_ms": 1000 * statistics.median([r["open_s"] for r in ok]) if ok else math.nan,
         "rtt_p50_ms": 1000 * percentile(latencies, 0.5),
@@ -423,6 +431,8 @@ def _run(url: str, pid: int | None, args: argparse.Namespace, setup: Setup) -> d
             ),
             flush=True,
         )
+        if row["on_time"] < n - row["failed"]:
+            print(f"{'':>15} missed: {row['missed']}", flush=True)
         if n == 1:
             summary["rtt_p50_ms_1"], summary["rtt_p95_ms_1"] = row["rtt_p50_ms"], row["rtt_p95_ms"]
         if row["on_time"] == n and not row["failed"]:
