@@ -132,8 +132,6 @@ class Session:
             live=live,
             lead_ms=10.0 if backend.turn_based or not tuned else 0.0,
         )
-        #: The tuned inbound audio path, once negotiated (None on the stock path).
-        self.voice_in: VoiceInput | None = None
         self.log = CallLogger(log, call_id)
         self.end_reason: str | None = None
         #: The server key the call was made with (or that minted its client secret).
@@ -198,10 +196,14 @@ class Session:
         answer = str(self.pc.localDescription.sdp)
         if codecs is not None:
             wait = self._settings.max_gap_wait_ms
-            self.voice_in = VoiceInput.install(audio[0].receiver, codecs, wait)
-            self.stats.voice_in = self.voice_in
+            self.stats.voice_in = VoiceInput.install(audio[0].receiver, codecs, wait)
             answer = prefer_red(answer, codecs)
         return answer
+
+    @property
+    def voice_in(self) -> VoiceInput | None:
+        """The tuned inbound audio path, once negotiated (None on the stock path)."""
+        return self.stats.voice_in
 
     # -- running ---------------------------------------------------------------------------------
 
