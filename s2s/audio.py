@@ -26,6 +26,8 @@ _MAX_LAG_S = 0.1
 #: A frame taken for sending more than one packet's time after its slot is counted as late: the
 #: far end's jitter buffer then has to stretch to cover the gap.
 LATE_S = PACKET_MS / 1000
+# Outbound frames and packets are stamped in samples at 48 kHz.
+_TIME_BASE = fractions.Fraction(1, WEBRTC_RATE)
 
 
 class Resampler:
@@ -127,7 +129,6 @@ class OpusEncoder:
     """
 
     def __init__(self, bitrate: int = 32_000, *, fec: bool = True) -> None:
-        self._time_base = fractions.Fraction(1, WEBRTC_RATE)
         self._opus = opus.Encoder(bitrate, fec=fec, loss_percent=_DEFAULT_LOSS_PERCENT)
         self._silent_run = 0
 
@@ -156,7 +157,7 @@ class OpusEncoder:
         # Stamped with the frame's place: aiortc turns it into the RTP timestamp.
         packet = av.Packet(data)
         packet.pts = index * PACKET_SAMPLES
-        packet.time_base = self._time_base
+        packet.time_base = _TIME_BASE
         return packet
 
 
@@ -250,7 +251,7 @@ class SpeakerTrack(MediaStreamTrack):
             frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
             frame.sample_rate = WEBRTC_RATE
             frame.pts = index * PACKET_SAMPLES
-            frame.time_base = fractions.Fraction(1, WEBRTC_RATE)
+            frame.time_base = _TIME_BASE
             return frame
         # Within a few LSBs of zero (-72 dBFS) is silence: decoded Opus "silence" from a caller
         # is +/-1 LSB of comfort noise, and a sound's Opus tail decays through single digits.
