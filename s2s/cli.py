@@ -36,7 +36,11 @@ _FIELD_OPTIONS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     (
         "--max-sessions",
         "max_sessions",
-        "calls the server takes (all workers together) before answering 503",
+        "calls the whole server takes, all workers together, before answering 503 "
+        "server_full. The default protects the latency of the calls already in: 4 to 6 "
+        "local-model talkers or about 50 echo calls fit on one core of a 2-core VM, and a GPU "
+        "model's batch slows past its slot count. It is not per worker: with --workers N, raise "
+        "it by what N cores hold (scripts/bench_transport.py measures it)",
         {},
     ),
     (

@@ -9,6 +9,7 @@ Our own events are namespaced ``s2s.*``. ``python -m s2s.protocol`` prints the J
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import secrets
@@ -588,12 +589,29 @@ def json_schema() -> dict[str, Any]:
     (client, server), components = msgspec.json.schema_components(
         [AnyClientEvent, AnyServerEvent], ref_template="#/$defs/{name}"
     )
-    return {
+    schema: dict[str, Any] = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "s2s data-channel events (OpenAI Realtime GA + s2s.* extensions)",
         "$defs": components,
         "properties": {"client_event": client, "server_event": server},
     }
+    cleaned: dict[str, Any] = _clean_descriptions(schema)
+    return cleaned
+
+
+def _clean_descriptions(node: Any) -> Any:
+    """Docstrings as ``inspect.cleandoc`` reads them: msgspec 0.23 started dedenting them and
+    0.22 did not, so the exported file would otherwise depend on the installed version."""
+    if isinstance(node, dict):
+        return {
+            key: inspect.cleandoc(value)
+            if key == "description" and isinstance(value, str)
+            else _clean_descriptions(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_clean_descriptions(item) for item in node]
+    return node
 
 
 if __name__ == "__main__":
