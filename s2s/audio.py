@@ -20,8 +20,9 @@ from s2s import opus
 WEBRTC_RATE = 48_000
 PACKET_MS = 20
 PACKET_SAMPLES = WEBRTC_RATE * PACKET_MS // 1000
-# A speaker this far behind its schedule (a stalled loop) re-anchors instead of sending a burst
-# of catch-up frames that the far end's jitter buffer would only drop.
+_PACKET_S = PACKET_MS / 1000
+# A speaker this far behind its schedule (a stalled loop) skips the slots that passed instead of
+# sending a burst of catch-up frames that the far end's jitter buffer would only drop.
 _MAX_LAG_S = 0.1
 #: A frame taken for sending more than one packet's time after its slot is counted as late: the
 #: far end's jitter buffer then has to stretch to cover the gap.
@@ -178,9 +179,14 @@ class SpeakerTrack(MediaStreamTrack):
     """The call's outbound audio: 48 kHz mono Opus, 20 ms packets, paced by the wall clock.
 
     ``write()`` queues model audio and ``flush()`` drops whatever is queued (barge-in). ``recv()``
-    is driven by aiortc's sender and returns encoded packets; each packet's deadline is computed
-    from the call's start time, not from the previous packet, so scheduling error never
-    accumulates over a long call.
+    is driven by aiortc's sender and returns encoded packets.
+
+    Time is cut into 20 ms slots counted from the call's first packet, and slot ``k`` is RTP
+    timestamp ``k * 960``: whatever the load, the stream carries one packet per 20 ms of RTP time
+    and its RTP clock is the wall clock. A packet never leaves before its slot (a live stream's
+    up to half a slot early), so the far end never receives faster than real time; a speaker
+    stalled past ``_MAX_LAG_S`` skips the slots that passed (the far end conceals them) and its
+    queue is trimmed rather than played out in a burst.
     """
 
     kind = "audio"
@@ -202,7 +208,11 @@ class SpeakerTrack(MediaStreamTrack):
         self._max_backlog = (
             None if max_backlog_ms is None else int(max_backlog_ms * WEBRTC_RATE / 1000)
         )
+        # When slot 0 was due; slot k is due ``k`` packets later.
         self._start: float | None = None
+        # The next slot, and the slot of the packet last taken for sending.
+        self._slot = 0
+        self._sent_slot = -1
         self._frames = 0
         self._tick = asyncio.Event()
         #: A live stream (echo, full duplex): frames go out as they arrive (``_follow_input``)
@@ -215,8 +225,9 @@ class SpeakerTrack(MediaStreamTrack):
         self._armed_at: float | None = None
         #: Samples of queued (non-filler) audio sent so far.
         self.played_samples = 0
-        #: Times the track fell more than ``_MAX_LAG_S`` behind and re-anchored its clock.
-        self.resyncs = 0
+        #: Slots skipped because the track fell more than ``_MAX_LAG_S`` behind (no packet
+        #: carries their RTP time; the far end conceals them).
+        self.slots_skipped = 0
         #: Frames taken for sending more than ``LATE_S`` after their slot (a stalled loop).
         self.frames_late = 0
         #: Samples dropped from the head of a live stream's backlog to keep its latency bounded.
@@ -246,7 +257,7 @@ class SpeakerTrack(MediaStreamTrack):
 
     async def recv(self) -> av.Packet[Any] | av.AudioFrame:
         samples = await self.next_pcm()
-        index = self._frames - 1
+        index = self._sent_slot
         if self.encoder is None:
             frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
             frame.sample_rate = WEBRTC_RATE
@@ -266,15 +277,18 @@ class SpeakerTrack(MediaStreamTrack):
         now = loop.time()
         if self._start is None:
             self._start = now
-        due = self._start + self._frames * PACKET_MS / 1000
-        wait = due - now
-        if self._live and not len(self._queue) and wait > -_LIVE_GRACE_S:
-            due = await self._follow_input(due)
-        elif wait > 0:
-            await asyncio.sleep(wait)
-        elif wait < -_MAX_LAG_S:
-            self._start = now - self._frames * PACKET_MS / 1000
-            self.resyncs += 1
+        due = self._start + self._slot * _PACKET_S
+        if now - due > _MAX_LAG_S:
+            # Stalled: the slots that passed are gone. Their audio stays queued, and a live
+            # stream's lasting backlog is trimmed below; a reply plays on from where it was.
+            current = int((now - self._start) / _PACKET_S)
+            self.slots_skipped += current - self._slot
+            self._slot = current
+            due = self._start + current * _PACKET_S
+        if self._live:
+            await self._follow_input(due)
+        elif due > now:
+            await asyncio.sleep(due - now)
         now = loop.time()
         # Measured after the sleep: an event loop that wakes us late makes the frame late too.
         if now - due > LATE_S:
@@ -282,35 +296,38 @@ class SpeakerTrack(MediaStreamTrack):
         self._trim()
         samples, filled = self._next_samples(now)
         self.played_samples += filled
+        self._sent_slot = self._slot
+        self._slot += 1
         self._frames += 1
         self._tick.set()
         return samples
 
-    async def _follow_input(self, due: float) -> float:
-        """A live stream's slot with nothing queued: send its audio the moment it arrives.
+    async def _follow_input(self, due: float) -> None:
+        """A live stream's slot: send its audio the moment it arrives, within the slot.
 
-        A fixed clock would hold each echoed or full-duplex frame until the next 20 ms tick
-        (10 ms on average, plus a safety lead) and, when a frame is a little late for its tick,
-        send silence and keep the frame a whole tick longer from then on. Instead the slot
-        waits for input until ``_LIVE_GRACE_S`` past its time and, when audio comes, the clock
-        moves to now: the packet grid locks onto the input's. Only the timing of packets moves;
-        their RTP timestamps still count 20 ms frames. Returns the slot's (new) due time.
+        A packet per fixed tick would hold each echoed or full-duplex frame until the next tick
+        (10 ms on average, plus a safety lead). Instead a live slot takes its packet anywhere in
+        the half-slot either side of its time: audio already queued leaves when the slot opens,
+        audio that arrives while it is open leaves at once, and a slot that closes with nothing
+        queued sends silence. The input's frames, a packet's time apart, each find a slot open
+        when they arrive, so they go out as they come; what arrives early waits for its slot,
+        so the stream never runs ahead of its RTP clock.
         """
         loop = asyncio.get_running_loop()
-        deadline = due + _LIVE_GRACE_S
+        closes = due + _PACKET_S / 2
         while not len(self._queue):
-            remaining = deadline - loop.time()
+            remaining = closes - loop.time()
             if remaining <= 0:
-                return due  # nothing came: silence, and the clock stays as it was
+                return  # nothing came: silence
             self._arrived.clear()
             try:
                 async with asyncio.timeout(remaining):
                     await self._arrived.wait()
             except TimeoutError:
-                return due
-        now = loop.time()
-        self._start = now - self._frames * PACKET_MS / 1000
-        return now
+                return
+        opens = due - _PACKET_S / 2
+        if opens > loop.time():
+            await asyncio.sleep(opens - loop.time())
 
     async def ticked(self) -> None:
         """Wait until the next frame has been taken for sending."""
@@ -351,7 +368,3 @@ class SpeakerTrack(MediaStreamTrack):
 
 _SILENCE = np.zeros(PACKET_SAMPLES, np.int16)
 _TRIM_WINDOW_FRAMES = 25  # half a second
-# How long past its time a live stream's slot waits for input before it sends silence: about a
-# frame, to ride out scheduling jitter; a model that pauses its output (and a far end that
-# expects a packet every 20 ms) should not find the stream stalled.
-_LIVE_GRACE_S = 0.02

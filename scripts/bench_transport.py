@@ -6,9 +6,12 @@ to the other CPU. Each caller sends pre-encoded Opus (so callers spend little CP
 burst every second, and times each burst's echo.
 
 Printed, per load level: call set-up (POST of the offer to ``connected``), data-channel open,
-echo round trip (send of the packet holding a burst's start to arrival of the decoded frame
-holding its echo's onset) p50/p95, server CPU%, and whether every call's audio stayed on time
-(at least 97% of the expected frames in the window, echo p95 under 200 ms).
+echo round trip (send of the packet holding a burst's start to arrival of the packet holding
+its echo's onset) p50/p95, server CPU%, whether every call's audio stayed on time (at least 97%
+of the expected packets in the window, echo p95 under 200 ms), and how each caller's inbound RTP
+kept time: packets per 20 ms of wall time and RTP time per second (the calls furthest from 100%),
+and how late packets arrived against their RTP timestamps (the worst call's p99; a stream that
+runs fast or slow drifts here).
 
     .venv/bin/python scripts/bench_transport.py                     # tuned, ramp 1, 10, 20...
     .venv/bin/python scripts/bench_transport.py --compare-untuned   # untuned vs tuned, one run
@@ -94,6 +97,8 @@ def _peer(url: str, client: str, mic: Any = None) -> Any:
     80 ms jitter buffer), a number through aiortc's with that jitter buffer prefetch."""
     from tests.peer import Peer
 
+    if client == "rtp":
+        return Peer(url, mic, prefetch=None, decode=False)
     if client == "tuned":
         return Peer(url, mic, prefetch=None, tuned=True)
     if client == "stock":
@@ -121,7 +126,7 @@ async def _callers(
     import av
     from aiortc.mediastreams import MediaStreamTrack
 
-    from tests.peer import CallRefused
+    from tests.peer import CallRefused, RtpTiming
 
     period = _encoded_period()
 
@@ -165,15 +170,25 @@ async def _callers(
         await asyncio.sleep(measure_s)
         window_end = loop.time()
         frames = [(t, pcm) for t, pcm in peer.frames if window_start <= t < window_end]
-        latencies = _echo_latencies(mic.burst_times, frames)
+        rtp = [r for r in peer.rtp if window_start <= r[0] < window_end]
+        timing = RtpTiming.of(rtp)
+        if client == "rtp":
+            latencies = _echo_latencies_rtp(mic.burst_times, rtp)
+            received = len(rtp)
+        else:
+            latencies = _echo_latencies(mic.burst_times, frames)
+            received = len(frames)
         await peer.hangup()
         await peer.close()
         return {
             "setup_s": peer.setup_s,
             "open_s": peer.channel_open_s,
-            "frames": len(frames),
+            "frames": received,
             "expected": (window_end - window_start) * RATE / FRAME,
             "latencies": latencies,
+            "packet_rate": timing.packet_rate,
+            "clock_rate": timing.clock_rate,
+            "rtp_lag_p99_s": timing.lag_p99_s,
         }
 
     return list(await asyncio.gather(*(one_call(i) for i in range(n))))
@@ -192,6 +207,26 @@ def _echo_latencies(burst_times: list[float], frames: list[tuple[float, Any]]) -
                 latencies.append(t - sent[-1])
         quiet = not loud
     return latencies
+
+
+def _echo_latencies_rtp(
+    burst_times: list[float], rtp: list[tuple[float, int, int, int]]
+) -> list[float]:
+    """Echo onsets read off the packets without decoding them: the server sends a 3-byte
+    packet for silence and tens of bytes for the 1 kHz burst."""
+    latencies = []
+    quiet = True
+    for t, _, _, size in rtp:
+        loud = size > _LOUD_PACKET_BYTES
+        if loud and quiet:
+            sent = [b for b in burst_times if b <= t]
+            if sent and t - sent[-1] < 0.9:
+                latencies.append(t - sent[-1])
+        quiet = not loud
+    return latencies
+
+
+_LOUD_PACKET_BYTES = 20
 
 
 # -- server side ----------------------------------------------------------------------------------
@@ -284,7 +319,17 @@ def _summarise(n: int, results: list[dict[str, Any]], cpu: float) -> dict[str, A
         # Echo latency at the end of the window minus at its start: a clock that drifts (or a
         # queue that grows) shows here over a long --measure.
         "rtt_drift_ms": 1000 * max((_drift(r["latencies"]) for r in ok), default=math.nan),
+        # Each caller's inbound RTP against its own clock: packets per 20 ms of wall time
+        # (the calls furthest from 100%), and how late packets came against their timestamps
+        # (the worst call's p99).
+        "pkt_rate_pct": _extremes([100 * r["packet_rate"] for r in ok]),
+        "rtp_clock_pct": _extremes([100 * r["clock_rate"] for r in ok]),
+        "rtp_lag_p99_ms": 1000 * max((r["rtp_lag_p99_s"] for r in ok), default=math.nan),
     }
+
+
+def _extremes(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}" if values else "-"
 
 
 @dataclass(frozen=True)
@@ -303,12 +348,13 @@ LAST = {max(CPUS)}
 
 
 def _setups(args: argparse.Namespace) -> list[Setup]:
-    # The callers are the measuring instrument, so every setup gets the same ones (s2s's own
-    # inbound path: cheap, and adds no buffering of its own); --client stock puts aiortc's 80 ms
+    # The callers are the measuring instrument, so every setup gets the same ones: "rtp" reads
+    # the packets as they come off the wire and decodes nothing (cheap, no buffering of its
+    # own); --client tuned decodes through s2s's inbound path, --client stock puts aiortc's 80 ms
     # jitter buffer back on the caller's side too.
-    stock = Setup("untuned", ("--transport", "stock", "--workers", "1"), {0}, LAST, "tuned")
-    tuned_1 = Setup("tuned-1", ("--transport", "tuned", "--workers", "1"), {0}, LAST, "tuned")
-    tuned = Setup("tuned", ("--transport", "tuned", "--workers", "0"), None, CPUS, "tuned")
+    stock = Setup("untuned", ("--transport", "stock", "--workers", "1"), {0}, LAST, "rtp")
+    tuned_1 = Setup("tuned-1", ("--transport", "tuned", "--workers", "1"), {0}, LAST, "rtp")
+    tuned = Setup("tuned", ("--transport", "tuned", "--workers", "0"), None, CPUS, "rtp")
     if args.compare_untuned:
         return [stock, tuned_1, tuned]
     chosen = {"untuned": stock, "tuned-1": tuned_1, "tuned": tuned}[args.setup]
@@ -345,8 +391,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--client",
-        help="callers' receive path: tuned, stock (aiortc's 80 ms jitter buffer) or an aiortc "
-        "jitter buffer prefetch in frames (default: the setup's)",
+        help="callers' receive path: rtp (packets only, no decoding), tuned, stock (aiortc's "
+        "80 ms jitter buffer) or an aiortc jitter buffer prefetch in frames (default: rtp)",
     )
     parser.add_argument("--server-pid", type=int, help="with --url: the pid for CPU figures")
     parser.add_argument("--calls-per-process", type=int, default=15)
@@ -420,6 +466,9 @@ def _run(url: str, pid: int | None, args: argparse.Namespace, setup: Setup) -> d
         "callers_cpu_pct",
         "frames_pct",
         "rtt_drift_ms",
+        "pkt_rate_pct",
+        "rtp_clock_pct",
+        "rtp_lag_p99_ms",
     )
     print(" ".join(f"{h:>15}" for h in header))
     best, best_cpu = 0, math.nan

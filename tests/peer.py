@@ -12,6 +12,7 @@ import fractions
 import json
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -96,6 +97,47 @@ class ColourCamera(VideoStreamTrack):
         return frame
 
 
+@dataclass(frozen=True)
+class RtpTiming:
+    """An inbound RTP stream's timing against its own RTP clock (48 kHz)."""
+
+    packets: int
+    #: Packets per 20 ms of wall time over the span, as a fraction of real time (1.0 is exact).
+    packet_rate: float
+    #: RTP time covered per second of wall time (1.0: the sender's clock is the wall clock).
+    clock_rate: float
+    #: How late each packet arrived against its RTP timestamp, relative to the earliest one:
+    #: the depth a receiver's jitter buffer needs. Drift shows here as a growing lag.
+    lag_p50_s: float
+    lag_p99_s: float
+    lag_max_s: float
+    #: Consecutive packets whose timestamps were not 960 apart, and repeated timestamps.
+    steps: int
+    repeats: int
+
+    @classmethod
+    def of(cls, rtp: list[tuple[float, int, int, int]]) -> RtpTiming:
+        if len(rtp) < 2:
+            raise ValueError("fewer than two RTP packets")
+        arrival = np.array([r[0] for r in rtp])
+        stamps = np.unwrap(np.array([r[1] for r in rtp], np.float64), period=2**32)
+        span = arrival[-1] - arrival[0]
+        media = (stamps - stamps[0]) / RATE
+        lag = (arrival - arrival[0]) - media
+        lag -= lag.min()
+        deltas = np.diff(stamps)
+        return cls(
+            packets=len(rtp),
+            packet_rate=(len(rtp) - 1) * 0.020 / span,
+            clock_rate=float(media[-1] / span),
+            lag_p50_s=float(np.percentile(lag, 50)),
+            lag_p99_s=float(np.percentile(lag, 99)),
+            lag_max_s=float(lag.max()),
+            steps=int(np.count_nonzero(deltas != 960)),
+            repeats=int(np.count_nonzero(deltas == 0)),
+        )
+
+
 class CallRefused(Exception):
     def __init__(self, status: int, body: str, headers: dict[str, str]) -> None:
         super().__init__(f"HTTP {status}: {body}")
@@ -116,10 +158,12 @@ class Peer:
         tuned: bool = False,
         edit_offer: Callable[[str], str] | None = None,
         loss: float = 0.0,
+        decode: bool = True,
     ) -> None:
         """``tuned``: receive through s2s's own inbound path (as the server does) instead of
         aiortc's; ``edit_offer`` rewrites the SDP offer before it is posted; ``loss`` drops
-        that fraction of outbound RTP (seeded), as a lossy uplink would."""
+        that fraction of outbound RTP (seeded), as a lossy uplink would; ``decode=False`` only
+        records inbound RTP (``rtp``) and decodes nothing, the cheapest caller for load tests."""
         self.base_url = base_url.rstrip("/")
         self.mic = mic or MicTrack()
         self.pc = new_peer_connection()
@@ -136,8 +180,13 @@ class Peer:
         self._tuned = tuned
         self._edit_offer = edit_offer
         self._loss = loss
+        self._decode = decode
         #: The inbound path when ``tuned``; RTP sequence numbers sent and dropped on a lossy uplink.
         self.voice_in: VoiceInput | None = None
+        #: ``(arrival loop time, RTP timestamp, sequence number, payload bytes)`` of every
+        #: inbound audio RTP packet, as it came off the wire: the server's clock, not a jitter
+        #: buffer's.
+        self.rtp: list[tuple[float, int, int, int]] = []
         self.dropped: list[int] = []
         self.sent: list[int] = []
         self._session = session
@@ -182,9 +231,36 @@ class Peer:
                 assert opus.payloadType is not None
                 codecs = VoiceCodecs(opus.payloadType)
                 self.voice_in = VoiceInput.install(transceiver.receiver, codecs, 80.0)
+            self._watch_rtp(transceiver.receiver)
             if self._loss:
                 self._drop_uplink(transceiver.sender.transport)
             await self._connected.wait()
+
+    def _watch_rtp(self, receiver: Any) -> None:
+        # aiortc has no public hook for raw inbound RTP; the DTLS transport calls this method
+        # of the receiver for each packet of its stream. Observed only, then passed on as is.
+        handle = receiver._handle_rtp_packet
+        loop = asyncio.get_running_loop()
+
+        async def watched(packet: Any, arrival_time_ms: int) -> None:
+            now = loop.time()
+            self.rtp.append((now, packet.timestamp, packet.sequence_number, len(packet.payload)))
+            self._audio_arrived.set()
+            if self._decode:
+                await handle(packet, arrival_time_ms)
+
+        receiver._handle_rtp_packet = watched
+
+    async def wait_rtp(self, packets: int, *, since: float = 0.0, timeout: float = 10.0) -> None:
+        """Wait until ``packets`` inbound RTP packets have arrived from loop time ``since`` on."""
+        async with asyncio.timeout(timeout):
+            while sum(1 for r in self.rtp if r[0] >= since) < packets:
+                self._audio_arrived.clear()
+                await self._audio_arrived.wait()
+
+    def rtp_timing(self, since: float = 0.0) -> RtpTiming:
+        """How the inbound RTP stream kept time from loop time ``since`` on."""
+        return RtpTiming.of([r for r in self.rtp if r[0] >= since])
 
     def _drop_uplink(self, transport: Any) -> None:
         rng = random.Random(7)

@@ -11,12 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
-import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -24,87 +20,11 @@ import numpy as np
 import pytest
 
 from s2s.forwarding import FORWARDED_HEADER
+from tests.conftest import StartWorkers, Workers
 from tests.peer import FRAME, RATE, CallRefused, MicTrack, Peer
 from tests.signals import dominant_frequency, loud_spans, silence, tone
 
 KEY = "sk-workers-0123456789"
-_LISTENING = re.compile(rb"listening on (http://\S+/) \(2 workers, run directory (\S+)\)")
-
-
-class Workers:
-    """A running ``s2s serve --workers 2`` and what it says on stderr."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, url: str, run_dir: Path) -> None:
-        self.proc = proc
-        self.url = url.rstrip("/")
-        self.run_dir = run_dir
-        self.lines: list[str] = []
-        self._said = asyncio.Event()
-
-    def socket(self, worker: int) -> str:
-        return str(self.run_dir / f"worker-{worker}.sock")
-
-    def http(self, worker: int) -> aiohttp.ClientSession:
-        """A client whose every request goes to ``worker``'s private socket."""
-        return aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=self.socket(worker)))
-
-    async def health(self, worker: int) -> dict[str, Any]:
-        async with self.http(worker) as http, http.get("http://w/healthz") as r:
-            assert r.status == 200
-            body: dict[str, Any] = await r.json()
-            assert body["worker"] == worker
-            return body
-
-    async def wait_line(self, pattern: str, timeout: float = 10.0) -> str:
-        async with asyncio.timeout(timeout):
-            while True:
-                for line in self.lines:
-                    if re.search(pattern, line):
-                        return line
-                self._said.clear()
-                await self._said.wait()
-
-    async def read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        while line := await self.proc.stderr.readline():
-            self.lines.append(line.decode(errors="replace"))
-            self._said.set()
-
-
-StartWorkers = Callable[..., Awaitable[Workers]]
-
-
-@pytest.fixture
-async def start_workers() -> AsyncIterator[StartWorkers]:
-    started: list[tuple[Workers, asyncio.Task[None]]] = []
-
-    async def start(*flags: str) -> Workers:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "s2s", "serve", "--workers", "2", "--model", "echo",
-            "--port", "0", *flags, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        assert proc.stderr is not None
-        said = []
-        async with asyncio.timeout(60):
-            while not (match := _LISTENING.search(line := await proc.stderr.readline())):
-                said.append(line)
-                assert line, b"".join(said).decode(errors="replace")
-        workers = Workers(proc, match[1].decode(), Path(match[2].decode()))
-        reader = asyncio.create_task(workers.read_stderr(), name="workers/stderr")
-        started.append((workers, reader))
-        return workers
-
-    yield start
-    for workers, reader in started:
-        if workers.proc.returncode is None:
-            workers.proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(20):
-                    await workers.proc.wait()
-            except TimeoutError:
-                workers.proc.kill()
-                await workers.proc.wait()
-        await reader
 
 
 class WorkerPeer(Peer):
