@@ -1,14 +1,19 @@
 #!/usr/bin/env python
 """Soak: for a bounded time, calls come and go, some misbehave, the rest must lose nothing.
 
-Starts ``s2s serve --model echo`` and, for ``--seconds``, keeps ``--calls`` well-behaved callers
-that send a tone and a ``session.update`` every second (each must be answered), while a stream
-of misbehaving callers come and go: garbage events, oversized image uploads, and peers that
-vanish without hanging up (a process killed mid-call). At the end it prints, for the good calls,
-audio frames received vs expected and events answered vs sent, and the server's memory and task
-count before and after (once every call has ended).
+Starts ``s2s serve --model echo`` and, for ``--seconds``, keeps ``--calls`` well-behaved echo
+calls going that churn: each lasts a few seconds (``--call-seconds``), then hangs up and a new
+one takes its place. Each sends a tone and a ``session.update`` every second (each must be
+answered) and reads the server's RTP off the wire: every packet of its call must be there
+(sequence numbers without a gap, one packet per 20 ms). Meanwhile a stream of misbehaving
+callers come and go: garbage events, oversized image uploads, and peers that vanish without
+hanging up (a process killed mid-call).
 
-    .venv/bin/python scripts/soak.py --seconds 60 --calls 6
+Every 10 s it samples the server's memory (RSS), asyncio tasks, threads and open file
+descriptors; at the end it prints those over time, how much RSS grew over the second half, and
+the good calls' packets and answers.
+
+    .venv/bin/python scripts/soak.py --seconds 600 --calls 20
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ async def _good_call(url: str, seconds: float) -> dict[str, Any]:
     from tests.peer import MicTrack, Peer
     from tests.signals import tone
 
-    peer = Peer(url, MicTrack(tone(440, seconds + 5, amplitude=0.2)))
+    peer = Peer(url, MicTrack(tone(440, seconds + 5, amplitude=0.2), encode=True), decode=False)
     await peer.connect(timeout=20)
     await peer.next_event("session.created", timeout=20)
     loop = asyncio.get_running_loop()
@@ -59,12 +64,22 @@ async def _good_call(url: str, seconds: float) -> dict[str, Any]:
         sent += 1
         await asyncio.sleep(1.0)
     end = loop.time()
-    await asyncio.sleep(1.0)  # the last answers and frames arrive
-    frames = sum(1 for t, _ in peer.frames if start <= t < end)
+    await asyncio.sleep(1.0)  # the last answers and packets arrive
+    rtp = [r for r in peer.rtp if start <= r[0] < end]
     answered = sum(1 for e in peer.events if e["type"] == "session.updated")
     await peer.hangup()
     await peer.close()
-    return {"frames": frames, "expected": (end - start) / 0.02, "sent": sent, "answered": answered}
+    sequence = rtp[-1][2] - rtp[0][2] + 1 if rtp else 0
+    return {"packets": len(rtp), "sequence": sequence % 65536,
+            "expected": (end - start) / 0.02, "sent": sent, "answered": answered}  # fmt: skip
+
+
+async def _churning_slot(url: str, deadline: float, call_s: float, rng: random.Random,
+                         results: list[dict[str, Any]]) -> None:  # fmt: skip
+    """One of ``--calls`` places: calls of about ``call_s`` seconds, one after another."""
+    loop = asyncio.get_running_loop()
+    while (left := deadline - loop.time()) > 4:
+        results.append(await _good_call(url, min(left - 1, rng.uniform(0.5, 1.5) * call_s)))
 
 
 async def _garbage_call(url: str, rng: random.Random) -> None:
@@ -98,14 +113,36 @@ async def _vanishing_call(url: str) -> None:
         await proc.wait()
 
 
-async def _soak(url: str, pid: int, seconds: float, calls: int) -> None:
+def _sample(url: str, pid: int) -> dict[str, float]:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    fields = {k: v.split()[0] for k, _, v in (line.partition(":") for line in status) if v.strip()}
+    return {
+        "rss_mb": int(fields["VmRSS"]) / 1024,
+        "threads": int(fields["Threads"]),
+        "fds": len(os.listdir(f"/proc/{pid}/fd")),
+        "tasks": _health(url)["tasks"],
+        "calls": _health(url)["calls"],
+    }
+
+
+async def _soak(url: str, pid: int, seconds: float, calls: int, call_s: float) -> None:
     rng = random.Random(7)
     await asyncio.sleep(1.0)
-    before = _health(url)
-    rss_before = _rss_mb(pid)
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    good = asyncio.gather(*(_good_call(url, seconds) for _ in range(calls)))
+    started = loop.time()
+    deadline = started + seconds
+    samples = [(0.0, _sample(url, pid))]
+
+    async def sampler() -> None:
+        while loop.time() < deadline:
+            await asyncio.sleep(10.0)
+            samples.append((loop.time() - started, await asyncio.to_thread(_sample, url, pid)))
+
+    results: list[dict[str, Any]] = []
+    good = asyncio.gather(
+        sampler(),
+        *(_churning_slot(url, deadline, call_s, random.Random(i), results) for i in range(calls)),
+    )
     bad = {"garbage": 0, "vanished": 0}
     while loop.time() < deadline - 3:
         if rng.random() < 0.7:
@@ -114,25 +151,31 @@ async def _soak(url: str, pid: int, seconds: float, calls: int) -> None:
         else:
             await _vanishing_call(url)
             bad["vanished"] += 1
-    results = await good
+    await good
     # Vanished peers end after the server's peer timeout (3 s here).
     async with asyncio.timeout(30):
         while _health(url)["calls"]:  # noqa: ASYNC110 - another process's state: poll it
             await asyncio.sleep(0.5)
-    after = _health(url)
-    rss_after = _rss_mb(pid)
-    for i, r in enumerate(results):
-        print(f"good call {i}: frames {r['frames']}/{r['expected']:.0f} "
-              f"({100 * r['frames'] / r['expected']:.1f}%), events answered "
-              f"{r['answered']}/{r['sent']}")  # fmt: skip
+    after = _sample(url, pid)
+    print("   t_s  calls  rss_mb  tasks  threads  fds")
+    for t, m in [*samples, (loop.time() - started, after)]:
+        print(f"{t:6.0f} {m['calls']:6.0f} {m['rss_mb']:7.1f} {m['tasks']:6.0f} "
+              f"{m['threads']:8.0f} {m['fds']:4.0f}")  # fmt: skip
+    half = [m for t, m in samples if t >= seconds / 2]
+    if half:
+        growth = 100 * (samples[-1][1]["rss_mb"] / half[0]["rss_mb"] - 1)
+        print(f"RSS over the second half: {half[0]['rss_mb']:.1f} -> "
+              f"{samples[-1][1]['rss_mb']:.1f} MB ({growth:+.1f}%)")  # fmt: skip
+    whole = sum(1 for r in results if r["packets"] == r["sequence"])
+    rate = [r["packets"] / r["expected"] for r in results if r["expected"]]
+    print(f"good calls: {len(results)}; every packet there (no sequence gap) in {whole}; "
+          f"packets per 20 ms {100 * min(rate):.1f}-{100 * max(rate):.1f}%; events answered "
+          f"{sum(r['answered'] for r in results)}/{sum(r['sent'] for r in results)}")  # fmt: skip
     print(
         f"misbehaving calls: {bad['garbage']} sent garbage / oversized uploads, "
         f"{bad['vanished']} vanished without hanging up"
     )
-    print(
-        f"server memory {rss_before:.0f} MB -> {rss_after:.0f} MB; "
-        f"tasks {before['tasks']} -> {after['tasks']}; calls at the end {after['calls']}"
-    )
+    print(f"after every call ended: {after}")
 
 
 def main() -> None:
@@ -140,13 +183,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--calls", type=int, default=6)
+    parser.add_argument("--calls", type=int, default=6, help="good calls at any time")
+    parser.add_argument("--call-seconds", type=float, default=15.0, help="a good call's length")
     args = parser.parse_args()
     started = time.monotonic()
     with serve("--model", "echo", "--peer-timeout", "3", "--max-sessions", "100") as (url, pid):
         import uvloop
 
-        uvloop.run(_soak(url, pid, args.seconds, args.calls))
+        uvloop.run(_soak(url, pid, args.seconds, args.calls, args.call_seconds))
     print(f"soak took {time.monotonic() - started:.0f} s")
 
 
