@@ -58,7 +58,7 @@ def create_app(settings: Settings, pool: Pool | None = None) -> web.Application:
 async def _model_and_calls(app: web.Application) -> AsyncIterator[None]:
     """Load the model once for the process; on shutdown end every call, then unload it."""
     settings = app[SETTINGS]
-    backend = await load_backend(settings.model, settings.device)
+    backend = await load_backend(settings.model, settings.device, max_calls=settings.max_sessions)
     app[BACKEND] = backend
     vad = VadService()
     await vad.start()

@@ -1,82 +1,187 @@
 #!/usr/bin/env python
-"""Moshi batching benchmark: milliseconds per batched 80 ms step for N calls.
+"""Moshi step benchmark: what one 80 ms tick costs for N calls, on any checkpoint and device.
 
-Times what the backend's device thread does each tick for N calls: one batched Mimi streaming
-encode, one batched language-model step (main decoder + depth decoder) and one batched Mimi
-decode for all of them. Prints ms per step for each N and the largest N within the 80 ms frame.
+Times what a model worker does each tick for N calls (``s2s.worker.moshi``): one batched Mimi
+streaming encode, one step of the slot engine (main decoder + depth decoder + sampling) and one
+batched Mimi decode. Prints, per N: ms per step (p50, p99) and its language-model and codec
+parts, and with ``--profile`` what the host does per step: operators dispatched (the CPU-side
+op count, about one kernel launch each on a GPU), host syncs (ops that read a device value back:
+``item``/``_local_scalar_dense``, and explicit CUDA synchronisations) and memory allocations.
+On CUDA also the peak GPU memory. Then the largest N within the 80 ms frame.
 
-    .venv/bin/python scripts/make_tiny_models.py            # models/tiny-moshi (random, tiny)
-    .venv/bin/python scripts/bench_moshi.py --model models/tiny-moshi --calls 1,4,16,64
+    .venv/bin/python scripts/make_tiny_models.py models            # models/tiny-moshi
+    .venv/bin/python scripts/bench_moshi.py --calls 1,16,64 --profile
     .venv/bin/python scripts/bench_moshi.py --model kyutai/moshiko-pytorch-bf16 --device cuda
+    # real size, random weights, no download; each call's window full (2,900 frames):
+    python scripts/bench_moshi.py --random-size moshiko --device cuda --calls 1,16,32,64,96 \\
+        --context 2900
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchlib import percentile  # noqa: E402
+
+
+def _random_moshiko(device: str) -> Any:
+    """Moshi at moshiko's sizes (transformers' defaults: 7.77 B parameters) with random
+    weights, built on the device; no download."""
+    import torch
+    from transformers import MimiConfig, MoshiConfig, MoshiForConditionalGeneration
+
+    config = MoshiConfig(audio_encoder_config=MimiConfig().to_dict())
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    with torch.device(device):
+        model = MoshiForConditionalGeneration._from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def _profile(step: Any, device: str) -> tuple[int, int, int]:
+    """Operators, host syncs and allocations in one call of ``step``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities, profile_memory=True) as prof:
+        step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    events = prof.events()
+    ops = sum(1 for e in events if e.name.startswith("aten::") and e.cpu_parent is None)
+    syncs = sum(
+        1 for e in events
+        if e.name in ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize")
+        or (e.name.startswith("cudaMemcpy") and "Async" not in e.name)
+    )  # fmt: skip
+    allocations = sum(1 for e in events if e.name == "[memory]" and e.cpu_memory_usage > 0)
+    if device.startswith("cuda"):
+        allocations = sum(1 for e in events if e.name == "[memory]" and e.cuda_memory_usage > 0)
+    return ops, syncs, allocations
+
+
+class _Calls:
+    """N calls on one engine and one codec batch, stepped as a worker's tick steps them."""
+
+    def __init__(
+        self, engine: Any, model: Any, n: int, context: int, frame: int, cuda: bool
+    ) -> None:
+        import torch
+
+        from s2s.backends.mimi_stream import MimiStreamDecoder, MimiStreamEncoder
+
+        self.engine, self.cuda = engine, cuda
+        self.rows = [engine.join(i, seed=i) for i in range(n)]
+        for row in self.rows:
+            if context:
+                engine.skip_ahead(row, context)
+        self.encoder = MimiStreamEncoder(model.audio_encoder, n)
+        self.decoder = MimiStreamDecoder(model.audio_encoder, n)
+        self.audio = torch.randn(n, 1, frame, device=model.device, dtype=model.dtype) * 0.1
+
+    def step(self) -> float:
+        """One tick; returns the language model's share in seconds."""
+        import torch
+
+        encoded = self.encoder.step(self.audio)[:, : self.engine.k, 0]
+        lm_start = time.perf_counter()
+        outputs = self.engine.step({r: encoded[i] for i, r in enumerate(self.rows)})
+        if self.cuda:
+            torch.cuda.synchronize()
+        lm = time.perf_counter() - lm_start
+        frames = [outputs[r].codes for r in self.rows]
+        if all(f is not None for f in frames):
+            self.decoder.step(torch.stack(frames)[:, :, None])  # type: ignore[misc]
+        return lm
 
 
 def main() -> None:
     import torch
 
-    from s2s.backends.mimi_stream import MimiStreamDecoder, MimiStreamEncoder
-    from s2s.backends.moshi import _load
     from s2s.backends.moshi_engine import MoshiEngine
+    from s2s.worker.moshi import load_moshi
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default=str(ROOT / "models" / "tiny-moshi"))
+    parser.add_argument("--random-size", choices=("moshiko",), help="random weights, this size")
     parser.add_argument("--device", default=None)
     parser.add_argument("--calls", default="1,4,16,64")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--context", type=int, default=0, help="frames each call has had")
+    parser.add_argument("--profile", action="store_true", help="ops, syncs, allocations/step")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    model, _, device = _load(args.model, args.device)
-    codec = model.audio_encoder
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.perf_counter()
+    if args.random_size:
+        model, name = _random_moshiko(device), f"random {args.random_size}"
+    else:
+        model, _, device = load_moshi(args.model, device)
+        name = args.model
+    cuda = device.startswith("cuda")
     frame = int(model.config.sampling_rate / model.config.audio_encoder_config.frame_rate)
     budget_ms = 1000 * frame / model.config.sampling_rate
-    print(f"model {args.model} on {device}, frame {frame} samples ({budget_ms:.0f} ms)")
-    print(f"{'calls':>6} {'ms_per_step':>12} {'lm_ms':>8} {'mimi_ms':>8} {'realtime':>9}")
+    window = int(getattr(model.config, "sliding_window", None) or 3000)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model {name} ({params / 1e9:.2f} B parameters, {model.dtype}) on {device} in "
+          f"{time.perf_counter() - started:.1f} s; frame {frame} samples ({budget_ms:.0f} ms); "
+          f"context {args.context} of a {window}-frame window")  # fmt: skip
+    header = ["calls", "p50_ms", "p99_ms", "lm_ms", "mimi_ms", "realtime"]
+    if args.profile:
+        header += ["ops", "syncs", "allocs"]
+    if cuda:
+        header += ["gpu_gb"]
+    print(" ".join(f"{h:>8}" for h in header), flush=True)
     best = 0
     for n in (int(x) for x in args.calls.split(",")):
-        engine = MoshiEngine(model)
-        rows = [engine.join(i, seed=i) for i in range(n)]
-        encoder = MimiStreamEncoder(codec, n)  # one codec batch for all calls, as the backend
-        decoder = MimiStreamDecoder(codec, n)
-        audio = torch.randn(n, 1, frame, device=device, dtype=model.dtype) * 0.1
-        totals, lms = [], []
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            engine = MoshiEngine(model, context=window, max_calls=n)
+        except torch.OutOfMemoryError:
+            print(f"{n:>8} does not fit in memory", flush=True)
+            break
+        calls = _Calls(engine, model, n, args.context, frame, cuda)
+        times: list[float] = []
+        lms: list[float] = []
         with torch.inference_mode():
-            for step in range(args.steps + 3):
+            for i in range(args.steps + 3):
+                if cuda:
+                    torch.cuda.synchronize()
                 start = time.perf_counter()
-                encoded = encoder.step(audio)[:, : engine.k, 0]
-                codes = {r: encoded[i] for i, r in enumerate(rows)}
-                lm_start = time.perf_counter()
-                outputs = engine.step(codes)
-                if device.startswith("cuda"):
+                lm = calls.step()
+                if cuda:
                     torch.cuda.synchronize()
-                lm = time.perf_counter() - lm_start
-                frames = [outputs[r].codes for r in rows]
-                if all(f is not None for f in frames):
-                    decoder.step(torch.stack(frames)[:, :, None])  # type: ignore[arg-type]
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                if step >= 3:  # warm-up steps are not counted
-                    totals.append(time.perf_counter() - start)
-                    lms.append(lm)
-        ms = 1000 * statistics.median(totals)
-        lm_ms = 1000 * statistics.median(lms)
-        fits = ms < budget_ms
+                if i >= 3:  # warm-up steps are not counted
+                    times.append(1000 * (time.perf_counter() - start))
+                    lms.append(1000 * lm)
+            counts = _profile(calls.step, device) if args.profile else ()
+        p50, p99 = statistics.median(times), percentile(times, 0.99)
+        lm_ms = statistics.median(lms)
+        fits = percentile(times, 0.99) < budget_ms
         best = n if fits else best
-        print(f"{n:>6} {ms:>12.1f} {lm_ms:>8.1f} {ms - lm_ms:>8.1f} {'yes' if fits else 'no':>9}",
-              flush=True)  # fmt: skip
-    print(f"largest N within the {budget_ms:.0f} ms frame budget: {best}")
+        row_out = [f"{n:>8}", f"{p50:>8.1f}", f"{p99:>8.1f}", f"{lm_ms:>8.1f}",
+                   f"{p50 - lm_ms:>8.1f}", f"{'yes' if fits else 'no':>8}"]  # fmt: skip
+        row_out += [f"{c:>8}" for c in counts]
+        if cuda:
+            row_out.append(f"{torch.cuda.max_memory_allocated() / 2**30:>8.1f}")
+        print(" ".join(row_out), flush=True)
+        del engine, calls
+    print(f"largest N within the {budget_ms:.0f} ms frame (p99): {best}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,11 @@
-"""Moshi's per-frame generation for many calls at once: one batched forward per tick.
+"""The tests' reference for the Moshi engine: transformers' own forwards, one step at a time.
+
+This was s2s's first batched engine; ``s2s.backends.moshi_engine`` replaced it. It runs
+transformers' ``MoshiModel`` decoder (its cache, mask and RoPE) and re-runs the depth decoder
+over its growing prefix for each codebook, so it is slow but close to transformers' own code:
+the slot engine's greedy tokens are checked against it.
+
+Moshi's per-frame generation for many calls at once: one batched forward per tick.
 
 Each call owns a *row*. All rows share one key/value cache whose time axis is global (one
 position per tick); a row only attends to the positions it wrote itself, through a per-row

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from transformers import MoshiForConditionalGeneration
 
+from s2s.backends.moshi import MoshiBackend
 from s2s.backends.moshi_engine import MoshiEngine, RowOutput
+from s2s.worker.process import WorkerError, WorkerProcess
 from tests.conftest import StartServer
+from tests.moshi_reference import MoshiEngine as ReferenceEngine
 from tests.peer import MicTrack, Peer
 from tests.signals import rms, tone
 
@@ -24,7 +29,7 @@ def tiny_moshi(tiny_models: Path) -> MoshiForConditionalGeneration:
     return model.eval()
 
 
-def _same(a: list[RowOutput], b: list[RowOutput]) -> bool:
+def _same(a: list[RowOutput], b: list[Any]) -> bool:
     return all(
         x.text_token == y.text_token
         and ((x.codes is None and y.codes is None) or torch.equal(x.codes, y.codes))  # type: ignore[arg-type]
@@ -32,13 +37,59 @@ def _same(a: list[RowOutput], b: list[RowOutput]) -> bool:
     )
 
 
+def _codes(n: int, seed: int = 0) -> list[torch.Tensor]:
+    return [
+        torch.randint(0, 64, (8,), generator=torch.Generator().manual_seed(seed + i))
+        for i in range(n)
+    ]
+
+
+def test_greedy_steps_equal_transformers_own_forward(
+    tiny_moshi: MoshiForConditionalGeneration,
+) -> None:
+    """50 frames, greedy: the slot engine's text and audio tokens are the reference's, which
+    runs transformers' own decoder and depth decoder forwards (``tests/moshi_reference.py``)."""
+    codes = _codes(50)
+    engine = MoshiEngine(tiny_moshi, max_calls=4)
+    neighbour = engine.join("other", seed=3)  # slot 0, stepping on other frames
+    row = engine.join("a", seed=1, temperature=0.0, text_temperature=0.0)
+    reference = ReferenceEngine(tiny_moshi)
+    ref_row = reference.join("a", seed=1)
+    ref_row.temperature = ref_row.text_temperature = 0.0
+    ours, theirs = [], []
+    for t in range(50):
+        feed = {row: codes[t]} | ({neighbour: codes[49 - t]} if t % 3 else {})
+        ours.append(engine.step(feed)[row])
+        theirs.append(reference.step({ref_row: codes[t]})[ref_row])
+    assert _same(ours, theirs)
+    # Moshi's text and codes actually vary over the run (a stuck engine would also agree).
+    assert len({o.text_token for o in ours}) > 1
+    assert len({tuple(o.codes.tolist()) for o in ours if o.codes is not None}) > 10
+
+
+def test_a_call_longer_than_the_context_slides_its_window(
+    tiny_moshi: MoshiForConditionalGeneration,
+) -> None:
+    """A 12-frame ring: the same as an unbounded context until it is full, then it forgets the
+    oldest frames and goes on, for three times its length, without reallocating."""
+    codes = _codes(40)
+    short = MoshiEngine(tiny_moshi, context=12, max_calls=1)
+    long = MoshiEngine(tiny_moshi, context=100, max_calls=1)
+    a = short.join("a", seed=1, temperature=0.0, text_temperature=0.0)
+    b = long.join("a", seed=1, temperature=0.0, text_temperature=0.0)
+    cache = short._keys.data_ptr()
+    ring = [short.step({a: codes[t]})[a] for t in range(40)]
+    unbounded = [long.step({b: codes[t]})[b] for t in range(40)]
+    assert _same(ring[:12], unbounded[:12])
+    assert not _same(ring[12:], unbounded[12:])
+    assert short._keys.data_ptr() == cache and short._keys.shape[3] == 12
+
+
 def test_a_calls_output_does_not_change_when_others_join_or_leave(
     tiny_moshi: MoshiForConditionalGeneration,
 ) -> None:
-    codes = [
-        torch.randint(0, 64, (8,), generator=torch.Generator().manual_seed(i)) for i in range(30)
-    ]
-    shared = MoshiEngine(tiny_moshi)
+    codes = _codes(30)
+    shared = MoshiEngine(tiny_moshi, max_calls=8)
     row = shared.join("a", seed=1)
     others = []
     outputs = []
@@ -49,26 +100,55 @@ def test_a_calls_output_does_not_change_when_others_join_or_leave(
             shared.leave(others.pop(0))
         feed = {row: codes[t]} | {o: codes[(t * 7) % 30] for o in others if t % 4}
         outputs.append(shared.step(feed)[row])
-    alone = MoshiEngine(tiny_moshi)
+    alone = MoshiEngine(tiny_moshi, max_calls=1)
     solo = alone.join("a", seed=1)
     assert _same(outputs, [alone.step({solo: codes[t]})[solo] for t in range(30)])
     assert outputs[0].codes is None and all(o.codes is not None for o in outputs[1:])
 
 
 def test_reset_makes_a_row_start_afresh(tiny_moshi: MoshiForConditionalGeneration) -> None:
-    codes = [
-        torch.randint(0, 64, (8,), generator=torch.Generator().manual_seed(i)) for i in range(10)
-    ]
-    engine = MoshiEngine(tiny_moshi)
+    codes = _codes(10)
+    engine = MoshiEngine(tiny_moshi, max_calls=2)
     row, other = engine.join("a", seed=5), engine.join("b", seed=6)
     for t in range(6):
         engine.step({row: codes[t], other: codes[t]})
     engine.reset(row)
-    row.generator.manual_seed(5)
     after = [engine.step({row: codes[t], other: codes[t]})[row] for t in range(10)]
-    fresh = MoshiEngine(tiny_moshi)
+    fresh = MoshiEngine(tiny_moshi, max_calls=1)
     new = fresh.join("a", seed=5)
     assert _same(after, [fresh.step({new: codes[t]})[new] for t in range(10)])
+
+
+def test_slots_are_reused_and_a_full_engine_says_so(
+    tiny_moshi: MoshiForConditionalGeneration,
+) -> None:
+    engine = MoshiEngine(tiny_moshi, max_calls=3)
+    rows = [engine.join(i) for i in range(3)]
+    assert [r.slot for r in rows] == [0, 1, 2] and engine.bucket() == 4
+    with pytest.raises(RuntimeError, match="all 3 Moshi slots"):
+        engine.join("one too many")
+    engine.leave(rows[0])
+    assert engine.join("again").slot == 0
+
+
+def test_the_step_has_no_host_sync_and_allocates_no_cache(
+    tiny_moshi: MoshiForConditionalGeneration,
+) -> None:
+    """Device work only in ``compute``: no op that reads a value back to the host."""
+    engine = MoshiEngine(tiny_moshi, max_calls=8)
+    rows = [engine.join(i, seed=i) for i in range(5)]
+    for t, codes in enumerate(_codes(3)):
+        engine.step({r: codes for r in rows[: 3 + t]})
+    cache = engine._keys.data_ptr()
+    n = engine.bucket()
+    ready = torch.ones(n, dtype=torch.bool)
+    user = torch.zeros((n, 8), dtype=torch.long)
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        engine.compute(n, ready, user, None)
+    names = [e.name for e in prof.events()]
+    assert "aten::_local_scalar_dense" not in names and "aten::item" not in names
+    assert not any("nonzero" in name for name in names)  # a data-dependent shape syncs too
+    assert engine._keys.data_ptr() == cache
 
 
 async def test_calls_through_the_server_get_moshi_audio_on_time(
@@ -111,3 +191,29 @@ async def test_moshi_text_becomes_transcript_events_and_cancel_resets(
         assert again["response"]["id"] != created["response"]["id"]
     finally:
         await peer.close()
+
+
+async def test_the_model_runs_in_a_worker_process_and_its_death_is_an_error(
+    tiny_models: Path,
+) -> None:
+    backend = await MoshiBackend.load(str(tiny_models / "tiny-moshi"), "cpu", max_calls=4)
+    try:
+        assert backend.worker.process.pid != os.getpid()
+        stream = await backend.open_stream("call")
+        frame = tone(440, 0.08, rate=backend.input_rate)
+        async with asyncio.timeout(30):
+            first = await stream.step(frame)
+            second = await stream.step(frame)
+        assert first.audio.size == second.audio.size == backend.frame_samples
+        assert rms(second.audio) > 0  # Moshi's own audio, from its second frame on
+        backend.worker.process.kill()
+        with pytest.raises(WorkerError, match="died"):
+            async with asyncio.timeout(30):
+                await stream.step(frame)
+    finally:
+        await backend.close()
+
+
+async def test_a_checkpoint_that_does_not_load_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(WorkerError, match="failed to load"):
+        await WorkerProcess.start(f"moshi:{tmp_path / 'nothing-here'}", "cpu", 2)

@@ -29,8 +29,9 @@ class UnknownModelError(ValueError):
     pass
 
 
-async def load_backend(spec: str, device: str | None = None) -> Backend:
-    """Load the backend named by ``spec`` (``local``, ``echo``, or ``NAME:PATH_OR_HUB_ID``)."""
+async def load_backend(spec: str, device: str | None = None, *, max_calls: int = 32) -> Backend:
+    """Load the backend named by ``spec`` (``local``, ``echo``, or ``NAME:PATH_OR_HUB_ID``);
+    ``max_calls``: the calls a batched model reserves state for (``--max-sessions``)."""
     name, _, location = spec.partition(":")
     match name:
         case "echo":
@@ -40,7 +41,7 @@ async def load_backend(spec: str, device: str | None = None) -> Backend:
         case "moshi" if location:
             from s2s.backends.moshi import MoshiBackend
 
-            moshi: Backend = await MoshiBackend.load(location, device)
+            moshi: Backend = await MoshiBackend.load(location, device, max_calls=max_calls)
             return moshi
         case "qwen-omni" if location:
             from s2s.backends.qwen_omni import QwenOmniBackend

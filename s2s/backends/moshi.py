@@ -1,13 +1,12 @@
 """``moshi:PATH_OR_HUB_ID``: kyutai's full-duplex Moshi through transformers, many calls per step.
 
 Moshi listens and speaks at once in 80 ms frames (1920 samples at 24 kHz). Every call sends one
-frame per 80 ms; the backend's scheduler ticks once per frame period and runs one batched step
-for every call whose frame is waiting, on the device's single thread (``MoshiEngine``), so one
-GPU serves many calls in one forward. A frame waits at most one period for its tick; joins,
-leaves and resets are applied between steps, so no call waits for another's join.
-
-Mimi (the codec) is batched too: one streaming encoder and decoder whose rows are the calls
-(``mimi_stream``); calls whose frame is not waiting at a tick keep their codec state untouched.
+frame per 80 ms; the backend's scheduler ticks once per frame period and sends every waiting
+frame, with the joins, leaves, resets and steers since the last tick, to the model worker in one
+message (``s2s.worker``). The worker, a process of its own that owns the device, runs one
+batched step for all of them (Mimi encode, ``MoshiEngine``, Mimi decode) and answers with every
+call's audio and text. A frame waits at most one period for its tick; changes are applied
+between steps, so no call waits for another's join.
 
 Full duplex has no turns, so the Realtime events map like this:
 - Moshi's inner-monologue text becomes ``response.output_audio_transcript.delta`` events of a
@@ -21,7 +20,6 @@ Full duplex has no turns, so the Realtime events map like this:
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,21 +27,13 @@ from typing import Any
 import numpy as np
 
 from s2s.backends.base import ContinuousStream, ResponseFinished, Steering, StepResult
-from s2s.backends.mimi_stream import MimiStreamDecoder, MimiStreamEncoder
-from s2s.backends.moshi_engine import MoshiEngine, Row
 from s2s.protocol import new_id
+from s2s.worker.messages import CallOutput, Change, Tick
+from s2s.worker.process import WorkerProcess
 
 log = logging.getLogger(__name__)
 
 _QUIET_FRAMES_END_TEXT = 12  # ~1 s without text closes the transcript's response
-
-
-def pick_device_and_dtype(device: str | None) -> tuple[str, Any]:
-    import torch
-
-    chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if chosen.startswith("cuda") else torch.float32
-    return chosen, dtype
 
 
 @dataclass(eq=False)
@@ -56,43 +46,31 @@ class MoshiBackend:
     name = "moshi"
     turn_based = False
 
-    def __init__(self, model: Any, tokenizer: Any | None, device: str) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.sentencepiece = tokenizer is not None and any(
-            piece.startswith("▁") for piece in tokenizer.get_vocab()
-        )
-        self.device = device
-        self.input_rate = self.output_rate = int(model.config.sampling_rate)
-        self.frame_samples = int(self.input_rate / model.config.audio_encoder_config.frame_rate)
-        self.engine = MoshiEngine(model)
-        # One codec batch for every call: row i of the encoder and decoder is codec_rows[i].
-        self.encoder = MimiStreamEncoder(model.audio_encoder, batch_size=0)
-        self.decoder = MimiStreamDecoder(model.audio_encoder, batch_size=0)
-        self.codec_rows: list[MoshiStream] = []
-        self.executor = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix=f"moshi-{device}"
-        )
+    def __init__(self, worker: WorkerProcess) -> None:
+        self.worker = worker
+        hello = worker.hello
+        self.input_rate, self.output_rate = hello.input_rate, hello.output_rate
+        self.frame_samples = hello.frame_samples
         self._pending: dict[MoshiStream, _Job] = {}
-        self._changes: list[tuple[str, MoshiStream]] = []
+        self._changes: list[Change] = []
         self._wake = asyncio.Event()
         self._scheduler = asyncio.create_task(self._schedule(), name="moshi/scheduler")
 
     @classmethod
-    async def load(cls, location: str, device: str | None = None) -> MoshiBackend:
-        loop = asyncio.get_running_loop()
-        model, tokenizer, chosen = await loop.run_in_executor(None, _load, location, device)
-        return cls(model, tokenizer, chosen)
+    async def load(
+        cls, location: str, device: str | None = None, *, max_calls: int = 32
+    ) -> MoshiBackend:
+        return cls(await WorkerProcess.start(f"moshi:{location}", device, max_calls))
 
     async def open_stream(self, call_id: str) -> MoshiStream:
         stream = MoshiStream(self, call_id)
-        self._change("join", stream)
+        self.change(Change("join", call_id))
         return stream
 
     async def close(self) -> None:
         self._scheduler.cancel()
         await asyncio.gather(self._scheduler, return_exceptions=True)
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        await self.worker.close()
 
     # -- scheduling --------------------------------------------------------------------------
 
@@ -102,8 +80,8 @@ class MoshiBackend:
         self._wake.set()
         return done
 
-    def _change(self, kind: str, stream: MoshiStream) -> None:
-        self._changes.append((kind, stream))
+    def change(self, change: Change) -> None:
+        self._changes.append(change)
         self._wake.set()
 
     async def _schedule(self) -> None:
@@ -126,81 +104,29 @@ class MoshiBackend:
             self._wake.clear()
             batch, self._pending = self._pending, {}
             changes, self._changes = self._changes, []
+            frames = {s.call_id: job.pcm.tobytes() for s, job in batch.items() if not s.closed}
             try:
-                results = await loop.run_in_executor(self.executor, self._run, batch, changes)
+                result = await self.worker.tick(Tick(changes, frames))
+                if result.error:
+                    raise RuntimeError(f"the model worker's step failed: {result.error}")
             except Exception as exc:
-                log.exception("moshi step failed")
+                log.error("moshi step failed: %s", exc)
                 for job in batch.values():
                     if not job.done.done():
                         job.done.set_exception(exc)
                 continue
             for stream, job in batch.items():
                 if not job.done.done():
-                    job.done.set_result(results.get(stream, StepResult()))
+                    output = result.outputs.get(stream.call_id)
+                    job.done.set_result(stream.finish(output) if output else StepResult())
             if self._pending or self._changes:
                 self._wake.set()
-
-    def _run(self, batch: dict[MoshiStream, _Job],
-             changes: list[tuple[str, MoshiStream]]) -> dict[MoshiStream, StepResult]:  # fmt: skip
-        """One scheduler tick on the device thread: apply joins/leaves/resets, then step.
-
-        Mimi encode, the language model and Mimi decode each run once for all waiting calls.
-        """
-        import torch
-
-        for kind, stream in changes:
-            self._apply(kind, stream)
-        ready = sorted(
-            ((s, s.row) for s in batch if s.row is not None and not s.closed),
-            key=lambda pair: self.codec_rows.index(pair[0]),
-        )
-        if not ready:
-            return {}
-        model = self.model
-        with torch.inference_mode():
-            pcm = np.stack([batch[s].pcm for s, _ in ready]).astype(np.float32) / 32768
-            audio = torch.from_numpy(pcm).to(model.device, model.dtype)[:, None, :]
-            indexes = torch.tensor([self.codec_rows.index(s) for s, _ in ready])
-            codes = self.encoder.step(audio, indexes)[:, : self.engine.k, 0]
-            outputs = self.engine.step({row: codes[i] for i, (_, row) in enumerate(ready)})
-            speaking = [(s, c) for s, row in ready if (c := outputs[row].codes) is not None]
-            waves: dict[MoshiStream, np.ndarray] = {}
-            if speaking:
-                frames = torch.stack([c for _, c in speaking])[:, :, None]
-                rows = torch.tensor([self.codec_rows.index(s) for s, _ in speaking])
-                decoded = self.decoder.step(frames, rows).float().clamp(-1, 1) * 32767
-                samples = decoded.reshape(len(speaking), -1).cpu().numpy().astype(np.int16)
-                waves = {s: samples[i] for i, (s, _) in enumerate(speaking)}
-            return {s: s.finish(outputs[row], waves.get(s)) for s, row in ready}
-
-    def _apply(self, kind: str, stream: MoshiStream) -> None:
-        """A join, leave, reset or steer of ``stream``, between steps on the device thread."""
-        if kind == "join" and not stream.closed:
-            stream.row = self.engine.join(stream.call_id)
-            self.codec_rows.append(stream)
-            self.encoder.add_row()
-            self.decoder.add_row()
-        elif kind == "leave" and stream.row is not None:
-            self.engine.leave(stream.row)
-            stream.row = None
-            index = self.codec_rows.index(stream)
-            self.codec_rows.pop(index)  # the codec's later rows move down by one, as this list
-            self.encoder.remove_row(index)
-            self.decoder.remove_row(index)
-        elif kind == "reset" and stream.row is not None:
-            self.engine.reset(stream.row)
-            index = self.codec_rows.index(stream)
-            self.encoder.reset(index)
-            self.decoder.reset(index)
-        elif kind == "steer" and stream.row is not None:
-            stream.row.forced_text = list(stream.forced)
 
 
 @dataclass(eq=False)
 class MoshiStream(ContinuousStream):
     backend: MoshiBackend
     call_id: str
-    row: Row | None = None
     closed: bool = False
     response_id: str | None = None
     quiet: int = 0
@@ -210,24 +136,25 @@ class MoshiStream(ContinuousStream):
         return await self.backend.submit(self, pcm)
 
     async def steer(self, steering: Steering) -> None:
-        tokenizer = self.backend.tokenizer
-        if steering.instructions and tokenizer is not None:
-            self.forced = list(tokenizer.encode(steering.instructions, add_special_tokens=False))
-            self.backend._change("steer", self)
+        if steering.instructions:
+            self.backend.change(Change("steer", self.call_id, steering.instructions))
 
     async def reset(self) -> None:
         self.response_id = None
-        self.backend._change("reset", self)
+        self.backend.change(Change("reset", self.call_id))
 
     async def close(self) -> None:
         self.closed = True
-        self.backend._change("leave", self)
+        self.backend.change(Change("leave", self.call_id))
 
-    # -- on the device thread ----------------------------------------------------------------
-
-    def finish(self, output: Any, wave: np.ndarray | None) -> StepResult:
-        audio = wave if wave is not None else np.zeros(self.backend.frame_samples, np.int16)
-        text = self._text(output.text_token)
+    def finish(self, output: CallOutput) -> StepResult:
+        """One frame's output from the worker as the call's events see it."""
+        audio = (
+            np.frombuffer(output.audio, np.int16)
+            if output.audio
+            else np.zeros(self.backend.frame_samples, np.int16)
+        )
+        text = output.text
         events: list[Any] = []
         if text:
             self.quiet = 0
@@ -240,25 +167,3 @@ class MoshiStream(ContinuousStream):
                 rid, self.response_id = self.response_id, None
                 return StepResult(audio=audio, response_id=rid, events=events)
         return StepResult(audio=audio, text=text, response_id=self.response_id, events=events)
-
-    def _text(self, token: int) -> str:
-        tokenizer = self.backend.tokenizer
-        if tokenizer is None or token in tokenizer.all_special_ids:
-            return ""
-        piece: str = tokenizer.convert_ids_to_tokens(token)
-        # SentencePiece marks a word's start with "▁"; a word-level vocabulary has whole words.
-        return piece.replace("▁", " ") if self.backend.sentencepiece else " " + piece
-
-
-def _load(location: str, device: str | None) -> tuple[Any, Any | None, str]:
-    from transformers import AutoTokenizer, MoshiForConditionalGeneration
-
-    chosen, dtype = pick_device_and_dtype(device)
-    model: Any = MoshiForConditionalGeneration.from_pretrained(location, dtype=dtype)
-    model = model.to(chosen).eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(location)
-    except (OSError, ValueError):
-        log.info("no tokenizer at %s: Moshi's text stream will not be transcribed", location)
-        tokenizer = None
-    return model, tokenizer, chosen

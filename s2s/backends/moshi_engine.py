@@ -1,0 +1,347 @@
+"""Moshi's per-frame step for many calls at once, over preallocated per-call slots.
+
+The engine runs Moshi's language model (main decoder, then the depth decoder codebook by
+codebook) with the checkpoint's own weights, as loaded by ``from_pretrained``, but owns the
+state itself:
+
+- **One slot per call** in preallocated tensors: every layer's key/value cache is
+  ``(slots, kv_heads, context, head_dim)``, a ring of ``context`` positions per slot. A slot
+  writes its next position at ``length % context`` and attends to the positions it has written
+  (the last ``context`` of them: Moshi's sliding window). Joining, leaving, resetting and
+  calls longer than the context never copy or reallocate a cache, and a step allocates no
+  cache memory. Keys are stored already rotated (RoPE at the slot's own absolute position), so
+  the ring's order does not matter to attention.
+- **Fixed shapes**: a step computes the first ``n`` slots, ``n`` the smallest bucket that
+  holds every allocated slot (``BUCKETS``). Slots without a frame this tick compute too, but
+  their results are dropped and their state does not move (their cache write lands on the
+  position they will overwrite first when they do step). So each bucket's step is one fixed
+  sequence of kernels, ready to be captured as a CUDA graph.
+- **The depth decoder incrementally**: ``K`` steps, each one codebook, with a ``K``-position
+  cache of its own; each codebook's weights are applied as a plain matrix product with that
+  codebook's slice (transformers' ``MoshiFlexibleLinear`` broadcasts the weights over the batch).
+- **Sampling on the device for every slot at once**: Gumbel noise from a counter-based hash of
+  (the call's seed, its step, the stream), so a call's samples depend on nothing but its own
+  seed and history, whichever other calls share the batch, with no host loop per row.
+- **One device-to-host copy per step**: text tokens, frame flags and codes come back packed.
+
+Per step and slot: the caller's 8 Mimi codes (semantic codebook now, acoustic codebooks one
+step late: Moshi's acoustic delay), Moshi's own previous text token and audio codes go in; a
+text token comes out of the main decoder and the audio codebooks out of the depth decoder. The
+acoustic delay means a frame of Moshi's audio is complete one step after its semantic code, so
+output lags input by one 80 ms frame.
+
+Everything here runs on the backend's single device thread; nothing here is async.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+#: Slot counts a step is computed for (the smallest that holds every allocated slot).
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128, 192, 256)
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass(eq=False)
+class Row:
+    """One call: its slot and the host-side part of its state."""
+
+    key: object
+    slot: int
+    seed: int
+    #: Text tokens to force into Moshi's text stream, one per step (steering).
+    forced_text: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class RowOutput:
+    text_token: int
+    #: (K,) a complete frame of Moshi's codes on the engine's device, or None (first step).
+    codes: torch.Tensor | None
+
+
+class MoshiEngine:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        context: int = 3000,
+        max_calls: int = 64,
+        temperature: float = 0.8,
+        text_temperature: float = 0.7,
+    ) -> None:
+        config = model.config
+        self.model = model
+        self.k = int(config.num_codebooks)
+        self.bos = int(config.audio_vocab_size)  # the embeddings' extra id: "no code yet"
+        self.text_vocab = int(config.vocab_size)
+        self.context = context
+        self.max_calls = max_calls
+        self.temperature = temperature
+        self.text_temperature = text_temperature
+        first = next(model.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        self.rows: dict[int, Row] = {}
+        self._free = list(range(max_calls))
+        self._main = model.decoder.model
+        self._depth = model.depth_decoder
+        # Moshi's stream embeddings interleaved as its sum runs: Moshi's codebook c, then the
+        # caller's. One gather replaces 2K lookups (a copy of the embedding tables, ~270 MB
+        # for moshiko in bf16).
+        tables = [model.embed_tokens[i].weight for c in range(self.k) for i in (c, self.k + c)]
+        self._audio_table = torch.stack(tables)
+        self._text_start = int(getattr(config, "bos_token_id", None) or 0)
+        attn = self._main.layers[0].self_attn
+        self._heads, self._kv_heads, self._head_dim = (
+            attn.num_heads, attn.num_key_value_heads, attn.head_dim
+        )  # fmt: skip
+        rope = attn.rotary_emb
+        self._inv_freq = rope.inv_freq.to(self.device, torch.float32)
+        self._rope_scale = float(rope.attention_scaling)
+        depth_attn = self._depth.layers[0].self_attn
+        self._d_heads, self._d_kv_heads, self._d_head_dim = (
+            depth_attn.num_heads, depth_attn.num_key_value_heads, depth_attn.head_dim
+        )  # fmt: skip
+        s, dev = max_calls, self.device
+        layers = len(self._main.layers)
+        shape = (layers, s, self._kv_heads, context, self._head_dim)
+        self._keys = torch.zeros(shape, dtype=self.dtype, device=dev)
+        self._values = torch.zeros(shape, dtype=self.dtype, device=dev)
+        d_shape = (len(self._depth.layers), s, self._d_kv_heads, self.k, self._d_head_dim)
+        self._d_keys = torch.zeros(d_shape, dtype=self.dtype, device=dev)
+        self._d_values = torch.zeros(d_shape, dtype=self.dtype, device=dev)
+        # Per-slot state: positions written since the last (re)start, the tokens fed back.
+        self._length = torch.zeros(s, dtype=torch.long, device=dev)
+        self._text = torch.full((s,), self._text_start, dtype=torch.long, device=dev)
+        self._moshi = torch.full((s, self.k), self.bos, dtype=torch.long, device=dev)
+        self._user_prev = torch.full((s, self.k), self.bos, dtype=torch.long, device=dev)
+        self._pending = torch.full((s,), -1, dtype=torch.long, device=dev)  # semantic code
+        self._seed = torch.zeros(s, dtype=torch.long, device=dev)
+        self._temps = torch.zeros((s, 2), dtype=torch.float32, device=dev)  # text, audio
+        self._positions = torch.arange(context, device=dev)
+        self._slot_index = torch.arange(s, device=dev)
+        self._vocab_steps = {
+            width: torch.arange(width, device=dev, dtype=torch.long) * 0x9E3779B9 & _MASK32
+            for width in (self.text_vocab, self.bos)
+        }
+
+    # -- slots -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def join(
+        self,
+        key: object,
+        seed: int | None = None,
+        *,
+        temperature: float | None = None,
+        text_temperature: float | None = None,
+    ) -> Row:
+        """Give a call the lowest free slot; ``RuntimeError`` when every slot is taken."""
+        if not self._free:
+            raise RuntimeError(f"all {self.max_calls} Moshi slots are in use")
+        slot = self._free.pop(0)
+        seed = int(seed if seed is not None else torch.seed()) & _MASK32
+        row = Row(key=key, slot=slot, seed=seed)
+        self.rows[slot] = row
+        self._seed[slot] = seed
+        text_t = self.text_temperature if text_temperature is None else text_temperature
+        audio_t = self.temperature if temperature is None else temperature
+        self._temps[slot, 0], self._temps[slot, 1] = text_t, audio_t
+        self._restart(slot)
+        return row
+
+    def leave(self, row: Row) -> None:
+        del self.rows[row.slot]
+        bisect.insort(self._free, row.slot)
+
+    @torch.inference_mode()
+    def reset(self, row: Row) -> None:
+        """Forget the call's past: its positions restart and nothing it wrote is attended."""
+        row.forced_text.clear()
+        self._restart(row.slot)
+
+    def _restart(self, slot: int) -> None:
+        self._length[slot] = 0
+        self._text[slot] = self._text_start
+        self._moshi[slot] = self.bos
+        self._user_prev[slot] = self.bos
+        self._pending[slot] = -1
+
+    def skip_ahead(self, row: Row, frames: int) -> None:
+        """Make the call look ``frames`` steps old (for benchmarks: the cost of a long call's
+        full window without running it; what its cache holds is left as it is)."""
+        self._length[row.slot] = frames
+        self._pending[row.slot] = 0
+
+    def bucket(self) -> int:
+        """How many slots a step computes now."""
+        used = max(self.rows, default=0) + 1
+        return BUCKETS[bisect.bisect_left(BUCKETS, used)] if used <= BUCKETS[-1] else used
+
+    # -- the step ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, user_codes: dict[Row, torch.Tensor]) -> dict[Row, RowOutput]:
+        """Advance every row in ``user_codes`` (its caller's (K,) codes for this frame) by one."""
+        if not user_codes:
+            return {}
+        n = min(self.bucket(), self.max_calls)
+        rows = list(user_codes)
+        slots = torch.tensor([r.slot for r in rows], device=self.device)
+        ready = torch.zeros(n, dtype=torch.bool, device=self.device).index_fill_(0, slots, True)
+        codes = torch.stack([c.to(self.device) for c in user_codes.values()]).long()
+        user_now = torch.full((n, self.k), self.bos, dtype=torch.long, device=self.device)
+        user_now.index_copy_(0, slots, codes)
+        forced = None
+        if any(r.forced_text for r in rows):
+            wanted = torch.full((n,), -1, dtype=torch.long)
+            for r in rows:
+                if r.forced_text:
+                    wanted[r.slot] = r.forced_text.pop(0)
+            forced = wanted.to(self.device)
+        packed = self.compute(n, ready, user_now, forced)
+        host = packed.cpu().numpy()  # the step's one device-to-host copy
+        return {r: self._output(packed, host, r.slot) for r in rows}
+
+    def _output(self, packed: torch.Tensor, host: np.ndarray, slot: int) -> RowOutput:
+        frame = packed[slot, 2:] if host[slot, 1] else None
+        return RowOutput(int(host[slot, 0]), frame)
+
+    def compute(
+        self, n: int, ready: torch.Tensor, user_now: torch.Tensor, forced: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The step on the first ``n`` slots, device work only (no host sync, no Python loop
+        over calls): returns ``(n, 2 + K)`` rows of text token, frame flag and frame codes."""
+        length = self._length[:n]
+        # Acoustic delay on the caller's stream: codebook 0 of now, 1.. of the previous frame.
+        user_in = torch.cat([user_now[:, :1], self._user_prev[:n, 1:]], dim=1)
+        streams = torch.stack([self._moshi[:n], user_in], dim=2).reshape(n, 2 * self.k)
+        audio = self._audio_table[torch.arange(2 * self.k, device=self.device), streams]
+        x = self._main.embed_tokens(self._text[:n]) + audio.sum(dim=1)
+        hidden = self._main_decoder(x, n, length)
+        text_logits = self.model.decoder.lm_head(hidden)
+        text = self._sample(text_logits, n, 0, self._temps[:n, 0])
+        if forced is not None:
+            text = torch.where(forced >= 0, forced, text)
+        generated = self._depth_decoder(hidden, text, n)
+        # Codebook 0 generated now completes, with the acoustic codebooks generated now, the
+        # frame whose semantic code came one step earlier.
+        pending = self._pending[:n]
+        frame = torch.cat([pending.clamp_min(0)[:, None], generated[:, 1:]], dim=1)
+        packed = torch.cat([text[:, None], (pending >= 0).long()[:, None], frame], dim=1)
+        # Only slots with a frame this tick move on.
+        self._pending[:n] = torch.where(ready, generated[:, 0], pending)
+        self._moshi[:n] = torch.where(ready[:, None], generated, self._moshi[:n])
+        self._user_prev[:n] = torch.where(ready[:, None], user_now, self._user_prev[:n])
+        self._text[:n] = torch.where(ready, text, self._text[:n])
+        self._length[:n] = length + ready.long()
+        return packed
+
+    def _main_decoder(self, x: torch.Tensor, n: int, length: torch.Tensor) -> torch.Tensor:
+        rows = self._slot_index[:n]
+        write = length % self.context
+        # Attend to what the slot has written, this position included, within the window.
+        valid = self._positions[None, :] < torch.clamp(length + 1, max=self.context)[:, None]
+        mask = valid[:, None, None, :]
+        freqs = length[:, None].float() * self._inv_freq[None, :]
+        angles = torch.cat([freqs, freqs], dim=-1)
+        cos = (angles.cos() * self._rope_scale).to(self.dtype)[:, None, :]
+        sin = (angles.sin() * self._rope_scale).to(self.dtype)[:, None, :]
+        for index, layer in enumerate(self._main.layers):
+            attn = layer.self_attn
+            h = _rms(x, layer.input_layernorm)
+            q = attn.q_proj.linear(h).view(n, self._heads, self._head_dim)
+            k = attn.k_proj.linear(h).view(n, self._kv_heads, self._head_dim)
+            v = attn.v_proj.linear(h).view(n, self._kv_heads, self._head_dim)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            keys, values = self._keys[index], self._values[index]
+            keys[rows, :, write] = k
+            values[rows, :, write] = v
+            out = F.scaled_dot_product_attention(
+                q[:, :, None, :], keys[:n], values[:n], attn_mask=mask,
+                enable_gqa=self._heads != self._kv_heads,
+            )  # fmt: skip
+            x = x + attn.o_proj.linear(out.reshape(n, -1))
+            x = x + _mlp(_rms(x, layer.post_attention_layernorm), layer.mlp, None)
+        return _rms(x, self._main.norm)
+
+    def _depth_decoder(self, hidden: torch.Tensor, text: torch.Tensor, n: int) -> torch.Tensor:
+        depth = self._depth
+        codes = []
+        token = text
+        for c in range(self.k):
+            table = depth.text_embed_tokens if c == 0 else depth.embed_tokens[c - 1]
+            x = table(token) + F.linear(hidden, depth.input_projections.weight[c])
+            for index, layer in enumerate(depth.layers):
+                attn = layer.self_attn
+                h = _rms(x, layer.input_layernorm)
+                q = F.linear(h, attn.q_proj.linear.weight[c]).view(n, self._d_heads, 1, -1)
+                k = F.linear(h, attn.k_proj.linear.weight[c]).view(n, self._d_kv_heads, -1)
+                v = F.linear(h, attn.v_proj.linear.weight[c]).view(n, self._d_kv_heads, -1)
+                self._d_keys[index, :n, :, c] = k
+                self._d_values[index, :n, :, c] = v
+                out = F.scaled_dot_product_attention(
+                    q, self._d_keys[index, :n, :, : c + 1], self._d_values[index, :n, :, : c + 1],
+                    enable_gqa=self._d_heads != self._d_kv_heads,
+                )  # fmt: skip
+                x = x + F.linear(out.reshape(n, -1), attn.o_proj.linear.weight[c])
+                x = x + _mlp(_rms(x, layer.post_attention_layernorm), layer.mlp, c)
+            logits = F.linear(x, depth.lm_heads.weight[c])
+            token = self._sample(logits, n, c + 1, self._temps[:n, 1])
+            codes.append(token)
+        return torch.stack(codes, dim=1)
+
+    def _sample(
+        self, logits: torch.Tensor, n: int, stream: int, temperature: torch.Tensor
+    ) -> torch.Tensor:
+        """Gumbel-max sampling at each slot's temperature (greedy at 0), all slots at once.
+
+        The noise is a hash of (slot's seed, its step, ``stream``, token id): counter-based,
+        so it needs no generator state and is the same whichever slots share the batch.
+        """
+        width = logits.shape[-1]
+        step = (self._length[:n] * 0x3F1 + stream) & _MASK32
+        base = _mix((self._seed[:n] ^ _mix(step)) & _MASK32)
+        bits = _mix((base[:, None] + self._vocab_steps[width][None, :]) & _MASK32)
+        uniform = (bits.to(torch.float32) + 0.5) / 4294967296.0
+        gumbel = -torch.log(-torch.log(uniform))
+        scores = logits.float() / temperature.clamp_min(1e-6)[:, None] + gumbel
+        return torch.where(temperature > 0, scores.argmax(dim=-1), logits.argmax(dim=-1))
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash on int64 tensors holding values below 2**32 (products stay below
+    2**59, so nothing overflows)."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    return (x >> 16) ^ x
+
+
+def _rms(x: torch.Tensor, norm: Any) -> torch.Tensor:
+    # As transformers' MoshiRMSNorm: in float32, then back to the activations' dtype.
+    y = x.float()
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + norm.eps)
+    weight: torch.Tensor = norm.weight
+    return (y * weight.float()).to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def _mlp(h: torch.Tensor, mlp: Any, codebook: int | None) -> torch.Tensor:
+    up = mlp.fc1(h) if codebook is None else F.linear(h, mlp.fc1.weight[codebook])
+    gate, value = up.view(*up.shape[:-1], 2, -1).unbind(dim=-2)
+    inner = mlp.activation_fn(gate) * value
+    if codebook is None:
+        out: torch.Tensor = mlp.fc2(inner)
+        return out
+    return F.linear(inner, mlp.fc2.weight[codebook])

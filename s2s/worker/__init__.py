@@ -1,0 +1,9 @@
+"""Model workers: where models run, and how calls talk to them.
+
+A worker owns one device and one batched engine (``moshi.MoshiWorker``) and runs in a process of
+its own (``process.WorkerProcess``), so the model's Python never holds the GIL of the event loop
+that carries the calls' RTP. Calls reach it through ticks (``messages``): once per model frame
+the server sends every call's input frame, and every join, leave, reset and steer since the last
+tick, in one message, and gets every call's output back in one message. The same messages can
+cross a machine boundary: nothing in them refers to a process.
+"""

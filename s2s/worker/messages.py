@@ -1,0 +1,66 @@
+"""What a server and a model worker say to each other: one tick each way per model frame.
+
+msgspec structs, encoded as msgpack; audio as raw mono ``int16`` bytes. New fields always get
+defaults, so a worker and a server of neighbouring versions still understand each other.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+
+class Change(msgspec.Struct, frozen=True):
+    """A call joined, left, was reset (barge-in, cancel) or steered (``text`` to speak next)."""
+
+    kind: Literal["join", "leave", "reset", "steer"]
+    call: str
+    text: str = ""
+
+
+class Tick(msgspec.Struct, tag="tick"):
+    """One model frame for every call that has one, after ``changes`` are applied in order."""
+
+    changes: list[Change] = msgspec.field(default_factory=list)
+    #: call id -> one input frame (``frame_samples`` mono int16 at ``input_rate``).
+    frames: dict[str, bytes] = msgspec.field(default_factory=dict)
+
+
+class Stop(msgspec.Struct, tag="stop"):
+    """Unload and exit."""
+
+
+class CallOutput(msgspec.Struct):
+    #: The model's text for this frame (a word piece, with its leading space), or "".
+    text: str = ""
+    #: Mono int16 at ``output_rate``; empty while the model has no audio yet (its first frame).
+    audio: bytes = b""
+
+
+class TickResult(msgspec.Struct):
+    outputs: dict[str, CallOutput] = msgspec.field(default_factory=dict)
+    #: Device time of the tick's work, for metrics.
+    step_ms: float = 0.0
+    #: Set when the tick failed; the worker goes on with the next one.
+    error: str = ""
+
+
+class Hello(msgspec.Struct):
+    """What a worker says once its model is loaded."""
+
+    model: str
+    device: str
+    input_rate: int
+    output_rate: int
+    frame_samples: int
+    slots: int
+    error: str = ""
+
+
+Request = Tick | Stop
+
+encoder = msgspec.msgpack.Encoder()
+request_decoder = msgspec.msgpack.Decoder(Request)
+result_decoder = msgspec.msgpack.Decoder(TickResult)
+hello_decoder = msgspec.msgpack.Decoder(Hello)

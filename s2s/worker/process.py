@@ -1,0 +1,141 @@
+"""A model worker in a process of its own, and the server's handle on it.
+
+The server's event loop carries every call's RTP; a model's Python (the engine's kernel launches,
+the codec, the tokenizer) would hold the same GIL for tens of milliseconds per tick. So the model
+runs in a child process (spawned: no forked CUDA or torch thread state) that owns the device,
+and the server exchanges one message each way per tick with it over a pipe. The pipe's blocking
+send and receive run on one helper thread of the server, where waiting releases the GIL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import multiprocessing
+import os
+from multiprocessing.connection import Connection
+from typing import Any
+
+from s2s.worker.messages import (
+    Hello,
+    Stop,
+    Tick,
+    TickResult,
+    encoder,
+    hello_decoder,
+    request_decoder,
+    result_decoder,
+)
+
+log = logging.getLogger(__name__)
+
+#: How long a worker may take to load its model and say hello (a real checkpoint from disk).
+LOAD_TIMEOUT_S = 600.0
+
+
+class WorkerError(RuntimeError):
+    """The worker could not start, or it died: its calls' model state is gone."""
+
+
+class WorkerProcess:
+    """A running model worker; ``tick()`` is its whole interface."""
+
+    def __init__(self, process: Any, conn: Connection, hello: Hello) -> None:
+        self.process = process
+        self.hello = hello
+        self._conn = conn
+        # One thread: ticks are strictly one at a time, as the worker handles them.
+        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model-worker")
+        self._closed = False
+
+    @classmethod
+    async def start(cls, spec: str, device: str | None, max_calls: int) -> WorkerProcess:
+        """Spawn a worker for ``spec`` (``moshi:PATH_OR_HUB_ID``) and wait for its model."""
+        context = multiprocessing.get_context("spawn")
+        parent, child = context.Pipe()
+        level = logging.getLogger("s2s").getEffectiveLevel()
+        process = context.Process(
+            target=_serve, args=(child, spec, device, max_calls, level),
+            name=f"s2s-worker[{spec}]", daemon=True,
+        )  # fmt: skip
+        process.start()
+        child.close()
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(LOAD_TIMEOUT_S):
+                raw = await loop.run_in_executor(None, parent.recv_bytes)
+        except (EOFError, OSError, TimeoutError) as exc:
+            process.kill()
+            raise WorkerError(f"the model worker for {spec} did not start: {exc!r}") from exc
+        hello = hello_decoder.decode(raw)
+        if hello.error:
+            process.join(5)
+            raise WorkerError(f"the model worker for {spec} failed to load: {hello.error}")
+        log.info("model worker pid %s: %s on %s, %s slots", process.pid, spec, hello.device,
+                 hello.slots)  # fmt: skip
+        return cls(process, parent, hello)
+
+    async def tick(self, tick: Tick) -> TickResult:
+        """Send one tick and wait for its result; ``WorkerError`` if the worker is gone."""
+        if self._closed:
+            raise WorkerError("the model worker is closed")
+        data = encoder.encode(tick)
+        loop = asyncio.get_running_loop()
+        try:
+            raw = await loop.run_in_executor(self._io, self._round_trip, data)
+        except (EOFError, OSError) as exc:
+            self._closed = True
+            raise WorkerError(f"the model worker (pid {self.process.pid}) died: {exc!r}") from exc
+        return result_decoder.decode(raw)
+
+    def _round_trip(self, data: bytes) -> bytes:
+        self._conn.send_bytes(data)
+        return self._conn.recv_bytes()
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            loop = asyncio.get_running_loop()
+            with contextlib.suppress(OSError, ValueError):  # already gone
+                await loop.run_in_executor(self._io, self._conn.send_bytes, encoder.encode(Stop()))
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.process.join, 10)
+        if self.process.is_alive():
+            self.process.kill()
+            await loop.run_in_executor(None, self.process.join, 5)
+        self._conn.close()
+        self._io.shutdown(wait=False)
+
+
+def _serve(conn: Connection, spec: str, device: str | None, max_calls: int, level: int) -> None:
+    """The worker process: load the model, say hello, then one tick at a time until Stop."""
+    logging.basicConfig(
+        level=level, format=f"%(asctime)s %(levelname)s %(name)s [worker {os.getpid()}] %(message)s"
+    )
+    name, _, location = spec.partition(":")
+    try:
+        if name != "moshi" or not location:
+            raise ValueError(f"no model worker for {spec!r}")
+        from s2s.worker.moshi import MoshiWorker
+
+        worker = MoshiWorker.load(location, device, max_calls)
+    except Exception as exc:
+        log.exception("loading %s failed", spec)
+        conn.send_bytes(encoder.encode(Hello(spec, "", 0, 0, 0, 0, error=repr(exc))))
+        return
+    conn.send_bytes(encoder.encode(worker.hello(spec)))
+    while True:
+        try:
+            request = request_decoder.decode(conn.recv_bytes())
+        except (EOFError, OSError):
+            return  # the server is gone
+        if isinstance(request, Stop):
+            return
+        try:
+            result = worker.handle(request)
+        except Exception as exc:
+            log.exception("tick failed")
+            result = TickResult(error=repr(exc))
+        conn.send_bytes(encoder.encode(result))
