@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
 import aiohttp
 import pytest
@@ -181,7 +182,8 @@ async def test_limits_per_key_duration_and_event_rate(start_server: StartServer)
         with pytest.raises(CallRefused) as refused:
             await second.connect()
         assert refused.value.status == 429 and "too_many_calls" in refused.value.body
-        for i in range(30):
+        # 10 go through (a 2 s burst), 15 are refused: 3 s past the limit, not yet a flood.
+        for i in range(25):
             first.send({"type": "session.update", "event_id": f"u{i}", "session": {}})
         limited = await first.next_event("error", timeout=5)
         assert limited["error"]["code"] == "rate_limited"
@@ -197,3 +199,32 @@ async def test_limits_per_key_duration_and_event_rate(start_server: StartServer)
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_client_that_keeps_flooding_is_cut_off(start_server: StartServer) -> None:
+    server = await start_server(max_events_per_s=5)
+    flooder, bystander = Peer(server.url), Peer(server.url)
+    try:
+        await asyncio.gather(flooder.connect(), bystander.connect())
+        await flooder.next_event("session.created")
+        await bystander.next_event("session.created")
+        for i in range(60):
+            flooder.send({"type": "session.update", "event_id": f"u{i}", "session": {}})
+        errors: list[dict[str, Any]] = []
+        after = 0
+        async with asyncio.timeout(10):
+            while not errors or "ended" not in errors[-1]["error"]["message"]:
+                errors.append(await flooder.next_event("error", after=after))
+                after = flooder.events.index(errors[-1]) + 1
+        # One error while events are dropped, then the one that ends the call; not one each.
+        assert [e["error"]["code"] for e in errors] == ["rate_limited", "rate_limited"]
+        async with asyncio.timeout(10):
+            while len(server.registry) > 1:  # noqa: ASYNC110 - the registry has no event to await
+                await asyncio.sleep(0.05)
+        # The other call goes on.
+        mark = len(bystander.events)
+        bystander.send({"type": "session.update", "session": {}})
+        await bystander.next_event("session.updated", after=mark, timeout=5)
+    finally:
+        await flooder.close()
+        await bystander.close()

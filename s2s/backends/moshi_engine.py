@@ -14,8 +14,10 @@ state itself:
 - **Fixed shapes**: a step computes the first ``n`` slots, ``n`` the smallest bucket that
   holds every allocated slot (``BUCKETS``). Slots without a frame this tick compute too, but
   their results are dropped and their state does not move (their cache write lands on the
-  position they will overwrite first when they do step). So each bucket's step is one fixed
-  sequence of kernels, ready to be captured as a CUDA graph.
+  position they will overwrite first when they do step). A step reads the ring only as far as
+  the longest of those calls has written, rounded up to ``SPAN_STEP`` positions (known on the
+  host without asking the device), so young calls do not pay for the whole window. So each
+  (bucket, span) step is one fixed sequence of kernels, ready to be captured as a CUDA graph.
 - **The depth decoder incrementally**: ``K`` steps, each one codebook, with a ``K``-position
   cache of its own; each codebook's weights are applied as a plain matrix product with that
   codebook's slice (transformers' ``MoshiFlexibleLinear`` broadcasts the weights over the batch).
@@ -45,6 +47,8 @@ import torch.nn.functional as F
 
 #: Slot counts a step is computed for (the smallest that holds every allocated slot).
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128, 192, 256)
+#: A step reads the ring up to the longest call's length, rounded up to this many positions.
+SPAN_STEP = 256
 _MASK32 = 0xFFFFFFFF
 
 
@@ -125,6 +129,9 @@ class MoshiEngine:
         self._seed = torch.zeros(s, dtype=torch.long, device=dev)
         self._temps = torch.zeros((s, 2), dtype=torch.float32, device=dev)  # text, audio
         self._positions = torch.arange(context, device=dev)
+        # Each slot's length, mirrored on the host (no sync to read it): how far back the
+        # busiest slot looks bounds the part of the ring a step reads.
+        self._host_length = np.zeros(s, dtype=np.int64)
         self._slot_index = torch.arange(s, device=dev)
         self._vocab_steps = {
             width: torch.arange(width, device=dev, dtype=torch.long) * 0x9E3779B9 & _MASK32
@@ -168,6 +175,7 @@ class MoshiEngine:
 
     def _restart(self, slot: int) -> None:
         self._length[slot] = 0
+        self._host_length[slot] = 0
         self._text[slot] = self._text_start
         self._moshi[slot] = self.bos
         self._user_prev[slot] = self.bos
@@ -177,6 +185,7 @@ class MoshiEngine:
         """Make the call look ``frames`` steps old (for benchmarks: the cost of a long call's
         full window without running it; what its cache holds is left as it is)."""
         self._length[row.slot] = frames
+        self._host_length[row.slot] = frames
         self._pending[row.slot] = 0
 
     def bucket(self) -> int:
@@ -205,7 +214,8 @@ class MoshiEngine:
                 if r.forced_text:
                     wanted[r.slot] = r.forced_text.pop(0)
             forced = wanted.to(self.device)
-        packed = self.compute(n, ready, user_now, forced)
+        packed = self.compute(n, ready, user_now, forced, self.span(n))
+        self._host_length[[r.slot for r in rows]] += 1
         host = packed.cpu().numpy()  # the step's one device-to-host copy
         return {r: self._output(packed, host, r.slot) for r in rows}
 
@@ -213,18 +223,30 @@ class MoshiEngine:
         frame = packed[slot, 2:] if host[slot, 1] else None
         return RowOutput(int(host[slot, 0]), frame)
 
+    def span(self, n: int) -> int:
+        """How much of the ring a step over ``n`` slots reads: every position any of them may
+        attend to, rounded up to a multiple of ``SPAN_STEP`` so shapes rarely change."""
+        longest = int(self._host_length[:n].max()) + 1
+        return min(self.context, -(-longest // SPAN_STEP) * SPAN_STEP)
+
     def compute(
-        self, n: int, ready: torch.Tensor, user_now: torch.Tensor, forced: torch.Tensor | None
+        self,
+        n: int,
+        ready: torch.Tensor,
+        user_now: torch.Tensor,
+        forced: torch.Tensor | None,
+        span: int | None = None,
     ) -> torch.Tensor:
         """The step on the first ``n`` slots, device work only (no host sync, no Python loop
-        over calls): returns ``(n, 2 + K)`` rows of text token, frame flag and frame codes."""
+        over calls): returns ``(n, 2 + K)`` rows of text token, frame flag and frame codes.
+        ``span``: the positions of the ring to read (default all of it; see ``span()``)."""
         length = self._length[:n]
         # Acoustic delay on the caller's stream: codebook 0 of now, 1.. of the previous frame.
         user_in = torch.cat([user_now[:, :1], self._user_prev[:n, 1:]], dim=1)
         streams = torch.stack([self._moshi[:n], user_in], dim=2).reshape(n, 2 * self.k)
         audio = self._audio_table[torch.arange(2 * self.k, device=self.device), streams]
         x = self._main.embed_tokens(self._text[:n]) + audio.sum(dim=1)
-        hidden = self._main_decoder(x, n, length)
+        hidden = self._main_decoder(x, n, length, span or self.context)
         text_logits = self.model.decoder.lm_head(hidden)
         text = self._sample(text_logits, n, 0, self._temps[:n, 0])
         if forced is not None:
@@ -243,11 +265,14 @@ class MoshiEngine:
         self._length[:n] = length + ready.long()
         return packed
 
-    def _main_decoder(self, x: torch.Tensor, n: int, length: torch.Tensor) -> torch.Tensor:
+    def _main_decoder(
+        self, x: torch.Tensor, n: int, length: torch.Tensor, span: int
+    ) -> torch.Tensor:
         rows = self._slot_index[:n]
         write = length % self.context
         # Attend to what the slot has written, this position included, within the window.
-        valid = self._positions[None, :] < torch.clamp(length + 1, max=self.context)[:, None]
+        limit = torch.clamp(length + 1, max=self.context)[:, None]
+        valid = self._positions[None, :span] < limit
         mask = valid[:, None, None, :]
         freqs = length[:, None].float() * self._inv_freq[None, :]
         angles = torch.cat([freqs, freqs], dim=-1)
@@ -264,7 +289,7 @@ class MoshiEngine:
             keys[rows, :, write] = k
             values[rows, :, write] = v
             out = F.scaled_dot_product_attention(
-                q[:, :, None, :], keys[:n], values[:n], attn_mask=mask,
+                q[:, :, None, :], keys[:n, :, :span], values[:n, :, :span], attn_mask=mask,
                 enable_gqa=self._heads != self._kv_heads,
             )  # fmt: skip
             x = x + attn.o_proj.linear(out.reshape(n, -1))
