@@ -495,8 +495,8 @@ class Session:
 
 
 # A call whose refused events add up to this many seconds of its allowance is ended.
-_FLOOD_S = 4.0
-_CUT_OFF_GRACE_S = 0.5
+_FLOOD_S = 1.0
+_CUT_OFF_GRACE_S = 0.2
 
 
 def _put_dropping_oldest(queue: asyncio.Queue[np.ndarray], item: np.ndarray) -> int:

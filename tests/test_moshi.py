@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import MoshiForConditionalGeneration
 
+from s2s.backends import StepResult
 from s2s.backends.moshi import MoshiBackend
 from s2s.backends.moshi_engine import MoshiEngine, RowOutput
 from s2s.worker.process import WorkerError, WorkerProcess
@@ -196,14 +197,20 @@ async def test_moshi_text_becomes_transcript_events_and_cancel_resets(
 async def test_the_model_runs_in_a_worker_process_and_its_death_is_an_error(
     tiny_models: Path,
 ) -> None:
-    backend = await MoshiBackend.load(str(tiny_models / "tiny-moshi"), "cpu", max_calls=4)
+    backend = await MoshiBackend.load(str(tiny_models / "tiny-moshi"), "cpu", max_calls=1)
     try:
         assert backend.worker.process.pid != os.getpid()
         stream = await backend.open_stream("call")
+        extra = await backend.open_stream("one too many")
         frame = tone(440, 0.08, rate=backend.input_rate)
         async with asyncio.timeout(30):
-            first = await stream.step(frame)
+            first, refused = await asyncio.gather(
+                stream.step(frame), extra.step(frame), return_exceptions=True
+            )
             second = await stream.step(frame)
+        # A call the worker has no slot for fails alone; the others are served.
+        assert isinstance(refused, WorkerError) and "slots" in str(refused)
+        assert isinstance(first, StepResult)
         assert first.audio.size == second.audio.size == backend.frame_samples
         assert rms(second.audio) > 0  # Moshi's own audio, from its second frame on
         backend.worker.process.kill()

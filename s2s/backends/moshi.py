@@ -29,7 +29,7 @@ import numpy as np
 from s2s.backends.base import ContinuousStream, ResponseFinished, Steering, StepResult
 from s2s.protocol import new_id
 from s2s.worker.messages import CallOutput, Change, Tick
-from s2s.worker.process import WorkerProcess
+from s2s.worker.process import WorkerError, WorkerProcess
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,12 @@ class MoshiBackend:
                         job.done.set_exception(exc)
                 continue
             for stream, job in batch.items():
-                if not job.done.done():
-                    output = result.outputs.get(stream.call_id)
+                if job.done.done():
+                    continue
+                output = result.outputs.get(stream.call_id)
+                if output is not None and output.error:
+                    job.done.set_exception(WorkerError(output.error))
+                else:
                     job.done.set_result(stream.finish(output) if output else StepResult())
             if self._pending or self._changes:
                 self._wake.set()

@@ -36,6 +36,8 @@ class CallOutput(msgspec.Struct):
     text: str = ""
     #: Mono int16 at ``output_rate``; empty while the model has no audio yet (its first frame).
     audio: bytes = b""
+    #: Set when this call cannot be served (its join was refused); the others go on.
+    error: str = ""
 
 
 class TickResult(msgspec.Struct):

@@ -66,6 +66,8 @@ class MoshiWorker:
         self.decoder = MimiStreamDecoder(model.audio_encoder, batch_size=0)
         self.codec_rows: list[str] = []
         self.calls: dict[str, Row] = {}
+        #: Calls whose join was refused (every slot in use), and why, until they leave.
+        self.refused: dict[str, str] = {}
 
     @classmethod
     def load(cls, location: str, device: str | None, max_calls: int) -> MoshiWorker:
@@ -85,9 +87,10 @@ class MoshiWorker:
         ready = sorted(
             (call for call in tick.frames if call in self.calls), key=self.codec_rows.index
         )
-        if not ready:
-            return TickResult()
-        outputs = self._step(ready, tick.frames)
+        outputs = self._step(ready, tick.frames) if ready else {}
+        for call in tick.frames:
+            if call in self.refused:
+                outputs[call] = CallOutput(error=self.refused[call])
         return TickResult(outputs, step_ms=1000 * (time.perf_counter() - started))
 
     @torch.inference_mode()
@@ -117,13 +120,19 @@ class MoshiWorker:
         """A join, leave, reset or steer, between steps."""
         call = change.call
         if change.kind == "join" and call not in self.calls:
-            self.calls[call] = self.engine.join(call)
+            try:
+                self.calls[call] = self.engine.join(call)
+            except RuntimeError as exc:  # every slot is in use
+                self.refused[call] = str(exc)
+                return
             self.codec_rows.append(call)
             self.encoder.add_row()
             self.decoder.add_row()
             return
         row = self.calls.get(call)
         if row is None:
+            if change.kind == "leave":
+                self.refused.pop(call, None)
             return
         index = self.codec_rows.index(call)
         if change.kind == "leave":
