@@ -26,6 +26,7 @@ from s2s.backends import (
     Backend,
     InputTranscribed,
     ModelStream,
+    ModelUnavailable,
     ResponseFinished,
     ResponseRequest,
     Steering,
@@ -209,6 +210,10 @@ class Realtime:
                     if self._active is not None and self._active.id == rid:
                         self._active.generated = True
                         self.watching.set()
+                case ModelUnavailable(message=message):
+                    self._send(Error(error=ErrorDetail(
+                        code="model_unavailable", type="server_error", message=message,
+                    )))  # fmt: skip
         if result.response_id is None:
             if audio.size:
                 self._speaker.write(audio)

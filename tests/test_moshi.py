@@ -12,9 +12,10 @@ import pytest
 import torch
 from transformers import MoshiForConditionalGeneration
 
-from s2s.backends import StepResult
+from s2s.backends import ModelUnavailable, StepResult
 from s2s.backends.moshi import MoshiBackend
 from s2s.backends.moshi_engine import MoshiEngine, RowOutput
+from s2s.signaling import BACKEND
 from s2s.worker.process import WorkerError, WorkerProcess
 from tests.conftest import StartServer
 from tests.moshi_reference import MoshiEngine as ReferenceEngine
@@ -194,7 +195,7 @@ async def test_moshi_text_becomes_transcript_events_and_cancel_resets(
         await peer.close()
 
 
-async def test_the_model_runs_in_a_worker_process_and_its_death_is_an_error(
+async def test_the_model_runs_in_a_worker_process_that_is_replaced_when_it_dies(
     tiny_models: Path,
 ) -> None:
     backend = await MoshiBackend.load(str(tiny_models / "tiny-moshi"), "cpu", max_calls=1)
@@ -213,10 +214,15 @@ async def test_the_model_runs_in_a_worker_process_and_its_death_is_an_error(
         assert isinstance(first, StepResult)
         assert first.audio.size == second.audio.size == backend.frame_samples
         assert rms(second.audio) > 0  # Moshi's own audio, from its second frame on
+        # The worker dies: another starts, the call goes on with fresh model state and hears why.
+        dead = backend.worker.process.pid
         backend.worker.process.kill()
-        with pytest.raises(WorkerError, match="died"):
-            async with asyncio.timeout(30):
-                await stream.step(frame)
+        async with asyncio.timeout(120):
+            after = await stream.step(frame)
+            again = [await stream.step(frame) for _ in range(2)]
+        assert any(isinstance(e, ModelUnavailable) for e in after.events), after.events
+        assert backend.worker.process.pid not in (dead, os.getpid())
+        assert rms(again[-1].audio) > 0
     finally:
         await backend.close()
 
@@ -224,3 +230,25 @@ async def test_the_model_runs_in_a_worker_process_and_its_death_is_an_error(
 async def test_a_checkpoint_that_does_not_load_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(WorkerError, match="failed to load"):
         await WorkerProcess.start(f"moshi:{tmp_path / 'nothing-here'}", "cpu", 2)
+
+
+async def test_a_call_outlives_its_model_worker(
+    start_server: StartServer, tiny_models: Path
+) -> None:
+    server = await start_server(model=f"moshi:{tiny_models / 'tiny-moshi'}")
+    backend = server.app[BACKEND]
+    assert isinstance(backend, MoshiBackend)
+    peer = Peer(server.url, MicTrack(tone(440, 30)))
+    try:
+        await peer.connect()
+        await peer.wait_audio(0.5, timeout=20)
+        backend.worker.process.kill()
+        error = await peer.next_event("error", timeout=60)
+        assert error["error"]["code"] == "model_unavailable"
+        # The WebRTC call stayed up, and Moshi's audio comes again from the new worker.
+        assert peer.pc.connectionState == "connected"
+        since = asyncio.get_running_loop().time()
+        await peer.wait_audio(1.0, since=since, timeout=20)
+        assert rms(peer.audio(since=since)) > 0.001
+    finally:
+        await peer.close()

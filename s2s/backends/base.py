@@ -41,7 +41,14 @@ class ResponseFinished:
     response_id: str
 
 
-ModelEvent = InputTranscribed | ResponseFinished
+@dataclass(frozen=True, slots=True)
+class ModelUnavailable:
+    """The model lost this call's state (its worker died) and goes on with a fresh one."""
+
+    message: str
+
+
+ModelEvent = InputTranscribed | ResponseFinished | ModelUnavailable
 
 
 @dataclass(slots=True)

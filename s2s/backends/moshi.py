@@ -26,7 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from s2s.backends.base import ContinuousStream, ResponseFinished, Steering, StepResult
+from s2s.backends.base import (
+    ContinuousStream,
+    ModelEvent,
+    ModelUnavailable,
+    ResponseFinished,
+    Steering,
+    StepResult,
+)
 from s2s.protocol import new_id
 from s2s.worker.messages import CallOutput, Change, Tick
 from s2s.worker.process import WorkerError, WorkerProcess
@@ -46,8 +53,14 @@ class MoshiBackend:
     name = "moshi"
     turn_based = False
 
-    def __init__(self, worker: WorkerProcess) -> None:
+    def __init__(
+        self, worker: WorkerProcess, spec: str = "", device: str | None = None, max_calls: int = 0
+    ) -> None:
         self.worker = worker
+        # What to start a replacement worker with when this one dies.
+        self._start_args = (spec, device, max_calls)
+        # Open calls, in the order they joined (a replacement worker takes them in that order).
+        self._streams: dict[MoshiStream, None] = {}
         hello = worker.hello
         self.input_rate, self.output_rate = hello.input_rate, hello.output_rate
         self.frame_samples = hello.frame_samples
@@ -60,10 +73,12 @@ class MoshiBackend:
     async def load(
         cls, location: str, device: str | None = None, *, max_calls: int = 32
     ) -> MoshiBackend:
-        return cls(await WorkerProcess.start(f"moshi:{location}", device, max_calls))
+        spec = f"moshi:{location}"
+        return cls(await WorkerProcess.start(spec, device, max_calls), spec, device, max_calls)
 
     async def open_stream(self, call_id: str) -> MoshiStream:
         stream = MoshiStream(self, call_id)
+        self._streams[stream] = None
         self.change(Change("join", call_id))
         return stream
 
@@ -109,6 +124,9 @@ class MoshiBackend:
                 result = await self.worker.tick(Tick(changes, frames))
                 if result.error:
                     raise RuntimeError(f"the model worker's step failed: {result.error}")
+            except WorkerError as exc:
+                await self._replace_worker(exc, batch)
+                continue
             except Exception as exc:
                 log.error("moshi step failed: %s", exc)
                 for job in batch.values():
@@ -121,10 +139,45 @@ class MoshiBackend:
                 output = result.outputs.get(stream.call_id)
                 if output is not None and output.error:
                     job.done.set_exception(WorkerError(output.error))
-                else:
-                    job.done.set_result(stream.finish(output) if output else StepResult())
+                    continue
+                step = stream.finish(output) if output else StepResult()
+                step.events[:0] = stream.take_notices()
+                job.done.set_result(step)
             if self._pending or self._changes:
                 self._wake.set()
+
+    async def _replace_worker(self, died: WorkerError, batch: dict[MoshiStream, _Job]) -> None:
+        """The worker died: start another and rejoin every call with fresh model state; the
+        calls stay up, and each hears ``model_unavailable``. If no worker starts, the waiting
+        steps fail (their calls end)."""
+        log.error("%s; starting another", died)
+        spec, device, max_calls = self._start_args
+        try:
+            if not spec:
+                raise died
+            self.worker = await WorkerProcess.start(spec, device, max_calls)
+        except Exception as exc:
+            log.error("no model worker: %s", exc)
+            for job in batch.values():
+                if not job.done.done():
+                    job.done.set_exception(exc)
+            return
+        # Every live call joins the new worker before anything else it asked for.
+        live = [s for s in self._streams if not s.closed]
+        pending = [c for c in self._changes if c.kind != "join"]
+        self._changes = [Change("join", s.call_id) for s in live] + pending
+        message = "the model's worker restarted: this call's model state starts afresh"
+        for stream in live:
+            # The response Moshi was speaking is over; the call hears why with its next step.
+            stream.notices.append(ModelUnavailable(message))
+            if stream.response_id is not None:
+                stream.notices.append(ResponseFinished(stream.response_id))
+            stream.response_id, stream.quiet = None, 0
+        silence = np.zeros(self.frame_samples, np.int16)
+        for stream, job in batch.items():
+            if not job.done.done():
+                job.done.set_result(StepResult(audio=silence, events=stream.take_notices()))
+        self._wake.set()
 
 
 @dataclass(eq=False)
@@ -134,7 +187,12 @@ class MoshiStream(ContinuousStream):
     closed: bool = False
     response_id: str | None = None
     quiet: int = 0
-    forced: list[int] = field(default_factory=list)
+    #: Events for the call's next step from outside the model (its worker was replaced).
+    notices: list[ModelEvent] = field(default_factory=list)
+
+    def take_notices(self) -> list[ModelEvent]:
+        notices, self.notices = self.notices, []
+        return notices
 
     async def step(self, pcm: np.ndarray) -> StepResult:
         return await self.backend.submit(self, pcm)
@@ -149,6 +207,7 @@ class MoshiStream(ContinuousStream):
 
     async def close(self) -> None:
         self.closed = True
+        self.backend._streams.pop(self, None)
         self.backend.change(Change("leave", self.call_id))
 
     def finish(self, output: CallOutput) -> StepResult:
