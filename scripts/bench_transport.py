@@ -195,18 +195,14 @@ async def _callers(
 
 
 def _echo_latencies(burst_times: list[float], frames: list[tuple[float, Any]]) -> list[float]:
+    """Echo onsets in decoded frames: a frame louder than -30 dBFS RMS after a quiet one."""
     import numpy as np
 
-    latencies = []
-    quiet = True
-    for t, pcm in frames:
-        loud = float(np.sqrt(np.mean(pcm.astype(np.float64) ** 2))) / 32768 > 0.03
-        if loud and quiet:
-            sent = [b for b in burst_times if b <= t]
-            if sent and t - sent[-1] < 0.9:
-                latencies.append(t - sent[-1])
-        quiet = not loud
-    return latencies
+    loudness = [
+        (t, float(np.sqrt(np.mean(pcm.astype(np.float64) ** 2))) / 32768 > 0.03)
+        for t, pcm in frames
+    ]
+    return _onset_latencies(burst_times, loudness)
 
 
 def _echo_latencies_rtp(
@@ -214,10 +210,14 @@ def _echo_latencies_rtp(
 ) -> list[float]:
     """Echo onsets read off the packets without decoding them: the server sends a 3-byte
     packet for silence and tens of bytes for the 1 kHz burst."""
+    return _onset_latencies(burst_times, [(t, size > _LOUD_PACKET_BYTES) for t, _, _, size in rtp])
+
+
+def _onset_latencies(burst_times: list[float], loudness: list[tuple[float, bool]]) -> list[float]:
+    """For each loud arrival after a quiet one, the time since the burst sent just before it."""
     latencies = []
     quiet = True
-    for t, _, _, size in rtp:
-        loud = size > _LOUD_PACKET_BYTES
+    for t, loud in loudness:
         if loud and quiet:
             sent = [b for b in burst_times if b <= t]
             if sent and t - sent[-1] < 0.9:

@@ -129,9 +129,7 @@ class MoshiBackend:
                 continue
             except Exception as exc:
                 log.error("moshi step failed: %s", exc)
-                for job in batch.values():
-                    if not job.done.done():
-                        job.done.set_exception(exc)
+                _fail(batch, exc)
                 continue
             for stream, job in batch.items():
                 if job.done.done():
@@ -158,9 +156,7 @@ class MoshiBackend:
             self.worker = await WorkerProcess.start(spec, device, max_calls)
         except Exception as exc:
             log.error("no model worker: %s", exc)
-            for job in batch.values():
-                if not job.done.done():
-                    job.done.set_exception(exc)
+            _fail(batch, exc)
             return
         # Every live call joins the new worker before anything else it asked for.
         live = [s for s in self._streams if not s.closed]
@@ -178,6 +174,12 @@ class MoshiBackend:
             if not job.done.done():
                 job.done.set_result(StepResult(audio=silence, events=stream.take_notices()))
         self._wake.set()
+
+
+def _fail(batch: dict[MoshiStream, _Job], exc: Exception) -> None:
+    for job in batch.values():
+        if not job.done.done():
+            job.done.set_exception(exc)
 
 
 @dataclass(eq=False)
