@@ -131,6 +131,8 @@ class MoshiBackend:
                 log.error("moshi step failed: %s", exc)
                 _fail(batch, exc)
                 continue
+            if result.step_ms > 1000 * period:
+                log.debug("moshi tick took %.0f ms for %d calls", result.step_ms, len(frames))
             for stream, job in batch.items():
                 if job.done.done():
                     continue

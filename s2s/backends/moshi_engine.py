@@ -133,6 +133,7 @@ class MoshiEngine:
         # busiest slot looks bounds the part of the ring a step reads.
         self._host_length = np.zeros(s, dtype=np.int64)
         self._slot_index = torch.arange(s, device=dev)
+        self._stream_index = torch.arange(2 * self.k, device=dev)
         self._vocab_steps = {
             width: torch.arange(width, device=dev, dtype=torch.long) * 0x9E3779B9 & _MASK32
             for width in (self.text_vocab, self.bos)
@@ -244,7 +245,7 @@ class MoshiEngine:
         # Acoustic delay on the caller's stream: codebook 0 of now, 1.. of the previous frame.
         user_in = torch.cat([user_now[:, :1], self._user_prev[:n, 1:]], dim=1)
         streams = torch.stack([self._moshi[:n], user_in], dim=2).reshape(n, 2 * self.k)
-        audio = self._audio_table[torch.arange(2 * self.k, device=self.device), streams]
+        audio = self._audio_table[self._stream_index, streams]
         x = self._main.embed_tokens(self._text[:n]) + audio.sum(dim=1)
         hidden = self._main_decoder(x, n, length, span or self.context)
         text_logits = self.model.decoder.lm_head(hidden)
