@@ -122,6 +122,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--context", type=int, default=0, help="frames each call has had")
     parser.add_argument("--profile", action="store_true", help="ops, syncs, allocations/step")
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="also time the language-model step of tests/moshi_reference.py (transformers' own "
+        "forwards, the engine the slot engine replaced) against the slot engine's",
+    )
     args = parser.parse_args()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
@@ -182,6 +188,35 @@ def main() -> None:
         print(" ".join(row_out), flush=True)
         del engine, calls
     print(f"largest N within the {budget_ms:.0f} ms frame (p99): {best}")
+    if args.reference:
+        _compare_reference(model, [int(x) for x in args.calls.split(",")], args.steps, device)
+
+
+def _compare_reference(model: Any, levels: list[int], steps: int, device: str) -> None:
+    """The language-model step alone: the slot engine against transformers' own forwards."""
+    import torch
+
+    from s2s.backends.moshi_engine import MoshiEngine
+    from tests.moshi_reference import MoshiEngine as ReferenceEngine
+
+    print("language-model step alone, p50 ms / operators / host syncs per step:")
+    print(f"{'calls':>8} {'slots':>20} {'reference':>20}")
+    for n in levels:
+        cells = []
+        for engine in (MoshiEngine(model, max_calls=n), ReferenceEngine(model)):
+            rows = [engine.join(i, seed=i) for i in range(n)]
+            codes = torch.randint(0, 64, (engine.k,), device=model.device)
+            feed = {r: codes for r in rows}
+            times = []
+            with torch.inference_mode():
+                for i in range(steps + 3):
+                    start = time.perf_counter()
+                    engine.step(feed)
+                    if i >= 3:
+                        times.append(1000 * (time.perf_counter() - start))
+                ops, syncs, _ = _profile(lambda e=engine, f=feed: e.step(f), device)
+            cells.append(f"{statistics.median(times):.1f} / {ops} / {syncs}")
+        print(f"{n:>8} {cells[0]:>20} {cells[1]:>20}", flush=True)
 
 
 if __name__ == "__main__":
