@@ -210,9 +210,8 @@ class SpeakerTrack(MediaStreamTrack):
         )
         # When slot 0 was due; slot k is due ``k`` packets later.
         self._start: float | None = None
-        # The next slot, and the slot of the packet last taken for sending.
+        # The next slot (the packet last taken for sending had the one before).
         self._slot = 0
-        self._sent_slot = -1
         self._frames = 0
         self._tick = asyncio.Event()
         #: A live stream (echo, full duplex): frames go out as they arrive (``_follow_input``)
@@ -257,7 +256,7 @@ class SpeakerTrack(MediaStreamTrack):
 
     async def recv(self) -> av.Packet[Any] | av.AudioFrame:
         samples = await self.next_pcm()
-        index = self._sent_slot
+        index = self._slot - 1
         if self.encoder is None:
             frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
             frame.sample_rate = WEBRTC_RATE
@@ -296,7 +295,6 @@ class SpeakerTrack(MediaStreamTrack):
         self._trim()
         samples, filled = self._next_samples(now)
         self.played_samples += filled
-        self._sent_slot = self._slot
         self._slot += 1
         self._frames += 1
         self._tick.set()

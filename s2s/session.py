@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import time
 from collections import deque
 from collections.abc import Callable
 from functools import partial
@@ -40,6 +38,7 @@ from s2s.audio import PACKET_MS, WEBRTC_RATE, FrameChunker, Resampler, SpeakerTr
 from s2s.backends import Backend, ModelStream
 from s2s.callstats import CallStats
 from s2s.config import Settings
+from s2s.eventrate import FLOOD_S, EventRate, Verdict
 from s2s.images import ImageLimits
 from s2s.log import CallLogger
 from s2s.metrics import CallMetrics, ServerMetrics
@@ -69,34 +68,6 @@ _VAD_BACKLOG = 50
 _INBOX_SIZE = 256
 # Server events sent before the data channel opened, kept until it does.
 _PENDING_EVENTS = 256
-
-
-class EventRate:
-    """Token buckets for a call's client events: so many a second, so many bytes a second.
-
-    Each allows a burst of two seconds' worth, so a picture upload can go at full speed.
-    """
-
-    def __init__(self, events_per_s: float, bytes_per_s: float) -> None:
-        self._rates = (events_per_s, bytes_per_s)
-        self._tokens = [2 * events_per_s, 2 * bytes_per_s]
-        self._at = time.monotonic()
-        #: What was refused and not yet forgiven (each refusal's share drains at the rate), in
-        #: seconds of the allowance: a client that keeps pushing past its limit piles this up.
-        self.overdraft_s = 0.0
-
-    def take(self, size: int) -> bool:
-        now = time.monotonic()
-        elapsed, self._at = now - self._at, now
-        for i, rate in enumerate(self._rates):
-            self._tokens[i] = min(2 * rate, self._tokens[i] + elapsed * rate)
-        self.overdraft_s = max(0.0, self.overdraft_s - elapsed)
-        if self._tokens[0] < 1 or self._tokens[1] < size:
-            self.overdraft_s += max(1 / self._rates[0], size / self._rates[1])
-            return False
-        self._tokens[0] -= 1
-        self._tokens[1] -= size
-        return True
 
 
 class OfferError(ValueError):
@@ -166,7 +137,6 @@ class Session:
         self._pending: deque[str] = deque(maxlen=_PENDING_EVENTS)
         self._inbox: asyncio.Queue[bytes | str] = asyncio.Queue(_INBOX_SIZE)
         self._rate = EventRate(settings.max_events_per_s, settings.max_event_bytes_per_s)
-        self._refused_at = -math.inf
         self._cut_off = False
         self._model_in: asyncio.Queue[np.ndarray] = asyncio.Queue(_MODEL_BACKLOG)
         self._vad_in: asyncio.Queue[np.ndarray] = asyncio.Queue(_VAD_BACKLOG)
@@ -449,29 +419,29 @@ class Session:
     def _on_message(self, message: bytes | str) -> None:
         if self._cut_off:
             return
-        if not self._rate.take(len(message)):
-            if self._rate.overdraft_s > _FLOOD_S:
-                # Every message costs the server decryption and reassembly before it can be
-                # refused: a client that keeps flooding is cut off, or it would slow every call.
-                # The call ends a moment later, so the errors already queued reach the client.
-                self._cut_off = True
-                self.send(Error(error=ErrorDetail(
-                    code="rate_limited", type="limit_error",
-                    message=f"over {_FLOOD_S:.0f} s worth of events or bytes past the limit; "
-                    "the call is ended",
-                )))  # fmt: skip
-                loop = asyncio.get_running_loop()
-                loop.call_later(_CUT_OFF_GRACE_S, self.end, "rate_limited")
-                return
-            now = time.monotonic()
-            if now - self._refused_at >= 1.0:  # one error a second, not one per message
-                self._refused_at = now
+        match self._rate.take(len(message)):
+            case Verdict.ACCEPT:
+                pass
+            case Verdict.REFUSE:
                 self.send(Error(error=ErrorDetail(
                     code="rate_limited", type="limit_error",
                     message="too many client events or bytes per second; events are being "
                     "dropped",
                 )))  # fmt: skip
-            return
+                return
+            case Verdict.REFUSE_QUIETLY:
+                return
+            case Verdict.FLOOD:
+                # The call ends a moment later, so the errors already queued reach the client.
+                self._cut_off = True
+                self.send(Error(error=ErrorDetail(
+                    code="rate_limited", type="limit_error",
+                    message=f"over {FLOOD_S:.0f} s worth of events or bytes past the limit; "
+                    "the call is ended",
+                )))  # fmt: skip
+                loop = asyncio.get_running_loop()
+                loop.call_later(_CUT_OFF_GRACE_S, self.end, "rate_limited")
+                return
         try:
             self._inbox.put_nowait(message)
         except asyncio.QueueFull:
@@ -494,8 +464,7 @@ class Session:
             self.end(f"connection_{state}")
 
 
-# A call whose refused events add up to this many seconds of its allowance is ended.
-_FLOOD_S = 1.0
+# How long a flooding call lives on after it is cut off, for its last errors to leave.
 _CUT_OFF_GRACE_S = 0.2
 
 

@@ -53,12 +53,8 @@ class MoshiBackend:
     name = "moshi"
     turn_based = False
 
-    def __init__(
-        self, worker: WorkerProcess, spec: str = "", device: str | None = None, max_calls: int = 0
-    ) -> None:
+    def __init__(self, worker: WorkerProcess) -> None:
         self.worker = worker
-        # What to start a replacement worker with when this one dies.
-        self._start_args = (spec, device, max_calls)
         # Open calls, in the order they joined (a replacement worker takes them in that order).
         self._streams: dict[MoshiStream, None] = {}
         hello = worker.hello
@@ -73,8 +69,7 @@ class MoshiBackend:
     async def load(
         cls, location: str, device: str | None = None, *, max_calls: int = 32
     ) -> MoshiBackend:
-        spec = f"moshi:{location}"
-        return cls(await WorkerProcess.start(spec, device, max_calls), spec, device, max_calls)
+        return cls(await WorkerProcess.start(f"moshi:{location}", device, max_calls))
 
     async def open_stream(self, call_id: str) -> MoshiStream:
         stream = MoshiStream(self, call_id)
@@ -151,17 +146,14 @@ class MoshiBackend:
         calls stay up, and each hears ``model_unavailable``. If no worker starts, the waiting
         steps fail (their calls end)."""
         log.error("%s; starting another", died)
-        spec, device, max_calls = self._start_args
         try:
-            if not spec:
-                raise died
-            self.worker = await WorkerProcess.start(spec, device, max_calls)
+            self.worker = await self.worker.replacement()
         except Exception as exc:
             log.error("no model worker: %s", exc)
             _fail(batch, exc)
             return
         # Every live call joins the new worker before anything else it asked for.
-        live = [s for s in self._streams if not s.closed]
+        live = list(self._streams)
         pending = [c for c in self._changes if c.kind != "join"]
         self._changes = [Change("join", s.call_id) for s in live] + pending
         message = "the model's worker restarted: this call's model state starts afresh"

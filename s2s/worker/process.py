@@ -42,9 +42,13 @@ class WorkerError(RuntimeError):
 class WorkerProcess:
     """A running model worker; ``tick()`` is its whole interface."""
 
-    def __init__(self, process: Any, conn: Connection, hello: Hello) -> None:
+    def __init__(
+        self, process: Any, conn: Connection, hello: Hello, device: str | None, max_calls: int
+    ) -> None:
         self.process = process
         self.hello = hello
+        #: What it was started with, so a replacement can be started the same way.
+        self.spec, self.device, self.max_calls = hello.model, device, max_calls
         self._conn = conn
         # One thread: ticks are strictly one at a time, as the worker handles them.
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model-worker")
@@ -71,11 +75,15 @@ class WorkerProcess:
             raise WorkerError(f"the model worker for {spec} did not start: {exc!r}") from exc
         hello = hello_decoder.decode(raw)
         if hello.error:
-            process.join(5)
+            await loop.run_in_executor(None, process.join, 5)
             raise WorkerError(f"the model worker for {spec} failed to load: {hello.error}")
         log.info("model worker pid %s: %s on %s, %s slots", process.pid, spec, hello.device,
                  hello.slots)  # fmt: skip
-        return cls(process, parent, hello)
+        return cls(process, parent, hello, device, max_calls)
+
+    async def replacement(self) -> WorkerProcess:
+        """Start another worker as this one was started (this one having died)."""
+        return await WorkerProcess.start(self.spec, self.device, self.max_calls)
 
     async def tick(self, tick: Tick) -> TickResult:
         """Send one tick and wait for its result; ``WorkerError`` if the worker is gone."""
