@@ -56,9 +56,9 @@ _MASK32 = 0xFFFFFFFF
 class Row:
     """One call: its slot and the host-side part of its state."""
 
+    #: Whose row it is (the caller's label, for logs and debugging).
     key: object
     slot: int
-    seed: int
     #: Text tokens to force into Moshi's text stream, one per step (steering).
     forced_text: list[int] = field(default_factory=list)
 
@@ -155,7 +155,7 @@ class MoshiEngine:
             raise RuntimeError(f"all {self.max_calls} Moshi slots are in use")
         slot = self._free.pop(0)
         seed = int(seed if seed is not None else torch.seed()) & _MASK32
-        row = Row(key=key, slot=slot, seed=seed)
+        row = Row(key=key, slot=slot)
         self.rows[slot] = row
         self._seed[slot] = seed
         text_t = self.text_temperature if text_temperature is None else text_temperature
