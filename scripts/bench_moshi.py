@@ -71,6 +71,24 @@ def _profile(step: Any, device: str) -> tuple[int, int, int]:
     return ops, syncs, allocations
 
 
+def _floor_ms(model: Any, engine: Any, n: int, bandwidth_tbs: float) -> float:
+    """The language model's memory-bandwidth floor: its weights (not the embedding tables, of
+    which a step reads a few rows), and the part of every call's key/value cache a step reads,
+    read once per step."""
+    import torch
+
+    weights = sum(
+        p.numel() * p.element_size()
+        for part in (model.decoder, model.depth_decoder)
+        for module in part.modules()
+        if not isinstance(module, torch.nn.Embedding)
+        for p in module.parameters(recurse=False)
+    )
+    keys = engine._keys
+    per_slot = keys[:, 0, :, : engine.span(n)].numel() * keys.element_size() * 2  # keys, values
+    return 1000 * (weights + n * per_slot) / (bandwidth_tbs * 1e12)
+
+
 class _Calls:
     """N calls on one engine and one codec batch, stepped as a worker's tick steps them."""
 
@@ -122,6 +140,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--context", type=int, default=0, help="frames each call has had")
     parser.add_argument("--profile", action="store_true", help="ops, syncs, allocations/step")
+    parser.add_argument("--eager", action="store_true", help="no CUDA graphs (they are on CUDA)")
+    parser.add_argument(
+        "--check-graphs", action="store_true", help="first check (CUDA) that graph replay "
+        "gives the eager step's tokens, through joins, a leave, a reset and a span change",
+    )  # fmt: skip
+    parser.add_argument(
+        "--bandwidth", type=float, default=4.3, help="device memory bandwidth in TB/s, for the "
+        "floor: the weights and every call's cache read once per step (H200: ~4.3 achievable)",
+    )  # fmt: skip
     parser.add_argument(
         "--reference",
         action="store_true",
@@ -144,7 +171,13 @@ def main() -> None:
     print(f"model {name} ({params / 1e9:.2f} B parameters, {model.dtype}) on {device} in "
           f"{time.perf_counter() - started:.1f} s; frame {frame} samples ({budget_ms:.0f} ms); "
           f"context {args.context} of a {window}-frame window")  # fmt: skip
-    header = ["calls", "p50_ms", "p99_ms", "lm_ms", "mimi_ms", "realtime"]
+    if args.check_graphs:
+        from tests.moshi_graphs_check import graphs_equal_eager
+
+        same, captured = graphs_equal_eager(model)
+        print(f"graph replay equals the eager step: {'yes' if same else 'NO'} "
+              f"(300 steps, {captured} graphs)", flush=True)  # fmt: skip
+    header = ["calls", "p50_ms", "p99_ms", "lm_ms", "mimi_ms", "floor_ms", "realtime"]
     if args.profile:
         header += ["ops", "syncs", "allocs"]
     if cuda:
@@ -157,7 +190,9 @@ def main() -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         try:
-            engine = MoshiEngine(model, context=window, max_calls=n)
+            engine = MoshiEngine(
+                model, context=window, max_calls=n, graphs=False if args.eager else None
+            )
         except torch.OutOfMemoryError:
             print(f"{n:>8} does not fit in memory", flush=True)
             break
@@ -180,8 +215,10 @@ def main() -> None:
         lm_ms = statistics.median(lms)
         fits = percentile(times, 0.99) < budget_ms
         best = n if fits else best
+        floor = _floor_ms(model, engine, n, args.bandwidth)
         row_out = [f"{n:>8}", f"{p50:>8.1f}", f"{p99:>8.1f}", f"{lm_ms:>8.1f}",
-                   f"{p50 - lm_ms:>8.1f}", f"{'yes' if fits else 'no':>8}"]  # fmt: skip
+                   f"{p50 - lm_ms:>8.1f}", f"{floor:>8.1f}",
+                   f"{'yes' if fits else 'no':>8}"]  # fmt: skip
         row_out += [f"{c:>8}" for c in counts]
         if cuda:
             row_out.append(f"{torch.cuda.max_memory_allocated() / 2**30:>8.1f}")

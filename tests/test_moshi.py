@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from s2s.backends.moshi_engine import MoshiEngine, RowOutput
 from s2s.signaling import BACKEND
 from s2s.worker.process import WorkerError, WorkerProcess
 from tests.conftest import StartServer
+from tests.moshi_graphs_check import graphs_equal_eager
 from tests.moshi_reference import MoshiEngine as ReferenceEngine
 from tests.peer import MicTrack, Peer
 from tests.signals import rms, tone
@@ -151,6 +153,38 @@ def test_the_step_has_no_host_sync_and_allocates_no_cache(
     assert "aten::_local_scalar_dense" not in names and "aten::item" not in names
     assert not any("nonzero" in name for name in names)  # a data-dependent shape syncs too
     assert engine._keys.data_ptr() == cache
+
+
+def test_a_step_with_no_slot_ready_changes_nothing(
+    tiny_moshi: MoshiForConditionalGeneration,
+) -> None:
+    """What CUDA graph capture relies on (``s2s.backends.moshi_graphs``): its warm-up runs the
+    real step with no slot ready, mid-call, and every call's output goes on unchanged."""
+    codes = _codes(12)
+    warmed, plain = MoshiEngine(tiny_moshi, max_calls=4), MoshiEngine(tiny_moshi, max_calls=4)
+    pairs = [(warmed.join(i, seed=i), plain.join(i, seed=i)) for i in range(3)]
+    first, second = [], []
+    for t in range(12):
+        if t in (4, 9):
+            n = warmed.bucket()
+            nobody = torch.zeros(n, dtype=torch.bool)
+            user = torch.randint(0, 64, (n, 8))
+            with torch.inference_mode():
+                warmed.compute(n, nobody, user, torch.full((n,), 3), warmed.span(n))
+        out_w = warmed.step({a: codes[(t + i) % 12] for i, (a, _) in enumerate(pairs)})
+        out_p = plain.step({b: codes[(t + i) % 12] for i, (_, b) in enumerate(pairs)})
+        first += [out_w[a] for a, _ in pairs]
+        second += [out_p[b] for _, b in pairs]
+    assert _same(first, second)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.gpu
+def test_graph_replay_equals_the_eager_step(tiny_moshi: MoshiForConditionalGeneration) -> None:
+    """On a GPU: the graphed engine's outputs are the eager engine's, across joins, a leave,
+    a reset and a span change (``pytest -m gpu``; CI has no GPU and deselects it)."""
+    same, captured = graphs_equal_eager(copy.deepcopy(tiny_moshi).to("cuda"))
+    assert same and captured >= 3
 
 
 async def test_calls_through_the_server_get_moshi_audio_on_time(

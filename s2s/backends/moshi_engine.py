@@ -17,7 +17,8 @@ state itself:
   position they will overwrite first when they do step). A step reads the ring only as far as
   the longest of those calls has written, rounded up to ``SPAN_STEP`` positions (known on the
   host without asking the device), so young calls do not pay for the whole window. So each
-  (bucket, span) step is one fixed sequence of kernels, ready to be captured as a CUDA graph.
+  (bucket, span) step is one fixed sequence of kernels, replayed from a CUDA graph on a GPU
+  (``s2s.backends.moshi_graphs``).
 - **The depth decoder incrementally**: ``K`` steps, each one codebook, with a ``K``-position
   cache of its own; each codebook's weights are applied as a plain matrix product with that
   codebook's slice (transformers' ``MoshiFlexibleLinear`` broadcasts the weights over the batch).
@@ -44,6 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from s2s.backends.moshi_graphs import GraphedCompute
 
 #: Slot counts a step is computed for (the smallest that holds every allocated slot).
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128, 192, 256)
@@ -79,7 +82,9 @@ class MoshiEngine:
         max_calls: int = 64,
         temperature: float = 0.8,
         text_temperature: float = 0.7,
+        graphs: bool | None = None,
     ) -> None:
+        """``graphs``: replay the step from CUDA graphs (default: on a CUDA device)."""
         config = model.config
         self.model = model
         self.k = int(config.num_codebooks)
@@ -138,6 +143,9 @@ class MoshiEngine:
             width: torch.arange(width, device=dev, dtype=torch.long) * 0x9E3779B9 & _MASK32
             for width in (self.text_vocab, self.bos)
         }
+        self.graphs: GraphedCompute | None = None
+        if graphs if graphs is not None else self.device.type == "cuda":
+            self.graphs = GraphedCompute(self)
 
     # -- slots -------------------------------------------------------------------------------
 
@@ -215,7 +223,10 @@ class MoshiEngine:
                 if r.forced_text:
                     wanted[r.slot] = r.forced_text.pop(0)
             forced = wanted.to(self.device)
-        packed = self.compute(n, ready, user_now, forced, self.span(n))
+        if self.graphs is None:
+            packed = self.compute(n, ready, user_now, forced, self.span(n))
+        else:  # the graph's output is overwritten by the next replay: keep a copy
+            packed = self.graphs(n, ready, user_now, forced, self.span(n)).clone()
         self._host_length[[r.slot for r in rows]] += 1
         host = packed.cpu().numpy()  # the step's one device-to-host copy
         return {r: self._output(packed, host, r.slot) for r in rows}

@@ -61,6 +61,9 @@ class MoshiWorker:
         # Moshi's own window (3000 frames, 4 minutes): longer calls go on over its last 3000.
         context = int(getattr(config, "sliding_window", None) or 3000)
         self.engine = MoshiEngine(model, context=context, max_calls=max_calls)
+        if self.engine.graphs is not None:
+            # Every shape now, so that no call waits for a capture mid-conversation.
+            self.engine.graphs.capture_all()
         # One codec batch for every call: row i of the encoder and decoder is codec_rows[i].
         self.encoder = MimiStreamEncoder(model.audio_encoder, batch_size=0)
         self.decoder = MimiStreamDecoder(model.audio_encoder, batch_size=0)

@@ -1,0 +1,40 @@
+"""Graph replay against the eager step on a GPU, shared by ``tests/test_moshi.py`` (``-m gpu``)
+and ``scripts/bench_moshi.py --check-graphs`` (the device machine has no pytest)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from s2s.backends.moshi_engine import MoshiEngine
+
+
+def graphs_equal_eager(model: Any, steps: int = 300, context: int = 400) -> tuple[bool, int]:
+    """Two engines on ``model`` (a CUDA one), one graphed and one eager, through joins, a leave,
+    a reset and a span change; returns (every output equal, graphs captured)."""
+    k = int(model.config.num_codebooks)
+    generator = torch.Generator().manual_seed(0)
+    codes = [torch.randint(0, 64, (k,), generator=generator).cuda() for _ in range(steps)]
+    graphed = MoshiEngine(model, max_calls=8, context=context, graphs=True)
+    eager = MoshiEngine(model, max_calls=8, context=context, graphs=False)
+    rows: list[tuple[Any, Any]] = [(graphed.join(0, seed=0), eager.join(0, seed=0))]
+    same = True
+    for t in range(steps):
+        if t in (5, 40):
+            rows.append((graphed.join(t, seed=t), eager.join(t, seed=t)))
+        if t == 60:
+            graphed.leave(rows[1][0])
+            eager.leave(rows.pop(1)[1])
+        if t == 100:
+            graphed.reset(rows[0][0])
+            eager.reset(rows[0][1])
+        out_g = graphed.step({a: codes[(t + i) % steps] for i, (a, _) in enumerate(rows)})
+        out_e = eager.step({b: codes[(t + i) % steps] for i, (_, b) in enumerate(rows)})
+        for a, b in rows:
+            x, y = out_g[a], out_e[b]
+            same &= x.text_token == y.text_token
+            same &= (x.codes is None) == (y.codes is None)
+            same &= x.codes is None or y.codes is None or torch.equal(x.codes, y.codes)
+    assert graphed.graphs is not None
+    return bool(same), graphed.graphs.captured
