@@ -90,7 +90,8 @@ def _floor_ms(model: Any, engine: Any, n: int, bandwidth_tbs: float) -> float:
 
 
 class _Calls:
-    """N calls on one engine and one codec batch, stepped as a worker's tick steps them."""
+    """N calls on one engine and one codec batch, stepped as a worker's tick steps them (with
+    the codec's CUDA graphs when the engine has its own)."""
 
     def __init__(
         self, engine: Any, model: Any, n: int, context: int, frame: int, cuda: bool
@@ -98,29 +99,42 @@ class _Calls:
         import torch
 
         from s2s.backends.mimi_stream import MimiStreamDecoder, MimiStreamEncoder
+        from s2s.worker.moshi import codec_graphs
 
-        self.engine, self.cuda = engine, cuda
+        self.engine, self.cuda, self.n = engine, cuda, n
         self.rows = [engine.join(i, seed=i) for i in range(n)]
         for row in self.rows:
             if context:
                 engine.skip_ahead(row, context)
         self.encoder = MimiStreamEncoder(model.audio_encoder, n)
         self.decoder = MimiStreamDecoder(model.audio_encoder, n)
+        self.graphs = None
+        if engine.graphs is not None:
+            self.graphs = codec_graphs(self.encoder, self.decoder, engine.k)
         self.audio = torch.randn(n, 1, frame, device=model.device, dtype=model.dtype) * 0.1
+        self.ready = torch.ones(n, dtype=torch.bool, device=model.device)
 
     def step(self) -> float:
         """One tick; returns the language model's share in seconds."""
         import torch
 
-        encoded = self.encoder.step(self.audio)[:, : self.engine.k, 0]
+        if self.graphs is None:
+            encoded = self.encoder.step(self.audio, self.ready)
+        else:
+            encoded = self.graphs[0](self.n, (self.audio, self.ready))
+        codes = encoded[:, : self.engine.k, 0]
         lm_start = time.perf_counter()
-        outputs = self.engine.step({r: encoded[i] for i, r in enumerate(self.rows)})
+        outputs = self.engine.step({r: codes[i] for i, r in enumerate(self.rows)})
         if self.cuda:
             torch.cuda.synchronize()
         lm = time.perf_counter() - lm_start
         frames = [outputs[r].codes for r in self.rows]
         if all(f is not None for f in frames):
-            self.decoder.step(torch.stack(frames)[:, :, None])  # type: ignore[misc]
+            stacked = torch.stack(frames)[:, :, None]  # type: ignore[arg-type]
+            if self.graphs is None:
+                self.decoder.step(stacked, self.ready)
+            else:
+                self.graphs[1](self.n, (stacked, self.ready))
         return lm
 
 
@@ -172,11 +186,13 @@ def main() -> None:
           f"{time.perf_counter() - started:.1f} s; frame {frame} samples ({budget_ms:.0f} ms); "
           f"context {args.context} of a {window}-frame window")  # fmt: skip
     if args.check_graphs:
-        from tests.moshi_graphs_check import graphs_equal_eager
+        from tests.moshi_graphs_check import codec_graphs_equal_eager, graphs_equal_eager
 
         same, captured = graphs_equal_eager(model)
         print(f"graph replay equals the eager step: {'yes' if same else 'NO'} "
               f"(300 steps, {captured} graphs)", flush=True)  # fmt: skip
+        codec = codec_graphs_equal_eager(model.audio_encoder)
+        print(f"codec graph replay equals eager: {'yes' if codec else 'NO'}", flush=True)
     header = ["calls", "p50_ms", "p99_ms", "lm_ms", "mimi_ms", "floor_ms", "realtime"]
     if args.profile:
         header += ["ops", "syncs", "allocs"]

@@ -113,8 +113,8 @@ def test_streaming_decode_equals_offline_and_per_frame_decode_does_not(mimi: Mim
 
 def test_a_batch_of_three_calls_stream_like_three_single_calls(mimi: MimiModel) -> None:
     audio = torch.cat([_speechlike(seed) for seed in range(3)])
-    codes = _encode_streaming(MimiStreamEncoder(mimi, batch_size=3), audio)
-    audio_out = _decode_streaming(MimiStreamDecoder(mimi, batch_size=3), codes)
+    codes = _encode_streaming(MimiStreamEncoder(mimi, slots=3), audio)
+    audio_out = _decode_streaming(MimiStreamDecoder(mimi, slots=3), codes)
     for row in range(3):
         alone = _encode_streaming(MimiStreamEncoder(mimi), audio[row : row + 1])
         assert torch.equal(codes[row : row + 1], alone)
@@ -124,7 +124,7 @@ def test_a_batch_of_three_calls_stream_like_three_single_calls(mimi: MimiModel) 
 
 def test_resetting_one_row_starts_that_call_afresh_and_leaves_the_others(mimi: MimiModel) -> None:
     first, second, other = _speechlike(0, 8), _speechlike(1, 8), _speechlike(2, 16)
-    encoder, decoder = MimiStreamEncoder(mimi, batch_size=2), MimiStreamDecoder(mimi, batch_size=2)
+    encoder, decoder = MimiStreamEncoder(mimi, slots=2), MimiStreamDecoder(mimi, slots=2)
     codes = [_encode_streaming(encoder, torch.cat([first, other[..., : 8 * FRAME]]))]
     audio = [_decode_streaming(decoder, codes[0])]
     encoder.reset(0)
@@ -153,10 +153,10 @@ def test_the_transformer_cache_follows_the_sliding_window(narrow: MimiModel) -> 
 def test_steps_of_the_wrong_shape_are_refused(mimi: MimiModel) -> None:
     with pytest.raises(ValueError, match="multiple of 1920"):
         MimiStreamEncoder(mimi).step(torch.zeros(1, 1, 1000))
-    with pytest.raises(ValueError, match="batch=2"):
-        MimiStreamDecoder(mimi, batch_size=2).step(torch.zeros(1, 8, 1, dtype=torch.long))
-    with pytest.raises(IndexError, match="outside a batch of 2"):
-        MimiStreamDecoder(mimi, batch_size=2).reset(2)
+    with pytest.raises(ValueError, match="codes for 1 to 2 slots, got 3 rows"):
+        MimiStreamDecoder(mimi, slots=2).step(torch.zeros(3, 8, 1, dtype=torch.long))
+    with pytest.raises(IndexError, match="outside a codec of 2 slots"):
+        MimiStreamDecoder(mimi, slots=2).reset(2)
 
 
 def _frame(audio: torch.Tensor, index: int) -> torch.Tensor:
@@ -170,32 +170,34 @@ def _alone(mimi: MimiModel, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def test_calls_that_join_and_leave_stream_like_single_calls(mimi: MimiModel) -> None:
-    # call: (tick it joins, frames it sends); call 1 leaves while 0 and 2 go on, so the rows
-    # after it move down, and call 3 then joins into the freed place at the end.
+    # call: (tick it joins, frames it sends); call 1 leaves while 0 and 2 go on, and call 3
+    # then joins into its freed slot (reset first), below call 2's.
     calls = {0: (0, 10), 1: (2, 5), 2: (3, 9), 3: (8, 5)}
     audio = {call: _speechlike(call, frames) for call, (_, frames) in calls.items()}
-    encoder, decoder = MimiStreamEncoder(mimi, batch_size=0), MimiStreamDecoder(mimi, batch_size=0)
-    in_rows: list[int] = []  # the call in each row
+    encoder, decoder = MimiStreamEncoder(mimi, slots=4), MimiStreamDecoder(mimi, slots=4)
+    slots: dict[int, int] = {}  # call -> slot
     codes: dict[int, list[torch.Tensor]] = {call: [] for call in calls}
     out: dict[int, list[torch.Tensor]] = {call: [] for call in calls}
     for tick in range(max(start + frames for start, frames in calls.values())):
         for call, (start, frames) in calls.items():
             if tick == start + frames:
-                row = in_rows.index(call)
-                encoder.remove_row(row)
-                decoder.remove_row(row)
-                in_rows.remove(call)
-        for call, (start, _) in calls.items():
+                del slots[call]
             if tick == start:
-                assert encoder.add_row() == decoder.add_row() == len(in_rows)
-                in_rows.append(call)
-        assert encoder.batch_size == decoder.batch_size == len(in_rows) > 0
-        audio_in = [_frame(audio[call], tick - calls[call][0]) for call in in_rows]
-        step_codes = encoder.step(torch.cat(audio_in))
-        step_audio = decoder.step(step_codes)
-        for row, call in enumerate(in_rows):
-            codes[call].append(step_codes[row : row + 1])
-            out[call].append(step_audio[row : row + 1])
+                slots[call] = min(set(range(4)) - set(slots.values()))
+                assert call != 3 or slots[call] == 1  # call 1's old slot
+                encoder.reset(slots[call])
+                decoder.reset(slots[call])
+        n = max(slots.values()) + 1
+        audio_in = torch.zeros(n, 1, FRAME)
+        ready = torch.zeros(n, dtype=torch.bool)
+        for call, slot in slots.items():
+            audio_in[slot] = _frame(audio[call], tick - calls[call][0])[0]
+            ready[slot] = True
+        step_codes = encoder.step(audio_in, ready)
+        step_audio = decoder.step(step_codes, ready)
+        for call, slot in slots.items():
+            codes[call].append(step_codes[slot : slot + 1])
+            out[call].append(step_audio[slot : slot + 1])
     for call in calls:
         alone_codes, alone_audio = _alone(mimi, audio[call])
         assert torch.equal(torch.cat(codes[call], -1), alone_codes)
@@ -204,7 +206,7 @@ def test_calls_that_join_and_leave_stream_like_single_calls(mimi: MimiModel) -> 
 
 def test_a_call_that_skips_ticks_resumes_where_it_was(narrow: MimiModel) -> None:
     # The narrow window slides while a call sits out ticks: what it keeps is counted in its own
-    # steps, not in ticks of the batch.
+    # steps, not in ticks of the batch. Rows without a frame compute on silence, unready.
     # The rows that have a frame at each tick; row 2 sits out 4 ticks, rows 0 and 1 one or more.
     ticks = ["012", "02", "1", "", "01", "2", "2", "2", "2", "012", "02", "12", "012", "1", "1"]
     present = [[int(row) for row in tick] for tick in ticks]
@@ -214,14 +216,16 @@ def test_a_call_that_skips_ticks_resumes_where_it_was(narrow: MimiModel) -> None
     codes: list[list[torch.Tensor]] = [[], [], []]
     out: list[list[torch.Tensor]] = [[], [], []]
     for rows in present:
-        audio_in = [_frame(audio[row], len(codes[row])) for row in rows]
-        index = torch.tensor(rows, dtype=torch.long)
-        step_codes = encoder.step(torch.cat(audio_in) if rows else torch.zeros(0, 1, FRAME), index)
-        step_audio = decoder.step(step_codes, index)
-        assert step_codes.shape == (len(rows), 8, 1) and step_audio.shape == (len(rows), 1, FRAME)
-        for i, row in enumerate(rows):
-            codes[row].append(step_codes[i : i + 1])
-            out[row].append(step_audio[i : i + 1])
+        audio_in = torch.zeros(3, 1, FRAME)
+        for row in rows:
+            audio_in[row] = _frame(audio[row], len(codes[row]))[0]
+        ready = torch.tensor([row in rows for row in range(3)])
+        step_codes = encoder.step(audio_in, ready)
+        step_audio = decoder.step(step_codes, ready)
+        assert step_codes.shape == (3, 8, 1) and step_audio.shape == (3, 1, FRAME)
+        for row in rows:
+            codes[row].append(step_codes[row : row + 1])
+            out[row].append(step_audio[row : row + 1])
     for row in range(3):
         alone_codes, alone_audio = _alone(narrow, audio[row])
         assert torch.equal(torch.cat(codes[row], -1), alone_codes)
@@ -234,10 +238,12 @@ def test_stepping_some_rows_leaves_the_others_as_they_were(mimi: MimiModel) -> N
     stepping = (MimiStreamEncoder(mimi, 3), MimiStreamDecoder(mimi, 3))
     for encoder, decoder in (skipping, stepping):
         _decode_streaming(decoder, _encode_streaming(encoder, audio[..., : 4 * FRAME]))
-    # Only row 1 steps in one pair, with audio the other pair never sees.
-    middle = torch.tensor([1])
+    # Only row 1 steps in one pair, with audio the other pair never sees; rows 0 and 2 compute
+    # on other audio, unready.
+    middle = torch.tensor([False, True, False])
     for seed in range(3, 6):
-        skipping[1].step(skipping[0].step(_speechlike(seed, 1), middle), middle)
+        noise = torch.cat([_speechlike(seed + 10 * i, 1) for i in range(3)])
+        skipping[1].step(skipping[0].step(noise, middle), middle)
     # Rows 0 and 2 go on as if nothing had happened in between.
     codes = [
         _encode_streaming(encoder, audio[..., 4 * FRAME :]) for encoder, _ in (skipping, stepping)
@@ -249,16 +255,14 @@ def test_stepping_some_rows_leaves_the_others_as_they_were(mimi: MimiModel) -> N
     assert not torch.equal(codes[0][1], codes[1][1])
 
 
-def test_rows_that_are_not_in_the_batch_are_refused(mimi: MimiModel) -> None:
-    encoder = MimiStreamEncoder(mimi, batch_size=2)
+def test_steps_that_do_not_fit_the_slots_are_refused(mimi: MimiModel) -> None:
+    encoder = MimiStreamEncoder(mimi, slots=2)
     frame = torch.zeros(2, 1, FRAME)
-    for rows in ([1, 0], [0, 0], [0, 2], [-1, 0]):
-        with pytest.raises(ValueError, match="sorted distinct long indices into a batch of 2"):
-            encoder.step(frame, torch.tensor(rows))
-    with pytest.raises(ValueError, match="batch=1"):
-        encoder.step(frame, torch.tensor([1]))
-    with pytest.raises(IndexError, match="row 2 is outside a batch of 2"):
-        encoder.remove_row(2)
-    encoder.remove_row(0)
-    assert encoder.batch_size == 1
+    for ready in (torch.tensor([True]), torch.tensor([1, 0]), torch.ones(2, 1, dtype=torch.bool)):
+        with pytest.raises(ValueError, match=r"ready must be a bool mask of shape \(2,\)"):
+            encoder.step(frame, ready)
+    with pytest.raises(ValueError, match="audio for 1 to 2 slots, got 0 rows"):
+        encoder.step(frame[:0])
+    with pytest.raises(ValueError, match="at least one slot"):
+        MimiStreamEncoder(mimi, slots=0)
     assert encoder.step(frame[:1]).shape == (1, 8, 1)

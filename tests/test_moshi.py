@@ -19,7 +19,7 @@ from s2s.backends.moshi_engine import MoshiEngine, RowOutput
 from s2s.signaling import BACKEND
 from s2s.worker.process import WorkerError, WorkerProcess
 from tests.conftest import StartServer
-from tests.moshi_graphs_check import graphs_equal_eager
+from tests.moshi_graphs_check import codec_graphs_equal_eager, graphs_equal_eager
 from tests.moshi_reference import MoshiEngine as ReferenceEngine
 from tests.peer import MicTrack, Peer
 from tests.signals import rms, tone
@@ -158,7 +158,7 @@ def test_the_step_has_no_host_sync_and_allocates_no_cache(
 def test_a_step_with_no_slot_ready_changes_nothing(
     tiny_moshi: MoshiForConditionalGeneration,
 ) -> None:
-    """What CUDA graph capture relies on (``s2s.backends.moshi_graphs``): its warm-up runs the
+    """What CUDA graph capture relies on (``s2s.backends.graphs``): its warm-up runs the
     real step with no slot ready, mid-call, and every call's output goes on unchanged."""
     codes = _codes(12)
     warmed, plain = MoshiEngine(tiny_moshi, max_calls=4), MoshiEngine(tiny_moshi, max_calls=4)
@@ -183,8 +183,10 @@ def test_a_step_with_no_slot_ready_changes_nothing(
 def test_graph_replay_equals_the_eager_step(tiny_moshi: MoshiForConditionalGeneration) -> None:
     """On a GPU: the graphed engine's outputs are the eager engine's, across joins, a leave,
     a reset and a span change (``pytest -m gpu``; CI has no GPU and deselects it)."""
-    same, captured = graphs_equal_eager(copy.deepcopy(tiny_moshi).to("cuda"))
+    model = copy.deepcopy(tiny_moshi).to("cuda")
+    same, captured = graphs_equal_eager(model)
     assert same and captured >= 3
+    assert codec_graphs_equal_eager(model.audio_encoder)
 
 
 async def test_calls_through_the_server_get_moshi_audio_on_time(

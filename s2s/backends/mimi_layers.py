@@ -14,13 +14,16 @@ per call, batch first:
   adding it to the next chunk gives the same samples.
 - transformer (``StreamingTransformer``): ``positions`` ``(batch,)``, each row's next RoPE
   position, and per layer ``keys``/``values`` ``(batch, kv_heads, capacity, head_dim)`` with
-  RoPE applied: a ring per row, step ``p`` in slot ``p % capacity``, holding the last
-  ``sliding_window - 1`` steps. Which step a slot holds follows from ``positions`` alone, so rows
-  need not step together: a row that skips a tick neither writes a key nor moves its position,
-  and a reset row (position 0) sees no old keys.
+  RoPE applied: a ring per row, step ``p`` in ring position ``p % capacity``, holding the last
+  ``sliding_window - 1`` steps. Which step a position holds follows from ``positions`` alone, so
+  rows need not step together: a row that skips a tick keeps its keys and position, and a reset
+  row (position 0) sees no old keys.
 
-A step runs some rows of the batch (sorted row indices; ``None`` for all, the fast path): it
-reads those rows' state, and writes back theirs only.
+The state is allocated once for a fixed number of rows (one per call slot) and updated in
+place. A step runs the first ``n`` rows (``x`` has ``n`` rows) with an optional ``ready`` mask
+``(n,)``: every row computes, but only ready rows' state moves on (``None``: every row). So a
+step's shapes depend on ``n`` alone and it never reads a value back to the host, which is what
+CUDA graph capture needs.
 """
 
 from __future__ import annotations
@@ -43,34 +46,20 @@ from transformers.models.mimi.modeling_mimi import (
 class StreamingLayer(Protocol):
     """One layer run chunk by chunk, with whatever state that needs for each row."""
 
-    def __call__(self, x: Tensor, rows: Tensor | None, /) -> Tensor:
-        """Run the next chunk ``x`` of the rows ``rows`` (sorted indices; None for every row)."""
+    def __call__(self, x: Tensor, ready: Tensor | None, /) -> Tensor:
+        """Run the next chunk ``x`` of the first ``len(x)`` rows; only ``ready`` rows move on."""
 
     def reset(self, rows: Tensor) -> None:
         """Forget the state of the rows where the boolean ``(batch,)`` mask ``rows`` is set."""
 
-    def add_row(self) -> None:
-        """Append a row in the state of a new stream."""
 
-    def remove_row(self, row: int) -> None:
-        """Drop row ``row``; the rows after it move down by one."""
-
-
-def _rows_of(state: Tensor, rows: Tensor | None) -> Tensor:
-    return state if rows is None else state[rows]
-
-
-def _with_rows(state: Tensor, rows: Tensor | None, new: Tensor) -> Tensor:
-    """``state`` with its rows ``rows`` replaced by ``new`` (just ``new`` when every row)."""
-    return new if rows is None else state.index_copy(0, rows, new)
-
-
-def _appended(state: Tensor, fill: float | bool) -> Tensor:
-    return torch.cat([state, state.new_full((1, *state.shape[1:]), fill)])
-
-
-def _without(state: Tensor, row: int) -> Tensor:
-    return torch.cat([state[:row], state[row + 1 :]])
+def _update(state: Tensor, new: Tensor, ready: Tensor | None) -> None:
+    """Write ``new`` over the first ``len(new)`` rows of ``state``, where ``ready``."""
+    old = state[: new.shape[0]]
+    if ready is None:
+        old.copy_(new)
+    else:
+        old.copy_(torch.where(ready.view(-1, *[1] * (new.dim() - 1)), new, old))
 
 
 class _Stateless:
@@ -79,17 +68,11 @@ class _Stateless:
     def __init__(self, layer: nn.Module) -> None:
         self.layer = layer
 
-    def __call__(self, x: Tensor, rows: Tensor | None) -> Tensor:
+    def __call__(self, x: Tensor, ready: Tensor | None) -> Tensor:
         out: Tensor = self.layer(x)
         return out
 
     def reset(self, rows: Tensor) -> None:
-        pass
-
-    def add_row(self) -> None:
-        pass
-
-    def remove_row(self, row: int) -> None:
         pass
 
 
@@ -106,32 +89,24 @@ class CausalConv:
         self.cache = weight.new_zeros(batch, self.conv.in_channels, self.context)
         self.fresh = torch.ones(batch, dtype=torch.bool, device=weight.device)
 
-    def __call__(self, x: Tensor, rows: Tensor | None) -> Tensor:
-        cache = _rows_of(self.cache, rows)
+    def __call__(self, x: Tensor, ready: Tensor | None) -> Tensor:
+        n = x.shape[0]
+        cache = self.cache[:n]
         if self.replicate:
             # Offline replicate padding repeats the clip's first sample, which a row only
             # sees in its first chunk.
-            fresh = _rows_of(self.fresh, rows)
-            first = x[:, :, :1].expand_as(cache)
-            cache = torch.where(fresh[:, None, None], first, cache)
-            self.fresh = _with_rows(self.fresh, rows, torch.zeros_like(fresh))
+            fresh = self.fresh[:n]
+            cache = torch.where(fresh[:, None, None], x[:, :, :1].expand_as(cache), cache)
+            _update(self.fresh, torch.zeros_like(fresh), ready)
         full = torch.cat([cache, x], dim=-1)
         # Chunks are whole multiples of the stride, so the next window starts exactly here.
-        self.cache = _with_rows(self.cache, rows, full[..., full.shape[-1] - self.context :])
+        _update(self.cache, full[..., full.shape[-1] - self.context :], ready)
         out: Tensor = self.conv(full)
         return out
 
     def reset(self, rows: Tensor) -> None:
-        self.cache = self.cache.masked_fill(rows[:, None, None], 0.0)
-        self.fresh = self.fresh | rows
-
-    def add_row(self) -> None:
-        self.cache = _appended(self.cache, 0.0)
-        self.fresh = _appended(self.fresh, True)
-
-    def remove_row(self, row: int) -> None:
-        self.cache = _without(self.cache, row)
-        self.fresh = _without(self.fresh, row)
+        self.cache.masked_fill_(rows[:, None, None], 0.0)
+        self.fresh.logical_or_(rows)
 
 
 class CausalConvTranspose:
@@ -148,25 +123,19 @@ class CausalConvTranspose:
             raise ValueError(f"transposed conv kernel {kernel} overlaps more than stride {stride}")
         self.tail = self.conv.weight.new_zeros(batch, self.conv.out_channels, self.overlap)
 
-    def __call__(self, x: Tensor, rows: Tensor | None) -> Tensor:
+    def __call__(self, x: Tensor, ready: Tensor | None) -> Tensor:
         y: Tensor = self.conv(x)
         end = y.shape[-1] - self.overlap
-        head = y[..., : self.overlap] + _rows_of(self.tail, rows)
+        head = y[..., : self.overlap] + self.tail[: x.shape[0]]
         tail = y[..., end:]
         if self.conv.bias is not None:
             # The next chunk's output carries the bias already.
             tail = tail - self.conv.bias[:, None]
-        self.tail = _with_rows(self.tail, rows, tail)
+        _update(self.tail, tail, ready)
         return torch.cat([head, y[..., self.overlap : end]], dim=-1)
 
     def reset(self, rows: Tensor) -> None:
-        self.tail = self.tail.masked_fill(rows[:, None, None], 0.0)
-
-    def add_row(self) -> None:
-        self.tail = _appended(self.tail, 0.0)
-
-    def remove_row(self, row: int) -> None:
-        self.tail = _without(self.tail, row)
+        self.tail.masked_fill_(rows[:, None, None], 0.0)
 
 
 class _Residual:
@@ -176,23 +145,15 @@ class _Residual:
         self.block = [streaming_layer(inner, batch) for inner in layer.block]
         self.shortcut = streaming_layer(layer.shortcut, batch)
 
-    def __call__(self, x: Tensor, rows: Tensor | None) -> Tensor:
+    def __call__(self, x: Tensor, ready: Tensor | None) -> Tensor:
         h = x
         for step in self.block:
-            h = step(h, rows)
-        return self.shortcut(x, rows) + h
+            h = step(h, ready)
+        return self.shortcut(x, ready) + h
 
     def reset(self, rows: Tensor) -> None:
         for step in (*self.block, self.shortcut):
             step.reset(rows)
-
-    def add_row(self) -> None:
-        for step in (*self.block, self.shortcut):
-            step.add_row()
-
-    def remove_row(self, row: int) -> None:
-        for step in (*self.block, self.shortcut):
-            step.remove_row(row)
 
 
 def streaming_layer(layer: nn.Module, batch: int) -> StreamingLayer:
@@ -231,20 +192,20 @@ class StreamingTransformer:
         self.values = [weight.new_zeros(shape) for _ in self.layers]
         self.positions = torch.zeros(batch, dtype=torch.long, device=weight.device)
 
-    def __call__(self, x: Tensor, rows: Tensor | None) -> Tensor:
-        """Run ``x`` ``(batch, time, hidden)`` on after everything these rows have seen."""
+    def __call__(self, x: Tensor, ready: Tensor | None) -> Tensor:
+        """Run ``x`` ``(n, time, hidden)`` on after everything the first n rows have seen."""
         batch, steps, _ = x.shape
-        positions = _rows_of(self.positions, rows)
+        positions = self.positions[:batch]
         new = positions[:, None] + torch.arange(steps, device=x.device)
         cos, sin = self.rotary(x, new)
         mask = self._mask(positions, new)
-        # Only the last ``capacity`` new steps outlive this call; each goes to its own slot.
+        # Only the last ``capacity`` new steps outlive this call; each goes to its own place.
         kept = new[:, -self.capacity :]
-        rows_index = torch.arange(batch, device=x.device) if rows is None else rows
-        slots = (rows_index[:, None], kept % self.capacity)
+        places = (torch.arange(batch, device=x.device)[:, None], kept % self.capacity)
         for index, layer in enumerate(self.layers):
-            x = self._layer(index, layer, x, cos, sin, mask, rows, slots)
-        self.positions = _with_rows(self.positions, rows, positions + steps)
+            x = self._layer(index, layer, x, cos, sin, mask, ready, places)
+        moved = steps if ready is None else ready.long() * steps
+        positions.add_(moved)
         return x
 
     def _cached_positions(self, positions: Tensor) -> Tensor:
@@ -271,8 +232,8 @@ class StreamingTransformer:
         cos: Tensor,
         sin: Tensor,
         mask: Tensor,
-        rows: Tensor | None,
-        slots: tuple[Tensor, Tensor],
+        ready: Tensor | None,
+        places: tuple[Tensor, Tensor],
     ) -> Tensor:
         attention = layer.self_attn
         batch, steps, _ = x.shape
@@ -283,12 +244,17 @@ class StreamingTransformer:
         value = attention.v_proj(h).view(shape).transpose(1, 2)
         # The library's own rotation, so streaming rotates exactly as offline does.
         query, key = apply_rotary_pos_emb(query, key, cos, sin)  # type: ignore[no-untyped-call]
-        keys = torch.cat([_rows_of(self.keys[index], rows), key], dim=2)
-        values = torch.cat([_rows_of(self.values[index], rows), value], dim=2)
-        # In place, and only the slots of the rows that stepped: the rest of the ring stays.
-        kept = slots[1].shape[1]
-        self.keys[index][slots[0], :, slots[1]] = key[:, :, -kept:].transpose(1, 2)
-        self.values[index][slots[0], :, slots[1]] = value[:, :, -kept:].transpose(1, 2)
+        keys = torch.cat([self.keys[index][:batch], key], dim=2)
+        values = torch.cat([self.values[index][:batch], value], dim=2)
+        # In place, and only for the rows that stepped: the rest of the ring stays.
+        kept = places[1].shape[1]
+        for ring, new in ((self.keys[index], key), (self.values[index], value)):
+            written = new[:, :, -kept:].transpose(1, 2)
+            if ready is not None:
+                written = torch.where(
+                    ready[:, None, None, None], written, ring[places[0], :, places[1]]
+                )
+            ring[places[0], :, places[1]] = written
         if self.kv_heads != self.heads:
             keys = keys.repeat_interleave(self.heads // self.kv_heads, dim=1)
             values = values.repeat_interleave(self.heads // self.kv_heads, dim=1)
@@ -301,15 +267,5 @@ class StreamingTransformer:
         return out
 
     def reset(self, rows: Tensor) -> None:
-        # Position 0 means no slot holds a step of this row: its old keys are masked out.
-        self.positions = self.positions.masked_fill(rows, 0)
-
-    def add_row(self) -> None:
-        self.keys = [_appended(k, 0.0) for k in self.keys]
-        self.values = [_appended(v, 0.0) for v in self.values]
-        self.positions = _appended(self.positions, 0)
-
-    def remove_row(self, row: int) -> None:
-        self.keys = [_without(k, row) for k in self.keys]
-        self.values = [_without(v, row) for v in self.values]
-        self.positions = _without(self.positions, row)
+        # Position 0 means the ring holds no step of this row: its old keys are masked out.
+        self.positions.masked_fill_(rows, 0)

@@ -18,7 +18,7 @@ state itself:
   the longest of those calls has written, rounded up to ``SPAN_STEP`` positions (known on the
   host without asking the device), so young calls do not pay for the whole window. So each
   (bucket, span) step is one fixed sequence of kernels, replayed from a CUDA graph on a GPU
-  (``s2s.backends.moshi_graphs``).
+  (``s2s.backends.graphs``).
 - **The depth decoder incrementally**: ``K`` steps, each one codebook, with a ``K``-position
   cache of its own; each codebook's weights are applied as a plain matrix product with that
   codebook's slice (transformers' ``MoshiFlexibleLinear`` broadcasts the weights over the batch).
@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from s2s.backends.moshi_graphs import GraphedCompute
+from s2s.backends.graphs import StepGraphs
 
 #: Slot counts a step is computed for (the smallest that holds every allocated slot).
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128, 192, 256)
@@ -143,9 +143,14 @@ class MoshiEngine:
             width: torch.arange(width, device=dev, dtype=torch.long) * 0x9E3779B9 & _MASK32
             for width in (self.text_vocab, self.bos)
         }
-        self.graphs: GraphedCompute | None = None
+        self.graphs: StepGraphs | None = None
         if graphs if graphs is not None else self.device.type == "cuda":
-            self.graphs = GraphedCompute(self)
+            buffers = [
+                torch.zeros(s, dtype=torch.bool, device=dev),  # ready
+                torch.full((s, self.k), self.bos, dtype=torch.long, device=dev),  # user codes
+                torch.full((s,), -1, dtype=torch.long, device=dev),  # forced text
+            ]
+            self.graphs = StepGraphs("Moshi step", self.compute, buffers, (False, self.bos, -1))
 
     # -- slots -------------------------------------------------------------------------------
 
@@ -226,7 +231,7 @@ class MoshiEngine:
         if self.graphs is None:
             packed = self.compute(n, ready, user_now, forced, self.span(n))
         else:  # the graph's output is overwritten by the next replay: keep a copy
-            packed = self.graphs(n, ready, user_now, forced, self.span(n)).clone()
+            packed = self.graphs(n, (ready, user_now, forced), self.span(n)).clone()
         self._host_length[[r.slot for r in rows]] += 1
         host = packed.cpu().numpy()  # the step's one device-to-host copy
         return {r: self._output(packed, host, r.slot) for r in rows}
@@ -234,6 +239,14 @@ class MoshiEngine:
     def _output(self, packed: torch.Tensor, host: np.ndarray, slot: int) -> RowOutput:
         frame = packed[slot, 2:] if host[slot, 1] else None
         return RowOutput(int(host[slot, 0]), frame)
+
+    def capture_graphs(self) -> None:
+        """Capture the step for every bucket and span now (CUDA), not when first needed."""
+        if self.graphs is not None:
+            context, step = self.context, SPAN_STEP
+            spans = sorted({min(context, s) for s in range(step, context + step, step)})
+            buckets = [b for b in BUCKETS if b <= self.max_calls]
+            self.graphs.capture((n, span) for n in buckets for span in spans)
 
     def span(self, n: int) -> int:
         """How much of the ring a step over ``n`` slots reads: every position any of them may

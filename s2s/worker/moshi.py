@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from s2s.backends.graphs import StepGraphs
 from s2s.backends.mimi_stream import MimiStreamDecoder, MimiStreamEncoder
-from s2s.backends.moshi_engine import MoshiEngine, Row
+from s2s.backends.moshi_engine import BUCKETS, MoshiEngine, Row
 from s2s.worker.messages import CallOutput, Change, Hello, Tick, TickResult
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,23 @@ def load_moshi(location: str, device: str | None) -> tuple[Any, Any | None, str]
     return model, tokenizer, chosen
 
 
+def codec_graphs(
+    encoder: MimiStreamEncoder, decoder: MimiStreamDecoder, codebooks: int
+) -> tuple[StepGraphs, StepGraphs]:
+    """The codec's encode and decode steps as CUDA graphs (captured when first used)."""
+    slots, device, dtype = encoder.slots, encoder.device, encoder.model.dtype
+    ready = torch.zeros(slots, dtype=torch.bool, device=device)
+    audio = torch.zeros((slots, 1, encoder.frame_samples), dtype=dtype, device=device)
+    codes = torch.zeros((slots, codebooks, 1), dtype=torch.long, device=device)
+    encode = StepGraphs(
+        "Mimi encode", lambda n, x, mask: encoder.step(x, mask), [audio, ready], (0.0, False)
+    )
+    decode = StepGraphs(
+        "Mimi decode", lambda n, x, mask: decoder.step(x, mask), [codes, ready.clone()], (0, False)
+    )
+    return encode, decode
+
+
 class MoshiWorker:
     """Every call's Moshi state on one device, stepped together once per 80 ms frame."""
 
@@ -61,16 +79,25 @@ class MoshiWorker:
         # Moshi's own window (3000 frames, 4 minutes): longer calls go on over its last 3000.
         context = int(getattr(config, "sliding_window", None) or 3000)
         self.engine = MoshiEngine(model, context=context, max_calls=max_calls)
+        # The codec's rows are the engine's slots: a call's codec state is in its slot's row.
+        self.encoder = MimiStreamEncoder(model.audio_encoder, slots=max_calls)
+        self.decoder = MimiStreamDecoder(model.audio_encoder, slots=max_calls)
+        self._encode: StepGraphs | None = None
+        self._decode: StepGraphs | None = None
         if self.engine.graphs is not None:
-            # Every shape now, so that no call waits for a capture mid-conversation.
-            self.engine.graphs.capture_all()
-        # One codec batch for every call: row i of the encoder and decoder is codec_rows[i].
-        self.encoder = MimiStreamEncoder(model.audio_encoder, batch_size=0)
-        self.decoder = MimiStreamDecoder(model.audio_encoder, batch_size=0)
-        self.codec_rows: list[str] = []
+            self._capture_codec_graphs(model)
         self.calls: dict[str, Row] = {}
         #: Calls whose join was refused (every slot in use), and why, until they leave.
         self.refused: dict[str, str] = {}
+
+    def _capture_codec_graphs(self, model: Any) -> None:
+        """CUDA graphs of the codec's steps, and every shape of them and of the engine's step
+        captured now, so that no call waits for a capture mid-conversation."""
+        self._encode, self._decode = codec_graphs(self.encoder, self.decoder, self.engine.k)
+        buckets = [(n,) for n in BUCKETS if n <= self.engine.max_calls]
+        self._encode.capture(buckets)
+        self._decode.capture(buckets)
+        self.engine.capture_graphs()
 
     @classmethod
     def load(cls, location: str, device: str | None, max_calls: int) -> MoshiWorker:
@@ -87,9 +114,7 @@ class MoshiWorker:
         started = time.perf_counter()
         for change in tick.changes:
             self._apply(change)
-        ready = sorted(
-            (call for call in tick.frames if call in self.calls), key=self.codec_rows.index
-        )
+        ready = [call for call in tick.frames if call in self.calls]
         outputs = self._step(ready, tick.frames) if ready else {}
         for call in tick.frames:
             if call in self.refused:
@@ -98,25 +123,42 @@ class MoshiWorker:
 
     @torch.inference_mode()
     def _step(self, ready: list[str], frames: dict[str, bytes]) -> dict[str, CallOutput]:
-        model = self.model
-        pcm = np.stack([np.frombuffer(frames[call], np.int16) for call in ready])
-        audio = torch.from_numpy(pcm.astype(np.float32) / 32768)
-        audio = audio.to(model.device, model.dtype)[:, None, :]
-        rows = torch.tensor([self.codec_rows.index(call) for call in ready])
-        codes = self.encoder.step(audio, rows)[:, : self.engine.k, 0]
-        stepped = self.engine.step({self.calls[call]: codes[i] for i, call in enumerate(ready)})
+        model, engine = self.model, self.engine
+        # Every step covers the engine's first n slots, those without a frame unready.
+        n = min(engine.bucket(), engine.max_calls)
+        slots = [self.calls[call].slot for call in ready]
+        pcm = np.zeros((n, self.frame_samples), np.float32)
+        pcm[slots] = np.stack([np.frombuffer(frames[call], np.int16) for call in ready]) / 32768
+        audio = torch.from_numpy(pcm).to(model.device, model.dtype)[:, None, :]
+        mask = np.zeros(n, bool)
+        mask[slots] = True
+        ready_mask = torch.from_numpy(mask).to(model.device)
+        if self._encode is None:
+            codes = self.encoder.step(audio, ready_mask)
+        else:
+            codes = self._encode(n, (audio, ready_mask))
+        stepped = engine.step({self.calls[call]: codes[s, : engine.k, 0]
+                               for call, s in zip(ready, slots, strict=True)})  # fmt: skip
         results = {call: CallOutput(text=self._text(stepped[self.calls[call]].text_token))
                    for call in ready}  # fmt: skip
         speaking = [
             (call, c) for call in ready if (c := stepped[self.calls[call]].codes) is not None
         ]
         if speaking:
-            frames_in = torch.stack([c for _, c in speaking])[:, :, None]
-            codec_rows = torch.tensor([self.codec_rows.index(call) for call, _ in speaking])
-            decoded = self.decoder.step(frames_in, codec_rows).float().clamp(-1, 1) * 32767
-            samples = decoded.reshape(len(speaking), -1).cpu().numpy().astype(np.int16)
+            talking = [self.calls[call].slot for call, _ in speaking]
+            frames_in = torch.zeros((n, engine.k, 1), dtype=torch.long, device=model.device)
+            frames_in[talking] = torch.stack([c for _, c in speaking])[:, :, None]
+            mask[:] = False
+            mask[talking] = True
+            talking_mask = torch.from_numpy(mask).to(model.device)
+            if self._decode is None:
+                decoded = self.decoder.step(frames_in, talking_mask)
+            else:
+                decoded = self._decode(n, (frames_in, talking_mask))
+            samples = (decoded[talking].float().clamp(-1, 1) * 32767).reshape(len(talking), -1)
+            pcm_out = samples.cpu().numpy().astype(np.int16)
             for i, (call, _) in enumerate(speaking):
-                results[call].audio = samples[i].tobytes()
+                results[call].audio = pcm_out[i].tobytes()
         return results
 
     def _apply(self, change: Change) -> None:
@@ -124,29 +166,24 @@ class MoshiWorker:
         call = change.call
         if change.kind == "join" and call not in self.calls:
             try:
-                self.calls[call] = self.engine.join(call)
+                self.calls[call] = joined = self.engine.join(call)
             except RuntimeError as exc:  # every slot is in use
                 self.refused[call] = str(exc)
                 return
-            self.codec_rows.append(call)
-            self.encoder.add_row()
-            self.decoder.add_row()
+            self.encoder.reset(joined.slot)
+            self.decoder.reset(joined.slot)
             return
         row = self.calls.get(call)
         if row is None:
             if change.kind == "leave":
                 self.refused.pop(call, None)
             return
-        index = self.codec_rows.index(call)
         if change.kind == "leave":
             self.engine.leave(self.calls.pop(call))
-            self.codec_rows.pop(index)  # the codec's later rows move down by one, as this list
-            self.encoder.remove_row(index)
-            self.decoder.remove_row(index)
         elif change.kind == "reset":
             self.engine.reset(row)
-            self.encoder.reset(index)
-            self.decoder.reset(index)
+            self.encoder.reset(row.slot)
+            self.decoder.reset(row.slot)
         elif change.kind == "steer" and self.tokenizer is not None:
             row.forced_text = list(self.tokenizer.encode(change.text, add_special_tokens=False))
 
