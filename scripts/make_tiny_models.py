@@ -456,6 +456,23 @@ def qwen3_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def _fill_uninitialised(model: Any) -> None:
+    """Give random values to what ``__init__`` leaves empty or all alike.
+
+    transformers 5.24 initialises the thinker's experts but not the talker's (``torch.empty``:
+    whatever memory held, NaN at times) and zeroes the talker's routers (every token would go to
+    the same experts); code2wav's ConvNeXt blocks start at ``gamma`` 1e-6, which leaves their
+    causal convs, and a test of their streaming state, without effect.
+    """
+    with torch.no_grad():
+        for layer in model.talker.model.layers:
+            layer.mlp.experts.gate_up_proj.normal_(0.0, 0.02)
+            layer.mlp.experts.down_proj.normal_(0.0, 0.02)
+            layer.mlp.gate.weight.normal_(0.0, 0.5)
+        for _, block in model.code2wav.upsample:
+            block.gamma.fill_(0.5)
+
+
 def _quieten_code2wav(model: Any) -> None:
     """Scale code2wav's last conv so random codes decode to peaks near ``PEAK``, not clipped."""
     codes = torch.randint(0, QWEN3_CODEBOOK, (1, QWEN3_CODE_GROUPS, 25))
@@ -480,11 +497,8 @@ def build_qwen3_omni(out_dir: Path) -> None:
     tokenizer = qwen3_tokenizer()
     vocab = tokenizer.get_vocab()
     config = qwen3_omni_config(vocab)
-    model = Qwen3OmniMoeForConditionalGeneration(config).eval()
-    # A random model never says its end token: these keep a reply short (generate() itself
-    # defaults to 1024 text tokens and 4096 codec frames).
-    model.generation_config.thinker_max_new_tokens = 8
-    model.generation_config.talker_max_new_tokens = 40
+    model: Any = Qwen3OmniMoeForConditionalGeneration(config).eval()  # type: ignore[no-untyped-call]
+    _fill_uninitialised(model)
     _quieten_code2wav(model)
     path = out_dir / "tiny-qwen3-omni"
     shutil.rmtree(path, ignore_errors=True)
@@ -499,7 +513,7 @@ def build_qwen3_omni(out_dir: Path) -> None:
     (path / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
     print(f"wrote {path} ({type(model).__name__}, {_count(model):,} parameters)")
 
-    loaded = Qwen3OmniMoeForConditionalGeneration.from_pretrained(path, local_files_only=True)
+    loaded: Any = Qwen3OmniMoeForConditionalGeneration.from_pretrained(path, local_files_only=True)
     theirs = loaded.state_dict()
     for key, tensor in model.state_dict().items():
         if not torch.equal(tensor, theirs[key]):

@@ -12,8 +12,8 @@ from the others' so only it loses them. So the audio of a call, frame after fram
 to ``chunked_decode``'s 300-frame chunk (longer ones it decodes with 25 frames of left context,
 an approximation that streaming does not need).
 
-The first frame of a call yields ``1920 - 2 * (8 + 5 + 4 + 3) / ...`` fewer samples (what the
-trims cost), later ones ``total_upsample`` each. State is indexed by slot; ``reset(slot)``
+A call's first frame yields fewer than ``total_upsample`` (1920) samples, by what those
+start trims cost; every later frame yields exactly 1920. State is indexed by slot; ``reset(slot)``
 starts a slot afresh for a new call.
 """
 
