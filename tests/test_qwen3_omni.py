@@ -227,6 +227,9 @@ def test_full_engine_and_bad_requests_are_refused(model: Any, pieces: Any) -> No
     inputs = _inputs(pieces, "text")
     with pytest.raises(ValueError, match="speaker"):
         engine.add(Request(inputs, speaker="nobody"))
+    cut = {key: value[:, :-1] for key, value in inputs.items()}
+    with pytest.raises(ValueError, match="assistant turn"):
+        engine.add(_request(cut))
     engine.add(_request(inputs))
     with pytest.raises(RuntimeError, match="slots"):
         engine.add(_request(inputs))

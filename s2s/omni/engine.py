@@ -175,6 +175,10 @@ class OmniEngine:
         ids = inputs["input_ids"]
         if ids.shape[0] != 1:
             raise ValueError(f"one call per request, got a batch of {ids.shape[0]}")
+        opening = [self.config.im_start_token_id, self.config.assistant_token_id]
+        if ids.shape[1] < 3 or ids[0, -3:-1].tolist() != opening:
+            # The talker's prompt starts from these three tokens (as generate() assumes).
+            raise ValueError("the prompt must end with the open assistant turn")
         slot = self.free.pop()
         try:
             row = self._prefill(slot, request, inputs)
@@ -235,12 +239,7 @@ class OmniEngine:
         length = ids.shape[1]
         user = self._user_mask(ids[0])
         user_embeds = model._get_talker_user_parts(0, length, media, hidden, embeds[:, :length])
-        starts = (ids[0, :-1] == config.im_start_token_id) & (
-            ids[0, 1:] == config.assistant_token_id
-        )
-        start = int(starts.nonzero()[-1, 0])
-        if length - start != 3:
-            raise ValueError("the prompt must end with the open assistant turn")
+        start = length - 3  # <|im_start|>assistant\n, checked in add()
         speaker = config.talker_config.speaker_id[row.request.speaker.lower()]
         assistant, assistant_ids, _ = model._get_talker_assistant_parts(
             start, length + 1, speaker, embeds, self.tts_pad, self.tts_bos, self.tts_eos
@@ -327,7 +326,7 @@ class OmniEngine:
         self.free.append(row.slot)
 
     def _think(self, rows: list[_Row], results: dict[int, RowStep]) -> None:
-        slots = torch.tensor([r.slot for r in rows], device=self.device)
+        slots = [r.slot for r in rows]
         deltas = torch.tensor([r.thinker_delta for r in rows], device=self.device)
         last = torch.tensor([[r.last_token] for r in rows], device=self.device)
         embeds = self.thinker.get_input_embeddings()(last)
@@ -369,7 +368,7 @@ class OmniEngine:
         audio = self.code2wav.step(frame, [r.slot for r in rows])
         text = torch.cat([r.pending.pop(0) if r.pending else self.tts_pad for r in rows])
         step_input = torch.cat(embeds, dim=1).sum(1, keepdim=True) + text
-        slots = torch.tensor([r.slot for r in rows], device=self.device)
+        slots = [r.slot for r in rows]
         deltas = torch.tensor([r.talker_delta for r in rows], device=self.device)
         hidden = self.talker_cache.decode(talker.model, step_input, deltas, slots)
         for index, row in enumerate(rows):

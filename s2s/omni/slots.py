@@ -37,6 +37,8 @@ class SlotCache:
         self.keys = [weight.new_zeros(shape) for _ in layers]
         self.values = [weight.new_zeros(shape) for _ in layers]
         self.lengths = torch.zeros(slots, dtype=torch.long, device=weight.device)
+        # The same on the host, so a step sizes its attention without waiting for the device.
+        self.host_lengths = [0] * slots
         self.capacity = capacity
 
     def load(self, slot: int, cache: DynamicCache) -> None:
@@ -48,6 +50,7 @@ class SlotCache:
             keys[slot, :, :length] = layer.keys[0]
             values[slot, :, :length] = layer.values[0]
         self.lengths[slot] = length
+        self.host_lengths[slot] = length
 
     def reserve(self, length: int) -> None:
         """Grow every layer so a slot can hold ``length`` positions."""
@@ -89,23 +92,26 @@ class SlotCache:
         out: Tensor = attention.o_proj(attended.transpose(1, 2).reshape(batch, 1, -1))
         return out
 
-    def decode(self, model: Any, hidden: Tensor, deltas: Tensor, slots: Tensor) -> Tensor:
+    def decode(self, model: Any, hidden: Tensor, deltas: Tensor, slots: list[int]) -> Tensor:
         """Run ``hidden`` ``(batch, 1, hidden)`` through the decoder ``model`` (its ``layers``,
         ``norm`` and ``rotary_emb``) as the next position of each slot in ``slots``; ``deltas``
         ``(batch,)`` is each call's multimodal RoPE offset. Returns the normed last hidden."""
-        lengths = self.lengths[slots]
-        self.reserve(int(lengths.max()) + 1)
-        visible = int(lengths.max()) + 1
+        visible = max(self.host_lengths[slot] for slot in slots) + 1
+        self.reserve(visible)
+        index = torch.tensor(slots, device=hidden.device)
+        lengths = self.lengths[index]
         # Text positions continue from the prompt; all three RoPE axes move together.
         positions = (lengths + deltas)[None, :, None].expand(3, -1, -1)
         rotary = model.rotary_emb(hidden, positions)
-        for index, layer in enumerate(model.layers):
+        for number, layer in enumerate(model.layers):
             residual = hidden
             hidden = self.attend(
-                index, layer.self_attn, layer.input_layernorm(hidden), rotary, slots, visible
+                number, layer.self_attn, layer.input_layernorm(hidden), rotary, index, visible
             )
             hidden = residual + hidden
             hidden = hidden + feed_forward(layer.mlp, layer.post_attention_layernorm(hidden))
-        self.lengths[slots] = lengths + 1
+        self.lengths[index] = lengths + 1
+        for slot in slots:
+            self.host_lengths[slot] += 1
         out: Tensor = model.norm(hidden)
         return out
