@@ -475,7 +475,7 @@ def _fill_uninitialised(model: Any) -> None:
 
 def _quieten_code2wav(model: Any) -> None:
     """Scale code2wav's last conv so random codes decode to peaks near ``PEAK``, not clipped."""
-    codes = torch.randint(0, QWEN3_CODEBOOK, (1, QWEN3_CODE_GROUPS, 25))
+    codes = torch.randint(0, QWEN3_CODEBOOK, (1, QWEN3_CODE_GROUPS, 10))
     with torch.inference_mode():
         peak = float(model.code2wav(codes).abs().max())
     conv = model.code2wav.decoder[-1].conv
