@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, WhisperFeature
 
 from s2s.omni.code2wav import Code2WavStream
 from s2s.omni.engine import GREEDY, Decoding, OmniEngine, Request, load_model
-from s2s.omni.moe import feed_forward
+from s2s.omni.moe import experts_forward, feed_forward
 from s2s.omni.prompt import Message, build_inputs
 
 MAX_TEXT = 8
@@ -250,6 +250,14 @@ def test_grouped_moe_equals_the_module(model: Any, part: str) -> None:
         x = torch.randn(3, 5, layer.mlp.gate.hidden_dim)
         with torch.inference_mode():
             assert torch.allclose(feed_forward(layer.mlp, x), layer.mlp(x), atol=1e-6)
+            flat = x.reshape(-1, x.shape[-1])
+            _, weights, index = layer.mlp.gate(flat)
+            grouped = experts_forward(layer.mlp.experts, flat, index, weights, grouped=True)
+            gathered = experts_forward(layer.mlp.experts, flat, index, weights, grouped=False)
+            reference = layer.mlp.experts(flat, index, weights)
+        assert torch.allclose(grouped, reference, atol=1e-6)
+        assert torch.allclose(gathered, reference, atol=1e-6)
+        assert reference.abs().max() > 1e-4, "experts that output nothing would match anything"
 
 
 def test_code2wav_stream_equals_whole_decode(model: Any) -> None:
@@ -273,3 +281,17 @@ def test_code2wav_stream_equals_whole_decode(model: Any) -> None:
     with torch.inference_mode():
         whole_late = model.code2wav(codes[1:, :, :8])[0, 0]
     assert (late - whole_late).abs().max() < 1e-5
+
+
+def test_bfloat16_streams(tiny_models: Path, pieces: Any) -> None:
+    """The engine in the dtype it runs in on a GPU: features cast, audio handed out as float32."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        half = load_model(str(tiny_models / "tiny-qwen3-omni"), dtype=torch.bfloat16)
+        reply = _alone(half, _request(_inputs(pieces, "media")))
+    finally:
+        torch.set_num_threads(threads)
+    assert 1 <= len(reply.text) <= MAX_TEXT and len(reply.codes) >= 5
+    wav = reply.waveform()
+    assert wav.dtype == torch.float32 and torch.isfinite(wav).all() and wav.abs().max() > 0.01

@@ -171,7 +171,12 @@ class OmniEngine:
             raise ValueError(f"unknown speaker {request.speaker!r}")
         if request.max_text_tokens < 1 or request.max_frames < 1:
             raise ValueError("max_text_tokens and max_frames must be at least 1")
-        inputs = {k: v.to(self.device) for k, v in request.inputs.items()}
+        # Features and pixels in the weights' dtype (bf16 on a GPU), ids and masks as they are.
+        dtype = self.thinker.dtype
+        inputs = {
+            k: v.to(self.device, dtype=dtype if v.is_floating_point() else v.dtype)
+            for k, v in request.inputs.items()
+        }
         ids = inputs["input_ids"]
         if ids.shape[0] != 1:
             raise ValueError(f"one call per request, got a batch of {ids.shape[0]}")
@@ -373,5 +378,5 @@ class OmniEngine:
         hidden = self.talker_cache.decode(talker.model, step_input, deltas, slots)
         for index, row in enumerate(rows):
             results[row.id].codes = frame[index]
-            results[row.id].audio = audio[index]
+            results[row.id].audio = audio[index].float()
         self._next_code(rows, talker.codec_head(hidden[:, -1]), hidden[:, -1])

@@ -27,9 +27,26 @@ def _grouped(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
     return out
 
 
-def experts_forward(experts: Any, x: Tensor, index: Tensor, weights: Tensor) -> Tensor:
+def grouped_available(x: Tensor) -> bool:
+    """Whether ``grouped_mm`` takes ``x``'s dtype on its device (CUDA's kernel: bf16 only)."""
+    return x.device.type == "cpu" or x.dtype == torch.bfloat16
+
+
+def experts_forward(
+    experts: Any, x: Tensor, index: Tensor, weights: Tensor, grouped: bool | None = None
+) -> Tensor:
     """What ``experts(x, index, weights)`` computes: ``x`` ``(tokens, hidden)``, ``index`` and
-    ``weights`` ``(tokens, top_k)`` from the router."""
+    ``weights`` ``(tokens, top_k)`` from the router.
+
+    ``grouped`` (default: where the kernel exists) picks ``grouped_mm``; otherwise each
+    ``(token, expert)`` pair gathers its expert's weights for one batched matmul, which reads a
+    weight copy per pair: fine for a decode step's few tokens in float32 tests on a GPU, not for
+    long prefills.
+    """
+    if grouped is None:
+        grouped = grouped_available(x)
+    if not grouped:
+        return _gathered(experts, x, index, weights)
     top_k = index.shape[1]
     flat = index.reshape(-1)
     order = flat.argsort(stable=True)
@@ -43,6 +60,14 @@ def experts_forward(experts: Any, x: Tensor, index: Tensor, weights: Tensor) -> 
     out = _grouped(hidden, experts.down_proj.transpose(1, 2), offsets)
     out = out * weights.reshape(-1)[order, None].to(out.dtype)
     return torch.zeros_like(x).index_add_(0, source, out.to(x.dtype))
+
+
+def _gathered(experts: Any, x: Tensor, index: Tensor, weights: Tensor) -> Tensor:
+    gate_up = torch.matmul(experts.gate_up_proj[index], x[:, None, :, None])[..., 0]
+    gate, up = gate_up.chunk(2, dim=-1)
+    hidden = experts.act_fn(gate) * up
+    out = torch.matmul(experts.down_proj[index], hidden[..., None])[..., 0]
+    return (out * weights[..., None].to(out.dtype)).sum(dim=1).to(x.dtype)
 
 
 def feed_forward(mlp: Any, x: Tensor) -> Tensor:
