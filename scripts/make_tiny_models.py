@@ -15,6 +15,13 @@ wide (~1.1M parameters), a byte-level BPE tokenizer with Qwen's special tokens a
 ``preprocessor_config.json`` for the Whisper features (128 mel bins) and the Qwen2-VL image
 processor, and ``spk_dict.pt`` with one speaker, as ``from_pretrained`` requires.
 
+And ``OUT_DIR/tiny-qwen3-omni``: a ``Qwen3OmniMoeForConditionalGeneration`` (thinker with audio
+and vision towers, MoE talker with its code predictor, code2wav), every part one or two layers
+deep and 32 wide with 4 experts (~0.5M parameters), 4 codebooks of 64 codes, code2wav's real
+upsampling (1920 samples per 80 ms frame), speakers "ethan" and "chelsie" in the config, and the
+same tokenizer/preprocessor layout with Qwen3-Omni's special token names. Its processor class
+needs torchvision, so ``s2s.omni.prompt`` builds the inputs from the pieces instead.
+
 ``scripts/`` is not a package, so tests run this file with ``sys.executable`` rather than import
 it; ``build(out_dir)`` is the same thing for a caller that loads the file as a module.
 """
@@ -320,9 +327,203 @@ def build_qwen_omni(out_dir: Path) -> None:
     print(f"loaded back; speakers: {sorted(loaded.speaker_map)}")
 
 
+# -- Qwen3-Omni ------------------------------------------------------------------------------
+
+#: Qwen3-Omni's special tokens (the real names), at ids 0, 1, 2, ... of the tiny vocabulary.
+QWEN3_SPECIAL = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|audio_start|>", "<|audio_end|>",
+    "<|audio_pad|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+    "<|tts_pad|>", "<|tts_bos|>", "<|tts_eos|>",
+]  # fmt: skip
+QWEN3_IDS = {token: i for i, token in enumerate(QWEN3_SPECIAL)}
+#: Role names the talker finds turns by; added as whole tokens so each is one id.
+QWEN3_ROLES = ["system", "user", "assistant"]
+# BPE keeps all 256 byte symbols besides the special tokens, so the vocabulary cannot be smaller.
+QWEN3_VOCAB = 320
+QWEN3_TEXT = 32  # hidden width of the thinker's text model, which both encoders project into
+QWEN3_CODEBOOK = 64  # codes per codebook; code2wav and the code predictor share it
+QWEN3_CODE_GROUPS = 4  # codebooks per 80 ms frame: the talker's first, then the residuals
+# The talker suppresses its top 1024 ids except EOS, so its control codes must live there and
+# its vocabulary be the codebook plus those 1024.
+QWEN3_TALKER_VOCAB = QWEN3_CODEBOOK + 1024
+QWEN3_CODEC = {
+    "pad": QWEN3_CODEBOOK + 0, "bos": QWEN3_CODEBOOK + 1, "eos": QWEN3_CODEBOOK + 2,
+    "nothink": QWEN3_CODEBOOK + 3, "think_bos": QWEN3_CODEBOOK + 4,
+    "think_eos": QWEN3_CODEBOOK + 5,
+}  # fmt: skip
+QWEN3_SPEAKERS = {"ethan": QWEN3_CODEBOOK + 10, "chelsie": QWEN3_CODEBOOK + 11}
+
+
+def _qwen3_text(vocab: int) -> dict[str, Any]:
+    """A two-layer MoE text model (4 experts, 2 per token) with Qwen's 3-axis RoPE."""
+    # Multimodal RoPE splits each head's rotary half (head_dim 16 → 8) into time/height/width.
+    rope = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]}
+    return {
+        "vocab_size": vocab, "hidden_size": QWEN3_TEXT, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "head_dim": 16, "moe_intermediate_size": 32, "num_experts": 4,
+        "num_experts_per_tok": 2, "rope_parameters": rope, "max_position_embeddings": 4096,
+    }  # fmt: skip
+
+
+def qwen3_omni_config(tokens: dict[str, int]) -> Any:
+    """Every part of Qwen3-Omni two layers deep and 32 wide, with ``tokens`` (name → id)."""
+    from transformers import Qwen3OmniMoeConfig
+
+    media = {
+        "audio_token_id": tokens["<|audio_pad|>"], "image_token_id": tokens["<|image_pad|>"],
+        "video_token_id": tokens["<|video_pad|>"],
+        "audio_start_token_id": tokens["<|audio_start|>"],
+        "vision_start_token_id": tokens["<|vision_start|>"],
+    }  # fmt: skip
+    thinker = {
+        **media,
+        "user_token_id": tokens["user"],
+        "text_config": {
+            **_qwen3_text(QWEN3_VOCAB), "eos_token_id": tokens["<|im_end|>"],
+            "pad_token_id": tokens["<|endoftext|>"],
+        },
+        "audio_config": {
+            "num_mel_bins": 128, "encoder_layers": 2, "encoder_attention_heads": 2,
+            "encoder_ffn_dim": 64, "d_model": 32, "output_dim": QWEN3_TEXT,
+            "downsample_hidden_size": 16,
+        },
+        "vision_config": {
+            "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+            "out_hidden_size": QWEN3_TEXT, "deepstack_visual_indexes": [0],
+            "num_position_embeddings": 64,
+        },
+    }  # fmt: skip
+    codec = QWEN3_CODEC
+    talker = {
+        **media,
+        "text_config": {**_qwen3_text(QWEN3_TALKER_VOCAB), "shared_expert_intermediate_size": 32},
+        "code_predictor_config": {
+            "vocab_size": QWEN3_CODEBOOK, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "head_dim": 16, "num_code_groups": QWEN3_CODE_GROUPS,
+        },
+        "num_code_groups": QWEN3_CODE_GROUPS, "thinker_hidden_size": QWEN3_TEXT,
+        "accept_hidden_layer": 1, "codec_eos_token_id": codec["eos"],
+        "codec_nothink_id": codec["nothink"], "codec_think_bos_id": codec["think_bos"],
+        "codec_think_eos_id": codec["think_eos"], "codec_pad_id": codec["pad"],
+        "codec_bos_id": codec["bos"], "speaker_id": QWEN3_SPEAKERS,
+        # Not declared by the talker's config class, but its rope index reads it (the real
+        # checkpoint's config.json carries it too).
+        "spatial_merge_size": 2,
+    }  # fmt: skip
+    code2wav = {
+        "codebook_size": QWEN3_CODEBOOK, "hidden_size": 32, "num_attention_heads": 2,
+        "num_key_value_heads": 2, "intermediate_size": 64, "num_hidden_layers": 2,
+        "sliding_window": 8, "num_quantizers": QWEN3_CODE_GROUPS, "decoder_dim": 64,
+        # The real upsampling (8*5*4*3 * 2*2 = 1920 samples per 80 ms frame at 24 kHz).
+        "upsample_rates": [8, 5, 4, 3], "upsampling_ratios": [2, 2],
+        # At the default 0.01 a random transformer barely touches the signal, and a test of
+        # its streaming state could pass with the state wrong.
+        "layer_scale_initial_scale": 0.5,
+    }  # fmt: skip
+    return Qwen3OmniMoeConfig(
+        thinker_config=thinker, talker_config=talker, code2wav_config=code2wav,
+        im_start_token_id=tokens["<|im_start|>"], im_end_token_id=tokens["<|im_end|>"],
+        tts_pad_token_id=tokens["<|tts_pad|>"], tts_bos_token_id=tokens["<|tts_bos|>"],
+        tts_eos_token_id=tokens["<|tts_eos|>"], system_token_id=tokens["system"],
+        user_token_id=tokens["user"], assistant_token_id=tokens["assistant"],
+    )  # fmt: skip
+
+
+def qwen3_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with Qwen3-Omni's special tokens at ids 0, 1, 2, ..."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=QWEN3_VOCAB - len(QWEN3_ROLES),
+        special_tokens=QWEN3_SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    text = " ".join(WORDS) + " You are a helpful voice assistant."
+    tokenizer.train_from_iterator([text] * 4, trainer)
+    # The talker finds each turn's role by the one token after <|im_start|>.
+    tokenizer.add_tokens([role for role in QWEN3_ROLES if role not in tokenizer.get_vocab()])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=QWEN3_SPECIAL[1:],
+    )
+
+
+def _fill_uninitialised(model: Any) -> None:
+    """Give random values to what ``__init__`` leaves empty or all alike.
+
+    transformers 5.24 initialises the thinker's experts but not the talker's (``torch.empty``:
+    whatever memory held, NaN at times) and zeroes the talker's routers (every token would go to
+    the same experts); code2wav's ConvNeXt blocks start at ``gamma`` 1e-6, which leaves their
+    causal convs, and a test of their streaming state, without effect.
+    """
+    with torch.no_grad():
+        for layer in model.talker.model.layers:
+            layer.mlp.experts.gate_up_proj.normal_(0.0, 0.02)
+            layer.mlp.experts.down_proj.normal_(0.0, 0.02)
+            layer.mlp.gate.weight.normal_(0.0, 0.5)
+        for _, block in model.code2wav.upsample:
+            block.gamma.fill_(0.5)
+
+
+def _quieten_code2wav(model: Any) -> None:
+    """Scale code2wav's last conv so random codes decode to peaks near ``PEAK``, not clipped."""
+    codes = torch.randint(0, QWEN3_CODEBOOK, (1, QWEN3_CODE_GROUPS, 10))
+    with torch.inference_mode():
+        peak = float(model.code2wav(codes).abs().max())
+    conv = model.code2wav.decoder[-1].conv
+    with torch.no_grad():
+        conv.weight.mul_(PEAK / max(peak, 1e-6))
+        if conv.bias is not None:
+            conv.bias.mul_(PEAK / max(peak, 1e-6))
+
+
+def build_qwen3_omni(out_dir: Path) -> None:
+    """Write ``out_dir/tiny-qwen3-omni``: model, tokenizer and preprocessors."""
+    from transformers import (
+        Qwen2VLImageProcessorPil,
+        Qwen3OmniMoeForConditionalGeneration,
+        WhisperFeatureExtractor,
+    )
+
+    torch.manual_seed(SEED)
+    tokenizer = qwen3_tokenizer()
+    vocab = tokenizer.get_vocab()
+    config = qwen3_omni_config(vocab)
+    model: Any = Qwen3OmniMoeForConditionalGeneration(config).eval()  # type: ignore[no-untyped-call]
+    _fill_uninitialised(model)
+    _quieten_code2wav(model)
+    path = out_dir / "tiny-qwen3-omni"
+    shutil.rmtree(path, ignore_errors=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    # One preprocessor_config.json serves the audio features and the image processor, as in
+    # the real checkpoint (each saved alone would overwrite the other's file).
+    preprocessor = {
+        **WhisperFeatureExtractor(feature_size=128).to_dict(),
+        **Qwen2VLImageProcessorPil(patch_size=16, merge_size=2).to_dict(),
+    }
+    (path / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    print(f"wrote {path} ({type(model).__name__}, {_count(model):,} parameters)")
+
+    loaded: Any = Qwen3OmniMoeForConditionalGeneration.from_pretrained(path, local_files_only=True)
+    theirs = loaded.state_dict()
+    for key, tensor in model.state_dict().items():
+        if not torch.equal(tensor, theirs[key]):
+            raise RuntimeError(f"{key} did not survive save_pretrained/from_pretrained")
+    print(f"loaded back; speakers: {sorted(loaded.config.talker_config.speaker_id)}")
+
+
 def build(out_dir: Path) -> None:
-    """Write ``tiny-moshi``, ``tiny-mimi`` and ``tiny-qwen-omni`` under ``out_dir``, replacing any
-    earlier copies."""
+    """Write ``tiny-moshi``, ``tiny-mimi``, ``tiny-qwen-omni`` and ``tiny-qwen3-omni`` under
+    ``out_dir``, replacing any earlier copies."""
     torch.manual_seed(SEED)
     moshi = MoshiForConditionalGeneration(moshi_config(mimi_config())).eval()
     if any(p.dtype != torch.float32 for p in moshi.parameters()):
@@ -357,6 +558,7 @@ def build(out_dir: Path) -> None:
     frame = mimi.config.frame_size
     print(f"loaded back; Mimi frame: {frame} samples at {mimi.config.sampling_rate} Hz")
     build_qwen_omni(out_dir)
+    build_qwen3_omni(out_dir)
 
 
 if __name__ == "__main__":

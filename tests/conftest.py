@@ -149,7 +149,7 @@ async def start_workers() -> AsyncIterator[StartWorkers]:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Tiny random Moshi/Mimi/Qwen2.5-Omni checkpoints from scripts/make_tiny_models.py, offline."""
+    """Tiny random Moshi/Mimi/Qwen2.5-Omni/Qwen3-Omni checkpoints (scripts/make_tiny_models.py)."""
     out = tmp_path_factory.mktemp("models")
     script = Path(__file__).resolve().parent.parent / "scripts" / "make_tiny_models.py"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -1,0 +1,382 @@
+"""Qwen3-Omni answering many calls at once, one 80 ms codec frame of speech per step.
+
+``OmniEngine`` runs the modules of a loaded ``Qwen3OmniMoeForConditionalGeneration`` the way its
+``generate()`` chains them, but interleaved, so speech starts after the first step instead of
+after the whole reply:
+
+- ``add(request)`` prefills one call: the thinker over its prompt (audio, pictures, earlier
+  turns), which picks the first text token; then the talker over its own prompt (the user turns
+  projected from the thinker's embeddings and hidden states, the speaker, the first text token),
+  which picks the first frame's first code.
+- ``step()`` advances every call by one: the thinker decodes the next text token; the talker's
+  code predictor fills the residual codebooks of the frame whose first code it has, code2wav
+  turns that frame into 1920 samples at once, and the talker, fed the frame and the next text
+  token (one text token per frame, as ``generate()`` feeds ``trailing_text_hidden``), picks the
+  next frame's first code. The talker needs text token ``j`` for frame ``j``, which the thinker
+  made in the same step, so it never waits.
+- ``cancel(row)`` ends a call at the next step; nothing of it is decoded after that.
+
+Calls join and leave between steps. Each owns a slot in the thinker's and the talker's key/value
+caches and in code2wav's state; a step runs all stepping calls in one batch per module, and each
+call's tokens and audio are what it would get alone (``tests/test_qwen3_omni.py`` checks this,
+and that greedy decoding reproduces ``generate()``'s text, codes and audio).
+
+Everything runs on the caller's thread under ``torch.inference_mode()``; nothing does I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache, Qwen3OmniMoeForConditionalGeneration
+
+from s2s.omni.code2wav import Code2WavStream
+from s2s.omni.sampling import Sampling, penalize, pick
+from s2s.omni.slots import SlotCache
+
+SAMPLE_RATE = 24_000
+#: Qwen's defaults in ``generate()``: talker and code predictor sample; text is greedy.
+TALKER_SAMPLING = Sampling(temperature=0.9, top_k=50, top_p=1.0)
+RESIDUAL_SAMPLING = Sampling(temperature=1.0, top_k=50, top_p=0.8)
+
+
+@dataclass(frozen=True, slots=True)
+class Decoding:
+    """How each part picks its tokens; None is greedy (argmax)."""
+
+    text: Sampling | None = None
+    speech: Sampling | None = TALKER_SAMPLING  # the talker's first codebook
+    residual: Sampling | None = RESIDUAL_SAMPLING  # the code predictor's other codebooks
+    repetition_penalty: float = 1.05  # on the talker's earlier first codes
+
+
+GREEDY = Decoding(speech=None, residual=None)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One reply to generate: ``inputs`` as ``s2s.omni.prompt.build_inputs`` makes them."""
+
+    inputs: Mapping[str, Tensor]
+    speaker: str = "ethan"
+    speak: bool = True
+    max_text_tokens: int = 1024
+    max_frames: int = 4096  # first codes the talker may pick, as generate()'s max_new_tokens
+    decoding: Decoding = Decoding()
+
+
+@dataclass(slots=True)
+class RowStep:
+    """What one call produced in one step (or in its prefill and first step)."""
+
+    row: int
+    text: list[int]  # text tokens made since the last step (the end token included)
+    codes: Tensor | None  # (quantizers,) the frame finished in this step
+    audio: Tensor | None  # that frame's samples, float32 in [-1, 1] at SAMPLE_RATE
+    done: bool = False
+    reason: str | None = None  # when done: "stop", "length" or "cancelled"
+
+
+@dataclass(slots=True)
+class _Row:
+    id: int
+    slot: int
+    request: Request
+    text: list[int]
+    last_token: int
+    tokens: int = 1
+    thinking: bool = True
+    speaking: bool = False
+    cut: bool = False  # a part stopped at its length limit
+    cancelled: bool = False
+    thinker_delta: int = 0
+    talker_delta: int = 0
+    code: int = 0  # the talker's last first code
+    frames: int = 0  # first codes picked so far
+    past: Tensor | None = None  # the talker's last hidden state (1, hidden)
+    pending: list[Tensor] = field(default_factory=list)  # text inputs for the talker
+
+
+def load_model(path: str, device: str = "cpu", dtype: torch.dtype | None = None) -> Any:
+    """``Qwen3OmniMoeForConditionalGeneration.from_pretrained(path)``, ready for the engine.
+
+    The talker's multimodal RoPE reads ``config.audio_config.n_window`` through the thinker's
+    rope-index code, but the talker's config has no audio config (transformers 5.24), so a prompt
+    with audio fails in ``generate()`` too; the thinker's is lent to it.
+    """
+    model: Any = Qwen3OmniMoeForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    model = model.to(device).eval()
+    if not hasattr(model.talker.config, "audio_config"):
+        model.talker.config.audio_config = model.config.thinker_config.audio_config
+    return model
+
+
+class OmniEngine:
+    """Streaming, batched Qwen3-Omni over up to ``max_rows`` calls at once."""
+
+    def __init__(self, model: Any, max_rows: int = 8, seed: int = 0) -> None:
+        self.model = model
+        self.config = model.config
+        self.thinker = model.thinker
+        self.talker = model.talker
+        self.text_model = model.thinker.model.language_model
+        self.device = next(model.parameters()).device
+        self.thinker_cache = SlotCache(self.text_model.layers, max_rows)
+        self.talker_cache = SlotCache(self.talker.model.layers, max_rows)
+        self.code2wav = Code2WavStream(model.code2wav, max_rows)
+        self.free = list(range(max_rows))
+        self.rows: dict[int, _Row] = {}
+        self._next_id = 0
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        config = self.config
+        talker = config.talker_config
+        self.text_end = {config.im_end_token_id}
+        self.codec_end = int(talker.codec_eos_token_id)
+        vocab = int(talker.text_config.vocab_size)
+        # generate() keeps the talker off its top 1024 ids (control codes) but for the end code.
+        self.suppressed = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+        self.suppressed[max(vocab - 1024, 0) :] = True
+        self.suppressed[self.codec_end] = False
+        self.seen = torch.zeros(max_rows, vocab, dtype=torch.bool, device=self.device)
+        with torch.inference_mode():
+            special = torch.tensor(
+                [[config.tts_bos_token_id, config.tts_eos_token_id, config.tts_pad_token_id]],
+                device=self.device,
+            )
+            embeds = self.talker.text_projection(self.thinker.get_input_embeddings()(special))
+            self.tts_bos, self.tts_eos, self.tts_pad = embeds.chunk(3, dim=1)
+
+    @property
+    def active(self) -> list[int]:
+        """The rows (calls) still generating."""
+        return list(self.rows)
+
+    def cancel(self, row: int) -> None:
+        """End ``row`` at the next step: reported done ("cancelled"), it makes nothing more."""
+        if row not in self.rows:
+            raise KeyError(f"no row {row} is generating")
+        self.rows[row].cancelled = True
+
+    @torch.inference_mode()
+    def add(self, request: Request) -> int:
+        """Prefill one call and return its row id; its first text token comes with the next
+        ``step()``. Raises ``RuntimeError`` when every slot is taken."""
+        if not self.free:
+            raise RuntimeError(f"all {len(self.thinker_cache.lengths)} slots are generating")
+        if request.speaker.lower() not in self.config.talker_config.speaker_id:
+            raise ValueError(f"unknown speaker {request.speaker!r}")
+        if request.max_text_tokens < 1 or request.max_frames < 1:
+            raise ValueError("max_text_tokens and max_frames must be at least 1")
+        # Features and pixels in the weights' dtype (bf16 on a GPU), ids and masks as they are.
+        dtype = self.thinker.dtype
+        inputs = {
+            k: v.to(self.device, dtype=dtype if v.is_floating_point() else v.dtype)
+            for k, v in request.inputs.items()
+        }
+        ids = inputs["input_ids"]
+        if ids.shape[0] != 1:
+            raise ValueError(f"one call per request, got a batch of {ids.shape[0]}")
+        opening = [self.config.im_start_token_id, self.config.assistant_token_id]
+        if ids.shape[1] < 3 or ids[0, -3:-1].tolist() != opening:
+            # The talker's prompt starts from these three tokens (as generate() assumes).
+            raise ValueError("the prompt must end with the open assistant turn")
+        slot = self.free.pop()
+        try:
+            row = self._prefill(slot, request, inputs)
+        except BaseException:
+            self.free.append(slot)
+            raise
+        self.rows[row.id] = row
+        return row.id
+
+    def _prefill(self, slot: int, request: Request, inputs: dict[str, Tensor]) -> _Row:
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask", torch.ones_like(ids))
+        features = inputs.get("feature_attention_mask")
+        audio_lengths = None if features is None else features.sum(-1)
+        grid = inputs.get("image_grid_thw")
+        positions, deltas = self.thinker.model.get_rope_index(
+            ids, grid, None, mask, False, audio_lengths, None
+        )
+        out = self.thinker(
+            **inputs, position_ids=positions, cache=DynamicCache(config=self.thinker.config),
+            use_cache=True, output_hidden_states=True,
+        )  # fmt: skip
+        self.thinker_cache.load(slot, out.cache)
+        decoding = request.decoding
+        token = int(pick(out.logits[:, -1], [decoding.text], self.generator)[0])
+        self._next_id += 1
+        row = _Row(self._next_id, slot, request, text=[token], last_token=token)
+        row.thinker_delta = int(deltas[0, 0])
+        if self._ends_text(row, token):
+            # The talker's prompt needs a first text token that is not the last (generate()
+            # fails on such a reply too), so a reply of one token is not spoken.
+            return row
+        if request.speak:
+            self._prefill_talker(row, ids, mask, out.hidden_states, audio_lengths, grid)
+        return row
+
+    def _ends_text(self, row: _Row, token: int) -> bool:
+        """Whether ``token`` is the row's last text token; marks the row when it is."""
+        if token in self.text_end or row.tokens >= row.request.max_text_tokens:
+            row.thinking = False
+            row.cut = row.cut or token not in self.text_end
+            return True
+        return False
+
+    def _prefill_talker(self, row: _Row, ids: Tensor, mask: Tensor, hidden_states: Any,
+                        audio_lengths: Tensor | None, grid: Tensor | None) -> None:  # fmt: skip
+        """The talker's prompt, as ``generate()`` builds it for a batch of one, and its first
+        first code. transformers' own helpers build the parts, so the two cannot drift."""
+        config, model = self.config, self.model
+        first = self.thinker.get_input_embeddings()(
+            torch.tensor([[row.last_token]], device=ids.device)
+        )
+        embeds = torch.cat([hidden_states[0], first], dim=1)
+        hidden = hidden_states[config.talker_config.accept_hidden_layer]
+        thinker = config.thinker_config
+        media = (ids == thinker.audio_token_id) | (ids == thinker.image_token_id)
+        media = media | (ids == thinker.video_token_id)
+        length = ids.shape[1]
+        user = self._user_mask(ids[0])
+        user_embeds = model._get_talker_user_parts(0, length, media, hidden, embeds[:, :length])
+        start = length - 3  # <|im_start|>assistant\n, checked in add()
+        speaker = config.talker_config.speaker_id[row.request.speaker.lower()]
+        assistant, assistant_ids, _ = model._get_talker_assistant_parts(
+            start, length + 1, speaker, embeds, self.tts_pad, self.tts_bos, self.tts_eos
+        )
+        talker_embeds = torch.cat([user_embeds[:, user], assistant], dim=1)
+        talker_ids = torch.cat([ids[:, user], assistant_ids], dim=1)
+        steps = talker_embeds.shape[1]
+        text_positions = torch.arange(steps, device=ids.device)[None]
+        if audio_lengths is not None or (grid is not None and grid.numel() > 0):
+            rope, deltas = self.talker.get_rope_index(
+                talker_ids, grid, None, torch.ones_like(talker_ids), False, audio_lengths, None
+            )
+            row.talker_delta = int(deltas[0, 0])
+        else:
+            rope = text_positions[None].expand(3, -1, -1)
+        positions = torch.cat([text_positions[None], rope], dim=0)
+        out = self.talker.model(
+            inputs_embeds=talker_embeds, position_ids=positions, use_cache=True,
+            cache=DynamicCache(config=self.talker.config.text_config),
+        )  # fmt: skip
+        self.talker_cache.load(row.slot, out.cache)
+        self.seen[row.slot] = False
+        self.code2wav.reset(row.slot)
+        row.speaking = True
+        self._next_code(
+            [row],
+            self.talker.codec_head(out.last_hidden_state[:, -1]),
+            out.last_hidden_state[:, -1],
+        )
+
+    def _user_mask(self, ids: Tensor) -> Tensor:
+        """Positions in user turns (from their ``<|im_start|>`` to the next one)."""
+        config = self.config
+        positions = torch.arange(ids.shape[0], device=ids.device)
+        starts = torch.where(ids == config.im_start_token_id, positions, -1)
+        role = ids[(torch.cummax(starts, 0).values.clamp_min(0) + 1).clamp_max(ids.shape[0] - 1)]
+        user: Tensor = role == config.user_token_id
+        return user
+
+    def _next_code(self, rows: list[_Row], logits: Tensor, hidden: Tensor) -> None:
+        """Pick each row's next first code from the talker's ``logits`` (batch, vocab)."""
+        slots = torch.tensor([r.slot for r in rows], device=self.device)
+        penalty = torch.tensor(
+            [r.request.decoding.repetition_penalty for r in rows], device=self.device
+        )
+        logits = penalize(logits, self.seen[slots], penalty)
+        logits = logits.masked_fill(self.suppressed, float("-inf"))
+        codes = pick(logits, [r.request.decoding.speech for r in rows], self.generator)
+        self.seen[slots, codes] = True
+        for index, (row, code) in enumerate(zip(rows, codes.tolist(), strict=True)):
+            row.code, row.past = code, hidden[index : index + 1]
+            row.frames += 1
+            if code == self.codec_end:
+                row.speaking = False
+            elif row.frames >= row.request.max_frames:
+                # generate() stops here without the residual codes of this last frame.
+                row.speaking, row.cut = False, True
+
+    @torch.inference_mode()
+    def step(self) -> list[RowStep]:
+        """Advance every call by one text token and one frame of speech; finished and cancelled
+        calls are reported ``done`` once and leave."""
+        results = {row.id: RowStep(row.id, row.text, None, None) for row in self.rows.values()}
+        for row in list(self.rows.values()):
+            row.text = []
+            if row.cancelled:
+                results[row.id].done, results[row.id].reason = True, "cancelled"
+                self._release(row)
+        thinking = [r for r in self.rows.values() if r.thinking]
+        if thinking:
+            self._think(thinking, results)
+        speaking = [r for r in self.rows.values() if r.speaking]
+        if speaking:
+            self._speak(speaking, results)
+        for row in list(self.rows.values()):
+            if not row.thinking and not row.speaking:
+                results[row.id].done = True
+                results[row.id].reason = "length" if row.cut else "stop"
+                self._release(row)
+        return list(results.values())
+
+    def _release(self, row: _Row) -> None:
+        del self.rows[row.id]
+        self.free.append(row.slot)
+
+    def _think(self, rows: list[_Row], results: dict[int, RowStep]) -> None:
+        slots = [r.slot for r in rows]
+        deltas = torch.tensor([r.thinker_delta for r in rows], device=self.device)
+        last = torch.tensor([[r.last_token] for r in rows], device=self.device)
+        embeds = self.thinker.get_input_embeddings()(last)
+        hidden = self.thinker_cache.decode(self.text_model, embeds, deltas, slots)
+        logits = self.thinker.lm_head(hidden[:, -1])
+        tokens = pick(logits, [r.request.decoding.text for r in rows], self.generator)
+        projected = self.talker.text_projection(
+            self.thinker.get_input_embeddings()(tokens[:, None])
+        )
+        for index, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+            row.tokens += 1
+            row.last_token = token
+            results[row.id].text.append(token)
+            ends = self._ends_text(row, token)
+            if row.speaking:
+                # What the talker reads with the frame after this one: the token, or the end
+                # marker in place of the last one (as generate()'s trailing_text_hidden).
+                row.pending.append(self.tts_eos if ends else projected[index : index + 1])
+
+    def _speak(self, rows: list[_Row], results: dict[int, RowStep]) -> None:
+        talker = self.talker
+        predictor = talker.code_predictor
+        first = torch.tensor([[r.code] for r in rows], device=self.device)
+        first_embeds = talker.get_input_embeddings()(first)
+        past = torch.cat([r.past for r in rows if r.past is not None])[:, None]
+        cache = DynamicCache(config=predictor.config)
+        inputs = torch.cat([past, first_embeds], dim=1)
+        codes, embeds = [first[:, 0]], [first_embeds]
+        groups = int(self.config.talker_config.num_code_groups)
+        settings = [r.request.decoding.residual for r in rows]
+        for group in range(groups - 1):
+            hidden = predictor.model(inputs_embeds=inputs, cache=cache, use_cache=True)
+            logits = predictor.lm_head[group](hidden.last_hidden_state[:, -1])
+            code = pick(logits, settings, self.generator)
+            codes.append(code)
+            inputs = predictor.model.get_input_embeddings()[group](code[:, None])
+            embeds.append(inputs)
+        frame = torch.stack(codes, dim=1)
+        audio = self.code2wav.step(frame, [r.slot for r in rows])
+        text = torch.cat([r.pending.pop(0) if r.pending else self.tts_pad for r in rows])
+        step_input = torch.cat(embeds, dim=1).sum(1, keepdim=True) + text
+        slots = [r.slot for r in rows]
+        deltas = torch.tensor([r.talker_delta for r in rows], device=self.device)
+        hidden = self.talker_cache.decode(talker.model, step_input, deltas, slots)
+        for index, row in enumerate(rows):
+            results[row.id].codes = frame[index]
+            results[row.id].audio = audio[index].float()
+        self._next_code(rows, talker.codec_head(hidden[:, -1]), hidden[:, -1])

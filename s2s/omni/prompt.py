@@ -1,0 +1,93 @@
+"""Qwen3-Omni's model inputs from a conversation, without its processor class.
+
+``Qwen3OmniMoeProcessor`` needs torchvision (for its video processor), which this project does
+not install; this does the processor's work for audio, pictures and text with the pieces that
+load without it: the tokenizer, ``WhisperFeatureExtractor`` and ``Qwen2VLImageProcessorPil``.
+Each audio clip becomes ``<|audio_start|>`` + one ``<|audio_pad|>`` per audio-encoder output
+frame + ``<|audio_end|>``; each picture ``<|vision_start|>`` + one ``<|image_pad|>`` per merged
+patch + ``<|vision_end|>``, inside Qwen's chat template, and the prompt ends with the open
+assistant turn the model answers in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+AUDIO_RATE = 16_000  # Whisper features
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One chat turn: its role and, in order, its audio clips, pictures and text."""
+
+    role: str  # "system", "user" or "assistant"
+    text: str = ""
+    audio: list[np.ndarray] = field(default_factory=list)  # float32 mono at AUDIO_RATE
+    images: list[Any] = field(default_factory=list)  # PIL images
+
+
+def audio_tokens(frames: int, n_window: int = 50) -> int:
+    """How many ``<|audio_pad|>`` stand for ``frames`` mel frames (the encoder's output length).
+
+    The audio encoder cuts features into windows of ``2 * n_window`` frames; each full window
+    gives 13 outputs and the rest three stride-2 convolutions' worth.
+    """
+    window = 2 * n_window
+    rest = (frames % window - 1) // 2 + 1
+    return ((rest - 1) // 2 + 1 - 1) // 2 + 1 + (frames // window) * 13
+
+
+def build_inputs(
+    tokenizer: Any, features: Any, images: Any, messages: list[Message]
+) -> dict[str, torch.Tensor]:
+    """The thinker's keyword arguments (``input_ids``, ``attention_mask`` and, when there is
+    audio or a picture, ``input_features``/``feature_attention_mask`` and
+    ``pixel_values``/``image_grid_thw``) for ``messages``, batch of one."""
+    prompt = ""
+    clips: list[np.ndarray] = []
+    pictures: list[Any] = []
+    for message in messages:
+        if message.role not in ("system", "user", "assistant"):
+            raise ValueError(f"unknown role {message.role!r}")
+        body = ""
+        for clip in message.audio:
+            clips.append(np.asarray(clip, dtype=np.float32))
+            body += "<|audio_start|>{audio}<|audio_end|>"
+        for picture in message.images:
+            pictures.append(picture)
+            body += "<|vision_start|>{image}<|vision_end|>"
+        prompt += f"<|im_start|>{message.role}\n{body}{message.text}<|im_end|>\n"
+    prompt += "<|im_start|>assistant\n"
+    kwargs: dict[str, torch.Tensor] = {}
+    pads: list[str] = []
+    if clips:
+        feats = features(
+            clips, sampling_rate=AUDIO_RATE, return_attention_mask=True, padding="longest",
+            return_tensors="pt",
+        )  # fmt: skip
+        mask = feats["attention_mask"]
+        kwargs["input_features"] = feats["input_features"]
+        kwargs["feature_attention_mask"] = mask
+        pads += ["<|audio_pad|>" * audio_tokens(int(n)) for n in mask.sum(-1)]
+    if pictures:
+        pixels = images(images=pictures, return_tensors="pt")
+        kwargs["pixel_values"] = pixels["pixel_values"]
+        kwargs["image_grid_thw"] = pixels["image_grid_thw"]
+        merged = images.merge_size**2
+        pads_image = ["<|image_pad|>" * (int(g.prod()) // merged) for g in pixels["image_grid_thw"]]
+    else:
+        pads_image = []
+    # Fill the placeholders in order of appearance, audio and pictures each in their own order.
+    audio_iter, image_iter = iter(pads), iter(pads_image)
+    parts = prompt.split("{audio}")
+    prompt = parts[0] + "".join(next(audio_iter) + part for part in parts[1:])
+    parts = prompt.split("{image}")
+    prompt = parts[0] + "".join(next(image_iter) + part for part in parts[1:])
+    ids = tokenizer(prompt, return_tensors="pt")
+    kwargs["input_ids"] = ids["input_ids"]
+    kwargs["attention_mask"] = ids["attention_mask"]
+    return kwargs

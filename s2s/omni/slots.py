@@ -1,0 +1,117 @@
+"""Key/value caches for many calls in one tensor, and the decode step of a Qwen3 decoder over them.
+
+A ``SlotCache`` holds, for every decoder layer, keys and values ``(slots, kv_heads, capacity,
+head_dim)`` and each slot's length. One call owns one slot from its prefill to its end; a
+prefill computed by the model's own forward (in a ``DynamicCache``) is copied into its slot, and
+each decode step appends one position to each stepping slot. Slots fill at different lengths, so
+a step masks every slot's keys past its own length: a call's output is the same whichever other
+calls step beside it. Capacity doubles when a slot would overflow.
+
+``decode`` runs one new position per stepping slot through the layers of a Qwen3-style decoder
+(the thinker's text model or the talker's): the layers' own projections, norms and rotary
+embedding, attention over the slot cache, and the feed-forward through ``moe.feed_forward``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import functional
+from transformers import DynamicCache
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import apply_rotary_pos_emb
+
+from s2s.omni.moe import feed_forward
+
+
+class SlotCache:
+    """Per-layer keys and values for ``slots`` calls, each slot with its own length."""
+
+    def __init__(self, layers: Any, slots: int, capacity: int = 256) -> None:
+        attention = layers[0].self_attn
+        weight = attention.k_proj.weight
+        self.kv_heads = attention.k_proj.out_features // attention.head_dim
+        self.head_dim = int(attention.head_dim)
+        shape = (slots, self.kv_heads, capacity, self.head_dim)
+        self.keys = [weight.new_zeros(shape) for _ in layers]
+        self.values = [weight.new_zeros(shape) for _ in layers]
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=weight.device)
+        # The same on the host, so a step sizes its attention without waiting for the device.
+        self.host_lengths = [0] * slots
+        self.capacity = capacity
+
+    def load(self, slot: int, cache: DynamicCache) -> None:
+        """Make slot ``slot`` hold the batch-of-one prefill in ``cache``."""
+        length = cache.get_seq_length()
+        self.reserve(length + 1)
+        for index, (keys, values) in enumerate(zip(self.keys, self.values, strict=True)):
+            layer: Any = cache.layers[index]
+            keys[slot, :, :length] = layer.keys[0]
+            values[slot, :, :length] = layer.values[0]
+        self.lengths[slot] = length
+        self.host_lengths[slot] = length
+
+    def reserve(self, length: int) -> None:
+        """Grow every layer so a slot can hold ``length`` positions."""
+        if length <= self.capacity:
+            return
+        capacity = self.capacity
+        while capacity < length:
+            capacity *= 2
+        extra = capacity - self.capacity
+        self.keys = [functional.pad(k, (0, 0, 0, extra)) for k in self.keys]
+        self.values = [functional.pad(v, (0, 0, 0, extra)) for v in self.values]
+        self.capacity = capacity
+
+    def attend(self, layer: int, attention: Any, hidden: Tensor, rotary: tuple[Tensor, Tensor],
+               slots: Tensor, visible: int) -> Tensor:  # fmt: skip
+        """One new position per slot in ``slots`` (``hidden`` ``(batch, 1, hidden)``) through
+        ``attention``; its key and value are appended to those slots."""
+        batch = hidden.shape[0]
+        shape = (batch, 1, -1, self.head_dim)
+        query = attention.q_norm(attention.q_proj(hidden).view(shape)).transpose(1, 2)
+        key = attention.k_norm(attention.k_proj(hidden).view(shape)).transpose(1, 2)
+        value = attention.v_proj(hidden).view(shape).transpose(1, 2)
+        cos, sin = rotary
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        lengths = self.lengths[slots]
+        self.keys[layer][slots, :, lengths] = key[:, :, 0]
+        self.values[layer][slots, :, lengths] = value[:, :, 0]
+        keys = self.keys[layer][slots, :, :visible]
+        values = self.values[layer][slots, :, :visible]
+        mask = torch.arange(visible, device=hidden.device) <= lengths[:, None]
+        groups = query.shape[1] // self.kv_heads
+        attended = functional.scaled_dot_product_attention(
+            query,
+            keys.repeat_interleave(groups, dim=1),
+            values.repeat_interleave(groups, dim=1),
+            attn_mask=mask[:, None, None, :],
+            scale=attention.scaling,
+        )
+        out: Tensor = attention.o_proj(attended.transpose(1, 2).reshape(batch, 1, -1))
+        return out
+
+    def decode(self, model: Any, hidden: Tensor, deltas: Tensor, slots: list[int]) -> Tensor:
+        """Run ``hidden`` ``(batch, 1, hidden)`` through the decoder ``model`` (its ``layers``,
+        ``norm`` and ``rotary_emb``) as the next position of each slot in ``slots``; ``deltas``
+        ``(batch,)`` is each call's multimodal RoPE offset. Returns the normed last hidden."""
+        visible = max(self.host_lengths[slot] for slot in slots) + 1
+        self.reserve(visible)
+        index = torch.tensor(slots, device=hidden.device)
+        lengths = self.lengths[index]
+        # Text positions continue from the prompt; all three RoPE axes move together.
+        positions = (lengths + deltas)[None, :, None].expand(3, -1, -1)
+        rotary = model.rotary_emb(hidden, positions)
+        for number, layer in enumerate(model.layers):
+            residual = hidden
+            hidden = self.attend(
+                number, layer.self_attn, layer.input_layernorm(hidden), rotary, index, visible
+            )
+            hidden = residual + hidden
+            hidden = hidden + feed_forward(layer.mlp, layer.post_attention_layernorm(hidden))
+        self.lengths[index] = lengths + 1
+        for slot in slots:
+            self.host_lengths[slot] += 1
+        out: Tensor = model.norm(hidden)
+        return out

@@ -1,0 +1,297 @@
+"""The streaming Qwen3-Omni engine (``s2s.omni``) on a tiny random checkpoint, on the CPU.
+
+Greedy streaming must give what the model's own ``generate()`` gives (text tokens, codec codes,
+waveform), audio must start within the first steps, calls in one batch must not affect each
+other, and a cancelled call must stop at the next step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import Tensor
+from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, WhisperFeatureExtractor
+
+from s2s.omni.code2wav import Code2WavStream
+from s2s.omni.engine import GREEDY, Decoding, OmniEngine, Request, load_model
+from s2s.omni.moe import experts_forward, feed_forward
+from s2s.omni.prompt import Message, build_inputs
+
+MAX_TEXT = 8
+QUESTIONS = ["what am I looking at", "say something nice please"]
+MAX_FRAMES = 40
+# generate() warns that its talker's repetition penalty sees only the new codes; that is what
+# the engine mirrors, and pytest turns warnings into errors.
+GENERATE_WARNING = "ignore:Passing `repetition_penalty` with `inputs_embeds`:UserWarning"
+
+
+@dataclass
+class Reply:
+    text: list[int] = field(default_factory=list)
+    codes: list[Tensor] = field(default_factory=list)
+    audio: list[Tensor] = field(default_factory=list)
+    first_audio_step: int | None = None
+    steps: int = 0
+    reason: str | None = None
+
+    def waveform(self) -> Tensor:
+        return torch.cat(self.audio)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models: Path) -> Iterator[Any]:
+    # The tiny model's ops are far too small for threads to pay off; on a shared two-core
+    # machine they only contend (a step took 0.5 s with two threads, 0.05 s with one).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield load_model(str(tiny_models / "tiny-qwen3-omni"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pieces(tiny_models: Path) -> tuple[Any, Any, Any]:
+    path = tiny_models / "tiny-qwen3-omni"
+    return (
+        AutoTokenizer.from_pretrained(path),
+        WhisperFeatureExtractor.from_pretrained(path),
+        Qwen2VLImageProcessorPil.from_pretrained(path),
+    )
+
+
+def _inputs(pieces: tuple[Any, Any, Any], kind: str, seed: int = 0) -> dict[str, Tensor]:
+    rng = np.random.default_rng(seed)
+    system = Message("system", "You are a helpful voice assistant.")
+    if kind == "text":
+        messages = [system, Message("user", "what is the weather today")]
+    else:
+        clip = (rng.standard_normal(16_000 + 4_000 * seed) * 0.1).astype(np.float32)
+        picture = Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8))
+        messages = [
+            system,
+            Message("user", "hello there"),
+            Message("assistant", "good morning"),
+            Message("user", QUESTIONS[seed % len(QUESTIONS)], audio=[clip], images=[picture]),
+        ]
+    return build_inputs(*pieces, messages)
+
+
+def _request(inputs: dict[str, Tensor], decoding: Decoding = GREEDY) -> Request:
+    return Request(inputs, max_text_tokens=MAX_TEXT, max_frames=MAX_FRAMES, decoding=decoding)
+
+
+def _run(engine: OmniEngine, rows: dict[int, Reply], limit: int = 200) -> None:
+    """Step ``engine`` until it has nothing left, collecting each row's output."""
+    for _ in range(limit):
+        if not engine.active:
+            return
+        for out in engine.step():
+            reply = rows[out.row]
+            reply.steps += 1
+            reply.text += out.text
+            if out.audio is not None and out.codes is not None:
+                reply.codes.append(out.codes)
+                reply.audio.append(out.audio)
+                if reply.first_audio_step is None:
+                    reply.first_audio_step = reply.steps
+            if out.done:
+                reply.reason = out.reason
+    raise AssertionError(f"still generating after {limit} steps")
+
+
+def _alone(model: Any, request: Request) -> Reply:
+    engine = OmniEngine(model, max_rows=1)
+    reply = Reply()
+    _run(engine, {engine.add(request): reply})
+    return reply
+
+
+def _generate(model: Any, inputs: dict[str, Tensor]) -> tuple[list[int], Tensor, Tensor]:
+    """Greedy ``generate()``: text tokens, the codes it handed code2wav, and the waveform."""
+    seen: list[Tensor] = []
+    hook = model.code2wav.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    try:
+        with torch.inference_mode():
+            sequences, wav = model.generate(
+                **inputs, speaker="ethan", return_audio=True, thinker_do_sample=False,
+                talker_do_sample=False, thinker_max_new_tokens=MAX_TEXT,
+                talker_max_new_tokens=MAX_FRAMES,
+                thinker_eos_token_id=model.config.im_end_token_id,
+            )  # fmt: skip
+    finally:
+        hook.remove()
+    assert len(seen) == 1, "a short reply is decoded in one chunk"
+    text = sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    return text, seen[0][0], wav[0, 0]
+
+
+@pytest.mark.filterwarnings(GENERATE_WARNING)
+@pytest.mark.parametrize("kind", ["text", "media"])
+def test_greedy_stream_equals_generate(model: Any, pieces: Any, kind: str) -> None:
+    inputs = _inputs(pieces, kind)
+    text, codes, wav = _generate(model, inputs)
+    reply = _alone(model, _request(inputs))
+    assert reply.text == text
+    streamed = torch.stack(reply.codes, dim=1)
+    assert streamed.shape[1] >= 5, "too short a reply to test streaming"
+    assert torch.equal(streamed, codes)
+    assert reply.waveform().shape == wav.shape
+    assert (reply.waveform() - wav).abs().max() < 1e-4
+    with torch.inference_mode():
+        whole = model.code2wav(streamed[None])[0, 0]
+    assert (reply.waveform() - whole).abs().max() < 1e-4
+    assert wav.abs().max() > 0.01, "silence would match anything"
+
+
+def test_first_audio_comes_early(model: Any, pieces: Any) -> None:
+    reply = _alone(model, _request(_inputs(pieces, "media")))
+    assert reply.first_audio_step is not None
+    assert reply.first_audio_step < 0.3 * reply.steps
+    assert reply.audio[0].numel() > 0
+
+
+def test_rows_do_not_affect_each_other(model: Any, pieces: Any) -> None:
+    first, second = _request(_inputs(pieces, "media")), _request(_inputs(pieces, "media", seed=1))
+    alone = [_alone(model, first), _alone(model, second)]
+    assert alone[0].text != alone[1].text, "two different calls to tell apart"
+    engine = OmniEngine(model, max_rows=3)
+    replies = {engine.add(first): Reply()}
+    for _ in range(3):  # the second call joins while the first is speaking
+        for out in engine.step():
+            reply = replies[out.row]
+            reply.text += out.text
+            if out.audio is not None and out.codes is not None:
+                reply.codes.append(out.codes)
+                reply.audio.append(out.audio)
+    replies[engine.add(second)] = Reply()
+    _run(engine, replies)
+    for reply, single in zip(replies.values(), alone, strict=True):
+        assert reply.text == single.text
+        assert len(reply.codes) == len(single.codes)
+        assert all(torch.equal(a, b) for a, b in zip(reply.codes, single.codes, strict=True))
+        assert (reply.waveform() - single.waveform()).abs().max() < 1e-4
+
+
+def test_cancel_stops_a_row_at_the_next_step(model: Any, pieces: Any) -> None:
+    engine = OmniEngine(model, max_rows=2)
+    keep = engine.add(_request(_inputs(pieces, "media")))
+    stop = engine.add(_request(_inputs(pieces, "text")))
+    for _ in range(2):
+        engine.step()
+    engine.cancel(stop)
+    outs = {out.row: out for out in engine.step()}
+    assert outs[stop].done and outs[stop].reason == "cancelled"
+    assert outs[stop].audio is None and outs[stop].codes is None and outs[stop].text == []
+    assert outs[keep].audio is not None and not outs[keep].done
+    assert engine.active == [keep]
+    for _ in range(3):
+        assert stop not in {out.row for out in engine.step()}
+    with pytest.raises(KeyError):
+        engine.cancel(stop)
+    # Its slot is free again: a new call takes it and gets the same reply as alone.
+    request = _request(_inputs(pieces, "text"))
+    replies = {engine.add(request): Reply()}
+    replies[keep] = Reply()
+    _run(engine, replies)
+    again = next(r for row, r in replies.items() if row != keep)
+    single = _alone(model, request)
+    assert again.text == single.text
+    assert all(torch.equal(a, b) for a, b in zip(again.codes, single.codes, strict=True))
+
+
+def test_sampled_decoding_is_seeded(model: Any, pieces: Any) -> None:
+    request = _request(_inputs(pieces, "media"), Decoding())
+    replies = []
+    for _ in range(2):
+        engine = OmniEngine(model, max_rows=1, seed=7)
+        reply = Reply()
+        _run(engine, {engine.add(request): reply})
+        replies.append(reply)
+    assert replies[0].codes and replies[0].reason in ("stop", "length")
+    assert replies[0].text == replies[1].text
+    assert all(torch.equal(a, b) for a, b in zip(replies[0].codes, replies[1].codes, strict=True))
+    codebook = model.config.code2wav_config.codebook_size
+    assert all(int(c.max()) < codebook and int(c.min()) >= 0 for c in replies[0].codes)
+
+
+def test_full_engine_and_bad_requests_are_refused(model: Any, pieces: Any) -> None:
+    engine = OmniEngine(model, max_rows=1)
+    inputs = _inputs(pieces, "text")
+    with pytest.raises(ValueError, match="speaker"):
+        engine.add(Request(inputs, speaker="nobody"))
+    cut = {key: value[:, :-1] for key, value in inputs.items()}
+    with pytest.raises(ValueError, match="assistant turn"):
+        engine.add(_request(cut))
+    engine.add(_request(inputs))
+    with pytest.raises(RuntimeError, match="slots"):
+        engine.add(_request(inputs))
+    tokenizer, features, images = pieces
+    with pytest.raises(ValueError, match="role"):
+        build_inputs(tokenizer, features, images, [Message("robot", "hi")])
+
+
+@pytest.mark.parametrize("part", ["thinker", "talker"])
+def test_grouped_moe_equals_the_module(model: Any, part: str) -> None:
+    layers = (
+        model.thinker.model.language_model.layers
+        if part == "thinker"
+        else model.talker.model.layers
+    )
+    torch.manual_seed(0)
+    for layer in layers:
+        x = torch.randn(3, 5, layer.mlp.gate.hidden_dim)
+        with torch.inference_mode():
+            assert torch.allclose(feed_forward(layer.mlp, x), layer.mlp(x), atol=1e-6)
+            flat = x.reshape(-1, x.shape[-1])
+            _, weights, index = layer.mlp.gate(flat)
+            grouped = experts_forward(layer.mlp.experts, flat, index, weights, grouped=True)
+            gathered = experts_forward(layer.mlp.experts, flat, index, weights, grouped=False)
+            reference = layer.mlp.experts(flat, index, weights)
+        assert torch.allclose(grouped, reference, atol=1e-6)
+        assert torch.allclose(gathered, reference, atol=1e-6)
+        assert reference.abs().max() > 1e-4, "experts that output nothing would match anything"
+
+
+def test_code2wav_stream_equals_whole_decode(model: Any) -> None:
+    torch.manual_seed(0)
+    quantizers = model.config.code2wav_config.num_quantizers
+    codes = torch.randint(0, model.config.code2wav_config.codebook_size, (2, quantizers, 12))
+    with torch.inference_mode():
+        whole = model.code2wav(codes)[:, 0]
+    stream = Code2WavStream(model.code2wav, slots=3)
+    audio: list[list[Tensor]] = [[], []]
+    for t in range(12):
+        # The second call starts 4 frames late, and the two swap batch order halfway.
+        calls = [c for c in ((0, 2), (1, 0)) if t >= 4 * c[0]]
+        if t >= 6:
+            calls.reverse()
+        frames = torch.stack([codes[c, :, t - 4 * c] for c, _ in calls])
+        for (c, _), wav in zip(calls, stream.step(frames, [s for _, s in calls]), strict=True):
+            audio[c].append(wav)
+    assert (torch.cat(audio[0]) - whole[0]).abs().max() < 1e-5
+    late = torch.cat(audio[1])
+    with torch.inference_mode():
+        whole_late = model.code2wav(codes[1:, :, :8])[0, 0]
+    assert (late - whole_late).abs().max() < 1e-5
+
+
+def test_bfloat16_streams(tiny_models: Path, pieces: Any) -> None:
+    """The engine in the dtype it runs in on a GPU: features cast, audio handed out as float32."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        half = load_model(str(tiny_models / "tiny-qwen3-omni"), dtype=torch.bfloat16)
+        reply = _alone(half, _request(_inputs(pieces, "media")))
+    finally:
+        torch.set_num_threads(threads)
+    assert 1 <= len(reply.text) <= MAX_TEXT and len(reply.codes) >= 5
+    wav = reply.waveform()
+    assert wav.dtype == torch.float32 and torch.isfinite(wav).all() and wav.abs().max() > 0.01
