@@ -1,4 +1,9 @@
-"""What a server and a model worker say to each other: one tick each way per model frame.
+"""What a server and a model worker say to each other: one tick each way per model step.
+
+A full-duplex model (Moshi) gets every call's input frame with each tick, once per 80 ms frame.
+A turn-based one (Qwen3-Omni) gets a whole turn with a ``respond`` change and then generates:
+each tick is one decode step for every call that is answering, and its output is what that step
+made (text, and an 80 ms frame of speech).
 
 msgspec structs, encoded as msgpack; audio as raw mono ``int16`` bytes. New fields always get
 defaults, so a worker and a server of neighbouring versions still understand each other.
@@ -11,12 +16,35 @@ from typing import Literal
 import msgspec
 
 
-class Change(msgspec.Struct, frozen=True):
-    """A call joined, left, was reset (barge-in, cancel) or steered (``text`` to speak next)."""
+class Turn(msgspec.Struct, frozen=True):
+    """One turn of a conversation, as a turn-based model reads it."""
 
-    kind: Literal["join", "leave", "reset", "steer"]
+    role: Literal["system", "user", "assistant"]
+    text: str = ""
+    #: The caller's speech, mono int16 at the model's ``input_rate``, or empty.
+    audio: bytes = b""
+    #: Pictures (JPEG), oldest first.
+    pictures: list[bytes] = msgspec.field(default_factory=list)
+
+
+class Respond(msgspec.Struct, frozen=True):
+    """Answer the conversation ``turns`` (oldest first; the worker drops the oldest to fit its
+    prompt budget). A call answers one response at a time: a new one replaces the last."""
+
+    response_id: str
+    turns: list[Turn]
+    voice: str = ""
+    speak: bool = True
+
+
+class Change(msgspec.Struct, frozen=True):
+    """A call joined, left, was reset (barge-in, cancel), steered (``text`` to speak next) or
+    asked to respond (turn-based models)."""
+
+    kind: Literal["join", "leave", "reset", "steer", "respond"]
     call: str
     text: str = ""
+    respond: Respond | None = None
 
 
 class Tick(msgspec.Struct, tag="tick"):
@@ -38,6 +66,10 @@ class CallOutput(msgspec.Struct):
     audio: bytes = b""
     #: Set when this call cannot be served (its join was refused); the others go on.
     error: str = ""
+    #: The response this output belongs to (turn-based models), or "".
+    response_id: str = ""
+    #: Set when that response is over: "stop", "length", "cancelled", or "failed: why".
+    done: str = ""
 
 
 class TickResult(msgspec.Struct):

@@ -16,7 +16,7 @@ import logging
 import multiprocessing
 import os
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Protocol
 
 from s2s.worker.messages import (
     Hello,
@@ -117,18 +117,41 @@ class WorkerProcess:
         self._io.shutdown(wait=False)
 
 
+class ModelWorker(Protocol):
+    """A model on its device, serving many calls one tick at a time (``s2s.worker.moshi``,
+    ``s2s.worker.omni``)."""
+
+    def hello(self, spec: str) -> Hello:
+        """What the worker serves, once loaded."""
+        ...
+
+    def handle(self, tick: Tick) -> TickResult:
+        """Apply the tick's changes, then run one step for every call that has one."""
+        ...
+
+
+def load_worker(spec: str, device: str | None, max_calls: int) -> ModelWorker:
+    """Load the model of ``spec`` (``moshi:…`` or ``qwen3-omni:…``) for ``max_calls`` calls."""
+    name, _, location = spec.partition(":")
+    match name:
+        case "moshi" if location:
+            from s2s.worker.moshi import MoshiWorker
+
+            return MoshiWorker.load(location, device, max_calls)
+        case "qwen3-omni" if location:
+            from s2s.worker.omni import OmniWorker
+
+            return OmniWorker.load(location, device, max_calls)
+    raise ValueError(f"no model worker for {spec!r}")
+
+
 def _serve(conn: Connection, spec: str, device: str | None, max_calls: int, level: int) -> None:
     """The worker process: load the model, say hello, then one tick at a time until Stop."""
     logging.basicConfig(
         level=level, format=f"%(asctime)s %(levelname)s %(name)s [worker {os.getpid()}] %(message)s"
     )
-    name, _, location = spec.partition(":")
     try:
-        if name != "moshi" or not location:
-            raise ValueError(f"no model worker for {spec!r}")
-        from s2s.worker.moshi import MoshiWorker
-
-        worker = MoshiWorker.load(location, device, max_calls)
+        worker = load_worker(spec, device, max_calls)
     except Exception as exc:
         log.exception("loading %s failed", spec)
         conn.send_bytes(encoder.encode(Hello(spec, "", 0, 0, 0, 0, error=repr(exc))))

@@ -1,0 +1,173 @@
+"""Qwen3-Omni on its device: the worker side of ``qwen3-omni:PATH_OR_HUB_ID``.
+
+``OmniWorker.handle`` applies a tick's changes (a ``respond`` builds the prompt from the turns
+it carries and prefills the call; a reset or leave cancels the call's response at once) and then
+runs one step of ``s2s.omni.engine.OmniEngine`` for every call that is answering: each gets the
+text its step made and, once speech has started, one 80 ms frame of audio. What those mean for a
+call's events is the server's business (``s2s.backends.qwen3_omni``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from s2s.omni.engine import OmniEngine, Request, load_model
+from s2s.omni.prompt import AUDIO_RATE, Message, Prompter
+from s2s.worker.messages import CallOutput, Change, Hello, Respond, Tick, TickResult
+from s2s.worker.moshi import pick_device_and_dtype
+
+log = logging.getLogger(__name__)
+
+#: The caller's audio comes in 20 ms frames at Whisper's rate.
+FRAME_SAMPLES = AUDIO_RATE // 50
+#: Prompt budget: the oldest turns are left out of a prompt longer than this.
+PROMPT_TOKENS = 8192
+
+
+class OmniWorker:
+    """Every call's Qwen3-Omni state on one device; each tick is one decode step for all."""
+
+    def __init__(
+        self, model: Any, prompter: Prompter, device: str, max_calls: int,
+        limits: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
+        limits = limits or {}
+        self.model = model
+        self.prompter = prompter
+        self.device = device
+        self.engine = OmniEngine(model, max_rows=max_calls)
+        self.max_calls = max_calls
+        # generate()'s defaults unless the checkpoint's generation_config.json says otherwise
+        # (the tiny test checkpoint does: its random model never stops by itself).
+        self.max_text_tokens = int(limits.get("thinker_max_new_tokens", 1024))
+        self.max_frames = int(limits.get("talker_max_new_tokens", 4096))
+        speakers = list(model.config.talker_config.speaker_id)
+        self.speakers = {name.lower(): name for name in speakers}
+        self.default_speaker = speakers[0]
+        self.calls: set[str] = set()
+        #: The engine row answering each call, and what the row was asked.
+        self.answering: dict[str, int] = {}
+        self.rows: dict[int, _Answer] = {}
+
+    @classmethod
+    def load(cls, location: str, device: str | None, max_calls: int) -> OmniWorker:
+        chosen, dtype = pick_device_and_dtype(device)
+        model = load_model(location, chosen, dtype)
+        prompter = Prompter.from_pretrained(location)
+        config = Path(location) / "generation_config.json"
+        limits = json.loads(config.read_text()) if config.is_file() else {}
+        log.info("loaded %s on %s (%s)", location, chosen, dtype)
+        return cls(model, prompter, chosen, max_calls, limits)
+
+    def hello(self, spec: str) -> Hello:
+        return Hello(
+            model=spec, device=self.device, input_rate=AUDIO_RATE, output_rate=24_000,
+            frame_samples=FRAME_SAMPLES, slots=self.max_calls,
+        )  # fmt: skip
+
+    def handle(self, tick: Tick) -> TickResult:
+        started = time.perf_counter()
+        outputs: dict[str, CallOutput] = {}
+        for change in tick.changes:
+            failure = self._apply(change)
+            if failure is not None:
+                outputs[change.call] = failure
+        if self.engine.active:
+            for step in self.engine.step():
+                answer = self.rows.get(step.row)
+                if answer is None:  # cancelled before this step
+                    continue
+                output = CallOutput(text=answer.text(self.prompter.tokenizer, step.text),
+                                    response_id=answer.response_id)  # fmt: skip
+                if step.audio is not None:
+                    pcm = (step.audio.float().clamp(-1, 1) * 32767).to(torch.int16)
+                    output.audio = pcm.cpu().numpy().tobytes()
+                if step.done:
+                    output.done = step.reason or "stop"
+                    self._forget(answer.call)
+                outputs[answer.call] = output
+        return TickResult(outputs, step_ms=1000 * (time.perf_counter() - started))
+
+    def _apply(self, change: Change) -> CallOutput | None:
+        """A join, leave, reset or respond, between steps; a failed respond's output."""
+        call = change.call
+        if change.kind == "join":
+            self.calls.add(call)
+        elif change.kind in ("leave", "reset"):
+            self._cancel(call)
+            if change.kind == "leave":
+                self.calls.discard(call)
+        elif change.kind == "respond" and change.respond is not None and call in self.calls:
+            self._cancel(call)
+            try:
+                self._respond(call, change.respond)
+            except (RuntimeError, ValueError) as exc:  # every slot busy, prompt too long, ...
+                log.warning("call %s: response %s failed: %s", call, change.respond.response_id,
+                            exc)  # fmt: skip
+                return CallOutput(response_id=change.respond.response_id, done=f"failed: {exc}")
+        return None
+
+    def _respond(self, call: str, respond: Respond) -> None:
+        messages = [_message(turn.role, turn.text, turn.audio, turn.pictures)
+                    for turn in respond.turns]  # fmt: skip
+        inputs = self.prompter.build(messages, max_tokens=PROMPT_TOKENS)
+        speaker = self.speakers.get(respond.voice.lower(), self.default_speaker)
+        request = Request(
+            inputs, speaker=speaker, speak=respond.speak,
+            max_text_tokens=self.max_text_tokens, max_frames=self.max_frames,
+        )  # fmt: skip
+        row = self.engine.add(request)
+        self.answering[call] = row
+        self.rows[row] = _Answer(call, respond.response_id)
+
+    def _cancel(self, call: str) -> None:
+        row = self.answering.get(call)
+        if row is not None:
+            self.engine.cancel(row)
+            self._forget(call)
+
+    def _forget(self, call: str) -> None:
+        row = self.answering.pop(call, None)
+        if row is not None:
+            self.rows.pop(row, None)
+
+
+class _Answer:
+    """One response in progress: whose it is, and its text so far (decoded whole, so that a
+    character split over tokens comes out once it is complete)."""
+
+    def __init__(self, call: str, response_id: str) -> None:
+        self.call, self.response_id = call, response_id
+        self.tokens: list[int] = []
+        self.said = ""
+
+    def text(self, tokenizer: Any, tokens: list[int]) -> str:
+        if not tokens:
+            return ""
+        self.tokens += tokens
+        whole: str = tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if whole.endswith("\ufffd"):  # half a character: wait for the rest
+            return ""
+        new, self.said = whole[len(self.said) :], whole
+        return new
+
+
+def _message(role: str, text: str, audio: bytes, pictures: list[bytes]) -> Message:
+    from PIL import Image
+
+    clips = []
+    if audio:
+        clips.append(np.frombuffer(audio, np.int16).astype(np.float32) / 32768)
+    images = []
+    for data in pictures:
+        with Image.open(io.BytesIO(data)) as picture:
+            images.append(picture.convert("RGB"))
+    return Message(role=role, text=text, audio=clips, images=images)
