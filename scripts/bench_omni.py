@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import percentile
+
 from s2s.omni.engine import GREEDY, OmniEngine, Request, load_model
 from s2s.omni.prompt import Message, Prompter
 
