@@ -29,14 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import percentile
-from transformers import (
-    AutoTokenizer,
-    Qwen2VLImageProcessorPil,
-    WhisperFeatureExtractor,
-)
 
 from s2s.omni.engine import GREEDY, OmniEngine, Request, load_model
-from s2s.omni.prompt import Message, build_inputs
+from s2s.omni.prompt import Message, Prompter
 
 FRAME_SECONDS = 0.08
 
@@ -58,11 +53,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else None
     model = load_model(args.model, args.device, dtype)
-    pieces = (
-        AutoTokenizer.from_pretrained(args.model),
-        WhisperFeatureExtractor.from_pretrained(args.model),
-        Qwen2VLImageProcessorPil.from_pretrained(args.model),
-    )
+    prompter = Prompter.from_pretrained(args.model)
     rng = np.random.default_rng(0)
     clip = (rng.standard_normal(32_000) * 0.1).astype(np.float32)
     picture = Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8))
@@ -70,7 +61,7 @@ def main() -> None:
         Message("system", "You are a helpful voice assistant."),
         Message("user", "what am I looking at", audio=[clip], images=[picture]),
     ]
-    inputs = build_inputs(*pieces, messages)
+    inputs = prompter.build(messages)
     request = Request(
         inputs, max_text_tokens=args.max_text, max_frames=args.max_frames, decoding=GREEDY
     )

@@ -17,12 +17,11 @@ import pytest
 import torch
 from PIL import Image
 from torch import Tensor
-from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, WhisperFeatureExtractor
 
 from s2s.omni.code2wav import Code2WavStream
 from s2s.omni.engine import GREEDY, Decoding, OmniEngine, Request, load_model
 from s2s.omni.moe import experts_forward, feed_forward
-from s2s.omni.prompt import Message, build_inputs
+from s2s.omni.prompt import Message, Prompter, build_inputs
 
 MAX_TEXT = 8
 QUESTIONS = ["what am I looking at", "say something nice please"]
@@ -59,12 +58,8 @@ def model(tiny_models: Path) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def pieces(tiny_models: Path) -> tuple[Any, Any, Any]:
-    path = tiny_models / "tiny-qwen3-omni"
-    return (
-        AutoTokenizer.from_pretrained(path),
-        WhisperFeatureExtractor.from_pretrained(path),
-        Qwen2VLImageProcessorPil.from_pretrained(path),
-    )
+    prompter = Prompter.from_pretrained(str(tiny_models / "tiny-qwen3-omni"))
+    return prompter.tokenizer, prompter.features, prompter.images
 
 
 def _inputs(pieces: tuple[Any, Any, Any], kind: str, seed: int = 0) -> dict[str, Tensor]:
@@ -295,3 +290,21 @@ def test_bfloat16_streams(tiny_models: Path, pieces: Any) -> None:
     assert 1 <= len(reply.text) <= MAX_TEXT and len(reply.codes) >= 5
     wav = reply.waveform()
     assert wav.dtype == torch.float32 and torch.isfinite(wav).all() and wav.abs().max() > 0.01
+
+
+def test_history_is_cut_to_the_token_budget(pieces: Any) -> None:
+    tokenizer, features, images = pieces
+    system = Message("system", "You are a helpful voice assistant.")
+    turns = [
+        Message("user" if i % 2 == 0 else "assistant", f"turn {i} hello there") for i in range(6)
+    ]
+    whole = build_inputs(tokenizer, features, images, [system, *turns])
+    length = whole["input_ids"].shape[1]
+    cut = build_inputs(tokenizer, features, images, [system, *turns], max_tokens=length - 1)
+    assert cut["input_ids"].shape[1] < length
+    text = tokenizer.decode(cut["input_ids"][0])
+    # The system message stays; the oldest turn goes first, the last one stays.
+    assert "helpful voice assistant" in text and "turn 0" not in text and "turn 5" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match="budget"):
+        build_inputs(tokenizer, features, images, [system, *turns], max_tokens=5)

@@ -1,0 +1,26 @@
+"""Qwen3-Omni run as a stream: text and 80 ms speech frames for many calls at once.
+
+- ``prompt``: the model's inputs from chat messages (audio, pictures, text) without Qwen's
+  processor class (it needs torchvision), within a token budget;
+- ``engine``: ``OmniEngine``, the step loop over the loaded model's own modules (thinker, talker,
+  code predictor, code2wav), with ``add`` / ``step`` / ``cancel``;
+- ``slots``: per-call key/value caches in one tensor and the decode step over them;
+- ``moe``: the mixture-of-experts feed-forward with tokens grouped by expert;
+- ``code2wav``: the vocoder frame by frame, equal to decoding the whole reply;
+- ``sampling``: ``generate()``'s token filters for a batch with per-call settings.
+
+What does not stream, and why:
+
+- The audio encoder attends both ways inside windows of ``n_window_infer`` mel frames (8 s), so
+  a window's features change until its audio is complete: a turn's audio is encoded when the
+  turn is committed (complete 8 s windows could be encoded earlier; not done).
+- The thinker's prefill needs the whole turn (its audio tokens and their 3-D RoPE positions),
+  and the talker's prefill needs the thinker's first token and the hidden states of the user
+  turns, so first audio comes one thinker prefill, one talker prefill and one step after the
+  commit. Earlier turns are prefilled again each turn (no prefix cache yet).
+- Everything after that streams: the talker takes text token ``j`` with frame ``j`` (as
+  ``generate()`` feeds ``trailing_text_hidden``), which the thinker made in the same step, and
+  code2wav is causal throughout.
+- ``generate()`` decodes replies over 300 frames (24 s) in chunks with 25 frames of left context,
+  an approximation; streaming equals decoding the whole reply at once instead.
+"""

@@ -21,6 +21,30 @@ AUDIO_RATE = 16_000  # Whisper features
 
 
 @dataclass(frozen=True, slots=True)
+class Prompter:
+    """The three pieces that stand in for Qwen's processor, loaded from a checkpoint folder."""
+
+    tokenizer: Any
+    features: Any  # WhisperFeatureExtractor
+    images: Any  # Qwen2VLImageProcessorPil
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> Prompter:
+        """Load them from ``path`` (a local folder or hub id) with ``from_pretrained``."""
+        from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, WhisperFeatureExtractor
+
+        return cls(
+            AutoTokenizer.from_pretrained(path),
+            WhisperFeatureExtractor.from_pretrained(path),
+            Qwen2VLImageProcessorPil.from_pretrained(path),
+        )
+
+    def build(self, messages: list[Message], max_tokens: int | None = None) -> dict[str, Any]:
+        """``build_inputs`` with these pieces."""
+        return build_inputs(self.tokenizer, self.features, self.images, messages, max_tokens)
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
     """One chat turn: its role and, in order, its audio clips, pictures and text."""
 
@@ -42,11 +66,33 @@ def audio_tokens(frames: int, n_window: int = 50) -> int:
 
 
 def build_inputs(
-    tokenizer: Any, features: Any, images: Any, messages: list[Message]
+    tokenizer: Any,
+    features: Any,
+    images: Any,
+    messages: list[Message],
+    max_tokens: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """The thinker's keyword arguments (``input_ids``, ``attention_mask`` and, when there is
     audio or a picture, ``input_features``/``feature_attention_mask`` and
-    ``pixel_values``/``image_grid_thw``) for ``messages``, batch of one."""
+    ``pixel_values``/``image_grid_thw``) for ``messages``, batch of one.
+
+    With ``max_tokens``, the oldest turns after the leading system message are left out until
+    the prompt fits; ``ValueError`` if even the last turn alone does not.
+    """
+    kept = list(messages)
+    while True:
+        inputs = _build(tokenizer, features, images, kept)
+        if max_tokens is None or inputs["input_ids"].shape[1] <= max_tokens:
+            return inputs
+        first = 1 if kept and kept[0].role == "system" else 0
+        if len(kept) - first <= 1:
+            raise ValueError(f"the last turn alone is over the {max_tokens}-token budget")
+        del kept[first]
+
+
+def _build(
+    tokenizer: Any, features: Any, images: Any, messages: list[Message]
+) -> dict[str, torch.Tensor]:
     prompt = ""
     clips: list[np.ndarray] = []
     pictures: list[Any] = []
