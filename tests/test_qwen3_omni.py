@@ -308,3 +308,11 @@ def test_history_is_cut_to_the_token_budget(pieces: Any) -> None:
     assert text.endswith("<|im_start|>assistant\n")
     with pytest.raises(ValueError, match="budget"):
         build_inputs(tokenizer, features, images, [system, *turns], max_tokens=5)
+
+
+def test_a_text_only_reply_has_the_same_text_and_no_audio(model: Any, pieces: Any) -> None:
+    inputs = _inputs(pieces, "media")
+    spoken = _alone(model, _request(inputs))
+    written = _alone(model, Request(inputs, speak=False, max_text_tokens=MAX_TEXT, decoding=GREEDY))
+    assert written.text == spoken.text and written.audio == []
+    assert written.steps == len(written.text) - 1  # the first token comes from the prefill
