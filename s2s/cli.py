@@ -194,6 +194,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def default_workers(model: str) -> int:
     """One worker per usable core, except for GPU models (Moshi, Qwen-Omni): a worker loads its
     own copy of the weights, and Moshi batches only the calls of its own process."""
-    if model.split(":", 1)[0] in ("moshi", "qwen-omni"):
+    if model.split(":", 1)[0] in ("moshi", "qwen-omni", "qwen3-omni"):
         return 1
     return len(os.sched_getaffinity(0))

@@ -50,6 +50,11 @@ async def load_backend(spec: str, device: str | None = None, *, max_calls: int =
 
             qwen: Backend = await QwenOmniBackend.load(location, device)
             return qwen
+        case "qwen3-omni" if location:
+            from s2s.backends.qwen3_omni import Qwen3OmniBackend
+
+            omni: Backend = await Qwen3OmniBackend.load(location, device, max_calls=max_calls)
+            return omni
         case "local":
             from s2s.backends.local import LocalBackend
 
@@ -58,5 +63,5 @@ async def load_backend(spec: str, device: str | None = None, *, max_calls: int =
         case _:
             raise UnknownModelError(
                 f"unknown model {spec!r}; available: local, echo, moshi:PATH_OR_HUB_ID, "
-                "qwen-omni:PATH_OR_HUB_ID"
+                "qwen-omni:PATH_OR_HUB_ID, qwen3-omni:PATH_OR_HUB_ID"
             )

@@ -213,17 +213,23 @@ class Code2WavStream:
         for fresh, picked in groups.items():
             if not picked:
                 continue
-            index = torch.tensor([slots[i] for i in picked], device=codes.device)
-            wav = self._run(codes[picked], index, fresh)
+            chosen = [slots[i] for i in picked]
+            index = torch.tensor(chosen, device=codes.device)
+            wav = self._run(codes[picked], index, max(chosen) + 1, fresh)
             for row, i in enumerate(picked):
                 out[i] = wav[row, 0]
                 self.fresh[slots[i]] = False
         return [w for w in out if w is not None]
 
-    def _run(self, codes: Tensor, slots: Tensor, fresh: bool) -> Tensor:
+    def _run(self, codes: Tensor, slots: Tensor, rows: int, fresh: bool) -> Tensor:
         model = self.model
         hidden = model.code_embedding(codes[:, :, None] + model.code_offset).mean(1)
-        hidden = model.pre_transformer.norm(self.transformer(hidden, slots))
+        # The transformer runs the first ``rows`` slots, the ones not stepping unready.
+        spread = hidden.new_zeros(rows, *hidden.shape[1:])
+        spread[slots] = hidden
+        ready = torch.zeros(rows, dtype=torch.bool, device=hidden.device)
+        ready[slots] = True
+        hidden = model.pre_transformer.norm(self.transformer(spread, ready)[slots])
         hidden = hidden.permute(0, 2, 1)
         for layer in (*self.upsample, *self.decoder):
             hidden = layer(hidden, slots, fresh)

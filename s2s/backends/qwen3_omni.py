@@ -1,0 +1,230 @@
+"""``qwen3-omni:PATH_OR_HUB_ID``: Qwen3-Omni, streamed, every answering call in one step.
+
+Qwen3-Omni hears speech, sees pictures and answers in speech. Its model worker (a process of its
+own that owns the device, ``s2s.worker.omni``) runs ``s2s.omni.engine.OmniEngine``: a response
+starts with a prefill of the conversation (the committed turn's audio, the latest picture, the
+earlier turns' text), then every step makes one text token and one 80 ms frame of speech for
+every call that is answering, so the first audio leaves after the prefill and one step instead
+of after the whole reply.
+
+This side keeps each call's turns (its committed audio by item id) and sends a ``respond``
+change with the conversation; the scheduler ticks the worker back to back while any call is
+answering (each tick one step for all of them) and hands each call the frames of its response,
+text with the frame it was made with. A reset (barge-in, ``response.cancel``) cancels the call's
+response in the worker at its next tick; whatever of it is still on the way is dropped here by
+its response id. If the worker dies, another starts and every call rejoins it; a response in
+progress ends, and its call hears ``model_unavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+
+import numpy as np
+
+from s2s.backends.base import (
+    EMPTY_PCM,
+    ModelEvent,
+    ModelUnavailable,
+    ResponseFinished,
+    ResponseRequest,
+    Steering,
+    StepResult,
+)
+from s2s.log import CallLogger
+from s2s.protocol import InputText, OutputAudio, OutputText
+from s2s.worker.messages import CallOutput, Change, Respond, Tick, Turn
+from s2s.worker.process import WorkerError, WorkerProcess
+
+log = logging.getLogger(__name__)
+
+_MAX_TURN_FRAMES = 1500  # 30 s of uncommitted audio, in 20 ms frames
+_KEPT_TURNS = 16  # committed turns whose audio stays available to later prompts
+
+
+class Qwen3OmniBackend:
+    name = "qwen3-omni"
+    turn_based = True
+
+    def __init__(self, worker: WorkerProcess) -> None:
+        self.worker = worker
+        hello = worker.hello
+        self.input_rate, self.output_rate = hello.input_rate, hello.output_rate
+        self.frame_samples = hello.frame_samples
+        self._streams: dict[str, Qwen3OmniStream] = {}
+        self._changes: list[Change] = []
+        self._wake = asyncio.Event()
+        self._scheduler = asyncio.create_task(self._schedule(), name="qwen3-omni/scheduler")
+
+    @classmethod
+    async def load(
+        cls, location: str, device: str | None = None, *, max_calls: int = 8
+    ) -> Qwen3OmniBackend:
+        return cls(await WorkerProcess.start(f"qwen3-omni:{location}", device, max_calls))
+
+    async def open_stream(self, call_id: str) -> Qwen3OmniStream:
+        stream = Qwen3OmniStream(self, call_id)
+        self._streams[call_id] = stream
+        self.change(Change("join", call_id))
+        return stream
+
+    async def close(self) -> None:
+        self._scheduler.cancel()
+        await asyncio.gather(self._scheduler, return_exceptions=True)
+        await self.worker.close()
+
+    def change(self, change: Change) -> None:
+        self._changes.append(change)
+        self._wake.set()
+
+    async def _schedule(self) -> None:
+        """Tick whenever there are changes, and back to back while any call is answering."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            changes, self._changes = self._changes, []
+            try:
+                result = await self.worker.tick(Tick(changes))
+            except WorkerError as exc:
+                await self._replace_worker(exc)
+                continue
+            if result.error:
+                log.error("qwen3-omni step failed: %s", result.error)
+                for stream in self._streams.values():
+                    stream.end_response("failed: the model's step failed")
+            for call, output in result.outputs.items():
+                if (receiver := self._streams.get(call)) is not None:
+                    receiver.receive(output)
+            if self._changes or any(s.answering for s in self._streams.values()):
+                self._wake.set()
+
+    async def _replace_worker(self, died: WorkerError) -> None:
+        log.error("%s; starting another", died)
+        try:
+            self.worker = await self.worker.replacement()
+        except Exception as exc:
+            log.error("no model worker: %s", exc)
+            for stream in self._streams.values():
+                stream.end_response(f"failed: {exc}")
+            return
+        pending = [c for c in self._changes if c.kind not in ("join", "respond")]
+        self._changes = [Change("join", call) for call in self._streams] + pending
+        message = "the model's worker restarted: this call's response ended"
+        for stream in self._streams.values():
+            stream.notices.append(ModelUnavailable(message))
+            stream.end_response("failed: the worker died")
+        self._wake.set()
+
+
+class Qwen3OmniStream:
+    """One call's turns on this side, and the frames of its response on their way out."""
+
+    def __init__(self, backend: Qwen3OmniBackend, call_id: str) -> None:
+        self._b = backend
+        self.call_id = call_id
+        self._log = CallLogger(log, call_id)
+        self._turn: collections.deque[np.ndarray] = collections.deque(maxlen=_MAX_TURN_FRAMES)
+        self._committed: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self._last_committed: str | None = None
+        self._out: collections.deque[StepResult] = collections.deque()
+        #: The response the worker is making for this call, or None.
+        self.answering: str | None = None
+        #: Events from outside the model (its worker was replaced) for the next step.
+        self.notices: list[ModelEvent] = []
+
+    async def step(self, pcm: np.ndarray) -> StepResult:
+        self._turn.append(pcm)
+        result = self._out.popleft() if self._out else StepResult()
+        if self.notices:
+            result.events[:0], self.notices = self.notices, []
+        return result
+
+    async def speech_started(self, item_id: str) -> None:
+        return None
+
+    async def commit(self, item_id: str) -> None:
+        frames = list(self._turn)
+        self._committed[item_id] = np.concatenate(frames) if frames else EMPTY_PCM
+        while len(self._committed) > _KEPT_TURNS:
+            self._committed.popitem(last=False)
+        self._last_committed = item_id
+        self._turn.clear()
+
+    async def clear_input(self) -> None:
+        self._turn.clear()
+
+    async def respond(self, request: ResponseRequest) -> None:
+        self.answering = request.response_id
+        respond = Respond(
+            response_id=request.response_id, turns=self.turns_for(request),
+            voice=request.voice, speak="audio" in request.modalities,
+        )  # fmt: skip
+        self._b.change(Change("respond", self.call_id, respond=respond))
+
+    async def steer(self, steering: Steering) -> None:
+        # The prompt is fixed once the response is prefilled; new instructions reach the next
+        # response (the session keeps them).
+        return None
+
+    async def reset(self) -> None:
+        if self.answering is not None:
+            self.answering = None
+            self._b.change(Change("reset", self.call_id))
+        self._out.clear()
+
+    async def close(self) -> None:
+        self.answering = None
+        self._b._streams.pop(self.call_id, None)
+        self._b.change(Change("leave", self.call_id))
+
+    def turns_for(self, request: ResponseRequest) -> list[Turn]:
+        """The conversation as the model reads it: the instructions, then every turn with its
+        text (and a user turn's committed audio); the latest picture goes with the last user
+        turn. The worker drops the oldest turns to fit its prompt budget."""
+        turns = [Turn("system", request.instructions)] if request.instructions else []
+        for item in request.conversation:
+            if item.role == "user":
+                text = " ".join(p.text for p in item.content if isinstance(p, InputText))
+                audio = self._committed.get(item.id) if item.id is not None else None
+                turns.append(Turn("user", text, b"" if audio is None else audio.tobytes()))
+            elif item.role == "assistant":
+                said = [_said(part) for part in item.content]
+                turns.append(Turn("assistant", " ".join(s for s in said if s)))
+        users = [i for i, turn in enumerate(turns) if turn.role == "user"]
+        if not users and self._last_committed is not None:
+            # A response to audio the conversation has no item for (yet): the last turn.
+            turns.append(Turn("user", audio=self._committed[self._last_committed].tobytes()))
+            users = [len(turns) - 1]
+        if request.pictures and users:
+            last = turns[users[-1]]
+            turns[users[-1]] = Turn("user", last.text, last.audio, [request.pictures[-1].jpeg])
+        return turns
+
+    def receive(self, output: CallOutput) -> None:
+        """One tick's output for this call from the worker."""
+        if not output.response_id or output.response_id != self.answering:
+            return  # a response this call has since reset or replaced
+        rid = output.response_id
+        audio = np.frombuffer(output.audio, np.int16) if output.audio else EMPTY_PCM
+        if audio.size or output.text:
+            self._out.append(StepResult(audio=audio, text=output.text, response_id=rid))
+        if output.done:
+            self.end_response(output.done)
+
+    def end_response(self, how: str) -> None:
+        """The response in progress is over (``how``: the worker's reason)."""
+        rid, self.answering = self.answering, None
+        if rid is None:
+            return
+        if how.startswith("failed"):
+            self._log.warning("response %s %s", rid, how)
+        self._out.append(StepResult(response_id=rid, events=[ResponseFinished(rid)]))
+
+
+def _said(part: object) -> str:
+    """What the assistant said in one part of its message."""
+    if isinstance(part, OutputText):
+        return part.text
+    return part.transcript if isinstance(part, OutputAudio) else ""

@@ -1,0 +1,135 @@
+"""``qwen3-omni:`` through the real server, its model worker and real aiortc peers, on the tiny
+random checkpoint (``scripts/make_tiny_models.py``; 8 text tokens and up to 5 s of speech per
+reply). The model's own streaming and equivalence are in ``tests/test_qwen3_omni.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from tests.conftest import StartServer
+from tests.peer import MicTrack, Peer
+from tests.signals import rms
+from tests.speech import speak
+
+
+def _picture_item() -> dict[str, Any]:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(out, "JPEG")
+    url = "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
+    return {"type": "conversation.item.create",
+            "item": {"type": "message", "role": "user",
+                     "content": [{"type": "input_image", "image_url": url}]}}  # fmt: skip
+
+
+def _first(events: list[dict[str, Any]], kind: str, after: int = 0) -> int:
+    return next(i for i, e in enumerate(events) if i >= after and e["type"] == kind)
+
+
+async def test_spoken_turns_with_a_picture_are_answered_in_speech_by_calls_at_once(
+    start_server: StartServer, tiny_models: Path
+) -> None:
+    server = await start_server(model=f"qwen3-omni:{tiny_models / 'tiny-qwen3-omni'}")
+    peers = [Peer(server.url, MicTrack()) for _ in range(2)]
+    loop = asyncio.get_running_loop()
+    try:
+        for peer in peers:
+            await peer.connect()
+            await peer.next_event("session.created", timeout=10)
+        peers[0].send(_picture_item())
+        await peers[0].next_event("conversation.item.added", timeout=10)
+        for i, peer in enumerate(peers):
+            peer.mic.play(speak(["what am I looking at", "say something nice"][i]))
+        began = loop.time()
+        for peer in peers:
+            mark = (
+                _first(peer.events, "input_audio_buffer.committed")
+                if any(e["type"] == "input_audio_buffer.committed" for e in peer.events)
+                else len(peer.events)
+            )
+            done = await peer.next_event("response.done", after=mark, timeout=60)
+            assert done["response"]["status"] == "completed"
+            await peer.wait_audio(1.0, since=began, timeout=15)
+            assert rms(peer.audio(since=began)) > 0.005
+            # In order: the response opens, its transcript streams, then it is done.
+            created = _first(peer.events, "response.created", mark)
+            delta = _first(peer.events, "response.output_audio_transcript.delta", created)
+            assert created < delta < _first(peer.events, "response.done", created)
+    finally:
+        for peer in peers:
+            await peer.close()
+
+
+async def test_cancel_stops_the_reply_and_the_call_answers_again(
+    start_server: StartServer, tiny_models: Path
+) -> None:
+    server = await start_server(model=f"qwen3-omni:{tiny_models / 'tiny-qwen3-omni'}")
+    peer = Peer(server.url, MicTrack(), session={"audio": {"input": {"turn_detection": None}}})
+    loop = asyncio.get_running_loop()
+    try:
+        await peer.connect()
+        await peer.next_event("session.created", timeout=10)
+        text = {"type": "input_text", "text": "hello"}
+        item = {"type": "message", "role": "user", "content": [text]}
+        peer.send({"type": "conversation.item.create", "item": item})
+        peer.send({"type": "response.create"})
+        await peer.next_event("output_audio_buffer.started", timeout=30)
+        mark = len(peer.events)
+        peer.send({"type": "response.cancel"})
+        done = await peer.next_event("response.done", after=mark, timeout=10)
+        assert done["response"]["status"] == "cancelled"
+        await peer.next_event("output_audio_buffer.cleared", after=mark, timeout=5)
+        # The tiny reply is up to 5 s long; from 0.3 s after the clear on, it is silent.
+        quiet_from = loop.time() + 0.3
+        await peer.wait_audio(1.5, since=quiet_from, timeout=5)
+        assert rms(peer.audio(since=quiet_from)) < 0.002
+        # The call goes on: the next response is answered in full.
+        mark = len(peer.events)
+        peer.send({"type": "response.create"})
+        again = await peer.next_event("response.done", after=mark, timeout=60)
+        assert again["response"]["status"] == "completed"
+    finally:
+        await peer.close()
+
+
+def test_the_worker_prompts_with_every_turn_its_audio_and_the_picture(tiny_models: Path) -> None:
+    """In process (the worker's side alone): a respond's turns become the engine's prompt, a
+    second respond replaces the first, and the reply streams until it is done."""
+    import numpy as np
+
+    from s2s.worker.messages import Change, Respond, Tick, Turn
+    from s2s.worker.omni import OmniWorker
+
+    worker = OmniWorker.load(str(tiny_models / "tiny-qwen3-omni"), "cpu", max_calls=2)
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 48), (20, 200, 30)).save(jpeg, "JPEG")
+    speech = (np.sin(np.arange(16_000) / 5) * 8000).astype(np.int16).tobytes()
+    turns = [
+        Turn("system", "Be brief."),
+        Turn("user", "hi"),
+        Turn("assistant", "hello"),
+        Turn("user", "what is this", speech, [jpeg.getvalue()]),
+    ]
+    first = worker.handle(Tick([Change("join", "a"), Change("respond", "a",
+                               respond=Respond("r1", turns[:2]))]))  # fmt: skip
+    assert first.outputs["a"].response_id == "r1" and not first.outputs["a"].done
+    worker.handle(Tick([Change("respond", "a", respond=Respond("r2", turns, voice="Ethan"))]))
+    (row,) = worker.engine.rows.values()
+    inputs = row.request.inputs
+    assert "pixel_values" in inputs and "input_features" in inputs
+    assert row.request.speaker == "ethan"
+    outputs = []
+    for _ in range(100):
+        output = worker.handle(Tick()).outputs["a"]
+        assert output.response_id == "r2"  # nothing more of r1
+        outputs.append(output)
+        if output.done:
+            break
+    assert outputs[-1].done in ("stop", "length")
+    assert sum(len(o.audio) for o in outputs) > 2 * 1920
+    assert not worker.engine.rows and worker.handle(Tick()).outputs == {}
