@@ -133,3 +133,26 @@ def test_the_worker_prompts_with_every_turn_its_audio_and_the_picture(tiny_model
     assert outputs[-1].done in ("stop", "length")
     assert sum(len(o.audio) for o in outputs) > 2 * 1920
     assert not worker.engine.rows and worker.handle(Tick()).outputs == {}
+
+
+def test_turns_are_prefilled_one_per_step_and_wait_for_a_free_slot(tiny_models: Path) -> None:
+    from s2s.worker.messages import Change, Respond, Tick, Turn
+    from s2s.worker.omni import OmniWorker
+
+    worker = OmniWorker.load(str(tiny_models / "tiny-qwen3-omni"), "cpu", max_calls=2)
+    ask = [Turn("user", "hello there")]
+    calls = ["a", "b", "c"]
+    tick = Tick([Change("join", c) for c in calls]
+                + [Change("respond", c, respond=Respond(f"r{c}", ask)) for c in calls])  # fmt: skip
+    answered = set(worker.handle(tick).outputs)
+    assert answered == {"a"} and list(worker.waiting) == ["b", "c"]
+    assert set(worker.handle(Tick()).outputs) == {"a", "b"}
+    # Both slots answer now; "c" waits until one of them is done, then is admitted.
+    done: list[str] = []
+    for _ in range(200):
+        outputs = worker.handle(Tick()).outputs
+        done += [call for call, output in outputs.items() if output.done]
+        if "c" in done:
+            break
+        assert "c" not in outputs or done
+    assert done[0] in ("a", "b") and "c" in done

@@ -1,10 +1,13 @@
 """Qwen3-Omni on its device: the worker side of ``qwen3-omni:PATH_OR_HUB_ID``.
 
-``OmniWorker.handle`` applies a tick's changes (a ``respond`` builds the prompt from the turns
-it carries and prefills the call; a reset or leave cancels the call's response at once) and then
-runs one step of ``s2s.omni.engine.OmniEngine`` for every call that is answering: each gets the
-text its step made and, once speech has started, one 80 ms frame of audio. What those mean for a
-call's events is the server's business (``s2s.backends.qwen3_omni``).
+``OmniWorker.handle`` applies a tick's changes (a ``respond`` queues the call's turn; a reset or
+leave cancels the call's response at once), prefills at most one queued turn (the prompt built
+from the turns it carries), and then runs one step of ``s2s.omni.engine.OmniEngine`` for every
+call that is answering: each gets the text its step made and, once speech has started, one
+80 ms frame of audio. One prefill per tick means a new turn delays the others' next frame by
+one prefill at most, and a burst of turns is admitted one per step instead of all at once; a
+turn waits in the queue while every slot is answering. What the outputs mean for a call's
+events is the server's business (``s2s.backends.qwen3_omni``).
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ class OmniWorker:
         self.speakers = {name.lower(): name for name in speakers}
         self.default_speaker = speakers[0]
         self.calls: set[str] = set()
+        #: Turns waiting for their prefill, oldest first (one call appears at most once).
+        self.waiting: dict[str, Respond] = {}
         #: The engine row answering each call, and what the row was asked.
         self.answering: dict[str, int] = {}
         self.rows: dict[int, _Answer] = {}
@@ -77,9 +82,15 @@ class OmniWorker:
         started = time.perf_counter()
         outputs: dict[str, CallOutput] = {}
         for change in tick.changes:
-            failure = self._apply(change)
-            if failure is not None:
-                outputs[change.call] = failure
+            self._apply(change)
+        if self.waiting and self.engine.free:
+            call, respond = next(iter(self.waiting.items()))
+            del self.waiting[call]
+            try:
+                self._respond(call, respond)
+            except (RuntimeError, ValueError) as exc:  # a prompt over budget, a bad picture...
+                log.warning("call %s: response %s failed: %s", call, respond.response_id, exc)
+                outputs[call] = CallOutput(response_id=respond.response_id, done=f"failed: {exc}")
         if self.engine.active:
             for step in self.engine.step():
                 answer = self.rows.get(step.row)
@@ -96,8 +107,8 @@ class OmniWorker:
                 outputs[answer.call] = output
         return TickResult(outputs, step_ms=1000 * (time.perf_counter() - started))
 
-    def _apply(self, change: Change) -> CallOutput | None:
-        """A join, leave, reset or respond, between steps; a failed respond's output."""
+    def _apply(self, change: Change) -> None:
+        """A join, leave, reset or respond, between steps."""
         call = change.call
         if change.kind == "join":
             self.calls.add(call)
@@ -107,13 +118,7 @@ class OmniWorker:
                 self.calls.discard(call)
         elif change.kind == "respond" and change.respond is not None and call in self.calls:
             self._cancel(call)
-            try:
-                self._respond(call, change.respond)
-            except (RuntimeError, ValueError) as exc:  # every slot busy, prompt too long, ...
-                log.warning("call %s: response %s failed: %s", call, change.respond.response_id,
-                            exc)  # fmt: skip
-                return CallOutput(response_id=change.respond.response_id, done=f"failed: {exc}")
-        return None
+            self.waiting[call] = change.respond
 
     def _respond(self, call: str, respond: Respond) -> None:
         messages = [_message(turn.role, turn.text, turn.audio, turn.pictures)
@@ -129,6 +134,7 @@ class OmniWorker:
         self.rows[row] = _Answer(call, respond.response_id)
 
     def _cancel(self, call: str) -> None:
+        self.waiting.pop(call, None)
         row = self.answering.get(call)
         if row is not None:
             self.engine.cancel(row)
