@@ -35,6 +35,7 @@ from s2s.backends.base import (
     StepResult,
 )
 from s2s.protocol import new_id
+from s2s.worker.handle import WorkerHandle
 from s2s.worker.messages import CallOutput, Change, Tick
 from s2s.worker.process import WorkerError, WorkerProcess
 
@@ -53,7 +54,7 @@ class MoshiBackend:
     name = "moshi"
     turn_based = False
 
-    def __init__(self, worker: WorkerProcess) -> None:
+    def __init__(self, worker: WorkerHandle) -> None:
         self.worker = worker
         # Open calls, in the order they joined (a replacement worker takes them in that order).
         self._streams: dict[MoshiStream, None] = {}
@@ -69,6 +70,7 @@ class MoshiBackend:
     async def load(
         cls, location: str, device: str | None = None, *, max_calls: int = 32
     ) -> MoshiBackend:
+        """A backend whose model worker is a child process of this one."""
         return cls(await WorkerProcess.start(f"moshi:{location}", device, max_calls))
 
     async def open_stream(self, call_id: str) -> MoshiStream:

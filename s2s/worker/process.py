@@ -16,7 +16,7 @@ import logging
 import multiprocessing
 import os
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from s2s.worker.messages import (
     Hello,
@@ -28,6 +28,9 @@ from s2s.worker.messages import (
     request_decoder,
     result_decoder,
 )
+
+if TYPE_CHECKING:
+    from s2s.worker.moshi import MoshiWorker
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +125,8 @@ def _serve(conn: Connection, spec: str, device: str | None, max_calls: int, leve
     logging.basicConfig(
         level=level, format=f"%(asctime)s %(levelname)s %(name)s [worker {os.getpid()}] %(message)s"
     )
-    name, _, location = spec.partition(":")
     try:
-        if name != "moshi" or not location:
-            raise ValueError(f"no model worker for {spec!r}")
-        from s2s.worker.moshi import MoshiWorker
-
-        worker = MoshiWorker.load(location, device, max_calls)
+        worker = load_worker(spec, device, max_calls)
     except Exception as exc:
         log.exception("loading %s failed", spec)
         conn.send_bytes(encoder.encode(Hello(spec, "", 0, 0, 0, 0, error=repr(exc))))
@@ -147,3 +145,14 @@ def _serve(conn: Connection, spec: str, device: str | None, max_calls: int, leve
             log.exception("tick failed")
             result = TickResult(error=repr(exc))
         conn.send_bytes(encoder.encode(result))
+
+
+def load_worker(spec: str, device: str | None, max_calls: int) -> MoshiWorker:
+    """The worker for ``spec`` (``moshi:PATH_OR_HUB_ID``) with its model loaded, in this
+    process; ``ValueError`` for a spec no worker serves."""
+    name, _, location = spec.partition(":")
+    if name != "moshi" or not location:
+        raise ValueError(f"no model worker for {spec!r}")
+    from s2s.worker.moshi import MoshiWorker
+
+    return MoshiWorker.load(location, device, max_calls)
