@@ -117,7 +117,7 @@ class _Worker:
     down: bool = False
 
     def held(self, now: float) -> set[str]:
-        self.reserved = {c: t for c, t in self.reserved.items() if t > now and c not in self.calls}
+        self.reserved = {c: t for c, t in self.reserved.items() if t > now}
         return self.calls | self.reserved.keys()
 
     def up(self, now: float) -> bool:
@@ -143,6 +143,8 @@ class WorkerRegistry:
         """What a worker holds now (it sends this about once a second)."""
         if (worker := self._current(name, incarnation)) is not None:
             worker.calls, worker.step_ms = set(calls), step_ms
+            for call in calls:  # it has them: later reports say when they are gone
+                worker.reserved.pop(call, None)
             worker.last_report = time.monotonic()
 
     def release(self, name: str, calls: list[str]) -> None:

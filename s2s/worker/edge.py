@@ -114,6 +114,8 @@ class ClusterBackend:
         #: One scheduler per worker incarnation this edge placed calls on.
         self._schedulers: dict[tuple[str, str], MoshiBackend] = {}
         self._placed: dict[str, Placement] = {}
+        #: Every open call's scheduler (whose worker is where the call is now) and stream.
+        self._calls: dict[str, tuple[MoshiBackend, MoshiStream]] = {}
         #: The registry's view of the workers of this edge's model, refreshed every few seconds.
         self.workers: list[WorkerState] = []
         self.metrics = WorkerMetrics(self)
@@ -157,26 +159,31 @@ class ClusterBackend:
             worker = ClusterWorker(self.registry, self.model, placement)
             scheduler = self._schedulers[key] = MoshiBackend(worker)
         log.info("call %s placed on model worker %s", call_id, placement.name)
-        return await scheduler.open_stream(call_id)
+        stream = await scheduler.open_stream(call_id)
+        self._calls = {c: s for c, s in self._calls.items() if not s[1].closed}
+        self._calls[call_id] = (scheduler, stream)
+        return stream
 
     def where(self, call_id: str) -> str | None:
-        """The worker that holds ``call_id`` now (after any move), if any."""
-        for worker in self.handles():
-            if call_id in worker.calls:
-                return worker.name
-        return None
+        """The worker that holds ``call_id`` now (after any move); None once it ended."""
+        scheduler, stream = self._calls.get(call_id, (None, None))
+        if scheduler is None or stream is None or stream.closed:
+            return None
+        return scheduler.worker.name if isinstance(scheduler.worker, ClusterWorker) else None
+
+    def calls_by_worker(self) -> dict[str, int]:
+        """How many of this edge's calls each worker holds now."""
+        counts: dict[str, int] = {}
+        for call in self._calls:
+            if (name := self.where(call)) is not None:
+                counts[name] = counts.get(name, 0) + 1
+        return counts
 
     async def close(self) -> None:
         self._follow.cancel()
         await asyncio.gather(self._follow, return_exceptions=True)
         for scheduler in self._schedulers.values():
             await scheduler.close()
-
-    def handles(self) -> Iterator[ClusterWorker]:
-        """The workers this edge's schedulers tick now."""
-        for scheduler in self._schedulers.values():
-            if isinstance(scheduler.worker, ClusterWorker):
-                yield scheduler.worker
 
     async def _follow_registry(self) -> None:
         while True:
@@ -210,9 +217,7 @@ class WorkerMetrics:
         up = GaugeMetricFamily(
             "s2s_model_worker_up", "1 if the model worker takes calls.", labels=["worker"]
         )
-        mine: dict[str, int] = {}
-        for worker in backend.handles():
-            mine[worker.name] = mine.get(worker.name, 0) + len(worker.calls)
+        mine = backend.calls_by_worker()
         for state in backend.workers:
             calls.add_metric([state.name], mine.get(state.name, 0))
             free.add_metric([state.name], state.free)
