@@ -39,6 +39,7 @@ from tests.signals import rms, tone
 pytestmark = pytest.mark.timeout(300)
 
 _LISTENING = re.compile(rb"s2s listening on (http://\S+)/")
+_WORKER_UP = re.compile(rb"model worker one-slot: .* 1 slots")
 
 
 @pytest.fixture(scope="module")
@@ -153,10 +154,19 @@ async def test_calls_spread_move_off_a_dead_worker_and_a_restarted_one_takes_cal
 
 
 async def test_a_full_cluster_is_503_and_a_killed_edge_frees_its_slots(
-    ray_cluster: Cluster, workers: list[Started], tiny_models: Path
+    ray_cluster: Cluster, tiny_models: Path
 ) -> None:
     spec = f"moshi:{tiny_models / 'tiny-moshi'}"
-    await start(workers, spec, "one-slot", max_calls=1, evict_after_s=2, max_restarts=0)
+    # The worker as an operator starts one: `s2s worker`, in the foreground.
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "s2s", "worker", "--ray-address", ray_cluster.address,
+        "--model", spec, "--name", "one-slot", "--max-calls", "1", "--peer-timeout", "2",
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    await _wait_line(worker, _WORKER_UP)
+    assert worker.stderr is not None
+    # What they say from now on is read, so that a full pipe never blocks them.
+    drains = [asyncio.create_task(worker.stderr.read())]
     edge = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "s2s", "serve", "--port", "0", "--model", spec,
         "--ray-address", ray_cluster.address, stderr=asyncio.subprocess.PIPE,
@@ -164,12 +174,8 @@ async def test_a_full_cluster_is_503_and_a_killed_edge_frees_its_slots(
     assert edge.stderr is not None
     peers: list[Peer] = []
     try:
-        said = []
-        async with asyncio.timeout(90):
-            while not (match := _LISTENING.search(line := await edge.stderr.readline())):
-                said.append(line)
-                assert line, b"".join(said).decode(errors="replace")
-        url = match[1].decode()
+        url = (await _wait_line(edge, _LISTENING))[1].decode()
+        drains.append(asyncio.create_task(edge.stderr.read()))
         peers.append(Peer(url, MicTrack(tone(440, 60))))
         await peers[0].connect()
         await peers[0].wait_audio(0.5, timeout=20)
@@ -187,12 +193,19 @@ async def test_a_full_cluster_is_503_and_a_killed_edge_frees_its_slots(
             while (await states())["one-slot"].free != 1:  # noqa: ASYNC110 - no event to wait on
                 await asyncio.sleep(0.2)
         assert time.monotonic() - killed < 2 + 2 * 1.0 + 2  # evict_after_s + reports + slack
+        # SIGTERM to `s2s worker` takes its worker off the cluster.
+        worker.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            assert await worker.wait() == 0
+        assert "one-slot" not in await states()
     finally:
         for peer in peers:
             await peer.close()
-        if edge.returncode is None:
-            edge.kill()
-            await edge.wait()
+        for proc in (edge, worker):
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        await asyncio.gather(*drains)
 
 
 def _hello(model: str, slots: int) -> bytes:
@@ -243,6 +256,14 @@ async def test_serve_reports_an_unreachable_cluster_and_never_imports_ray_withou
         _, err = await edge.communicate()
     assert edge.returncode == 2
     assert b"no Ray cluster answers at 127.0.0.1:1" in err
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "s2s", "worker", "--model", "moshi:nowhere",
+        "--ray-address", "nowhere", stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(60):
+        _, err = await worker.communicate()
+    assert worker.returncode == 2
+    assert b"--ray-address 'nowhere' is neither HOST:PORT nor auto" in err
     probe = (
         "import sys, asyncio\n"
         "from s2s.cli import parse_settings\n"
@@ -256,6 +277,19 @@ async def test_serve_reports_an_unreachable_cluster_and_never_imports_ray_withou
     async with asyncio.timeout(60):
         _, err = await plain.communicate()
     assert plain.returncode == 0, err.decode()
+
+
+async def _wait_line(
+    proc: asyncio.subprocess.Process, pattern: re.Pattern[bytes]
+) -> re.Match[bytes]:
+    """The first line ``proc`` writes to stderr that matches ``pattern``."""
+    assert proc.stderr is not None
+    said = []
+    async with asyncio.timeout(90):
+        while not (match := pattern.search(line := await proc.stderr.readline())):
+            said.append(line)
+            assert line, b"".join(said).decode(errors="replace")
+    return match
 
 
 async def _pid(actor: Any) -> int | None:

@@ -139,13 +139,16 @@ class WorkerRegistry:
             name, incarnation, hello_decoder.decode(hello), actor, evict_after_s, time.monotonic()
         )
 
-    def report(self, name: str, incarnation: str, calls: list[str], step_ms: float) -> None:
-        """What a worker holds now (it sends this about once a second)."""
-        if (worker := self._current(name, incarnation)) is not None:
-            worker.calls, worker.step_ms = set(calls), step_ms
-            for call in calls:  # it has them: later reports say when they are gone
-                worker.reserved.pop(call, None)
-            worker.last_report = time.monotonic()
+    def report(self, name: str, incarnation: str, calls: list[str], step_ms: float) -> bool:
+        """What a worker holds now (it sends this about once a second); False if the registry
+        does not know it (the registry restarted): it should register again."""
+        if (worker := self._current(name, incarnation)) is None:
+            return False
+        worker.calls, worker.step_ms = set(calls), step_ms
+        for call in calls:  # it has them: later reports say when they are gone
+            worker.reserved.pop(call, None)
+        worker.last_report = time.monotonic()
+        return True
 
     def release(self, name: str, calls: list[str]) -> None:
         """Calls an edge ended on ``name``: their places are free without waiting for a report."""
@@ -225,11 +228,16 @@ class ModelWorkerActor:
         # Ticks run on the actor's thread, upkeep on its own: the lock keeps them apart.
         self._lock = threading.Lock()
         self._registry = registry()
-        me = ray.get_runtime_context().current_actor
-        hello = encoder.encode(self._hello)
-        ray.get(self._registry.register.remote(name, self._incarnation, hello, me, evict_after_s))
+        self._register()
         threading.Thread(target=self._upkeep, name="s2s-worker-upkeep", daemon=True).start()
         log.info("%s on %s, %d slots, registered", spec, self._hello.device, self._hello.slots)
+
+    def _register(self) -> None:
+        me = ray.get_runtime_context().current_actor
+        hello = encoder.encode(self._hello)
+        ray.get(self._registry.register.remote(
+            self._name, self._incarnation, hello, me, self._evict_after_s
+        ))  # fmt: skip
 
     def hello(self) -> bytes:
         return encoder.encode(self._hello)
@@ -277,7 +285,10 @@ class ModelWorkerActor:
                 for call in stale:
                     del self._seen[call]
             calls = list(self._worker.calls)
-        self._registry.report.remote(self._name, self._incarnation, calls, self._step_ms)
+        report = self._registry.report.remote(self._name, self._incarnation, calls, self._step_ms)
+        if not ray.get(report, timeout=10):
+            log.warning("the registry did not know this worker (it restarted): registering again")
+            self._register()
 
 
 def start_worker(
