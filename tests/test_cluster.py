@@ -39,7 +39,7 @@ from tests.signals import rms, tone
 pytestmark = pytest.mark.timeout(300)
 
 _LISTENING = re.compile(rb"s2s listening on (http://\S+)/")
-_WORKER_UP = re.compile(rb"model worker one-slot: .* 1 slots")
+_WORKER_UP = re.compile(rb"model worker shared: .* 2 slots")
 
 
 @pytest.fixture(scope="module")
@@ -153,14 +153,15 @@ async def test_calls_spread_move_off_a_dead_worker_and_a_restarted_one_takes_cal
         await peer.close()
 
 
-async def test_a_full_cluster_is_503_and_a_killed_edge_frees_its_slots(
-    ray_cluster: Cluster, tiny_models: Path
+async def test_two_edges_share_a_worker_503_when_full_and_a_killed_edge_frees_its_slot(
+    ray_cluster: Cluster, start_server: StartServer, tiny_models: Path
 ) -> None:
     spec = f"moshi:{tiny_models / 'tiny-moshi'}"
+    loop = asyncio.get_running_loop()
     # The worker as an operator starts one: `s2s worker`, in the foreground.
     worker = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "s2s", "worker", "--ray-address", ray_cluster.address,
-        "--model", spec, "--name", "one-slot", "--max-calls", "1", "--peer-timeout", "2",
+        "--model", spec, "--name", "shared", "--max-calls", "2", "--peer-timeout", "2",
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     await _wait_line(worker, _WORKER_UP)
@@ -172,32 +173,44 @@ async def test_a_full_cluster_is_503_and_a_killed_edge_frees_its_slots(
         "--ray-address", ray_cluster.address, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert edge.stderr is not None
+    here = await start_server(model=spec, ray_address=ray_cluster.address)
     peers: list[Peer] = []
     try:
         url = (await _wait_line(edge, _LISTENING))[1].decode()
         drains.append(asyncio.create_task(edge.stderr.read()))
-        peers.append(Peer(url, MicTrack(tone(440, 60))))
-        await peers[0].connect()
-        await peers[0].wait_audio(0.5, timeout=20)
-        assert (await states())["one-slot"].free == 0
-        peers.append(Peer(url, MicTrack(tone(440, 60))))
-        with pytest.raises(CallRefused) as refused:
-            await peers[1].connect()
-        assert refused.value.status == 503 and "server_full" in refused.value.body
+        # One call from each edge, both on the one worker.
+        peers += [Peer(url, MicTrack(tone(440, 60))), Peer(here.url, MicTrack(tone(660, 60)))]
+        for peer in peers:
+            await peer.connect()
+        since = loop.time()
+        await asyncio.gather(*(p.wait_audio(1.0, since=since, timeout=20) for p in peers))
+        assert all(rms(p.audio(since=since)) > 0.001 for p in peers)
+        assert (await states())["shared"].free == 0
+        for base in (url, here.url):
+            peers.append(Peer(base, MicTrack(tone(440, 60))))
+            with pytest.raises(CallRefused) as refused:
+                await peers[-1].connect()
+            assert refused.value.status == 503 and "server_full" in refused.value.body
 
         edge.kill()
         await edge.wait()
         killed = time.monotonic()
-        # The worker evicts the call no edge ticks any more and says so to the registry.
+        # The worker evicts the call no edge ticks any more and says so to the registry; the
+        # other edge's call goes on.
         async with asyncio.timeout(15):
-            while (await states())["one-slot"].free != 1:  # noqa: ASYNC110 - no event to wait on
+            while (await states())["shared"].free != 1:  # noqa: ASYNC110 - no event to wait on
                 await asyncio.sleep(0.2)
         assert time.monotonic() - killed < 2 + 2 * 1.0 + 2  # evict_after_s + reports + slack
+        since = loop.time()
+        await peers[1].wait_audio(1.0, since=since, timeout=20)
+        assert rms(peers[1].audio(since=since)) > 0.001
+        assert not any(e["type"] == "error" for e in peers[1].events)
+        await peers[1].close()
         # SIGTERM to `s2s worker` takes its worker off the cluster.
         worker.send_signal(signal.SIGTERM)
         async with asyncio.timeout(30):
             assert await worker.wait() == 0
-        assert "one-slot" not in await states()
+        assert "shared" not in await states()
     finally:
         for peer in peers:
             await peer.close()

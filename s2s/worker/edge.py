@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 
 #: A tick not answered in this long counts as the worker's death (a hung node): the calls move.
 TICK_TIMEOUT_S = 2.0
+#: How long a place given to an offer is kept for its call's stream.
+PLACE_KEPT_S = 60.0
 #: How often the edge refreshes its view of the workers (for /metrics).
 REFRESH_S = 2.0
 
@@ -56,7 +59,6 @@ class ClusterWorker:
         self._actor: Any = placement.actor
         #: This edge's calls on the worker, as the ticks sent it joins and leaves.
         self.calls: set[str] = set()
-        self.step_ms = 0.0
 
     @property
     def hello(self) -> Hello:
@@ -77,9 +79,7 @@ class ClusterWorker:
             raise WorkerError(f"model worker {self.name} is gone: {exc!r}") from exc
         if left:  # their places are free at once, not at the worker's next report
             self.registry.release.remote(self.name, left)
-        result = result_decoder.decode(raw)
-        self.step_ms = result.step_ms
-        return result
+        return result_decoder.decode(raw)
 
     async def replacement(self) -> ClusterWorker:
         """Every call of this edge on the dead worker, placed together on another one."""
@@ -113,7 +113,8 @@ class ClusterBackend:
         self.frame_samples = hello.frame_samples
         #: One scheduler per worker incarnation this edge placed calls on.
         self._schedulers: dict[tuple[str, str], MoshiBackend] = {}
-        self._placed: dict[str, Placement] = {}
+        #: Places given to offers not yet answered, with when they were given.
+        self._placed: dict[str, tuple[Placement, float]] = {}
         #: Every open call's scheduler (whose worker is where the call is now) and stream.
         self._calls: dict[str, tuple[MoshiBackend, MoshiStream]] = {}
         #: The registry's view of the workers of this edge's model, refreshed every few seconds.
@@ -146,13 +147,16 @@ class ClusterBackend:
         placement = await self.registry.place.remote(self.model, [call_id])
         if placement is None:
             raise NoCapacity(f"every worker of {self.model} is full")
-        self._placed[call_id] = placement
+        # An offer refused after its place was given never opens a stream: forget its place
+        # (the registry's lapses by itself).
+        now = time.monotonic()
+        self._placed = {c: p for c, p in self._placed.items() if now - p[1] < PLACE_KEPT_S}
+        self._placed[call_id] = (placement, now)
 
     async def open_stream(self, call_id: str) -> MoshiStream:
-        placement = self._placed.pop(call_id, None)
-        if placement is None:
+        if call_id not in self._placed:
             await self.place(call_id)
-            placement = self._placed.pop(call_id)
+        placement, _ = self._placed.pop(call_id)
         key = (placement.name, placement.incarnation)
         scheduler = self._schedulers.get(key)
         if scheduler is None:
