@@ -5,15 +5,17 @@ Only ``s2s serve --ray-address`` and ``s2s worker`` import this module, so witho
 imports Ray.
 
 A worker actor holds the same ``MoshiWorker`` a local worker process runs and takes the same
-ticks (msgpack bytes, ``s2s.worker.messages``) from any number of edges; each tick steps the
-calls it carries. A call that no tick has named for ``evict_after_s`` (its edge died) is dropped,
-so its slot is free again. The registry is one named, detached actor in the ``s2s`` namespace:
-workers register their model and slots and report which calls they hold, about once a second;
-edges ask it to place calls.
+ticks (msgpack bytes, ``s2s.worker.messages``) from any number of edges; ticks that arrive
+while a step runs go together into the next step. A call that no tick has named for
+``evict_after_s`` (its edge died) is dropped, so its slot is free again. The registry is one
+named, detached actor in the ``s2s`` namespace: workers register their model and slots and
+report which calls they hold, about once a second; edges ask it to place calls.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import os
 import socket
@@ -208,8 +210,9 @@ class WorkerRegistry:
 
 
 class ModelWorkerActor:
-    """A model worker as a Ray actor: loads the model, registers, then steps whatever calls each
-    tick carries, from any edge. Ray restarts it (``max_restarts``); it registers anew."""
+    """A model worker as a Ray actor (an async one): loads the model, registers, then steps
+    whatever calls the ticks carry, from any edge. Ray restarts it (``max_restarts``); it
+    registers anew."""
 
     def __init__(
         self, name: str, spec: str, device: str | None, max_calls: int, evict_after_s: float
@@ -225,7 +228,12 @@ class ModelWorkerActor:
         #: When a tick last named each call, to evict those of edges that died.
         self._seen: dict[str, float] = {}
         self._step_ms = 0.0
-        # Ticks run on the actor's thread, upkeep on its own: the lock keeps them apart.
+        #: Ticks waiting for the next step, and the task that runs steps while there are any.
+        self._queue: list[tuple[Tick, asyncio.Future[TickResult]]] = []
+        self._stepper: asyncio.Task[None] | None = None
+        # Steps run on one thread of their own (the actor's event loop takes ticks meanwhile),
+        # evictions on the upkeep thread: the lock keeps them apart.
+        self._steps = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="s2s-step")
         self._lock = threading.Lock()
         self._registry = registry()
         self._register()
@@ -245,26 +253,50 @@ class ModelWorkerActor:
     def pid(self) -> int:
         return os.getpid()
 
-    def tick(self, data: bytes) -> bytes:
-        """One tick from one edge (msgpack ``Tick`` in, msgpack ``TickResult`` out)."""
+    async def tick(self, data: bytes) -> bytes:
+        """One tick from one edge (msgpack ``Tick`` in, msgpack ``TickResult`` out). Ticks of
+        several edges that arrive while a step runs are stepped together in the next one, so a
+        busy worker runs one batch per step, not one per edge."""
         request = request_decoder.decode(data)
         if not isinstance(request, Tick):
             return encoder.encode(TickResult(error="a worker actor takes only ticks"))
+        done: asyncio.Future[TickResult] = asyncio.get_running_loop().create_future()
+        self._queue.append((request, done))
+        if self._stepper is None or self._stepper.done():
+            self._stepper = asyncio.create_task(self._step_queued(), name="worker/steps")
+        return encoder.encode(await done)
+
+    async def _step_queued(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._queue:
+            batch, self._queue = self._queue, []
+            # Edges' calls are distinct, so their changes may go in any order between edges.
+            merged = Tick(
+                [change for tick, _ in batch for change in tick.changes],
+                {call: pcm for tick, _ in batch for call, pcm in tick.frames.items()},
+            )
+            result = await loop.run_in_executor(self._steps, self._handle, merged)
+            for tick, done in batch:
+                if not done.done():  # its edge may have given up waiting
+                    outputs = {c: result.outputs[c] for c in tick.frames if c in result.outputs}
+                    done.set_result(TickResult(outputs, result.step_ms, result.error))
+
+    def _handle(self, tick: Tick) -> TickResult:
         now = time.monotonic()
         with self._lock:
-            for change in request.changes:
+            for change in tick.changes:
                 if change.kind == "leave":
                     self._seen.pop(change.call, None)
                 else:
                     self._seen[change.call] = now
-            self._seen.update(dict.fromkeys(request.frames, now))
+            self._seen.update(dict.fromkeys(tick.frames, now))
             try:
-                result = self._worker.handle(request)
+                result = self._worker.handle(tick)
             except Exception as exc:
                 log.exception("tick failed")
                 result = TickResult(error=repr(exc))
         self._step_ms = result.step_ms
-        return encoder.encode(result)
+        return result
 
     def _upkeep(self) -> None:
         while True:
@@ -314,7 +346,7 @@ def start_worker(
         )
     options: dict[str, Any] = {"num_gpus": 1} if gpu else {"resources": {WORKER_RESOURCE: 1}}
     options |= {"name": name, "namespace": NAMESPACE, "lifetime": "detached", "num_cpus": 0,
-                "max_restarts": max_restarts, "max_concurrency": 1}  # fmt: skip
+                "max_restarts": max_restarts}  # fmt: skip
     actor_class: Any = ray.remote(ModelWorkerActor)
     actor = actor_class.options(**options).remote(name, spec, device, max_calls, evict_after_s)
     try:
