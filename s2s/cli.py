@@ -220,6 +220,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, str | N
     settings = Settings(**fields, api_keys=tuple(keys), allowed_origins=tuple(args.allow_origin))
     if settings.ray_address and settings.workers > 1:
         parser.error("--workers above 1 with --ray-address: run one edge per machine instead")
+    if settings.ray_address and not settings.model.startswith("moshi:"):
+        parser.error("--ray-address serves moshi:PATH_OR_HUB_ID models only (s2s worker)")
     return settings, warning
 
 

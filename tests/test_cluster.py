@@ -18,6 +18,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from s2s.cli import parse_settings
 from s2s.signaling import BACKEND
 from s2s.worker.cluster import (
     NAMESPACE,
@@ -253,7 +254,12 @@ def test_the_registry_places_calls_on_the_worker_of_their_model_with_most_room()
     assert placed_again is not None and placed_again.incarnation == "2"
 
 
-def test_a_bad_or_unreachable_ray_address_is_a_clear_error() -> None:
+def test_a_bad_or_unreachable_ray_address_is_a_clear_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_settings(["serve", "--ray-address", "auto", "--model", "echo"])
+    assert "--ray-address serves moshi:PATH_OR_HUB_ID models only" in capsys.readouterr().err
     with pytest.raises(ClusterUnavailable, match="neither HOST:PORT nor auto"):
         connect("localhost")
     with pytest.raises(ClusterUnavailable, match=r"no Ray cluster answers at 127\.0\.0\.1:1"):
