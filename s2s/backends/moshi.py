@@ -4,9 +4,8 @@ Moshi listens and speaks at once in 80 ms frames (1920 samples at 24 kHz). Every
 frame per 80 ms; the backend's scheduler ticks once per frame period and sends every waiting
 frame, with the joins, leaves, resets and steers since the last tick, to the model worker in one
 message (``s2s.worker``). The worker, a process of its own (or a Ray actor on another machine:
-``s2s.worker.edge``) that owns the device, runs one
-batched step for all of them (Mimi encode, ``MoshiEngine``, Mimi decode) and answers with every
-call's audio and text. A frame waits at most one period for its tick; changes are applied
+``s2s.worker.edge``) that owns the device, runs one batched step for all of them (Mimi encode,
+``MoshiEngine``, Mimi decode) and answers with every call's audio and text. A frame waits at most one period for its tick; changes are applied
 between steps, so no call waits for another's join.
 
 Full duplex has no turns, so the Realtime events map like this:
