@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from s2s.auth import Keys
-from s2s.backends import load_backend
+from s2s.backends import Backend, load_backend
 from s2s.config import Settings
 from s2s.forwarding import Relay
 from s2s.metrics import ServerMetrics
@@ -58,7 +58,17 @@ def create_app(settings: Settings, pool: Pool | None = None) -> web.Application:
 async def _model_and_calls(app: web.Application) -> AsyncIterator[None]:
     """Load the model once for the process; on shutdown end every call, then unload it."""
     settings = app[SETTINGS]
-    backend = await load_backend(settings.model, settings.device, max_calls=settings.max_sessions)
+    backend: Backend
+    if settings.ray_address:
+        from s2s.worker.edge import ClusterBackend
+
+        cluster = await ClusterBackend.connect(settings.ray_address, settings.model)
+        app[METRICS].registry.register(cluster.metrics)
+        backend = cluster
+    else:
+        backend = await load_backend(
+            settings.model, settings.device, max_calls=settings.max_sessions
+        )
     app[BACKEND] = backend
     vad = VadService()
     await vad.start()

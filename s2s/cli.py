@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,8 @@ from s2s.config import Settings
 from s2s.pool import MAX_WORKERS
 from s2s.server import serve
 from s2s.supervisor import supervise
+from s2s.worker.handle import ClusterUnavailable
+from s2s.worker.process import WorkerError
 
 log = logging.getLogger("s2s")
 
@@ -49,6 +53,13 @@ _FIELD_OPTIONS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
         "server processes sharing the port, each pinned to a core; 0 is one "
         "per usable core for CPU models (echo, local) and 1 for GPU ones, whose process batches "
         "every call; 1 serves in this process",
+        {},
+    ),
+    (
+        "--ray-address",
+        "ray_address",
+        "a Ray cluster (its head's HOST:PORT, or auto) whose model workers (s2s worker) serve "
+        "this edge's calls; without it the model runs here",
         {},
     ),
     (
@@ -153,6 +164,39 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="listen on a public address even with no API key (anyone can call)",
     )
+    worker = commands.add_parser(
+        "worker", help="start a model worker on a Ray cluster (pip install s2s[ray])"
+    )
+    worker.add_argument(
+        "--ray-address", required=True, help="the cluster: its head's HOST:PORT, or auto"
+    )
+    worker.add_argument("--model", required=True, help="the model it serves: moshi:PATH_OR_HUB_ID")
+    worker.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA on a GPU cluster)")
+    worker.add_argument(
+        "--max-calls", type=int, default=32, help="call slots (default %(default)s)"
+    )
+    worker.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=Settings().peer_timeout_s,
+        help="seconds a call may go untouched by its edge before its slot is freed (default "
+        "%(default)s)",
+    )
+    worker.add_argument("--name", default="", help="the worker's name (default: a new one)")
+    worker.add_argument(
+        "--max-restarts",
+        type=int,
+        default=-1,
+        help="times Ray restarts it when it dies; -1 for always (default %(default)s)",
+    )
+    worker.add_argument(
+        "--detach",
+        action="store_true",
+        help="return once it is up; it lives on until the cluster stops",
+    )
+    worker.add_argument(
+        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper
+    )
     return parser
 
 
@@ -174,20 +218,58 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, str | N
         warning = f"no --api-key given: listening on 127.0.0.1, not {host}"
         fields["host"] = "127.0.0.1"
     settings = Settings(**fields, api_keys=tuple(keys), allowed_origins=tuple(args.allow_origin))
+    if settings.ray_address and settings.workers > 1:
+        parser.error("--workers above 1 with --ray-address: run one edge per machine instead")
+    if settings.ray_address and not settings.model.startswith("moshi:"):
+        parser.error("--ray-address serves moshi:PATH_OR_HUB_ID models only (s2s worker)")
     return settings, warning
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "worker":
+        return run_worker(args)
     settings, open_warning = parse_settings(argv)
     s2s_log.configure(settings.log_level)
     if open_warning:
         log.warning("%s (use --insecure-public to allow it)", open_warning)
     elif not settings.api_keys:
         log.warning("no --api-key given: anyone who can reach %s may make calls", settings.host)
-    workers = settings.workers or default_workers(settings.model)
+    workers = 1 if settings.ray_address else settings.workers or default_workers(settings.model)
     if workers > 1:
         return supervise(settings, workers)
-    uvloop.run(serve(settings))
+    try:
+        uvloop.run(serve(settings))
+    except ClusterUnavailable as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """``s2s worker``: start a model worker actor on the cluster and keep it until SIGTERM."""
+    s2s_log.configure(args.log_level)
+    from s2s.worker import cluster  # Ray, only here and with serve --ray-address
+
+    try:
+        cluster.connect(args.ray_address)
+        name, actor, hello = cluster.start_worker(
+            args.model, name=args.name, device=args.device, max_calls=args.max_calls,
+            evict_after_s=args.peer_timeout, max_restarts=args.max_restarts,
+        )  # fmt: skip
+    except (ClusterUnavailable, WorkerError) as exc:
+        log.error("%s", exc)
+        return 2
+    log.info("model worker %s: %s on %s, %d slots", name, hello.model, hello.device, hello.slots)
+    if args.detach:
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    log.info("stopping model worker %s", name)
+    cluster.stop_worker(name, actor)
     return 0
 
 

@@ -15,6 +15,9 @@ class Settings:
     model: str = "local"
     #: Device for model compute ("cpu", "cuda", "cuda:1"); None picks CUDA when available.
     device: str | None = None
+    #: A Ray cluster (its head's HOST:PORT, or "auto") whose model workers serve this edge's
+    #: calls; empty runs the model here, and nothing imports Ray.
+    ray_address: str = ""
     #: Calls the whole server takes (over all its workers) before it answers 503.
     max_sessions: int = 32
     #: Server processes, each pinned to a core; 0 is one per usable core. 1 serves in-process.

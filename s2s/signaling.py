@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from s2s.auth import DEFAULT_SECRET_TTL_S, Keys, bearer
 from s2s.backends import Backend
+from s2s.backends.base import NoCapacity, PlacingBackend
 from s2s.config import Settings
 from s2s.forwarding import HandshakeRefused, OwnerUnreachable, Relay, is_relayed
 from s2s.metrics import ServerMetrics, merge_expositions
@@ -130,6 +131,15 @@ async def create_call(request: web.Request) -> web.Response:
             f"no capacity for another call ({exc})",
             headers={"Retry-After": str(settings.retry_after_s)},
         )
+    if isinstance(backend, PlacingBackend):
+        try:
+            await backend.place(call_id)
+        except NoCapacity as exc:
+            await registry.discard(session)
+            return error_response(
+                503, "server_full", f"no model worker has room for another call ({exc})",
+                headers={"Retry-After": str(settings.retry_after_s)},
+            )  # fmt: skip
     try:
         answer = await session.accept(offer)
     except OfferError as exc:

@@ -16,7 +16,7 @@ Turn-based backends (``turn_based = True``) also hear about the caller's turns
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -155,4 +155,18 @@ class Backend(Protocol):
 
     async def close(self) -> None:
         """Unload the model and stop its executors."""
+        ...
+
+
+class NoCapacity(RuntimeError):
+    """No model worker has room for another call."""
+
+
+@runtime_checkable
+class PlacingBackend(Protocol):
+    """A backend whose calls each need a place on one of several model workers (a Ray cluster):
+    the server asks for it before answering the offer, so a full cluster is a 503."""
+
+    async def place(self, call_id: str) -> None:
+        """Reserve a place for ``call_id``, which ``open_stream`` then takes; ``NoCapacity``."""
         ...

@@ -3,10 +3,11 @@
 Moshi listens and speaks at once in 80 ms frames (1920 samples at 24 kHz). Every call sends one
 frame per 80 ms; the backend's scheduler ticks once per frame period and sends every waiting
 frame, with the joins, leaves, resets and steers since the last tick, to the model worker in one
-message (``s2s.worker``). The worker, a process of its own that owns the device, runs one
-batched step for all of them (Mimi encode, ``MoshiEngine``, Mimi decode) and answers with every
-call's audio and text. A frame waits at most one period for its tick; changes are applied
-between steps, so no call waits for another's join.
+message (``s2s.worker``). The worker, a process of its own (or a Ray actor on another machine:
+``s2s.worker.edge``) that owns the device, runs one batched step for all of them (Mimi encode,
+``MoshiEngine``, Mimi decode) and answers with every call's audio and text. A frame waits at
+most one period for its tick; changes are applied between steps, so no call waits for another's
+join.
 
 Full duplex has no turns, so the Realtime events map like this:
 - Moshi's inner-monologue text becomes ``response.output_audio_transcript.delta`` events of a
@@ -35,6 +36,7 @@ from s2s.backends.base import (
     StepResult,
 )
 from s2s.protocol import new_id
+from s2s.worker.handle import WorkerHandle
 from s2s.worker.messages import CallOutput, Change, Tick
 from s2s.worker.process import WorkerError, WorkerProcess
 
@@ -53,7 +55,7 @@ class MoshiBackend:
     name = "moshi"
     turn_based = False
 
-    def __init__(self, worker: WorkerProcess) -> None:
+    def __init__(self, worker: WorkerHandle) -> None:
         self.worker = worker
         # Open calls, in the order they joined (a replacement worker takes them in that order).
         self._streams: dict[MoshiStream, None] = {}
@@ -69,6 +71,7 @@ class MoshiBackend:
     async def load(
         cls, location: str, device: str | None = None, *, max_calls: int = 32
     ) -> MoshiBackend:
+        """A backend whose model worker is a child process of this one."""
         return cls(await WorkerProcess.start(f"moshi:{location}", device, max_calls))
 
     async def open_stream(self, call_id: str) -> MoshiStream:

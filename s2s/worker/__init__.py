@@ -6,4 +6,9 @@ that carries the calls' RTP. Calls reach it through ticks (``messages``): once p
 the server sends every call's input frame, and every join, leave, reset and steer since the last
 tick, in one message, and gets every call's output back in one message. The same messages can
 cross a machine boundary: nothing in them refers to a process.
+
+The server's scheduler sees a worker through ``handle.WorkerHandle``. On one machine that is
+``process.WorkerProcess``; on a Ray cluster (``s2s serve --ray-address``, ``pip install
+s2s[ray]``) the worker is an actor (``cluster``) and the edge's handle on it is
+``edge.ClusterWorker``; ``edge.ClusterBackend`` places each call on a worker.
 """

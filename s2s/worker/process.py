@@ -15,6 +15,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+from collections.abc import Collection
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
@@ -120,6 +121,11 @@ class WorkerProcess:
 class ModelWorker(Protocol):
     """A model on its device, serving many calls one tick at a time (``s2s.worker.moshi``,
     ``s2s.worker.omni``)."""
+
+    @property
+    def calls(self) -> Collection[str]:
+        """The calls that have joined (and not left)."""
+        ...
 
     def hello(self, spec: str) -> Hello:
         """What the worker serves, once loaded."""

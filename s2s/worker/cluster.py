@@ -1,0 +1,363 @@
+"""Model workers on a Ray cluster: the worker actor, the registry workers sign in at, and joining
+a cluster.
+
+Only ``s2s serve --ray-address`` and ``s2s worker`` import this module, so without them nothing
+imports Ray.
+
+A worker actor holds the same ``MoshiWorker`` a local worker process runs and takes the same
+ticks (msgpack bytes, ``s2s.worker.messages``) from any number of edges; ticks that arrive
+while a step runs go together into the next step. A call that no tick has named for
+``evict_after_s`` (its edge died) is dropped, so its slot is free again. The registry is one
+named, detached actor in the ``s2s`` namespace: workers register their model and slots and
+report which calls they hold, about once a second; edges ask it to place calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from s2s.worker.handle import ClusterUnavailable
+from s2s.worker.messages import (
+    Change,
+    Hello,
+    Tick,
+    TickResult,
+    encoder,
+    hello_decoder,
+    request_decoder,
+)
+from s2s.worker.process import LOAD_TIMEOUT_S, WorkerError, load_worker
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "s2s"
+REGISTRY_NAME = "s2s-registry"
+#: The custom resource a node offers for each CPU model worker it may host (tiny test models);
+#: a worker on a GPU node asks for one GPU instead.
+WORKER_RESOURCE = "s2s_worker"
+#: How often a worker tells the registry which calls it holds (and evicts orphaned ones).
+REPORT_INTERVAL_S = 1.0
+#: A worker that has not reported for this long gets no new calls (it died or hangs).
+SILENT_AFTER_S = 5.0
+
+
+def connect(address: str) -> None:
+    """Join the cluster at ``address`` (its head's ``HOST:PORT``, or ``auto``) as a driver;
+    ``ClusterUnavailable`` with the reason if there is none there."""
+    if address != "auto":
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ClusterUnavailable(f"--ray-address {address!r} is neither HOST:PORT nor auto")
+        try:  # ray.init would retry an address nobody listens at for a long while
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as exc:
+            raise ClusterUnavailable(f"no Ray cluster answers at {address}: {exc}") from None
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ClusterUnavailable(f"could not join the Ray cluster at {address}: {exc}") from exc
+
+
+def registry() -> Any:
+    """The cluster's worker registry (an actor handle); the first caller starts it."""
+    actor = ray.remote(WorkerRegistry).options(
+        name=REGISTRY_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        num_cpus=0, max_restarts=-1,
+    )  # fmt: skip
+    return actor.remote()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the registry put calls: a worker (its actor) and what it said at start."""
+
+    name: str
+    incarnation: str
+    hello: bytes
+    actor: Any
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    """One worker as the registry sees it, for metrics and tests."""
+
+    name: str
+    model: str
+    slots: int
+    free: int
+    calls: tuple[str, ...]
+    step_ms: float
+    up: bool
+
+
+@dataclass
+class _Worker:
+    name: str
+    #: New each time the actor (re)starts, so news about a dead one cannot touch its successor.
+    incarnation: str
+    hello: Hello
+    actor: Any
+    evict_after_s: float
+    last_report: float
+    calls: set[str] = field(default_factory=set)
+    #: Calls placed here that the worker has not reported yet, with when the place lapses.
+    reserved: dict[str, float] = field(default_factory=dict)
+    step_ms: float = 0.0
+    down: bool = False
+
+    def held(self, now: float) -> set[str]:
+        self.reserved = {c: t for c, t in self.reserved.items() if t > now}
+        return self.calls | self.reserved.keys()
+
+    def up(self, now: float) -> bool:
+        return not self.down and now - self.last_report < SILENT_AFTER_S
+
+
+class WorkerRegistry:
+    """Which workers the cluster has, what model each serves and which calls it holds (run as
+    the named actor ``registry()`` returns; a plain class, so it can be tested as one)."""
+
+    def __init__(self) -> None:
+        self._workers: dict[str, _Worker] = {}
+
+    def register(
+        self, name: str, incarnation: str, hello: bytes, actor: Any, evict_after_s: float
+    ) -> None:
+        """A worker started (or restarted: it starts again with no calls)."""
+        self._workers[name] = _Worker(
+            name, incarnation, hello_decoder.decode(hello), actor, evict_after_s, time.monotonic()
+        )
+
+    def report(self, name: str, incarnation: str, calls: list[str], step_ms: float) -> bool:
+        """What a worker holds now (it sends this about once a second); False if the registry
+        does not know it (the registry restarted): it should register again."""
+        if (worker := self._current(name, incarnation)) is None:
+            return False
+        worker.calls, worker.step_ms = set(calls), step_ms
+        for call in calls:  # it has them: later reports say when they are gone
+            worker.reserved.pop(call, None)
+        worker.last_report = time.monotonic()
+        return True
+
+    def release(self, name: str, calls: list[str]) -> None:
+        """Calls an edge ended on ``name``: their places are free without waiting for a report."""
+        if (worker := self._workers.get(name)) is not None:
+            for call in calls:
+                worker.reserved.pop(call, None)
+                worker.calls.discard(call)
+
+    def down(self, name: str, incarnation: str) -> None:
+        """An edge saw this incarnation of the worker die: no new calls until it registers."""
+        if (worker := self._current(name, incarnation)) is not None:
+            worker.down = True
+
+    def leave(self, name: str) -> None:
+        """The worker is stopping for good."""
+        self._workers.pop(name, None)
+
+    def place(self, model: str, calls: list[str], exclude: str = "") -> Placement | None:
+        """Put ``calls`` together on the worker of ``model`` with the most free slots (not on
+        ``exclude``); None if no worker of that model has room for them all."""
+        now = time.monotonic()
+        fits = [
+            (worker.hello.slots - len(worker.held(now)), worker)
+            for worker in self._workers.values()
+            if worker.hello.model == model and worker.up(now) and worker.name != exclude
+        ]
+        fits = [(free, worker) for free, worker in fits if free >= len(calls)]
+        if not fits:
+            return None
+        _, best = max(fits, key=lambda fit: fit[0])
+        # Held until the worker reports the calls, or for as long as it would keep a call no
+        # edge ticks (the edge died before its first tick).
+        lapse = now + best.evict_after_s + 2 * REPORT_INTERVAL_S
+        best.reserved.update(dict.fromkeys(calls, lapse))
+        return Placement(best.name, best.incarnation, encoder.encode(best.hello), best.actor)
+
+    def hello_of(self, model: str) -> bytes | None:
+        """What some worker of ``model`` said at start (the model's rates), if there is one."""
+        for worker in self._workers.values():
+            if worker.hello.model == model:
+                return encoder.encode(worker.hello)
+        return None
+
+    def workers(self) -> list[WorkerState]:
+        now = time.monotonic()
+        states = []
+        for w in self._workers.values():
+            free = w.hello.slots - len(w.held(now))
+            calls = tuple(sorted(w.calls))
+            states.append(WorkerState(w.name, w.hello.model, w.hello.slots, free, calls,
+                                      w.step_ms, w.up(now)))  # fmt: skip
+        return states
+
+    def _current(self, name: str, incarnation: str) -> _Worker | None:
+        worker = self._workers.get(name)
+        return worker if worker is not None and worker.incarnation == incarnation else None
+
+
+class ModelWorkerActor:
+    """A model worker as a Ray actor (an async one): loads the model, registers, then steps
+    whatever calls the ticks carry, from any edge. Ray restarts it (``max_restarts``); it
+    registers anew."""
+
+    def __init__(
+        self, name: str, spec: str, device: str | None, max_calls: int, evict_after_s: float
+    ) -> None:
+        logging.basicConfig(
+            level=logging.INFO,
+            format=f"%(asctime)s %(levelname)s %(name)s [worker {name}] %(message)s",
+        )
+        self._worker = load_worker(spec, device, max_calls)
+        self._hello = self._worker.hello(spec)
+        self._name, self._evict_after_s = name, evict_after_s
+        self._incarnation = uuid.uuid4().hex
+        #: When a tick last named each call, to evict those of edges that died.
+        self._seen: dict[str, float] = {}
+        self._step_ms = 0.0
+        #: Ticks waiting for the next step, and the task that runs steps while there are any.
+        self._queue: list[tuple[Tick, asyncio.Future[TickResult]]] = []
+        self._stepper: asyncio.Task[None] | None = None
+        # Steps run on one thread of their own (the actor's event loop takes ticks meanwhile),
+        # evictions on the upkeep thread: the lock keeps them apart.
+        self._steps = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="s2s-step")
+        self._lock = threading.Lock()
+        self._registry = registry()
+        self._register()
+        threading.Thread(target=self._upkeep, name="s2s-worker-upkeep", daemon=True).start()
+        log.info("%s on %s, %d slots, registered", spec, self._hello.device, self._hello.slots)
+
+    def _register(self) -> None:
+        me = ray.get_runtime_context().current_actor
+        hello = encoder.encode(self._hello)
+        ray.get(self._registry.register.remote(
+            self._name, self._incarnation, hello, me, self._evict_after_s
+        ))  # fmt: skip
+
+    def hello(self) -> bytes:
+        return encoder.encode(self._hello)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    async def tick(self, data: bytes) -> bytes:
+        """One tick from one edge (msgpack ``Tick`` in, msgpack ``TickResult`` out). Ticks of
+        several edges that arrive while a step runs are stepped together in the next one, so a
+        busy worker runs one batch per step, not one per edge."""
+        request = request_decoder.decode(data)
+        if not isinstance(request, Tick):
+            return encoder.encode(TickResult(error="a worker actor takes only ticks"))
+        done: asyncio.Future[TickResult] = asyncio.get_running_loop().create_future()
+        self._queue.append((request, done))
+        if self._stepper is None or self._stepper.done():
+            self._stepper = asyncio.create_task(self._step_queued(), name="worker/steps")
+        return encoder.encode(await done)
+
+    async def _step_queued(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._queue:
+            batch, self._queue = self._queue, []
+            # Edges' calls are distinct, so their changes may go in any order between edges.
+            merged = Tick(
+                [change for tick, _ in batch for change in tick.changes],
+                {call: pcm for tick, _ in batch for call, pcm in tick.frames.items()},
+            )
+            result = await loop.run_in_executor(self._steps, self._handle, merged)
+            for tick, done in batch:
+                if not done.done():  # its edge may have given up waiting
+                    outputs = {c: result.outputs[c] for c in tick.frames if c in result.outputs}
+                    done.set_result(TickResult(outputs, result.step_ms, result.error))
+
+    def _handle(self, tick: Tick) -> TickResult:
+        now = time.monotonic()
+        with self._lock:
+            for change in tick.changes:
+                if change.kind == "leave":
+                    self._seen.pop(change.call, None)
+                else:
+                    self._seen[change.call] = now
+            self._seen.update(dict.fromkeys(tick.frames, now))
+            try:
+                result = self._worker.handle(tick)
+            except Exception as exc:
+                log.exception("tick failed")
+                result = TickResult(error=repr(exc))
+        self._step_ms = result.step_ms
+        return result
+
+    def _upkeep(self) -> None:
+        while True:
+            time.sleep(REPORT_INTERVAL_S)
+            try:
+                self._evict_and_report()
+            except Exception:
+                log.exception("upkeep failed")
+
+    def _evict_and_report(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            stale = [c for c, seen in self._seen.items() if now - seen > self._evict_after_s]
+            if stale:
+                log.info("%d calls not ticked for %g s: their edge is gone; freeing their slots",
+                         len(stale), self._evict_after_s)  # fmt: skip
+                self._worker.handle(Tick([Change("leave", call) for call in stale]))
+                for call in stale:
+                    del self._seen[call]
+            calls = list(self._worker.calls)
+        report = self._registry.report.remote(self._name, self._incarnation, calls, self._step_ms)
+        if not ray.get(report, timeout=10):
+            log.warning("the registry did not know this worker (it restarted): registering again")
+            self._register()
+
+
+def start_worker(
+    spec: str,
+    *,
+    name: str = "",
+    device: str | None = None,
+    max_calls: int = 32,
+    evict_after_s: float = 15.0,
+    max_restarts: int = -1,
+) -> tuple[str, Any, Hello]:
+    """Start a worker actor for ``spec`` on the cluster this process joined and wait until its
+    model is loaded: its name, actor handle and hello. It asks for one GPU when ``device`` is
+    CUDA (or None on a cluster with GPUs), else for one ``s2s_worker`` resource."""
+    name = name or f"{spec.partition(':')[0]}-{uuid.uuid4().hex[:8]}"
+    resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
+    gpu = device.startswith("cuda") if device else resources.get("GPU", 0) > 0
+    need = "GPU" if gpu else WORKER_RESOURCE
+    if resources.get(need, 0) < 1:
+        raise WorkerError(
+            f"no node of the cluster offers {need!r}: start a node with "
+            + ("GPUs" if gpu else f"ray start --resources '{{\"{WORKER_RESOURCE}\": 1}}'")
+        )
+    options: dict[str, Any] = {"num_gpus": 1} if gpu else {"resources": {WORKER_RESOURCE: 1}}
+    options |= {"name": name, "namespace": NAMESPACE, "lifetime": "detached", "num_cpus": 0,
+                "max_restarts": max_restarts}  # fmt: skip
+    actor_class: Any = ray.remote(ModelWorkerActor)
+    actor = actor_class.options(**options).remote(name, spec, device, max_calls, evict_after_s)
+    try:
+        hello = hello_decoder.decode(ray.get(actor.hello.remote(), timeout=LOAD_TIMEOUT_S))
+    except (ray.exceptions.RayError, TimeoutError) as exc:
+        ray.kill(actor, no_restart=True)
+        raise WorkerError(f"the model worker for {spec} did not start: {exc}") from exc
+    return name, actor, hello
+
+
+def stop_worker(name: str, actor: Any) -> None:
+    """Take a worker off the registry and end it for good."""
+    ray.get(registry().leave.remote(name))
+    ray.kill(actor, no_restart=True)

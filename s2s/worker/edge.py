@@ -1,0 +1,230 @@
+"""An edge's side of the cluster: calls here, their model on worker actors elsewhere.
+
+``ClusterBackend`` is the backend of ``s2s serve --ray-address``. Each new call gets a place on
+the worker of its model with the most free slots (the registry decides, so edges do not race for
+the last slot) and keeps it for its life. The calls on one worker are driven by one
+``MoshiBackend`` scheduler, exactly as with a local worker process, through a ``ClusterWorker``
+handle: one tick per frame period carries every frame and change of this edge's calls on that
+worker. When the worker dies, the scheduler asks the handle for a replacement: the registry
+places all of its calls on another worker, and the calls go on there with fresh model state
+(``model_unavailable``), their WebRTC legs untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import ray
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+from s2s.backends.base import NoCapacity
+from s2s.backends.moshi import MoshiBackend, MoshiStream
+from s2s.worker import cluster
+from s2s.worker.cluster import Placement, WorkerState
+from s2s.worker.handle import ClusterUnavailable
+from s2s.worker.messages import (
+    Change,
+    Hello,
+    Tick,
+    TickResult,
+    encoder,
+    hello_decoder,
+    result_decoder,
+)
+from s2s.worker.process import WorkerError
+
+log = logging.getLogger(__name__)
+
+#: A tick not answered in this long counts as the worker's death (a hung node): the calls move.
+TICK_TIMEOUT_S = 2.0
+#: How long a place given to an offer is kept for its call's stream.
+PLACE_KEPT_S = 60.0
+#: How often the edge refreshes its view of the workers (for /metrics).
+REFRESH_S = 2.0
+
+
+class ClusterWorker:
+    """A worker actor as one edge's scheduler uses it (a ``WorkerHandle``)."""
+
+    def __init__(self, registry: Any, model: str, placement: Placement) -> None:
+        self.registry: Any = registry
+        self.model = model
+        self.name, self.incarnation = placement.name, placement.incarnation
+        self._hello = hello_decoder.decode(placement.hello)
+        self._actor: Any = placement.actor
+        #: This edge's calls on the worker, as the ticks sent it joins and leaves.
+        self.calls: set[str] = set()
+
+    @property
+    def hello(self) -> Hello:
+        return self._hello
+
+    async def tick(self, tick: Tick) -> TickResult:
+        left = []
+        for change in tick.changes:
+            if change.kind == "join":
+                self.calls.add(change.call)
+            elif change.kind == "leave":
+                self.calls.discard(change.call)
+                left.append(change.call)
+        try:
+            async with asyncio.timeout(TICK_TIMEOUT_S):
+                raw = await self._actor.tick.remote(encoder.encode(tick))
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            raise WorkerError(f"model worker {self.name} is gone: {exc!r}") from exc
+        if left:  # their places are free at once, not at the worker's next report
+            self.registry.release.remote(self.name, left)
+        return result_decoder.decode(raw)
+
+    async def replacement(self) -> ClusterWorker:
+        """Every call of this edge on the dead worker, placed together on another one."""
+        self.registry.down.remote(self.name, self.incarnation)
+        calls = sorted(self.calls)
+        placement = await self.registry.place.remote(self.model, calls, self.name)
+        if placement is None:
+            raise WorkerError(f"no other worker of {self.model} has room for {len(calls)} calls")
+        log.warning("%d calls of worker %s move to %s", len(calls), self.name, placement.name)
+        moved = ClusterWorker(self.registry, self.model, placement)
+        moved.calls = set(calls)
+        return moved
+
+    async def close(self) -> None:
+        """Leave the worker (it is the cluster's, and goes on serving other edges)."""
+        if self.calls:
+            with contextlib.suppress(WorkerError):
+                await self.tick(Tick([Change("leave", call) for call in sorted(self.calls)]))
+
+
+class ClusterBackend:
+    """``moshi:…`` served by worker actors on a Ray cluster (``s2s serve --ray-address``)."""
+
+    name = "moshi"
+    turn_based = False
+
+    def __init__(self, registry: Any, model: str, hello: Hello) -> None:
+        self.registry: Any = registry
+        self.model = model
+        self.input_rate, self.output_rate = hello.input_rate, hello.output_rate
+        self.frame_samples = hello.frame_samples
+        #: One scheduler per worker incarnation this edge placed calls on.
+        self._schedulers: dict[tuple[str, str], MoshiBackend] = {}
+        #: Places given to offers not yet answered, with when they were given.
+        self._placed: dict[str, tuple[Placement, float]] = {}
+        #: Every open call's scheduler (whose worker is where the call is now) and stream.
+        self._calls: dict[str, tuple[MoshiBackend, MoshiStream]] = {}
+        #: The registry's view of the workers of this edge's model, refreshed every few seconds.
+        self.workers: list[WorkerState] = []
+        self.metrics = WorkerMetrics(self)
+        self._follow = asyncio.create_task(self._follow_registry(), name="cluster/registry")
+
+    @classmethod
+    async def connect(cls, address: str, model: str, *, wait_s: float = 30.0) -> ClusterBackend:
+        """Join the cluster and wait up to ``wait_s`` for a worker of ``model`` to register;
+        ``ClusterUnavailable`` if there is no cluster at ``address`` or no such worker."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, cluster.connect, address)
+        registry = await loop.run_in_executor(None, cluster.registry)
+        try:
+            async with asyncio.timeout(wait_s):
+                while (hello := await registry.hello_of.remote(model)) is None:
+                    log.info("waiting for a worker of %s to register", model)
+                    await asyncio.sleep(1.0)
+        except TimeoutError:
+            raise ClusterUnavailable(
+                f"no worker of {model} registered on the cluster at {address} in {wait_s:g} s; "
+                f"start one with: s2s worker --ray-address {address} --model {model}"
+            ) from None
+        log.info("cluster at %s: workers of %s are registered", address, model)
+        return cls(registry, model, hello_decoder.decode(hello))
+
+    async def place(self, call_id: str) -> None:
+        """Reserve a place for the call on the worker of its model with most free slots."""
+        placement = await self.registry.place.remote(self.model, [call_id])
+        if placement is None:
+            raise NoCapacity(f"every worker of {self.model} is full")
+        # An offer refused after its place was given never opens a stream: forget its place
+        # (the registry's lapses by itself).
+        now = time.monotonic()
+        self._placed = {c: p for c, p in self._placed.items() if now - p[1] < PLACE_KEPT_S}
+        self._placed[call_id] = (placement, now)
+
+    async def open_stream(self, call_id: str) -> MoshiStream:
+        if call_id not in self._placed:
+            await self.place(call_id)
+        placement, _ = self._placed.pop(call_id)
+        key = (placement.name, placement.incarnation)
+        scheduler = self._schedulers.get(key)
+        if scheduler is None:
+            worker = ClusterWorker(self.registry, self.model, placement)
+            scheduler = self._schedulers[key] = MoshiBackend(worker)
+        log.info("call %s placed on model worker %s", call_id, placement.name)
+        stream = await scheduler.open_stream(call_id)
+        self._calls = {c: s for c, s in self._calls.items() if not s[1].closed}
+        self._calls[call_id] = (scheduler, stream)
+        return stream
+
+    def where(self, call_id: str) -> str | None:
+        """The worker that holds ``call_id`` now (after any move); None once it ended."""
+        scheduler, stream = self._calls.get(call_id, (None, None))
+        if scheduler is None or stream is None or stream.closed:
+            return None
+        return scheduler.worker.name if isinstance(scheduler.worker, ClusterWorker) else None
+
+    def calls_by_worker(self) -> dict[str, int]:
+        """How many of this edge's calls each worker holds now."""
+        counts: dict[str, int] = {}
+        for call in self._calls:
+            if (name := self.where(call)) is not None:
+                counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    async def close(self) -> None:
+        self._follow.cancel()
+        await asyncio.gather(self._follow, return_exceptions=True)
+        for scheduler in self._schedulers.values():
+            await scheduler.close()
+
+    async def _follow_registry(self) -> None:
+        while True:
+            try:
+                states = await self.registry.workers.remote()
+                self.workers = [s for s in states if s.model == self.model]
+            except ray.exceptions.RayError as exc:
+                log.warning("the worker registry did not answer: %s", exc)
+            await asyncio.sleep(REFRESH_S)
+
+
+class WorkerMetrics:
+    """The workers an edge uses, for its ``/metrics`` (a prometheus ``Collector``)."""
+
+    def __init__(self, backend: ClusterBackend) -> None:
+        self._backend = backend
+
+    def collect(self) -> Iterator[Metric]:
+        backend = self._backend
+        calls = GaugeMetricFamily(
+            "s2s_model_worker_calls", "This edge's calls on each model worker.", labels=["worker"]
+        )
+        free = GaugeMetricFamily(
+            "s2s_model_worker_free_slots", "Free call slots of each model worker (all edges).",
+            labels=["worker"],
+        )  # fmt: skip
+        step = GaugeMetricFamily(
+            "s2s_model_worker_step_seconds", "Each model worker's last tick's work.",
+            labels=["worker"],
+        )  # fmt: skip
+        up = GaugeMetricFamily(
+            "s2s_model_worker_up", "1 if the model worker takes calls.", labels=["worker"]
+        )
+        mine = backend.calls_by_worker()
+        for state in backend.workers:
+            calls.add_metric([state.name], mine.get(state.name, 0))
+            free.add_metric([state.name], state.free)
+            step.add_metric([state.name], state.step_ms / 1000)
+            up.add_metric([state.name], 1.0 if state.up else 0.0)
+        yield from (calls, free, step, up)

@@ -1,0 +1,38 @@
+"""The server's handle on one model worker, wherever it runs.
+
+``MoshiBackend``'s scheduler needs only this: the worker's ``hello`` (its rates and slots), one
+``tick`` per model frame, a ``replacement`` when the worker died, and ``close``. A worker in a
+child process (``s2s.worker.process.WorkerProcess``) and one on a Ray cluster
+(``s2s.worker.edge.ClusterWorker``) both are one.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from s2s.worker.messages import Hello, Tick, TickResult
+
+
+class WorkerHandle(Protocol):
+    """One model worker as the scheduler sees it."""
+
+    @property
+    def hello(self) -> Hello:
+        """What the worker said once its model was loaded."""
+        ...
+
+    async def tick(self, tick: Tick) -> TickResult:
+        """One tick there and back; ``WorkerError`` if the worker is gone."""
+        ...
+
+    async def replacement(self) -> WorkerHandle:
+        """Another worker for this one's calls (this one having died); ``WorkerError`` if none."""
+        ...
+
+    async def close(self) -> None:
+        """Let go of the worker; its calls here are over."""
+        ...
+
+
+class ClusterUnavailable(RuntimeError):
+    """No Ray cluster at the address given, or no worker of the model on it (start-up)."""
