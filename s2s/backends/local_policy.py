@@ -122,8 +122,9 @@ def reply(
 def tool_call(heard: str, tools: list[FunctionTool], required: bool) -> ToolCall | None:
     """The call the caller's words ask for: the first tool whose name, ``_`` read as a space, is
     among the words (any case); its first required string parameter gets the words after the
-    name ("get weather Paris" → ``get_weather({"city": "Paris"})``). With ``required`` and no
-    name heard, the first tool is called with all the words."""
+    name, up to a punctuation mark ("get weather Paris, please" → ``get_weather({"city":
+    "Paris"})``). With ``required`` and no name heard, the first tool is called with the words
+    from the start."""
     for tool in tools:
         spoken_name = r"\s+".join(re.escape(w) for w in tool.name.replace("-", "_").split("_") if w)
         match = re.search(rf"\b{spoken_name}\b", heard, re.I) if spoken_name else None
@@ -133,7 +134,8 @@ def tool_call(heard: str, tools: list[FunctionTool], required: bool) -> ToolCall
 
 
 def _call(tool: FunctionTool, words: str) -> ToolCall:
-    words = words.strip(" \t\n,.!?:;")
+    # The words up to the end of their clause: "Paris, please" fills in "Paris".
+    words = re.split(r"[,.!?;:]", words.lstrip(" \t\n,.!?:;"), maxsplit=1)[0].strip()
     properties = tool.parameters.get("properties") or {}
     arguments: dict[str, str] = {}
     for name in tool.parameters.get("required") or []:
