@@ -228,6 +228,7 @@ async def _next(sideband: Sideband, type_: str) -> dict[str, Any]:
 
 async def test_an_attached_app_backend_answers_a_tool_call_first(local: Server) -> None:
     peer = await call(local, tools=[WEATHER])
+    assert peer.call_url is not None
     call_id = peer.call_url.rsplit("/", 1)[1]
     try:
         async with attach(local.url, call_id, None) as app:
