@@ -241,3 +241,29 @@ async def test_our_page_hears_the_mic_replies_shows_stats_interrupts_and_sends_a
     async with asyncio.timeout(5):
         while len(server.registry):  # noqa: ASYNC110 - the registry has no event to await
             await asyncio.sleep(0.05)
+
+
+async def test_our_page_answers_its_demo_tool_and_shows_the_call_and_output(
+    start_server: StartServer, launch_browser: LaunchBrowser, tmp_path: Path
+) -> None:
+    server = await start_server(model="local")
+    browser = await launch_browser(write_wav(tmp_path / "quiet.wav", np.zeros(48_000, np.int16)))
+    page = await browser.new_page(timezone_id="Asia/Tokyo")
+    await page.goto(server.url + "/")
+    await page.click("#connect")
+    events = "window.s2s.events"
+    await wait_for(page, f"{events}.some(e => e.type === 'session.updated')", timeout=20)
+    tools = await page.evaluate(f"{events}.find(e => e.type === 'session.updated').session.tools")
+    assert [t["name"] for t in tools] == ["current_time"]
+    await page.fill("#message", "what is the current time")
+    await page.press("#message", "Enter")
+    spoken = f"""{events}.some(e => e.type === 'response.done'
+        && e.response.output[0]?.type === 'message')"""
+    await wait_for(page, spoken, timeout=30)
+    shown = await page.locator("#transcript .turn.tool .text").all_inner_texts()
+    assert shown[0] == "current_time({})"
+    assert shown[1].startswith("\u2190 It is ") and shown[1].endswith("in Asia/Tokyo")
+    replied = await page.locator("#transcript .turn.assistant .text").all_inner_texts()
+    assert replied == [shown[1].removeprefix("\u2190 ")]
+    assert await page.inner_text("#error") == ""
+    await screenshot(page, "page-tool")
