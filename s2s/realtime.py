@@ -18,7 +18,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import msgspec
 import numpy as np
 from msgspec import UNSET, UnsetType
 
@@ -98,7 +97,7 @@ from s2s.protocol import (
     TranscriptDone,
     new_id,
 )
-from s2s.tools import ToolError, allowed_tools, check_tools
+from s2s.tools import ToolError, allowed_tools, take_tools
 from s2s.vad import VadEvent, VadSettings, vad_settings
 
 log = logging.getLogger(__name__)
@@ -420,15 +419,11 @@ class Realtime:
         instructions = params.instructions
         if not isinstance(instructions, str):
             instructions = self.config.instructions
-        tools = self.config.tools if isinstance(params.tools, UnsetType) else params.tools
-        choice = params.tool_choice
-        if isinstance(choice, UnsetType):
-            choice = self.config.tool_choice
-        if not isinstance(params.tools, UnsetType) or not isinstance(params.tool_choice, UnsetType):
-            try:
-                check_tools(tools, choice, "response")
-            except ToolError as exc:
-                raise RequestError(exc.code, str(exc), exc.param) from None
+        current = (self.config.tools, self.config.tool_choice)
+        try:
+            tools, choice = take_tools(params.tools, params.tool_choice, current, "response")
+        except ToolError as exc:
+            raise RequestError(exc.code, str(exc), exc.param) from None
         callable_tools, required = allowed_tools(tools, choice)
         # A response that may call a tool starts its message only when it speaks, so a response
         # that only calls a tool holds just the call, as OpenAI's do.
@@ -486,7 +481,7 @@ class Realtime:
         index = len(r.outputs)
         r.outputs.append(item)
         self._send(ResponseOutputItemAdded(response_id=r.id, output_index=index, item=item))
-        self._add_item(msgspec.structs.replace(item))
+        self._add_item(item)  # sent as it is now: the stored item is completed below
         ids = {"response_id": r.id, "item_id": item.id, "output_index": index,
                "call_id": item.call_id}  # fmt: skip
         self._send(FunctionCallArgumentsDelta(delta=arguments, **ids))  # type: ignore[arg-type]
@@ -602,14 +597,9 @@ class Realtime:
             )))  # fmt: skip
             patch.tools = UNSET
             patch.tool_choice = UNSET
-        if isinstance(patch.tools, UnsetType) and isinstance(patch.tool_choice, UnsetType):
-            return
-        tools = self.config.tools if isinstance(patch.tools, UnsetType) else patch.tools
-        choice = patch.tool_choice
-        if isinstance(choice, UnsetType):
-            choice = self.config.tool_choice
+        current = (self.config.tools, self.config.tool_choice)
         try:
-            check_tools(tools, choice, "session")
+            take_tools(patch.tools, patch.tool_choice, current, "session")
         except ToolError as exc:
             raise RequestError(exc.code, str(exc), exc.param) from None
 

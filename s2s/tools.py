@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from msgspec import UnsetType
+
 from s2s.protocol import FunctionCallOutputItem, FunctionTool, Item, ToolChoice, ToolChoiceFunction
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -58,6 +60,22 @@ def check_tools(tools: list[FunctionTool], choice: ToolChoice, where: str) -> No
             "invalid_tool_choice", f"tool_choice names {choice.name!r}, which is not a tool",
             f"{where}.tool_choice",
         )  # fmt: skip
+
+
+def take_tools(
+    tools: list[FunctionTool] | UnsetType,
+    choice: ToolChoice | UnsetType,
+    current: tuple[list[FunctionTool], ToolChoice],
+    where: str,
+) -> tuple[list[FunctionTool], ToolChoice]:
+    """The tools and choice in force once an update or a response sets ``tools`` and/or
+    ``choice`` over ``current``; ``ToolError`` if they cannot be used together."""
+    if isinstance(tools, UnsetType) and isinstance(choice, UnsetType):
+        return current
+    taken = current[0] if isinstance(tools, UnsetType) else tools
+    chosen = current[1] if isinstance(choice, UnsetType) else choice
+    check_tools(taken, chosen, where)
+    return taken, chosen
 
 
 def allowed_tools(tools: list[FunctionTool], choice: ToolChoice) -> tuple[list[FunctionTool], bool]:

@@ -12,7 +12,7 @@ import pytest
 
 from s2s.client import Sideband, attach
 from tests.conftest import Server, StartServer
-from tests.peer import MicTrack, Peer
+from tests.peer import CallRefused, MicTrack, Peer
 from tests.schema import schema_problems
 
 WEATHER = {
@@ -103,6 +103,9 @@ async def test_local_model_calls_the_tool_it_hears_and_speaks_its_output(local: 
         assert done["response"]["status"] == "completed"
         (output,) = done["response"]["output"]
         assert output == item_done["item"] and output["call_id"] == call_id
+        peer.send({"type": "conversation.item.retrieve", "item_id": output["id"]})
+        kept = (await peer.next_event("conversation.item.retrieved"))["item"]
+        assert kept == output  # the conversation holds the finished call
 
         # The output, then a response: the model speaks it.
         mark = len(peer.events)
@@ -217,6 +220,20 @@ async def test_a_model_that_cannot_call_tools_says_so(server: Server) -> None:
         assert updated["tools"] == [] and updated["instructions"] == "Hi"
     finally:
         await peer.close()
+
+
+async def test_tools_in_the_offer_form_are_checked_too(server: Server) -> None:
+    bad = {**WEATHER, "parameters": {"type": "object", "required": "city"}}
+    for tools, code in [([bad], "invalid_tool_schema"), ([WEATHER], "tools_not_supported")]:
+        peer = Peer(server.url, MicTrack(), session={"type": "realtime", "tools": tools})
+        try:
+            with pytest.raises(CallRefused) as refused:
+                await peer.connect()
+        finally:
+            await peer.close()
+        assert refused.value.status == 400
+        assert json.loads(refused.value.body)["error"]["code"] == code
+    assert len(server.registry) == 0
 
 
 async def _next(sideband: Sideband, type_: str) -> dict[str, Any]:
