@@ -142,3 +142,6 @@ def test_local_rule_fills_the_first_required_string_with_the_words_after_the_nam
     assert reply([user], "", "client", tools=[WEATHER]).tool_call is not None
     spoken = reply([user, call, output], "", "client", tools=[WEATHER])
     assert spoken.tool_call is None and spoken.text == "sunny, 21 degrees"
+    # Words an app forces with instructions win over a tool call.
+    forced_words = reply([user], 'Say "one moment"', "client", tools=[WEATHER])
+    assert forced_words.tool_call is None and forced_words.text == "one moment"

@@ -100,6 +100,11 @@ def reply(
     """What to say (or which tool to call) next, given the conversation so far (``transcripts``:
     user audio items' transcripts the model knows before the conversation items carry them)."""
     style = Style.from_instructions(instructions)
+    quoted = _QUOTED_RE.search(instructions)
+    if quoted:  # words an app forces on a response win over everything else
+        return Reply(split_sentences(quoted.group(1)), style)
+    if trigger == "idle":
+        return Reply(["Are you still there?"], style)
     latest = conversation[-1] if conversation else None
     if isinstance(latest, FunctionCallOutputItem):
         output = latest.output.strip()
@@ -109,11 +114,6 @@ def reply(
                          tool_required)  # fmt: skip
         if call is not None:
             return Reply(style=style, tool_call=call)
-    quoted = _QUOTED_RE.search(instructions)
-    if quoted:
-        return Reply(split_sentences(quoted.group(1)), style)
-    if trigger == "idle":
-        return Reply(["Are you still there?"], style)
     heard = _last_user_text(conversation, transcripts or {})
     picture = pictures[-1].description if pictures else _latest_image(conversation)
     return Reply(split_sentences(_answer(heard, picture, style)), style)

@@ -9,8 +9,10 @@ before hearing anything; streaming the vocoder would need a chunked token2wav of
 
 The caller's audio since the last commit is kept (at most 30 s); a commit freezes it as that
 turn. A response uses the instructions as system prompt, the conversation's last user turn (its
-committed audio and any text) and the latest picture. A reset bumps a generation counter, so a
-generation still running on the device is left to finish and its result is thrown away.
+committed audio and any text) and the latest picture; tools are offered in the system prompt and
+a ``<tool_call>`` in the reply becomes a tool call (``s2s.tools``). A reset bumps a generation
+counter, so a generation still running on the device is left to finish and its result is thrown
+away.
 """
 
 from __future__ import annotations
