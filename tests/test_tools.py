@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -207,16 +208,20 @@ async def test_bad_tool_definitions_get_errors_and_the_call_goes_on(local: Serve
         await peer.close()
 
 
-async def test_a_model_that_cannot_call_tools_says_so(server: Server) -> None:
-    # echo, like moshi, is a continuous model: it has no way to call a tool.
-    peer = await call(server)
+@pytest.mark.parametrize("model", ["moshi", "echo"])
+async def test_a_model_that_cannot_call_tools_says_so(
+    start_server: StartServer, tiny_models: Path, model: str
+) -> None:
+    # Continuous models speak when they choose: they have no way to call a tool.
+    spec = f"moshi:{tiny_models / 'tiny-moshi'}" if model == "moshi" else model
+    peer = await call(await start_server(model=spec))
     try:
         peer.send({"type": "session.update", "event_id": "evt_t",
                    "session": {"tools": [WEATHER], "instructions": "Hi"}})  # fmt: skip
-        error = (await peer.next_event("error"))["error"]
+        error = (await peer.next_event("error", timeout=10))["error"]
         assert (error["code"], error["event_id"]) == ("tools_not_supported", "evt_t")
-        assert "echo" in error["message"]
-        updated = (await peer.next_event("session.updated"))["session"]
+        assert model in error["message"]
+        updated = (await peer.next_event("session.updated", timeout=10))["session"]
         assert updated["tools"] == [] and updated["instructions"] == "Hi"
     finally:
         await peer.close()
