@@ -218,6 +218,10 @@ class Realtime:
                     if self._active is not None and self._active.id == rid:
                         self._active.generated = True
                         self.watching.set()
+                        if self._active.item is None and not (audio.size or result.text):
+                            # Nothing to play (only tool calls): done now, before anyone can
+                            # act on the calls, so their answer's response.create finds it over.
+                            self._finish("completed")
                 case ToolCalled(response_id=rid, name=name, arguments=arguments):
                     if self._active is not None and self._active.id == rid:
                         self._call_tool(self._active, name, arguments)
