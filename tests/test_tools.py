@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from s2s.client import Sideband, attach
@@ -239,6 +240,14 @@ async def test_tools_in_the_offer_form_are_checked_too(server: Server) -> None:
         assert refused.value.status == 400
         assert json.loads(refused.value.body)["error"]["code"] == code
     assert len(server.registry) == 0
+    # A client secret carries its session to the call: its tools are checked when it is minted.
+    body = {"session": {"type": "realtime", "tool_choice": {"type": "function", "name": "x"}}}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(server.url + "/v1/realtime/client_secrets", json=body) as resp,
+    ):
+        assert resp.status == 400
+        assert (await resp.json())["error"]["code"] == "invalid_tool_choice"
 
 
 async def _next(sideband: Sideband, type_: str) -> dict[str, Any]:
