@@ -13,7 +13,15 @@ import msgspec
 
 from s2s import images
 from s2s.images import ImageError, ImageLimits, Picture
-from s2s.protocol import ContentPart, InputImage, MessageItem, new_id
+from s2s.protocol import (
+    ContentPart,
+    FunctionCallItem,
+    FunctionCallOutputItem,
+    InputImage,
+    Item,
+    MessageItem,
+    new_id,
+)
 from s2s.uploads import Uploads
 
 _MAX_ITEMS = 500  # oldest items are forgotten past this, as a model's context would be
@@ -35,19 +43,22 @@ class RequestError(ValueError):
 class Conversation:
     def __init__(self, image_limits: ImageLimits, image_history: int, upload_bytes: int) -> None:
         self.image_limits = image_limits
-        self._items: collections.OrderedDict[str, MessageItem] = collections.OrderedDict()
+        self._items: collections.OrderedDict[str, Item] = collections.OrderedDict()
+        # Every function call's call_id, and whether its output has come: kept apart from the
+        # items so an answer is checked even after the call's item was deleted or forgotten.
+        self._calls: dict[str, bool] = {}
         self._history = image_history
         self._pictures: collections.OrderedDict[str, Picture] = collections.OrderedDict()
         self._camera: Picture | None = None  # the latest camera frame, if newer than uploads
         self.uploads = Uploads(upload_bytes)
 
-    def items(self) -> list[MessageItem]:
+    def items(self) -> list[Item]:
         return list(self._items.values())
 
-    def find(self, item_id: str) -> MessageItem | None:
+    def find(self, item_id: str) -> Item | None:
         return self._items.get(item_id)
 
-    def get(self, item_id: str) -> MessageItem:
+    def get(self, item_id: str) -> Item:
         item = self._items.get(item_id)
         if item is None:
             raise RequestError("item_not_found", f"no item {item_id!r}", "item_id")
@@ -57,12 +68,16 @@ class Conversation:
         self.get(item_id)
         del self._items[item_id]
 
-    def add(self, item: MessageItem, previous: str | None = None) -> str | None:
+    def add(self, item: Item, previous: str | None = None) -> str | None:
         """Place ``item`` after ``previous`` (the last item if None, first if "root").
 
         Returns the id of the item it now follows, as ``previous_item_id`` reports it.
         """
         assert item.id is not None
+        if isinstance(item, FunctionCallItem):
+            self._calls.setdefault(item.call_id, False)
+        elif isinstance(item, FunctionCallOutputItem):
+            self._calls[item.call_id] = True
         last = next(reversed(self._items), None)
         if previous is None:
             previous = last
@@ -78,15 +93,36 @@ class Conversation:
         return None if previous == "root" else previous
 
     async def check(
-        self, item: MessageItem, previous: str | None, pictures: dict[int, Picture]
+        self, item: Item, previous: str | None, pictures: dict[int, Picture]
     ) -> dict[int, Picture]:
-        """Validate a client's item (ids, roles, parts); check and downscale its images."""
+        """Validate a client's item (ids, roles, parts, call ids); check and downscale images."""
         if item.id is None:
             item.id = new_id("item")
         elif item.id in self._items:
             raise RequestError("duplicate_item_id", f"item {item.id!r} exists", "item.id")
         if previous is not None and previous != "root" and previous not in self._items:
             raise RequestError("item_not_found", f"no item {previous!r}", "previous_item_id")
+        match item:
+            case FunctionCallOutputItem(call_id=call_id):
+                answered = self._calls.get(call_id)
+                if answered is None:
+                    raise RequestError(
+                        "call_id_not_found", f"no function call has call_id {call_id!r}",
+                        "item.call_id",
+                    )  # fmt: skip
+                if answered:
+                    raise RequestError(
+                        "function_call_already_answered",
+                        f"the function call {call_id!r} already has its output",
+                        "item.call_id",
+                    )  # fmt: skip
+                return {}
+            case FunctionCallItem(call_id=call_id):
+                if call_id in self._calls:
+                    raise RequestError(
+                        "duplicate_call_id", f"a function call {call_id!r} exists", "item.call_id"
+                    )
+                return {}
         pictures = dict(pictures)
         for i, part in enumerate(item.content):
             kind = type(part).__struct_config__.tag
@@ -132,7 +168,7 @@ class Conversation:
         kept = list(self._pictures.values())
         return [*kept, self._camera] if self._camera is not None else kept
 
-    def remember(self, item: MessageItem, picture: Picture) -> None:
+    def remember(self, item: Item, picture: Picture) -> None:
         """Keep the latest pictures; older ones leave the conversation to bound memory."""
         assert item.id is not None
         self._camera = None  # an uploaded picture is newer than the last camera frame
@@ -140,17 +176,19 @@ class Conversation:
         while len(self._pictures) > self._history:
             old_id, _ = self._pictures.popitem(last=False)
             old = self._items.get(old_id)
-            if old is not None:
+            if isinstance(old, MessageItem):
                 old.content = [p for p in old.content if not isinstance(p, InputImage)]
 
 
-def wire(item: MessageItem) -> MessageItem:
+def wire(item: Item) -> Item:
     """``item`` as events carry it: images by reference, not their bytes.
 
     A picture can be larger than one data-channel message; the client has it already, and the
     server keeps it (downscaled) for the model.
     """
-    if not any(isinstance(part, InputImage) for part in item.content):
+    if not isinstance(item, MessageItem) or not any(
+        isinstance(part, InputImage) for part in item.content
+    ):
         return item
     content: list[ContentPart] = [
         msgspec.structs.replace(part, image_url=f"s2s:image/{item.id}/{i}")

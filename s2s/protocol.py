@@ -2,8 +2,9 @@
 
 Every event is a msgspec ``Struct`` tagged by its ``type``; a client message decodes in one call
 (``decode_client_event``) and every server event encodes with ``encode_event``. Pure: no I/O.
-Fields that stock clients send but s2s does not use (``tools``, ``tracing``, ``include``, audio
-``format`` objects...) are accepted and ignored, since msgspec skips unknown fields.
+Fields that stock clients send but s2s does not use (``tracing``, ``include``, audio ``format``
+objects...) are accepted and ignored, since msgspec skips unknown fields. Function ``tools`` are
+taken (``s2s.tools`` checks them); other tool types (``mcp``) are refused by name.
 Our own events are namespaced ``s2s.*``. ``python -m s2s.protocol`` prints the JSON schema.
 """
 
@@ -65,6 +66,26 @@ class AudioConfig(msgspec.Struct, omit_defaults=True):
     output: AudioOutput | UnsetType = UNSET
 
 
+# -- tools -------------------------------------------------------------------------------------
+
+
+class FunctionTool(msgspec.Struct, tag="function", tag_field="type", kw_only=True):
+    """A function the model may call; ``parameters`` is a JSON schema of type ``object``."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class ToolChoiceFunction(msgspec.Struct, tag="function", tag_field="type"):
+    """Force a call of the function ``name``."""
+
+    name: str
+
+
+ToolChoice = Literal["auto", "none", "required"] | ToolChoiceFunction
+
+
 class SessionPatch(msgspec.Struct, omit_defaults=True):
     """A partial session, as ``session.update`` (or the call's ``session`` form field) sends."""
 
@@ -73,6 +94,8 @@ class SessionPatch(msgspec.Struct, omit_defaults=True):
     instructions: str | UnsetType = UNSET
     output_modalities: Modalities | UnsetType = UNSET
     audio: AudioConfig | UnsetType = UNSET
+    tools: list[FunctionTool] | UnsetType = UNSET
+    tool_choice: ToolChoice | UnsetType = UNSET
 
 
 class SessionConfig(msgspec.Struct):
@@ -85,6 +108,8 @@ class SessionConfig(msgspec.Struct):
     voice: str = "alloy"
     speed: float = 1.0
     turn_detection: TurnDetection | None = msgspec.field(default_factory=ServerVad)
+    tools: list[FunctionTool] = msgspec.field(default_factory=list)
+    tool_choice: ToolChoice = "auto"
 
     def apply(self, patch: SessionPatch) -> None:
         """Take every field ``patch`` sets; leave the rest as they are."""
@@ -92,6 +117,10 @@ class SessionConfig(msgspec.Struct):
             self.instructions = patch.instructions
         if not isinstance(patch.output_modalities, UnsetType):
             self.output_modalities = patch.output_modalities
+        if not isinstance(patch.tools, UnsetType):
+            self.tools = patch.tools
+        if not isinstance(patch.tool_choice, UnsetType):
+            self.tool_choice = patch.tool_choice
         audio = patch.audio
         if isinstance(audio, UnsetType):
             return
@@ -122,6 +151,8 @@ class SessionConfig(msgspec.Struct):
                 },
                 "output": {"format": pcm, "voice": self.voice, "speed": self.speed},
             },
+            "tools": msgspec.to_builtins(self.tools),
+            "tool_choice": msgspec.to_builtins(self.tool_choice),
         }
 
 
@@ -160,6 +191,32 @@ class MessageItem(msgspec.Struct, tag="message", tag_field="type", kw_only=True)
     status: Literal["completed", "in_progress", "incomplete"] = "completed"
 
 
+class FunctionCallItem(msgspec.Struct, tag="function_call", tag_field="type", kw_only=True):
+    """The model's call of a tool; ``arguments`` is a JSON object as a string."""
+
+    call_id: str
+    name: str
+    arguments: str = ""
+    id: str | None = None
+    object: str = "realtime.item"
+    status: Literal["completed", "in_progress", "incomplete"] = "completed"
+
+
+class FunctionCallOutputItem(
+    msgspec.Struct, tag="function_call_output", tag_field="type", kw_only=True
+):
+    """What the tool call ``call_id`` returned, from the client or an app backend."""
+
+    call_id: str
+    output: str
+    id: str | None = None
+    object: str = "realtime.item"
+    status: Literal["completed", "in_progress", "incomplete"] = "completed"
+
+
+Item = MessageItem | FunctionCallItem | FunctionCallOutputItem
+
+
 # -- client events -------------------------------------------------------------------------------
 
 
@@ -184,7 +241,7 @@ class InputAudioBufferClear(ClientEvent, tag="input_audio_buffer.clear"):
 
 
 class ConversationItemCreate(ClientEvent, tag="conversation.item.create"):
-    item: MessageItem
+    item: Item
     previous_item_id: str | None = None
 
 
@@ -208,6 +265,8 @@ class ResponseParams(msgspec.Struct, omit_defaults=True):
     audio: AudioConfig | UnsetType = UNSET
     conversation: str | UnsetType = UNSET
     metadata: dict[str, Any] | None = None
+    tools: list[FunctionTool] | UnsetType = UNSET
+    tool_choice: ToolChoice | UnsetType = UNSET
 
 
 class ResponseCreate(ClientEvent, tag="response.create"):
@@ -286,17 +345,17 @@ class SessionUpdated(ServerEvent, tag="session.updated"):
 
 
 class ConversationItemAdded(ServerEvent, tag="conversation.item.added"):
-    item: MessageItem
+    item: Item
     previous_item_id: str | None = None
 
 
 class ConversationItemDone(ServerEvent, tag="conversation.item.done"):
-    item: MessageItem
+    item: Item
     previous_item_id: str | None = None
 
 
 class ConversationItemRetrieved(ServerEvent, tag="conversation.item.retrieved"):
-    item: MessageItem
+    item: Item
 
 
 class ConversationItemDeleted(ServerEvent, tag="conversation.item.deleted"):
@@ -364,7 +423,7 @@ class Response(msgspec.Struct, kw_only=True):
     object: str = "realtime.response"
     status: Literal["in_progress", "completed", "cancelled", "incomplete", "failed"]
     status_details: StatusDetails | None = None
-    output: list[MessageItem] = msgspec.field(default_factory=list)
+    output: list[Item] = msgspec.field(default_factory=list)
     output_modalities: Modalities = msgspec.field(default_factory=lambda: ["audio"])
     conversation_id: str | None = None
     metadata: dict[str, Any] | None = None
@@ -382,13 +441,13 @@ class ResponseDone(ServerEvent, tag="response.done"):
 class ResponseOutputItemAdded(ServerEvent, tag="response.output_item.added"):
     response_id: str
     output_index: int
-    item: MessageItem
+    item: Item
 
 
 class ResponseOutputItemDone(ServerEvent, tag="response.output_item.done"):
     response_id: str
     output_index: int
-    item: MessageItem
+    item: Item
 
 
 class ResponseContentPartAdded(ServerEvent, tag="response.content_part.added"):
@@ -437,6 +496,23 @@ class OutputTextDone(ServerEvent, tag="response.output_text.done"):
     output_index: int
     content_index: int
     text: str
+
+
+class FunctionCallArgumentsDelta(ServerEvent, tag="response.function_call_arguments.delta"):
+    response_id: str
+    item_id: str
+    output_index: int
+    call_id: str
+    delta: str
+
+
+class FunctionCallArgumentsDone(ServerEvent, tag="response.function_call_arguments.done"):
+    response_id: str
+    item_id: str
+    output_index: int
+    call_id: str
+    name: str
+    arguments: str
 
 
 class ResponseSteered(ServerEvent, tag="s2s.response.steered"):
@@ -511,7 +587,8 @@ AnyServerEvent = (
     | OutputAudioBufferStarted | OutputAudioBufferStopped | OutputAudioBufferCleared
     | ResponseCreated | ResponseDone | ResponseOutputItemAdded | ResponseOutputItemDone
     | ResponseContentPartAdded | ResponseContentPartDone | TranscriptDelta | TranscriptDone
-    | OutputTextDelta | OutputTextDone | ResponseSteered | ImageReceived | ServerShutdown
+    | OutputTextDelta | OutputTextDone | FunctionCallArgumentsDelta | FunctionCallArgumentsDone
+    | ResponseSteered | ImageReceived | ServerShutdown
     | SessionStats | Error
 )  # fmt: skip
 

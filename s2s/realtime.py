@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from msgspec import UnsetType
+from msgspec import UNSET, UnsetType
 
 from s2s.audio import WEBRTC_RATE, SpeakerTrack
 from s2s.backends import (
@@ -31,6 +31,7 @@ from s2s.backends import (
     ResponseRequest,
     Steering,
     StepResult,
+    ToolCalled,
 )
 from s2s.conversation import Conversation, RequestError, wire
 from s2s.images import ImageLimits, Picture
@@ -48,6 +49,9 @@ from s2s.protocol import (
     ConversationItemTruncated,
     Error,
     ErrorDetail,
+    FunctionCallArgumentsDelta,
+    FunctionCallArgumentsDone,
+    FunctionCallItem,
     ImageChunk,
     ImageCommit,
     ImageReceived,
@@ -59,6 +63,7 @@ from s2s.protocol import (
     InputAudioBufferCommitted,
     InputAudioBufferTimeoutTriggered,
     InputAudioTranscriptionCompleted,
+    Item,
     MessageItem,
     OutputAudio,
     OutputAudioBufferClear,
@@ -82,6 +87,7 @@ from s2s.protocol import (
     ResponseSteered,
     ServerEvent,
     SessionConfig,
+    SessionPatch,
     SessionUpdate,
     SessionUpdated,
     SpeechStarted,
@@ -91,6 +97,7 @@ from s2s.protocol import (
     TranscriptDone,
     new_id,
 )
+from s2s.tools import ToolError, allowed_tools, take_tools
 from s2s.vad import VadEvent, VadSettings, vad_settings
 
 log = logging.getLogger(__name__)
@@ -102,9 +109,10 @@ _SAMPLES_PER_MS = WEBRTC_RATE // 1000
 @dataclass(eq=False)
 class _Response:
     id: str
-    item: MessageItem
     metadata: dict[str, object] | None
     modalities: list[str]
+    item: MessageItem | None = None  # the spoken (or text) message, once it has begun
+    outputs: list[Item] = field(default_factory=list)  # in output_index order
     start_pos: int | None = None  # playback position of its first sample
     end_pos: int = 0  # playback position after its last queued sample
     markers: collections.deque[tuple[int, str]] = field(default_factory=collections.deque)
@@ -199,7 +207,7 @@ class Realtime:
             match event:
                 case InputTranscribed(item_id=item_id, transcript=text):
                     item = self._conversation.find(item_id)
-                    if item is not None:
+                    if isinstance(item, MessageItem):
                         item.content = [InputAudio(transcript=text)]
                     self._send(
                         InputAudioTranscriptionCompleted(
@@ -210,6 +218,13 @@ class Realtime:
                     if self._active is not None and self._active.id == rid:
                         self._active.generated = True
                         self.watching.set()
+                        if self._active.item is None and not (audio.size or result.text):
+                            # Nothing to play (only tool calls): done now, before anyone can
+                            # act on the calls, so their answer's response.create finds it over.
+                            self._finish("completed")
+                case ToolCalled(response_id=rid, name=name, arguments=arguments):
+                    if self._active is not None and self._active.id == rid:
+                        self._call_tool(self._active, name, arguments)
                 case ModelUnavailable(message=message):
                     self._send(Error(error=ErrorDetail(
                         code="model_unavailable", type="server_error", message=message,
@@ -224,6 +239,8 @@ class Realtime:
             r = self._open_response(ResponseParams(), result.response_id)
         if r is None or r.id != result.response_id:
             return  # output of a response that was cancelled while this step ran
+        if r.item is None and (audio.size or result.text):
+            self._open_message(r)
         pos = self._speaker.played_samples + self._speaker.queued_samples
         if r.start_pos is None and (audio.size or result.text):
             r.start_pos = pos
@@ -268,6 +285,7 @@ class Realtime:
     async def _handle(self, event: AnyClientEvent) -> None:
         match event:
             case SessionUpdate(session=patch):
+                self._check_session_tools(patch, event.event_id)
                 before = (self.config.instructions, self.config.voice, self.config.speed)
                 self.config.apply(patch)
                 self.watching.set()
@@ -309,7 +327,7 @@ class Realtime:
                 self._send(ConversationItemRetrieved(item=wire(self._conversation.get(item_id))))
             case ConversationItemDelete(item_id=item_id):
                 self._conversation.get(item_id)
-                if self._active is not None and self._active.item.id == item_id:
+                if self._active is not None and any(o.id == item_id for o in self._active.outputs):
                     raise RequestError("item_in_use", "the item is being generated; cancel first")
                 self._conversation.delete(item_id)
                 self._send(ConversationItemDeleted(item_id=item_id))
@@ -345,7 +363,7 @@ class Realtime:
                 await self._steer(Steering(instructions, voice, speed))
 
     async def _create_item(
-        self, item: MessageItem, previous: str | None, pictures: dict[int, Picture] | None = None
+        self, item: Item, previous: str | None, pictures: dict[int, Picture] | None = None
     ) -> None:
         pictures = await self._conversation.check(item, previous, pictures or {})
         reported = self._add_item(item, previous)
@@ -357,7 +375,7 @@ class Realtime:
         """A frame sampled from the caller's camera: the newest picture the model looks at."""
         self._conversation.see(picture)
 
-    def _add_item(self, item: MessageItem, previous: str | None = None) -> str | None:
+    def _add_item(self, item: Item, previous: str | None = None) -> str | None:
         reported = self._conversation.add(item, previous)
         self._send(ConversationItemAdded(item=wire(item), previous_item_id=reported))
         return reported
@@ -374,9 +392,9 @@ class Realtime:
     async def _truncate(self, event: ConversationItemTruncate) -> None:
         item = self._conversation.get(event.item_id)
         item_id = event.item_id
-        if item.role != "assistant":
+        if not isinstance(item, MessageItem) or item.role != "assistant":
             raise RequestError("invalid_item", "only assistant audio can be truncated", "item_id")
-        if self._active is not None and self._active.item.id == item_id:
+        if self._active is not None and self._active.item is item:
             await self.cancel("client_cancelled")
         timeline, audio_ms = self._timelines.get(item_id, ([], 0))
         end = min(event.audio_end_ms, audio_ms)
@@ -405,13 +423,21 @@ class Realtime:
         instructions = params.instructions
         if not isinstance(instructions, str):
             instructions = self.config.instructions
-        r = self._open_response(params, None)
+        current = (self.config.tools, self.config.tool_choice)
+        try:
+            tools, choice = take_tools(params.tools, params.tool_choice, current, "response")
+        except ToolError as exc:
+            raise RequestError(exc.code, str(exc), exc.param) from None
+        callable_tools, required = allowed_tools(tools, choice)
+        # A response that may call a tool starts its message only when it speaks, so a response
+        # that only calls a tool holds just the call, as OpenAI's do.
+        r = self._open_response(params, None, message=not callable_tools)
         r.requested_at = requested_at
         request = ResponseRequest(
             response_id=r.id, instructions=instructions, voice=voice or self.config.voice,
             speed=speed or self.config.speed, modalities=list(r.modalities),
             conversation=self._conversation.items(), trigger=trigger,  # type: ignore[arg-type]
-            pictures=self._conversation.pictures(),
+            pictures=self._conversation.pictures(), tools=callable_tools, tool_required=required,
         )  # fmt: skip
         try:
             await self._stream.respond(request)
@@ -419,26 +445,54 @@ class Realtime:
             log.exception("model failed to start a response")
             self._finish("failed", "model_error")
 
-    def _open_response(self, params: ResponseParams, response_id: str | None) -> _Response:
-        """Announce a new response (and its assistant item) and make it the active one."""
+    def _open_response(
+        self, params: ResponseParams, response_id: str | None, *, message: bool = True
+    ) -> _Response:
+        """Announce a new response and make it the active one; with ``message``, open its
+        assistant message at once (else at its first text or audio)."""
         modalities = params.output_modalities
         if not isinstance(modalities, list):
             modalities = list(self.config.output_modalities)
-        text_only = "audio" not in modalities
-        part: OutputAudio | OutputText = OutputText(text="") if text_only else OutputAudio()
-        item = MessageItem(id=new_id("item"), role="assistant", status="in_progress", content=[])
-        r = _Response(id=response_id or new_id("resp"), item=item, metadata=params.metadata,
+        r = _Response(id=response_id or new_id("resp"), metadata=params.metadata,
                       modalities=list(modalities))  # fmt: skip
         self._active = r
         self._send(ResponseCreated(response=self._response(r, "in_progress")))
-        self._add_item(item)
-        self._send(ResponseOutputItemAdded(response_id=r.id, output_index=0, item=item))
-        assert item.id is not None
-        self._send(ResponseContentPartAdded(
-            response_id=r.id, item_id=item.id, output_index=0, content_index=0, part=part
-        ))  # fmt: skip
+        if message:
+            self._open_message(r)
         self.watching.set()
         return r
+
+    def _open_message(self, r: _Response) -> None:
+        text_only = "audio" not in r.modalities
+        part: OutputAudio | OutputText = OutputText(text="") if text_only else OutputAudio()
+        item = MessageItem(id=new_id("item"), role="assistant", status="in_progress", content=[])
+        assert item.id is not None
+        r.item = item
+        index = len(r.outputs)
+        r.outputs.append(item)
+        self._send(ResponseOutputItemAdded(response_id=r.id, output_index=index, item=item))
+        self._add_item(item)
+        self._send(ResponseContentPartAdded(
+            response_id=r.id, item_id=item.id, output_index=index, content_index=0, part=part
+        ))  # fmt: skip
+
+    def _call_tool(self, r: _Response, name: str, arguments: str) -> None:
+        """Add the model's call of ``name`` to the response, as OpenAI streams one."""
+        item = FunctionCallItem(
+            id=new_id("item"), call_id=new_id("call"), name=name, status="in_progress"
+        )
+        assert item.id is not None
+        index = len(r.outputs)
+        r.outputs.append(item)
+        self._send(ResponseOutputItemAdded(response_id=r.id, output_index=index, item=item))
+        self._add_item(item)  # sent as it is now: the stored item is completed below
+        ids = {"response_id": r.id, "item_id": item.id, "output_index": index,
+               "call_id": item.call_id}  # fmt: skip
+        self._send(FunctionCallArgumentsDelta(delta=arguments, **ids))  # type: ignore[arg-type]
+        self._send(FunctionCallArgumentsDone(name=name, arguments=arguments, **ids))  # type: ignore[arg-type]
+        item.arguments, item.status = arguments, "completed"
+        self._send(ResponseOutputItemDone(response_id=r.id, output_index=index, item=item))
+        self._send(ConversationItemDone(item=item))
 
     async def cancel(self, reason: str) -> None:
         """Stop the response in progress at once: flush its audio, reset the model stream."""
@@ -468,34 +522,41 @@ class Realtime:
 
     def _emit_text(self, r: _Response, text: str) -> None:
         r.spoken.append(text)
-        assert r.item.id is not None
-        ids = {"response_id": r.id, "item_id": r.item.id, "output_index": 0, "content_index": 0}
+        assert r.item is not None and r.item.id is not None
+        ids = {"response_id": r.id, "item_id": r.item.id,
+               "output_index": r.outputs.index(r.item), "content_index": 0}  # fmt: skip
         delta = TranscriptDelta if "audio" in r.modalities else OutputTextDelta
         self._send(delta(delta=text, **ids))  # type: ignore[arg-type]
 
     def _finish(self, status: str, reason: str | None = None) -> None:
         r = self._active
-        assert r is not None and r.item.id is not None
+        assert r is not None
         self._active = None
         self._touch()
+        if r.item is not None:
+            self._finish_message(r, r.item, status)
+        self._send(ResponseDone(response=self._response(r, status, reason)))
+
+    def _finish_message(self, r: _Response, item: MessageItem, status: str) -> None:
+        assert item.id is not None
         transcript = "".join(r.spoken)
         part: OutputAudio | OutputText = (
             OutputAudio(transcript=transcript) if "audio" in r.modalities
             else OutputText(text=transcript)
         )  # fmt: skip
-        r.item.content = [part]
-        r.item.status = "completed" if status == "completed" else "incomplete"
-        ids = {"response_id": r.id, "item_id": r.item.id, "output_index": 0, "content_index": 0}
+        item.content = [part]
+        item.status = "completed" if status == "completed" else "incomplete"
+        index = r.outputs.index(item)
+        ids = {"response_id": r.id, "item_id": item.id, "output_index": index, "content_index": 0}
         if isinstance(part, OutputAudio):
             self._send(TranscriptDone(transcript=transcript, **ids))  # type: ignore[arg-type]
         else:
             self._send(OutputTextDone(text=transcript, **ids))  # type: ignore[arg-type]
         self._send(ResponseContentPartDone(part=part, **ids))  # type: ignore[arg-type]
-        self._send(ResponseOutputItemDone(response_id=r.id, output_index=0, item=r.item))
-        self._send(ConversationItemDone(item=r.item))
-        self._send(ResponseDone(response=self._response(r, status, reason)))
+        self._send(ResponseOutputItemDone(response_id=r.id, output_index=index, item=item))
+        self._send(ConversationItemDone(item=item))
         start = r.start_pos if r.start_pos is not None else r.end_pos
-        self._timelines[r.item.id] = (r.timeline, max(0, r.end_pos - start) // _SAMPLES_PER_MS)
+        self._timelines[item.id] = (r.timeline, max(0, r.end_pos - start) // _SAMPLES_PER_MS)
 
     def _response(self, r: _Response, status: str, reason: str | None = None) -> Response:
         details = None
@@ -503,7 +564,7 @@ class Realtime:
             details = StatusDetails(type=status, reason=reason)
         return Response(
             id=r.id, status=status, status_details=details,  # type: ignore[arg-type]
-            output=[r.item] if status != "in_progress" else [],
+            output=list(r.outputs) if status != "in_progress" else [],
             output_modalities=r.modalities,  # type: ignore[arg-type]
             metadata=r.metadata,
         )  # fmt: skip
@@ -527,6 +588,24 @@ class Realtime:
         ))  # fmt: skip
         if vad.create_response and self._backend.turn_based:
             await self._start_response("idle", ResponseParams())
+
+    def _check_session_tools(self, patch: SessionPatch, event_id: str | None) -> None:
+        """Refuse (``RequestError``) a patch with unusable tools; on a model that cannot call
+        tools, drop its tools with an ``error`` saying so, and take the rest of the patch."""
+        if isinstance(patch.tools, list) and patch.tools and not self._backend.turn_based:
+            # Continuous models (echo, moshi) speak when they choose and have no way to call.
+            self._send(Error(error=ErrorDetail(
+                code="tools_not_supported", param="session.tools", event_id=event_id,
+                message=f"the {self._backend.name} model cannot call tools; "
+                "this session keeps none",
+            )))  # fmt: skip
+            patch.tools = UNSET
+            patch.tool_choice = UNSET
+        current = (self.config.tools, self.config.tool_choice)
+        try:
+            take_tools(patch.tools, patch.tool_choice, current, "session")
+        except ToolError as exc:
+            raise RequestError(exc.code, str(exc), exc.param) from None
 
 
 def _voice_speed(params: ResponseParams) -> tuple[str | None, float | None]:

@@ -31,6 +31,7 @@ from s2s.protocol import ServerVad, SessionConfig, SessionPatch
 from s2s.registry import KeyLimit, ServerFull, SessionRegistry
 from s2s.rtc import new_peer_connection
 from s2s.session import OfferError, Session
+from s2s.tools import ToolError, take_tools
 from s2s.vad import VadService
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,9 @@ async def create_call(request: web.Request) -> web.Response:
         offer, patch = await _read_offer(request, settings.max_sdp_bytes)
     except _BadRequest as exc:
         return exc.response
+    refused = _tools_refused(patch, app[BACKEND])
+    if refused is not None:
+        return refused
     owner = keys.server_key(token)
     if secret is not None:
         # The secret's session is the call's; the client cannot widen it with its own.
@@ -213,6 +217,20 @@ async def _read_form(request: web.Request) -> tuple[str, SessionPatch | None]:
     return _check_sdp(sdp.encode()), patch
 
 
+def _tools_refused(patch: SessionPatch | None, backend: Backend) -> web.Response | None:
+    """A 400 for tools a call could not use: malformed ones, or any on a continuous model."""
+    if patch is None:
+        return None
+    try:
+        tools, _ = take_tools(patch.tools, patch.tool_choice, ([], "auto"), "session")
+    except ToolError as exc:
+        return error_response(400, exc.code, str(exc), param=exc.param)
+    if tools and not backend.turn_based:
+        message = f"the {backend.name} model cannot call tools"
+        return error_response(400, "tools_not_supported", message, param="session.tools")
+    return None
+
+
 async def _read_limited(request: web.Request, max_bytes: int) -> bytes:
     body = await request.content.read(max_bytes + 1)
     if len(body) > max_bytes:
@@ -256,6 +274,9 @@ async def create_client_secret(request: web.Request) -> web.Response:
         body = msgspec.json.decode(await request.read() or b"{}", type=_SecretRequest)
     except msgspec.DecodeError as exc:
         return error_response(400, "invalid_request", f"invalid body: {exc}")
+    refused = _tools_refused(body.session, request.app[BACKEND])
+    if refused is not None:
+        return refused
     ttl = body.expires_after.seconds if body.expires_after else DEFAULT_SECRET_TTL_S
     secret = request.app[KEYS].mint(owner or "", body.session, ttl)
     session = msgspec.to_builtins(secret.session)

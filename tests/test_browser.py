@@ -125,6 +125,39 @@ async def test_stock_openai_agents_client_holds_a_conversation(
     await screenshot(page, "agents-sdk")
 
 
+async def test_stock_openai_agents_client_runs_a_tool_the_model_calls(
+    start_server: StartServer, static_site: str, launch_browser: LaunchBrowser, tmp_path: Path
+) -> None:
+    server = await start_server(model="local")
+    browser = await launch_browser(write_wav(tmp_path / "quiet.wav", np.zeros(48_000, np.int16)))
+    page = await browser.new_page()
+    await page.goto(f"{static_site}/agents.html?server={server.url}&tool=1")
+    await wait_for(page, "window.connected || window.errors.length", timeout=20)
+    assert await page.evaluate("window.errors") == []
+    updated = await page.evaluate("window.received.find(e => e.type === 'session.updated')")
+    assert [t["name"] for t in updated["session"]["tools"]] == ["get_weather"]
+    # The caller types the tool's name and a city; s2s calls the tool, the SDK runs it and
+    # sends its output back, and the model speaks that output.
+    await page.evaluate("window.session.sendMessage('get weather Paris')")
+    spoken = """window.received.some(e => e.type === 'response.done'
+        && e.response.output[0]?.type === 'message')"""
+    await wait_for(page, spoken, timeout=30)
+    assert await page.evaluate("window.toolCalls") == ["Paris"]
+    dones = await page.evaluate("window.received.filter(e => e.type === 'response.done')")
+    called, answered = (d["response"]["output"][0] for d in dones)
+    assert (called["type"], called["name"]) == ("function_call", "get_weather")
+    assert answered["content"][0]["transcript"] == "sunny in Paris, 21 degrees"
+    history = await page.evaluate("window.session.history")
+    calls = [i for i in history if i["type"] == "function_call"]
+    assert [(c["name"], c["output"], c["status"]) for c in calls] == [
+        ("get_weather", "sunny in Paris, 21 degrees", "completed")
+    ]
+    replies = [i for i in history if i["type"] == "message" and i["role"] == "assistant"]
+    assert replies[-1]["content"][0]["transcript"] == "sunny in Paris, 21 degrees"
+    assert await page.evaluate("window.errors") == []
+    await screenshot(page, "agents-sdk-tool")
+
+
 LONG = (
     "please say this is a long answer. it goes on for a while. it has many sentences. "
     "the interrupt button should stop it. nobody should hear the rest of it."
@@ -208,3 +241,29 @@ async def test_our_page_hears_the_mic_replies_shows_stats_interrupts_and_sends_a
     async with asyncio.timeout(5):
         while len(server.registry):  # noqa: ASYNC110 - the registry has no event to await
             await asyncio.sleep(0.05)
+
+
+async def test_our_page_answers_its_demo_tool_and_shows_the_call_and_output(
+    start_server: StartServer, launch_browser: LaunchBrowser, tmp_path: Path
+) -> None:
+    server = await start_server(model="local")
+    browser = await launch_browser(write_wav(tmp_path / "quiet.wav", np.zeros(48_000, np.int16)))
+    page = await browser.new_page(timezone_id="Asia/Tokyo")
+    await page.goto(server.url + "/")
+    await page.click("#connect")
+    events = "window.s2s.events"
+    await wait_for(page, f"{events}.some(e => e.type === 'session.updated')", timeout=20)
+    tools = await page.evaluate(f"{events}.find(e => e.type === 'session.updated').session.tools")
+    assert [t["name"] for t in tools] == ["current_time"]
+    await page.fill("#message", "what is the current time")
+    await page.press("#message", "Enter")
+    spoken = f"""{events}.some(e => e.type === 'response.done'
+        && e.response.output[0]?.type === 'message')"""
+    await wait_for(page, spoken, timeout=30)
+    shown = await page.locator("#transcript .turn.tool .text").all_inner_texts()
+    assert shown[0] == "current_time({})"
+    assert shown[1].startswith("\u2190 It is ") and shown[1].endswith("in Asia/Tokyo")
+    replied = await page.locator("#transcript .turn.assistant .text").all_inner_texts()
+    assert replied == [shown[1].removeprefix("\u2190 ")]
+    assert await page.inner_text("#error") == ""
+    await screenshot(page, "page-tool")

@@ -156,3 +156,54 @@ def test_turns_are_prefilled_one_per_step_and_wait_for_a_free_slot(tiny_models: 
             break
         assert "c" not in outputs or done
     assert done[0] in ("a", "b") and "c" in done
+
+
+async def test_a_streamed_tool_call_is_held_back_and_becomes_a_call(tiny_models: Path) -> None:
+    """The stream's side alone, fed what a worker sends: a reply whose text is a
+    ``<tool_call>`` (split over tokens as the tiny checkpoint's tokenizer splits it) becomes a
+    ``ToolCalled`` and none of its speech plays; a malformed one is spoken as it was."""
+    import json
+
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from s2s.backends import ResponseFinished, ResponseRequest, ToolCalled
+    from s2s.backends.qwen3_omni import Qwen3OmniStream
+    from s2s.protocol import FunctionTool
+    from s2s.worker.messages import CallOutput
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models / "tiny-qwen3-omni")
+    city = {"city": {"type": "string"}}
+    schema = {"type": "object", "properties": city, "required": ["city"]}
+    weather = FunctionTool(name="get_weather", parameters=schema)
+    frame = (np.ones(1920, np.int16) * 1000).tobytes()
+
+    async def reply(text: str) -> list[Any]:
+        changes: list[Any] = []
+
+        class Recorder:  # where the stream's changes for the worker go
+            def change(self, change: Any) -> None:
+                changes.append(change)
+
+        stream = Qwen3OmniStream(Recorder(), "call")  # type: ignore[arg-type]
+        await stream.respond(ResponseRequest(
+            response_id="r", instructions="", voice="", speed=1.0, modalities=["audio"],
+            conversation=[], tools=[weather]))  # fmt: skip
+        assert "get_weather" in changes[0].respond.turns[0].text  # offered in the prompt
+        pieces = [tokenizer.decode([t]) for t in tokenizer.encode(text)]
+        for piece in pieces:
+            stream.receive(CallOutput(text=piece, audio=frame, response_id="r"))
+        stream.receive(CallOutput(response_id="r", done="stop"))
+        return list(stream._out)
+
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    steps = await reply(call)
+    events = [e for s in steps for e in s.events]
+    assert events == [ToolCalled("r", "get_weather", json.dumps({"city": "Paris"})),
+                      ResponseFinished("r")]  # fmt: skip
+    assert not any(s.audio.size for s in steps)
+    broken = '<tool_call>\n{"name": "get_weather", "arguments": {"city": </tool_call>'
+    steps = await reply(broken)
+    assert "".join(s.text for s in steps) == broken and sum(s.audio.size for s in steps) > 0
+    plain = await reply("hello there")
+    assert plain[0].text and plain[0].audio.size  # not held: spoken as it comes

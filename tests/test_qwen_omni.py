@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,14 @@ from s2s.backends.qwen_omni import (
     build_inputs,
 )
 from s2s.images import Picture
-from s2s.protocol import InputAudio, InputText, MessageItem
+from s2s.protocol import (
+    FunctionCallItem,
+    FunctionCallOutputItem,
+    FunctionTool,
+    InputAudio,
+    InputText,
+    MessageItem,
+)
 from tests.conftest import StartServer
 from tests.peer import MicTrack, Peer
 from tests.signals import rms
@@ -118,6 +126,26 @@ async def test_the_turn_carries_the_committed_audio_the_text_and_the_latest_pict
     assert ids.count(audio_token) == 12  # 50 feature frames -> 25 (conv) -> 12 (pool)
     assert int(inputs["feature_attention_mask"].sum()) == 50
     assert "what is this?" in backend.tokenizer.decode(ids)
+
+
+async def test_tools_go_into_the_prompt_and_a_tool_output_is_the_next_turn(
+    backend: QwenOmniBackend,
+) -> None:
+    weather = FunctionTool(name="get_weather", parameters={"type": "object"})
+    user = MessageItem(role="user", content=[InputText("weather in Paris?")], id="item_1")
+    stream = await backend.open_stream("call_t")
+    asked = stream.turn_for(dataclasses.replace(_request(user), tools=[weather]))
+    call = FunctionCallItem(id="item_2", call_id="call_1", name="get_weather", arguments="{}")
+    output = FunctionCallOutputItem(id="item_3", call_id="call_1", output="sunny, 21 degrees")
+    answered = stream.turn_for(
+        dataclasses.replace(_request(user), conversation=[user, call, output], tools=[weather])
+    )
+    await stream.close()
+    assert '"name": "get_weather"' in asked.system and asked.text == "weather in Paris?"
+    assert answered.text == "<tool_response>\nsunny, 21 degrees\n</tool_response>"
+    inputs = build_inputs(backend.tokenizer, backend.features, backend.images, answered)
+    prompt = backend.tokenizer.decode(inputs["input_ids"][0])
+    assert "<tool_call>" in prompt and "sunny, 21 degrees" in prompt
 
 
 async def test_reset_during_generation_discards_the_late_result(

@@ -7,6 +7,22 @@ const ONE_MESSAGE_BYTES = 180_000; // pictures up to this go in one conversation
 let call = null; // { pc, channel, mic, url, t0 }
 const turns = new Map(); // item or response id -> transcript element
 let turn = null; // timeline of the current turn
+const answered = new Set(); // call ids this page has sent an output for
+
+// The built-in demo tool: the model may ask the browser for the time in its own time zone.
+// With the local model, type or say "current time" to have it called.
+const DEMO_TOOL = {
+  type: "function",
+  name: "current_time",
+  description: "The current date and time in the caller's time zone.",
+  parameters: { type: "object", properties: {} },
+};
+
+function currentTime() {
+  const zone = Intl.DateTimeFormat().resolvedOptions().timeZone;
+  const time = new Date().toLocaleTimeString([], { hour: "numeric", minute: "2-digit" });
+  return `It is ${time} in ${zone.replaceAll("_", " ")}`;
+}
 // Exposed for the console (and the browser tests).
 window.s2s = { pc: null, events: [], sent: [] };
 
@@ -126,12 +142,22 @@ function receive(event) {
     case "conversation.item.added": {
       const text = event.item.content?.find((c) => c.type === "input_text")?.text;
       if (event.item.role === "user" && text) userTurn(event.item.id, text, false);
+      // A tool's output, whoever sent it (this page, or an app backend on the sideband).
+      if (event.item.type === "function_call_output") {
+        toolTurn(event.item.id, `← ${event.item.output}`);
+      }
       break;
     }
+    case "response.output_item.done":
+      if (event.item.type === "function_call") {
+        toolTurn(event.item.id, `${event.item.name}(${event.item.arguments})`);
+        mark(`tool call: ${event.item.name}`);
+        runTool(event.item);
+      }
+      break;
     case "response.created":
       if (!turn) startTurn();
-      mark("reply started");
-      assistantTurn(event.response.id);
+      mark("reply started"); // its line appears with its first words (a tool call has none)
       break;
     case "output_audio_buffer.started":
       mark("first reply audio");
@@ -145,8 +171,8 @@ function receive(event) {
       assistantTurn(event.response_id).querySelector(".text").textContent += event.delta;
       break;
     case "response.done": {
-      const element = assistantTurn(event.response.id);
       if (event.response.status === "cancelled") {
+        const element = assistantTurn(event.response.id);
         const cut = document.createElement("span");
         cut.className = "cut";
         cut.textContent = " (interrupted)";
@@ -183,12 +209,25 @@ function turnElement(id, role) {
   if (!element) {
     element = document.createElement("div");
     element.className = `turn ${role}`;
-    element.innerHTML = `<strong>${role === "user" ? "You" : "Model"}:</strong> <span class="text"></span>`;
+    const who = { user: "You", assistant: "Model", tool: "Tool" }[role];
+    element.innerHTML = `<strong>${who}:</strong> <span class="text"></span>`;
     $("transcript").append(element);
     turns.set(id, element);
   }
   $("transcript").scrollTop = $("transcript").scrollHeight;
   return element;
+}
+
+function toolTurn(id, text) {
+  turnElement(id, "tool").querySelector(".text").textContent = text;
+}
+
+function runTool(item) {
+  if (item.name !== DEMO_TOOL.name || answered.has(item.call_id)) return;
+  answered.add(item.call_id);
+  send({ type: "conversation.item.create",
+         item: { type: "function_call_output", call_id: item.call_id, output: currentTime() } });
+  send({ type: "response.create" });
 }
 
 function userTurn(id, text, partial) {
@@ -209,6 +248,7 @@ function applySettings() {
     session: {
       type: "realtime",
       instructions: $("instructions").value,
+      tools: $("demo-tool").checked ? [DEMO_TOOL] : [],
       audio: {
         input: { turn_detection: $("vad").checked ? { type: "server_vad" } : null },
         output: { voice: $("voice").value, speed: Number($("speed").value) },
@@ -336,6 +376,7 @@ $("message").onkeydown = (e) => { if (e.key === "Enter") sendMessage(); };
 $("interrupt").onclick = interrupt;
 $("apply").onclick = applySettings;
 $("vad").onchange = applySettings;
+$("demo-tool").onchange = applySettings;
 $("snapshot").onclick = () => snapshot().catch((err) => showError(err.message));
 $("picture").onchange = (e) => { if (e.target.files[0]) sendPicture(e.target.files[0]); };
 const talkStart = () => send({ type: "input_audio_buffer.clear" });

@@ -11,6 +11,7 @@ from s2s.backends.base import (
     ResponseRequest,
     Steering,
     StepResult,
+    ToolCalled,
 )
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "ResponseRequest",
     "Steering",
     "StepResult",
+    "ToolCalled",
     "UnknownModelError",
     "load_backend",
 ]

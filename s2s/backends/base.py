@@ -21,7 +21,7 @@ from typing import Literal, Protocol, runtime_checkable
 import numpy as np
 
 from s2s.images import Picture
-from s2s.protocol import MessageItem
+from s2s.protocol import FunctionTool, Item
 
 EMPTY_PCM = np.zeros(0, np.int16)
 
@@ -48,7 +48,19 @@ class ModelUnavailable:
     message: str
 
 
-ModelEvent = InputTranscribed | ResponseFinished | ModelUnavailable
+@dataclass(frozen=True, slots=True)
+class ToolCalled:
+    """The model calls tool ``name`` in ``response_id``; ``arguments`` is a JSON object string.
+
+    The response goes on (or finishes); the tool's output comes back as a conversation item.
+    """
+
+    response_id: str
+    name: str
+    arguments: str
+
+
+ModelEvent = InputTranscribed | ResponseFinished | ModelUnavailable | ToolCalled
 
 
 @dataclass(slots=True)
@@ -72,10 +84,15 @@ class ResponseRequest:
     voice: str
     speed: float
     modalities: list[str]
-    conversation: list[MessageItem]
+    #: Messages, tool calls and tool outputs, oldest first.
+    conversation: list[Item]
     trigger: Literal["turn", "client", "idle"] = "client"
     #: The latest pictures the caller sent (oldest first), checked and downscaled on arrival.
     pictures: list[Picture] = field(default_factory=list)
+    #: The tools this response may call (none when ``tool_choice`` is ``none``), and whether it
+    #: must call one (``required``, or a named function: then ``tools`` holds only that one).
+    tools: list[FunctionTool] = field(default_factory=list)
+    tool_required: bool = False
 
 
 @dataclass(frozen=True, slots=True)

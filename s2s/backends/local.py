@@ -34,6 +34,7 @@ from s2s.backends.base import (
     ResponseRequest,
     Steering,
     StepResult,
+    ToolCalled,
 )
 from s2s.log import CallLogger
 from s2s.speech import asr
@@ -235,7 +236,15 @@ class LocalStream:
             request.trigger,
             self._transcripts,
             request.pictures,
+            request.tools,
+            request.tool_required,
         )
+        if reply.tool_call is not None:
+            call, rid = reply.tool_call, request.response_id
+            self._out.append(StepResult(response_id=rid, events=[
+                ToolCalled(rid, call.name, call.arguments), ResponseFinished(rid),
+            ]))  # fmt: skip
+            return
         self._plan = _Plan(
             response_id=request.response_id, sentences=collections.deque(reply.sentences),
             style=reply.style, voice=request.voice, speed=request.speed,

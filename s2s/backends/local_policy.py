@@ -2,16 +2,27 @@
 
 It greets, repeats back what it heard, says what it is told to say, describes the latest picture
 it was sent, follows simple instructions (a persona name, a language for its own phrases and
-voice) and says plainly that it cannot do anything else. Pure: no audio, no I/O.
+voice), calls a tool it hears named (see ``tool_call``) and speaks a tool's output, and says
+plainly that it cannot do anything else. Pure: no audio, no I/O.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 
 from s2s.images import ImageError, ImageLimits, Picture, decode_data_url, load
-from s2s.protocol import InputAudio, InputImage, InputText, MessageItem
+from s2s.protocol import (
+    FunctionCallOutputItem,
+    FunctionTool,
+    InputAudio,
+    InputImage,
+    InputText,
+    Item,
+    MessageItem,
+)
+from s2s.tools import ToolCall
 
 DEFAULT_NAME = "Echo"
 
@@ -70,6 +81,7 @@ class Style:
 class Reply:
     sentences: list[str] = field(default_factory=list)
     style: Style = field(default_factory=Style)
+    tool_call: ToolCall | None = None  # set instead of sentences when the reply is a tool call
 
     @property
     def text(self) -> str:
@@ -77,23 +89,61 @@ class Reply:
 
 
 def reply(
-    conversation: list[MessageItem],
+    conversation: list[Item],
     instructions: str,
     trigger: str,
     transcripts: dict[str, str] | None = None,
     pictures: list[Picture] | None = None,
+    tools: list[FunctionTool] | None = None,
+    tool_required: bool = False,
 ) -> Reply:
-    """What to say next, given the conversation so far (``transcripts``: user audio items'
-    transcripts the model knows before the conversation items carry them)."""
+    """What to say (or which tool to call) next, given the conversation so far (``transcripts``:
+    user audio items' transcripts the model knows before the conversation items carry them)."""
     style = Style.from_instructions(instructions)
     quoted = _QUOTED_RE.search(instructions)
-    if quoted:
+    if quoted:  # words an app forces on a response win over everything else
         return Reply(split_sentences(quoted.group(1)), style)
     if trigger == "idle":
         return Reply(["Are you still there?"], style)
+    latest = conversation[-1] if conversation else None
+    if isinstance(latest, FunctionCallOutputItem):
+        output = latest.output.strip()
+        return Reply(split_sentences(output) or ["The tool returned nothing."], style)
+    if tools and isinstance(latest, MessageItem) and latest.role == "user":
+        call = tool_call(_last_user_text(conversation, transcripts or {}) or "", tools,
+                         tool_required)  # fmt: skip
+        if call is not None:
+            return Reply(style=style, tool_call=call)
     heard = _last_user_text(conversation, transcripts or {})
     picture = pictures[-1].description if pictures else _latest_image(conversation)
     return Reply(split_sentences(_answer(heard, picture, style)), style)
+
+
+def tool_call(heard: str, tools: list[FunctionTool], required: bool) -> ToolCall | None:
+    """The call the caller's words ask for: the first tool whose name, ``_`` read as a space, is
+    among the words (any case); its first required string parameter gets the words after the
+    name, up to a punctuation mark ("get weather Paris, please" → ``get_weather({"city":
+    "Paris"})``). With ``required`` and no name heard, the first tool is called with the words
+    from the start."""
+    for tool in tools:
+        spoken_name = r"\s+".join(re.escape(w) for w in tool.name.replace("-", "_").split("_") if w)
+        match = re.search(rf"\b{spoken_name}\b", heard, re.I) if spoken_name else None
+        if match is not None:
+            return _call(tool, heard[match.end() :])
+    return _call(tools[0], heard) if required and tools else None
+
+
+def _call(tool: FunctionTool, words: str) -> ToolCall:
+    # The words up to the end of their clause: "Paris, please" fills in "Paris".
+    words = re.split(r"[,.!?;:]", words.lstrip(" \t\n,.!?:;"), maxsplit=1)[0].strip()
+    properties = tool.parameters.get("properties") or {}
+    arguments: dict[str, str] = {}
+    for name in tool.parameters.get("required") or []:
+        if isinstance(properties.get(name), dict) and properties[name].get("type") == "string":
+            if words:
+                arguments[name] = words
+            break
+    return ToolCall(name=tool.name, arguments=json.dumps(arguments))
 
 
 def restyle(sentences: list[str], old: Style, new: Style) -> list[str]:
@@ -134,9 +184,9 @@ def _answer(heard: str | None, picture: str | None, style: Style) -> str:
     return f"{heard_phrase}: {text}."
 
 
-def _last_user_text(conversation: list[MessageItem], transcripts: dict[str, str]) -> str | None:
+def _last_user_text(conversation: list[Item], transcripts: dict[str, str]) -> str | None:
     for item in reversed(conversation):
-        if item.role != "user":
+        if not isinstance(item, MessageItem) or item.role != "user":
             continue
         for part in reversed(item.content):
             if isinstance(part, InputText):
@@ -146,8 +196,10 @@ def _last_user_text(conversation: list[MessageItem], transcripts: dict[str, str]
     return None
 
 
-def _latest_image(conversation: list[MessageItem]) -> str | None:
+def _latest_image(conversation: list[Item]) -> str | None:
     for item in reversed(conversation):
+        if not isinstance(item, MessageItem):
+            continue
         for part in reversed(item.content):
             if isinstance(part, InputImage):
                 # Images were checked and downscaled on arrival; this decodes a small JPEG.

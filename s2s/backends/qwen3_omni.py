@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 
 import numpy as np
@@ -32,9 +33,19 @@ from s2s.backends.base import (
     ResponseRequest,
     Steering,
     StepResult,
+    ToolCalled,
 )
 from s2s.log import CallLogger
-from s2s.protocol import InputText, OutputAudio, OutputText
+from s2s.protocol import (
+    FunctionCallItem,
+    FunctionCallOutputItem,
+    FunctionTool,
+    InputText,
+    MessageItem,
+    OutputAudio,
+    OutputText,
+)
+from s2s.tools import split_tool_calls, tools_prompt
 from s2s.worker.messages import CallOutput, Change, Respond, Tick, Turn
 from s2s.worker.process import WorkerError, WorkerProcess
 
@@ -131,6 +142,11 @@ class Qwen3OmniStream:
         self._out: collections.deque[StepResult] = collections.deque()
         #: The response the worker is making for this call, or None.
         self.answering: str | None = None
+        #: The tools it may call, its text so far, and its output held back while that text
+        #: may be a ``<tool_call>`` (a call is never spoken).
+        self._tools: list[FunctionTool] = []
+        self._said = ""
+        self._held: list[StepResult] = []
         #: Events from outside the model (its worker was replaced) for the next step.
         self.notices: list[ModelEvent] = []
 
@@ -157,6 +173,7 @@ class Qwen3OmniStream:
 
     async def respond(self, request: ResponseRequest) -> None:
         self.answering = request.response_id
+        self._tools, self._said, self._held = request.tools, "", []
         respond = Respond(
             response_id=request.response_id, turns=self.turns_for(request),
             voice=request.voice, speak="audio" in request.modalities,
@@ -183,9 +200,17 @@ class Qwen3OmniStream:
         """The conversation as the model reads it: the instructions, then every turn with its
         text (and a user turn's committed audio); the latest picture goes with the last user
         turn. The worker drops the oldest turns to fit its prompt budget."""
-        turns = [Turn("system", request.instructions)] if request.instructions else []
+        system = request.instructions + tools_prompt(request.tools, request.tool_required)
+        turns = [Turn("system", system.strip())] if system.strip() else []
         for item in request.conversation:
-            if item.role == "user":
+            if isinstance(item, FunctionCallItem):
+                call = json.dumps({"name": item.name, "arguments": _json(item.arguments)})
+                turns.append(Turn("assistant", f"<tool_call>\n{call}\n</tool_call>"))
+            elif isinstance(item, FunctionCallOutputItem):
+                turns.append(Turn("user", f"<tool_response>\n{item.output}\n</tool_response>"))
+            elif not isinstance(item, MessageItem):
+                continue
+            elif item.role == "user":
                 text = " ".join(p.text for p in item.content if isinstance(p, InputText))
                 audio = self._committed.get(item.id) if item.id is not None else None
                 turns.append(Turn("user", text, b"" if audio is None else audio.tobytes()))
@@ -209,7 +234,13 @@ class Qwen3OmniStream:
         rid = output.response_id
         audio = np.frombuffer(output.audio, np.int16) if output.audio else EMPTY_PCM
         if audio.size or output.text:
-            self._out.append(StepResult(audio=audio, text=output.text, response_id=rid))
+            step = StepResult(audio=audio, text=output.text, response_id=rid)
+            self._said += output.text
+            if self._tools and _may_be_tool_call(self._said):
+                self._held.append(step)
+            else:
+                self._out.extend([*self._held, step])
+                self._held = []
         if output.done:
             self.end_response(output.done)
 
@@ -220,7 +251,19 @@ class Qwen3OmniStream:
             return
         if how.startswith("failed"):
             self._log.warning("response %s %s", rid, how)
-        self._out.append(StepResult(response_id=rid, events=[ResponseFinished(rid)]))
+        events: list[ModelEvent] = []
+        if self._held:
+            # Its text was a tool call all along: the calls, and none of the speech that read
+            # them out; anything else (a malformed call) is spoken as it was.
+            spoken, calls = split_tool_calls(self._said, self._tools)
+            if calls:
+                events = [ToolCalled(rid, call.name, call.arguments) for call in calls]
+                if spoken:
+                    self._out.append(StepResult(text=spoken, response_id=rid))
+            else:
+                self._out.extend(self._held)
+            self._held = []
+        self._out.append(StepResult(response_id=rid, events=[*events, ResponseFinished(rid)]))
 
 
 def _said(part: object) -> str:
@@ -228,3 +271,19 @@ def _said(part: object) -> str:
     if isinstance(part, OutputText):
         return part.text
     return part.transcript if isinstance(part, OutputAudio) else ""
+
+
+def _may_be_tool_call(text: str) -> bool:
+    """Whether a reply that begins with ``text`` may be a ``<tool_call>``: it is one so far."""
+    start = text.lstrip()[: len(_CALL_TAG)]
+    return _CALL_TAG.startswith(start)
+
+
+_CALL_TAG = "<tool_call>"
+
+
+def _json(arguments: str) -> object:
+    try:
+        return json.loads(arguments) if arguments else {}
+    except ValueError:
+        return arguments

@@ -9,8 +9,10 @@ before hearing anything; streaming the vocoder would need a chunked token2wav of
 
 The caller's audio since the last commit is kept (at most 30 s); a commit freezes it as that
 turn. A response uses the instructions as system prompt, the conversation's last user turn (its
-committed audio and any text) and the latest picture. A reset bumps a generation counter, so a
-generation still running on the device is left to finish and its result is thrown away.
+committed audio and any text) and the latest picture; tools are offered in the system prompt and
+a ``<tool_call>`` in the reply becomes a tool call (``s2s.tools``). A reset bumps a generation
+counter, so a generation still running on the device is left to finish and its result is thrown
+away.
 """
 
 from __future__ import annotations
@@ -28,9 +30,17 @@ from typing import Any
 
 import numpy as np
 
-from s2s.backends.base import ResponseFinished, ResponseRequest, Steering, StepResult
+from s2s.backends.base import (
+    ModelEvent,
+    ResponseFinished,
+    ResponseRequest,
+    Steering,
+    StepResult,
+    ToolCalled,
+)
 from s2s.log import CallLogger
-from s2s.protocol import InputText, MessageItem
+from s2s.protocol import InputText, Item, MessageItem
+from s2s.tools import split_tool_calls, tool_response, tools_prompt
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +274,11 @@ class QwenOmniStream:
     def turn_for(self, request: ResponseRequest) -> Turn:
         """The last user turn of ``request``: its committed audio and text, and the picture."""
         system = QWEN_SYSTEM + ("\n" + request.instructions if request.instructions else "")
+        system += tools_prompt(request.tools, request.tool_required)
+        answer = tool_response(request.conversation)
+        if answer is not None:  # the reply follows a tool's output, not the caller's words
+            jpeg = request.pictures[-1].jpeg if request.pictures else None
+            return Turn(system=system, text=answer, jpeg=jpeg)
         user = _last_user(request.conversation)
         text = ""
         audio = None
@@ -294,12 +309,25 @@ class QwenOmniStream:
             "generated %.1f s of speech in %.1f s", pcm.size / OUTPUT_RATE,
             time.perf_counter() - started,
         )  # fmt: skip
-        self._out.extend(_chunks(request.response_id, text, pcm))
+        self._out.extend(reply_steps(request, text, pcm))
 
 
-def _last_user(conversation: list[MessageItem]) -> MessageItem | None:
+def reply_steps(request: ResponseRequest, text: str, pcm: np.ndarray) -> list[StepResult]:
+    """A generated reply as steps: speech, or the tool calls in its text (without the speech,
+    which said the call aloud) and any words around them as text."""
+    spoken, calls = split_tool_calls(text, request.tools) if request.tools else (text, [])
+    rid = request.response_id
+    if not calls:
+        return _chunks(rid, text, pcm)
+    out = [StepResult(text=spoken, response_id=rid)] if spoken else []
+    events: list[ModelEvent] = [ToolCalled(rid, call.name, call.arguments) for call in calls]
+    out.append(StepResult(response_id=rid, events=[*events, ResponseFinished(rid)]))
+    return out
+
+
+def _last_user(conversation: list[Item]) -> MessageItem | None:
     for item in reversed(conversation):
-        if item.role == "user":
+        if isinstance(item, MessageItem) and item.role == "user":
             return item
     return None
 
