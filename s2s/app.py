@@ -67,8 +67,9 @@ async def _model_and_calls(app: web.Application) -> AsyncIterator[None]:
         backend = cluster
     else:
         backend = await load_backend(
-            settings.model, settings.device, max_calls=settings.max_sessions
-        )
+            settings.model, settings.device, max_calls=settings.max_sessions,
+            prompt_tokens=settings.prompt_tokens,
+        )  # fmt: skip
     app[BACKEND] = backend
     vad = VadService()
     await vad.start()

@@ -48,6 +48,13 @@ _FIELD_OPTIONS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
         {},
     ),
     (
+        "--prompt-tokens",
+        "prompt_tokens",
+        "prompt budget of a turn-based model (qwen3-omni) in tokens: a response reads the "
+        "conversation so far, leaving out the oldest turns past this",
+        {},
+    ),
+    (
         "--workers",
         "workers",
         "server processes sharing the port, each pinned to a core; 0 is one "

@@ -20,6 +20,8 @@ class Settings:
     ray_address: str = ""
     #: Calls the whole server takes (over all its workers) before it answers 503.
     max_sessions: int = 32
+    #: Turn-based models' prompt budget in tokens: the oldest turns are left out past it.
+    prompt_tokens: int = 8192
     #: Server processes, each pinned to a core; 0 is one per usable core. 1 serves in-process.
     workers: int = 0
     #: Seconds a call may go without inbound audio (no track, or RTP stopped) before it ends.

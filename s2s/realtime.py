@@ -27,6 +27,7 @@ from s2s.backends import (
     InputTranscribed,
     ModelStream,
     ModelUnavailable,
+    ResponseFailed,
     ResponseFinished,
     ResponseRequest,
     Steering,
@@ -225,6 +226,12 @@ class Realtime:
                 case ToolCalled(response_id=rid, name=name, arguments=arguments):
                     if self._active is not None and self._active.id == rid:
                         self._call_tool(self._active, name, arguments)
+                case ResponseFailed(response_id=rid, message=message):
+                    if self._active is not None and self._active.id == rid:
+                        self._send(Error(error=ErrorDetail(
+                            code="model_error", type="server_error", message=message,
+                        )))  # fmt: skip
+                        self._finish("failed", "model_error")
                 case ModelUnavailable(message=message):
                     self._send(Error(error=ErrorDetail(
                         code="model_unavailable", type="server_error", message=message,

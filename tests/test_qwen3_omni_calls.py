@@ -207,3 +207,50 @@ async def test_a_streamed_tool_call_is_held_back_and_becomes_a_call(tiny_models:
     assert "".join(s.text for s in steps) == broken and sum(s.audio.size for s in steps) > 0
     plain = await reply("hello there")
     assert plain[0].text and plain[0].audio.size  # not held: spoken as it comes
+
+
+def test_the_prompt_budget_leaves_out_the_oldest_turns(tiny_models: Path) -> None:
+    from s2s.worker.messages import Change, Respond, Tick, Turn
+    from s2s.worker.omni import OmniWorker
+
+    worker = OmniWorker.load(str(tiny_models / "tiny-qwen3-omni"), "cpu", max_calls=1)
+    old = [Turn("user" if i % 2 == 0 else "assistant", f"turn number {i} " * 5) for i in range(9)]
+
+    def prompt(budget: int) -> Any:
+        respond = Respond("r", [Turn("system", "Be brief."), *old], prompt_tokens=budget)
+        result = worker.handle(Tick([Change("join", "a"), Change("respond", "a", respond=respond)]))
+        rows = list(worker.engine.rows.values())
+        worker.handle(Tick([Change("reset", "a")]))
+        return result.outputs["a"], rows
+
+    _, (whole,) = prompt(10_000)
+    _, (cut,) = prompt(80)
+    assert cut.request.inputs["input_ids"].shape[1] <= 80
+    assert cut.request.inputs["input_ids"].shape[1] < whole.request.inputs["input_ids"].shape[1]
+    output, rows = prompt(5)  # not even the last turn fits: that response fails, clearly
+    assert not rows and output.done.startswith("failed") and "budget" in output.done
+
+
+async def test_a_turn_over_the_prompt_budget_fails_clearly_and_the_call_goes_on(
+    start_server: StartServer, tiny_models: Path
+) -> None:
+    server = await start_server(
+        model=f"qwen3-omni:{tiny_models / 'tiny-qwen3-omni'}", prompt_tokens=12
+    )
+    peer = Peer(server.url, MicTrack(), session={"audio": {"input": {"turn_detection": None}}})
+    try:
+        await peer.connect()
+        await peer.next_event("session.created", timeout=10)
+        words = {"type": "input_text", "text": "a question far longer than twelve tokens " * 3}
+        item = {"type": "message", "role": "user", "content": [words]}
+        peer.send({"type": "conversation.item.create", "item": item})
+        mark = len(peer.events)
+        peer.send({"type": "response.create"})
+        done = await peer.next_event("response.done", after=mark, timeout=30)
+        assert done["response"]["status"] == "failed"
+        error = await peer.next_event("error", after=mark, timeout=5)
+        assert error["error"]["code"] == "model_error" and "budget" in error["error"]["message"]
+        peer.send({"type": "session.update", "session": {"instructions": "Be brief."}})
+        await peer.next_event("session.updated", after=mark, timeout=5)
+    finally:
+        await peer.close()

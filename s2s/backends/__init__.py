@@ -7,6 +7,7 @@ from s2s.backends.base import (
     InputTranscribed,
     ModelStream,
     ModelUnavailable,
+    ResponseFailed,
     ResponseFinished,
     ResponseRequest,
     Steering,
@@ -19,6 +20,7 @@ __all__ = [
     "InputTranscribed",
     "ModelStream",
     "ModelUnavailable",
+    "ResponseFailed",
     "ResponseFinished",
     "ResponseRequest",
     "Steering",
@@ -33,9 +35,12 @@ class UnknownModelError(ValueError):
     pass
 
 
-async def load_backend(spec: str, device: str | None = None, *, max_calls: int = 32) -> Backend:
+async def load_backend(
+    spec: str, device: str | None = None, *, max_calls: int = 32, prompt_tokens: int = 8192
+) -> Backend:
     """Load the backend named by ``spec`` (``local``, ``echo``, or ``NAME:PATH_OR_HUB_ID``);
-    ``max_calls``: the calls a batched model reserves state for (``--max-sessions``)."""
+    ``max_calls``: the calls a batched model reserves state for (``--max-sessions``);
+    ``prompt_tokens``: a turn-based streamed model's prompt budget (``--prompt-tokens``)."""
     name, _, location = spec.partition(":")
     match name:
         case "echo":
@@ -55,7 +60,9 @@ async def load_backend(spec: str, device: str | None = None, *, max_calls: int =
         case "qwen3-omni" if location:
             from s2s.backends.qwen3_omni import Qwen3OmniBackend
 
-            omni: Backend = await Qwen3OmniBackend.load(location, device, max_calls=max_calls)
+            omni: Backend = await Qwen3OmniBackend.load(
+                location, device, max_calls=max_calls, prompt_tokens=prompt_tokens
+            )
             return omni
         case "local":
             from s2s.backends.local import LocalBackend

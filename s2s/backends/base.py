@@ -60,7 +60,15 @@ class ToolCalled:
     arguments: str
 
 
-ModelEvent = InputTranscribed | ResponseFinished | ModelUnavailable | ToolCalled
+@dataclass(frozen=True, slots=True)
+class ResponseFailed:
+    """The model could not make ``response_id`` (``message`` says why); the call goes on."""
+
+    response_id: str
+    message: str
+
+
+ModelEvent = InputTranscribed | ResponseFinished | ModelUnavailable | ToolCalled | ResponseFailed
 
 
 @dataclass(slots=True)

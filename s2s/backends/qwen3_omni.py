@@ -29,6 +29,7 @@ from s2s.backends.base import (
     EMPTY_PCM,
     ModelEvent,
     ModelUnavailable,
+    ResponseFailed,
     ResponseFinished,
     ResponseRequest,
     Steering,
@@ -59,8 +60,9 @@ class Qwen3OmniBackend:
     name = "qwen3-omni"
     turn_based = True
 
-    def __init__(self, worker: WorkerProcess) -> None:
+    def __init__(self, worker: WorkerProcess, prompt_tokens: int = 8192) -> None:
         self.worker = worker
+        self.prompt_tokens = prompt_tokens
         hello = worker.hello
         self.input_rate, self.output_rate = hello.input_rate, hello.output_rate
         self.frame_samples = hello.frame_samples
@@ -71,9 +73,11 @@ class Qwen3OmniBackend:
 
     @classmethod
     async def load(
-        cls, location: str, device: str | None = None, *, max_calls: int = 8
-    ) -> Qwen3OmniBackend:
-        return cls(await WorkerProcess.start(f"qwen3-omni:{location}", device, max_calls))
+        cls, location: str, device: str | None = None, *, max_calls: int = 8,
+        prompt_tokens: int = 8192,
+    ) -> Qwen3OmniBackend:  # fmt: skip
+        worker = await WorkerProcess.start(f"qwen3-omni:{location}", device, max_calls)
+        return cls(worker, prompt_tokens)
 
     async def open_stream(self, call_id: str) -> Qwen3OmniStream:
         stream = Qwen3OmniStream(self, call_id)
@@ -177,6 +181,7 @@ class Qwen3OmniStream:
         respond = Respond(
             response_id=request.response_id, turns=self.turns_for(request),
             voice=request.voice, speak="audio" in request.modalities,
+            prompt_tokens=self._b.prompt_tokens,
         )  # fmt: skip
         self._b.change(Change("respond", self.call_id, respond=respond))
 
@@ -215,8 +220,10 @@ class Qwen3OmniStream:
                 audio = self._committed.get(item.id) if item.id is not None else None
                 turns.append(Turn("user", text, b"" if audio is None else audio.tobytes()))
             elif item.role == "assistant":
-                said = [_said(part) for part in item.content]
-                turns.append(Turn("assistant", " ".join(s for s in said if s)))
+                # The response being made has its (empty, in progress) message here already.
+                said = " ".join(s for s in (_said(part) for part in item.content) if s)
+                if said and item.status != "in_progress":
+                    turns.append(Turn("assistant", said))
         users = [i for i, turn in enumerate(turns) if turn.role == "user"]
         if not users and self._last_committed is not None:
             # A response to audio the conversation has no item for (yet): the last turn.
@@ -251,6 +258,11 @@ class Qwen3OmniStream:
             return
         if how.startswith("failed"):
             self._log.warning("response %s %s", rid, how)
+            self._held = []
+            reason = how.removeprefix("failed: ")
+            failed = ResponseFailed(rid, f"the model could not answer: {reason}")
+            self._out.append(StepResult(response_id=rid, events=[failed]))
+            return
         events: list[ModelEvent] = []
         if self._held:
             # Its text was a tool call all along: the calls, and none of the speech that read

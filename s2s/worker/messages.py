@@ -35,6 +35,8 @@ class Respond(msgspec.Struct, frozen=True):
     turns: list[Turn]
     voice: str = ""
     speak: bool = True
+    #: The prompt's budget in tokens (0: the worker's default).
+    prompt_tokens: int = 0
 
 
 class Change(msgspec.Struct, frozen=True):

@@ -123,7 +123,7 @@ class OmniWorker:
     def _respond(self, call: str, respond: Respond) -> None:
         messages = [_message(turn.role, turn.text, turn.audio, turn.pictures)
                     for turn in respond.turns]  # fmt: skip
-        inputs = self.prompter.build(messages, max_tokens=PROMPT_TOKENS)
+        inputs = self.prompter.build(messages, max_tokens=respond.prompt_tokens or PROMPT_TOKENS)
         speaker = self.speakers.get(respond.voice.lower(), self.default_speaker)
         request = Request(
             inputs, speaker=speaker, speak=respond.speak,
