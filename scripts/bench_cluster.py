@@ -121,6 +121,7 @@ async def main() -> None:
     if args.ray_address:
         cluster.connect(args.ray_address)
     else:
+        os.environ.update(cluster.INLINE_TICKS)  # as cluster.connect() does
         ray.init(num_cpus=1, resources={cluster.WORKER_RESOURCE: 1}, include_dashboard=False,
                  namespace=cluster.NAMESPACE, log_to_driver=False)  # fmt: skip
     loop = asyncio.get_running_loop()

@@ -52,6 +52,13 @@ REPORT_INTERVAL_S = 1.0
 SILENT_AFTER_S = 5.0
 
 
+#: Ray passes an argument or result over 100 KiB through its object store (a put, a fetch, a
+#: free), which costs milliseconds per tick; a tick carries 3.8 KB of audio per call each way,
+#: so past ~26 calls it would. Up to 1 MiB (about 270 calls) goes inline in the call instead,
+#: for the edge's ticks (this process) and the worker's answers (the actor's).
+INLINE_TICKS = {"RAY_max_direct_call_object_size": str(1 << 20)}
+
+
 def connect(address: str) -> None:
     """Join the cluster at ``address`` (its head's ``HOST:PORT``, or ``auto``) as a driver;
     ``ClusterUnavailable`` with the reason if there is none there."""
@@ -65,6 +72,7 @@ def connect(address: str) -> None:
             raise ClusterUnavailable(f"no Ray cluster answers at {address}: {exc}") from None
     if ray.is_initialized():
         return
+    os.environ.update(INLINE_TICKS)
     try:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -347,6 +355,7 @@ def start_worker(
     options: dict[str, Any] = {"num_gpus": 1} if gpu else {"resources": {WORKER_RESOURCE: 1}}
     options |= {"name": name, "namespace": NAMESPACE, "lifetime": "detached", "num_cpus": 0,
                 "max_restarts": max_restarts}  # fmt: skip
+    options["runtime_env"] = {"env_vars": INLINE_TICKS}
     actor_class: Any = ray.remote(ModelWorkerActor)
     actor = actor_class.options(**options).remote(name, spec, device, max_calls, evict_after_s)
     try:
