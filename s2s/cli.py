@@ -177,7 +177,10 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--ray-address", required=True, help="the cluster: its head's HOST:PORT, or auto"
     )
-    worker.add_argument("--model", required=True, help="the model it serves: moshi:PATH_OR_HUB_ID")
+    worker.add_argument(
+        "--model", required=True,
+        help="the model it serves: moshi:PATH_OR_HUB_ID or qwen3-omni:PATH_OR_HUB_ID",
+    )  # fmt: skip
     worker.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA on a GPU cluster)")
     worker.add_argument(
         "--max-calls", type=int, default=32, help="call slots (default %(default)s)"
@@ -227,8 +230,11 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, str | N
     settings = Settings(**fields, api_keys=tuple(keys), allowed_origins=tuple(args.allow_origin))
     if settings.ray_address and settings.workers > 1:
         parser.error("--workers above 1 with --ray-address: run one edge per machine instead")
-    if settings.ray_address and not settings.model.startswith("moshi:"):
-        parser.error("--ray-address serves moshi:PATH_OR_HUB_ID models only (s2s worker)")
+    if settings.ray_address and settings.model.partition(":")[0] not in ("moshi", "qwen3-omni"):
+        parser.error(
+            "--ray-address serves moshi:PATH_OR_HUB_ID and qwen3-omni:PATH_OR_HUB_ID models only "
+            "(s2s worker)"
+        )
     return settings, warning
 
 

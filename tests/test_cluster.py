@@ -226,6 +226,39 @@ def _hello(model: str, slots: int) -> bytes:
     return encoder.encode(Hello(model, "cpu", 24000, 24000, 1920, slots))
 
 
+async def test_a_qwen3_omni_worker_on_the_cluster_answers_an_edges_call(
+    ray_cluster: Cluster, workers: list[Started], start_server: StartServer, tiny_models: Path
+) -> None:
+    """The same worker actor serves a turn-based streamed model; a Moshi worker beside it (the
+    edge did not ask for that model) takes none of the calls."""
+    spec = f"qwen3-omni:{tiny_models / 'tiny-qwen3-omni'}"
+    await asyncio.gather(
+        start(workers, spec, "omni", max_calls=2, evict_after_s=5, max_restarts=0),
+        start(workers, f"moshi:{tiny_models / 'tiny-moshi'}", "other", max_calls=4),
+    )
+    server = await start_server(model=spec, ray_address=ray_cluster.address)
+    backend = server.app[BACKEND]
+    assert isinstance(backend, ClusterBackend) and backend.turn_based
+    off = {"audio": {"input": {"turn_detection": None}}}
+    peers = [Peer(server.url, MicTrack(), session=off) for _ in range(2)]
+    try:
+        for peer in peers:
+            await peer.connect()
+            assert backend.where(call_id(peer)) == "omni"
+            item = {"type": "message", "role": "user",
+                    "content": [{"type": "input_text", "text": "hello"}]}  # fmt: skip
+            peer.send({"type": "conversation.item.create", "item": item})
+            peer.send({"type": "response.create"})
+        for peer in peers:
+            done = await peer.next_event("response.done", timeout=60)
+            assert done["response"]["status"] == "completed"
+            await peer.next_event("output_audio_buffer.started", timeout=10)
+        assert (await states())["other"].calls == ()
+    finally:
+        for peer in peers:
+            await peer.close()
+
+
 def test_the_registry_places_calls_on_the_worker_of_their_model_with_most_room() -> None:
     reg = WorkerRegistry()
     reg.register("small", "1", _hello("moshi:a", 2), None, 15.0)
@@ -259,7 +292,7 @@ def test_a_bad_or_unreachable_ray_address_is_a_clear_error(
 ) -> None:
     with pytest.raises(SystemExit):
         parse_settings(["serve", "--ray-address", "auto", "--model", "echo"])
-    assert "--ray-address serves moshi:PATH_OR_HUB_ID models only" in capsys.readouterr().err
+    assert "--ray-address serves moshi:PATH_OR_HUB_ID and qwen3-omni:" in capsys.readouterr().err
     with pytest.raises(ClusterUnavailable, match="neither HOST:PORT nor auto"):
         connect("localhost")
     with pytest.raises(ClusterUnavailable, match=r"no Ray cluster answers at 127\.0\.0\.1:1"):

@@ -47,6 +47,7 @@ from s2s.protocol import (
     OutputText,
 )
 from s2s.tools import split_tool_calls, tools_prompt
+from s2s.worker.handle import WorkerHandle
 from s2s.worker.messages import CallOutput, Change, Respond, Tick, Turn
 from s2s.worker.process import WorkerError, WorkerProcess
 
@@ -60,7 +61,7 @@ class Qwen3OmniBackend:
     name = "qwen3-omni"
     turn_based = True
 
-    def __init__(self, worker: WorkerProcess, prompt_tokens: int = 8192) -> None:
+    def __init__(self, worker: WorkerHandle, prompt_tokens: int = 8192) -> None:
         self.worker = worker
         self.prompt_tokens = prompt_tokens
         hello = worker.hello
@@ -146,6 +147,7 @@ class Qwen3OmniStream:
         self._out: collections.deque[StepResult] = collections.deque()
         #: The response the worker is making for this call, or None.
         self.answering: str | None = None
+        self.closed = False
         #: The tools it may call, its text so far, and its output held back while that text
         #: may be a ``<tool_call>`` (a call is never spoken).
         self._tools: list[FunctionTool] = []
@@ -197,7 +199,7 @@ class Qwen3OmniStream:
         self._out.clear()
 
     async def close(self) -> None:
-        self.answering = None
+        self.answering, self.closed = None, True
         self._b._streams.pop(self.call_id, None)
         self._b.change(Change("leave", self.call_id))
 

@@ -2,10 +2,10 @@
 
 ``ClusterBackend`` is the backend of ``s2s serve --ray-address``. Each new call gets a place on
 the worker of its model with the most free slots (the registry decides, so edges do not race for
-the last slot) and keeps it for its life. The calls on one worker are driven by one
-``MoshiBackend`` scheduler, exactly as with a local worker process, through a ``ClusterWorker``
-handle: one tick per frame period carries every frame and change of this edge's calls on that
-worker. When the worker dies, the scheduler asks the handle for a replacement: the registry
+the last slot) and keeps it for its life. The calls on one worker are driven by one scheduler of
+their model (``MoshiBackend`` or ``Qwen3OmniBackend``), exactly as with a local worker process,
+through a ``ClusterWorker`` handle: each tick carries every frame and change of this edge's calls
+on that worker. When the worker dies, the scheduler asks the handle for a replacement: the registry
 places all of its calls on another worker, and the calls go on there with fresh model state
 (``model_unavailable``), their WebRTC legs untouched.
 """
@@ -24,6 +24,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from s2s.backends.base import NoCapacity
 from s2s.backends.moshi import MoshiBackend, MoshiStream
+from s2s.backends.qwen3_omni import Qwen3OmniBackend, Qwen3OmniStream
 from s2s.worker import cluster
 from s2s.worker.cluster import Placement, WorkerState
 from s2s.worker.handle import ClusterUnavailable
@@ -100,23 +101,33 @@ class ClusterWorker:
                 await self.tick(Tick([Change("leave", call) for call in sorted(self.calls)]))
 
 
-class ClusterBackend:
-    """``moshi:…`` served by worker actors on a Ray cluster (``s2s serve --ray-address``)."""
+#: The model kinds whose workers run on a cluster, and the scheduler that drives each.
+SCHEDULERS: dict[str, type[MoshiBackend] | type[Qwen3OmniBackend]] = {
+    "moshi": MoshiBackend,
+    "qwen3-omni": Qwen3OmniBackend,
+}
+Scheduler = MoshiBackend | Qwen3OmniBackend
+Stream = MoshiStream | Qwen3OmniStream
 
-    name = "moshi"
-    turn_based = False
+
+class ClusterBackend:
+    """``moshi:…`` or ``qwen3-omni:…`` served by worker actors on a Ray cluster
+    (``s2s serve --ray-address``)."""
 
     def __init__(self, registry: Any, model: str, hello: Hello) -> None:
         self.registry: Any = registry
         self.model = model
+        self.name = model.partition(":")[0]
+        self._scheduler_class = SCHEDULERS[self.name]
+        self.turn_based = self._scheduler_class.turn_based
         self.input_rate, self.output_rate = hello.input_rate, hello.output_rate
         self.frame_samples = hello.frame_samples
         #: One scheduler per worker incarnation this edge placed calls on.
-        self._schedulers: dict[tuple[str, str], MoshiBackend] = {}
+        self._schedulers: dict[tuple[str, str], Scheduler] = {}
         #: Places given to offers not yet answered, with when they were given.
         self._placed: dict[str, tuple[Placement, float]] = {}
         #: Every open call's scheduler (whose worker is where the call is now) and stream.
-        self._calls: dict[str, tuple[MoshiBackend, MoshiStream]] = {}
+        self._calls: dict[str, tuple[Scheduler, Stream]] = {}
         #: The registry's view of the workers of this edge's model, refreshed every few seconds.
         self.workers: list[WorkerState] = []
         self.metrics = WorkerMetrics(self)
@@ -153,7 +164,7 @@ class ClusterBackend:
         self._placed = {c: p for c, p in self._placed.items() if now - p[1] < PLACE_KEPT_S}
         self._placed[call_id] = (placement, now)
 
-    async def open_stream(self, call_id: str) -> MoshiStream:
+    async def open_stream(self, call_id: str) -> Stream:
         if call_id not in self._placed:
             await self.place(call_id)
         placement, _ = self._placed.pop(call_id)
@@ -161,9 +172,9 @@ class ClusterBackend:
         scheduler = self._schedulers.get(key)
         if scheduler is None:
             worker = ClusterWorker(self.registry, self.model, placement)
-            scheduler = self._schedulers[key] = MoshiBackend(worker)
+            scheduler = self._schedulers[key] = self._scheduler_class(worker)
         log.info("call %s placed on model worker %s", call_id, placement.name)
-        stream = await scheduler.open_stream(call_id)
+        stream: Stream = await scheduler.open_stream(call_id)
         self._calls = {c: s for c, s in self._calls.items() if not s[1].closed}
         self._calls[call_id] = (scheduler, stream)
         return stream
