@@ -244,6 +244,7 @@ async def test_a_qwen3_omni_worker_on_the_cluster_answers_an_edges_call(
     try:
         for peer in peers:
             await peer.connect()
+            await peer.next_event("session.created", timeout=10)
             assert backend.where(call_id(peer)) == "omni"
             item = {"type": "message", "role": "user",
                     "content": [{"type": "input_text", "text": "hello"}]}  # fmt: skip

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 
 _MAX_TURN_FRAMES = 1500  # 30 s of uncommitted audio, in 20 ms frames
 _KEPT_TURNS = 16  # committed turns whose audio stays available to later prompts
+KEEPALIVE_S = 1.0
 
 
 class Qwen3OmniBackend:
@@ -96,13 +98,22 @@ class Qwen3OmniBackend:
         self._wake.set()
 
     async def _schedule(self) -> None:
-        """Tick whenever there are changes, and back to back while any call is answering."""
+        """Tick whenever there are changes, back to back while any call is answering, and at
+        least every ``KEEPALIVE_S`` while calls are open.
+
+        Every tick names each open call with an empty frame: a shared worker (on a cluster)
+        hands a tick back the outputs of the calls it names, and frees the slots of calls no
+        tick has named for a while (their edge is gone).
+        """
         while True:
-            await self._wake.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(KEEPALIVE_S if self._streams else None):
+                    await self._wake.wait()
             self._wake.clear()
             changes, self._changes = self._changes, []
+            named = dict.fromkeys(self._streams, b"")
             try:
-                result = await self.worker.tick(Tick(changes))
+                result = await self.worker.tick(Tick(changes, named))
             except WorkerError as exc:
                 await self._replace_worker(exc)
                 continue

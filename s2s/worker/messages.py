@@ -53,7 +53,9 @@ class Tick(msgspec.Struct, tag="tick"):
     """One model frame for every call that has one, after ``changes`` are applied in order."""
 
     changes: list[Change] = msgspec.field(default_factory=list)
-    #: call id -> one input frame (``frame_samples`` mono int16 at ``input_rate``).
+    #: call id -> one input frame (``frame_samples`` mono int16 at ``input_rate``). A
+    #: turn-based model's ticks name every open call with an empty frame (its input comes with
+    #: ``respond``): a tick's outputs are those of the calls it names.
     frames: dict[str, bytes] = msgspec.field(default_factory=dict)
 
 
