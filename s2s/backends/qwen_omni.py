@@ -41,6 +41,7 @@ from s2s.backends.base import (
 from s2s.log import CallLogger
 from s2s.protocol import InputText, Item, MessageItem
 from s2s.tools import split_tool_calls, tool_response, tools_prompt
+from s2s.worker.process import pick_device_and_dtype
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,6 @@ class QwenOmniBackend:
 
     @classmethod
     def _load(cls, location: str, device: str | None) -> QwenOmniBackend:
-        import torch
         from transformers import (
             AutoTokenizer,
             Qwen2_5OmniForConditionalGeneration,
@@ -153,8 +153,7 @@ class QwenOmniBackend:
         )
         from transformers.utils.hub import cached_file
 
-        chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if chosen.startswith("cuda") else torch.float32
+        chosen, dtype = pick_device_and_dtype(device)
         local = Path(location).is_dir()
         omni: Any = Qwen2_5OmniForConditionalGeneration  # its from_pretrained is untyped
         model = omni.from_pretrained(location, dtype=dtype, local_files_only=local).to(chosen)

@@ -20,14 +20,9 @@ from s2s.backends.graphs import StepGraphs
 from s2s.backends.mimi_stream import MimiStreamDecoder, MimiStreamEncoder
 from s2s.backends.moshi_engine import BUCKETS, MoshiEngine, Row
 from s2s.worker.messages import CallOutput, Change, Hello, Tick, TickResult
+from s2s.worker.process import pick_device_and_dtype
 
 log = logging.getLogger(__name__)
-
-
-def pick_device_and_dtype(device: str | None) -> tuple[str, Any]:
-    chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if chosen.startswith("cuda") else torch.float32
-    return chosen, dtype
 
 
 def load_moshi(location: str, device: str | None) -> tuple[Any, Any | None, str]:

@@ -25,7 +25,7 @@ import torch
 from s2s.omni.engine import OmniEngine, Request, load_model
 from s2s.omni.prompt import AUDIO_RATE, Message, Prompter
 from s2s.worker.messages import CallOutput, Change, Hello, Respond, Tick, TickResult
-from s2s.worker.moshi import pick_device_and_dtype
+from s2s.worker.process import pick_device_and_dtype
 
 log = logging.getLogger(__name__)
 

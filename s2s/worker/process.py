@@ -136,6 +136,15 @@ class ModelWorker(Protocol):
         ...
 
 
+def pick_device_and_dtype(device: str | None) -> tuple[str, Any]:
+    """``device``, or CUDA when there is one, else the CPU; bf16 on CUDA, fp32 on the CPU."""
+    import torch
+
+    chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if chosen.startswith("cuda") else torch.float32
+    return chosen, dtype
+
+
 def load_worker(spec: str, device: str | None, max_calls: int) -> ModelWorker:
     """Load the model of ``spec`` (``moshi:…`` or ``qwen3-omni:…``) for ``max_calls`` calls."""
     name, _, location = spec.partition(":")
