@@ -103,16 +103,19 @@ class _Calls:
 
         self.engine, self.cuda, self.n = engine, cuda, n
         self.rows = [engine.join(i, seed=i) for i in range(n)]
+        self.slots = [r.slot for r in self.rows]
         for row in self.rows:
             if context:
                 engine.skip_ahead(row, context)
-        self.encoder = MimiStreamEncoder(model.audio_encoder, n)
-        self.decoder = MimiStreamDecoder(model.audio_encoder, n)
+        # The codec computes the engine's whole bucket, as a worker's does.
+        self.width = width = engine.width()
+        self.encoder = MimiStreamEncoder(model.audio_encoder, width)
+        self.decoder = MimiStreamDecoder(model.audio_encoder, width)
         self.graphs = None
         if engine.graphs is not None:
             self.graphs = codec_graphs(self.encoder, self.decoder, engine.k)
-        self.audio = torch.randn(n, 1, frame, device=model.device, dtype=model.dtype) * 0.1
-        self.ready = torch.ones(n, dtype=torch.bool, device=model.device)
+        self.audio = torch.randn(width, 1, frame, device=model.device, dtype=model.dtype) * 0.1
+        self.ready = torch.arange(width, device=model.device) < n
 
     def step(self) -> float:
         """One tick; returns the language model's share in seconds."""
@@ -121,20 +124,18 @@ class _Calls:
         if self.graphs is None:
             encoded = self.encoder.step(self.audio, self.ready)
         else:
-            encoded = self.graphs[0](self.n, (self.audio, self.ready))
-        codes = encoded[:, : self.engine.k, 0]
+            encoded = self.graphs[0](self.width, (self.audio, self.ready))
         lm_start = time.perf_counter()
-        outputs = self.engine.step({r: codes[i] for i, r in enumerate(self.rows)})
+        stepped = self.engine.step_slots(self.slots, encoded[:, : self.engine.k, 0])
         if self.cuda:
             torch.cuda.synchronize()
         lm = time.perf_counter() - lm_start
-        frames = [outputs[r].codes for r in self.rows]
-        if all(f is not None for f in frames):
-            stacked = torch.stack(frames)[:, :, None]  # type: ignore[arg-type]
+        if stepped.has_frame[self.slots].all():
+            frames = stepped.frames[:, :, None]
             if self.graphs is None:
-                self.decoder.step(stacked, self.ready)
+                self.decoder.step(frames, self.ready)
             else:
-                self.graphs[1](self.n, (stacked, self.ready))
+                self.graphs[1](self.width, (frames, self.ready))
         return lm
 
 

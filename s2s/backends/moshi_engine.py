@@ -73,6 +73,31 @@ class RowOutput:
     codes: torch.Tensor | None
 
 
+@dataclass(frozen=True, slots=True)
+class Stepped:
+    """One step's output for the first ``n`` slots: ``packed`` ``(n, 2 + K)`` on the device
+    (text token, frame flag, the frame's K codes) and its host copy ``host``."""
+
+    packed: torch.Tensor
+    host: np.ndarray
+
+    def text(self, slot: int) -> int:
+        return int(self.host[slot, 0])
+
+    def frame(self, slot: int) -> torch.Tensor | None:
+        """The slot's complete frame of codes (K,) on the device, or None (first step)."""
+        return self.packed[slot, 2:] if self.host[slot, 1] else None
+
+    @property
+    def frames(self) -> torch.Tensor:
+        """``(n, K)`` every slot's codes, meaningful where ``has_frame``."""
+        return self.packed[:, 2:]
+
+    @property
+    def has_frame(self) -> np.ndarray:
+        return self.host[:, 1].astype(bool)
+
+
 class MoshiEngine:
     def __init__(
         self,
@@ -211,34 +236,48 @@ class MoshiEngine:
 
     @torch.inference_mode()
     def step(self, user_codes: dict[Row, torch.Tensor]) -> dict[Row, RowOutput]:
-        """Advance every row in ``user_codes`` (its caller's (K,) codes for this frame) by one."""
+        """Advance every row in ``user_codes`` (its caller's (K,) codes for this frame) by one.
+
+        A convenience over ``step_slots`` (tests, one-off use): it loops over the rows on the
+        host, which a worker's tick does not."""
         if not user_codes:
             return {}
-        n = min(self.bucket(), self.max_calls)
-        rows = list(user_codes)
-        slots = torch.tensor([r.slot for r in rows], device=self.device)
-        ready = torch.zeros(n, dtype=torch.bool, device=self.device).index_fill_(0, slots, True)
-        codes = torch.stack([c.to(self.device) for c in user_codes.values()]).long()
+        n = self.width()
         user_now = torch.full((n, self.k), self.bos, dtype=torch.long, device=self.device)
-        user_now.index_copy_(0, slots, codes)
+        slots = [r.slot for r in user_codes]
+        index = torch.tensor(slots, device=self.device)
+        codes = torch.stack([c.to(self.device) for c in user_codes.values()]).long()
+        user_now.index_copy_(0, index, codes)
+        stepped = self.step_slots(slots, user_now)
+        return {r: RowOutput(stepped.text(r.slot), stepped.frame(r.slot)) for r in user_codes}
+
+    @torch.inference_mode()
+    def step_slots(self, slots: list[int], user_now: torch.Tensor) -> Stepped:
+        """Advance the rows in ``slots`` by one frame: ``user_now`` ``(width(), K)`` holds each
+        slot's caller codes in its slot's row (rows of other slots are ignored). The host
+        work is the same whatever the number of rows: no torch operation per row."""
+        n = self.width()
+        mask = np.zeros(n, dtype=bool)
+        mask[slots] = True
+        ready = torch.from_numpy(mask).to(self.device, non_blocking=True)
         forced = None
-        if any(r.forced_text for r in rows):
+        if any(self.rows[s].forced_text for s in slots):
             wanted = torch.full((n,), -1, dtype=torch.long)
-            for r in rows:
-                if r.forced_text:
-                    wanted[r.slot] = r.forced_text.pop(0)
+            for s in slots:
+                if self.rows[s].forced_text:
+                    wanted[s] = self.rows[s].forced_text.pop(0)
             forced = wanted.to(self.device)
+        user_now = user_now.to(self.device, torch.long)
         if self.graphs is None:
             packed = self.compute(n, ready, user_now, forced, self.span(n))
         else:  # the graph's output is overwritten by the next replay: keep a copy
             packed = self.graphs(n, (ready, user_now, forced), self.span(n)).clone()
-        self._host_length[[r.slot for r in rows]] += 1
-        host = packed.cpu().numpy()  # the step's one device-to-host copy
-        return {r: self._output(packed, host, r.slot) for r in rows}
+        self._host_length[mask.nonzero()[0]] += 1
+        return Stepped(packed, packed.cpu().numpy())  # the step's one device-to-host copy
 
-    def _output(self, packed: torch.Tensor, host: np.ndarray, slot: int) -> RowOutput:
-        frame = packed[slot, 2:] if host[slot, 1] else None
-        return RowOutput(int(host[slot, 0]), frame)
+    def width(self) -> int:
+        """How many slots the next step computes (and ``step_slots`` takes rows for)."""
+        return min(self.bucket(), self.max_calls)
 
     def capture_graphs(self) -> None:
         """Capture the step for every bucket and span now (CUDA), not when first needed."""

@@ -118,9 +118,11 @@ class MoshiWorker:
 
     @torch.inference_mode()
     def _step(self, ready: list[str], frames: dict[str, bytes]) -> dict[str, CallOutput]:
+        """One tick for the calls in ``ready``: the same tensor work whatever their number
+        (slots are codec rows; no torch operation per call), then per call only bytes."""
         model, engine = self.model, self.engine
         # Every step covers the engine's first n slots, those without a frame unready.
-        n = min(engine.bucket(), engine.max_calls)
+        n = engine.width()
         slots = [self.calls[call].slot for call in ready]
         pcm = np.zeros((n, self.frame_samples), np.float32)
         pcm[slots] = np.stack([np.frombuffer(frames[call], np.int16) for call in ready]) / 32768
@@ -132,28 +134,22 @@ class MoshiWorker:
             codes = self.encoder.step(audio, ready_mask)
         else:
             codes = self._encode(n, (audio, ready_mask))
-        stepped = engine.step({self.calls[call]: codes[s, : engine.k, 0]
-                               for call, s in zip(ready, slots, strict=True)})  # fmt: skip
-        results = {call: CallOutput(text=self._text(stepped[self.calls[call]].text_token))
-                   for call in ready}  # fmt: skip
-        speaking = [
-            (call, c) for call in ready if (c := stepped[self.calls[call]].codes) is not None
-        ]
-        if speaking:
-            talking = [self.calls[call].slot for call, _ in speaking]
-            frames_in = torch.zeros((n, engine.k, 1), dtype=torch.long, device=model.device)
-            frames_in[talking] = torch.stack([c for _, c in speaking])[:, :, None]
-            mask[:] = False
-            mask[talking] = True
-            talking_mask = torch.from_numpy(mask).to(model.device)
+        stepped = engine.step_slots(slots, codes[:, : engine.k, 0])
+        results = {call: CallOutput(text=self._text(stepped.text(slot)))
+                   for call, slot in zip(ready, slots, strict=True)}  # fmt: skip
+        talking = mask & stepped.has_frame
+        if talking.any():
+            talking_mask = torch.from_numpy(talking).to(model.device)
+            frames_in = stepped.frames[:, :, None]
             if self._decode is None:
                 decoded = self.decoder.step(frames_in, talking_mask)
             else:
                 decoded = self._decode(n, (frames_in, talking_mask))
-            samples = (decoded[talking].float().clamp(-1, 1) * 32767).reshape(len(talking), -1)
+            samples = (decoded.float().clamp(-1, 1) * 32767).reshape(n, -1)
             pcm_out = samples.cpu().numpy().astype(np.int16)
-            for i, (call, _) in enumerate(speaking):
-                results[call].audio = pcm_out[i].tobytes()
+            for call, slot in zip(ready, slots, strict=True):
+                if talking[slot]:
+                    results[call].audio = pcm_out[slot].tobytes()
         return results
 
     def _apply(self, change: Change) -> None:
