@@ -8,7 +8,7 @@ other, and a cancelled call must stop at the next step.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from s2s.omni.code2wav import Code2WavStream
 from s2s.omni.engine import GREEDY, Decoding, OmniEngine, Request, load_model
 from s2s.omni.moe import experts_forward, feed_forward
 from s2s.omni.prompt import Message, Prompter, build_inputs
+from s2s.omni.sampling import Sampling, pick
 
 MAX_TEXT = 8
 QUESTIONS = ["what am I looking at", "say something nice please"]
@@ -202,19 +203,79 @@ def test_cancel_stops_a_row_at_the_next_step(model: Any, pieces: Any) -> None:
     assert all(torch.equal(a, b) for a, b in zip(again.codes, single.codes, strict=True))
 
 
-def test_sampled_decoding_is_seeded(model: Any, pieces: Any) -> None:
-    request = _request(_inputs(pieces, "media"), Decoding())
-    replies = []
-    for _ in range(2):
-        engine = OmniEngine(model, max_rows=1, seed=7)
-        reply = Reply()
-        _run(engine, {engine.add(request): reply})
-        replies.append(reply)
-    assert replies[0].codes and replies[0].reason in ("stop", "length")
-    assert replies[0].text == replies[1].text
-    assert all(torch.equal(a, b) for a, b in zip(replies[0].codes, replies[1].codes, strict=True))
+def _same(a: Reply, b: Reply) -> bool:
+    return (
+        a.text == b.text
+        and len(a.codes) == len(b.codes)
+        and all(torch.equal(x, y) for x, y in zip(a.codes, b.codes, strict=True))
+    )
+
+
+def test_a_sampled_call_depends_on_its_seed_not_on_its_neighbours(model: Any, pieces: Any) -> None:
+    """Text, first codes and residual codes all sampled: the same request and seed give the same
+    reply alone (twice) and beside another sampled call; another seed gives another reply."""
+    sampled = Decoding(text=Sampling(temperature=1.0, top_k=20, top_p=0.9))
+    mine = Request(_inputs(pieces, "media"), max_text_tokens=MAX_TEXT, max_frames=MAX_FRAMES,
+                   decoding=sampled, seed=7)  # fmt: skip
+    alone = _alone(model, mine)
+    assert len(alone.codes) >= 5 and alone.reason in ("stop", "length")
+    assert _same(_alone(model, mine), alone)
+    assert not _same(_alone(model, replace(mine, seed=8)), alone), "the seed must matter"
+    other = replace(mine, inputs=_inputs(pieces, "media", seed=1), seed=8)
+    engine = OmniEngine(model, max_rows=2)
+    replies = {engine.add(other): Reply()}
+    for _ in range(2):  # mine joins while the other call is speaking, behind it in the batch
+        for out in engine.step():
+            replies[out.row].text += out.text
+    row = engine.add(mine)
+    replies[row] = Reply()
+    _run(engine, replies)
+    assert _same(replies[row], alone)
+    assert (replies[row].waveform() - alone.waveform()).abs().max() < 1e-4
     codebook = model.config.code2wav_config.codebook_size
-    assert all(int(c.max()) < codebook and int(c.min()) >= 0 for c in replies[0].codes)
+    assert all(int(c.max()) < codebook and int(c.min()) >= 0 for c in alone.codes)
+    with pytest.raises(ValueError, match="seed"):
+        replace(mine, seed=-1)
+
+
+def _filtered_softmax(logits: np.ndarray, setting: Sampling) -> np.ndarray:
+    """``generate()``'s filters written out plainly for one row (float64): temperature, the
+    ``top_k`` best, then the least likely dropped while their mass stays within 1 - top_p."""
+    scores = logits / setting.temperature
+    order = np.argsort(-scores)
+    kept = order[: setting.top_k or len(order)]
+    probs = np.exp(scores[kept] - scores[kept].max())
+    probs /= probs.sum()
+    from_least = np.cumsum(probs[::-1])[::-1]  # mass of each token and all less likely ones
+    keep = from_least > 1 - setting.top_p
+    keep[0] = True
+    out = np.zeros(len(logits))
+    out[kept[keep]] = probs[keep] / probs[keep].sum()
+    return out
+
+
+def test_sampling_draws_from_the_filtered_softmax() -> None:
+    logits = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
+    setting = Sampling(temperature=0.7, top_k=6, top_p=0.9)
+    expected = _filtered_softmax(logits, setting)
+    assert (expected > 0).sum() == 4, "top-k and top-p both cut something"
+    tolerance = 0.015  # over 4 standard deviations at 20,000 draws
+    # Samplers that are wrong must be told apart: uniform over the kept tokens, temperature 1.
+    assert np.abs(expected - (expected > 0) / 4).max() > 3 * tolerance
+    no_temperature = _filtered_softmax(logits, replace(setting, temperature=1.0))
+    assert np.abs(expected - no_temperature).max() > 3 * tolerance
+    draws = 20_000
+    batch = torch.tensor(logits, dtype=torch.float32).expand(draws, -1)
+    settings: list[Sampling | None] = [setting] * draws
+    spread = torch.arange(draws, dtype=torch.long)
+    same = torch.full((draws,), 12345, dtype=torch.long)
+    for seeds, counters in ((spread, torch.zeros_like(spread)), (same, spread)):
+        tokens = pick(batch, settings, seeds, counters, 3)
+        frequencies = np.bincount(tokens.numpy(), minlength=len(logits)) / draws
+        assert np.abs(frequencies - expected).max() < tolerance, frequencies
+        # A row's draw is its own: the same in a smaller batch, and greedy rows stay greedy.
+        part = pick(batch[:50], [*settings[:25], *[None] * 25], seeds[:50], counters[:50], 3)
+        assert torch.equal(part[:25], tokens[:25]) and (part[25:] == 0).all()
 
 
 def test_full_engine_and_bad_requests_are_refused(model: Any, pieces: Any) -> None:

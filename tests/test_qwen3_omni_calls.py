@@ -99,7 +99,7 @@ def test_the_worker_prompts_with_every_turn_its_audio_and_the_picture(tiny_model
     import numpy as np
 
     from s2s.worker.messages import Change, Respond, Tick, Turn
-    from s2s.worker.omni import OmniWorker
+    from s2s.worker.omni import OmniWorker, response_seed
 
     worker = OmniWorker.load(str(tiny_models / "tiny-qwen3-omni"), "cpu", max_calls=2)
     jpeg = io.BytesIO()
@@ -114,11 +114,16 @@ def test_the_worker_prompts_with_every_turn_its_audio_and_the_picture(tiny_model
     first = worker.handle(Tick([Change("join", "a"), Change("respond", "a",
                                respond=Respond("r1", turns[:2]))]))  # fmt: skip
     assert first.outputs["a"].response_id == "r1" and not first.outputs["a"].done
+    (row,) = worker.engine.rows.values()
+    # Each response samples with its own seed, a hash of the call and its count of responses
+    # that every process computes alike (a salted hash() would not give this number).
+    assert row.request.seed == response_seed("a", 0) == 4539640581616191226
     worker.handle(Tick([Change("respond", "a", respond=Respond("r2", turns, voice="Ethan"))]))
     (row,) = worker.engine.rows.values()
     inputs = row.request.inputs
     assert "pixel_values" in inputs and "input_features" in inputs
     assert row.request.speaker == "ethan"
+    assert row.request.seed == response_seed("a", 1) != response_seed("a", 0)
     outputs = []
     for _ in range(100):
         output = worker.handle(Tick()).outputs["a"]

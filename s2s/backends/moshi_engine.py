@@ -22,7 +22,7 @@ state itself:
 - **The depth decoder incrementally**: ``K`` steps, each one codebook, with a ``K``-position
   cache of its own; each codebook's weights are applied as a plain matrix product with that
   codebook's slice (transformers' ``MoshiFlexibleLinear`` broadcasts the weights over the batch).
-- **Sampling on the device for every slot at once**: Gumbel noise from a counter-based hash of
+- **Sampling on the device for every slot at once**: Gumbel noise (``s2s.noise``) hashed from
   (the call's seed, its step, the stream), so a call's samples depend on nothing but its own
   seed and history, whichever other calls share the batch, with no host loop per row.
 - **One device-to-host copy per step**: text tokens, frame flags and codes come back packed.
@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from s2s.backends.graphs import StepGraphs
+from s2s.noise import gumbel
 
 #: Slot counts a step is computed for (the smallest that holds every allocated slot).
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128, 192, 256)
@@ -164,10 +165,6 @@ class MoshiEngine:
         self._host_length = np.zeros(s, dtype=np.int64)
         self._slot_index = torch.arange(s, device=dev)
         self._stream_index = torch.arange(2 * self.k, device=dev)
-        self._vocab_steps = {
-            width: torch.arange(width, device=dev, dtype=torch.long) * 0x9E3779B9 & _MASK32
-            for width in (self.text_vocab, self.bos)
-        }
         self.graphs: StepGraphs | None = None
         if graphs if graphs is not None else self.device.type == "cuda":
             buffers = [
@@ -391,25 +388,12 @@ class MoshiEngine:
     ) -> torch.Tensor:
         """Gumbel-max sampling at each slot's temperature (greedy at 0), all slots at once.
 
-        The noise is a hash of (slot's seed, its step, ``stream``, token id): counter-based,
+        The noise is ``s2s.noise.gumbel`` of (slot's seed, its step, ``stream``): counter-based,
         so it needs no generator state and is the same whichever slots share the batch.
         """
-        width = logits.shape[-1]
-        step = (self._length[:n] * 0x3F1 + stream) & _MASK32
-        base = _mix((self._seed[:n] ^ _mix(step)) & _MASK32)
-        bits = _mix((base[:, None] + self._vocab_steps[width][None, :]) & _MASK32)
-        uniform = (bits.to(torch.float32) + 0.5) / 4294967296.0
-        gumbel = -torch.log(-torch.log(uniform))
-        scores = logits.float() / temperature.clamp_min(1e-6)[:, None] + gumbel
+        noise = gumbel(self._seed[:n], self._length[:n], stream, logits.shape[-1])
+        scores = logits.float() / temperature.clamp_min(1e-6)[:, None] + noise
         return torch.where(temperature > 0, scores.argmax(dim=-1), logits.argmax(dim=-1))
-
-
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash on int64 tensors holding values below 2**32 (products stay below
-    2**59, so nothing overflows)."""
-    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
-    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
-    return (x >> 16) ^ x
 
 
 def _rms(x: torch.Tensor, norm: Any) -> torch.Tensor:

@@ -35,13 +35,17 @@ from torch import Tensor
 from transformers import DynamicCache, Qwen3OmniMoeForConditionalGeneration
 
 from s2s.omni.code2wav import Code2WavStream
-from s2s.omni.sampling import Sampling, penalize, pick
+from s2s.omni.sampling import Sampling, noise_keys, penalize, pick
 from s2s.omni.slots import SlotCache
 
 SAMPLE_RATE = 24_000
 #: Qwen's defaults in ``generate()``: talker and code predictor sample; text is greedy.
 TALKER_SAMPLING = Sampling(temperature=0.9, top_k=50, top_p=1.0)
 RESIDUAL_SAMPLING = Sampling(temperature=1.0, top_k=50, top_p=0.8)
+#: Noise streams (``s2s.noise``) of a call's draws: text tokens, the talker's first codes, and
+#: from RESIDUAL_STREAM on, one per code predictor codebook. Each is counted in its own units
+#: (text tokens, frames), so no two draws of one call share noise.
+TEXT_STREAM, SPEECH_STREAM, RESIDUAL_STREAM = 0, 1, 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +71,13 @@ class Request:
     max_text_tokens: int = 1024
     max_frames: int = 4096  # first codes the talker may pick, as generate()'s max_new_tokens
     decoding: Decoding = Decoding()
+    #: Where a sampled reply's noise comes from: the same request and seed give the same reply,
+    #: whichever calls share the engine.
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed {self.seed} is outside 0..2**63-1")
 
 
 @dataclass(slots=True)
@@ -118,7 +129,7 @@ def load_model(path: str, device: str = "cpu", dtype: torch.dtype | None = None)
 class OmniEngine:
     """Streaming, batched Qwen3-Omni over up to ``max_rows`` calls at once."""
 
-    def __init__(self, model: Any, max_rows: int = 8, seed: int = 0) -> None:
+    def __init__(self, model: Any, max_rows: int = 8) -> None:
         self.model = model
         self.config = model.config
         self.thinker = model.thinker
@@ -131,7 +142,6 @@ class OmniEngine:
         self.free = list(range(max_rows))
         self.rows: dict[int, _Row] = {}
         self._next_id = 0
-        self.generator = torch.Generator(self.device).manual_seed(seed)
         config = self.config
         talker = config.talker_config
         self.text_end = {config.im_end_token_id}
@@ -208,7 +218,8 @@ class OmniEngine:
         )  # fmt: skip
         self.thinker_cache.load(slot, out.cache)
         decoding = request.decoding
-        token = int(pick(out.logits[:, -1], [decoding.text], self.generator)[0])
+        seeds, counters = noise_keys(self.device, [(request.seed, 0)])
+        token = int(pick(out.logits[:, -1], [decoding.text], seeds, counters, TEXT_STREAM)[0])
         self._next_id += 1
         row = _Row(self._next_id, slot, request, text=[token], last_token=token)
         row.thinker_delta = int(deltas[0, 0])
@@ -292,7 +303,9 @@ class OmniEngine:
         )
         logits = penalize(logits, self.seen[slots], penalty)
         logits = logits.masked_fill(self.suppressed, float("-inf"))
-        codes = pick(logits, [r.request.decoding.speech for r in rows], self.generator)
+        seeds, counters = noise_keys(self.device, [(r.request.seed, r.frames) for r in rows])
+        settings = [r.request.decoding.speech for r in rows]
+        codes = pick(logits, settings, seeds, counters, SPEECH_STREAM)
         self.seen[slots, codes] = True
         for index, (row, code) in enumerate(zip(rows, codes.tolist(), strict=True)):
             row.code, row.past = code, hidden[index : index + 1]
@@ -337,7 +350,9 @@ class OmniEngine:
         embeds = self.thinker.get_input_embeddings()(last)
         hidden = self.thinker_cache.decode(self.text_model, embeds, deltas, slots)
         logits = self.thinker.lm_head(hidden[:, -1])
-        tokens = pick(logits, [r.request.decoding.text for r in rows], self.generator)
+        seeds, counters = noise_keys(self.device, [(r.request.seed, r.tokens) for r in rows])
+        settings = [r.request.decoding.text for r in rows]
+        tokens = pick(logits, settings, seeds, counters, TEXT_STREAM)
         projected = self.talker.text_projection(
             self.thinker.get_input_embeddings()(tokens[:, None])
         )
@@ -362,10 +377,12 @@ class OmniEngine:
         codes, embeds = [first[:, 0]], [first_embeds]
         groups = int(self.config.talker_config.num_code_groups)
         settings = [r.request.decoding.residual for r in rows]
+        # The frame's index: the talker counted its first code already.
+        seeds, counters = noise_keys(self.device, [(r.request.seed, r.frames - 1) for r in rows])
         for group in range(groups - 1):
             hidden = predictor.model(inputs_embeds=inputs, cache=cache, use_cache=True)
             logits = predictor.lm_head[group](hidden.last_hidden_state[:, -1])
-            code = pick(logits, settings, self.generator)
+            code = pick(logits, settings, seeds, counters, RESIDUAL_STREAM + group)
             codes.append(code)
             inputs = predictor.model.get_input_embeddings()[group](code[:, None])
             embeds.append(inputs)

@@ -3,7 +3,9 @@
 The filters are those ``generate()`` applies, in its order (repetition penalty and suppressed
 tokens first, then temperature, top-k and top-p), computed for the whole batch at once with a
 per-row parameter; a row without settings (``None``) takes the argmax, as greedy ``generate()``
-does.
+does. A sampled row takes the argmax of its filtered scores plus Gumbel noise from its own seed
+and counter (``s2s.noise``): an exact draw from the softmax of those scores that depends on
+nothing else in the batch.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from s2s.noise import gumbel
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,9 +40,20 @@ def penalize(logits: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:
     return torch.where(seen, penalized, logits)
 
 
-def pick(logits: Tensor, settings: list[Sampling | None], generator: torch.Generator) -> Tensor:
+def noise_keys(device: torch.device, keys: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+    """Rows' (seed, counter) pairs as the int64 ``seeds`` and ``counters`` ``pick`` takes, on
+    ``device``, in one copy that does not wait for the device (the host values are staged at
+    once)."""
+    both = torch.tensor(keys, dtype=torch.long).T.contiguous().to(device, non_blocking=True)
+    return both[0], both[1]
+
+
+def pick(
+    logits: Tensor, settings: list[Sampling | None], seeds: Tensor, counters: Tensor, stream: int
+) -> Tensor:
     """One token per row of ``logits`` ``(batch, vocab)``: the argmax where ``settings`` has
-    None, a sample elsewhere."""
+    None, a sample elsewhere, drawn with ``s2s.noise.gumbel(seeds, counters, stream, vocab)``
+    (``seeds`` and ``counters``: int64 ``(batch,)`` on the logits' device)."""
     greedy = logits.argmax(dim=-1)
     if all(s is None for s in settings):
         return greedy
@@ -57,6 +72,6 @@ def pick(logits: Tensor, settings: list[Sampling | None], generator: torch.Gener
     drop = cumulative <= (1 - top_p)[:, None]
     drop[:, -1] = False  # the most likely token always stays
     scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    sampled = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)[:, 0]
+    sampled = (scores + gumbel(seeds, counters, stream, vocab)).argmax(dim=-1)
     is_greedy = torch.tensor([s is None for s in settings], device=device)
     return torch.where(is_greedy, greedy, sampled)

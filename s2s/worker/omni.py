@@ -7,11 +7,13 @@ call that is answering: each gets the text its step made and, once speech has st
 80 ms frame of audio. One prefill per tick means a new turn delays the others' next frame by
 one prefill at most, and a burst of turns is admitted one per step instead of all at once; a
 turn waits in the queue while every slot is answering. What the outputs mean for a call's
-events is the server's business (``s2s.backends.qwen3_omni``).
+events is the server's business (``s2s.backends.qwen3_omni``). Each response samples with its
+own seed (``response_seed``), so it does not depend on the calls answered beside it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -55,7 +57,8 @@ class OmniWorker:
         speakers = list(model.config.talker_config.speaker_id)
         self.speakers = {name.lower(): name for name in speakers}
         self.default_speaker = speakers[0]
-        self.calls: set[str] = set()
+        #: Every joined call and how many responses it has had (each response's seed).
+        self.calls: dict[str, int] = {}
         #: Turns waiting for their prefill, oldest first (one call appears at most once).
         self.waiting: dict[str, Respond] = {}
         #: The engine row answering each call, and what the row was asked.
@@ -111,11 +114,11 @@ class OmniWorker:
         """A join, leave, reset or respond, between steps."""
         call = change.call
         if change.kind == "join":
-            self.calls.add(call)
+            self.calls.setdefault(call, 0)
         elif change.kind in ("leave", "reset"):
             self._cancel(call)
             if change.kind == "leave":
-                self.calls.discard(call)
+                self.calls.pop(call, None)
         elif change.kind == "respond" and change.respond is not None and call in self.calls:
             self._cancel(call)
             self.waiting[call] = change.respond
@@ -125,9 +128,11 @@ class OmniWorker:
                     for turn in respond.turns]  # fmt: skip
         inputs = self.prompter.build(messages, max_tokens=respond.prompt_tokens or PROMPT_TOKENS)
         speaker = self.speakers.get(respond.voice.lower(), self.default_speaker)
+        count = self.calls.get(call, 0)
+        self.calls[call] = count + 1
         request = Request(
-            inputs, speaker=speaker, speak=respond.speak,
-            max_text_tokens=self.max_text_tokens, max_frames=self.max_frames,
+            inputs, speaker=speaker, speak=respond.speak, max_text_tokens=self.max_text_tokens,
+            max_frames=self.max_frames, seed=response_seed(call, count),
         )  # fmt: skip
         row = self.engine.add(request)
         self.answering[call] = row
@@ -144,6 +149,13 @@ class OmniWorker:
         row = self.answering.pop(call, None)
         if row is not None:
             self.rows.pop(row, None)
+
+
+def response_seed(call: str, index: int) -> int:
+    """The sampling seed of ``call``'s response number ``index`` (from 0): a hash of the two that
+    is the same in every process and run (Python's ``hash()`` of a string is not)."""
+    digest = hashlib.blake2b(f"{call}\n{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1  # below 2**63, as Request wants
 
 
 class _Answer:
