@@ -67,6 +67,9 @@ class Request:
     max_text_tokens: int = 1024
     max_frames: int = 4096  # first codes the talker may pick, as generate()'s max_new_tokens
     decoding: Decoding = Decoding()
+    #: Never pick the text or codec end token, so the reply runs to both limits: for benchmarks,
+    #: where random weights end a reply at once or never and runs must compare.
+    fixed_length: bool = False
 
 
 @dataclass(slots=True)
@@ -109,7 +112,14 @@ def load_model(path: str, device: str = "cpu", dtype: torch.dtype | None = None)
     with audio fails in ``generate()`` too; the thinker's is lent to it.
     """
     model: Any = Qwen3OmniMoeForConditionalGeneration.from_pretrained(path, dtype=dtype)
-    model = model.to(device).eval()
+    return prepare_model(model.to(device))
+
+
+def prepare_model(model: Any) -> Any:
+    """What the engine needs of a built model besides its weights (``load_model`` does this; a
+    model built another way, say with random weights, calls it itself): eval mode, and the
+    thinker's audio config lent to the talker (see ``load_model``)."""
+    model = model.eval()
     if not hasattr(model.talker.config, "audio_config"):
         model.talker.config.audio_config = model.config.thinker_config.audio_config
     return model
@@ -135,6 +145,7 @@ class OmniEngine:
         config = self.config
         talker = config.talker_config
         self.text_end = {config.im_end_token_id}
+        self.text_end_ids = torch.tensor(sorted(self.text_end), device=self.device)
         self.codec_end = int(talker.codec_eos_token_id)
         vocab = int(talker.text_config.vocab_size)
         # generate() keeps the talker off its top 1024 ids (control codes) but for the end code.
@@ -208,7 +219,8 @@ class OmniEngine:
         )  # fmt: skip
         self.thinker_cache.load(slot, out.cache)
         decoding = request.decoding
-        token = int(pick(out.logits[:, -1], [decoding.text], self.generator)[0])
+        logits = self._mask_text_end(out.logits[:, -1], [request])
+        token = int(pick(logits, [decoding.text], self.generator)[0])
         self._next_id += 1
         row = _Row(self._next_id, slot, request, text=[token], last_token=token)
         row.thinker_delta = int(deltas[0, 0])
@@ -275,6 +287,15 @@ class OmniEngine:
             out.last_hidden_state[:, -1],
         )
 
+    def _mask_text_end(self, logits: Tensor, requests: list[Request]) -> Tensor:
+        """``logits`` (batch, vocab) with the text end tokens ruled out for fixed-length rows."""
+        fixed = [i for i, r in enumerate(requests) if r.fixed_length]
+        if not fixed:
+            return logits
+        logits = logits.clone()
+        logits[torch.tensor(fixed, device=self.device)[:, None], self.text_end_ids] = float("-inf")
+        return logits
+
     def _user_mask(self, ids: Tensor) -> Tensor:
         """Positions in user turns (from their ``<|im_start|>`` to the next one)."""
         config = self.config
@@ -292,6 +313,9 @@ class OmniEngine:
         )
         logits = penalize(logits, self.seen[slots], penalty)
         logits = logits.masked_fill(self.suppressed, float("-inf"))
+        fixed = [i for i, r in enumerate(rows) if r.request.fixed_length]
+        if fixed:
+            logits[fixed, self.codec_end] = float("-inf")
         codes = pick(logits, [r.request.decoding.speech for r in rows], self.generator)
         self.seen[slots, codes] = True
         for index, (row, code) in enumerate(zip(rows, codes.tolist(), strict=True)):
@@ -336,7 +360,7 @@ class OmniEngine:
         last = torch.tensor([[r.last_token] for r in rows], device=self.device)
         embeds = self.thinker.get_input_embeddings()(last)
         hidden = self.thinker_cache.decode(self.text_model, embeds, deltas, slots)
-        logits = self.thinker.lm_head(hidden[:, -1])
+        logits = self._mask_text_end(self.thinker.lm_head(hidden[:, -1]), [r.request for r in rows])
         tokens = pick(logits, [r.request.decoding.text for r in rows], self.generator)
         projected = self.talker.text_projection(
             self.thinker.get_input_embeddings()(tokens[:, None])
