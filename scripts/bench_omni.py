@@ -39,11 +39,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from benchlib import percentile
-from omni_sizes import borrow_token_ids, real_config, shrunk_config
+from benchlib import percentile  # noqa: E402
+from omni_sizes import borrow_token_ids, real_config, shrunk_config  # noqa: E402
 
-from s2s.omni.engine import GREEDY, OmniEngine, Request, load_model, prepare_model
-from s2s.omni.prompt import Message, Prompter
+from s2s.omni.engine import GREEDY, OmniEngine, Request, load_model, prepare_model  # noqa: E402
+from s2s.omni.prompt import Message, Prompter  # noqa: E402
 
 FRAME_SECONDS = 0.08
 SIZES = {"qwen3-omni": real_config, "shrunk": shrunk_config}
@@ -59,7 +59,7 @@ def fill_uninitialised(model: Any, std: float = 0.02) -> int:
 
     transformers 5.24 leaves the talker's experts ``torch.empty`` (whatever memory held: NaN at
     times) and its routers zero (every token to the same experts, which would time a cheaper
-    MoE than the real one). Anything else not finite or implausibly large gets the same.
+    MoE than the real one). Any other weight not finite or implausibly large gets the same.
     """
     filled = 0
     with torch.no_grad():
@@ -68,7 +68,7 @@ def fill_uninitialised(model: Any, std: float = 0.02) -> int:
                 weight.normal_(0.0, std)
             layer.mlp.gate.weight.normal_(0.0, std)
             filled += 3
-        for tensor in [*model.parameters(), *model.buffers()]:
+        for tensor in model.parameters():  # buffers are computed in __init__, never empty
             if tensor.is_floating_point() and not bool(tensor.isfinite().all() and
                                                        tensor.abs().max() < 1e4):  # fmt: skip
                 tensor.normal_(0.0, std)
@@ -84,7 +84,7 @@ def build_random(size: str, tokens: str, device: str, dtype: torch.dtype) -> Any
     borrow_token_ids(config, Qwen3OmniMoeConfig.from_pretrained(tokens))
     torch.manual_seed(0)
     with torch.device(device):
-        model = Qwen3OmniMoeForConditionalGeneration._from_config(config, dtype=dtype)
+        model = Qwen3OmniMoeForConditionalGeneration._from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
     fill_uninitialised(model)
     return prepare_model(model)
 

@@ -153,7 +153,7 @@ _TOP_IDS = list(_REAL_TOP)
 _MEDIA_IDS = list(_REAL_MEDIA)
 
 
-def borrow_token_ids(config: Qwen3OmniMoeConfig, donor: Qwen3OmniMoeConfig) -> None:
+def borrow_token_ids(config: Any, donor: Any) -> None:
     """Give ``config`` the text token ids of ``donor`` (whose tokenizer builds the prompts):
     chat markers, roles, media placeholders and the talker's tts markers. Codec ids and speakers
     live in the talker's own vocabulary and stay."""
