@@ -7,20 +7,23 @@
 
 ``--model PATH`` loads a checkpoint; ``--random-size qwen3-omni`` builds Qwen3-Omni-30B-A3B-
 Instruct's real sizes (``omni_sizes.real_config``, about 35 B parameters, 66 GiB in bf16) with
-random weights directly on the device, no download; ``shrunk`` the same wiring two layers deep
-and a quarter as wide, to prove the path on a CPU. A random model has no tokenizer: prompts come
-from ``--tokens`` (the tiny checkpoint's tokenizer and preprocessors, whose special ids the
-random config takes; sizes cost the time, ids do not).
+random weights directly on the device, no download (``--depth 1``: every stack one layer deep,
+real widths, to check the real shapes on a CPU); ``shrunk`` the same wiring two layers deep and
+a quarter as wide, to prove the path on a CPU in seconds. A random model has no tokenizer:
+prompts come from ``--tokens`` (the tiny checkpoint's tokenizer and preprocessors, whose special
+ids the random config takes; sizes cost the time, ids do not).
 
 For each batch size N, N calls arrive at once, each with a 2 s noise clip, a 640x480 picture and
 a short question; their prefills run one after another (as a worker admits them), then the
 engine steps until every call is done. It prints, per N: the mean prefill time; the time from
 the calls' arrival to each one's first audio frame (p50/p95), which INCLUDES the prefills queued
-ahead of it, so p95 grows with N (a burst's worst case); the mean step time; the real-time
-factor (step time over the 80 ms of speech a step yields per call; under 1 keeps up); and, on
-CUDA, peak memory. ``--random-size`` runs use ``Request.fixed_length`` (end tokens never picked),
-so every call makes exactly ``--max-text`` text tokens and ``--max-frames`` first codes and runs
-compare; a checkpoint ends its replies itself unless ``--fixed-length`` is given.
+ahead of it (a burst's worst case: every call of a burst gets its first frame in the first
+step after the last prefill, so p50 and p95 are close and grow with N); the mean step time;
+the real-time factor (step time over the 80 ms of speech a step yields per call; under 1 keeps
+up); and, on CUDA, peak memory. ``--random-size`` runs use ``Request.fixed_length`` (end
+tokens never picked), so every call makes exactly ``--max-text`` text tokens and
+``--max-frames`` first codes and runs compare; a checkpoint ends its replies itself unless
+``--fixed-length`` is given.
 """
 
 from __future__ import annotations
@@ -76,11 +79,14 @@ def fill_uninitialised(model: Any, std: float = 0.02) -> int:
     return filled
 
 
-def build_random(size: str, tokens: str, device: str, dtype: torch.dtype) -> Any:
-    """The model of ``SIZES[size]`` with random weights, built on ``device`` itself."""
+def build_random(
+    size: str, tokens: str, device: str, dtype: torch.dtype, depth: int | None = None
+) -> Any:
+    """The model of ``SIZES[size]`` (its stacks cut to ``depth`` layers) with random weights,
+    built on ``device`` itself."""
     from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
 
-    config = SIZES[size]()
+    config = real_config(depth) if size == "qwen3-omni" else SIZES[size]()
     borrow_token_ids(config, Qwen3OmniMoeConfig.from_pretrained(tokens))
     torch.manual_seed(0)
     with torch.device(device):
@@ -146,6 +152,8 @@ def main() -> None:
     source.add_argument("--random-size", choices=sorted(SIZES), help="random weights, no download")
     parser.add_argument("--tokens", default=str(ROOT / "models" / "tiny-qwen3-omni"),
                         help="tokenizer and preprocessors for --random-size")  # fmt: skip
+    parser.add_argument("--depth", type=int, help="with qwen3-omni: at most this many layers "
+                        "per stack, real widths (to check the real shapes on a CPU)")  # fmt: skip
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--calls", default="1,4,8", help="batch sizes, comma-separated")
     parser.add_argument("--max-frames", type=int, default=40)
@@ -159,7 +167,7 @@ def main() -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     start = time.perf_counter()
     if args.random_size:
-        model = build_random(args.random_size, args.tokens, args.device, dtype)
+        model = build_random(args.random_size, args.tokens, args.device, dtype, args.depth)
         prompter = Prompter.from_pretrained(args.tokens)
     else:
         model = load_model(args.model, args.device, dtype if cuda else None)
@@ -168,7 +176,8 @@ def main() -> None:
     built = time.perf_counter() - start
     parameters = sum(p.numel() for p in model.parameters())
     weights = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
-    print(f"model: {args.random_size or args.model}, {parameters / 1e9:.2f} B parameters, "
+    depth = f" (depth {args.depth})" if args.depth else ""
+    print(f"model: {args.random_size or args.model}{depth}, {parameters / 1e9:.2f} B parameters, "
           f"{dtype}, built/loaded in {built:.1f} s, {weights:.1f} GiB on the device")  # fmt: skip
     request = _requests(prompter, args)
     print(f"prompt: {request.inputs['input_ids'].shape[1]} tokens; reply: "

@@ -109,9 +109,33 @@ def real_parts() -> dict[str, Any]:
     }  # fmt: skip
 
 
-def real_config() -> Qwen3OmniMoeConfig:
-    """Qwen3-Omni-30B-A3B-Instruct's config (about 35 B parameters), with Qwen's token ids."""
-    return Qwen3OmniMoeConfig(**real_parts())
+def real_config(depth: int | None = None) -> Qwen3OmniMoeConfig:
+    """Qwen3-Omni-30B-A3B-Instruct's config (about 35 B parameters), with Qwen's token ids.
+
+    ``depth`` cuts every stack (both encoders, thinker, talker, code predictor, code2wav) to at
+    most that many layers, widths kept: the real shapes through every module, in the memory of
+    a few layers (``depth=1``: 1.74 B parameters)."""
+    parts = real_parts()
+    if depth is not None:
+        _cut(parts, depth)
+    return Qwen3OmniMoeConfig(**parts)
+
+
+def _cut(parts: dict[str, Any], depth: int) -> None:
+    thinker, talker = parts["thinker_config"], parts["talker_config"]
+    stacks = [
+        (thinker["text_config"], "num_hidden_layers"), (thinker["audio_config"], "encoder_layers"),
+        (thinker["vision_config"], "depth"), (talker["text_config"], "num_hidden_layers"),
+        (talker["code_predictor_config"], "num_hidden_layers"),
+        (parts["code2wav_config"], "num_hidden_layers"),
+    ]  # fmt: skip
+    for config, key in stacks:
+        config[key] = min(config[key], depth)
+    vision = thinker["vision_config"]
+    # Deepstack features join the first thinker layers, one per listed vision block.
+    kept = [i for i in vision["deepstack_visual_indexes"] if i < vision["depth"]] or [0]
+    vision["deepstack_visual_indexes"] = kept[: thinker["text_config"]["num_hidden_layers"]]
+    talker["accept_hidden_layer"] = min(talker["accept_hidden_layer"], depth)
 
 
 def shrunk_config() -> Qwen3OmniMoeConfig:
