@@ -328,7 +328,6 @@ def test_a_fixed_length_reply_runs_past_the_end_tokens(model: Any, pieces: Any) 
     assert len(free.text) == MAX_TEXT and len(free.codes) < MAX_FRAMES - 1
     engine = OmniEngine(model, max_rows=2)
     engine.text_end = {free.text[1]}
-    engine.text_end_ids = torch.tensor([free.text[1]])
     stopped, fixed = Reply(), Reply()
     rows = {engine.add(_request(inputs)): stopped}
     fixed_request = Request(

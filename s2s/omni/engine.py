@@ -145,7 +145,6 @@ class OmniEngine:
         config = self.config
         talker = config.talker_config
         self.text_end = {config.im_end_token_id}
-        self.text_end_ids = torch.tensor(sorted(self.text_end), device=self.device)
         self.codec_end = int(talker.codec_eos_token_id)
         vocab = int(talker.text_config.vocab_size)
         # generate() keeps the talker off its top 1024 ids (control codes) but for the end code.
@@ -292,8 +291,10 @@ class OmniEngine:
         fixed = [i for i, r in enumerate(requests) if r.fixed_length]
         if not fixed:
             return logits
+        rows = torch.tensor(fixed, device=self.device)[:, None]
+        ends = torch.tensor(sorted(self.text_end), device=self.device)
         logits = logits.clone()
-        logits[torch.tensor(fixed, device=self.device)[:, None], self.text_end_ids] = float("-inf")
+        logits[rows, ends] = float("-inf")
         return logits
 
     def _user_mask(self, ids: Tensor) -> Tensor:
