@@ -2,16 +2,28 @@
 """Time the streaming Qwen3-Omni engine (``s2s.omni``): first audio and step time per batch size.
 
     .venv/bin/python scripts/bench_omni.py --model models/tiny-qwen3-omni --calls 1,4,8
+    python3 scripts/bench_omni.py --random-size qwen3-omni --device cuda --calls 1,4,8,16
+    .venv/bin/python scripts/bench_omni.py --random-size shrunk --calls 1,2   # CPU smoke
 
-For each batch size N it adds N calls (each with a 2 s noise clip, a 640x480 picture and a short
-question; prefills run one after another, as a worker would admit them), then steps until every
-call is done. It prints, per N: the time from a call's admission to its first audio frame
-(p50/p95), the mean step time, the real-time factor (step time over the 80 ms a step yields per
-call; under 1 keeps up) and, on CUDA, peak memory.
+``--model PATH`` loads a checkpoint; ``--random-size qwen3-omni`` builds Qwen3-Omni-30B-A3B-
+Instruct's real sizes (``omni_sizes.real_config``, about 35 B parameters, 66 GiB in bf16) with
+random weights directly on the device, no download (``--depth 1``: every stack one layer deep,
+real widths, to check the real shapes on a CPU); ``shrunk`` the same wiring two layers deep and
+a quarter as wide, to prove the path on a CPU in seconds. A random model has no tokenizer:
+prompts come from ``--tokens`` (the tiny checkpoint's tokenizer and preprocessors, whose special
+ids the random config takes; sizes cost the time, ids do not).
 
-Greedy decoding with the checkpoint's own end tokens, so reply lengths vary with the weights;
-``--max-frames`` caps them. Not done here: building the real-size model with random weights
-(``--random-size``), which needs Qwen3-Omni's real config values; pass a local checkpoint.
+For each batch size N, N calls arrive at once, each with a 2 s noise clip, a 640x480 picture and
+a short question; their prefills run one after another (as a worker admits them), then the
+engine steps until every call is done. It prints, per N: the mean prefill time; the time from
+the calls' arrival to each one's first audio frame (p50/p95), which INCLUDES the prefills queued
+ahead of it (a burst's worst case: every call of a burst gets its first frame in the first
+step after the last prefill, so p50 and p95 are close and grow with N); the mean step time;
+the real-time factor (step time over the 80 ms of speech a step yields per call; under 1 keeps
+up); and, on CUDA, peak memory. ``--random-size`` runs use ``Request.fixed_length`` (end
+tokens never picked), so every call makes exactly ``--max-text`` text tokens and
+``--max-frames`` first codes and runs compare; a checkpoint ends its replies itself unless
+``--fixed-length`` is given.
 """
 
 from __future__ import annotations
@@ -20,20 +32,24 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
-from benchlib import percentile
+from benchlib import percentile  # noqa: E402
+from omni_sizes import borrow_token_ids, real_config, shrunk_config  # noqa: E402
 
-from s2s.omni.engine import GREEDY, OmniEngine, Request, load_model
-from s2s.omni.prompt import Message, Prompter
+from s2s.omni.engine import GREEDY, OmniEngine, Request, load_model, prepare_model  # noqa: E402
+from s2s.omni.prompt import Message, Prompter  # noqa: E402
 
 FRAME_SECONDS = 0.08
+SIZES = {"qwen3-omni": real_config, "shrunk": shrunk_config}
 
 
 def _sync(device: str) -> None:
@@ -41,55 +57,150 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="a local Qwen3-Omni checkpoint folder")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--calls", default="1,4,8", help="batch sizes, comma-separated")
-    parser.add_argument("--max-frames", type=int, default=40)
-    parser.add_argument("--max-text", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else None
-    model = load_model(args.model, args.device, dtype)
-    prompter = Prompter.from_pretrained(args.model)
+def fill_uninitialised(model: Any, std: float = 0.02) -> int:
+    """Give small normal noise to every weight ``__init__`` leaves empty; returns how many.
+
+    transformers 5.24 leaves the talker's experts ``torch.empty`` (whatever memory held: NaN at
+    times) and its routers zero (every token to the same experts, which would time a cheaper
+    MoE than the real one). Any other weight not finite or implausibly large gets the same.
+    """
+    filled = 0
+    with torch.no_grad():
+        for layer in model.talker.model.layers:
+            for weight in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
+                weight.normal_(0.0, std)
+            layer.mlp.gate.weight.normal_(0.0, std)
+            filled += 3
+        for tensor in model.parameters():  # buffers are computed in __init__, never empty
+            if tensor.is_floating_point() and not bool(tensor.isfinite().all() and
+                                                       tensor.abs().max() < 1e4):  # fmt: skip
+                tensor.normal_(0.0, std)
+                filled += 1
+    return filled
+
+
+def build_random(
+    size: str, tokens: str, device: str, dtype: torch.dtype, depth: int | None = None
+) -> Any:
+    """The model of ``SIZES[size]`` (its stacks cut to ``depth`` layers) with random weights,
+    built on ``device`` itself."""
+    from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
+
+    config = real_config(depth) if size == "qwen3-omni" else SIZES[size]()
+    borrow_token_ids(config, Qwen3OmniMoeConfig.from_pretrained(tokens))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen3OmniMoeForConditionalGeneration._from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
+    fill_uninitialised(model)
+    return prepare_model(model)
+
+
+def _requests(prompter: Prompter, args: argparse.Namespace) -> Request:
     rng = np.random.default_rng(0)
-    clip = (rng.standard_normal(32_000) * 0.1).astype(np.float32)
+    clip = (rng.standard_normal(32_000) * 0.1).astype(np.float32)  # 2 s at 16 kHz
     picture = Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8))
     messages = [
         Message("system", "You are a helpful voice assistant."),
         Message("user", "what am I looking at", audio=[clip], images=[picture]),
     ]
     inputs = prompter.build(messages)
-    request = Request(
-        inputs, max_text_tokens=args.max_text, max_frames=args.max_frames, decoding=GREEDY
-    )
-    print(f"{'calls':>5} {'first audio p50':>16} {'p95':>8} {'step ms':>8} {'RTF':>6} {'GiB':>6}")
+    return Request(
+        inputs, max_text_tokens=args.max_text, max_frames=args.max_frames, decoding=GREEDY,
+        fixed_length=args.fixed_length,
+    )  # fmt: skip
+
+
+def run_batch(engine: OmniEngine, request: Request, calls: int, device: str) -> dict[str, float]:
+    """N calls arriving at once, then steps until all are done; the row of the table."""
+    arrival = time.perf_counter()
+    prefills: list[float] = []
+    rows = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        rows.append(engine.add(request))
+        _sync(device)
+        prefills.append(time.perf_counter() - start)
+    first: dict[int, float] = {}
+    steps: list[float] = []
+    while engine.active:
+        start = time.perf_counter()
+        outs = engine.step()
+        _sync(device)
+        now = time.perf_counter()
+        steps.append(now - start)
+        for out in outs:
+            if out.audio is not None and out.row not in first:
+                first[out.row] = now - arrival
+    if len(first) != calls:
+        raise RuntimeError(f"{calls - len(first)} of {calls} calls made no audio")
+    latencies = [1000 * first[row] for row in rows]
+    step_ms = 1000 * sum(steps) / max(len(steps), 1)
+    return {
+        "prefill": 1000 * sum(prefills) / calls,
+        "p50": percentile(latencies, 0.5),
+        "p95": percentile(latencies, 0.95),
+        "step": step_ms,
+        "steps": len(steps),
+        "rtf": step_ms / 1000 / FRAME_SECONDS,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a local Qwen3-Omni checkpoint folder")
+    source.add_argument("--random-size", choices=sorted(SIZES), help="random weights, no download")
+    parser.add_argument("--tokens", default=str(ROOT / "models" / "tiny-qwen3-omni"),
+                        help="tokenizer and preprocessors for --random-size")  # fmt: skip
+    parser.add_argument("--depth", type=int, help="with qwen3-omni: at most this many layers "
+                        "per stack, real widths (to check the real shapes on a CPU)")  # fmt: skip
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--calls", default="1,4,8", help="batch sizes, comma-separated")
+    parser.add_argument("--max-frames", type=int, default=40)
+    parser.add_argument("--max-text", type=int, default=8)
+    parser.add_argument("--fixed-length", action="store_true", help="(on with --random-size)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args()
+    args.fixed_length = args.fixed_length or args.random_size is not None
+    torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    start = time.perf_counter()
+    if args.random_size:
+        model = build_random(args.random_size, args.tokens, args.device, dtype, args.depth)
+        prompter = Prompter.from_pretrained(args.tokens)
+    else:
+        model = load_model(args.model, args.device, dtype if cuda else None)
+        prompter = Prompter.from_pretrained(args.model)
+    _sync(args.device)
+    built = time.perf_counter() - start
+    parameters = sum(p.numel() for p in model.parameters())
+    weights = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
+    depth = f" (depth {args.depth})" if args.depth else ""
+    print(f"model: {args.random_size or args.model}{depth}, {parameters / 1e9:.2f} B parameters, "
+          f"{dtype}, built/loaded in {built:.1f} s, {weights:.1f} GiB on the device")  # fmt: skip
+    request = _requests(prompter, args)
+    print(f"prompt: {request.inputs['input_ids'].shape[1]} tokens; reply: "
+          f"{args.max_text} text tokens, {args.max_frames} frames"
+          f"{' (fixed)' if args.fixed_length else ' (or fewer)'}")  # fmt: skip
+    # Warm-up: kernels, allocator and library handles, outside the timed runs.
+    warm = Request(request.inputs, max_text_tokens=2, max_frames=3, decoding=GREEDY,
+                   fixed_length=True)  # fmt: skip
+    run_batch(OmniEngine(model, max_rows=1), warm, 1, args.device)
+    print(f"{'calls':>5} {'prefill ms':>10} {'first audio p50':>16} {'p95':>8} "
+          f"{'step ms':>8} {'steps':>5} {'RTF':>6} {'GiB':>6}")  # fmt: skip
     for calls in [int(n) for n in args.calls.split(",")]:
         engine = OmniEngine(model, max_rows=calls)
-        if args.device.startswith("cuda"):
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
-        admitted: dict[int, float] = {}
-        first: dict[int, float] = {}
-        for _ in range(calls):
-            admitted[engine.add(request)] = time.perf_counter()
-        steps: list[float] = []
-        while engine.active:
-            start = time.perf_counter()
-            outs = engine.step()
-            _sync(args.device)
-            now = time.perf_counter()
-            steps.append(now - start)
-            for out in outs:
-                if out.audio is not None and out.row not in first:
-                    first[out.row] = now - admitted[out.row]
-        latencies = [first[row] * 1000 for row in first]
-        step_ms = 1000 * sum(steps) / max(len(steps), 1)
-        memory = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else 0
-        p50, p95 = percentile(latencies, 0.5), percentile(latencies, 0.95)
-        rtf = step_ms / 1000 / FRAME_SECONDS
-        print(f"{calls:>5} {p50:>14.0f}ms {p95:>6.0f}ms {step_ms:>8.1f} {rtf:>6.2f} {memory:>6.2f}")
+        row = run_batch(engine, request, calls, args.device)
+        memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+        print(f"{calls:>5} {row['prefill']:>10.0f} {row['p50']:>14.0f}ms {row['p95']:>6.0f}ms "
+              f"{row['step']:>8.1f} {row['steps']:>5} {row['rtf']:>6.2f} {memory:>6.2f}",
+              flush=True)  # fmt: skip
+        del engine
+        if cuda:
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -377,3 +377,29 @@ def test_a_text_only_reply_has_the_same_text_and_no_audio(model: Any, pieces: An
     written = _alone(model, Request(inputs, speak=False, max_text_tokens=MAX_TEXT, decoding=GREEDY))
     assert written.text == spoken.text and written.audio == []
     assert written.steps == len(written.text) - 1  # the first token comes from the prefill
+
+
+def test_a_fixed_length_reply_runs_past_the_end_tokens(model: Any, pieces: Any) -> None:
+    # Random weights may pick an end token at once or never. The tiny talker picks its end
+    # code early; its thinker never picks the end token, so make this reply's own second token
+    # the end, as such weights would. A benchmark's fixed-length request must still make
+    # exactly its limits; an ordinary one stops early.
+    inputs = _inputs(pieces, "media")
+    free = _alone(model, _request(inputs))
+    assert len(free.text) == MAX_TEXT and len(free.codes) < MAX_FRAMES - 1
+    engine = OmniEngine(model, max_rows=2)
+    engine.text_end = {free.text[1]}
+    stopped, fixed = Reply(), Reply()
+    rows = {engine.add(_request(inputs)): stopped}
+    fixed_request = Request(
+        inputs, max_text_tokens=MAX_TEXT, max_frames=MAX_FRAMES, decoding=GREEDY,
+        fixed_length=True,
+    )  # fmt: skip
+    rows[engine.add(fixed_request)] = fixed
+    _run(engine, rows)
+    assert len(stopped.text) < MAX_TEXT and len(stopped.codes) < MAX_FRAMES - 1
+    assert stopped.reason == "stop"
+    # generate()'s count: the last first code ends the reply without its residual codes.
+    assert len(fixed.text) == MAX_TEXT and len(fixed.codes) == MAX_FRAMES - 1
+    assert fixed.reason == "length" and free.text[1] not in fixed.text[1:]
+    assert all(int(codes[0]) != engine.codec_end for codes in fixed.codes)

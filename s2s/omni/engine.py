@@ -74,6 +74,9 @@ class Request:
     #: Where a sampled reply's noise comes from: the same request and seed give the same reply,
     #: whichever calls share the engine.
     seed: int = 0
+    #: Never pick the text or codec end token, so the reply runs to both limits: for benchmarks,
+    #: where random weights end a reply at once or never and runs must compare.
+    fixed_length: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.seed < 2**63:
@@ -120,7 +123,14 @@ def load_model(path: str, device: str = "cpu", dtype: torch.dtype | None = None)
     with audio fails in ``generate()`` too; the thinker's is lent to it.
     """
     model: Any = Qwen3OmniMoeForConditionalGeneration.from_pretrained(path, dtype=dtype)
-    model = model.to(device).eval()
+    return prepare_model(model.to(device))
+
+
+def prepare_model(model: Any) -> Any:
+    """What the engine needs of a built model besides its weights (``load_model`` does this; a
+    model built another way, say with random weights, calls it itself): eval mode, and the
+    thinker's audio config lent to the talker (see ``load_model``)."""
+    model = model.eval()
     if not hasattr(model.talker.config, "audio_config"):
         model.talker.config.audio_config = model.config.thinker_config.audio_config
     return model
@@ -219,7 +229,8 @@ class OmniEngine:
         self.thinker_cache.load(slot, out.cache)
         decoding = request.decoding
         seeds, counters = noise_keys(self.device, [(request.seed, 0)])
-        token = int(pick(out.logits[:, -1], [decoding.text], seeds, counters, TEXT_STREAM)[0])
+        logits = self._mask_text_end(out.logits[:, -1], [request])
+        token = int(pick(logits, [decoding.text], seeds, counters, TEXT_STREAM)[0])
         self._next_id += 1
         row = _Row(self._next_id, slot, request, text=[token], last_token=token)
         row.thinker_delta = int(deltas[0, 0])
@@ -286,6 +297,17 @@ class OmniEngine:
             out.last_hidden_state[:, -1],
         )
 
+    def _mask_text_end(self, logits: Tensor, requests: list[Request]) -> Tensor:
+        """``logits`` (batch, vocab) with the text end tokens ruled out for fixed-length rows."""
+        fixed = [i for i, r in enumerate(requests) if r.fixed_length]
+        if not fixed:
+            return logits
+        rows = torch.tensor(fixed, device=self.device)[:, None]
+        ends = torch.tensor(sorted(self.text_end), device=self.device)
+        logits = logits.clone()
+        logits[rows, ends] = float("-inf")
+        return logits
+
     def _user_mask(self, ids: Tensor) -> Tensor:
         """Positions in user turns (from their ``<|im_start|>`` to the next one)."""
         config = self.config
@@ -303,6 +325,9 @@ class OmniEngine:
         )
         logits = penalize(logits, self.seen[slots], penalty)
         logits = logits.masked_fill(self.suppressed, float("-inf"))
+        fixed = [i for i, r in enumerate(rows) if r.request.fixed_length]
+        if fixed:
+            logits[fixed, self.codec_end] = float("-inf")
         seeds, counters = noise_keys(self.device, [(r.request.seed, r.frames) for r in rows])
         settings = [r.request.decoding.speech for r in rows]
         codes = pick(logits, settings, seeds, counters, SPEECH_STREAM)
@@ -350,6 +375,7 @@ class OmniEngine:
         embeds = self.thinker.get_input_embeddings()(last)
         hidden = self.thinker_cache.decode(self.text_model, embeds, deltas, slots)
         logits = self.thinker.lm_head(hidden[:, -1])
+        logits = self._mask_text_end(logits, [r.request for r in rows])
         seeds, counters = noise_keys(self.device, [(r.request.seed, r.tokens) for r in rows])
         settings = [r.request.decoding.text for r in rows]
         tokens = pick(logits, settings, seeds, counters, TEXT_STREAM)

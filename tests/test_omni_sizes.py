@@ -1,0 +1,94 @@
+"""Qwen3-Omni's real sizes (``scripts/omni_sizes.py``) and the random-weight bench model.
+
+The real config is built on the ``meta`` device (shapes only, no memory): its parameter count
+must stay near the published figures, so a mistyped size cannot pass for the real model. The
+shrunk config, built with random weights as ``scripts/bench_omni.py`` builds it, must stream
+finite audio through the engine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
+
+from s2s.omni.engine import GREEDY, OmniEngine, Request
+from s2s.omni.prompt import Message, Prompter
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def _script(name: str) -> ModuleType:
+    """A module from ``scripts/`` (not a package); bench_omni imports its neighbours by name."""
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_the_real_config_has_the_published_parameter_count() -> None:
+    sizes = _script("omni_sizes")
+    with torch.device("meta"):
+        model: Any = Qwen3OmniMoeForConditionalGeneration._from_config(  # type: ignore[no-untyped-call]
+            sizes.real_config(), dtype=torch.bfloat16
+        )
+    # Hub: Qwen3-Omni-30B-A3B-Instruct, about 35 B parameters in all; the thinker's language
+    # model with its head about 30.5 B (keras-hub's preset note).
+    total = _count(model)
+    language = _count(model.thinker.model.language_model) + _count(model.thinker.lm_head)
+    assert 34.5e9 < total < 36.0e9, f"{total:,} parameters"
+    assert 30.0e9 < language < 31.0e9, f"{language:,} in the thinker's language model"
+    # The parts' shapes that set the cost of a step: 128 experts in both decoders, 16 codebooks.
+    text = model.thinker.model.language_model
+    assert len(text.layers) == 48 and text.layers[0].mlp.experts.gate_up_proj.shape == (
+        128, 2 * 768, 2048,
+    )  # fmt: skip
+    assert len(model.talker.model.layers) == 20
+    assert model.talker.model.layers[0].mlp.experts.gate_up_proj.shape == (128, 2 * 384, 1024)
+    assert len(model.talker.code_predictor.lm_head) == 15
+    assert len(model.thinker.model.audio_tower.layers) == 32
+    assert len(model.thinker.model.visual.blocks) == 27
+
+
+def test_a_shrunk_random_model_streams_finite_audio(tiny_models: Path) -> None:
+    bench = _script("bench_omni")
+    tokens = str(tiny_models / "tiny-qwen3-omni")
+    model = bench.build_random("shrunk", tokens, "cpu", torch.float32)
+    tiny: Any = Qwen3OmniMoeConfig.from_pretrained(tokens)
+    assert model.config.im_end_token_id == tiny.im_end_token_id
+    assert model.config.thinker_config.audio_token_id == tiny.thinker_config.audio_token_id
+    for name, tensor in model.state_dict().items():
+        assert tensor.isfinite().all(), name
+    rng = np.random.default_rng(0)
+    clip = (rng.standard_normal(16_000) * 0.1).astype(np.float32)
+    picture = Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    inputs = Prompter.from_pretrained(tokens).build(
+        [Message("user", "what am I looking at", audio=[clip], images=[picture])]
+    )
+    request = Request(inputs, max_text_tokens=3, max_frames=4, decoding=GREEDY, fixed_length=True)
+    engine = OmniEngine(model, max_rows=1)
+    engine.add(request)
+    text, audio = [], []
+    for _ in range(10):
+        if not engine.active:
+            break
+        for out in engine.step():
+            text += out.text
+            if out.audio is not None:
+                audio.append(out.audio)
+    assert not engine.active and len(text) == 3 and len(audio) == 3
+    assert torch.cat(audio).isfinite().all()
