@@ -196,7 +196,10 @@ async def test_calls_through_the_server_get_moshi_audio_on_time(
     peers = [Peer(server.url, MicTrack(tone(300 + 100 * i, 6))) for i in range(3)]
     try:
         await asyncio.gather(*(p.connect() for p in peers))
-        start = asyncio.get_running_loop().time() + 0.5
+        # The server sends silence until Moshi's audio comes (the worker loads meanwhile; on a
+        # loaded machine that can take seconds): time the stream from Moshi's first sound on.
+        sounds = await asyncio.gather(*(p.wait_sound(timeout=30) for p in peers))
+        start = max(sounds)
         await asyncio.gather(*(p.wait_audio(2.0, since=start, timeout=10) for p in peers))
         for peer in peers:
             heard = [(t, pcm) for t, pcm in peer.frames if t >= start]
