@@ -182,8 +182,9 @@ class OmniEngine:
         return list(self.prefills)
 
     def cancel(self, row: int) -> None:
-        """End ``row`` at the next step: reported done ("cancelled"), it makes nothing more."""
-        if row in self.prefills:  # it has made nothing yet: it goes at once
+        """End ``row`` at the next step: reported done ("cancelled"), it makes nothing more. A
+        row still prefilling has made nothing yet: it goes at once, unreported."""
+        if row in self.prefills:
             self._drop(self.prefills[row])
             return
         if row not in self.rows:

@@ -1,15 +1,18 @@
-"""Key/value caches for many calls in one tensor, and the decode step of a Qwen3 decoder over them.
+"""Key/value caches for many calls in one tensor, and the prefill and decode of a Qwen3 decoder
+over them.
 
 A ``SlotCache`` holds, for every decoder layer, keys and values ``(slots, kv_heads, capacity,
-head_dim)`` and each slot's length. One call owns one slot from its prefill to its end; a
-prefill computed by the model's own forward (in a ``DynamicCache``) is copied into its slot, and
-each decode step appends one position to each stepping slot. Slots fill at different lengths, so
-a step masks every slot's keys past its own length: a call's output is the same whichever other
-calls step beside it. Capacity doubles when a slot would overflow.
+head_dim)`` and each slot's length. One call owns one slot from its prefill to its end; its
+prefill runs into the slot piece by piece (``extend``: each piece attends to the slot's earlier
+positions and causally to itself), and each decode step appends one position to each stepping
+slot. Slots fill at different lengths, so a step masks every slot's keys past its own length: a
+call's output is the same whichever other calls step beside it. Capacity doubles when a slot
+would overflow.
 
-``decode`` runs one new position per stepping slot through the layers of a Qwen3-style decoder
-(the thinker's text model or the talker's): the layers' own projections, norms and rotary
-embedding, attention over the slot cache, and the feed-forward through ``moe.feed_forward``.
+``extend`` (a piece of one slot's prompt) and ``decode`` (one new position per stepping slot)
+run through the layers of a Qwen3-style decoder (the thinker's text model or the talker's): the
+layers' own projections, norms and rotary embedding, attention over the slot cache, and the
+feed-forward through ``moe.feed_forward``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.nn import functional
-from transformers import DynamicCache
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import apply_rotary_pos_emb
 
 from s2s.omni.moe import feed_forward
@@ -51,17 +53,6 @@ class SlotCache:
         # The same on the host, so a step sizes its attention without waiting for the device.
         self.host_lengths = [0] * slots
         self.capacity = capacity
-
-    def load(self, slot: int, cache: DynamicCache) -> None:
-        """Make slot ``slot`` hold the batch-of-one prefill in ``cache``."""
-        length = cache.get_seq_length()
-        self.reserve(length + 1)
-        for index, (keys, values) in enumerate(zip(self.keys, self.values, strict=True)):
-            layer: Any = cache.layers[index]
-            keys[slot, :, :length] = layer.keys[0]
-            values[slot, :, :length] = layer.values[0]
-        self.lengths[slot] = length
-        self.host_lengths[slot] = length
 
     def reserve(self, length: int) -> None:
         """Grow every layer so a slot can hold ``length`` positions."""
