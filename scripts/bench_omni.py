@@ -24,6 +24,13 @@ up); and, on CUDA, peak memory. ``--random-size`` runs use ``Request.fixed_lengt
 tokens never picked), so every call makes exactly ``--max-text`` text tokens and
 ``--max-frames`` first codes and runs compare; a checkpoint ends its replies itself unless
 ``--fixed-length`` is given.
+
+With ``--beside-prompt TOKENS`` it then measures what a long turn does to calls that are
+speaking: ``--beside-calls`` calls decode while one more call's prompt of about TOKENS tokens
+(history, a clip and the picture) is prefilled, whole in one tick or in pieces of
+``--prefill-tokens`` (one piece per tick, as the worker does); it prints the worst and median
+tick (piece plus step: the gap between two frames of a speaking call), the first tick (whose
+piece also runs the audio and vision encoders) and how many ticks the long call took to join.
 """
 
 from __future__ import annotations
@@ -95,15 +102,19 @@ def build_random(
     return prepare_model(model)
 
 
-def _requests(prompter: Prompter, args: argparse.Namespace) -> Request:
+def _messages() -> list[Message]:
+    """The system prompt and a spoken question about a picture."""
     rng = np.random.default_rng(0)
     clip = (rng.standard_normal(32_000) * 0.1).astype(np.float32)  # 2 s at 16 kHz
     picture = Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8))
-    messages = [
+    return [
         Message("system", "You are a helpful voice assistant."),
         Message("user", "what am I looking at", audio=[clip], images=[picture]),
     ]
-    inputs = prompter.build(messages)
+
+
+def _requests(prompter: Prompter, args: argparse.Namespace) -> Request:
+    inputs = prompter.build(_messages())
     return Request(
         inputs, max_text_tokens=args.max_text, max_frames=args.max_frames, decoding=GREEDY,
         fixed_length=args.fixed_length,
@@ -160,6 +171,9 @@ def main() -> None:
     parser.add_argument("--max-text", type=int, default=8)
     parser.add_argument("--fixed-length", action="store_true", help="(on with --random-size)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--beside-prompt", type=int, default=0, help="long prompt tokens")
+    parser.add_argument("--beside-calls", type=int, default=4)
+    parser.add_argument("--prefill-tokens", default="512", help="piece sizes, comma-separated")
     args = parser.parse_args()
     args.fixed_length = args.fixed_length or args.random_size is not None
     torch.set_num_threads(args.threads)
@@ -201,6 +215,46 @@ def main() -> None:
         del engine
         if cuda:
             torch.cuda.empty_cache()
+    if args.beside_prompt:
+        _prefill_beside(model, prompter, request, args)
+
+
+def _prefill_beside(
+    model: Any, prompter: Prompter, request: Request, args: argparse.Namespace
+) -> None:
+    """Tick times of speaking calls while a long prompt is prefilled, whole vs in pieces."""
+    messages = _messages()
+    words = " ".join(["and then we talked about the weather"] * 8)
+    history = [Message("user" if i % 2 == 0 else "assistant", f"turn {i}: {words}")
+               for i in range(args.beside_prompt // 40 + 2)]  # fmt: skip
+    inputs = prompter.build([messages[0], *history, messages[-1]], max_tokens=args.beside_prompt)
+    long = Request(inputs, max_text_tokens=args.max_text, max_frames=args.max_frames,
+                   decoding=GREEDY, fixed_length=args.fixed_length)  # fmt: skip
+    # Speaking calls that outlast the prefill: no end token stops them early.
+    speaking = Request(request.inputs, max_text_tokens=10_000, max_frames=10_000,
+                       decoding=GREEDY, fixed_length=True)  # fmt: skip
+    tokens = inputs["input_ids"].shape[1]
+    print(f"\n{args.beside_calls} calls decoding beside a {tokens}-token prompt's prefill")
+    print(f"{'piece':>7} {'worst tick ms':>14} {'median':>8} {'first':>8} {'ticks':>6}")
+    sizes: list[int | None] = [None, *(int(n) for n in args.prefill_tokens.split(","))]
+    for size in sizes:
+        engine = OmniEngine(model, max_rows=args.beside_calls + 1)
+        for _ in range(args.beside_calls):
+            engine.add(speaking)
+        for _ in range(3):  # past their first frames
+            engine.step()
+        _sync(args.device)
+        row = engine.begin(long)
+        ticks: list[float] = []
+        while row in engine.prefilling:
+            start = time.perf_counter()
+            engine.prefill(row, size)
+            engine.step()
+            _sync(args.device)
+            ticks.append(1000 * (time.perf_counter() - start))
+        name = "whole" if size is None else str(size)
+        worst, median = max(ticks), percentile(ticks, 0.5)
+        print(f"{name:>7} {worst:>14.1f} {median:>8.1f} {ticks[0]:>8.1f} {len(ticks):>6}")
 
 
 if __name__ == "__main__":

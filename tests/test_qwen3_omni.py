@@ -403,3 +403,110 @@ def test_a_fixed_length_reply_runs_past_the_end_tokens(model: Any, pieces: Any) 
     assert len(fixed.text) == MAX_TEXT and len(fixed.codes) == MAX_FRAMES - 1
     assert fixed.reason == "length" and free.text[1] not in fixed.text[1:]
     assert all(int(codes[0]) != engine.codec_end for codes in fixed.codes)
+
+
+def _prefill_in_pieces(engine: OmniEngine, request: Request, tokens: int) -> tuple[int, int]:
+    """``begin`` and ``prefill`` ``tokens`` at a time; the row and how many pieces it took."""
+    row = engine.begin(request)
+    pieces = 1
+    while not engine.prefill(row, tokens):
+        assert row in engine.prefilling and row not in engine.active
+        pieces += 1
+    return row, pieces
+
+
+def _edges_cut(ids: Tensor, token: int, size: int) -> bool:
+    """Whether a piece boundary of ``size`` falls inside the span of ``token``s."""
+    span = (ids[0] == token).nonzero().flatten().tolist()
+    return any(span[0] < edge <= span[-1] for edge in range(size, ids.shape[1], size))
+
+
+@pytest.mark.filterwarnings(GENERATE_WARNING)
+def test_a_prefill_in_small_pieces_equals_the_whole_one_and_generate(
+    model: Any, pieces: Any
+) -> None:
+    inputs = _inputs(pieces, "media")  # history, audio and a picture
+    thinker = model.config.thinker_config
+    for token in (thinker.audio_token_id, thinker.image_token_id):
+        assert _edges_cut(inputs["input_ids"], token, 7), "a piece edge inside each span"
+    text, codes, wav = _generate(model, inputs)
+    whole = _alone(model, _request(inputs))
+    engine = OmniEngine(model, max_rows=1)
+    row, count = _prefill_in_pieces(engine, _request(inputs), 7)
+    assert count > inputs["input_ids"].shape[1] // 7, "the talker's prompt in pieces too"
+    chunked = Reply()
+    _run(engine, {row: chunked})
+    for reply in (whole, chunked):
+        assert reply.text == text
+        assert torch.equal(torch.stack(reply.codes, dim=1), codes)
+        assert (reply.waveform() - wav).abs().max() < 1e-4
+    assert len(chunked.codes) >= 5 and wav.abs().max() > 0.01
+
+
+def _long_inputs(pieces: Any) -> dict[str, Tensor]:
+    rng = np.random.default_rng(3)
+    clip = (rng.standard_normal(24_000) * 0.1).astype(np.float32)
+    picture = Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    history = [
+        Message("user" if i % 2 == 0 else "assistant", f"turn {i}: tell me more about it")
+        for i in range(12)
+    ]
+    last = Message("user", "and what is this", audio=[clip], images=[picture])
+    tokenizer, features, images = pieces
+    return build_inputs(
+        tokenizer, features, images, [Message("system", "Be brief."), *history, last]
+    )
+
+
+def test_a_call_gets_a_frame_every_step_while_a_long_prompt_is_prefilled(
+    model: Any, pieces: Any
+) -> None:
+    first = _request(_inputs(pieces, "text"))  # 17 frames: it speaks through the prefill
+    second = _request(_long_inputs(pieces))
+    assert second.inputs["input_ids"].shape[1] > 200
+    alone = [_alone(model, first), _alone(model, second)]
+    engine = OmniEngine(model, max_rows=2)
+    replies = {engine.add(first): Reply()}
+    _run_steps(engine, replies, 1)
+    late = engine.begin(second)
+    replies[late] = Reply()
+    pieces_run = 0
+    while late in engine.prefilling:
+        engine.prefill(late, 48)
+        pieces_run += 1
+        if late in engine.prefilling:  # the first call steps alone, a frame each step
+            (out,) = _run_steps(engine, replies, 1)
+            assert out.audio is not None and out.audio.numel() == 1920 and not out.done
+    assert pieces_run >= 10
+    _run(engine, replies)
+    for reply, single in zip(replies.values(), alone, strict=True):
+        assert reply.text == single.text
+        assert all(torch.equal(a, b) for a, b in zip(reply.codes, single.codes, strict=True))
+        assert len(reply.codes) == len(single.codes) >= 5
+
+
+def _run_steps(engine: OmniEngine, replies: dict[int, Reply], steps: int) -> list[Any]:
+    outs: list[Any] = []
+    for _ in range(steps):
+        outs = engine.step()
+        for out in outs:
+            reply = replies[out.row]
+            reply.text += out.text
+            if out.audio is not None and out.codes is not None:
+                reply.codes.append(out.codes)
+                reply.audio.append(out.audio)
+    return outs
+
+
+def test_a_call_cancelled_while_prefilling_frees_its_slot(model: Any, pieces: Any) -> None:
+    engine = OmniEngine(model, max_rows=1)
+    request = _request(_inputs(pieces, "media"))
+    row = engine.begin(request)
+    assert not engine.prefill(row, 16) and engine.prefilling == [row] and not engine.free
+    engine.cancel(row)
+    assert engine.prefilling == [] and engine.active == [] and engine.step() == []
+    again = Reply()
+    _run(engine, {engine.add(request): again})
+    single = _alone(model, request)
+    assert again.text == single.text
+    assert all(torch.equal(a, b) for a, b in zip(again.codes, single.codes, strict=True))

@@ -222,6 +222,10 @@ def test_the_prompt_budget_leaves_out_the_oldest_turns(tiny_models: Path) -> Non
     def prompt(budget: int) -> Any:
         respond = Respond("r", [Turn("system", "Be brief."), *old], prompt_tokens=budget)
         result = worker.handle(Tick([Change("join", "a"), Change("respond", "a", respond=respond)]))
+        for _ in range(5):  # a long prompt is prefilled over a few ticks
+            if "a" in result.outputs:
+                break
+            result = worker.handle(Tick())
         rows = list(worker.engine.rows.values())
         worker.handle(Tick([Change("reset", "a")]))
         return result.outputs["a"], rows
@@ -257,3 +261,37 @@ async def test_a_turn_over_the_prompt_budget_fails_clearly_and_the_call_goes_on(
         await peer.next_event("session.updated", after=mark, timeout=5)
     finally:
         await peer.close()
+
+
+def test_a_long_turn_is_admitted_over_several_ticks_while_another_call_speaks(
+    tiny_models: Path,
+) -> None:
+    from s2s.worker.messages import Change, Respond, Tick, Turn
+    from s2s.worker.omni import OmniWorker
+
+    worker = OmniWorker.load(
+        str(tiny_models / "tiny-qwen3-omni"), "cpu", max_calls=2, prefill_tokens=32
+    )
+    history = [Turn("user" if i % 2 == 0 else "assistant", f"turn {i}: tell me more about it")
+               for i in range(12)]  # fmt: skip
+    hello = Respond("ra", [Turn("user", "hello there")])
+    tick = Tick([Change("join", "a"), Change("join", "b"), Change("respond", "a", respond=hello)])
+    assert set(worker.handle(tick).outputs) == {"a"}  # a short turn: one tick
+    worker.handle(Tick([Change("respond", "b", respond=Respond("rb", history))]))
+    ticks = 1
+    while worker.engine.prefilling:
+        outputs = worker.handle(Tick()).outputs
+        ticks += 1
+        if worker.engine.prefilling:  # "b" is not answering yet; "a" goes on speaking
+            assert set(outputs) == {"a"} and len(outputs["a"].audio) == 2 * 1920
+    assert ticks >= 5
+    # Then "b" answers: its outputs carry its response, to the end.
+    answered = []
+    for _ in range(100):
+        out = worker.handle(Tick()).outputs.get("b")
+        if out is not None:
+            answered.append(out)
+            if out.done:
+                break
+    assert answered and answered[-1].done, "b answered to the end"
+    assert {o.response_id for o in answered} == {"rb"} and any(o.text for o in answered)

@@ -4,10 +4,13 @@
 ``generate()`` chains them, but interleaved, so speech starts after the first step instead of
 after the whole reply:
 
-- ``add(request)`` prefills one call: the thinker over its prompt (audio, pictures, earlier
-  turns), which picks the first text token; then the talker over its own prompt (the user turns
-  projected from the thinker's embeddings and hidden states, the speaker, the first text token),
-  which picks the first frame's first code.
+- ``begin(request)`` takes a slot for one call, and ``prefill(row, tokens)`` runs its prompt in
+  pieces of at most ``tokens`` positions, between steps, so a long prompt does not hold the other
+  calls' next frame back by all of it (``s2s.omni.prefill``): the thinker over its prompt (audio,
+  pictures, earlier turns), which picks the first text token; then the talker over its own
+  prompt (the user turns projected from the thinker's embeddings and hidden states, the speaker,
+  the first text token), which picks the first frame's first code. Then the call steps with the
+  others. ``add(request)`` does both at once, the prefill whole.
 - ``step()`` advances every call by one: the thinker decodes the next text token; the talker's
   code predictor fills the residual codebooks of the frame whose first code it has, code2wav
   turns that frame into 1920 samples at once, and the talker, fed the frame and the next text
@@ -26,6 +29,7 @@ Everything runs on the caller's thread under ``torch.inference_mode()``; nothing
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +39,7 @@ from torch import Tensor
 from transformers import DynamicCache, Qwen3OmniMoeForConditionalGeneration
 
 from s2s.omni.code2wav import Code2WavStream
+from s2s.omni.prefill import Pieces, ThinkerPrompt, encode, talker_prompt
 from s2s.omni.sampling import Sampling, noise_keys, penalize, pick
 from s2s.omni.slots import SlotCache
 
@@ -115,6 +120,19 @@ class _Row:
     pending: list[Tensor] = field(default_factory=list)  # text inputs for the talker
 
 
+@dataclass(slots=True)
+class _Prefill:
+    """A call begun whose prompts are being prefilled, piece by piece."""
+
+    id: int
+    slot: int
+    request: Request
+    inputs: dict[str, Tensor]
+    thinker: ThinkerPrompt | None = None  # once the encoders have run
+    row: _Row | None = None  # once the thinker's prefill is complete
+    talker: Pieces | None = None
+
+
 def load_model(path: str, device: str = "cpu", dtype: torch.dtype | None = None) -> Any:
     """``Qwen3OmniMoeForConditionalGeneration.from_pretrained(path)``, ready for the engine.
 
@@ -151,6 +169,9 @@ class OmniEngine:
         self.code2wav = Code2WavStream(model.code2wav, max_rows)
         self.free = list(range(max_rows))
         self.rows: dict[int, _Row] = {}
+        self.prefills: dict[int, _Prefill] = {}
+        # The thinker's hidden state that the talker's prompt reads (transformers' index).
+        self.accept = int(self.config.talker_config.accept_hidden_layer)
         self._next_id = 0
         config = self.config
         talker = config.talker_config
@@ -175,16 +196,34 @@ class OmniEngine:
         """The rows (calls) still generating."""
         return list(self.rows)
 
+    @property
+    def prefilling(self) -> list[int]:
+        """The rows begun whose prefill is not complete yet (they do not step)."""
+        return list(self.prefills)
+
     def cancel(self, row: int) -> None:
-        """End ``row`` at the next step: reported done ("cancelled"), it makes nothing more."""
+        """End ``row`` at the next step: reported done ("cancelled"), it makes nothing more. A
+        row still prefilling has made nothing yet: it goes at once, unreported."""
+        if row in self.prefills:
+            self._drop(self.prefills[row])
+            return
         if row not in self.rows:
             raise KeyError(f"no row {row} is generating")
         self.rows[row].cancelled = True
 
     @torch.inference_mode()
     def add(self, request: Request) -> int:
-        """Prefill one call and return its row id; its first text token comes with the next
-        ``step()``. Raises ``RuntimeError`` when every slot is taken."""
+        """Prefill one call whole (``begin`` and one unlimited ``prefill``) and return its row
+        id; its first text token comes with the next ``step()``. Raises ``RuntimeError`` when
+        every slot is taken."""
+        row = self.begin(request)
+        self.prefill(row)
+        return row
+
+    def begin(self, request: Request) -> int:
+        """Check one call's request and take a slot for it; returns its row id. Nothing runs
+        yet: ``prefill(row, tokens)`` runs its prompt piece by piece, and the row steps with the
+        others once that is complete. Raises ``RuntimeError`` when every slot is taken."""
         if not self.free:
             raise RuntimeError(f"all {len(self.thinker_cache.lengths)} slots are generating")
         if request.speaker.lower() not in self.config.talker_config.speaker_id:
@@ -200,47 +239,94 @@ class OmniEngine:
         ids = inputs["input_ids"]
         if ids.shape[0] != 1:
             raise ValueError(f"one call per request, got a batch of {ids.shape[0]}")
+        if "attention_mask" in inputs and not bool(inputs["attention_mask"].all()):
+            raise ValueError("a padded prompt (attention_mask with zeros) is not supported")
         opening = [self.config.im_start_token_id, self.config.assistant_token_id]
         if ids.shape[1] < 3 or ids[0, -3:-1].tolist() != opening:
             # The talker's prompt starts from these three tokens (as generate() assumes).
             raise ValueError("the prompt must end with the open assistant turn")
-        slot = self.free.pop()
-        try:
-            row = self._prefill(slot, request, inputs)
-        except BaseException:
-            self.free.append(slot)
-            raise
-        self.rows[row.id] = row
-        return row.id
-
-    def _prefill(self, slot: int, request: Request, inputs: dict[str, Tensor]) -> _Row:
-        ids = inputs["input_ids"]
-        mask = inputs.get("attention_mask", torch.ones_like(ids))
-        features = inputs.get("feature_attention_mask")
-        audio_lengths = None if features is None else features.sum(-1)
-        grid = inputs.get("image_grid_thw")
-        positions, deltas = self.thinker.model.get_rope_index(
-            ids, grid, None, mask, False, audio_lengths, None
-        )
-        out = self.thinker(
-            **inputs, position_ids=positions, cache=DynamicCache(config=self.thinker.config),
-            use_cache=True, output_hidden_states=True,
-        )  # fmt: skip
-        self.thinker_cache.load(slot, out.cache)
-        decoding = request.decoding
-        seeds, counters = noise_keys(self.device, [(request.seed, 0)])
-        logits = self._mask_text_end(out.logits[:, -1], [request])
-        token = int(pick(logits, [decoding.text], seeds, counters, TEXT_STREAM)[0])
         self._next_id += 1
-        row = _Row(self._next_id, slot, request, text=[token], last_token=token)
-        row.thinker_delta = int(deltas[0, 0])
-        if self._ends_text(row, token):
+        self.prefills[self._next_id] = _Prefill(self._next_id, self.free.pop(), request, inputs)
+        return self._next_id
+
+    @torch.inference_mode()
+    def prefill(self, row: int, tokens: int | None = None) -> bool:
+        """Run the next piece of ``row``'s prefill: at most ``tokens`` prompt positions (None:
+        all that are left) of the thinker's prompt, then of the talker's. The first piece also
+        runs the audio and vision encoders, once for the whole prompt. Returns True when the
+        prefill is complete: the row then steps with the others from the next ``step()``. On
+        an error the call is dropped (its slot freed) and the error raised."""
+        state = self.prefills[row]
+        if tokens is not None and tokens < 1:
+            raise ValueError("a prefill piece needs at least one token")
+        try:
+            complete = self._prefill(state, tokens or sys.maxsize)
+        except BaseException:
+            self._drop(state)
+            raise
+        if complete and state.row is not None:
+            del self.prefills[row]
+            self.rows[row] = state.row
+        return complete
+
+    def _prefill(self, state: _Prefill, budget: int) -> bool:
+        if state.thinker is None:
+            state.thinker = encode(self.thinker, state.inputs, self.accept)
+            self.thinker_cache.clear(state.slot)
+        prompt = state.thinker
+        while state.row is None and budget > 0:
+            start, end = prompt.take(budget)
+            budget -= end - start
+            hidden, kept = self.thinker_cache.extend(
+                self.text_model, prompt.embeds[:, start:end], prompt.positions[..., start:end],
+                state.slot, prompt.visual(start, end), self.accept,
+            )  # fmt: skip
+            if kept is not None:
+                prompt.hidden[:, start:end] = kept
+            if prompt.complete:
+                state.row = self._first_token(state, self.thinker.lm_head(hidden[:, -1]))
+        row = state.row
+        if row is None:
+            return False
+        if not row.thinking or not row.request.speak:
             # The talker's prompt needs a first text token that is not the last (generate()
             # fails on such a reply too), so a reply of one token is not spoken.
-            return row
-        if request.speak:
-            self._prefill_talker(row, ids, mask, out.hidden_states, audio_lengths, grid)
+            return True
+        if state.talker is None:
+            speaker = self.config.talker_config.speaker_id[row.request.speaker.lower()]
+            tts = (self.tts_pad, self.tts_bos, self.tts_eos)
+            state.talker = talker_prompt(self.model, prompt, row.last_token, speaker, tts)
+            row.talker_delta = state.talker.delta
+            self.talker_cache.clear(row.slot)
+        talker = state.talker
+        while not talker.complete and budget > 0:
+            start, end = talker.take(budget)
+            budget -= end - start
+            hidden, _ = self.talker_cache.extend(
+                self.talker.model, talker.embeds[:, start:end],
+                talker.positions[..., start:end], row.slot,
+            )  # fmt: skip
+            if talker.complete:
+                self.seen[row.slot] = False
+                self.code2wav.reset(row.slot)
+                row.speaking = True
+                self._next_code([row], self.talker.codec_head(hidden[:, -1]), hidden[:, -1])
+        return talker.complete
+
+    def _first_token(self, state: _Prefill, logits: Tensor) -> _Row:
+        """The call's row, from the thinker's logits at the prompt's last position."""
+        request = state.request
+        seeds, counters = noise_keys(self.device, [(request.seed, 0)])
+        logits = self._mask_text_end(logits, [request])
+        token = int(pick(logits, [request.decoding.text], seeds, counters, TEXT_STREAM)[0])
+        row = _Row(state.id, state.slot, state.request, text=[token], last_token=token)
+        row.thinker_delta = state.thinker.delta if state.thinker is not None else 0
+        self._ends_text(row, token)
         return row
+
+    def _drop(self, state: _Prefill) -> None:
+        del self.prefills[state.id]
+        self.free.append(state.slot)
 
     def _ends_text(self, row: _Row, token: int) -> bool:
         """Whether ``token`` is the row's last text token; marks the row when it is."""
@@ -249,53 +335,6 @@ class OmniEngine:
             row.cut = row.cut or token not in self.text_end
             return True
         return False
-
-    def _prefill_talker(self, row: _Row, ids: Tensor, mask: Tensor, hidden_states: Any,
-                        audio_lengths: Tensor | None, grid: Tensor | None) -> None:  # fmt: skip
-        """The talker's prompt, as ``generate()`` builds it for a batch of one, and its first
-        first code. transformers' own helpers build the parts, so the two cannot drift."""
-        config, model = self.config, self.model
-        first = self.thinker.get_input_embeddings()(
-            torch.tensor([[row.last_token]], device=ids.device)
-        )
-        embeds = torch.cat([hidden_states[0], first], dim=1)
-        hidden = hidden_states[config.talker_config.accept_hidden_layer]
-        thinker = config.thinker_config
-        media = (ids == thinker.audio_token_id) | (ids == thinker.image_token_id)
-        media = media | (ids == thinker.video_token_id)
-        length = ids.shape[1]
-        user = self._user_mask(ids[0])
-        user_embeds = model._get_talker_user_parts(0, length, media, hidden, embeds[:, :length])
-        start = length - 3  # <|im_start|>assistant\n, checked in add()
-        speaker = config.talker_config.speaker_id[row.request.speaker.lower()]
-        assistant, assistant_ids, _ = model._get_talker_assistant_parts(
-            start, length + 1, speaker, embeds, self.tts_pad, self.tts_bos, self.tts_eos
-        )
-        talker_embeds = torch.cat([user_embeds[:, user], assistant], dim=1)
-        talker_ids = torch.cat([ids[:, user], assistant_ids], dim=1)
-        steps = talker_embeds.shape[1]
-        text_positions = torch.arange(steps, device=ids.device)[None]
-        if audio_lengths is not None or (grid is not None and grid.numel() > 0):
-            rope, deltas = self.talker.get_rope_index(
-                talker_ids, grid, None, torch.ones_like(talker_ids), False, audio_lengths, None
-            )
-            row.talker_delta = int(deltas[0, 0])
-        else:
-            rope = text_positions[None].expand(3, -1, -1)
-        positions = torch.cat([text_positions[None], rope], dim=0)
-        out = self.talker.model(
-            inputs_embeds=talker_embeds, position_ids=positions, use_cache=True,
-            cache=DynamicCache(config=self.talker.config.text_config),
-        )  # fmt: skip
-        self.talker_cache.load(row.slot, out.cache)
-        self.seen[row.slot] = False
-        self.code2wav.reset(row.slot)
-        row.speaking = True
-        self._next_code(
-            [row],
-            self.talker.codec_head(out.last_hidden_state[:, -1]),
-            out.last_hidden_state[:, -1],
-        )
 
     def _mask_text_end(self, logits: Tensor, requests: list[Request]) -> Tensor:
         """``logits`` (batch, vocab) with the text end tokens ruled out for fixed-length rows."""
@@ -307,15 +346,6 @@ class OmniEngine:
         logits = logits.clone()
         logits[rows, ends] = float("-inf")
         return logits
-
-    def _user_mask(self, ids: Tensor) -> Tensor:
-        """Positions in user turns (from their ``<|im_start|>`` to the next one)."""
-        config = self.config
-        positions = torch.arange(ids.shape[0], device=ids.device)
-        starts = torch.where(ids == config.im_start_token_id, positions, -1)
-        role = ids[(torch.cummax(starts, 0).values.clamp_min(0) + 1).clamp_max(ids.shape[0] - 1)]
-        user: Tensor = role == config.user_token_id
-        return user
 
     def _next_code(self, rows: list[_Row], logits: Tensor, hidden: Tensor) -> None:
         """Pick each row's next first code from the talker's ``logits`` (batch, vocab)."""

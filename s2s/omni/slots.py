@@ -1,28 +1,41 @@
-"""Key/value caches for many calls in one tensor, and the decode step of a Qwen3 decoder over them.
+"""Key/value caches for many calls in one tensor, and the prefill and decode of a Qwen3 decoder
+over them.
 
 A ``SlotCache`` holds, for every decoder layer, keys and values ``(slots, kv_heads, capacity,
-head_dim)`` and each slot's length. One call owns one slot from its prefill to its end; a
-prefill computed by the model's own forward (in a ``DynamicCache``) is copied into its slot, and
-each decode step appends one position to each stepping slot. Slots fill at different lengths, so
-a step masks every slot's keys past its own length: a call's output is the same whichever other
-calls step beside it. Capacity doubles when a slot would overflow.
+head_dim)`` and each slot's length. One call owns one slot from its prefill to its end; its
+prefill runs into the slot piece by piece (``extend``: each piece attends to the slot's earlier
+positions and causally to itself), and each decode step appends one position to each stepping
+slot. Slots fill at different lengths, so a step masks every slot's keys past its own length: a
+call's output is the same whichever other calls step beside it. Capacity doubles when a slot
+would overflow.
 
-``decode`` runs one new position per stepping slot through the layers of a Qwen3-style decoder
-(the thinker's text model or the talker's): the layers' own projections, norms and rotary
-embedding, attention over the slot cache, and the feed-forward through ``moe.feed_forward``.
+``extend`` (a piece of one slot's prompt) and ``decode`` (one new position per stepping slot)
+run through the layers of a Qwen3-style decoder (the thinker's text model or the talker's): the
+layers' own projections, norms and rotary embedding, attention over the slot cache, and the
+feed-forward through ``moe.feed_forward``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn import functional
-from transformers import DynamicCache
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import apply_rotary_pos_emb
 
 from s2s.omni.moe import feed_forward
+
+
+@dataclass(frozen=True, slots=True)
+class Visual:
+    """The vision tower's deepstack features for a piece of a prompt: ``mask`` ``(n,)`` marks
+    the piece's picture positions, ``features[i]`` ``(mask.sum(), hidden)`` is added to them
+    after decoder layer ``i``."""
+
+    mask: Tensor
+    features: list[Tensor]
 
 
 class SlotCache:
@@ -41,17 +54,6 @@ class SlotCache:
         self.host_lengths = [0] * slots
         self.capacity = capacity
 
-    def load(self, slot: int, cache: DynamicCache) -> None:
-        """Make slot ``slot`` hold the batch-of-one prefill in ``cache``."""
-        length = cache.get_seq_length()
-        self.reserve(length + 1)
-        for index, (keys, values) in enumerate(zip(self.keys, self.values, strict=True)):
-            layer: Any = cache.layers[index]
-            keys[slot, :, :length] = layer.keys[0]
-            values[slot, :, :length] = layer.values[0]
-        self.lengths[slot] = length
-        self.host_lengths[slot] = length
-
     def reserve(self, length: int) -> None:
         """Grow every layer so a slot can hold ``length`` positions."""
         if length <= self.capacity:
@@ -69,12 +71,7 @@ class SlotCache:
         """One new position per slot in ``slots`` (``hidden`` ``(batch, 1, hidden)``) through
         ``attention``; its key and value are appended to those slots."""
         batch = hidden.shape[0]
-        shape = (batch, 1, -1, self.head_dim)
-        query = attention.q_norm(attention.q_proj(hidden).view(shape)).transpose(1, 2)
-        key = attention.k_norm(attention.k_proj(hidden).view(shape)).transpose(1, 2)
-        value = attention.v_proj(hidden).view(shape).transpose(1, 2)
-        cos, sin = rotary
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        query, key, value = self._project(attention, hidden, rotary)
         lengths = self.lengths[slots]
         self.keys[layer][slots, :, lengths] = key[:, :, 0]
         self.values[layer][slots, :, lengths] = value[:, :, 0]
@@ -91,6 +88,69 @@ class SlotCache:
         )
         out: Tensor = attention.o_proj(attended.transpose(1, 2).reshape(batch, 1, -1))
         return out
+
+    def _project(self, attention: Any, hidden: Tensor, rotary: tuple[Tensor, Tensor]
+                 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        """Queries, keys and values ``(batch, heads, positions, head_dim)``, rotated."""
+        shape = (*hidden.shape[:2], -1, self.head_dim)
+        query = attention.q_norm(attention.q_proj(hidden).view(shape)).transpose(1, 2)
+        key = attention.k_norm(attention.k_proj(hidden).view(shape)).transpose(1, 2)
+        value = attention.v_proj(hidden).view(shape).transpose(1, 2)
+        cos, sin = rotary
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        return query, key, value
+
+    def clear(self, slot: int) -> None:
+        """Empty slot ``slot`` for a new call's prefill."""
+        self.lengths[slot] = 0
+        self.host_lengths[slot] = 0
+
+    def extend(self, model: Any, hidden: Tensor, positions: Tensor, slot: int,
+               visual: Visual | None = None, keep: int | None = None
+               ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+        """Run ``hidden`` ``(1, n, hidden)``, the next ``n`` prompt positions of ``slot``, through
+        the decoder ``model``: a piece of a prefill, attending to what the slot holds and
+        causally to itself, its keys and values appended to the slot. ``positions`` ``(3, 1, n)``
+        are the pieces' multimodal RoPE positions; ``visual`` adds the vision tower's deepstack
+        features after the first layers, as the thinker's own forward does.
+
+        Returns the normed last hidden ``(1, n, hidden)`` and, with ``keep``, the hidden state
+        transformers reports as ``hidden_states[keep]`` (0: the input; k: layer k's output
+        before its deepstack addition; the last: the normed output)."""
+        count = hidden.shape[1]
+        start = self.host_lengths[slot]
+        end = start + count
+        self.reserve(end + 1)
+        rotary = model.rotary_emb(hidden, positions)
+        new = torch.arange(start, end, device=hidden.device)
+        mask = torch.arange(end, device=hidden.device)[None, :] <= new[:, None]
+        kept = hidden if keep == 0 else None
+        for number, layer in enumerate(model.layers):
+            attention = layer.self_attn
+            query, key, value = self._project(attention, layer.input_layernorm(hidden), rotary)
+            self.keys[number][slot, :, start:end] = key[0]
+            self.values[number][slot, :, start:end] = value[0]
+            groups = query.shape[1] // self.kv_heads
+            attended = functional.scaled_dot_product_attention(
+                query,
+                self.keys[number][slot : slot + 1, :, :end].repeat_interleave(groups, dim=1),
+                self.values[number][slot : slot + 1, :, :end].repeat_interleave(groups, dim=1),
+                attn_mask=mask[None, None],
+                scale=attention.scaling,
+            )
+            hidden = hidden + attention.o_proj(attended.transpose(1, 2).reshape(1, count, -1))
+            hidden = hidden + feed_forward(layer.mlp, layer.post_attention_layernorm(hidden))
+            if keep == number + 1:
+                kept = hidden
+            if visual is not None and number < len(visual.features):
+                hidden = hidden.clone()  # not in place: ``kept`` may be this very tensor
+                hidden[0, visual.mask] += visual.features[number].to(hidden.dtype)
+        self.lengths[slot] = end
+        self.host_lengths[slot] = end
+        out: Tensor = model.norm(hidden)
+        if keep == len(model.layers):
+            kept = out
+        return out, kept
 
     def decode(self, model: Any, hidden: Tensor, deltas: Tensor, slots: list[int]) -> Tensor:
         """Run ``hidden`` ``(batch, 1, hidden)`` through the decoder ``model`` (its ``layers``,

@@ -1,14 +1,16 @@
 """Qwen3-Omni on its device: the worker side of ``qwen3-omni:PATH_OR_HUB_ID``.
 
 ``OmniWorker.handle`` applies a tick's changes (a ``respond`` queues the call's turn; a reset or
-leave cancels the call's response at once), prefills at most one queued turn (the prompt built
-from the turns it carries), and then runs one step of ``s2s.omni.engine.OmniEngine`` for every
-call that is answering: each gets the text its step made and, once speech has started, one
-80 ms frame of audio. One prefill per tick means a new turn delays the others' next frame by
-one prefill at most, and a burst of turns is admitted one per step instead of all at once; a
-turn waits in the queue while every slot is answering. What the outputs mean for a call's
-events is the server's business (``s2s.backends.qwen3_omni``). Each response samples with its
-own seed (``response_seed``), so it does not depend on the calls answered beside it.
+leave cancels the call's response at once), runs one piece of the oldest queued turn's prefill
+(the prompt built from the turns it carries, at most ``prefill_tokens`` of its positions per
+tick, 512 by default), and then runs one step of ``s2s.omni.engine.OmniEngine`` for every call
+that is answering: each gets the text its step made and, once speech has started, one 80 ms
+frame of audio. A turn joins the steps once its prefill is complete, after as many ticks as its
+prompt has pieces; so a new turn delays the others' next frame by one piece at most, however
+long its history, and a burst of turns is admitted one after another, oldest first. A turn waits
+in the queue while every slot is answering. What the outputs mean for a call's events is the
+server's business (``s2s.backends.qwen3_omni``). Each response samples with its own seed
+(``response_seed``), so it does not depend on the calls answered beside it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ log = logging.getLogger(__name__)
 FRAME_SAMPLES = AUDIO_RATE // 50
 #: Prompt budget: the oldest turns are left out of a prompt longer than this.
 PROMPT_TOKENS = 8192
+#: Prompt positions prefilled per tick: what a new turn may add to the others' step time.
+PREFILL_TOKENS = 512
 
 
 class OmniWorker:
@@ -42,9 +46,10 @@ class OmniWorker:
 
     def __init__(
         self, model: Any, prompter: Prompter, device: str, max_calls: int,
-        limits: dict[str, Any] | None = None,
+        limits: dict[str, Any] | None = None, prefill_tokens: int = PREFILL_TOKENS,
     ) -> None:  # fmt: skip
         limits = limits or {}
+        self.prefill_tokens = prefill_tokens
         self.model = model
         self.prompter = prompter
         self.device = device
@@ -66,14 +71,15 @@ class OmniWorker:
         self.rows: dict[int, _Answer] = {}
 
     @classmethod
-    def load(cls, location: str, device: str | None, max_calls: int) -> OmniWorker:
+    def load(cls, location: str, device: str | None, max_calls: int,
+             prefill_tokens: int = PREFILL_TOKENS) -> OmniWorker:  # fmt: skip
         chosen, dtype = pick_device_and_dtype(device)
         model = load_model(location, chosen, dtype)
         prompter = Prompter.from_pretrained(location)
         config = Path(location) / "generation_config.json"
         limits = json.loads(config.read_text()) if config.is_file() else {}
         log.info("loaded %s on %s (%s)", location, chosen, dtype)
-        return cls(model, prompter, chosen, max_calls, limits)
+        return cls(model, prompter, chosen, max_calls, limits, prefill_tokens)
 
     def hello(self, spec: str) -> Hello:
         return Hello(
@@ -86,14 +92,7 @@ class OmniWorker:
         outputs: dict[str, CallOutput] = {}
         for change in tick.changes:
             self._apply(change)
-        if self.waiting and self.engine.free:
-            call, respond = next(iter(self.waiting.items()))
-            del self.waiting[call]
-            try:
-                self._respond(call, respond)
-            except (RuntimeError, ValueError) as exc:  # a prompt over budget, a bad picture...
-                log.warning("call %s: response %s failed: %s", call, respond.response_id, exc)
-                outputs[call] = CallOutput(response_id=respond.response_id, done=f"failed: {exc}")
+        self._prefill(outputs)
         if self.engine.active:
             for step in self.engine.step():
                 answer = self.rows.get(step.row)
@@ -123,6 +122,29 @@ class OmniWorker:
             self._cancel(call)
             self.waiting[call] = change.respond
 
+    def _prefill(self, outputs: dict[str, CallOutput]) -> None:
+        """One piece of the oldest turn's prefill, beginning the next queued turn if none is
+        under way; a turn that fails is answered at once with its error."""
+        if not self.engine.prefilling and self.waiting and self.engine.free:
+            call, respond = next(iter(self.waiting.items()))
+            del self.waiting[call]
+            try:
+                self._respond(call, respond)
+            except (RuntimeError, ValueError) as exc:  # a prompt over budget, a bad request...
+                self._fail(outputs, call, respond.response_id, exc)
+        for row in self.engine.prefilling[:1]:
+            answer = self.rows[row]
+            try:
+                self.engine.prefill(row, self.prefill_tokens)
+            except (RuntimeError, ValueError) as exc:  # a bad picture...
+                self._forget(answer.call)
+                self._fail(outputs, answer.call, answer.response_id, exc)
+
+    @staticmethod
+    def _fail(outputs: dict[str, CallOutput], call: str, response_id: str, exc: Exception) -> None:
+        log.warning("call %s: response %s failed: %s", call, response_id, exc)
+        outputs[call] = CallOutput(response_id=response_id, done=f"failed: {exc}")
+
     def _respond(self, call: str, respond: Respond) -> None:
         messages = [_message(turn.role, turn.text, turn.audio, turn.pictures)
                     for turn in respond.turns]  # fmt: skip
@@ -134,7 +156,7 @@ class OmniWorker:
             inputs, speaker=speaker, speak=respond.speak, max_text_tokens=self.max_text_tokens,
             max_frames=self.max_frames, seed=response_seed(call, count),
         )  # fmt: skip
-        row = self.engine.add(request)
+        row = self.engine.begin(request)
         self.answering[call] = row
         self.rows[row] = _Answer(call, respond.response_id)
 
