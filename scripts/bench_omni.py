@@ -52,8 +52,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from benchlib import percentile  # noqa: E402
 from omni_sizes import borrow_token_ids, real_config, shrunk_config  # noqa: E402
 
-from s2s.omni.engine import GREEDY, OmniEngine, Request, load_model, prepare_model  # noqa: E402
+from s2s.omni.engine import OmniEngine, load_model, prepare_model  # noqa: E402
 from s2s.omni.prompt import Message, Prompter  # noqa: E402
+from s2s.omni.request import GREEDY, Request  # noqa: E402
 
 FRAME_SECONDS = 0.08
 SIZES = {"qwen3-omni": real_config, "shrunk": shrunk_config}

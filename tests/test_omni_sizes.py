@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
 
-from s2s.omni.engine import GREEDY, OmniEngine, Request
+from s2s.omni.engine import OmniEngine
 from s2s.omni.prompt import Message, Prompter
+from s2s.omni.request import GREEDY, Request
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 

@@ -19,9 +19,10 @@ from PIL import Image
 from torch import Tensor
 
 from s2s.omni.code2wav import Code2WavStream
-from s2s.omni.engine import GREEDY, Decoding, OmniEngine, Request, load_model
+from s2s.omni.engine import OmniEngine, load_model
 from s2s.omni.moe import experts_forward, feed_forward
 from s2s.omni.prompt import Message, Prompter, build_inputs
+from s2s.omni.request import GREEDY, Decoding, Request
 from s2s.omni.sampling import Sampling, pick
 
 MAX_TEXT = 8

@@ -2,12 +2,15 @@
 
 - ``prompt``: the model's inputs from chat messages (audio, pictures, text) without Qwen's
   processor class (it needs torchvision), within a token budget;
+- ``request``: what a call asks for (``Request``, ``Decoding``) and a step's output per call;
 - ``engine``: ``OmniEngine``, the step loop over the loaded model's own modules (thinker, talker,
-  code predictor, code2wav), with ``add`` / ``step`` / ``cancel``;
+  code predictor, code2wav), with ``begin`` / ``prefill`` (or ``add``) / ``step`` / ``cancel``;
+- ``prefill``: a prompt's encoders, positions and pieces, for a prefill in pieces between steps;
 - ``slots``: per-call key/value caches in one tensor and the decode step over them;
 - ``moe``: the mixture-of-experts feed-forward with tokens grouped by expert;
 - ``code2wav``: the vocoder frame by frame, equal to decoding the whole reply;
-- ``sampling``: ``generate()``'s token filters for a batch with per-call settings.
+- ``sampling``: ``generate()``'s token filters for a batch with per-call settings, drawn with
+  each call's own noise (``s2s.noise``).
 
 What does not stream, and why:
 

@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from s2s.omni.engine import OmniEngine, Request, load_model
+from s2s.omni.engine import OmniEngine, load_model
 from s2s.omni.prompt import AUDIO_RATE, Message, Prompter
+from s2s.omni.request import Request
 from s2s.worker.messages import CallOutput, Change, Hello, Respond, Tick, TickResult
 from s2s.worker.process import pick_device_and_dtype
 
