@@ -13,7 +13,7 @@ from s2s.config import Settings
 from s2s.forwarding import Relay
 from s2s.metrics import ServerMetrics
 from s2s.pool import Pool
-from s2s.protocol import ServerShutdown
+from s2s.protocol.server_events import ServerShutdown
 from s2s.registry import SessionRegistry
 from s2s.signaling import (
     BACKEND,

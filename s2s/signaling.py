@@ -27,7 +27,7 @@ from s2s.config import Settings
 from s2s.forwarding import HandshakeRefused, OwnerUnreachable, Relay, is_relayed
 from s2s.metrics import ServerMetrics, merge_expositions
 from s2s.pool import Pool, new_call_id
-from s2s.protocol import ServerVad, SessionConfig, SessionPatch
+from s2s.protocol.session_config import ServerVad, SessionConfig, SessionPatch
 from s2s.registry import KeyLimit, ServerFull, SessionRegistry
 from s2s.rtc import new_peer_connection
 from s2s.session import OfferError, Session
