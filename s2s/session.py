@@ -45,7 +45,7 @@ from s2s.metrics import CallMetrics, ServerMetrics
 from s2s.protocol.codec import EventError, decode_client_event, encode_event
 from s2s.protocol.server_events import Error, ErrorDetail, ServerEvent, SessionCreated
 from s2s.protocol.session_config import SessionConfig
-from s2s.realtime import Realtime
+from s2s.realtime.call import Realtime
 from s2s.rtc import VoiceInput, prefer_red, tune_audio
 from s2s.vad import VAD_RATE, SpeechDetector, VadService
 
