@@ -13,21 +13,11 @@ from s2s.config import Settings
 from s2s.forwarding import Relay
 from s2s.metrics import ServerMetrics
 from s2s.pool import Pool
-from s2s.protocol import ServerShutdown
+from s2s.protocol.server_events import ServerShutdown
 from s2s.registry import SessionRegistry
-from s2s.signaling import (
-    BACKEND,
-    KEYS,
-    METRICS,
-    POOL,
-    REGISTRY,
-    RELAY,
-    SETTINGS,
-    VAD,
-    add_routes,
-    cors_middleware,
-    route_to_owner,
-)
+from s2s.signaling.middleware import cors_middleware, route_to_owner
+from s2s.signaling.routes import add_routes
+from s2s.signaling.state import BACKEND, KEYS, METRICS, POOL, REGISTRY, RELAY, SETTINGS, VAD
 from s2s.vad import VadService
 from s2s.webhooks import Webhooks
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgspec
 
-from s2s.protocol import SessionPatch
+from s2s.protocol.session_config import SessionPatch
 
 SECRET_PREFIX = "ek_"
 DEFAULT_SECRET_TTL_S = 600

@@ -15,7 +15,7 @@ from aiortc import RTCPeerConnection
 from s2s.audio import SpeakerTrack
 from s2s.log import CallLogger
 from s2s.metrics import CallMetrics
-from s2s.protocol import ServerEvent, SessionStats
+from s2s.protocol.server_events import ServerEvent, SessionStats
 from s2s.rtc import VoiceInput
 from s2s.rtpstats import LinkSampler
 

@@ -10,7 +10,8 @@ A ``Session`` owns one ``asyncio.TaskGroup``:
 - ``{call_id}/vad`` runs server VAD (when turn detection is on) and reports turn edges;
 - ``{call_id}/playout`` follows playback while a response plays (transcript deltas aligned with
   what was heard, ``output_audio_buffer.*``, completion, idle timeout);
-- ``{call_id}/events`` decodes client events from the ``oai-events`` data channel;
+- ``{call_id}/events`` hands client events from the ``oai-events`` data channel (an
+  ``EventChannel``) to ``Realtime``;
 - ``{call_id}/supervise`` ends the call when asked to (hang-up, ICE failure) or when no audio has
   arrived for ``peer_timeout_s``;
 - ``{call_id}/stats`` runs ``CallStats``: the call's RTCP figures every ``stats_interval_s`` (one
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import Callable
 from functools import partial
 
@@ -38,36 +38,23 @@ from s2s.audio import PACKET_MS, WEBRTC_RATE, FrameChunker, Resampler, SpeakerTr
 from s2s.backends import Backend, ModelStream
 from s2s.callstats import CallStats
 from s2s.config import Settings
-from s2s.eventrate import FLOOD_S, EventRate, Verdict
+from s2s.datachannel import EVENTS_LABEL, EventChannel
 from s2s.images import ImageLimits
 from s2s.log import CallLogger
 from s2s.metrics import CallMetrics, ServerMetrics
-from s2s.protocol import (
-    Error,
-    ErrorDetail,
-    EventError,
-    ServerEvent,
-    SessionConfig,
-    SessionCreated,
-    decode_client_event,
-    encode_event,
-)
-from s2s.realtime import Realtime
+from s2s.protocol.server_events import Error, ErrorDetail, ServerEvent, SessionCreated
+from s2s.protocol.session_config import SessionConfig
+from s2s.realtime.call import Realtime
 from s2s.rtc import VoiceInput, prefer_red, tune_audio
 from s2s.vad import VAD_RATE, SpeechDetector, VadService
 
 log = logging.getLogger(__name__)
 
-EVENTS_LABEL = "oai-events"
 # Model frames waiting for a slow model; past this the oldest are dropped (and counted) so a
 # stalled model never makes the caller's audio pile up in memory.
 _MODEL_BACKLOG = 50
 # Caller audio waiting for the VAD thread; past this the oldest is dropped.
 _VAD_BACKLOG = 50
-# Client events waiting to be handled; past this, new ones are refused with an error event.
-_INBOX_SIZE = 256
-# Server events sent before the data channel opened, kept until it does.
-_PENDING_EVENTS = 256
 
 
 class OfferError(ValueError):
@@ -113,8 +100,9 @@ class Session:
         self.end_reason: str | None = None
         #: The server key the call was made with (or that minted its client secret).
         self.owner: str | None = None
+        self._events = EventChannel(settings, self.log, self.end)
         #: Sideband watchers: each gets every server event's JSON, as the data channel does.
-        self.listeners: set[Callable[[str], None]] = set()
+        self.listeners: set[Callable[[str], None]] = self._events.listeners
         #: Model frames dropped because the model fell behind.
         self.frames_dropped = 0
         #: This call's share of the server's metrics (a private set when none is given).
@@ -133,11 +121,6 @@ class Session:
         self._stream: ModelStream | None = None
         self._mic: asyncio.Future[MediaStreamTrack] = asyncio.get_running_loop().create_future()
         self._camera: asyncio.Future[MediaStreamTrack] = asyncio.get_running_loop().create_future()
-        self._channel: RTCDataChannel | None = None
-        self._pending: deque[str] = deque(maxlen=_PENDING_EVENTS)
-        self._inbox: asyncio.Queue[bytes | str] = asyncio.Queue(_INBOX_SIZE)
-        self._rate = EventRate(settings.max_events_per_s, settings.max_event_bytes_per_s)
-        self._cut_off = False
         self._model_in: asyncio.Queue[np.ndarray] = asyncio.Queue(_MODEL_BACKLOG)
         self._vad_in: asyncio.Queue[np.ndarray] = asyncio.Queue(_VAD_BACKLOG)
         self._ended = asyncio.Event()
@@ -364,33 +347,15 @@ class Session:
 
         An event that is stale by then (``keep=False``) is not kept, only sent to listeners.
         """
-        text = encode_event(event)
-        if len(text) > self._settings.max_event_bytes:
-            # Our own bug if it happens; the call must survive it, and the client hear of it.
-            self.log.error("dropped a %d-byte %s event", len(text), type(event).__name__)
-            detail = ErrorDetail(
-                type="server_error", code="event_too_large",
-                message=f"a server event of {len(text)} bytes was too large to send",
-            )  # fmt: skip
-            text = encode_event(Error(error=detail))
-        channel = self._channel
-        if channel is not None and channel.readyState == "open":
-            channel.send(text)
-        elif keep:
-            self._pending.append(text)
-        for listener in list(self.listeners):
-            listener(text)
+        self._events.send(event, keep=keep)
+
+    def receive(self, message: bytes | str) -> None:
+        """A client event from the data channel or an app backend's sideband connection."""
+        self._events.receive(message)
 
     async def _read_events(self, realtime: Realtime) -> None:
         while True:
-            raw = await self._inbox.get()
-            try:
-                event = decode_client_event(raw, max_bytes=self._settings.max_event_bytes)
-            except EventError as exc:
-                self.log.debug("bad client event: %s", exc)
-                self.send(Error(error=exc.detail))
-                continue
-            await realtime.handle(event)
+            await realtime.handle(await self._events.next_event())
 
     # -- aiortc callbacks ------------------------------------------------------------------------
 
@@ -401,58 +366,12 @@ class Session:
             self._camera.set_result(track)
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
-        if channel.label != EVENTS_LABEL or self._channel is not None:
+        if channel.label != EVENTS_LABEL or self._events.attached:
             self.log.info("closing unexpected data channel %r", channel.label)
             channel.close()
             return
-        self._channel = channel
         self.metrics.channel_open(asyncio.get_running_loop().time() - self._created_at)
-        channel.on("message", self._on_message)
-        self.send(SessionCreated(session=self.config.to_wire()))
-        while self._pending and channel.readyState == "open":
-            channel.send(self._pending.popleft())
-
-    def receive(self, message: bytes | str) -> None:
-        """A client event from the data channel or an app backend's sideband connection."""
-        self._on_message(message)
-
-    def _on_message(self, message: bytes | str) -> None:
-        if self._cut_off:
-            return
-        match self._rate.take(len(message)):
-            case Verdict.ACCEPT:
-                pass
-            case Verdict.REFUSE:
-                self.send(Error(error=ErrorDetail(
-                    code="rate_limited", type="limit_error",
-                    message="too many client events or bytes per second; events are being "
-                    "dropped",
-                )))  # fmt: skip
-                return
-            case Verdict.REFUSE_QUIETLY:
-                return
-            case Verdict.FLOOD:
-                # The call ends a moment later, so the errors already queued reach the client.
-                self._cut_off = True
-                self.send(Error(error=ErrorDetail(
-                    code="rate_limited", type="limit_error",
-                    message=f"over {FLOOD_S:.0f} s worth of events or bytes past the limit; "
-                    "the call is ended",
-                )))  # fmt: skip
-                loop = asyncio.get_running_loop()
-                loop.call_later(_CUT_OFF_GRACE_S, self.end, "rate_limited")
-                return
-        try:
-            self._inbox.put_nowait(message)
-        except asyncio.QueueFull:
-            self.send(
-                Error(
-                    error=ErrorDetail(
-                        code="event_queue_full",
-                        message=f"more than {_INBOX_SIZE} events are waiting; this one was dropped",
-                    )
-                )
-            )
+        self._events.attach(channel, SessionCreated(session=self.config.to_wire()))
 
     def _on_connection_state(self) -> None:
         state = self.pc.connectionState
@@ -462,10 +381,6 @@ class Session:
             self.metrics.connected(asyncio.get_running_loop().time() - self._created_at)
         if state in ("failed", "closed"):
             self.end(f"connection_{state}")
-
-
-# How long a flooding call lives on after it is cut off, for its last errors to leave.
-_CUT_OFF_GRACE_S = 0.2
 
 
 def _put_dropping_oldest(queue: asyncio.Queue[np.ndarray], item: np.ndarray) -> int:

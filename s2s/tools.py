@@ -14,7 +14,8 @@ from typing import Any
 
 from msgspec import UnsetType
 
-from s2s.protocol import FunctionCallOutputItem, FunctionTool, Item, ToolChoice, ToolChoiceFunction
+from s2s.protocol.items import FunctionCallOutputItem, Item
+from s2s.protocol.session_config import FunctionTool, ToolChoice, ToolChoiceFunction
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _JSON_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}

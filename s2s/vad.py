@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from s2s.protocol import SemanticVad, ServerVad, TurnDetection
+from s2s.protocol.session_config import SemanticVad, ServerVad, TurnDetection
 
 VAD_RATE = 16_000
 CHUNK = 512  # silero's window at 16 kHz: 32 ms

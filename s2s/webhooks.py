@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from s2s.protocol import new_id
+from s2s.protocol.ids import new_id
 
 log = logging.getLogger(__name__)
 

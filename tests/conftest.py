@@ -19,7 +19,7 @@ from aiohttp import web
 from s2s.app import create_app
 from s2s.config import Settings
 from s2s.registry import SessionRegistry
-from s2s.signaling import REGISTRY
+from s2s.signaling.state import REGISTRY
 
 
 class Server:

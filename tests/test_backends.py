@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from s2s.backends import ResponseFinished, ResponseRequest, UnknownModelError, load_backend
-from s2s.protocol import InputText, MessageItem
+from s2s.protocol.items import InputText, MessageItem
 from tests.signals import tone
 
 BACKENDS = ["echo", "local", "moshi", "qwen-omni"]

@@ -19,7 +19,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from s2s.cli import parse_settings
-from s2s.signaling import BACKEND
+from s2s.signaling.state import BACKEND
 from s2s.worker.cluster import (
     NAMESPACE,
     WORKER_RESOURCE,

@@ -16,7 +16,7 @@ from transformers import MoshiForConditionalGeneration
 from s2s.backends import ModelUnavailable, StepResult
 from s2s.backends.moshi import MoshiBackend
 from s2s.backends.moshi_engine import MoshiEngine, RowOutput
-from s2s.signaling import BACKEND
+from s2s.signaling.state import BACKEND
 from s2s.worker.process import WorkerError, WorkerProcess
 from tests.conftest import StartServer
 from tests.moshi_graphs_check import codec_graphs_equal_eager, graphs_equal_eager

@@ -12,15 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from s2s.backends import local_policy as policy
-from s2s.protocol import (
-    EventError,
-    InputAudio,
-    InputImage,
-    InputText,
-    MessageItem,
-    decode_client_event,
-    json_schema,
-)
+from s2s.protocol.codec import EventError, decode_client_event
+from s2s.protocol.items import InputAudio, InputImage, InputText, MessageItem
+from s2s.protocol.schema import json_schema
 
 SCHEMA = Path(__file__).resolve().parent.parent / "docs" / "events.schema.json"
 

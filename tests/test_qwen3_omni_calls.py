@@ -170,7 +170,7 @@ async def test_a_streamed_tool_call_is_held_back_and_becomes_a_call(tiny_models:
 
     from s2s.backends import ResponseFinished, ResponseRequest, ToolCalled
     from s2s.backends.qwen3_omni import Qwen3OmniStream
-    from s2s.protocol import FunctionTool
+    from s2s.protocol.session_config import FunctionTool
     from s2s.worker.messages import CallOutput
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models / "tiny-qwen3-omni")

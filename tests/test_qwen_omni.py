@@ -20,14 +20,14 @@ from s2s.backends.qwen_omni import (
     build_inputs,
 )
 from s2s.images import Picture
-from s2s.protocol import (
+from s2s.protocol.items import (
     FunctionCallItem,
     FunctionCallOutputItem,
-    FunctionTool,
     InputAudio,
     InputText,
     MessageItem,
 )
+from s2s.protocol.session_config import FunctionTool
 from tests.conftest import StartServer
 from tests.peer import MicTrack, Peer
 from tests.signals import rms

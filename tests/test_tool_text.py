@@ -13,15 +13,14 @@ import pytest
 from s2s.backends import ResponseFinished, ResponseRequest, ToolCalled
 from s2s.backends.local_policy import reply, tool_call
 from s2s.backends.qwen_omni import reply_steps
-from s2s.protocol import (
+from s2s.protocol.items import (
     FunctionCallItem,
     FunctionCallOutputItem,
-    FunctionTool,
     InputText,
     Item,
     MessageItem,
-    ToolChoiceFunction,
 )
+from s2s.protocol.session_config import FunctionTool, ToolChoiceFunction
 from s2s.tools import ToolError, check_tools, split_tool_calls, tool_response, tools_prompt
 
 WEATHER = FunctionTool(

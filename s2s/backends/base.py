@@ -21,7 +21,8 @@ from typing import Literal, Protocol, runtime_checkable
 import numpy as np
 
 from s2s.images import Picture
-from s2s.protocol import FunctionTool, Item
+from s2s.protocol.items import Item
+from s2s.protocol.session_config import FunctionTool
 
 EMPTY_PCM = np.zeros(0, np.int16)
 

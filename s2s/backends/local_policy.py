@@ -13,15 +13,15 @@ import re
 from dataclasses import dataclass, field
 
 from s2s.images import ImageError, ImageLimits, Picture, decode_data_url, load
-from s2s.protocol import (
+from s2s.protocol.items import (
     FunctionCallOutputItem,
-    FunctionTool,
     InputAudio,
     InputImage,
     InputText,
     Item,
     MessageItem,
 )
+from s2s.protocol.session_config import FunctionTool
 from s2s.tools import ToolCall
 
 DEFAULT_NAME = "Echo"

@@ -35,7 +35,7 @@ from s2s.backends.base import (
     Steering,
     StepResult,
 )
-from s2s.protocol import new_id
+from s2s.protocol.ids import new_id
 from s2s.worker.handle import WorkerHandle
 from s2s.worker.messages import CallOutput, Change, Tick
 from s2s.worker.process import WorkerError, WorkerProcess

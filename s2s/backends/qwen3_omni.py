@@ -38,15 +38,15 @@ from s2s.backends.base import (
     ToolCalled,
 )
 from s2s.log import CallLogger
-from s2s.protocol import (
+from s2s.protocol.items import (
     FunctionCallItem,
     FunctionCallOutputItem,
-    FunctionTool,
     InputText,
     MessageItem,
     OutputAudio,
     OutputText,
 )
+from s2s.protocol.session_config import FunctionTool
 from s2s.tools import split_tool_calls, tools_prompt
 from s2s.worker.handle import WorkerHandle
 from s2s.worker.messages import CallOutput, Change, Respond, Tick, Turn

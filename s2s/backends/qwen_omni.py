@@ -39,7 +39,7 @@ from s2s.backends.base import (
     ToolCalled,
 )
 from s2s.log import CallLogger
-from s2s.protocol import InputText, Item, MessageItem
+from s2s.protocol.items import InputText, Item, MessageItem
 from s2s.tools import split_tool_calls, tool_response, tools_prompt
 from s2s.worker.process import pick_device_and_dtype
 

@@ -13,14 +13,14 @@ import msgspec
 
 from s2s import images
 from s2s.images import ImageError, ImageLimits, Picture
-from s2s.protocol import (
+from s2s.protocol.ids import new_id
+from s2s.protocol.items import (
     ContentPart,
     FunctionCallItem,
     FunctionCallOutputItem,
     InputImage,
     Item,
     MessageItem,
-    new_id,
 )
 from s2s.uploads import Uploads
 

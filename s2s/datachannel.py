@@ -1,0 +1,129 @@
+"""One call's ``oai-events`` data channel: server events out, client events in.
+
+Server events sent before the channel opens are kept (up to a bound) and go out when it does;
+every one is also copied to the call's sideband listeners. Client events are rate-limited
+(``EventRate``), queued (bounded; refused with an ``error`` when full) and decoded one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+
+from aiortc import RTCDataChannel
+
+from s2s.config import Settings
+from s2s.eventrate import FLOOD_S, EventRate, Verdict
+from s2s.log import CallLogger
+from s2s.protocol.client_events import AnyClientEvent
+from s2s.protocol.codec import EventError, decode_client_event, encode_event
+from s2s.protocol.server_events import Error, ErrorDetail, ServerEvent
+
+EVENTS_LABEL = "oai-events"
+# Client events waiting to be handled; past this, new ones are refused with an error event.
+_INBOX_SIZE = 256
+# Server events sent before the data channel opened, kept until it does.
+_PENDING_EVENTS = 256
+# How long a flooding call lives on after it is cut off, for its last errors to leave.
+_CUT_OFF_GRACE_S = 0.2
+
+
+class EventChannel:
+    """The events of one call; ``end`` ends the call (a client that keeps flooding is cut off)."""
+
+    def __init__(self, settings: Settings, log: CallLogger, end: Callable[[str], None]) -> None:
+        self.log = log
+        #: Sideband watchers: each gets every server event's JSON, as the data channel does.
+        self.listeners: set[Callable[[str], None]] = set()
+        self._end = end
+        self._max_event_bytes = settings.max_event_bytes
+        self._channel: RTCDataChannel | None = None
+        self._pending: deque[str] = deque(maxlen=_PENDING_EVENTS)
+        self._inbox: asyncio.Queue[bytes | str] = asyncio.Queue(_INBOX_SIZE)
+        self._rate = EventRate(settings.max_events_per_s, settings.max_event_bytes_per_s)
+        self._cut_off = False
+
+    @property
+    def attached(self) -> bool:
+        """Whether the call's data channel has been taken (a second one is refused)."""
+        return self._channel is not None
+
+    def attach(self, channel: RTCDataChannel, first: ServerEvent) -> None:
+        """Take the call's data channel: send ``first``, then every event kept until now."""
+        self._channel = channel
+        channel.on("message", self.receive)
+        self.send(first)
+        while self._pending and channel.readyState == "open":
+            channel.send(self._pending.popleft())
+
+    def send(self, event: ServerEvent, *, keep: bool = True) -> None:
+        """Send a server event to the client, or keep it until the data channel opens.
+
+        An event that is stale by then (``keep=False``) is not kept, only sent to listeners.
+        """
+        text = encode_event(event)
+        if len(text) > self._max_event_bytes:
+            # Our own bug if it happens; the call must survive it, and the client hear of it.
+            self.log.error("dropped a %d-byte %s event", len(text), type(event).__name__)
+            detail = ErrorDetail(
+                type="server_error", code="event_too_large",
+                message=f"a server event of {len(text)} bytes was too large to send",
+            )  # fmt: skip
+            text = encode_event(Error(error=detail))
+        channel = self._channel
+        if channel is not None and channel.readyState == "open":
+            channel.send(text)
+        elif keep:
+            self._pending.append(text)
+        for listener in list(self.listeners):
+            listener(text)
+
+    async def next_event(self) -> AnyClientEvent:
+        """The next client event that decodes; each that does not is answered with an error."""
+        while True:
+            raw = await self._inbox.get()
+            try:
+                return decode_client_event(raw, max_bytes=self._max_event_bytes)
+            except EventError as exc:
+                self.log.debug("bad client event: %s", exc)
+                self.send(Error(error=exc.detail))
+
+    def receive(self, message: bytes | str) -> None:
+        """A client event from the data channel or an app backend's sideband connection."""
+        if self._cut_off:
+            return
+        match self._rate.take(len(message)):
+            case Verdict.ACCEPT:
+                pass
+            case Verdict.REFUSE:
+                self.send(Error(error=ErrorDetail(
+                    code="rate_limited", type="limit_error",
+                    message="too many client events or bytes per second; events are being "
+                    "dropped",
+                )))  # fmt: skip
+                return
+            case Verdict.REFUSE_QUIETLY:
+                return
+            case Verdict.FLOOD:
+                # The call ends a moment later, so the errors already queued reach the client.
+                self._cut_off = True
+                self.send(Error(error=ErrorDetail(
+                    code="rate_limited", type="limit_error",
+                    message=f"over {FLOOD_S:.0f} s worth of events or bytes past the limit; "
+                    "the call is ended",
+                )))  # fmt: skip
+                loop = asyncio.get_running_loop()
+                loop.call_later(_CUT_OFF_GRACE_S, self._end, "rate_limited")
+                return
+        try:
+            self._inbox.put_nowait(message)
+        except asyncio.QueueFull:
+            self.send(
+                Error(
+                    error=ErrorDetail(
+                        code="event_queue_full",
+                        message=f"more than {_INBOX_SIZE} events are waiting; this one was dropped",
+                    )
+                )
+            )

@@ -1,0 +1,370 @@
+"""The responses of one call: at most one in progress, streamed as the OpenAI Realtime API does.
+
+Response audio is queued on the speaker with text markers at the playback position where each
+piece of text starts; transcript deltas go out when playback reaches them, so the transcript a
+client sees (and the one kept after a barge-in) is what the caller actually heard. A response is
+done once the model has finished it and its last sample has been played.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from msgspec import UnsetType
+
+from s2s.audio import WEBRTC_RATE, SpeakerTrack
+from s2s.backends import Backend, ModelStream, ResponseRequest, Steering, StepResult
+from s2s.metrics import CallMetrics
+from s2s.protocol.client_events import ConversationItemTruncate, ResponseParams
+from s2s.protocol.ids import new_id
+from s2s.protocol.items import FunctionCallItem, Item, MessageItem, OutputAudio, OutputText
+from s2s.protocol.server_events import (
+    ConversationItemDone,
+    ConversationItemTruncated,
+    Error,
+    ErrorDetail,
+    FunctionCallArgumentsDelta,
+    FunctionCallArgumentsDone,
+    OutputAudioBufferCleared,
+    OutputAudioBufferStarted,
+    OutputAudioBufferStopped,
+    OutputTextDelta,
+    OutputTextDone,
+    Response,
+    ResponseContentPartAdded,
+    ResponseContentPartDone,
+    ResponseCreated,
+    ResponseDone,
+    ResponseOutputItemAdded,
+    ResponseOutputItemDone,
+    ResponseSteered,
+    ServerEvent,
+    StatusDetails,
+    TranscriptDelta,
+    TranscriptDone,
+)
+from s2s.protocol.session_config import SessionConfig
+from s2s.realtime.conversation import Conversation, RequestError
+from s2s.tools import ToolError, allowed_tools, take_tools
+
+log = logging.getLogger(__name__)
+
+_SAMPLES_PER_MS = WEBRTC_RATE // 1000
+
+
+@dataclass(eq=False)
+class ActiveResponse:
+    id: str
+    metadata: dict[str, object] | None
+    modalities: list[str]
+    item: MessageItem | None = None  # the spoken (or text) message, once it has begun
+    outputs: list[Item] = field(default_factory=list)  # in output_index order
+    start_pos: int | None = None  # playback position of its first sample
+    end_pos: int = 0  # playback position after its last queued sample
+    markers: collections.deque[tuple[int, str]] = field(default_factory=collections.deque)
+    timeline: list[tuple[int, str]] = field(default_factory=list)  # (ms into the item, text)
+    spoken: list[str] = field(default_factory=list)
+    generated: bool = False
+    playing: bool = False
+    requested_at: float | None = None  # loop time the caller's turn ended, for turn latency
+
+
+class Responses:
+    """Starts, streams, steers, cancels and finishes the call's responses.
+
+    ``add_item`` adds an item to the conversation and announces it; ``touch`` is called whenever
+    a response ends (the idle timeout counts from there); ``watching`` is set while playout
+    needs following.
+    """
+
+    def __init__(
+        self,
+        config: SessionConfig,
+        backend: Backend,
+        stream: ModelStream,
+        speaker: SpeakerTrack,
+        send: Callable[[ServerEvent], None],
+        conversation: Conversation,
+        add_item: Callable[[Item], str | None],
+        touch: Callable[[], None],
+        watching: asyncio.Event,
+        metrics: CallMetrics | None,
+    ) -> None:
+        self.config = config
+        self._backend = backend
+        self._stream = stream
+        self._speaker = speaker
+        self._send = send
+        self._conversation = conversation
+        self._add_item = add_item
+        self._touch = touch
+        self._watching = watching
+        self._metrics = metrics
+        self._timelines: dict[str, tuple[list[tuple[int, str]], int]] = {}
+        self.active: ActiveResponse | None = None
+
+    # -- model output ------------------------------------------------------------------------
+
+    def finished(self, response_id: str, silent: bool) -> None:
+        """The model has generated all of ``response_id``; ``silent``: this step had no output."""
+        if self.active is not None and self.active.id == response_id:
+            self.active.generated = True
+            self._watching.set()
+            if self.active.item is None and silent:
+                # Nothing to play (only tool calls): done now, before anyone can
+                # act on the calls, so their answer's response.create finds it over.
+                self._finish("completed")
+
+    def tool_called(self, response_id: str, name: str, arguments: str) -> None:
+        if self.active is not None and self.active.id == response_id:
+            self._call_tool(self.active, name, arguments)
+
+    def failed(self, response_id: str, message: str) -> None:
+        if self.active is not None and self.active.id == response_id:
+            self._send(Error(error=ErrorDetail(
+                code="model_error", type="server_error", message=message,
+            )))  # fmt: skip
+            self._finish("failed", "model_error")
+
+    def play(self, result: StepResult, audio: np.ndarray) -> None:
+        """Queue one step's audio (already at 48 kHz) and mark where its text starts."""
+        if result.response_id is None:
+            if audio.size:
+                self._speaker.write(audio)
+            return
+        r = self.active
+        if r is None and not self._backend.turn_based:
+            # A continuous (full-duplex) model starts speaking on its own: open a response.
+            r = self.open(ResponseParams(), result.response_id)
+        if r is None or r.id != result.response_id:
+            return  # output of a response that was cancelled while this step ran
+        if r.item is None and (audio.size or result.text):
+            self._open_message(r)
+        pos = self._speaker.played_samples + self._speaker.queued_samples
+        if r.start_pos is None and (audio.size or result.text):
+            r.start_pos = pos
+        if result.text and "audio" not in r.modalities:
+            self._emit_text(r, result.text)
+        elif result.text:
+            r.markers.append((pos, result.text))
+            start = pos if r.start_pos is None else r.start_pos
+            r.timeline.append(((pos - start) // _SAMPLES_PER_MS, result.text))
+        if audio.size:
+            self._speaker.write(audio)
+            r.end_pos = pos + audio.size
+
+    def follow_playout(self, r: ActiveResponse) -> None:
+        """Transcript deltas, output buffer start/stop and completion of ``r`` as it plays."""
+        played = self._speaker.played_samples
+        if not r.playing and r.start_pos is not None and played > r.start_pos:
+            r.playing = True
+            if r.requested_at is not None and self._metrics is not None:
+                self._metrics.turn(asyncio.get_running_loop().time() - r.requested_at)
+            self._send(OutputAudioBufferStarted(response_id=r.id))
+        # A piece of text goes out once the first sample it belongs to has been played.
+        while r.markers and r.markers[0][0] < played:
+            self._emit_text(r, r.markers.popleft()[1])
+        if r.generated and played >= r.end_pos:
+            while r.markers:
+                self._emit_text(r, r.markers.popleft()[1])
+            if r.playing:
+                self._send(OutputAudioBufferStopped(response_id=r.id))
+            self._finish("completed")
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def start(
+        self, trigger: str, params: ResponseParams, *, requested_at: float | None = None
+    ) -> None:
+        if not self._backend.turn_based:
+            raise RequestError(
+                "model_does_not_respond", f"the {self._backend.name} model does not respond"
+            )
+        if self.active is not None:
+            raise RequestError(
+                "conversation_already_has_active_response", "a response is in progress"
+            )
+        voice, speed = voice_speed(params)
+        instructions = params.instructions
+        if not isinstance(instructions, str):
+            instructions = self.config.instructions
+        current = (self.config.tools, self.config.tool_choice)
+        try:
+            tools, choice = take_tools(params.tools, params.tool_choice, current, "response")
+        except ToolError as exc:
+            raise RequestError(exc.code, str(exc), exc.param) from None
+        callable_tools, required = allowed_tools(tools, choice)
+        # A response that may call a tool starts its message only when it speaks, so a response
+        # that only calls a tool holds just the call, as OpenAI's do.
+        r = self.open(params, None, message=not callable_tools)
+        r.requested_at = requested_at
+        request = ResponseRequest(
+            response_id=r.id, instructions=instructions, voice=voice or self.config.voice,
+            speed=speed or self.config.speed, modalities=list(r.modalities),
+            conversation=self._conversation.items(), trigger=trigger,  # type: ignore[arg-type]
+            pictures=self._conversation.pictures(), tools=callable_tools, tool_required=required,
+        )  # fmt: skip
+        try:
+            await self._stream.respond(request)
+        except Exception:
+            log.exception("model failed to start a response")
+            self._finish("failed", "model_error")
+
+    def open(
+        self, params: ResponseParams, response_id: str | None, *, message: bool = True
+    ) -> ActiveResponse:
+        """Announce a new response and make it the active one; with ``message``, open its
+        assistant message at once (else at its first text or audio)."""
+        modalities = params.output_modalities
+        if not isinstance(modalities, list):
+            modalities = list(self.config.output_modalities)
+        r = ActiveResponse(id=response_id or new_id("resp"), metadata=params.metadata,
+                           modalities=list(modalities))  # fmt: skip
+        self.active = r
+        self._send(ResponseCreated(response=self._response(r, "in_progress")))
+        if message:
+            self._open_message(r)
+        self._watching.set()
+        return r
+
+    async def cancel(self, reason: str) -> None:
+        """Stop the response in progress at once: flush its audio, reset the model stream."""
+        r = self.active
+        if r is None:
+            return
+        await self._stream.reset()
+        dropped = self._speaker.flush()
+        played = self._speaker.played_samples
+        r.end_pos = min(r.end_pos, played)
+        while r.markers and r.markers[0][0] <= played:
+            self._emit_text(r, r.markers.popleft()[1])
+        r.markers.clear()
+        if r.playing or dropped:
+            self._send(OutputAudioBufferCleared(response_id=r.id))
+        self._finish("cancelled", reason)
+
+    async def steer(self, steering: Steering) -> None:
+        r = self.active
+        if r is None:
+            return
+        await self._stream.steer(steering)
+        self._send(ResponseSteered(
+            response_id=r.id, instructions=steering.instructions, voice=steering.voice,
+            speed=steering.speed,
+        ))  # fmt: skip
+
+    async def truncate(self, event: ConversationItemTruncate) -> None:
+        """Cut an assistant message (and its transcript) to the audio the caller heard."""
+        item = self._conversation.get(event.item_id)
+        item_id = event.item_id
+        if not isinstance(item, MessageItem) or item.role != "assistant":
+            raise RequestError("invalid_item", "only assistant audio can be truncated", "item_id")
+        if self.active is not None and self.active.item is item:
+            await self.cancel("client_cancelled")
+        timeline, audio_ms = self._timelines.get(item_id, ([], 0))
+        end = min(event.audio_end_ms, audio_ms)
+        item.content = [OutputAudio(transcript="".join(t for ms, t in timeline if ms < end))]
+        self._timelines[item_id] = ([(ms, t) for ms, t in timeline if ms < end], end)
+        self._send(
+            ConversationItemTruncated(
+                item_id=item_id, content_index=event.content_index, audio_end_ms=end
+            )
+        )
+
+    # -- the events of one response ----------------------------------------------------------
+
+    def _open_message(self, r: ActiveResponse) -> None:
+        text_only = "audio" not in r.modalities
+        part: OutputAudio | OutputText = OutputText(text="") if text_only else OutputAudio()
+        item = MessageItem(id=new_id("item"), role="assistant", status="in_progress", content=[])
+        assert item.id is not None
+        r.item = item
+        index = len(r.outputs)
+        r.outputs.append(item)
+        self._send(ResponseOutputItemAdded(response_id=r.id, output_index=index, item=item))
+        self._add_item(item)
+        self._send(ResponseContentPartAdded(
+            response_id=r.id, item_id=item.id, output_index=index, content_index=0, part=part
+        ))  # fmt: skip
+
+    def _call_tool(self, r: ActiveResponse, name: str, arguments: str) -> None:
+        """Add the model's call of ``name`` to the response, as OpenAI streams one."""
+        item = FunctionCallItem(
+            id=new_id("item"), call_id=new_id("call"), name=name, status="in_progress"
+        )
+        assert item.id is not None
+        index = len(r.outputs)
+        r.outputs.append(item)
+        self._send(ResponseOutputItemAdded(response_id=r.id, output_index=index, item=item))
+        self._add_item(item)  # sent as it is now: the stored item is completed below
+        ids = {"response_id": r.id, "item_id": item.id, "output_index": index,
+               "call_id": item.call_id}  # fmt: skip
+        self._send(FunctionCallArgumentsDelta(delta=arguments, **ids))  # type: ignore[arg-type]
+        self._send(FunctionCallArgumentsDone(name=name, arguments=arguments, **ids))  # type: ignore[arg-type]
+        item.arguments, item.status = arguments, "completed"
+        self._send(ResponseOutputItemDone(response_id=r.id, output_index=index, item=item))
+        self._send(ConversationItemDone(item=item))
+
+    def _emit_text(self, r: ActiveResponse, text: str) -> None:
+        r.spoken.append(text)
+        assert r.item is not None and r.item.id is not None
+        ids = {"response_id": r.id, "item_id": r.item.id,
+               "output_index": r.outputs.index(r.item), "content_index": 0}  # fmt: skip
+        delta = TranscriptDelta if "audio" in r.modalities else OutputTextDelta
+        self._send(delta(delta=text, **ids))  # type: ignore[arg-type]
+
+    def _finish(self, status: str, reason: str | None = None) -> None:
+        r = self.active
+        assert r is not None
+        self.active = None
+        self._touch()
+        if r.item is not None:
+            self._finish_message(r, r.item, status)
+        self._send(ResponseDone(response=self._response(r, status, reason)))
+
+    def _finish_message(self, r: ActiveResponse, item: MessageItem, status: str) -> None:
+        assert item.id is not None
+        transcript = "".join(r.spoken)
+        part: OutputAudio | OutputText = (
+            OutputAudio(transcript=transcript) if "audio" in r.modalities
+            else OutputText(text=transcript)
+        )  # fmt: skip
+        item.content = [part]
+        item.status = "completed" if status == "completed" else "incomplete"
+        index = r.outputs.index(item)
+        ids = {"response_id": r.id, "item_id": item.id, "output_index": index, "content_index": 0}
+        if isinstance(part, OutputAudio):
+            self._send(TranscriptDone(transcript=transcript, **ids))  # type: ignore[arg-type]
+        else:
+            self._send(OutputTextDone(text=transcript, **ids))  # type: ignore[arg-type]
+        self._send(ResponseContentPartDone(part=part, **ids))  # type: ignore[arg-type]
+        self._send(ResponseOutputItemDone(response_id=r.id, output_index=index, item=item))
+        self._send(ConversationItemDone(item=item))
+        start = r.start_pos if r.start_pos is not None else r.end_pos
+        self._timelines[item.id] = (r.timeline, max(0, r.end_pos - start) // _SAMPLES_PER_MS)
+
+    def _response(self, r: ActiveResponse, status: str, reason: str | None = None) -> Response:
+        details = None
+        if status in ("cancelled", "failed", "incomplete"):
+            details = StatusDetails(type=status, reason=reason)
+        return Response(
+            id=r.id, status=status, status_details=details,  # type: ignore[arg-type]
+            output=list(r.outputs) if status != "in_progress" else [],
+            output_modalities=r.modalities,  # type: ignore[arg-type]
+            metadata=r.metadata,
+        )  # fmt: skip
+
+
+def voice_speed(params: ResponseParams) -> tuple[str | None, float | None]:
+    """The voice and speed a ``response.create`` asks for, None where it leaves them out."""
+    audio = params.audio
+    if isinstance(audio, UnsetType) or isinstance(audio.output, UnsetType):
+        return None, None
+    voice = audio.output.voice if isinstance(audio.output.voice, str) else None
+    speed = audio.output.speed if isinstance(audio.output.speed, float | int) else None
+    return voice, speed

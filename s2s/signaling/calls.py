@@ -1,0 +1,205 @@
+"""``POST /v1/realtime/calls`` (the SDP offer in, the answer out) and hang-up."""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+from aiohttp import web
+
+from s2s.auth import bearer
+from s2s.backends import Backend
+from s2s.backends.base import NoCapacity, PlacingBackend
+from s2s.forwarding import OwnerUnreachable, is_relayed
+from s2s.pool import Pool, new_call_id
+from s2s.protocol.session_config import ServerVad, SessionConfig, SessionPatch
+from s2s.registry import KeyLimit, ServerFull
+from s2s.rtc import new_peer_connection
+from s2s.session import OfferError, Session
+from s2s.signaling.errors import BadRequest, error_response, server_key, unauthorized
+from s2s.signaling.state import BACKEND, KEYS, METRICS, POOL, REGISTRY, RELAY, SETTINGS, VAD
+from s2s.tools import ToolError, take_tools
+
+log = logging.getLogger(__name__)
+
+CALLS_PATH = "/v1/realtime/calls"
+
+
+async def create_call(request: web.Request) -> web.Response:
+    """``POST /v1/realtime/calls``: the SDP offer in, 201 with the SDP answer out."""
+    app = request.app
+    settings = app[SETTINGS]
+    if (pool := app.get(POOL)) is not None and not is_relayed(request):
+        relayed = await _to_least_loaded(request, pool)
+        if relayed is not None:
+            return relayed
+    keys = app[KEYS]
+    token = bearer(request.headers.get("Authorization"))
+    secret = None
+    if keys.required and keys.server_key(token) is None:
+        secret = keys.redeem(token)
+        if secret is None:
+            return unauthorized("a server API key or an unused, unexpired client secret")
+    try:
+        offer, patch = await _read_offer(request, settings.max_sdp_bytes)
+    except BadRequest as exc:
+        return exc.response
+    refused = tools_refused(patch, app[BACKEND])
+    if refused is not None:
+        return refused
+    owner = keys.server_key(token)
+    if secret is not None:
+        # The secret's session is the call's; the client cannot widen it with its own.
+        patch = secret.session
+        owner = secret.owner
+    backend = app[BACKEND]
+    call_id = new_call_id(pool.index if pool is not None else None)
+    # Server VAD is on by default for models that take turns; continuous ones (echo) run none.
+    config = SessionConfig(
+        id=call_id, model=settings.model, turn_detection=ServerVad() if backend.turn_based else None
+    )
+    if patch is not None:
+        config.apply(patch)
+    session = Session(
+        call_id, new_peer_connection(), backend, app[VAD], settings, config, metrics=app[METRICS]
+    )
+    session.owner = owner
+    registry = app[REGISTRY]
+    try:
+        registry.admit(session)
+    except KeyLimit as exc:
+        await session.release()
+        return error_response(
+            429, "too_many_calls", str(exc), headers={"Retry-After": str(settings.retry_after_s)}
+        )
+    except ServerFull as exc:
+        await session.release()
+        return error_response(
+            503,
+            "server_full",
+            f"no capacity for another call ({exc})",
+            headers={"Retry-After": str(settings.retry_after_s)},
+        )
+    if isinstance(backend, PlacingBackend):
+        try:
+            await backend.place(call_id)
+        except NoCapacity as exc:
+            await registry.discard(session)
+            return error_response(
+                503, "server_full", f"no model worker has room for another call ({exc})",
+                headers={"Retry-After": str(settings.retry_after_s)},
+            )  # fmt: skip
+    try:
+        answer = await session.accept(offer)
+    except OfferError as exc:
+        await registry.discard(session)
+        return error_response(400, "invalid_offer", str(exc), param="sdp")
+    registry.start(session)
+    passed_on = is_relayed(request)
+    remote = request.headers.get("X-Forwarded-For") if passed_on else request.remote
+    session.log.info("call created from %s%s", remote, " (passed on)" if passed_on else "")
+    return web.Response(
+        status=201,
+        text=answer,
+        content_type="application/sdp",
+        headers={"Location": f"{CALLS_PATH}/{call_id}"},
+    )
+
+
+async def _to_least_loaded(request: web.Request, pool: Pool) -> web.Response | None:
+    """Relay the offer to a worker with fewer calls than this one; None to take it here."""
+    if request.app[REGISTRY].draining:
+        return None  # answered 503 here; the others are draining too
+    target = pool.least_loaded()
+    if target == pool.index:
+        return None
+    try:
+        return await request.app[RELAY].http(request, target)
+    except OwnerUnreachable as exc:  # it died a moment ago; the offer's body is spent
+        log.warning("could not hand an offer on: %s", exc)
+        return error_response(
+            503,
+            "worker_unavailable",
+            "the worker chosen for this call just went away; try again",
+            headers={"Retry-After": "1"},
+        )
+
+
+async def _read_offer(request: web.Request, max_bytes: int) -> tuple[str, SessionPatch | None]:
+    """The offer SDP and optional session config, from an SDP or a multipart body."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise BadRequest(413, "offer_too_large", f"the offer exceeds {max_bytes} bytes")
+    ctype = request.content_type
+    if ctype == "application/sdp":
+        return _check_sdp(await _read_limited(request, max_bytes)), None
+    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        return await _read_form(request)
+    raise BadRequest(
+        415,
+        "unsupported_media_type",
+        f"expected application/sdp or multipart/form-data, got {ctype or 'no content type'}",
+    )
+
+
+async def _read_form(request: web.Request) -> tuple[str, SessionPatch | None]:
+    """OpenAI's unified interface: an ``sdp`` field and an optional ``session`` JSON field."""
+    try:
+        form = await request.post()
+    except ValueError as exc:  # aiohttp's multipart parser on a broken body
+        raise BadRequest(400, "invalid_body", f"malformed form body: {exc}") from None
+    sdp, session = form.get("sdp"), form.get("session")
+    if not isinstance(sdp, str):
+        raise BadRequest(400, "missing_sdp", "the form has no 'sdp' field", "sdp")
+    patch = None
+    if session is not None:
+        if not isinstance(session, str):
+            raise BadRequest(400, "invalid_session", "'session' must be a JSON field", "session")
+        try:
+            patch = msgspec.json.decode(session, type=SessionPatch)
+        except msgspec.DecodeError as exc:
+            message = f"invalid session: {exc}"
+            raise BadRequest(400, "invalid_session", message, "session") from None
+    return _check_sdp(sdp.encode()), patch
+
+
+def tools_refused(patch: SessionPatch | None, backend: Backend) -> web.Response | None:
+    """A 400 for tools a call could not use: malformed ones, or any on a continuous model."""
+    if patch is None:
+        return None
+    try:
+        tools, _ = take_tools(patch.tools, patch.tool_choice, ([], "auto"), "session")
+    except ToolError as exc:
+        return error_response(400, exc.code, str(exc), param=exc.param)
+    if tools and not backend.turn_based:
+        message = f"the {backend.name} model cannot call tools"
+        return error_response(400, "tools_not_supported", message, param="session.tools")
+    return None
+
+
+async def _read_limited(request: web.Request, max_bytes: int) -> bytes:
+    body = await request.content.read(max_bytes + 1)
+    if len(body) > max_bytes:
+        raise BadRequest(413, "offer_too_large", f"the offer exceeds {max_bytes} bytes")
+    return body
+
+
+def _check_sdp(data: bytes) -> str:
+    try:
+        sdp = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest(400, "invalid_offer", "the offer is not UTF-8 text", "sdp") from None
+    if not sdp.lstrip().startswith("v=0"):
+        message = "the offer is not an SDP description (no v=0)"
+        raise BadRequest(400, "invalid_offer", message, "sdp")
+    return sdp
+
+
+async def hangup_call(request: web.Request) -> web.Response:
+    """``POST /v1/realtime/calls/{call_id}/hangup``."""
+    denied = server_key(request)
+    if isinstance(denied, web.Response):
+        return denied
+    call_id = request.match_info["call_id"]
+    if not await request.app[REGISTRY].hangup(call_id):
+        return error_response(404, "call_not_found", f"no call {call_id!r}", param="call_id")
+    return web.Response(status=200)

@@ -1,0 +1,42 @@
+"""``POST /v1/realtime/client_secrets``: single-use keys for browsers."""
+
+from __future__ import annotations
+
+import msgspec
+from aiohttp import web
+
+from s2s.auth import DEFAULT_SECRET_TTL_S
+from s2s.protocol.session_config import SessionPatch
+from s2s.signaling.calls import tools_refused
+from s2s.signaling.errors import error_response, server_key
+from s2s.signaling.state import BACKEND, KEYS
+
+
+async def create_client_secret(request: web.Request) -> web.Response:
+    """``POST /v1/realtime/client_secrets``: a single-use ``ek_`` key for a browser."""
+    owner = server_key(request)
+    if isinstance(owner, web.Response):
+        return owner
+    try:
+        body = msgspec.json.decode(await request.read() or b"{}", type=_SecretRequest)
+    except msgspec.DecodeError as exc:
+        return error_response(400, "invalid_request", f"invalid body: {exc}")
+    refused = tools_refused(body.session, request.app[BACKEND])
+    if refused is not None:
+        return refused
+    ttl = body.expires_after.seconds if body.expires_after else DEFAULT_SECRET_TTL_S
+    secret = request.app[KEYS].mint(owner or "", body.session, ttl)
+    session = msgspec.to_builtins(secret.session)
+    return web.json_response(
+        {"value": secret.value, "expires_at": secret.expires_at, "session": session}
+    )
+
+
+class _ExpiresAfter(msgspec.Struct):
+    seconds: int
+    anchor: str = "created_at"
+
+
+class _SecretRequest(msgspec.Struct):
+    expires_after: _ExpiresAfter | None = None
+    session: SessionPatch = msgspec.field(default_factory=SessionPatch)

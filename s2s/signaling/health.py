@@ -1,0 +1,55 @@
+"""``GET /healthz`` and ``GET /metrics``: open endpoints for load balancers and scrapers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from s2s.forwarding import OwnerUnreachable, is_relayed
+from s2s.metrics import merge_expositions
+from s2s.signaling.state import BACKEND, METRICS, POOL, REGISTRY, RELAY
+
+log = logging.getLogger(__name__)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    body = {
+        "status": "ok",
+        "model": request.app[BACKEND].name,
+        "calls": len(registry),
+        "max_calls": registry.max_sessions,
+        "tasks": len(asyncio.all_tasks()),  # for soak tests and leak hunting
+    }
+    if (pool := request.app.get(POOL)) is not None:
+        # "calls" is this worker's; "worker_calls" every worker's, for the whole server's load.
+        body.update(worker=pool.index, pid=os.getpid(), worker_calls=pool.counts())
+    return web.json_response(body)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: the Prometheus text format, open like ``/healthz`` (scrapers rarely
+    carry keys; keep the port private). It names live calls' ids; with API keys on, an id alone
+    lets no one hang up or watch a call.
+    """
+    body = request.app[METRICS].exposition()
+    pool = request.app.get(POOL)
+    if pool is not None and not is_relayed(request):
+        # Several workers: this one's figures and every other's, each labelled worker="i". A
+        # worker that does not answer (restarting) is left out of this scrape.
+        texts, labels = [body.decode()], [str(pool.index)]
+        for worker in range(pool.size):
+            if worker == pool.index:
+                continue
+            try:
+                texts.append(await request.app[RELAY].fetch(worker, "/metrics"))
+                labels.append(str(worker))
+            except OwnerUnreachable:
+                log.warning("worker %d did not answer for /metrics", worker)
+        body = merge_expositions(texts, labels)
+    # CONTENT_TYPE_LATEST carries a charset, which aiohttp wants apart from the content type.
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,70 @@
+"""``GET /v1/realtime?call_id=…``: an app backend's WebSocket onto one of its calls."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import WSMsgType, web
+
+from s2s.signaling.errors import error_response, server_key
+from s2s.signaling.state import KEYS, REGISTRY, SETTINGS
+
+_SIDEBAND_BACKLOG = 1024  # server events queued for a slow app backend before it is cut off
+
+
+async def sideband(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/realtime?call_id=…`` (WebSocket): an app backend watches and steers a call.
+
+    It receives every server event the call's data channel gets and may send client events into
+    the call. Only the key that created the call (or minted its client secret) may attach.
+    """
+    key = server_key(request)
+    if isinstance(key, web.Response):
+        return key
+    call_id = request.query.get("call_id", "")
+    session = request.app[REGISTRY].get(call_id)
+    if session is None:
+        return error_response(404, "call_not_found", f"no call {call_id!r}", param="call_id")
+    if request.app[KEYS].required and session.owner != key:
+        return error_response(403, "not_call_owner", "this key did not create that call")
+    ws = web.WebSocketResponse(heartbeat=20, max_msg_size=request.app[SETTINGS].max_event_bytes)
+    await ws.prepare(request)
+    outbox: asyncio.Queue[str | None] = asyncio.Queue(_SIDEBAND_BACKLOG)
+
+    closing = {"code": 1000, "why": b"call ended"}
+
+    def forward(text: str) -> None:
+        try:
+            outbox.put_nowait(text)
+        except asyncio.QueueFull:  # a backend that does not read: drop it, not the call
+            session.listeners.discard(forward)
+            closing.update(code=1011, why=b"too slow")
+            outbox.get_nowait()
+            outbox.put_nowait(None)
+
+    async def pump() -> None:
+        while (text := await outbox.get()) is not None:
+            await ws.send_str(text)
+        await ws.close(code=closing["code"], message=closing["why"])  # type: ignore[arg-type]
+
+    async def until_ended() -> None:
+        await session.wait_ended()
+        await outbox.put(None)
+
+    session.listeners.add(forward)
+    session.log.info("sideband attached")
+    sender = asyncio.create_task(pump(), name=f"{call_id}/sideband")
+    watcher = asyncio.create_task(until_ended(), name=f"{call_id}/sideband-end")
+    try:
+        async for message in ws:
+            if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                session.receive(message.data)
+            if session.ended:
+                break
+    finally:
+        session.listeners.discard(forward)
+        for task in (sender, watcher):
+            task.cancel()
+        await asyncio.gather(sender, watcher, return_exceptions=True)
+        await ws.close()
+    return ws
