@@ -500,10 +500,14 @@ def build_qwen3_omni(out_dir: Path) -> None:
     model: Any = Qwen3OmniMoeForConditionalGeneration(config).eval()  # type: ignore[no-untyped-call]
     _fill_uninitialised(model)
     _quieten_code2wav(model)
-    # The random model never ends a reply by itself: cap it (the model worker reads these, as
-    # generate()'s thinker_/talker_max_new_tokens) at 8 text tokens and 5 s of speech.
+    # The random thinker never ends a reply by itself: cap it (the model worker reads these, as
+    # generate()'s thinker_/talker_max_new_tokens) at 8 text tokens and 5 s of speech. Its
+    # talker does pick its end code, sampled sometimes at once (a reply without speech), so it
+    # decodes greedily (talker_do_sample, read by the worker too): a server test's reply then
+    # does not depend on its call's random id. Sampling is tested on the engine, seed by seed.
     model.generation_config.thinker_max_new_tokens = 8
     model.generation_config.talker_max_new_tokens = 60
+    model.generation_config.talker_do_sample = False
     path = out_dir / "tiny-qwen3-omni"
     shutil.rmtree(path, ignore_errors=True)
     model.save_pretrained(path)

@@ -295,3 +295,17 @@ def test_a_long_turn_is_admitted_over_several_ticks_while_another_call_speaks(
                 break
     assert answered and answered[-1].done, "b answered to the end"
     assert {o.response_id for o in answered} == {"rb"} and any(o.text for o in answered)
+
+
+def test_replies_decode_as_the_checkpoints_generation_config_says() -> None:
+    from s2s.omni.request import Decoding
+    from s2s.omni.sampling import Sampling
+    from s2s.worker.omni import decoding_from
+
+    assert decoding_from({}) == Decoding()  # generate()'s own defaults
+    tuned = decoding_from(
+        {"talker_temperature": 0.7, "talker_top_k": 10, "talker_repetition_penalty": 1.2}
+    )
+    assert tuned.speech == Sampling(temperature=0.7, top_k=10, top_p=1.0)
+    assert tuned.repetition_penalty == 1.2
+    assert decoding_from({"talker_do_sample": False}).speech is None

@@ -28,7 +28,8 @@ import torch
 
 from s2s.omni.engine import OmniEngine, load_model
 from s2s.omni.prompt import AUDIO_RATE, Message, Prompter
-from s2s.omni.request import Request
+from s2s.omni.request import TALKER_SAMPLING, Decoding, Request
+from s2s.omni.sampling import Sampling
 from s2s.worker.messages import CallOutput, Change, Hello, Respond, Tick, TickResult
 from s2s.worker.process import pick_device_and_dtype
 
@@ -60,6 +61,7 @@ class OmniWorker:
         # (the tiny test checkpoint does: its random model never stops by itself).
         self.max_text_tokens = int(limits.get("thinker_max_new_tokens", 1024))
         self.max_frames = int(limits.get("talker_max_new_tokens", 4096))
+        self.decoding = decoding_from(limits)
         speakers = list(model.config.talker_config.speaker_id)
         self.speakers = {name.lower(): name for name in speakers}
         self.default_speaker = speakers[0]
@@ -155,7 +157,7 @@ class OmniWorker:
         self.calls[call] = count + 1
         request = Request(
             inputs, speaker=speaker, speak=respond.speak, max_text_tokens=self.max_text_tokens,
-            max_frames=self.max_frames, seed=response_seed(call, count),
+            max_frames=self.max_frames, decoding=self.decoding, seed=response_seed(call, count),
         )  # fmt: skip
         row = self.engine.begin(request)
         self.answering[call] = row
@@ -172,6 +174,24 @@ class OmniWorker:
         row = self.answering.pop(call, None)
         if row is not None:
             self.rows.pop(row, None)
+
+
+def decoding_from(config: dict[str, Any]) -> Decoding:
+    """How replies pick their tokens: ``generate()``'s talker settings (``talker_do_sample``,
+    ``talker_temperature``, ``talker_top_k``, ``talker_top_p``, ``talker_repetition_penalty``)
+    where the checkpoint's ``generation_config.json`` gives them, else ``generate()``'s
+    defaults. (The tiny test checkpoint's talker is greedy, so a test's reply does not depend on
+    its call's random id.)"""
+    default = TALKER_SAMPLING
+    speech = None
+    if config.get("talker_do_sample", True):
+        speech = Sampling(
+            temperature=float(config.get("talker_temperature", default.temperature)),
+            top_k=int(config.get("talker_top_k", default.top_k)),
+            top_p=float(config.get("talker_top_p", default.top_p)),
+        )
+    penalty = float(config.get("talker_repetition_penalty", Decoding().repetition_penalty))
+    return Decoding(speech=speech, repetition_penalty=penalty)
 
 
 def response_seed(call: str, index: int) -> int:
