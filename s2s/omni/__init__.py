@@ -26,4 +26,9 @@ What does not stream, and why:
   code2wav is causal throughout.
 - ``generate()`` decodes replies over 300 frames (24 s) in chunks with 25 frames of left context,
   an approximation; streaming equals decoding the whole reply at once instead.
+- Qwen2.5-Omni is not on this loop. Its thinker and talker would step as these do (its talker
+  takes reply token ``j`` with code ``j``), but its token2wav integrates a DiT over the whole code
+  sequence: 36 chained evaluations (10 RK4 points), each reaching one 240 ms block ahead and two
+  back, so a code changes the mel up to 8.6 s before it (``scripts/probe_token2wav.py``); only an
+  approximate chunked form could stream.
 """
