@@ -101,7 +101,7 @@ class _Calls:
         from s2s.backends.mimi_stream import MimiStreamDecoder, MimiStreamEncoder
         from s2s.worker.moshi import codec_graphs
 
-        self.engine, self.cuda, self.n = engine, cuda, n
+        self.engine, self.cuda = engine, cuda
         self.rows = [engine.join(i, seed=i) for i in range(n)]
         self.slots = [r.slot for r in self.rows]
         for row in self.rows:

@@ -15,12 +15,7 @@
 # the profiler's operator, sync and allocation counts. Output also goes to $OUT/bench_moshi.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site
-fi
-export PYTHONUNBUFFERED=1
+source scripts/device_wheels.sh
 log=${OUT:-/tmp}/bench_moshi.txt
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$log"
 python3 scripts/bench_moshi.py --random-size moshiko --device cuda --calls 1,16,64 \

@@ -25,11 +25,7 @@
 # bench is cut at 240 s so what it printed comes back; drop `16` from --calls if it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site
-fi
+source scripts/device_wheels.sh
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 log=${OUT:-/tmp}/bench_omni.txt
 (nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || echo "no nvidia-smi") |
