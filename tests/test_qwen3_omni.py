@@ -18,12 +18,13 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from s2s.hosttraffic import HostTraffic
 from s2s.omni.code2wav import Code2WavStream
 from s2s.omni.engine import OmniEngine, load_model
 from s2s.omni.moe import experts_forward, feed_forward
 from s2s.omni.prompt import Message, Prompter, build_inputs
 from s2s.omni.request import GREEDY, Decoding, Request
-from s2s.omni.sampling import Sampling, pick
+from s2s.omni.sampling import Draws, Sampling, pick
 
 MAX_TEXT = 8
 QUESTIONS = ["what am I looking at", "say something nice please"]
@@ -268,14 +269,15 @@ def test_sampling_draws_from_the_filtered_softmax() -> None:
     draws = 20_000
     batch = torch.tensor(logits, dtype=torch.float32).expand(draws, -1)
     settings: list[Sampling | None] = [setting] * draws
-    spread = torch.arange(draws, dtype=torch.long)
-    same = torch.full((draws,), 12345, dtype=torch.long)
-    for seeds, counters in ((spread, torch.zeros_like(spread)), (same, spread)):
-        tokens = pick(batch, settings, seeds, counters, 3)
+    cpu = torch.device("cpu")
+    spread = [(row, 0) for row in range(draws)]
+    same = [(12345, row) for row in range(draws)]
+    for keys in (spread, same):
+        tokens = pick(batch, Draws.send(cpu, settings, keys), 3)
         frequencies = np.bincount(tokens.numpy(), minlength=len(logits)) / draws
         assert np.abs(frequencies - expected).max() < tolerance, frequencies
         # A row's draw is its own: the same in a smaller batch, and greedy rows stay greedy.
-        part = pick(batch[:50], [*settings[:25], *[None] * 25], seeds[:50], counters[:50], 3)
+        part = pick(batch[:50], Draws.send(cpu, [*settings[:25], *[None] * 25], keys[:50]), 3)
         assert torch.equal(part[:25], tokens[:25]) and (part[25:] == 0).all()
 
 
@@ -511,3 +513,44 @@ def test_a_call_cancelled_while_prefilling_frees_its_slot(model: Any, pieces: An
     single = _alone(model, request)
     assert again.text == single.text
     assert all(torch.equal(a, b) for a, b in zip(again.codes, single.codes, strict=True))
+
+
+def test_a_step_reads_back_once_and_uploads_once_per_dtype(model: Any, pieces: Any) -> None:
+    """On a GPU each value read back is a host sync and each tensor of host values a copy: a
+    step makes one of each kind of copy, whatever its calls do (greedy, sampled, at a fixed
+    length, a first frame beside others' later ones, a text that ends while speech goes on).
+    The CPU cannot time this, but ``HostTraffic`` counts the calls themselves."""
+    sampled = Decoding(
+        text=Sampling(temperature=1.0, top_k=20, top_p=0.9), speech=Sampling(top_k=10),
+        residual=Sampling(temperature=0.9),
+    )  # fmt: skip
+    inputs = _inputs(pieces, "media")
+    requests = [
+        _request(inputs),
+        Request(inputs, max_text_tokens=3, max_frames=MAX_FRAMES, decoding=sampled, seed=3),
+        Request(
+            _inputs(pieces, "text"),
+            max_text_tokens=MAX_TEXT,
+            max_frames=12,
+            decoding=GREEDY,
+            fixed_length=True,
+        ),
+    ]
+    engine = OmniEngine(model, max_rows=3)
+    replies = {engine.add(requests[0]): Reply()}
+    steps = 0
+    for _ in range(200):
+        if not engine.active:
+            break
+        if steps in (2, 4):  # joins between steps: a first frame beside later ones
+            replies[engine.add(requests[1 + steps // 4])] = Reply()
+        with HostTraffic() as traffic:
+            outs = engine.step()
+        steps += 1
+        assert traffic.reads == {"numpy": 1}, (steps, traffic.reads)
+        assert traffic.uploads == {"as_tensor": 2}, (steps, traffic.uploads)
+        for out in outs:
+            replies[out.row].text += out.text
+            replies[out.row].codes += [] if out.codes is None else [out.codes]
+    assert not engine.active and steps > 12
+    assert all(reply.codes for reply in replies.values()), "every call spoke"

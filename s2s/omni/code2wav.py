@@ -34,6 +34,7 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
 )
 
 from s2s.backends.mimi_layers import StreamingTransformer
+from s2s.hosttraffic import upload
 
 
 class _Conv:
@@ -202,24 +203,48 @@ class Code2WavStream:
     def step(self, codes: Tensor, slots: list[int]) -> list[Tensor]:
         """One frame ``codes`` ``(batch, quantizers)`` of each call in ``slots``; returns each
         call's new samples (1-D float tensors, in [-1, 1])."""
+        out: list[Tensor | None] = [None] * len(slots)
+        for rows, wav in self.step_parts(codes, slots):
+            for index, row in enumerate(rows):
+                out[row] = wav[index]
+        return [w for w in out if w is not None]
+
+    def columns(self, slots: list[int]) -> dict[str, list[int]]:
+        """The host columns ``step_parts`` reads for ``slots`` (a call's first frame trims the
+        clip's start, so first frames run apart from the others): which rows of the batch and
+        which slots each part has. A step sends them with its others in one upload."""
+        columns = {}
+        for fresh in (True, False):
+            rows = [i for i, slot in enumerate(slots) if self.fresh[slot] == fresh]
+            columns[f"c2w.{int(fresh)}.rows"] = rows
+            columns[f"c2w.{int(fresh)}.slots"] = [slots[i] for i in rows]
+        return columns
+
+    @torch.inference_mode()
+    def step_parts(
+        self, codes: Tensor, slots: list[int], uploaded: dict[str, Tensor] | None = None
+    ) -> list[tuple[list[int], Tensor]]:
+        """``step``, the audio left on the device: ``(rows, audio (len(rows), samples))`` for the
+        calls' first frames and for the others, each part with its own length. ``uploaded``:
+        ``columns(slots)`` already on the device (else they are uploaded here)."""
         if codes.shape != (len(slots), self.quantizers):
             raise ValueError(f"expected codes ({len(slots)}, {self.quantizers}), got {codes.shape}")
-        out: list[Tensor | None] = [None] * len(slots)
-        # A call's first frame trims the clip's start, so it runs apart from the others.
-        groups = {
-            fresh: [i for i, slot in enumerate(slots) if self.fresh[slot] == fresh]
-            for fresh in (True, False)
-        }
-        for fresh, picked in groups.items():
-            if not picked:
+        columns = self.columns(slots)
+        if uploaded is None:
+            uploaded = upload(codes.device, torch.int64, **columns)
+        parts = []
+        for fresh in (True, False):
+            rows = columns[f"c2w.{int(fresh)}.rows"]
+            if not rows:
                 continue
-            chosen = [slots[i] for i in picked]
-            index = torch.tensor(chosen, device=codes.device)
-            wav = self._run(codes[picked], index, max(chosen) + 1, fresh)
-            for row, i in enumerate(picked):
-                out[i] = wav[row, 0]
-                self.fresh[slots[i]] = False
-        return [w for w in out if w is not None]
+            chosen = columns[f"c2w.{int(fresh)}.slots"]
+            picked = codes if len(rows) == len(slots) else codes[uploaded[f"c2w.{int(fresh)}.rows"]]
+            index = uploaded[f"c2w.{int(fresh)}.slots"]
+            wav = self._run(picked, index, max(chosen) + 1, fresh)
+            parts.append((rows, wav[:, 0]))
+            for slot in chosen:
+                self.fresh[slot] = False
+        return parts
 
     def _run(self, codes: Tensor, slots: Tensor, rows: int, fresh: bool) -> Tensor:
         model = self.model

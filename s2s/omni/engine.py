@@ -30,17 +30,19 @@ Everything runs on the caller's thread under ``torch.inference_mode()``; nothing
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from transformers import DynamicCache, Qwen3OmniMoeForConditionalGeneration
 
+from s2s.hosttraffic import download, upload
 from s2s.omni.code2wav import Code2WavStream
 from s2s.omni.prefill import Pieces, ThinkerPrompt, encode, talker_prompt
 from s2s.omni.request import Request, RowStep
-from s2s.omni.sampling import noise_keys, penalize, pick
+from s2s.omni.sampling import Draws, penalize, pick
 from s2s.omni.slots import SlotCache
 
 SAMPLE_RATE = 24_000
@@ -55,8 +57,8 @@ class _Row:
     id: int
     slot: int
     request: Request
-    text: list[int]
-    last_token: int
+    text: list[int]  # text tokens made since the last step, reported with it
+    first_token: int
     tokens: int = 1
     thinking: bool = True
     speaking: bool = False
@@ -64,10 +66,7 @@ class _Row:
     cancelled: bool = False
     thinker_delta: int = 0
     talker_delta: int = 0
-    code: int = 0  # the talker's last first code
     frames: int = 0  # first codes picked so far
-    past: Tensor | None = None  # the talker's last hidden state (1, hidden)
-    pending: list[Tensor] = field(default_factory=list)  # text inputs for the talker
 
 
 @dataclass(slots=True)
@@ -125,6 +124,8 @@ class OmniEngine:
         self._next_id = 0
         config = self.config
         talker = config.talker_config
+        text_vocab = int(self.thinker.lm_head.out_features)
+        self.is_text_end = torch.zeros(text_vocab, dtype=torch.bool, device=self.device)
         self.text_end = {config.im_end_token_id}
         self.codec_end = int(talker.codec_eos_token_id)
         vocab = int(talker.text_config.vocab_size)
@@ -133,6 +134,17 @@ class OmniEngine:
         self.suppressed[max(vocab - 1024, 0) :] = True
         self.suppressed[self.codec_end] = False
         self.seen = torch.zeros(max_rows, vocab, dtype=torch.bool, device=self.device)
+        self.is_codec_end = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+        self.is_codec_end[self.codec_end] = True
+        if max(vocab, text_vocab) > 2**24:
+            raise ValueError("token ids must fit float32 exactly (s2s.hosttraffic.download)")
+        # What a step reads of the step before, kept per slot on the device so that a step
+        # sends no host values but its one upload: each call's last text token, the talker's
+        # last first code and its last hidden state.
+        self.token = torch.zeros(max_rows, dtype=torch.long, device=self.device)
+        self.code = torch.zeros(max_rows, dtype=torch.long, device=self.device)
+        head = self.talker.codec_head
+        self.past = head.weight.new_zeros(max_rows, head.in_features)
         with torch.inference_mode():
             special = torch.tensor(
                 [[config.tts_bos_token_id, config.tts_eos_token_id, config.tts_pad_token_id]],
@@ -140,6 +152,19 @@ class OmniEngine:
             )
             embeds = self.talker.text_projection(self.thinker.get_input_embeddings()(special))
             self.tts_bos, self.tts_eos, self.tts_pad = embeds.chunk(3, dim=1)
+
+    @property
+    def text_end(self) -> set[int]:
+        """The text tokens that end a reply (on the host; ``is_text_end`` marks them on the
+        device)."""
+        return self._text_end
+
+    @text_end.setter
+    def text_end(self, tokens: set[int]) -> None:
+        self._text_end = set(tokens)
+        self.is_text_end.zero_()
+        for token in tokens:
+            self.is_text_end[token] = True
 
     @property
     def active(self) -> list[int]:
@@ -245,7 +270,7 @@ class OmniEngine:
         if state.talker is None:
             speaker = self.config.talker_config.speaker_id[row.request.speaker.lower()]
             tts = (self.tts_pad, self.tts_bos, self.tts_eos)
-            state.talker = talker_prompt(self.model, prompt, row.last_token, speaker, tts)
+            state.talker = talker_prompt(self.model, prompt, row.first_token, speaker, tts)
             row.talker_delta = state.talker.delta
             self.talker_cache.clear(row.slot)
         talker = state.talker
@@ -260,16 +285,22 @@ class OmniEngine:
                 self.seen[row.slot] = False
                 self.code2wav.reset(row.slot)
                 row.speaking = True
-                self._next_code([row], self.talker.codec_head(hidden[:, -1]), hidden[:, -1])
+                ints, floats = self._speech_columns([row])
+                sent = self._upload(ints, floats)
+                code = int(self._next_codes([row], sent, hidden[:, -1])[0])
+                self._count_frame(row, code)
         return talker.complete
 
     def _first_token(self, state: _Prefill, logits: Tensor) -> _Row:
         """The call's row, from the thinker's logits at the prompt's last position."""
         request = state.request
-        seeds, counters = noise_keys(self.device, [(request.seed, 0)])
-        logits = self._mask_text_end(logits, [request])
-        token = int(pick(logits, [request.decoding.text], seeds, counters, TEXT_STREAM)[0])
-        row = _Row(state.id, state.slot, state.request, text=[token], last_token=token)
+        draws = Draws.send(self.device, [request.decoding.text], [(request.seed, 0)])
+        if request.fixed_length:
+            logits = logits.masked_fill(self.is_text_end, float("-inf"))
+        tokens = pick(logits, draws, TEXT_STREAM)
+        self.token[state.slot] = tokens[0]
+        token = int(tokens[0])  # a prefill reads its first token back; a step reads nothing
+        row = _Row(state.id, state.slot, state.request, text=[token], first_token=token)
         row.thinker_delta = state.thinker.delta if state.thinker is not None else 0
         self._ends_text(row, token)
         return row
@@ -286,45 +317,74 @@ class OmniEngine:
             return True
         return False
 
-    def _mask_text_end(self, logits: Tensor, requests: list[Request]) -> Tensor:
-        """``logits`` (batch, vocab) with the text end tokens ruled out for fixed-length rows."""
-        fixed = [i for i, r in enumerate(requests) if r.fixed_length]
-        if not fixed:
-            return logits
-        rows = torch.tensor(fixed, device=self.device)[:, None]
-        ends = torch.tensor(sorted(self.text_end), device=self.device)
-        logits = logits.clone()
-        logits[rows, ends] = float("-inf")
-        return logits
+    def _count_frame(self, row: _Row, code: int) -> None:
+        """The talker picked ``code``, the first code of the row's next frame."""
+        row.frames += 1
+        if code == self.codec_end:
+            row.speaking = False
+        elif row.frames >= row.request.max_frames:
+            # generate() stops here without the residual codes of this last frame.
+            row.speaking, row.cut = False, True
 
-    def _next_code(self, rows: list[_Row], logits: Tensor, hidden: Tensor) -> None:
-        """Pick each row's next first code from the talker's ``logits`` (batch, vocab)."""
-        slots = torch.tensor([r.slot for r in rows], device=self.device)
-        penalty = torch.tensor(
-            [r.request.decoding.repetition_penalty for r in rows], device=self.device
+    def _upload(
+        self, ints: dict[str, list[int]], floats: dict[str, list[float]]
+    ) -> dict[str, Tensor]:
+        """A step's host values on the device: one copy of its ints, one of its floats."""
+        return upload(self.device, torch.int64, **ints) | upload(
+            self.device, torch.float32, **floats
         )
-        logits = penalize(logits, self.seen[slots], penalty)
-        logits = logits.masked_fill(self.suppressed, float("-inf"))
-        fixed = [i for i, r in enumerate(rows) if r.request.fixed_length]
-        if fixed:
-            logits[fixed, self.codec_end] = float("-inf")
-        seeds, counters = noise_keys(self.device, [(r.request.seed, r.frames) for r in rows])
+
+    def _think_columns(
+        self, rows: list[_Row]
+    ) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
+        settings = [r.request.decoding.text for r in rows]
+        ints, floats = Draws.columns("text", settings, [(r.request.seed, r.tokens) for r in rows])
+        ints |= {
+            "think.slot": [r.slot for r in rows],
+            "think.delta": [r.thinker_delta for r in rows],
+            "think.fixed": [int(r.request.fixed_length) for r in rows],
+            # The token this step makes is the last the row may make.
+            "think.limit": [int(r.tokens + 1 >= r.request.max_text_tokens) for r in rows],
+        }
+        return ints, floats
+
+    def _speech_columns(
+        self, rows: list[_Row]
+    ) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
+        """What picking the rows' next first codes reads (``_next_codes``)."""
         settings = [r.request.decoding.speech for r in rows]
-        codes = pick(logits, settings, seeds, counters, SPEECH_STREAM)
+        ints, floats = Draws.columns("speech", settings, [(r.request.seed, r.frames) for r in rows])
+        ints |= {
+            "speak.slot": [r.slot for r in rows],
+            "speak.fixed": [int(r.request.fixed_length) for r in rows],
+        }
+        floats["speak.penalty"] = [r.request.decoding.repetition_penalty for r in rows]
+        return ints, floats
+
+    def _next_codes(self, rows: list[_Row], sent: dict[str, Tensor], hidden: Tensor) -> Tensor:
+        """Pick each row's next first code from the talker's last ``hidden`` ``(batch, hidden)``
+        and keep it, with ``hidden``, in the row's slot for the next step."""
+        slots = sent["speak.slot"]
+        logits = self.talker.codec_head(hidden)
+        logits = penalize(logits, self.seen[slots], sent["speak.penalty"])
+        logits = logits.masked_fill(self.suppressed, float("-inf"))
+        if any(r.request.fixed_length for r in rows):
+            fixed = sent["speak.fixed"].bool()[:, None] & self.is_codec_end
+            logits = logits.masked_fill(fixed, float("-inf"))
+        settings = [r.request.decoding.speech for r in rows]
+        codes = pick(logits, Draws.of("speech", sent, settings), SPEECH_STREAM)
         self.seen[slots, codes] = True
-        for index, (row, code) in enumerate(zip(rows, codes.tolist(), strict=True)):
-            row.code, row.past = code, hidden[index : index + 1]
-            row.frames += 1
-            if code == self.codec_end:
-                row.speaking = False
-            elif row.frames >= row.request.max_frames:
-                # generate() stops here without the residual codes of this last frame.
-                row.speaking, row.cut = False, True
+        self.code[slots] = codes
+        self.past[slots] = hidden
+        return codes
 
     @torch.inference_mode()
     def step(self) -> list[RowStep]:
         """Advance every call by one text token and one frame of speech; finished and cancelled
-        calls are reported ``done`` once and leave."""
+        calls are reported ``done`` once and leave.
+
+        A step sends its host values to the device in one upload per dtype and reads its
+        results back in one copy, its only host sync (``tests/test_qwen3_omni.py`` counts)."""
         results = {row.id: RowStep(row.id, row.text, None, None) for row in self.rows.values()}
         for row in list(self.rows.values()):
             row.text = []
@@ -332,11 +392,9 @@ class OmniEngine:
                 results[row.id].done, results[row.id].reason = True, "cancelled"
                 self._release(row)
         thinking = [r for r in self.rows.values() if r.thinking]
-        if thinking:
-            self._think(thinking, results)
         speaking = [r for r in self.rows.values() if r.speaking]
-        if speaking:
-            self._speak(speaking, results)
+        if thinking or speaking:
+            self._step(thinking, speaking, results)
         for row in list(self.rows.values()):
             if not row.thinking and not row.speaking:
                 results[row.id].done = True
@@ -348,58 +406,101 @@ class OmniEngine:
         del self.rows[row.id]
         self.free.append(row.slot)
 
-    def _think(self, rows: list[_Row], results: dict[int, RowStep]) -> None:
-        slots = [r.slot for r in rows]
-        deltas = torch.tensor([r.thinker_delta for r in rows], device=self.device)
-        last = torch.tensor([[r.last_token] for r in rows], device=self.device)
-        embeds = self.thinker.get_input_embeddings()(last)
-        hidden = self.thinker_cache.decode(self.text_model, embeds, deltas, slots)
-        logits = self.thinker.lm_head(hidden[:, -1])
-        logits = self._mask_text_end(logits, [r.request for r in rows])
-        seeds, counters = noise_keys(self.device, [(r.request.seed, r.tokens) for r in rows])
-        settings = [r.request.decoding.text for r in rows]
-        tokens = pick(logits, settings, seeds, counters, TEXT_STREAM)
-        projected = self.talker.text_projection(
-            self.thinker.get_input_embeddings()(tokens[:, None])
-        )
-        for index, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
-            row.tokens += 1
-            row.last_token = token
-            results[row.id].text.append(token)
-            ends = self._ends_text(row, token)
-            if row.speaking:
-                # What the talker reads with the frame after this one: the token, or the end
-                # marker in place of the last one (as generate()'s trailing_text_hidden).
-                row.pending.append(self.tts_eos if ends else projected[index : index + 1])
+    def _step(
+        self, thinking: list[_Row], speaking: list[_Row], results: dict[int, RowStep]
+    ) -> None:
+        ints, floats = self._think_columns(thinking)
+        more_ints, more_floats = self._speech_columns(speaking)
+        ints |= more_ints
+        floats |= more_floats
+        if speaking:
+            settings = [r.request.decoding.residual for r in speaking]
+            keys = [(r.request.seed, r.frames - 1) for r in speaking]  # the frame's own index
+            residual_ints, residual_floats = Draws.columns("residual", settings, keys)
+            thinks = {r.id: i for i, r in enumerate(thinking)}
+            ints |= residual_ints | self.code2wav.columns([r.slot for r in speaking])
+            ints["speak.delta"] = [r.talker_delta for r in speaking]
+            ints["speak.thinks"] = [thinks.get(r.id, -1) for r in speaking]
+            floats |= residual_floats
+        sent = self._upload(ints, floats)
+        out: list[Tensor] = []
+        text_in = None
+        if thinking:
+            tokens, text_in = self._think(thinking, sent)
+            out.append(tokens)
+        parts: list[tuple[list[int], Tensor]] = []
+        if speaking:
+            frame, parts, codes = self._speak(speaking, sent, text_in)
+            out += [frame, codes, *(wav for _, wav in parts)]
+        host = download(*out)
+        if thinking:
+            for row, token in zip(thinking, host.pop(0).astype(np.int64).tolist(), strict=True):
+                row.tokens += 1
+                results[row.id].text.append(token)
+                self._ends_text(row, token)
+        if speaking:
+            frames, codes_host = host[0].astype(np.int64), host[1].astype(np.int64).tolist()
+            for index, row in enumerate(speaking):
+                results[row.id].codes = torch.from_numpy(frames[index])
+            for (batch_rows, _), wav in zip(parts, host[2:], strict=True):
+                for index, position in enumerate(batch_rows):
+                    results[speaking[position].id].audio = torch.from_numpy(wav[index])
+            for row, code in zip(speaking, codes_host, strict=True):
+                self._count_frame(row, code)
 
-    def _speak(self, rows: list[_Row], results: dict[int, RowStep]) -> None:
+    def _think(self, rows: list[_Row], sent: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The rows' next text tokens, and what the talker reads of them (the projected token,
+        or the end marker in place of the last one, as generate()'s trailing_text_hidden)."""
+        slots = sent["think.slot"]
+        embed = self.thinker.get_input_embeddings()
+        hidden = self.thinker_cache.decode(
+            self.text_model, embed(self.token[slots][:, None]), sent["think.delta"],
+            [r.slot for r in rows], slots,
+        )  # fmt: skip
+        logits = self.thinker.lm_head(hidden[:, -1])
+        if any(r.request.fixed_length for r in rows):
+            fixed = sent["think.fixed"].bool()[:, None] & self.is_text_end
+            logits = logits.masked_fill(fixed, float("-inf"))
+        settings = [r.request.decoding.text for r in rows]
+        tokens = pick(logits, Draws.of("text", sent, settings), TEXT_STREAM)
+        self.token[slots] = tokens
+        ends = self.is_text_end[tokens] | sent["think.limit"].bool()
+        projected = self.talker.text_projection(embed(tokens[:, None]))
+        return tokens, torch.where(ends[:, None, None], self.tts_eos, projected)
+
+    def _speak(
+        self, rows: list[_Row], sent: dict[str, Tensor], text_in: Tensor | None
+    ) -> tuple[Tensor, list[tuple[list[int], Tensor]], Tensor]:
+        """The residual codes of the frame whose first code each row has, that frame's audio
+        (in code2wav's parts) and the next frame's first codes."""
         talker = self.talker
         predictor = talker.code_predictor
-        first = torch.tensor([[r.code] for r in rows], device=self.device)
+        slots = sent["speak.slot"]
+        first = self.code[slots][:, None]
         first_embeds = talker.get_input_embeddings()(first)
-        past = torch.cat([r.past for r in rows if r.past is not None])[:, None]
         cache = DynamicCache(config=predictor.config)
-        inputs = torch.cat([past, first_embeds], dim=1)
+        inputs = torch.cat([self.past[slots][:, None], first_embeds], dim=1)
         codes, embeds = [first[:, 0]], [first_embeds]
         groups = int(self.config.talker_config.num_code_groups)
-        settings = [r.request.decoding.residual for r in rows]
-        # The frame's index: the talker counted its first code already.
-        seeds, counters = noise_keys(self.device, [(r.request.seed, r.frames - 1) for r in rows])
+        draws = Draws.of("residual", sent, [r.request.decoding.residual for r in rows])
         for group in range(groups - 1):
             hidden = predictor.model(inputs_embeds=inputs, cache=cache, use_cache=True)
             logits = predictor.lm_head[group](hidden.last_hidden_state[:, -1])
-            code = pick(logits, settings, seeds, counters, RESIDUAL_STREAM + group)
+            code = pick(logits, draws, RESIDUAL_STREAM + group)
             codes.append(code)
             inputs = predictor.model.get_input_embeddings()[group](code[:, None])
             embeds.append(inputs)
         frame = torch.stack(codes, dim=1)
-        audio = self.code2wav.step(frame, [r.slot for r in rows])
-        text = torch.cat([r.pending.pop(0) if r.pending else self.tts_pad for r in rows])
+        slot_list = [r.slot for r in rows]
+        parts = self.code2wav.step_parts(frame, slot_list, sent)
+        # A row that thought in this step reads its token; one whose text has ended, the pad.
+        if text_in is None:
+            text = self.tts_pad
+        else:
+            thinks = sent["speak.thinks"]
+            thought = text_in[thinks.clamp(min=0)]
+            text = torch.where((thinks >= 0)[:, None, None], thought, self.tts_pad)
         step_input = torch.cat(embeds, dim=1).sum(1, keepdim=True) + text
-        slots = [r.slot for r in rows]
-        deltas = torch.tensor([r.talker_delta for r in rows], device=self.device)
-        hidden = self.talker_cache.decode(talker.model, step_input, deltas, slots)
-        for index, row in enumerate(rows):
-            results[row.id].codes = frame[index]
-            results[row.id].audio = audio[index].float()
-        self._next_code(rows, talker.codec_head(hidden[:, -1]), hidden[:, -1])
+        deltas = sent["speak.delta"]
+        hidden = self.talker_cache.decode(talker.model, step_input, deltas, slot_list, slots)
+        return frame, parts, self._next_codes(rows, sent, hidden[:, -1])

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from s2s.hosttraffic import upload
 from s2s.noise import gumbel
 
 
@@ -40,38 +41,80 @@ def penalize(logits: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:
     return torch.where(seen, penalized, logits)
 
 
-def noise_keys(device: torch.device, keys: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
-    """Rows' (seed, counter) pairs as the int64 ``seeds`` and ``counters`` ``pick`` takes, on
-    ``device``, in one copy that does not wait for the device (the host values are staged at
-    once)."""
-    both = torch.tensor(keys, dtype=torch.long).T.contiguous().to(device, non_blocking=True)
-    return both[0], both[1]
+@dataclass(frozen=True, slots=True)
+class Draws:
+    """How each row of a batch picks its token, as tensors on the device (one entry per row):
+    its noise key (``seeds``, ``counters``, int64), whether it takes the argmax (``greedy``) and
+    otherwise its ``temperature``, ``top_k`` (0: all) and ``top_p``. ``sampled`` (on the host)
+    says whether any row samples at all."""
+
+    seeds: Tensor
+    counters: Tensor
+    greedy: Tensor
+    temperature: Tensor
+    top_k: Tensor
+    top_p: Tensor
+    sampled: bool
+
+    @staticmethod
+    def columns(
+        name: str, settings: list[Sampling | None], keys: list[tuple[int, int]]
+    ) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
+        """The int64 and float32 host columns, named after ``name``, that ``Draws.of`` reads
+        back once uploaded (``s2s.hosttraffic.upload``): so a step sends every batch's draws
+        in its one copy. ``keys``: each row's (seed, counter)."""
+        chosen = [s or Sampling() for s in settings]
+        ints = {
+            f"{name}.seed": [seed for seed, _ in keys],
+            f"{name}.counter": [counter for _, counter in keys],
+            f"{name}.greedy": [int(s is None) for s in settings],
+            f"{name}.top_k": [s.top_k for s in chosen],
+        }
+        floats = {
+            f"{name}.temperature": [s.temperature for s in chosen],
+            f"{name}.top_p": [s.top_p for s in chosen],
+        }
+        return ints, floats
+
+    @staticmethod
+    def of(name: str, uploaded: dict[str, Tensor], settings: list[Sampling | None]) -> Draws:
+        """The draws of ``Draws.columns(name, settings, ...)`` once uploaded."""
+        return Draws(
+            seeds=uploaded[f"{name}.seed"],
+            counters=uploaded[f"{name}.counter"],
+            greedy=uploaded[f"{name}.greedy"].bool(),
+            temperature=uploaded[f"{name}.temperature"],
+            top_k=uploaded[f"{name}.top_k"],
+            top_p=uploaded[f"{name}.top_p"],
+            sampled=any(s is not None for s in settings),
+        )
+
+    @staticmethod
+    def send(
+        device: torch.device, settings: list[Sampling | None], keys: list[tuple[int, int]]
+    ) -> Draws:
+        """``settings`` and ``keys`` uploaded on their own (a prefill's single row, tests)."""
+        ints, floats = Draws.columns("d", settings, keys)
+        uploaded = upload(device, torch.int64, **ints) | upload(device, torch.float32, **floats)
+        return Draws.of("d", uploaded, settings)
 
 
-def pick(
-    logits: Tensor, settings: list[Sampling | None], seeds: Tensor, counters: Tensor, stream: int
-) -> Tensor:
-    """One token per row of ``logits`` ``(batch, vocab)``: the argmax where ``settings`` has
-    None, a sample elsewhere, drawn with ``s2s.noise.gumbel(seeds, counters, stream, vocab)``
-    (``seeds`` and ``counters``: int64 ``(batch,)`` on the logits' device)."""
+def pick(logits: Tensor, draws: Draws, stream: int) -> Tensor:
+    """One token per row of ``logits`` ``(batch, vocab)``: the argmax for a greedy row, a sample
+    elsewhere, drawn with ``s2s.noise.gumbel(draws.seeds, draws.counters, stream, vocab)``."""
     greedy = logits.argmax(dim=-1)
-    if all(s is None for s in settings):
+    if not draws.sampled:
         return greedy
-    device = logits.device
-    chosen = [s or Sampling() for s in settings]
-    temperature = torch.tensor([s.temperature for s in chosen], device=device)
-    scores = logits.float() / temperature[:, None]
+    scores = logits.float() / draws.temperature[:, None]
     vocab = scores.shape[-1]
-    top_k = torch.tensor([min(s.top_k, vocab) or vocab for s in chosen], device=device)
+    top_k = torch.where((draws.top_k > 0) & (draws.top_k < vocab), draws.top_k, vocab)
     ranked = scores.sort(dim=-1, descending=True).values
     kth = ranked.gather(1, (top_k - 1)[:, None])
     scores = scores.masked_fill(scores < kth, float("-inf"))
-    top_p = torch.tensor([s.top_p for s in chosen], device=device)
     ascending, order = scores.sort(dim=-1)
     cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
-    drop = cumulative <= (1 - top_p)[:, None]
+    drop = cumulative <= (1 - draws.top_p)[:, None]
     drop[:, -1] = False  # the most likely token always stays
     scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    sampled = (scores + gumbel(seeds, counters, stream, vocab)).argmax(dim=-1)
-    is_greedy = torch.tensor([s is None for s in settings], device=device)
-    return torch.where(is_greedy, greedy, sampled)
+    sampled = (scores + gumbel(draws.seeds, draws.counters, stream, vocab)).argmax(dim=-1)
+    return torch.where(draws.greedy, greedy, sampled)

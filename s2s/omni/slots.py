@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.nn import functional
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import apply_rotary_pos_emb
 
+from s2s.hosttraffic import upload
 from s2s.omni.moe import feed_forward
 
 
@@ -46,6 +47,7 @@ class SlotCache:
         weight = attention.k_proj.weight
         self.kv_heads = attention.k_proj.out_features // attention.head_dim
         self.head_dim = int(attention.head_dim)
+        self.heads_per_kv = attention.q_proj.out_features // attention.head_dim // self.kv_heads
         shape = (slots, self.kv_heads, capacity, self.head_dim)
         self.keys = [weight.new_zeros(shape) for _ in layers]
         self.values = [weight.new_zeros(shape) for _ in layers]
@@ -78,15 +80,14 @@ class SlotCache:
         keys = self.keys[layer][slots, :, :visible]
         values = self.values[layer][slots, :, :visible]
         mask = torch.arange(visible, device=hidden.device) <= lengths[:, None]
-        groups = query.shape[1] // self.kv_heads
+        # Grouped-query attention without copying the keys per query head: the query heads
+        # that share a key head become that head's query rows (one position each here).
+        heads = query.shape[1]
+        grouped = query.reshape(batch, self.kv_heads, heads // self.kv_heads, self.head_dim)
         attended = functional.scaled_dot_product_attention(
-            query,
-            keys.repeat_interleave(groups, dim=1),
-            values.repeat_interleave(groups, dim=1),
-            attn_mask=mask[:, None, None, :],
-            scale=attention.scaling,
+            grouped, keys, values, attn_mask=mask[:, None, None, :], scale=attention.scaling
         )
-        out: Tensor = attention.o_proj(attended.transpose(1, 2).reshape(batch, 1, -1))
+        out: Tensor = attention.o_proj(attended.reshape(batch, 1, -1))
         return out
 
     def _project(self, attention: Any, hidden: Tensor, rotary: tuple[Tensor, Tensor]
@@ -124,20 +125,23 @@ class SlotCache:
         rotary = model.rotary_emb(hidden, positions)
         new = torch.arange(start, end, device=hidden.device)
         mask = torch.arange(end, device=hidden.device)[None, :] <= new[:, None]
+        grouped_mask = mask.repeat(self.heads_per_kv, 1)
         kept = hidden if keep == 0 else None
         for number, layer in enumerate(model.layers):
             attention = layer.self_attn
             query, key, value = self._project(attention, layer.input_layernorm(hidden), rotary)
             self.keys[number][slot, :, start:end] = key[0]
             self.values[number][slot, :, start:end] = value[0]
+            # As in ``attend``: each key head's query heads, one after another, as its rows.
             groups = query.shape[1] // self.kv_heads
             attended = functional.scaled_dot_product_attention(
-                query,
-                self.keys[number][slot : slot + 1, :, :end].repeat_interleave(groups, dim=1),
-                self.values[number][slot : slot + 1, :, :end].repeat_interleave(groups, dim=1),
-                attn_mask=mask[None, None],
+                query.reshape(1, self.kv_heads, groups * count, self.head_dim),
+                self.keys[number][slot : slot + 1, :, :end],
+                self.values[number][slot : slot + 1, :, :end],
+                attn_mask=grouped_mask[None, None],
                 scale=attention.scaling,
             )
+            attended = attended.view(1, groups * self.kv_heads, count, self.head_dim)
             hidden = hidden + attention.o_proj(attended.transpose(1, 2).reshape(1, count, -1))
             hidden = hidden + feed_forward(layer.mlp, layer.post_attention_layernorm(hidden))
             if keep == number + 1:
@@ -152,13 +156,16 @@ class SlotCache:
             kept = out
         return out, kept
 
-    def decode(self, model: Any, hidden: Tensor, deltas: Tensor, slots: list[int]) -> Tensor:
+    def decode(self, model: Any, hidden: Tensor, deltas: Tensor, slots: list[int],
+               index: Tensor | None = None) -> Tensor:  # fmt: skip
         """Run ``hidden`` ``(batch, 1, hidden)`` through the decoder ``model`` (its ``layers``,
-        ``norm`` and ``rotary_emb``) as the next position of each slot in ``slots``; ``deltas``
-        ``(batch,)`` is each call's multimodal RoPE offset. Returns the normed last hidden."""
+        ``norm`` and ``rotary_emb``) as the next position of each slot in ``slots`` (``index``:
+        the same on the device, if the caller has it); ``deltas`` ``(batch,)`` is each call's
+        multimodal RoPE offset. Returns the normed last hidden."""
         visible = max(self.host_lengths[slot] for slot in slots) + 1
         self.reserve(visible)
-        index = torch.tensor(slots, device=hidden.device)
+        if index is None:
+            index = upload(hidden.device, torch.int64, slots=slots)["slots"]
         lengths = self.lengths[index]
         # Text positions continue from the prompt; all three RoPE axes move together.
         positions = (lengths + deltas)[None, :, None].expand(3, -1, -1)
