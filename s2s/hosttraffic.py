@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from itertools import chain
 from typing import Any
+from weakref import ref
 
 import numpy as np
 import torch
@@ -72,6 +73,8 @@ class HostTraffic(TorchFunctionMode):
         super().__init__()
         self.reads: Counter[str] = Counter()
         self.uploads: Counter[str] = Counter()
+        # Tensors already read back: ``t.cpu().numpy()`` is one copy, not two.
+        self._fetched: dict[int, ref[Tensor]] = {}
 
     def __torch_function__(
         self,
@@ -83,8 +86,15 @@ class HostTraffic(TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", repr(func))
         if func in _READS or (func is Tensor.to and _to_host(args, kwargs)):
-            self.reads[name] += 1
-        elif (func in _UPLOADS and not _empty(args)) or (
+            source = args[0] if args else None
+            known = self._fetched.get(id(source))
+            if known is None or known() is not source:
+                self.reads[name] += 1
+            out = func(*args, **kwargs)
+            if isinstance(out, Tensor):
+                self._fetched[id(out)] = ref(out)
+            return out
+        if (func in _UPLOADS and not _empty(args)) or (
             func in _INDEXING and len(args) > 1 and _holds_list(args[1])
         ):
             self.uploads[name] += 1

@@ -30,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchlib import percentile  # noqa: E402
+from benchlib import host_traffic, percentile, profile_step  # noqa: E402
 
 
 def _random_moshiko(device: str) -> Any:
@@ -44,31 +44,6 @@ def _random_moshiko(device: str) -> Any:
     with torch.device(device):
         model = MoshiForConditionalGeneration._from_config(config, dtype=dtype)
     return model.eval()
-
-
-def _profile(step: Any, device: str) -> tuple[int, int, int]:
-    """Operators, host syncs and allocations in one call of ``step``."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU]
-    if device.startswith("cuda"):
-        activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities, profile_memory=True) as prof:
-        step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-    events = prof.events()
-    ops = sum(1 for e in events if e.name.startswith("aten::") and e.cpu_parent is None)
-    syncs = sum(
-        1 for e in events
-        if e.name in ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize")
-        or (e.name.startswith("cudaMemcpy") and "Async" not in e.name)
-    )  # fmt: skip
-    allocations = sum(1 for e in events if e.name == "[memory]" and e.cpu_memory_usage > 0)
-    if device.startswith("cuda"):
-        allocations = sum(1 for e in events if e.name == "[memory]" and e.cuda_memory_usage > 0)
-    return ops, syncs, allocations
 
 
 def _floor_ms(model: Any, engine: Any, n: int, bandwidth_tbs: float) -> float:
@@ -196,7 +171,7 @@ def main() -> None:
         print(f"codec graph replay equals eager: {'yes' if codec else 'NO'}", flush=True)
     header = ["calls", "p50_ms", "p99_ms", "lm_ms", "mimi_ms", "floor_ms", "realtime"]
     if args.profile:
-        header += ["ops", "syncs", "allocs"]
+        header += ["ops", "syncs", "allocs", "reads", "uploads"]
     if cuda:
         header += ["gpu_gb"]
     print(" ".join(f"{h:>8}" for h in header), flush=True)
@@ -227,7 +202,11 @@ def main() -> None:
                 if i >= 3:  # warm-up steps are not counted
                     times.append(1000 * (time.perf_counter() - start))
                     lms.append(1000 * lm)
-            counts = _profile(calls.step, device) if args.profile else ()
+            counts = (
+                (*profile_step(calls.step, device), *host_traffic(calls.step))
+                if args.profile
+                else ()
+            )
         p50, p99 = statistics.median(times), percentile(times, 0.99)
         lm_ms = statistics.median(lms)
         fits = percentile(times, 0.99) < budget_ms
@@ -268,7 +247,7 @@ def _compare_reference(model: Any, levels: list[int], steps: int, device: str) -
                     engine.step(feed)
                     if i >= 3:
                         times.append(1000 * (time.perf_counter() - start))
-                ops, syncs, _ = _profile(lambda e=engine, f=feed: e.step(f), device)
+                ops, syncs, _ = profile_step(lambda e=engine, f=feed: e.step(f), device)
             cells.append(f"{statistics.median(times):.1f} / {ops} / {syncs}")
         print(f"{n:>8} {cells[0]:>20} {cells[1]:>20}", flush=True)
 

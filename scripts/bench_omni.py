@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from benchlib import percentile  # noqa: E402
+from benchlib import host_traffic, percentile, profile_step  # noqa: E402
 from omni_sizes import borrow_token_ids, real_config, shrunk_config  # noqa: E402
 
 from s2s.omni.engine import OmniEngine, load_model, prepare_model  # noqa: E402
@@ -122,8 +122,12 @@ def _requests(prompter: Prompter, args: argparse.Namespace) -> Request:
     )  # fmt: skip
 
 
-def run_batch(engine: OmniEngine, request: Request, calls: int, device: str) -> dict[str, float]:
-    """N calls arriving at once, then steps until all are done; the row of the table."""
+def run_batch(
+    engine: OmniEngine, request: Request, calls: int, device: str, profile: bool = False
+) -> dict[str, float]:
+    """N calls arriving at once, then steps until all are done; the row of the table. With
+    ``profile``, two more steps once every call is speaking (not timed) are counted: operators,
+    host syncs and allocations (torch's profiler), host reads and uploads (``s2s.hosttraffic``)."""
     arrival = time.perf_counter()
     prefills: list[float] = []
     rows = []
@@ -134,7 +138,14 @@ def run_batch(engine: OmniEngine, request: Request, calls: int, device: str) -> 
         prefills.append(time.perf_counter() - start)
     first: dict[int, float] = {}
     steps: list[float] = []
+    counted: dict[str, float] = {}
     while engine.active:
+        if profile and len(steps) == 3 and not counted:
+            ops, syncs, allocations = profile_step(engine.step, device)
+            reads, uploads = host_traffic(engine.step)
+            counted = {"ops": ops, "syncs": syncs, "allocs": allocations, "reads": reads,
+                       "uploads": uploads}  # fmt: skip
+            continue
         start = time.perf_counter()
         outs = engine.step()
         _sync(device)
@@ -154,6 +165,7 @@ def run_batch(engine: OmniEngine, request: Request, calls: int, device: str) -> 
         "step": step_ms,
         "steps": len(steps),
         "rtf": step_ms / 1000 / FRAME_SECONDS,
+        **counted,
     }
 
 
@@ -175,6 +187,8 @@ def main() -> None:
     parser.add_argument("--beside-prompt", type=int, default=0, help="long prompt tokens")
     parser.add_argument("--beside-calls", type=int, default=4)
     parser.add_argument("--prefill-tokens", default="512", help="piece sizes, comma-separated")
+    parser.add_argument("--profile", action="store_true", help="count what one step dispatches: "
+                        "ops, host syncs, allocations, host reads and uploads")  # fmt: skip
     args = parser.parse_args()
     args.fixed_length = args.fixed_length or args.random_size is not None
     torch.set_num_threads(args.threads)
@@ -202,16 +216,19 @@ def main() -> None:
     warm = Request(request.inputs, max_text_tokens=2, max_frames=3, decoding=GREEDY,
                    fixed_length=True)  # fmt: skip
     run_batch(OmniEngine(model, max_rows=1), warm, 1, args.device)
+    counts = ("ops", "syncs", "allocs", "reads", "uploads") if args.profile else ()
     print(f"{'calls':>5} {'prefill ms':>10} {'first audio p50':>16} {'p95':>8} "
-          f"{'step ms':>8} {'steps':>5} {'RTF':>6} {'GiB':>6}")  # fmt: skip
+          f"{'step ms':>8} {'steps':>5} {'RTF':>6} {'GiB':>6}"
+          + "".join(f" {name:>7}" for name in counts))  # fmt: skip
     for calls in [int(n) for n in args.calls.split(",")]:
         engine = OmniEngine(model, max_rows=calls)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        row = run_batch(engine, request, calls, args.device)
+        row = run_batch(engine, request, calls, args.device, args.profile)
         memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
         print(f"{calls:>5} {row['prefill']:>10.0f} {row['p50']:>14.0f}ms {row['p95']:>6.0f}ms "
-              f"{row['step']:>8.1f} {row['steps']:>5} {row['rtf']:>6.2f} {memory:>6.2f}",
+              f"{row['step']:>8.1f} {row['steps']:>5} {row['rtf']:>6.2f} {memory:>6.2f}"
+              + "".join(f" {row.get(name, 0):>7.0f}" for name in counts),
               flush=True)  # fmt: skip
         del engine
         if cuda:

@@ -16,6 +16,7 @@ from transformers import MoshiForConditionalGeneration
 from s2s.backends import ModelUnavailable, StepResult
 from s2s.backends.moshi import MoshiBackend
 from s2s.backends.moshi_engine import MoshiEngine, RowOutput
+from s2s.hosttraffic import HostTraffic
 from s2s.signaling.state import BACKEND
 from s2s.worker.process import WorkerError, WorkerProcess
 from tests.conftest import StartServer
@@ -153,6 +154,11 @@ def test_the_step_has_no_host_sync_and_allocates_no_cache(
     assert "aten::_local_scalar_dense" not in names and "aten::item" not in names
     assert not any("nonzero" in name for name in names)  # a data-dependent shape syncs too
     assert engine._keys.data_ptr() == cache
+    # The whole step as a worker's tick runs it: its one read-back, no tensor of host values.
+    user = torch.zeros((engine.width(), 8), dtype=torch.long)
+    with torch.inference_mode(), HostTraffic() as traffic:
+        engine.step_slots([r.slot for r in rows], user)
+    assert traffic.reads.total() == 1 and not traffic.uploads, (traffic.reads, traffic.uploads)
 
 
 def test_a_step_with_no_slot_ready_changes_nothing(

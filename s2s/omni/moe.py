@@ -51,7 +51,8 @@ def experts_forward(
     flat = index.reshape(-1)
     order = flat.argsort(stable=True)
     source = order // top_k
-    counts = torch.bincount(flat, minlength=experts.num_experts)
+    # Not bincount: on CUDA it reads the largest index back to size its output (a host sync).
+    counts = flat.new_zeros(experts.num_experts).index_add_(0, flat, torch.ones_like(flat))
     offsets = counts.cumsum(0).to(torch.int32)
     picked = x[source]
     gate_up = _grouped(picked, experts.gate_up_proj.transpose(1, 2), offsets)
