@@ -52,13 +52,16 @@ async def _model_and_calls(app: web.Application) -> AsyncIterator[None]:
     if settings.ray_address:
         from s2s.worker.edge import ClusterBackend
 
-        cluster = await ClusterBackend.connect(settings.ray_address, settings.model)
+        cluster = await ClusterBackend.connect(
+            settings.ray_address, settings.model, prompt_tokens=settings.prompt_tokens,
+            prefill_tokens=settings.prefill_tokens,
+        )  # fmt: skip
         app[METRICS].registry.register(cluster.metrics)
         backend = cluster
     else:
         backend = await load_backend(
             settings.model, settings.device, max_calls=settings.max_sessions,
-            prompt_tokens=settings.prompt_tokens,
+            prompt_tokens=settings.prompt_tokens, prefill_tokens=settings.prefill_tokens,
         )  # fmt: skip
     app[BACKEND] = backend
     vad = VadService()

@@ -55,6 +55,14 @@ _FIELD_OPTIONS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
         {},
     ),
     (
+        "--prefill-tokens",
+        "prefill_tokens",
+        "prefill piece of a turn-based model (qwen3-omni): at most this many prompt tokens per "
+        "tick, between the other calls' steps; smaller keeps their frames steadier, larger "
+        "starts a long turn's reply sooner (0: the worker's default, 512)",
+        {},
+    ),
+    (
         "--workers",
         "workers",
         "server processes sharing the port, each pinned to a core; 0 is one "

@@ -22,6 +22,9 @@ class Settings:
     max_sessions: int = 32
     #: Turn-based models' prompt budget in tokens: the oldest turns are left out past it.
     prompt_tokens: int = 8192
+    #: Turn-based models' prefill piece: at most this many prompt positions per tick, between
+    #: the other calls' steps (0: the model worker's default, 512).
+    prefill_tokens: int = 0
     #: Server processes, each pinned to a core; 0 is one per usable core. 1 serves in-process.
     workers: int = 0
     #: Seconds a call may go without inbound audio (no track, or RTP stopped) before it ends.

@@ -297,6 +297,30 @@ def test_a_long_turn_is_admitted_over_several_ticks_while_another_call_speaks(
     assert {o.response_id for o in answered} == {"rb"} and any(o.text for o in answered)
 
 
+def test_a_turn_can_ask_for_its_own_prefill_piece(tiny_models: Path) -> None:
+    """``--prefill-tokens`` travels with each turn: the same long turn takes one tick with a
+    piece larger than its prompt and many with a small one, on a worker whose own is 32."""
+    from s2s.worker.messages import Change, Respond, Tick, Turn
+    from s2s.worker.omni import OmniWorker
+
+    worker = OmniWorker.load(
+        str(tiny_models / "tiny-qwen3-omni"), "cpu", max_calls=1, prefill_tokens=32
+    )
+    history = [Turn("user" if i % 2 == 0 else "assistant", f"turn {i}: tell me more about it")
+               for i in range(12)]  # fmt: skip
+    worker.handle(Tick([Change("join", "a")]))
+    ticks = {}
+    for piece in (100_000, 16):
+        respond = Respond(f"r{piece}", history, prefill_tokens=piece)
+        worker.handle(Tick([Change("respond", "a", respond=respond)]))
+        ticks[piece] = 1
+        while worker.engine.prefilling:
+            worker.handle(Tick())
+            ticks[piece] += 1
+        worker.handle(Tick([Change("reset", "a")]))
+    assert ticks[100_000] == 1 and ticks[16] > 10, ticks
+
+
 def test_replies_decode_as_the_checkpoints_generation_config_says() -> None:
     from s2s.omni.request import Decoding
     from s2s.omni.sampling import Sampling

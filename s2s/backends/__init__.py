@@ -36,11 +36,17 @@ class UnknownModelError(ValueError):
 
 
 async def load_backend(
-    spec: str, device: str | None = None, *, max_calls: int = 32, prompt_tokens: int = 8192
+    spec: str,
+    device: str | None = None,
+    *,
+    max_calls: int = 32,
+    prompt_tokens: int = 8192,
+    prefill_tokens: int = 0,
 ) -> Backend:
     """Load the backend named by ``spec`` (``local``, ``echo``, or ``NAME:PATH_OR_HUB_ID``);
     ``max_calls``: the calls a batched model reserves state for (``--max-sessions``);
-    ``prompt_tokens``: a turn-based streamed model's prompt budget (``--prompt-tokens``)."""
+    ``prompt_tokens``: a turn-based streamed model's prompt budget (``--prompt-tokens``);
+    ``prefill_tokens``: its prefill's piece per tick (``--prefill-tokens``, 0: the worker's)."""
     name, _, location = spec.partition(":")
     match name:
         case "echo":
@@ -61,8 +67,9 @@ async def load_backend(
             from s2s.backends.qwen3_omni import Qwen3OmniBackend
 
             omni: Backend = await Qwen3OmniBackend.load(
-                location, device, max_calls=max_calls, prompt_tokens=prompt_tokens
-            )
+                location, device, max_calls=max_calls, prompt_tokens=prompt_tokens,
+                prefill_tokens=prefill_tokens,
+            )  # fmt: skip
             return omni
         case "local":
             from s2s.backends.local import LocalBackend

@@ -63,9 +63,12 @@ class Qwen3OmniBackend:
     name = "qwen3-omni"
     turn_based = True
 
-    def __init__(self, worker: WorkerHandle, prompt_tokens: int = 8192) -> None:
+    def __init__(
+        self, worker: WorkerHandle, prompt_tokens: int = 8192, prefill_tokens: int = 0
+    ) -> None:
         self.worker = worker
         self.prompt_tokens = prompt_tokens
+        self.prefill_tokens = prefill_tokens
         hello = worker.hello
         self.input_rate, self.output_rate = hello.input_rate, hello.output_rate
         self.frame_samples = hello.frame_samples
@@ -77,10 +80,10 @@ class Qwen3OmniBackend:
     @classmethod
     async def load(
         cls, location: str, device: str | None = None, *, max_calls: int = 8,
-        prompt_tokens: int = 8192,
+        prompt_tokens: int = 8192, prefill_tokens: int = 0,
     ) -> Qwen3OmniBackend:  # fmt: skip
         worker = await WorkerProcess.start(f"qwen3-omni:{location}", device, max_calls)
-        return cls(worker, prompt_tokens)
+        return cls(worker, prompt_tokens, prefill_tokens)
 
     async def open_stream(self, call_id: str) -> Qwen3OmniStream:
         stream = Qwen3OmniStream(self, call_id)
@@ -194,7 +197,7 @@ class Qwen3OmniStream:
         respond = Respond(
             response_id=request.response_id, turns=self.turns_for(request),
             voice=request.voice, speak="audio" in request.modalities,
-            prompt_tokens=self._b.prompt_tokens,
+            prompt_tokens=self._b.prompt_tokens, prefill_tokens=self._b.prefill_tokens,
         )  # fmt: skip
         self._b.change(Change("respond", self.call_id, respond=respond))
 

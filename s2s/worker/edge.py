@@ -114,12 +114,22 @@ class ClusterBackend:
     """``moshi:…`` or ``qwen3-omni:…`` served by worker actors on a Ray cluster
     (``s2s serve --ray-address``)."""
 
-    def __init__(self, registry: Any, model: str, hello: Hello) -> None:
+    def __init__(
+        self, registry: Any, model: str, hello: Hello, *, prompt_tokens: int = 8192,
+        prefill_tokens: int = 0,
+    ) -> None:  # fmt: skip
         self.registry: Any = registry
         self.model = model
         self.name = model.partition(":")[0]
         self._scheduler_class = SCHEDULERS[self.name]
         self.turn_based = self._scheduler_class.turn_based
+        #: What a turn-based model's scheduler sends with each turn (--prompt-tokens,
+        #: --prefill-tokens), as a local worker's gets it.
+        self._options = (
+            {"prompt_tokens": prompt_tokens, "prefill_tokens": prefill_tokens}
+            if self.turn_based
+            else {}
+        )
         self.input_rate, self.output_rate = hello.input_rate, hello.output_rate
         self.frame_samples = hello.frame_samples
         #: One scheduler per worker incarnation this edge placed calls on.
@@ -134,7 +144,10 @@ class ClusterBackend:
         self._follow = asyncio.create_task(self._follow_registry(), name="cluster/registry")
 
     @classmethod
-    async def connect(cls, address: str, model: str, *, wait_s: float = 30.0) -> ClusterBackend:
+    async def connect(
+        cls, address: str, model: str, *, wait_s: float = 30.0, prompt_tokens: int = 8192,
+        prefill_tokens: int = 0,
+    ) -> ClusterBackend:  # fmt: skip
         """Join the cluster and wait up to ``wait_s`` for a worker of ``model`` to register;
         ``ClusterUnavailable`` if there is no cluster at ``address`` or no such worker."""
         loop = asyncio.get_running_loop()
@@ -151,7 +164,10 @@ class ClusterBackend:
                 f"start one with: s2s worker --ray-address {address} --model {model}"
             ) from None
         log.info("cluster at %s: workers of %s are registered", address, model)
-        return cls(registry, model, hello_decoder.decode(hello))
+        return cls(
+            registry, model, hello_decoder.decode(hello), prompt_tokens=prompt_tokens,
+            prefill_tokens=prefill_tokens,
+        )  # fmt: skip
 
     async def place(self, call_id: str) -> None:
         """Reserve a place for the call on the worker of its model with most free slots."""
@@ -172,7 +188,7 @@ class ClusterBackend:
         scheduler = self._schedulers.get(key)
         if scheduler is None:
             worker = ClusterWorker(self.registry, self.model, placement)
-            scheduler = self._schedulers[key] = self._scheduler_class(worker)
+            scheduler = self._schedulers[key] = self._scheduler_class(worker, **self._options)
         log.info("call %s placed on model worker %s", call_id, placement.name)
         stream: Stream = await scheduler.open_stream(call_id)
         self._calls = {c: s for c, s in self._calls.items() if not s[1].closed}

@@ -37,6 +37,10 @@ class Respond(msgspec.Struct, frozen=True):
     speak: bool = True
     #: The prompt's budget in tokens (0: the worker's default).
     prompt_tokens: int = 0
+    #: The most prompt positions prefilled per tick, between the other calls' steps (0: the
+    #: worker's default): smaller pieces keep their frames steadier, larger ones start this
+    #: reply sooner.
+    prefill_tokens: int = 0
 
 
 class Change(msgspec.Struct, frozen=True):

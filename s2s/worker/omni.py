@@ -138,7 +138,7 @@ class OmniWorker:
         for row in self.engine.prefilling[:1]:
             answer = self.rows[row]
             try:
-                self.engine.prefill(row, self.prefill_tokens)
+                self.engine.prefill(row, answer.prefill_tokens or self.prefill_tokens)
             except (RuntimeError, ValueError) as exc:  # a bad picture...
                 self._forget(answer.call)
                 self._fail(outputs, answer.call, answer.response_id, exc)
@@ -161,7 +161,7 @@ class OmniWorker:
         )  # fmt: skip
         row = self.engine.begin(request)
         self.answering[call] = row
-        self.rows[row] = _Answer(call, respond.response_id)
+        self.rows[row] = _Answer(call, respond.response_id, respond.prefill_tokens)
 
     def _cancel(self, call: str) -> None:
         self.waiting.pop(call, None)
@@ -205,8 +205,9 @@ class _Answer:
     """One response in progress: whose it is, and its text so far (decoded whole, so that a
     character split over tokens comes out once it is complete)."""
 
-    def __init__(self, call: str, response_id: str) -> None:
+    def __init__(self, call: str, response_id: str, prefill_tokens: int = 0) -> None:
         self.call, self.response_id = call, response_id
+        self.prefill_tokens = prefill_tokens  # 0: the worker's
         self.tokens: list[int] = []
         self.said = ""
 
