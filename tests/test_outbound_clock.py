@@ -137,26 +137,40 @@ async def test_echo_calls_with_bunched_uplinks_keep_real_time(
     start_workers: StartWorkers,
 ) -> None:
     """Eight echo calls on two worker processes; each caller reads the server's RTP off the
-    wire (decoding nothing) and times every packet against its RTP timestamp."""
+    wire (decoding nothing) and times every packet against its RTP timestamp.
+
+    Lag is timed in the callers' process, which shares two cores with both workers: a
+    one-off stall of that process (CI once saw 0.65 s with every timestamp in sequence, so
+    no slot was skipped on the server) reads as lag. A clock that drifts or bunches does so
+    in every window, so each call gets up to three five-second windows to keep time in."""
     workers = await start_workers()
     peers = [Peer(workers.url, BunchedMic(seed), prefetch=None, decode=False) for seed in range(8)]
+    windows: list[list[RtpTiming]] = []
     try:
         async with asyncio.timeout(30):
             await asyncio.gather(*(peer.connect(timeout=20) for peer in peers))
             await asyncio.gather(*(peer.wait_open(timeout=20) for peer in peers))
         loop = asyncio.get_running_loop()
-        since = loop.time() + 1.0
-        # Five seconds of every call's echo, after a second to settle.
-        await asyncio.gather(*(peer.wait_rtp(250, since=since, timeout=30) for peer in peers))
-        timings = [peer.rtp_timing(since) for peer in peers]
+        since = loop.time() + 1.0  # after a second to settle
+        for _ in range(3):
+            await asyncio.gather(*(peer.wait_rtp(250, since=since, timeout=30) for peer in peers))
+            timings = [peer.rtp_timing(since) for peer in peers]
+            windows.append(timings)
+            if all(_kept_time(timing) for timing in timings):
+                break
+            since = loop.time()
     finally:
         await asyncio.gather(*(peer.close() for peer in peers))
-    for timing in timings:
-        assert timing.repeats == 0, timing
-        # The old clock ran about 2% fast under such input, drifting ~100 ms in 5 s.
-        assert abs(timing.clock_rate - 1) < 0.01, timing
-        assert abs(timing.packet_rate - 1) < 0.01, timing
-        assert timing.lag_p99_s < 0.08, timing
+    for timings in windows:
+        for timing in timings:
+            assert timing.repeats == 0, timing
+    assert all(_kept_time(timing) for timing in windows[-1]), windows
+
+
+def _kept_time(timing: RtpTiming) -> bool:
+    # The old clock ran about 2% fast under such input, drifting ~100 ms in 5 s.
+    rates = abs(timing.clock_rate - 1) < 0.01 and abs(timing.packet_rate - 1) < 0.01
+    return rates and timing.lag_p99_s < 0.08
 
 
 def test_rtp_timing_sees_a_fast_clock() -> None:

@@ -184,6 +184,7 @@ async def test_a_streamed_tool_call_is_held_back_and_becomes_a_call(tiny_models:
 
         class Recorder:  # where the stream's changes for the worker go
             prompt_tokens = 8192
+            prefill_tokens = 0
 
             def change(self, change: Any) -> None:
                 changes.append(change)
