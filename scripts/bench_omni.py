@@ -9,7 +9,9 @@
 Instruct's real sizes (``omni_sizes.real_config``, about 35 B parameters, 66 GiB in bf16) with
 random weights directly on the device, no download (``--depth 1``: every stack one layer deep,
 real widths, to check the real shapes on a CPU); ``shrunk`` the same wiring two layers deep and
-a quarter as wide, to prove the path on a CPU in seconds. A random model has no tokenizer:
+a quarter as wide, to prove the path on a CPU in seconds; ``shrunk-deep`` those widths at the
+real depths (48 thinker layers, 20 talker, 5 code predictor, 8 code2wav), so ``--profile``
+counts on a CPU the operators a GPU would launch per step. A random model has no tokenizer:
 prompts come from ``--tokens`` (the tiny checkpoint's tokenizer and preprocessors, whose special
 ids the random config takes; sizes cost the time, ids do not).
 
@@ -57,7 +59,11 @@ from s2s.omni.prompt import Message, Prompter  # noqa: E402
 from s2s.omni.request import GREEDY, Request  # noqa: E402
 
 FRAME_SECONDS = 0.08
-SIZES = {"qwen3-omni": real_config, "shrunk": shrunk_config}
+SIZES = {
+    "qwen3-omni": real_config,
+    "shrunk": shrunk_config,
+    "shrunk-deep": lambda: shrunk_config(real_depth=True),
+}
 
 
 def _sync(device: str) -> None:

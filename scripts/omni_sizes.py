@@ -138,10 +138,16 @@ def _cut(parts: dict[str, Any], depth: int) -> None:
     talker["accept_hidden_layer"] = min(talker["accept_hidden_layer"], depth)
 
 
-def shrunk_config() -> Qwen3OmniMoeConfig:
+def shrunk_config(real_depth: bool = False) -> Qwen3OmniMoeConfig:
     """The same parts and wiring, two layers deep, 8 experts and a quarter as wide (head sizes
-    and codebooks kept), so a bench runs through every module on a small CPU."""
-    parts = copy.deepcopy(real_parts())
+    and codebooks kept), so a bench runs through every module on a small CPU.
+
+    ``real_depth`` keeps every stack's real layer count (and where the deepstack features and
+    the talker's accepted hidden state come from): a step then dispatches exactly the
+    operators the real model's does (their count depends on layers, not widths), so a CPU can
+    count what a GPU would have to launch."""
+    real = real_parts()
+    parts = copy.deepcopy(real)
     thinker, talker = parts["thinker_config"], parts["talker_config"]
     thinker["text_config"].update(
         vocab_size=4096, hidden_size=512, num_hidden_layers=2, num_attention_heads=8,
@@ -169,7 +175,24 @@ def shrunk_config() -> Qwen3OmniMoeConfig:
         hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, decoder_dim=384,
     )  # fmt: skip
+    if real_depth:
+        _keep_depth(parts, real)
     return Qwen3OmniMoeConfig(**parts)
+
+
+def _keep_depth(parts: dict[str, Any], real: dict[str, Any]) -> None:
+    stacks = [
+        ("thinker_config", "text_config", "num_hidden_layers"),
+        ("thinker_config", "audio_config", "encoder_layers"),
+        ("thinker_config", "vision_config", "depth"),
+        ("thinker_config", "vision_config", "deepstack_visual_indexes"),
+        ("talker_config", "text_config", "num_hidden_layers"),
+        ("talker_config", "code_predictor_config", "num_hidden_layers"),
+    ]
+    for part, sub, key in stacks:
+        parts[part][sub][key] = copy.deepcopy(real[part][sub][key])
+    parts["talker_config"]["accept_hidden_layer"] = real["talker_config"]["accept_hidden_layer"]
+    parts["code2wav_config"]["num_hidden_layers"] = real["code2wav_config"]["num_hidden_layers"]
 
 
 #: Text token ids a prompt's tokenizer decides, per part of the config.
