@@ -36,10 +36,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from transformers import DynamicCache, Qwen3OmniMoeForConditionalGeneration
+from transformers import Qwen3OmniMoeForConditionalGeneration
 
 from s2s.hosttraffic import download, upload
 from s2s.omni.code2wav import Code2WavStream
+from s2s.omni.predictor import CodePredictor
 from s2s.omni.prefill import Pieces, ThinkerPrompt, encode, talker_prompt
 from s2s.omni.request import Request, RowStep
 from s2s.omni.sampling import Draws, penalize, pick
@@ -116,6 +117,7 @@ class OmniEngine:
         self.thinker_cache = SlotCache(self.text_model.layers, max_rows)
         self.talker_cache = SlotCache(self.talker.model.layers, max_rows)
         self.code2wav = Code2WavStream(model.code2wav, max_rows)
+        self.predictor = CodePredictor(self.talker.code_predictor, max_rows)
         self.free = list(range(max_rows))
         self.rows: dict[int, _Row] = {}
         self.prefills: dict[int, _Prefill] = {}
@@ -474,21 +476,20 @@ class OmniEngine:
         """The residual codes of the frame whose first code each row has, that frame's audio
         (in code2wav's parts) and the next frame's first codes."""
         talker = self.talker
-        predictor = talker.code_predictor
+        predictor = self.predictor
         slots = sent["speak.slot"]
         first = self.code[slots][:, None]
         first_embeds = talker.get_input_embeddings()(first)
-        cache = DynamicCache(config=predictor.config)
         inputs = torch.cat([self.past[slots][:, None], first_embeds], dim=1)
         codes, embeds = [first[:, 0]], [first_embeds]
-        groups = int(self.config.talker_config.num_code_groups)
         draws = Draws.of("residual", sent, [r.request.decoding.residual for r in rows])
-        for group in range(groups - 1):
-            hidden = predictor.model(inputs_embeds=inputs, cache=cache, use_cache=True)
-            logits = predictor.lm_head[group](hidden.last_hidden_state[:, -1])
-            code = pick(logits, draws, RESIDUAL_STREAM + group)
+        position = 0
+        for group in range(predictor.positions - 1):
+            hidden = predictor.run(inputs, position)
+            position += inputs.shape[1]
+            code = pick(predictor.logits(group, hidden), draws, RESIDUAL_STREAM + group)
             codes.append(code)
-            inputs = predictor.model.get_input_embeddings()[group](code[:, None])
+            inputs = predictor.embed(group, code)
             embeds.append(inputs)
         frame = torch.stack(codes, dim=1)
         slot_list = [r.slot for r in rows]

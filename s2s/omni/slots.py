@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.nn import functional
-from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import apply_rotary_pos_emb
 
 from s2s.hosttraffic import upload
+from s2s.omni.layers import Rotary, project, rms_norm
 from s2s.omni.moe import feed_forward
 
 
@@ -37,6 +37,19 @@ class Visual:
 
     mask: Tensor
     features: list[Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class _Decode:
+    """What every layer of one decode step reads: the stepping slots (``index``), their lengths
+    before the step, how far into the cache they look and the mask of their positions there,
+    and the new positions' rotary angles."""
+
+    index: Tensor
+    lengths: Tensor
+    visible: int
+    mask: Tensor
+    rotary: Rotary
 
 
 class SlotCache:
@@ -68,38 +81,29 @@ class SlotCache:
         self.values = [functional.pad(v, (0, 0, 0, extra)) for v in self.values]
         self.capacity = capacity
 
-    def attend(self, layer: int, attention: Any, hidden: Tensor, rotary: tuple[Tensor, Tensor],
-               slots: Tensor, visible: int) -> Tensor:  # fmt: skip
-        """One new position per slot in ``slots`` (``hidden`` ``(batch, 1, hidden)``) through
+    def attend(self, layer: int, attention: Any, hidden: Tensor, step: _Decode) -> Tensor:
+        """One new position per slot of ``step`` (``hidden`` ``(batch, 1, hidden)``) through
         ``attention``; its key and value are appended to those slots."""
         batch = hidden.shape[0]
-        query, key, value = self._project(attention, hidden, rotary)
-        lengths = self.lengths[slots]
-        self.keys[layer][slots, :, lengths] = key[:, :, 0]
-        self.values[layer][slots, :, lengths] = value[:, :, 0]
-        keys = self.keys[layer][slots, :, :visible]
-        values = self.values[layer][slots, :, :visible]
-        mask = torch.arange(visible, device=hidden.device) <= lengths[:, None]
+        query, key, value = self._project(attention, hidden, step.rotary)
+        self.keys[layer][step.index, :, step.lengths] = key[:, :, 0]
+        self.values[layer][step.index, :, step.lengths] = value[:, :, 0]
+        keys = self.keys[layer][step.index, :, : step.visible]
+        values = self.values[layer][step.index, :, : step.visible]
         # Grouped-query attention without copying the keys per query head: the query heads
         # that share a key head become that head's query rows (one position each here).
         heads = query.shape[1]
         grouped = query.reshape(batch, self.kv_heads, heads // self.kv_heads, self.head_dim)
         attended = functional.scaled_dot_product_attention(
-            grouped, keys, values, attn_mask=mask[:, None, None, :], scale=attention.scaling
+            grouped, keys, values, attn_mask=step.mask, scale=attention.scaling
         )
         out: Tensor = attention.o_proj(attended.reshape(batch, 1, -1))
         return out
 
-    def _project(self, attention: Any, hidden: Tensor, rotary: tuple[Tensor, Tensor]
+    def _project(self, attention: Any, hidden: Tensor, rotary: Rotary
                  ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
         """Queries, keys and values ``(batch, heads, positions, head_dim)``, rotated."""
-        shape = (*hidden.shape[:2], -1, self.head_dim)
-        query = attention.q_norm(attention.q_proj(hidden).view(shape)).transpose(1, 2)
-        key = attention.k_norm(attention.k_proj(hidden).view(shape)).transpose(1, 2)
-        value = attention.v_proj(hidden).view(shape).transpose(1, 2)
-        cos, sin = rotary
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        return query, key, value
+        return project(attention, hidden, rotary, self.head_dim)
 
     def clear(self, slot: int) -> None:
         """Empty slot ``slot`` for a new call's prefill."""
@@ -122,14 +126,16 @@ class SlotCache:
         start = self.host_lengths[slot]
         end = start + count
         self.reserve(end + 1)
-        rotary = model.rotary_emb(hidden, positions)
+        rotary = Rotary.of(*model.rotary_emb(hidden, positions))
         new = torch.arange(start, end, device=hidden.device)
         mask = torch.arange(end, device=hidden.device)[None, :] <= new[:, None]
         grouped_mask = mask.repeat(self.heads_per_kv, 1)
         kept = hidden if keep == 0 else None
         for number, layer in enumerate(model.layers):
             attention = layer.self_attn
-            query, key, value = self._project(attention, layer.input_layernorm(hidden), rotary)
+            query, key, value = self._project(
+                attention, rms_norm(layer.input_layernorm, hidden), rotary
+            )
             self.keys[number][slot, :, start:end] = key[0]
             self.values[number][slot, :, start:end] = value[0]
             # As in ``attend``: each key head's query heads, one after another, as its rows.
@@ -143,7 +149,9 @@ class SlotCache:
             )
             attended = attended.view(1, groups * self.kv_heads, count, self.head_dim)
             hidden = hidden + attention.o_proj(attended.transpose(1, 2).reshape(1, count, -1))
-            hidden = hidden + feed_forward(layer.mlp, layer.post_attention_layernorm(hidden))
+            hidden = hidden + feed_forward(
+                layer.mlp, rms_norm(layer.post_attention_layernorm, hidden)
+            )
             if keep == number + 1:
                 kept = hidden
             if visual is not None and number < len(visual.features):
@@ -151,7 +159,7 @@ class SlotCache:
                 hidden[0, visual.mask] += visual.features[number].to(hidden.dtype)
         self.lengths[slot] = end
         self.host_lengths[slot] = end
-        out: Tensor = model.norm(hidden)
+        out = rms_norm(model.norm, hidden)
         if keep == len(model.layers):
             kept = out
         return out, kept
@@ -169,16 +177,19 @@ class SlotCache:
         lengths = self.lengths[index]
         # Text positions continue from the prompt; all three RoPE axes move together.
         positions = (lengths + deltas)[None, :, None].expand(3, -1, -1)
-        rotary = model.rotary_emb(hidden, positions)
+        rotary = Rotary.of(*model.rotary_emb(hidden, positions))
+        # Each slot sees its own positions and the new one, whatever the others hold.
+        mask = torch.arange(visible, device=hidden.device) <= lengths[:, None]
+        step = _Decode(index, lengths, visible, mask[:, None, None, :], rotary)
         for number, layer in enumerate(model.layers):
             residual = hidden
-            hidden = self.attend(
-                number, layer.self_attn, layer.input_layernorm(hidden), rotary, index, visible
+            normed = rms_norm(layer.input_layernorm, hidden)
+            hidden = residual + self.attend(number, layer.self_attn, normed, step)
+            hidden = hidden + feed_forward(
+                layer.mlp, rms_norm(layer.post_attention_layernorm, hidden)
             )
-            hidden = residual + hidden
-            hidden = hidden + feed_forward(layer.mlp, layer.post_attention_layernorm(hidden))
         self.lengths[index] = lengths + 1
         for slot in slots:
             self.host_lengths[slot] += 1
-        out: Tensor = model.norm(hidden)
+        out = rms_norm(model.norm, hidden)
         return out
