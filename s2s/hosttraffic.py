@@ -16,7 +16,7 @@ copy to the device, all of its results in one copy back.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence, Sized
 from itertools import chain
 from typing import Any
 from weakref import ref
@@ -109,13 +109,24 @@ def upload(
     On a GPU the values are staged in pinned memory and copied without waiting: the copy is
     queued behind the work already launched, and the host goes on launching.
     """
+    return split(upload_flat(device, dtype, **columns), columns)
+
+
+def upload_flat(device: torch.device, dtype: torch.dtype, **columns: Sequence[float]) -> Tensor:
+    """``upload``'s one tensor, every column one after the other (``split`` names them)."""
     sizes = [len(column) for column in columns.values()]
     flat: np.ndarray = np.fromiter(chain.from_iterable(columns.values()), _NUMPY[dtype], sum(sizes))
     host = torch.as_tensor(flat)  # shares the array: no copy yet
     if device.type == "cuda":
         host = host.pin_memory()
-    sent = host.to(device, non_blocking=True)
-    return dict(zip(columns, torch.split(sent, sizes), strict=True))
+    return host.to(device, non_blocking=True)
+
+
+def split(flat: Tensor, columns: Mapping[str, Sized]) -> dict[str, Tensor]:
+    """``flat`` cut into views named and sized as ``columns`` (in order), from its start."""
+    sizes = [len(column) for column in columns.values()]
+    parts = torch.split(flat[: sum(sizes)], sizes)
+    return dict(zip(columns, parts, strict=True))
 
 
 def download(*tensors: Tensor) -> list[np.ndarray]:

@@ -27,6 +27,12 @@ tokens never picked), so every call makes exactly ``--max-text`` text tokens and
 ``--max-frames`` first codes and runs compare; a checkpoint ends its replies itself unless
 ``--fixed-length`` is given.
 
+``--graphs on`` (CUDA) replays each step from CUDA graphs (``s2s.omni.graphs``; each batch size
+runs once untimed first, to capture its shapes), ``--graphs both`` prints an eager row and a
+graphed one per batch size, and ``--check-graphs`` first checks that replay gives the eager
+step's text and codes (``tests/omni_graphs_check.py``). On a CPU ``--profile`` counts what the
+eager step dispatches, which is what graphs would save.
+
 With ``--beside-prompt TOKENS`` it then measures what a long turn does to calls that are
 speaking: ``--beside-calls`` calls decode while one more call's prompt of about TOKENS tokens
 (history, a clip and the picture) is prefilled, whole in one tick or in pieces of
@@ -193,6 +199,11 @@ def main() -> None:
     parser.add_argument("--beside-prompt", type=int, default=0, help="long prompt tokens")
     parser.add_argument("--beside-calls", type=int, default=4)
     parser.add_argument("--prefill-tokens", default="512", help="piece sizes, comma-separated")
+    parser.add_argument("--graphs", choices=["off", "on", "both"], default="off", help="(CUDA) "
+                        "replay each step from CUDA graphs (each batch size runs once untimed "
+                        "first, to capture); both: an eager row, then a graphed one")  # fmt: skip
+    parser.add_argument("--check-graphs", action="store_true", help="(CUDA) first check that "
+                        "graph replay gives the eager step's text, codes and audio")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="count what one step dispatches: "
                         "ops, host syncs, allocations, host reads and uploads")  # fmt: skip
     args = parser.parse_args()
@@ -215,6 +226,12 @@ def main() -> None:
     print(f"model: {args.random_size or args.model}{depth}, {parameters / 1e9:.2f} B parameters, "
           f"{dtype}, built/loaded in {built:.1f} s, {weights:.1f} GiB on the device")  # fmt: skip
     request = _requests(prompter, args)
+    if args.check_graphs:
+        from tests.omni_graphs_check import graphs_equal_eager
+
+        same, worst, captured = graphs_equal_eager(model, request.inputs)
+        print(f"graph replay equals the eager step: {'yes' if same else 'NO'} (text and codes; "
+              f"audio within {worst:.1e}; {captured} graphs)", flush=True)  # fmt: skip
     print(f"prompt: {request.inputs['input_ids'].shape[1]} tokens; reply: "
           f"{args.max_text} text tokens, {args.max_frames} frames"
           f"{' (fixed)' if args.fixed_length else ' (or fewer)'}")  # fmt: skip
@@ -223,22 +240,27 @@ def main() -> None:
                    fixed_length=True)  # fmt: skip
     run_batch(OmniEngine(model, max_rows=1), warm, 1, args.device)
     counts = ("ops", "syncs", "allocs", "reads", "uploads") if args.profile else ()
-    print(f"{'calls':>5} {'prefill ms':>10} {'first audio p50':>16} {'p95':>8} "
+    print(f"{'calls':>5} {'graphs':>6} {'prefill ms':>10} {'first audio p50':>16} {'p95':>8} "
           f"{'step ms':>8} {'steps':>5} {'RTF':>6} {'GiB':>6}"
           + "".join(f" {name:>7}" for name in counts))  # fmt: skip
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.graphs]
     for calls in [int(n) for n in args.calls.split(",")]:
-        engine = OmniEngine(model, max_rows=calls)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        row = run_batch(engine, request, calls, args.device, args.profile)
-        memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-        print(f"{calls:>5} {row['prefill']:>10.0f} {row['p50']:>14.0f}ms {row['p95']:>6.0f}ms "
-              f"{row['step']:>8.1f} {row['steps']:>5} {row['rtf']:>6.2f} {memory:>6.2f}"
-              + "".join(f" {row.get(name, 0):>7.0f}" for name in counts),
-              flush=True)  # fmt: skip
-        del engine
-        if cuda:
-            torch.cuda.empty_cache()
+        for graphs in modes:
+            engine = OmniEngine(model, max_rows=calls, graphs=graphs)
+            if graphs:
+                run_batch(engine, request, calls, args.device)  # captures this batch's shapes
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            row = run_batch(engine, request, calls, args.device, args.profile)
+            memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+            print(f"{calls:>5} {'yes' if graphs else 'no':>6} {row['prefill']:>10.0f} "
+                  f"{row['p50']:>14.0f}ms {row['p95']:>6.0f}ms {row['step']:>8.1f} "
+                  f"{row['steps']:>5} {row['rtf']:>6.2f} {memory:>6.2f}"
+                  + "".join(f" {row.get(name, 0):>7.0f}" for name in counts),
+                  flush=True)  # fmt: skip
+            del engine
+            if cuda:
+                torch.cuda.empty_cache()
     if args.beside_prompt:
         _prefill_beside(model, prompter, request, args)
 

@@ -23,6 +23,11 @@
 # parameters plus a finiteness scan of every tensor), warm-up 5 s, then 29 prefills of ~370
 # tokens (0.3-1 s each) and 4 x 29 steps (0.1-0.5 s each): about 2-3 minutes in all. The
 # bench is cut at 240 s so what it printed comes back; drop `16` from --calls if it is.
+# On a GPU it first checks graph replay against the eager step (the tiny-shaped scenario of
+# tests/omni_graphs_check.py on the real-size model), then prints an eager and a graphed row
+# per batch size (GRAPHS=on: graphed only, for time); each graphed batch runs twice, the first
+# to capture its shapes. Graphs add to the estimate above: perhaps 1-2 minutes more, so
+# CALLS=1,4,8 GRAPHS=on is the fallback if the first try is cut.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/device_wheels.sh
@@ -39,6 +44,9 @@ from make_tiny_models import build_qwen3_omni; build_qwen3_omni(Path("models"))'
         grep -v 'Loading weights' | tee -a "$log"
     echo "tiny tokenizer built in $((SECONDS - start)) s" | tee -a "$log"
 fi
+graphs=()
+[ "${DEVICE:-cuda}" = cpu ] || graphs=(--graphs "${GRAPHS:-both}" --check-graphs)
 timeout 240 python3 scripts/bench_omni.py --random-size "${SIZE:-qwen3-omni}" \
-    --device "${DEVICE:-cuda}" --calls "${CALLS:-1,4,8,16}" --max-text 20 --max-frames 30 2>&1 |
+    --device "${DEVICE:-cuda}" --calls "${CALLS:-1,4,8,16}" --max-text 20 --max-frames 30 \
+    "${graphs[@]}" 2>&1 |
     grep -v 'Unrecognized keys in `rope_parameters`' | tee -a "$log"

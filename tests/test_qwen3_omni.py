@@ -25,6 +25,7 @@ from s2s.omni.moe import experts_forward, feed_forward
 from s2s.omni.prompt import Message, Prompter, build_inputs
 from s2s.omni.request import GREEDY, Decoding, Request
 from s2s.omni.sampling import Draws, Sampling, pick
+from tests.omni_graphs_check import mixed_requests, run_mixed
 
 MAX_TEXT = 8
 QUESTIONS = ["what am I looking at", "say something nice please"]
@@ -515,7 +516,38 @@ def test_a_call_cancelled_while_prefilling_frees_its_slot(model: Any, pieces: An
     assert all(torch.equal(a, b) for a, b in zip(again.codes, single.codes, strict=True))
 
 
-def test_a_step_reads_back_once_and_uploads_once_per_dtype(model: Any, pieces: Any) -> None:
+def test_fixed_shapes_give_the_replies_of_exact_shapes(model: Any, pieces: Any) -> None:
+    """Batches padded to their bucket on the scratch slot and attention spans rounded up (what a
+    captured step runs) change no call's text, codes or audio: three calls joining one by one,
+    greedy, sampled and fixed-length, so batches of 3 run as 4."""
+    requests = mixed_requests(_inputs(pieces, "media"))
+    exact = run_mixed(OmniEngine(model, max_rows=4), requests)
+    fixed = run_mixed(OmniEngine(model, max_rows=4, fixed_shapes=True), requests)
+    assert all(out.done for out in (exact[0][-1], exact[1][-1], exact[2][-1]))
+    for a, b in zip(exact, fixed, strict=True):
+        assert [x.text for x in a] == [y.text for y in b]
+        codes = [(x.codes, y.codes) for x, y in zip(a, b, strict=True) if x.codes is not None]
+        assert len(codes) >= 5 and all(y is not None and torch.equal(x, y) for x, y in codes)
+        for x, y in zip(a, b, strict=True):
+            if x.audio is not None:
+                assert y.audio is not None and (x.audio - y.audio).abs().max() < 1e-5
+
+
+@pytest.mark.gpu
+def test_graph_replay_equals_the_eager_step(tiny_models: Path, pieces: Any) -> None:
+    """On a GPU (``pytest -m gpu``; CI has no GPU and deselects it): the step replayed from CUDA
+    graphs gives the eager step's text and codes, and its audio within bf16 rounding."""
+    from tests.omni_graphs_check import graphs_equal_eager
+
+    cuda = load_model(str(tiny_models / "tiny-qwen3-omni"), "cuda", torch.bfloat16)
+    same, worst, captured = graphs_equal_eager(cuda, _inputs(pieces, "media"))
+    assert same and worst < 1e-2 and captured > 1
+
+
+@pytest.mark.parametrize("fixed_shapes", [False, True])
+def test_a_step_reads_back_once_and_uploads_once_per_dtype(
+    model: Any, pieces: Any, fixed_shapes: bool
+) -> None:
     """On a GPU each value read back is a host sync and each tensor of host values a copy: a
     step makes one of each kind of copy, whatever its calls do (greedy, sampled, at a fixed
     length, a first frame beside others' later ones, a text that ends while speech goes on).
@@ -536,7 +568,7 @@ def test_a_step_reads_back_once_and_uploads_once_per_dtype(model: Any, pieces: A
             fixed_length=True,
         ),
     ]
-    engine = OmniEngine(model, max_rows=3)
+    engine = OmniEngine(model, max_rows=3, fixed_shapes=fixed_shapes)
     replies = {engine.add(requests[0]): Reply()}
     steps = 0
     for _ in range(200):

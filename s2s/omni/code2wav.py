@@ -179,16 +179,22 @@ class _Transformer(StreamingTransformer):
 
 
 class Code2WavStream:
-    """``code2wav`` frame by frame for up to ``slots`` calls, each in its own slot."""
+    """``code2wav`` frame by frame for up to ``slots`` calls, each in its own slot.
 
-    def __init__(self, model: Qwen3OmniMoeCode2Wav, slots: int) -> None:
+    ``scratch`` is a slot no call owns (by default one more, past ``slots``): the rows of a
+    batch that must not move a call's state (a call's first frame in the part for later frames,
+    padding) run on it."""
+
+    def __init__(self, model: Qwen3OmniMoeCode2Wav, slots: int, scratch: int | None = None) -> None:
         self.model = model
         self.quantizers = int(model.config.num_quantizers)
-        self.transformer = _Transformer(model.pre_transformer, slots)
+        self.scratch = slots if scratch is None else scratch
+        self.slots = max(slots, self.scratch + 1)
+        self.transformer = _Transformer(model.pre_transformer, self.slots)
         pairs = cast(Any, model.upsample)  # (transposed conv, ConvNeXt block) per ratio
-        self.upsample = [_streaming(block, slots) for blocks in pairs for block in blocks]
-        self.decoder = [_streaming(block, slots) for block in model.decoder]
-        self.fresh = [True] * slots
+        self.upsample = [_streaming(block, self.slots) for blocks in pairs for block in blocks]
+        self.decoder = [_streaming(block, self.slots) for block in model.decoder]
+        self.fresh = [True] * self.slots
 
     def reset(self, slot: int) -> None:
         """Start slot ``slot`` afresh, for a new call."""
@@ -203,48 +209,59 @@ class Code2WavStream:
     def step(self, codes: Tensor, slots: list[int]) -> list[Tensor]:
         """One frame ``codes`` ``(batch, quantizers)`` of each call in ``slots``; returns each
         call's new samples (1-D float tensors, in [-1, 1])."""
-        out: list[Tensor | None] = [None] * len(slots)
-        for rows, wav in self.step_parts(codes, slots):
-            for index, row in enumerate(rows):
-                out[row] = wav[index]
-        return [w for w in out if w is not None]
-
-    def columns(self, slots: list[int]) -> dict[str, list[int]]:
-        """The host columns ``step_parts`` reads for ``slots`` (a call's first frame trims the
-        clip's start, so first frames run apart from the others): which rows of the batch and
-        which slots each part has. A step sends them with its others in one upload."""
-        columns = {}
-        for fresh in (True, False):
-            rows = [i for i, slot in enumerate(slots) if self.fresh[slot] == fresh]
-            columns[f"c2w.{int(fresh)}.rows"] = rows
-            columns[f"c2w.{int(fresh)}.slots"] = [slots[i] for i in rows]
-        return columns
-
-    @torch.inference_mode()
-    def step_parts(
-        self, codes: Tensor, slots: list[int], uploaded: dict[str, Tensor] | None = None
-    ) -> list[tuple[list[int], Tensor]]:
-        """``step``, the audio left on the device: ``(rows, audio (len(rows), samples))`` for the
-        calls' first frames and for the others, each part with its own length. ``uploaded``:
-        ``columns(slots)`` already on the device (else they are uploaded here)."""
         if codes.shape != (len(slots), self.quantizers):
             raise ValueError(f"expected codes ({len(slots)}, {self.quantizers}), got {codes.shape}")
         columns = self.columns(slots)
-        if uploaded is None:
-            uploaded = upload(codes.device, torch.int64, **columns)
-        parts = []
-        for fresh in (True, False):
-            rows = columns[f"c2w.{int(fresh)}.rows"]
-            if not rows:
-                continue
-            chosen = columns[f"c2w.{int(fresh)}.slots"]
-            picked = codes if len(rows) == len(slots) else codes[uploaded[f"c2w.{int(fresh)}.rows"]]
-            index = uploaded[f"c2w.{int(fresh)}.slots"]
-            wav = self._run(picked, index, max(chosen) + 1, fresh)
-            parts.append((rows, wav[:, 0]))
-            for slot in chosen:
-                self.fresh[slot] = False
-        return parts
+        uploaded = upload(codes.device, torch.int64, **columns)
+        later = self.later(codes, uploaded, self.span(columns))
+        first = self.first(codes, columns, uploaded)
+        self.advance(slots)
+        fresh = dict(zip(columns["c2w.fresh.rows"], first or [], strict=False))
+        return [fresh[row] if row in fresh else later[row] for row in range(len(slots))]
+
+    def columns(self, slots: list[int], rows: int | None = None) -> dict[str, list[int]]:
+        """The host columns ``later`` and ``first`` read for a batch of one frame per slot in
+        ``slots`` (a step sends them with its others in one upload): ``c2w.later``, each row's
+        slot, the scratch slot where the row is its call's first frame and for padding up to
+        ``rows``; ``c2w.fresh.rows`` and ``c2w.fresh.slots``, the rows that are first frames
+        (a first frame trims the clip's start, so it runs apart) and their slots."""
+        fresh = [i for i, slot in enumerate(slots) if self.fresh[slot]]
+        later = [self.scratch if self.fresh[slot] else slot for slot in slots]
+        later += [self.scratch] * ((rows or len(slots)) - len(slots))
+        return {
+            "c2w.later": later,
+            "c2w.fresh.rows": fresh,
+            "c2w.fresh.slots": [slots[i] for i in fresh],
+        }
+
+    def span(self, columns: dict[str, list[int]]) -> int:
+        """How many slots ``later`` runs the transformer over for ``columns``: up to the highest
+        one in the batch (``slots`` for a step of fixed shape)."""
+        return max(columns["c2w.later"]) + 1
+
+    def later(self, codes: Tensor, uploaded: dict[str, Tensor], span: int) -> Tensor:
+        """The audio ``(batch, 1920)`` of every row's frame as a later frame of its call, on the
+        device; rows that are first frames or padding run on the scratch slot (their audio is
+        meaningless). Only device work: a fixed shape per batch size and ``span``."""
+        out: Tensor = self._run(codes, uploaded["c2w.later"], span, fresh=False)[:, 0]
+        return out
+
+    def first(
+        self, codes: Tensor, columns: dict[str, list[int]], uploaded: dict[str, Tensor]
+    ) -> list[Tensor] | None:
+        """The audio of the rows that are their call's first frame (shorter than 1920 samples,
+        by the start trims), in ``c2w.fresh.rows`` order; None when there are none."""
+        chosen = columns["c2w.fresh.slots"]
+        if not chosen:
+            return None
+        picked = codes[uploaded["c2w.fresh.rows"]]
+        wav = self._run(picked, uploaded["c2w.fresh.slots"], max(chosen) + 1, fresh=True)
+        return list(wav[:, 0])
+
+    def advance(self, slots: list[int]) -> None:
+        """The host's side of a step of ``slots``: none of them is at its first frame now."""
+        for slot in slots:
+            self.fresh[slot] = False
 
     def _run(self, codes: Tensor, slots: Tensor, rows: int, fresh: bool) -> Tensor:
         model = self.model

@@ -30,7 +30,7 @@ Everything runs on the caller's thread under ``torch.inference_mode()``; nothing
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Any
 
 import numpy as np
@@ -38,8 +38,9 @@ import torch
 from torch import Tensor
 from transformers import Qwen3OmniMoeForConditionalGeneration
 
-from s2s.hosttraffic import download, upload
+from s2s.hosttraffic import download, split, upload, upload_flat
 from s2s.omni.code2wav import Code2WavStream
+from s2s.omni.graphs import OmniGraphs
 from s2s.omni.predictor import CodePredictor
 from s2s.omni.prefill import Pieces, ThinkerPrompt, encode, talker_prompt
 from s2s.omni.request import Request, RowStep
@@ -51,6 +52,8 @@ SAMPLE_RATE = 24_000
 #: from RESIDUAL_STREAM on, one per code predictor codebook. Each is counted in its own units
 #: (text tokens, frames), so no two draws of one call share noise.
 TEXT_STREAM, SPEECH_STREAM, RESIDUAL_STREAM = 0, 1, 2
+#: The slot no call owns: padding rows run on it.
+SCRATCH = 0
 
 
 @dataclass(slots=True)
@@ -107,18 +110,29 @@ def prepare_model(model: Any) -> Any:
 class OmniEngine:
     """Streaming, batched Qwen3-Omni over up to ``max_rows`` calls at once."""
 
-    def __init__(self, model: Any, max_rows: int = 8) -> None:
+    def __init__(
+        self, model: Any, max_rows: int = 8, fixed_shapes: bool = False, graphs: bool = False
+    ) -> None:
+        """``fixed_shapes``: pad each step's batches to ``BUCKETS`` and its attention spans to
+        multiples of ``SPAN`` (what a captured step needs; the results are the same).
+        ``graphs`` (a CUDA device; implies ``fixed_shapes``): replay each step's device work
+        from a CUDA graph per shape (``s2s.omni.graphs``)."""
         self.model = model
+        self.max_rows = max_rows
+        self.fixed_shapes = fixed_shapes or graphs
         self.config = model.config
         self.thinker = model.thinker
         self.talker = model.talker
         self.text_model = model.thinker.model.language_model
         self.device = next(model.parameters()).device
-        self.thinker_cache = SlotCache(self.text_model.layers, max_rows)
-        self.talker_cache = SlotCache(self.talker.model.layers, max_rows)
-        self.code2wav = Code2WavStream(model.code2wav, max_rows)
-        self.predictor = CodePredictor(self.talker.code_predictor, max_rows)
-        self.free = list(range(max_rows))
+        self.graphs = OmniGraphs(self._compute, self.device) if graphs else None
+        # Slot SCRATCH is no call's: a batch's padding rows run on it (its state is garbage).
+        slots = max_rows + 1
+        self.thinker_cache = SlotCache(self.text_model.layers, slots, scratch=SCRATCH)
+        self.talker_cache = SlotCache(self.talker.model.layers, slots, scratch=SCRATCH)
+        self.code2wav = Code2WavStream(model.code2wav, slots, scratch=SCRATCH)
+        self.predictor = CodePredictor(self.talker.code_predictor, self._rows(max_rows))
+        self.free = [slot for slot in range(slots) if slot != SCRATCH]
         self.rows: dict[int, _Row] = {}
         self.prefills: dict[int, _Prefill] = {}
         # The thinker's hidden state that the talker's prompt reads (transformers' index).
@@ -135,7 +149,7 @@ class OmniEngine:
         self.suppressed = torch.zeros(vocab, dtype=torch.bool, device=self.device)
         self.suppressed[max(vocab - 1024, 0) :] = True
         self.suppressed[self.codec_end] = False
-        self.seen = torch.zeros(max_rows, vocab, dtype=torch.bool, device=self.device)
+        self.seen = torch.zeros(slots, vocab, dtype=torch.bool, device=self.device)
         self.is_codec_end = torch.zeros(vocab, dtype=torch.bool, device=self.device)
         self.is_codec_end[self.codec_end] = True
         if max(vocab, text_vocab) > 2**24:
@@ -143,10 +157,10 @@ class OmniEngine:
         # What a step reads of the step before, kept per slot on the device so that a step
         # sends no host values but its one upload: each call's last text token, the talker's
         # last first code and its last hidden state.
-        self.token = torch.zeros(max_rows, dtype=torch.long, device=self.device)
-        self.code = torch.zeros(max_rows, dtype=torch.long, device=self.device)
+        self.token = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.code = torch.zeros(slots, dtype=torch.long, device=self.device)
         head = self.talker.codec_head
-        self.past = head.weight.new_zeros(max_rows, head.in_features)
+        self.past = head.weight.new_zeros(slots, head.in_features)
         with torch.inference_mode():
             special = torch.tensor(
                 [[config.tts_bos_token_id, config.tts_eos_token_id, config.tts_pad_token_id]],
@@ -202,7 +216,7 @@ class OmniEngine:
         yet: ``prefill(row, tokens)`` runs its prompt piece by piece, and the row steps with the
         others once that is complete. Raises ``RuntimeError`` when every slot is taken."""
         if not self.free:
-            raise RuntimeError(f"all {len(self.thinker_cache.lengths)} slots are generating")
+            raise RuntimeError(f"all {self.max_rows} slots are generating")
         if request.speaker.lower() not in self.config.talker_config.speaker_id:
             raise ValueError(f"unknown speaker {request.speaker!r}")
         if request.max_text_tokens < 1 or request.max_frames < 1:
@@ -287,9 +301,10 @@ class OmniEngine:
                 self.seen[row.slot] = False
                 self.code2wav.reset(row.slot)
                 row.speaking = True
-                ints, floats = self._speech_columns([row])
+                ints, floats = self._speech_columns([row], 1)
                 sent = self._upload(ints, floats)
-                code = int(self._next_codes([row], sent, hidden[:, -1])[0])
+                sampled = Draws.samples([row.request.decoding.speech])
+                code = int(self._next_codes(sent, hidden[:, -1], sampled)[0])
                 self._count_frame(row, code)
         return talker.complete
 
@@ -336,9 +351,16 @@ class OmniEngine:
             self.device, torch.float32, **floats
         )
 
+    def _rows(self, count: int) -> int:
+        """How many rows a batch of ``count`` calls runs as (a bucket with fixed shapes)."""
+        if not self.fixed_shapes:
+            return count
+        return next((b for b in BUCKETS if b >= count), -(-count // BUCKETS[-1]) * BUCKETS[-1])
+
     def _think_columns(
-        self, rows: list[_Row]
+        self, rows: list[_Row], count: int
     ) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
+        """What thinking the rows' next text tokens reads, padded to ``count`` rows."""
         settings = [r.request.decoding.text for r in rows]
         ints, floats = Draws.columns("text", settings, [(r.request.seed, r.tokens) for r in rows])
         ints |= {
@@ -348,12 +370,13 @@ class OmniEngine:
             # The token this step makes is the last the row may make.
             "think.limit": [int(r.tokens + 1 >= r.request.max_text_tokens) for r in rows],
         }
-        return ints, floats
+        return _padded(ints, count), _padded(floats, count)
 
     def _speech_columns(
-        self, rows: list[_Row]
+        self, rows: list[_Row], count: int
     ) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
-        """What picking the rows' next first codes reads (``_next_codes``)."""
+        """What picking the rows' next first codes reads (``_next_codes``), padded to ``count``
+        rows."""
         settings = [r.request.decoding.speech for r in rows]
         ints, floats = Draws.columns("speech", settings, [(r.request.seed, r.frames) for r in rows])
         ints |= {
@@ -361,20 +384,18 @@ class OmniEngine:
             "speak.fixed": [int(r.request.fixed_length) for r in rows],
         }
         floats["speak.penalty"] = [r.request.decoding.repetition_penalty for r in rows]
-        return ints, floats
+        return _padded(ints, count), _padded(floats, count)
 
-    def _next_codes(self, rows: list[_Row], sent: dict[str, Tensor], hidden: Tensor) -> Tensor:
+    def _next_codes(self, sent: dict[str, Tensor], hidden: Tensor, sampled: bool) -> Tensor:
         """Pick each row's next first code from the talker's last ``hidden`` ``(batch, hidden)``
         and keep it, with ``hidden``, in the row's slot for the next step."""
         slots = sent["speak.slot"]
         logits = self.talker.codec_head(hidden)
         logits = penalize(logits, self.seen[slots], sent["speak.penalty"])
         logits = logits.masked_fill(self.suppressed, float("-inf"))
-        if any(r.request.fixed_length for r in rows):
-            fixed = sent["speak.fixed"].bool()[:, None] & self.is_codec_end
-            logits = logits.masked_fill(fixed, float("-inf"))
-        settings = [r.request.decoding.speech for r in rows]
-        codes = pick(logits, Draws.of("speech", sent, settings), SPEECH_STREAM)
+        fixed = sent["speak.fixed"].bool()[:, None] & self.is_codec_end
+        logits = logits.masked_fill(fixed, float("-inf"))
+        codes = pick(logits, Draws.of("speech", sent, sampled), SPEECH_STREAM)
         self.seen[slots, codes] = True
         self.code[slots] = codes
         self.past[slots] = hidden
@@ -411,70 +432,113 @@ class OmniEngine:
     def _step(
         self, thinking: list[_Row], speaking: list[_Row], results: dict[int, RowStep]
     ) -> None:
-        ints, floats = self._think_columns(thinking)
-        more_ints, more_floats = self._speech_columns(speaking)
-        ints |= more_ints
-        floats |= more_floats
+        shape, ints, floats = self._shape(thinking, speaking)
+        int_flat = upload_flat(self.device, torch.int64, **ints)
+        float_flat = upload_flat(self.device, torch.float32, **floats)
+        sent = split(int_flat, ints) | split(float_flat, floats)
+        if self.graphs is not None:
+            out = self.graphs(int_flat, float_flat, ints, floats, shape)
+        else:
+            out = self._compute(sent, shape)
+        first = None
         if speaking:
-            settings = [r.request.decoding.residual for r in speaking]
-            keys = [(r.request.seed, r.frames - 1) for r in speaking]  # the frame's own index
-            residual_ints, residual_floats = Draws.columns("residual", settings, keys)
-            thinks = {r.id: i for i, r in enumerate(thinking)}
-            ints |= residual_ints | self.code2wav.columns([r.slot for r in speaking])
-            ints["speak.delta"] = [r.talker_delta for r in speaking]
-            ints["speak.thinks"] = [thinks.get(r.id, -1) for r in speaking]
-            floats |= residual_floats
-        sent = self._upload(ints, floats)
-        out: list[Tensor] = []
-        text_in = None
+            first = self.code2wav.first(out[-3], ints, sent)
+        host = download(*out, *(first or []))
         if thinking:
-            tokens, text_in = self._think(thinking, sent)
-            out.append(tokens)
-        parts: list[tuple[list[int], Tensor]] = []
-        if speaking:
-            frame, parts, codes = self._speak(speaking, sent, text_in)
-            out += [frame, codes, *(wav for _, wav in parts)]
-        host = download(*out)
-        if thinking:
-            for row, token in zip(thinking, host.pop(0).astype(np.int64).tolist(), strict=True):
+            for row, token in zip(thinking, host[0].astype(np.int64).tolist(), strict=False):
                 row.tokens += 1
                 results[row.id].text.append(token)
                 self._ends_text(row, token)
-        if speaking:
-            frames, codes_host = host[0].astype(np.int64), host[1].astype(np.int64).tolist()
-            for index, row in enumerate(speaking):
-                results[row.id].codes = torch.from_numpy(frames[index])
-            for (batch_rows, _), wav in zip(parts, host[2:], strict=True):
-                for index, position in enumerate(batch_rows):
-                    results[speaking[position].id].audio = torch.from_numpy(wav[index])
-            for row, code in zip(speaking, codes_host, strict=True):
-                self._count_frame(row, code)
+            self.thinker_cache.advance([r.slot for r in thinking])
+        if not speaking:
+            return
+        frames, codes, later = host[-3:] if first is None else host[-3 - len(first) : -len(first)]
+        fresh = dict(zip(ints["c2w.fresh.rows"], host[len(host) - len(first or []) :], strict=True))
+        frames = frames.astype(np.int64)
+        for index, row in enumerate(speaking):
+            results[row.id].codes = torch.from_numpy(frames[index])
+            results[row.id].audio = torch.from_numpy(fresh.get(index, later[index]))
+        slots = [r.slot for r in speaking]
+        self.talker_cache.advance(slots)
+        self.code2wav.advance(slots)
+        for row, code in zip(speaking, codes.astype(np.int64).tolist(), strict=False):
+            self._count_frame(row, code)
 
-    def _think(self, rows: list[_Row], sent: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def _shape(
+        self, thinking: list[_Row], speaking: list[_Row]
+    ) -> tuple[_Shape, dict[str, list[int]], dict[str, list[float]]]:
+        """A step's shape, and its host columns (what ``_compute`` reads, then the columns of
+        code2wav's first frames, which run apart)."""
+        span = SPAN if self.fixed_shapes else 1
+        think = self._rows(len(thinking)) if thinking else 0
+        speak = self._rows(len(speaking)) if speaking else 0
+        ints, floats = self._think_columns(thinking, think)
+        more_ints, more_floats = self._speech_columns(speaking, speak)
+        ints |= more_ints
+        floats |= more_floats
+        shape = _Shape(think=think, speak=speak)
+        if thinking:
+            settings = [r.request.decoding.text for r in thinking]
+            shape.think_sees = self.thinker_cache.visible([r.slot for r in thinking], span)
+            shape.think_samples = Draws.samples(settings)
+        if speaking:
+            slots = [r.slot for r in speaking]
+            shape.speak_sees = self.talker_cache.visible(slots, span)
+            shape.speech_samples = Draws.samples([r.request.decoding.speech for r in speaking])
+            settings = [r.request.decoding.residual for r in speaking]
+            shape.residual_samples = Draws.samples(settings)
+            keys = [(r.request.seed, r.frames - 1) for r in speaking]  # the frame's own index
+            residual_ints, residual_floats = Draws.columns("residual", settings, keys)
+            thinks = {r.id: i for i, r in enumerate(thinking)}
+            ints |= _padded(residual_ints, speak)
+            floats |= _padded(residual_floats, speak)
+            ints["speak.delta"] = _pad([r.talker_delta for r in speaking], speak, 0)
+            ints["speak.thinks"] = _pad([thinks.get(r.id, -1) for r in speaking], speak, -1)
+            # Last: code2wav's first frames run apart, after the fixed-shape part.
+            columns = self.code2wav.columns(slots, speak)
+            shape.c2w_span = (
+                self.code2wav.slots if self.fixed_shapes else self.code2wav.span(columns)
+            )
+            ints |= columns
+        shape.capacities = (self.thinker_cache.capacity, self.talker_cache.capacity)
+        return shape, ints, floats
+
+    def _compute(self, sent: dict[str, Tensor], shape: _Shape) -> list[Tensor]:
+        """A step's device work, for the rows ``shape`` says: each thinking row's next text
+        token, then each speaking row's frame ``(rows, groups)``, its next first code, and the
+        frame's audio as a later frame of its call ``(rows, 1920)``. Nothing is read back and
+        every shape follows from ``shape``, so it can be captured and replayed."""
+        out: list[Tensor] = []
+        text_in = None
+        if shape.think:
+            tokens, text_in = self._think(sent, shape)
+            out.append(tokens)
+        if shape.speak:
+            out += self._speak(sent, shape, text_in)
+        return out
+
+    def _think(self, sent: dict[str, Tensor], shape: _Shape) -> tuple[Tensor, Tensor]:
         """The rows' next text tokens, and what the talker reads of them (the projected token,
         or the end marker in place of the last one, as generate()'s trailing_text_hidden)."""
         slots = sent["think.slot"]
         embed = self.thinker.get_input_embeddings()
         hidden = self.thinker_cache.decode(
-            self.text_model, embed(self.token[slots][:, None]), sent["think.delta"],
-            [r.slot for r in rows], slots,
+            self.text_model, embed(self.token[slots][:, None]), sent["think.delta"], slots,
+            shape.think_sees,
         )  # fmt: skip
         logits = self.thinker.lm_head(hidden[:, -1])
-        if any(r.request.fixed_length for r in rows):
-            fixed = sent["think.fixed"].bool()[:, None] & self.is_text_end
-            logits = logits.masked_fill(fixed, float("-inf"))
-        settings = [r.request.decoding.text for r in rows]
-        tokens = pick(logits, Draws.of("text", sent, settings), TEXT_STREAM)
+        fixed = sent["think.fixed"].bool()[:, None] & self.is_text_end
+        logits = logits.masked_fill(fixed, float("-inf"))
+        tokens = pick(logits, Draws.of("text", sent, shape.think_samples), TEXT_STREAM)
         self.token[slots] = tokens
         ends = self.is_text_end[tokens] | sent["think.limit"].bool()
         projected = self.talker.text_projection(embed(tokens[:, None]))
         return tokens, torch.where(ends[:, None, None], self.tts_eos, projected)
 
-    def _speak(
-        self, rows: list[_Row], sent: dict[str, Tensor], text_in: Tensor | None
-    ) -> tuple[Tensor, list[tuple[list[int], Tensor]], Tensor]:
-        """The residual codes of the frame whose first code each row has, that frame's audio
-        (in code2wav's parts) and the next frame's first codes."""
+    def _speak(self, sent: dict[str, Tensor], shape: _Shape, text_in: Tensor | None
+               ) -> list[Tensor]:  # fmt: skip
+        """The residual codes of the frame whose first code each row has (the frame), the next
+        frame's first codes, and the frame's audio as a later frame of its call."""
         talker = self.talker
         predictor = self.predictor
         slots = sent["speak.slot"]
@@ -482,7 +546,7 @@ class OmniEngine:
         first_embeds = talker.get_input_embeddings()(first)
         inputs = torch.cat([self.past[slots][:, None], first_embeds], dim=1)
         codes, embeds = [first[:, 0]], [first_embeds]
-        draws = Draws.of("residual", sent, [r.request.decoding.residual for r in rows])
+        draws = Draws.of("residual", sent, shape.residual_samples)
         position = 0
         for group in range(predictor.positions - 1):
             hidden = predictor.run(inputs, position)
@@ -492,8 +556,7 @@ class OmniEngine:
             inputs = predictor.embed(group, code)
             embeds.append(inputs)
         frame = torch.stack(codes, dim=1)
-        slot_list = [r.slot for r in rows]
-        parts = self.code2wav.step_parts(frame, slot_list, sent)
+        audio = self.code2wav.later(frame, sent, shape.c2w_span)
         # A row that thought in this step reads its token; one whose text has ended, the pad.
         if text_in is None:
             text = self.tts_pad
@@ -502,6 +565,51 @@ class OmniEngine:
             thought = text_in[thinks.clamp(min=0)]
             text = torch.where((thinks >= 0)[:, None, None], thought, self.tts_pad)
         step_input = torch.cat(embeds, dim=1).sum(1, keepdim=True) + text
-        deltas = sent["speak.delta"]
-        hidden = self.talker_cache.decode(talker.model, step_input, deltas, slot_list, slots)
-        return frame, parts, self._next_codes(rows, sent, hidden[:, -1])
+        hidden = self.talker_cache.decode(
+            talker.model, step_input, sent["speak.delta"], slots, shape.speak_sees
+        )
+        next_codes = self._next_codes(sent, hidden[:, -1], shape.speech_samples)
+        return [frame, next_codes, audio]
+
+
+#: Batch sizes a step with fixed shapes runs as (the smallest that holds its calls).
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
+#: With fixed shapes, attention looks this many positions further at a time.
+SPAN = 1024
+
+#: Padding rows' values, by column name's end: greedy, neutral settings, no text this step.
+_PADDING = {"greedy": 1, "temperature": 1.0, "top_p": 1.0, "penalty": 1.0, "thinks": -1}
+
+
+def _pad(column: list[Any], count: int, value: Any) -> list[Any]:
+    return column + [value] * (count - len(column))
+
+
+def _padded(columns: dict[str, list[Any]], count: int) -> dict[str, list[Any]]:
+    """``columns`` padded to ``count`` rows: on the scratch slot (0), with ``_PADDING``."""
+    return {
+        name: _pad(column, count, _PADDING.get(name.rsplit(".", 1)[-1], 0))
+        for name, column in columns.items()
+    }
+
+
+@dataclass(slots=True)
+class _Shape:
+    """What a step's device work depends on besides its uploaded columns: its batch sizes,
+    how far each decoder's attention looks, which draws sample, how many code2wav slots its
+    transformer spans, and the caches' capacities (a captured step is valid for exactly one
+    shape)."""
+
+    think: int
+    speak: int
+    think_sees: int = 0
+    speak_sees: int = 0
+    think_samples: bool = False
+    speech_samples: bool = False
+    residual_samples: bool = False
+    c2w_span: int = 0
+    capacities: tuple[int, int] = (0, 0)
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return astuple(self)

@@ -77,8 +77,9 @@ class Draws:
         return ints, floats
 
     @staticmethod
-    def of(name: str, uploaded: dict[str, Tensor], settings: list[Sampling | None]) -> Draws:
-        """The draws of ``Draws.columns(name, settings, ...)`` once uploaded."""
+    def of(name: str, uploaded: dict[str, Tensor], sampled: bool) -> Draws:
+        """The draws of ``Draws.columns(name, settings, ...)`` once uploaded; ``sampled``:
+        whether any of ``settings`` samples (``Draws.samples``)."""
         return Draws(
             seeds=uploaded[f"{name}.seed"],
             counters=uploaded[f"{name}.counter"],
@@ -86,8 +87,13 @@ class Draws:
             temperature=uploaded[f"{name}.temperature"],
             top_k=uploaded[f"{name}.top_k"],
             top_p=uploaded[f"{name}.top_p"],
-            sampled=any(s is not None for s in settings),
+            sampled=sampled,
         )
+
+    @staticmethod
+    def samples(settings: list[Sampling | None]) -> bool:
+        """Whether any row of ``settings`` samples (else every row takes the argmax)."""
+        return any(s is not None for s in settings)
 
     @staticmethod
     def send(
@@ -96,7 +102,7 @@ class Draws:
         """``settings`` and ``keys`` uploaded on their own (a prefill's single row, tests)."""
         ints, floats = Draws.columns("d", settings, keys)
         uploaded = upload(device, torch.int64, **ints) | upload(device, torch.float32, **floats)
-        return Draws.of("d", uploaded, settings)
+        return Draws.of("d", uploaded, Draws.samples(settings))
 
 
 def pick(logits: Tensor, draws: Draws, stream: int) -> Tensor:

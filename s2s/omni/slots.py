@@ -24,7 +24,6 @@ import torch
 from torch import Tensor
 from torch.nn import functional
 
-from s2s.hosttraffic import upload
 from s2s.omni.layers import Rotary, project, rms_norm
 from s2s.omni.moe import feed_forward
 
@@ -55,7 +54,10 @@ class _Decode:
 class SlotCache:
     """Per-layer keys and values for ``slots`` calls, each slot with its own length."""
 
-    def __init__(self, layers: Any, slots: int, capacity: int = 256) -> None:
+    def __init__(
+        self, layers: Any, slots: int, capacity: int = 256, scratch: int | None = None
+    ) -> None:
+        """``scratch``: a slot no call owns, where a batch's padding rows write."""
         attention = layers[0].self_attn
         weight = attention.k_proj.weight
         self.kv_heads = attention.k_proj.out_features // attention.head_dim
@@ -68,6 +70,7 @@ class SlotCache:
         # The same on the host, so a step sizes its attention without waiting for the device.
         self.host_lengths = [0] * slots
         self.capacity = capacity
+        self.scratch = scratch
 
     def reserve(self, length: int) -> None:
         """Grow every layer so a slot can hold ``length`` positions."""
@@ -164,16 +167,30 @@ class SlotCache:
             kept = out
         return out, kept
 
-    def decode(self, model: Any, hidden: Tensor, deltas: Tensor, slots: list[int],
-               index: Tensor | None = None) -> Tensor:  # fmt: skip
-        """Run ``hidden`` ``(batch, 1, hidden)`` through the decoder ``model`` (its ``layers``,
-        ``norm`` and ``rotary_emb``) as the next position of each slot in ``slots`` (``index``:
-        the same on the device, if the caller has it); ``deltas`` ``(batch,)`` is each call's
-        multimodal RoPE offset. Returns the normed last hidden."""
-        visible = max(self.host_lengths[slot] for slot in slots) + 1
+    def visible(self, slots: list[int], span: int = 1) -> int:
+        """How far into the cache a decode step of ``slots`` looks: the longest slot's length
+        plus its new position, rounded up to a multiple of ``span`` (a few fixed sizes, so a
+        captured step is reused; positions past a slot's own are masked). Grows the cache to
+        hold it."""
+        visible = -(-(max(self.host_lengths[slot] for slot in slots) + 1) // span) * span
         self.reserve(visible)
-        if index is None:
-            index = upload(hidden.device, torch.int64, slots=slots)["slots"]
+        return visible
+
+    def advance(self, slots: list[int]) -> None:
+        """The host's side of a decode step of ``slots``: one more position each."""
+        for slot in slots:
+            self.host_lengths[slot] += 1
+
+    def decode(self, model: Any, hidden: Tensor, deltas: Tensor, index: Tensor, visible: int
+               ) -> Tensor:  # fmt: skip
+        """Run ``hidden`` ``(batch, 1, hidden)`` through the decoder ``model`` (its ``layers``,
+        ``norm`` and ``rotary_emb``) as the next position of each slot in ``index`` (on the
+        device), looking ``visible`` positions in (``visible(slots)``); ``deltas`` ``(batch,)``
+        is each call's multimodal RoPE offset. Returns the normed last hidden.
+
+        Only the device moves: the caller calls ``advance(slots)`` for the slots that stepped,
+        so a captured decode can be replayed. A slot may appear more than once (padding rows on
+        the ``scratch`` slot, whose length is set back to 0 after each step)."""
         lengths = self.lengths[index]
         # Text positions continue from the prompt; all three RoPE axes move together.
         positions = (lengths + deltas)[None, :, None].expand(3, -1, -1)
@@ -189,7 +206,7 @@ class SlotCache:
                 layer.mlp, rms_norm(layer.post_attention_layernorm, hidden)
             )
         self.lengths[index] = lengths + 1
-        for slot in slots:
-            self.host_lengths[slot] += 1
+        if self.scratch is not None:
+            self.lengths[self.scratch] = 0
         out = rms_norm(model.norm, hidden)
         return out
