@@ -18,9 +18,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from s2s.hosttraffic import HostTraffic
+from s2s.hosttraffic import HostTraffic, split
 from s2s.omni.code2wav import Code2WavStream
 from s2s.omni.engine import OmniEngine, load_model
+from s2s.omni.graphs import zeroed
 from s2s.omni.moe import experts_forward, feed_forward
 from s2s.omni.prompt import Message, Prompter, build_inputs
 from s2s.omni.request import GREEDY, Decoding, Request
@@ -531,6 +532,35 @@ def test_fixed_shapes_give_the_replies_of_exact_shapes(model: Any, pieces: Any) 
         for x, y in zip(a, b, strict=True):
             if x.audio is not None:
                 assert y.audio is not None and (x.audio - y.audio).abs().max() < 1e-5
+
+
+class _WarmedEveryStep(OmniEngine):
+    """Before each step, what capturing that step's shape runs: the step twice on zeroed
+    columns (``OmniGraphs._capture``'s warm-up; the capture itself runs it once more)."""
+
+    def _step(self, thinking: Any, speaking: Any, results: Any) -> None:
+        shape, ints, floats = self._shape(thinking, speaking)
+        int_zeros, float_zeros = zeroed(ints, floats, self.device)
+        sent = split(int_zeros, ints) | split(float_zeros, floats)
+        for _ in range(3):
+            self._compute(sent, shape)
+        super()._step(thinking, speaking, results)
+
+
+def test_a_capture_warm_up_moves_no_call(model: Any, pieces: Any) -> None:
+    """A graph's warm-up and capture run the real step on the real state (a CPU cannot capture,
+    but it can run that): with zeroed columns every row is on the scratch slot, so running it
+    before every step changes no call's text, codes or audio."""
+    requests = mixed_requests(_inputs(pieces, "media"))
+    # Three slots for three calls: every slot but the scratch one is some call's.
+    plain = run_mixed(OmniEngine(model, max_rows=3, fixed_shapes=True), requests)
+    warmed = run_mixed(_WarmedEveryStep(model, max_rows=3, fixed_shapes=True), requests)
+    for a, b in zip(plain, warmed, strict=True):
+        assert [x.text for x in a] == [y.text for y in b]
+        for x, y in zip(a, b, strict=True):
+            assert (x.codes is None) == (y.codes is None)
+            assert x.codes is None or y.codes is None or torch.equal(x.codes, y.codes)
+            assert x.audio is None or y.audio is None or torch.equal(x.audio, y.audio)
 
 
 @pytest.mark.gpu

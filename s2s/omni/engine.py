@@ -52,7 +52,8 @@ SAMPLE_RATE = 24_000
 #: from RESIDUAL_STREAM on, one per code predictor codebook. Each is counted in its own units
 #: (text tokens, frames), so no two draws of one call share noise.
 TEXT_STREAM, SPEECH_STREAM, RESIDUAL_STREAM = 0, 1, 2
-#: The slot no call owns: padding rows run on it.
+#: The slot no call owns: padding rows run on it. It is 0 so that a zero in a slot column
+#: means it (padding, and a graph capture's zeroed columns: ``s2s.omni.graphs``).
 SCRATCH = 0
 
 

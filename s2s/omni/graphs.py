@@ -42,6 +42,19 @@ log = logging.getLogger(__name__)
 _WARMUP_RUNS = 2
 
 
+def zeroed(
+    int_columns: Mapping[str, Sized], float_columns: Mapping[str, Sized], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Buffers for the columns, all zero: every row on the scratch slot, so a step run on them
+    (a capture's warm-up and capture) moves no call's state (``tests/test_qwen3_omni.py``)."""
+    count = sum(len(v) for v in int_columns.values())
+    floats = sum(len(v) for v in float_columns.values())
+    return (
+        torch.zeros(count, dtype=torch.int64, device=device),
+        torch.zeros(floats, dtype=torch.float32, device=device),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class _Graph:
     graph: torch.cuda.CUDAGraph
@@ -104,10 +117,7 @@ class OmniGraphs:
             self._graphs.clear()  # their caches were reallocated
             self._capacities = shape.capacities
         started = time.perf_counter()
-        count = sum(len(v) for v in int_columns.values())
-        ints = torch.zeros(count, dtype=torch.int64, device=self._device)
-        floats_count = sum(len(v) for v in float_columns.values())
-        floats = torch.zeros(floats_count, dtype=torch.float32, device=self._device)
+        ints, floats = zeroed(int_columns, float_columns, self._device)
         sent = split(ints, int_columns) | split(floats, float_columns)
         self._stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._stream):
