@@ -33,6 +33,10 @@ graphed one per batch size, and ``--check-graphs`` first checks that replay give
 step's text and codes (``tests/omni_graphs_check.py``). On a CPU ``--profile`` counts what the
 eager step dispatches, which is what graphs would save.
 
+With ``--next-turn TOKENS`` it times a call's next turn after a conversation of about TOKENS
+tokens (history, a clip and the picture, then the reply): its prefill with the previous turn's
+thinker cache kept in the slot (``Request.conversation``) and from nothing.
+
 With ``--beside-prompt TOKENS`` it then measures what a long turn does to calls that are
 speaking: ``--beside-calls`` calls decode while one more call's prompt of about TOKENS tokens
 (history, a clip and the picture) is prefilled, whole in one tick or in pieces of
@@ -198,6 +202,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--beside-prompt", type=int, default=0, help="long prompt tokens")
     parser.add_argument("--beside-calls", type=int, default=4)
+    parser.add_argument(
+        "--next-turn", type=int, default=0,
+        help="conversation tokens: time the next turn's prefill with its last turn's cache, "
+        "and without",
+    )  # fmt: skip
     parser.add_argument("--prefill-tokens", default="512", help="piece sizes, comma-separated")
     parser.add_argument("--graphs", choices=["off", "on", "both"], default="off", help="(CUDA) "
                         "replay each step from CUDA graphs (each batch size runs once untimed "
@@ -263,6 +272,8 @@ def main() -> None:
                 torch.cuda.empty_cache()
     if args.beside_prompt:
         _prefill_beside(model, prompter, request, args)
+    if args.next_turn:
+        _next_turn(model, prompter, args)
 
 
 def _prefill_beside(
@@ -301,6 +312,46 @@ def _prefill_beside(
         name = "whole" if size is None else str(size)
         worst, median = max(ticks), percentile(ticks, 0.5)
         print(f"{name:>7} {worst:>14.1f} {median:>8.1f} {ticks[0]:>8.1f} {len(ticks):>6}")
+
+
+def _next_turn(model: Any, prompter: Prompter, args: argparse.Namespace) -> None:
+    """A call's next turn after a long conversation, with the thinker cache of its previous turn
+    kept in its slot and without: the prefill's time and the positions it ran."""
+    words = " ".join(["and then we talked about the weather"] * 8)
+    history = [Message("user" if i % 2 == 0 else "assistant", f"turn {i}: {words}")
+               for i in range(args.next_turn // 40 + 2)]  # fmt: skip
+    first, *_ = _messages()
+    asked = [first, *history, *_messages()[1:]]
+    before = prompter.build(asked, max_tokens=args.next_turn)
+    turn = Request(before, max_text_tokens=args.max_text, max_frames=args.max_frames,
+                   decoding=GREEDY, fixed_length=True, conversation="call")  # fmt: skip
+    engine = OmniEngine(model, max_rows=1)
+    row, made = engine.add(turn), []
+    while engine.active:
+        made += [t for out in engine.step() if out.row == row for t in out.text]
+    said = prompter.tokenizer.decode(made, skip_special_tokens=True)
+    after = prompter.build(
+        [*asked, Message("assistant", said), Message("user", "and what colour is it")],
+        max_tokens=args.next_turn + 200,
+    )
+    print(f"\nthe next turn of a {before['input_ids'].shape[1]}-token conversation "
+          f"({after['input_ids'].shape[1]} tokens now)")  # fmt: skip
+    print(f"{'cache':>7} {'prefill ms':>11} {'positions run':>14}")
+    for kept in (True, False):
+        request = Request(after, max_text_tokens=args.max_text, max_frames=args.max_frames,
+                          decoding=GREEDY, fixed_length=True,
+                          conversation="call" if kept else None)  # fmt: skip
+        target = engine if kept else OmniEngine(model, max_rows=1)
+        reused = target.reused
+        _sync(args.device)
+        start = time.perf_counter()
+        target.add(request)
+        _sync(args.device)
+        took = 1000 * (time.perf_counter() - start)
+        ran = after["input_ids"].shape[1] - (target.reused - reused)
+        print(f"{'kept' if kept else 'none':>7} {took:>11.0f} {ran:>14}")
+        while target.active:
+            target.step()
 
 
 if __name__ == "__main__":

@@ -534,6 +534,73 @@ def test_fixed_shapes_give_the_replies_of_exact_shapes(model: Any, pieces: Any) 
                 assert y.audio is not None and (x.audio - y.audio).abs().max() < 1e-5
 
 
+def _turns(pieces: Any, reply: list[int] | None = None) -> dict[str, Tensor]:
+    """A spoken question with a picture; with ``reply`` (the tokens the model made), the
+    conversation's next turn: that prompt, the reply's very tokens, and a new question."""
+    rng = np.random.default_rng(5)
+    clip = (rng.standard_normal(16_000) * 0.1).astype(np.float32)
+    picture = Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    messages = [
+        Message("system", "You are a helpful voice assistant."),
+        Message("user", QUESTIONS[0], audio=[clip], images=[picture]),
+    ]
+    inputs = build_inputs(*pieces, messages)
+    if reply is None:
+        return inputs
+    # The reply as the model made it (decoding and encoding its text again need not give the
+    # same tokens), then the next user turn and the open assistant turn.
+    after = f"<|im_end|>\n<|im_start|>user\n{QUESTIONS[1]}<|im_end|>\n<|im_start|>assistant\n"
+    more = torch.tensor([reply + pieces[0].encode(after)])
+    ids = torch.cat([inputs["input_ids"], more], dim=1)
+    return {**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _same_reply(a: Reply, b: Reply) -> None:
+    assert a.text == b.text and len(a.codes) == len(b.codes) > 0
+    assert all(torch.equal(x, y) for x, y in zip(a.codes, b.codes, strict=True))
+    assert (a.waveform() - b.waveform()).abs().max() < 1e-4
+
+
+def test_a_conversations_next_turn_prefills_only_what_is_new(model: Any, pieces: Any) -> None:
+    """A reply's thinker cache stays in its slot for the call's next turn, whose prefill starts
+    after the prefix both prompts share (the first turn's prompt at least), and the reply is the
+    one a full prefill gives."""
+    first = _turns(pieces)
+    engine = OmniEngine(model, max_rows=2)
+    replies = {engine.add(replace(_request(first), conversation="call")): Reply()}
+    _run(engine, replies)
+    said = next(iter(replies.values())).text
+    assert list(engine.kept) == ["call"] and len(engine.free) == 2
+    second = _turns(pieces, said)
+    row = engine.add(replace(_request(second), conversation="call"))
+    # All the slot holds: turn one's prompt and its reply's tokens but the last (never fed).
+    assert engine.reused == first["input_ids"].shape[1] + len(said) - 1
+    replies = {row: Reply()}
+    _run(engine, replies)
+    _same_reply(replies[row], _alone(model, _request(second)))
+    engine.forget("call")
+    assert not engine.kept and len(engine.free) == 2
+
+
+def test_a_kept_cache_gives_way_to_another_call(model: Any, pieces: Any) -> None:
+    """With every slot kept, another call takes the oldest; the conversation that lost it is
+    prefilled whole next time, with the same reply."""
+    first = _turns(pieces)
+    engine = OmniEngine(model, max_rows=1)
+    replies = {engine.add(replace(_request(first), conversation="a")): Reply()}
+    _run(engine, replies)
+    said = next(iter(replies.values())).text
+    other = engine.add(replace(_request(_inputs(pieces, "text")), conversation="b"))
+    assert list(engine.kept) == [] and engine.reused == 0
+    _run(engine, {other: Reply()})
+    second = _turns(pieces, said)
+    row = engine.add(replace(_request(second), conversation="a"))
+    assert engine.reused == 0 and list(engine.kept) == []  # b's cache gave way, a's was gone
+    replies = {row: Reply()}
+    _run(engine, replies)
+    _same_reply(replies[row], _alone(model, _request(second)))
+
+
 class _WarmedEveryStep(OmniEngine):
     """Before each step, what capturing that step's shape runs: the step twice on zeroed
     columns (``OmniGraphs._capture``'s warm-up; the capture itself runs it once more)."""

@@ -18,6 +18,10 @@ after the whole reply:
   next frame's first code. The talker needs text token ``j`` for frame ``j``, which the thinker
   made in the same step, so it never waits.
 - ``cancel(row)`` ends a call at the next step; nothing of it is decoded after that.
+- A request with a ``conversation`` key leaves its thinker cache in its slot when it ends
+  (``kept``); that conversation's next request takes the slot back and prefills the thinker
+  only after the prefix its prompt shares with what the slot holds. A new call takes the
+  longest-kept slot when no slot is unused; ``forget(key)`` gives one up.
 
 Calls join and leave between steps. Each owns a slot in the thinker's and the talker's key/value
 caches and in code2wav's state; a step runs all stepping calls in one batch per module, and each
@@ -30,7 +34,8 @@ Everything runs on the caller's thread under ``torch.inference_mode()``; nothing
 from __future__ import annotations
 
 import sys
-from dataclasses import astuple, dataclass
+from collections import OrderedDict
+from dataclasses import astuple, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -72,6 +77,8 @@ class _Row:
     thinker_delta: int = 0
     talker_delta: int = 0
     frames: int = 0  # first codes picked so far
+    prompt: ThinkerPrompt | None = None  # kept for the conversation's next turn
+    made: list[int] = field(default_factory=list)  # every text token made
 
 
 @dataclass(slots=True)
@@ -85,6 +92,22 @@ class _Prefill:
     thinker: ThinkerPrompt | None = None  # once the encoders have run
     row: _Row | None = None  # once the thinker's prefill is complete
     talker: Pieces | None = None
+    kept: _Kept | None = None  # the conversation's last turn, in this slot
+
+
+@dataclass(frozen=True, slots=True)
+class _Kept:
+    """A finished reply's thinker cache, left in its slot for the conversation's next turn:
+    what each position the slot holds was (``ids``: the prompt, then the reply tokens fed back),
+    and of the prompt's positions their RoPE positions, input embeddings and the hidden states
+    the talker reads (reply positions are text at ``index + delta`` on every axis)."""
+
+    slot: int
+    ids: list[int]
+    positions: Tensor  # (3, prompt length)
+    delta: int
+    embeds: Tensor  # (1, prompt length, hidden)
+    hidden: Tensor  # (1, prompt length, hidden)
 
 
 def load_model(path: str, device: str = "cpu", dtype: torch.dtype | None = None) -> Any:
@@ -133,7 +156,11 @@ class OmniEngine:
         self.talker_cache = SlotCache(self.talker.model.layers, slots, scratch=SCRATCH)
         self.code2wav = Code2WavStream(model.code2wav, slots, scratch=SCRATCH)
         self.predictor = CodePredictor(self.talker.code_predictor, self._rows(max_rows))
-        self.free = [slot for slot in range(slots) if slot != SCRATCH]
+        self._free = [slot for slot in range(slots) if slot != SCRATCH]
+        #: Finished conversations' slots, least recently finished first (``Request.conversation``).
+        self.kept: OrderedDict[str, _Kept] = OrderedDict()
+        #: Prompt positions whose prefill a kept cache spared, in all.
+        self.reused = 0
         self.rows: dict[int, _Row] = {}
         self.prefills: dict[int, _Prefill] = {}
         # The thinker's hidden state that the talker's prompt reads (transformers' index).
@@ -182,6 +209,17 @@ class OmniEngine:
         self.is_text_end.zero_()
         for token in tokens:
             self.is_text_end[token] = True
+
+    @property
+    def free(self) -> list[int]:
+        """The slots a new call may take: unused ones, and kept ones (the oldest is given up)."""
+        return self._free + [kept.slot for kept in self.kept.values()]
+
+    def forget(self, conversation: str) -> None:
+        """Give up ``conversation``'s kept cache (its call has ended)."""
+        kept = self.kept.pop(conversation, None)
+        if kept is not None:
+            self._free.append(kept.slot)
 
     @property
     def active(self) -> list[int]:
@@ -237,8 +275,15 @@ class OmniEngine:
         if ids.shape[1] < 3 or ids[0, -3:-1].tolist() != opening:
             # The talker's prompt starts from these three tokens (as generate() assumes).
             raise ValueError("the prompt must end with the open assistant turn")
+        kept = self.kept.pop(request.conversation, None) if request.conversation else None
+        if kept is not None:
+            slot = kept.slot
+        elif self._free:
+            slot = self._free.pop()
+        else:
+            slot = self.kept.popitem(last=False)[1].slot  # the longest unused conversation's
         self._next_id += 1
-        self.prefills[self._next_id] = _Prefill(self._next_id, self.free.pop(), request, inputs)
+        self.prefills[self._next_id] = _Prefill(self._next_id, slot, request, inputs, kept=kept)
         return self._next_id
 
     @torch.inference_mode()
@@ -264,7 +309,9 @@ class OmniEngine:
     def _prefill(self, state: _Prefill, budget: int) -> bool:
         if state.thinker is None:
             state.thinker = encode(self.thinker, state.inputs, self.accept)
-            self.thinker_cache.clear(state.slot)
+            reused = 0 if state.kept is None else self._reuse(state.thinker, state.kept)
+            self.thinker_cache.clear(state.slot, keep=reused)
+            self.reused += reused
         prompt = state.thinker
         while state.row is None and budget > 0:
             start, end = prompt.take(budget)
@@ -320,12 +367,52 @@ class OmniEngine:
         token = int(tokens[0])  # a prefill reads its first token back; a step reads nothing
         row = _Row(state.id, state.slot, state.request, text=[token], first_token=token)
         row.thinker_delta = state.thinker.delta if state.thinker is not None else 0
+        row.made.append(token)
+        if request.conversation is not None:
+            row.prompt = state.thinker
         self._ends_text(row, token)
         return row
 
+    def _reuse(self, prompt: ThinkerPrompt, kept: _Kept) -> int:
+        """How many of ``prompt``'s first positions the slot's cache from ``kept`` holds already
+        (the same token, RoPE position and input embedding at each; never the last, whose
+        logits pick the first token); marks them done and copies their hidden states."""
+        ids = prompt.ids[0].tolist()
+        count = 0
+        for new, old in zip(ids[: len(ids) - 1], kept.ids, strict=False):
+            if new != old:
+                break
+            count += 1
+        if count == 0:
+            return 0
+        known = kept.positions.shape[1]
+        reply = torch.arange(known, len(kept.ids), device=self.device) + kept.delta
+        old_positions = torch.cat([kept.positions, reply.expand(3, -1)], dim=1)[:, :count]
+        same = (prompt.positions[:, 0, :count] == old_positions).all(0)
+        shared = min(count, known)
+        same[:shared] &= (prompt.embeds[0, :shared] == kept.embeds[0, :shared]).all(-1)
+        differs = (~same).nonzero()
+        count = int(differs[0, 0]) if differs.numel() else count
+        shared = min(count, known)
+        prompt.hidden[:, :shared] = kept.hidden[:, :shared]
+        prompt.hidden[:, shared:count] = 0  # reply text: the talker reads no hidden state there
+        prompt.done = count
+        return count
+
+    def _keep(self, row: _Row) -> None:
+        """Leave ``row``'s thinker cache in its slot for its conversation's next turn."""
+        assert row.request.conversation is not None and row.prompt is not None
+        prompt = row.prompt
+        held = self.thinker_cache.host_lengths[row.slot]
+        ids = (prompt.ids[0].tolist() + row.made)[:held]
+        self.forget(row.request.conversation)
+        self.kept[row.request.conversation] = _Kept(
+            row.slot, ids, prompt.positions[:, 0], prompt.delta, prompt.embeds, prompt.hidden
+        )
+
     def _drop(self, state: _Prefill) -> None:
         del self.prefills[state.id]
-        self.free.append(state.slot)
+        self._free.append(state.slot)
 
     def _ends_text(self, row: _Row, token: int) -> bool:
         """Whether ``token`` is the row's last text token; marks the row when it is."""
@@ -428,7 +515,10 @@ class OmniEngine:
 
     def _release(self, row: _Row) -> None:
         del self.rows[row.id]
-        self.free.append(row.slot)
+        if row.prompt is not None:
+            self._keep(row)
+        else:
+            self._free.append(row.slot)
 
     def _step(
         self, thinking: list[_Row], speaking: list[_Row], results: dict[int, RowStep]
@@ -448,6 +538,7 @@ class OmniEngine:
         if thinking:
             for row, token in zip(thinking, host[0].astype(np.int64).tolist(), strict=False):
                 row.tokens += 1
+                row.made.append(token)
                 results[row.id].text.append(token)
                 self._ends_text(row, token)
             self.thinker_cache.advance([r.slot for r in thinking])

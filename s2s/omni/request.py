@@ -44,6 +44,11 @@ class Request:
     #: Never pick the text or codec end token, so the reply runs to both limits: for benchmarks,
     #: where random weights end a reply at once or never and runs must compare.
     fixed_length: bool = False
+    #: The conversation this reply belongs to (the call), if its next turn should reuse this
+    #: one's thinker cache: the slot is kept after the reply while no other call needs it, and
+    #: the next request with the same key prefills only what follows the longest prefix the two
+    #: prompts share (``OmniEngine.begin``).
+    conversation: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.seed < 2**63:

@@ -108,10 +108,10 @@ class SlotCache:
         """Queries, keys and values ``(batch, heads, positions, head_dim)``, rotated."""
         return project(attention, hidden, rotary, self.head_dim)
 
-    def clear(self, slot: int) -> None:
-        """Empty slot ``slot`` for a new call's prefill."""
-        self.lengths[slot] = 0
-        self.host_lengths[slot] = 0
+    def clear(self, slot: int, keep: int = 0) -> None:
+        """Empty slot ``slot`` for a new prefill, but for its first ``keep`` positions."""
+        self.lengths[slot] = keep
+        self.host_lengths[slot] = keep
 
     def extend(self, model: Any, hidden: Tensor, positions: Tensor, slot: int,
                visual: Visual | None = None, keep: int | None = None

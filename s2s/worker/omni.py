@@ -119,6 +119,7 @@ class OmniWorker:
             self.calls.setdefault(call, 0)
         elif change.kind in ("leave", "reset"):
             self._cancel(call)
+            self.engine.forget(call)
             if change.kind == "leave":
                 self.calls.pop(call, None)
         elif change.kind == "respond" and change.respond is not None and call in self.calls:
@@ -158,6 +159,7 @@ class OmniWorker:
         request = Request(
             inputs, speaker=speaker, speak=respond.speak, max_text_tokens=self.max_text_tokens,
             max_frames=self.max_frames, decoding=self.decoding, seed=response_seed(call, count),
+            conversation=call,
         )  # fmt: skip
         row = self.engine.begin(request)
         self.answering[call] = row
