@@ -319,10 +319,11 @@ def _next_turn(model: Any, prompter: Prompter, args: argparse.Namespace) -> None
     kept in its slot and without: the prefill's time and the positions it ran."""
     words = " ".join(["and then we talked about the weather"] * 8)
     history = [Message("user" if i % 2 == 0 else "assistant", f"turn {i}: {words}")
-               for i in range(args.next_turn // 40 + 2)]  # fmt: skip
+               for i in range(args.next_turn // 60 + 2)]  # fmt: skip
     first, *_ = _messages()
     asked = [first, *history, *_messages()[1:]]
-    before = prompter.build(asked, max_tokens=args.next_turn)
+    whole = 10**9  # no turn left out: a prompt budget that cuts the oldest turns moves the start
+    before = prompter.build(asked, max_tokens=whole)
     turn = Request(before, max_text_tokens=args.max_text, max_frames=args.max_frames,
                    decoding=GREEDY, fixed_length=True, conversation="call")  # fmt: skip
     engine = OmniEngine(model, max_rows=1)
@@ -332,7 +333,7 @@ def _next_turn(model: Any, prompter: Prompter, args: argparse.Namespace) -> None
     said = prompter.tokenizer.decode(made, skip_special_tokens=True)
     after = prompter.build(
         [*asked, Message("assistant", said), Message("user", "and what colour is it")],
-        max_tokens=args.next_turn + 200,
+        max_tokens=whole,
     )
     print(f"\nthe next turn of a {before['input_ids'].shape[1]}-token conversation "
           f"({after['input_ids'].shape[1]} tokens now)")  # fmt: skip

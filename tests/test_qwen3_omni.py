@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from s2s.omni.code2wav import Code2WavStream
 from s2s.omni.engine import OmniEngine, load_model
 from s2s.omni.graphs import zeroed
 from s2s.omni.moe import experts_forward, feed_forward
-from s2s.omni.prompt import Message, Prompter, build_inputs
+from s2s.omni.prompt import Message, Prompter, build_inputs, fit_inputs
 from s2s.omni.request import GREEDY, Decoding, Request
 from s2s.omni.sampling import Draws, Sampling, pick
 from tests.omni_graphs_check import mixed_requests, run_mixed
@@ -374,6 +375,31 @@ def test_history_is_cut_to_the_token_budget(pieces: Any) -> None:
     assert text.endswith("<|im_start|>assistant\n")
     with pytest.raises(ValueError, match="budget"):
         build_inputs(tokenizer, features, images, [system, *turns], max_tokens=5)
+
+
+def test_a_cut_history_keeps_its_start_until_the_budget_is_reached_again(pieces: Any) -> None:
+    """Cut to 60% of the budget, the next turns leave out the same turns (the prompt starts
+    where it did, as a kept cache needs) until the budget is passed again."""
+    system = Message("system", "You are a helpful voice assistant.")
+    turns = [Message("user" if i % 2 == 0 else "assistant", f"turn {i} hello there")
+             for i in range(40)]  # fmt: skip
+    size = build_inputs(*pieces, [system, *turns[:10]])["input_ids"].shape[1]
+    budget, dropped, starts = size, 0, []
+    for count in range(10, 40, 2):
+        inputs, dropped = fit_inputs(*pieces, [system, *turns[:count]], budget, dropped, 0.6)
+        assert inputs["input_ids"].shape[1] <= budget
+        text = pieces[0].decode(inputs["input_ids"][0])
+        assert f"turn {count - 1} " in text and "helpful voice assistant" in text
+        starts.append(dropped)
+    assert starts[0] == 0  # ten turns fit exactly
+    changes = [i for i in range(1, len(starts)) if starts[i] != starts[i - 1]]
+    assert len(changes) >= 2, starts  # cut again as the talk grows...
+    # ...but not at each turn.
+    assert all(b - a > 1 for a, b in pairwise(changes)), starts
+    # With nothing retained beyond the budget, every turn past it moves the start.
+    _, first = fit_inputs(*pieces, [system, *turns[:12]], budget)
+    _, second = fit_inputs(*pieces, [system, *turns[:14]], budget, first)
+    assert 0 < first < second
 
 
 def test_a_text_only_reply_has_the_same_text_and_no_audio(model: Any, pieces: Any) -> None:

@@ -43,6 +43,13 @@ class Prompter:
         """``build_inputs`` with these pieces."""
         return build_inputs(self.tokenizer, self.features, self.images, messages, max_tokens)
 
+    def fit(self, messages: list[Message], max_tokens: int, dropped: int = 0,
+            retain: float = 1.0) -> tuple[dict[str, Any], int]:  # fmt: skip
+        """``fit_inputs`` with these pieces."""
+        return fit_inputs(
+            self.tokenizer, self.features, self.images, messages, max_tokens, dropped, retain
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Message:
@@ -79,15 +86,42 @@ def build_inputs(
     With ``max_tokens``, the oldest turns after the leading system message are left out until
     the prompt fits; ``ValueError`` if even the last turn alone does not.
     """
-    kept = list(messages)
-    while True:
-        inputs = _build(tokenizer, features, images, kept)
-        if max_tokens is None or inputs["input_ids"].shape[1] <= max_tokens:
-            return inputs
-        first = 1 if kept and kept[0].role == "system" else 0
-        if len(kept) - first <= 1:
-            raise ValueError(f"the last turn alone is over the {max_tokens}-token budget")
+    if max_tokens is None:
+        return _build(tokenizer, features, images, messages)
+    return fit_inputs(tokenizer, features, images, messages, max_tokens)[0]
+
+
+def fit_inputs(
+    tokenizer: Any,
+    features: Any,
+    images: Any,
+    messages: list[Message],
+    max_tokens: int,
+    dropped: int = 0,
+    retain: float = 1.0,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """``build_inputs`` for ``messages`` without their ``dropped`` oldest turns (after the
+    leading system message) and, if that is still over ``max_tokens``, without as many more as
+    bring it within ``retain`` of the budget; returns the inputs and the turns left out.
+
+    Cutting to less than the budget (``retain`` < 1, as the Realtime API's ``retention_ratio``)
+    and passing the count back in next turn keeps the prompt's start where it was for the turns
+    after, until the budget is reached again: what a kept cache of the last turn needs
+    (``OmniEngine``), since a prompt that starts elsewhere shares nothing with it."""
+    first = 1 if messages and messages[0].role == "system" else 0
+    dropped = min(dropped, max(len(messages) - first - 1, 0))
+    kept = messages[:first] + messages[first + dropped :]
+    inputs = _build(tokenizer, features, images, kept)
+    if inputs["input_ids"].shape[1] <= max_tokens:
+        return inputs, dropped
+    target = max_tokens * retain
+    while inputs["input_ids"].shape[1] > target and len(kept) - first > 1:
         del kept[first]
+        dropped += 1
+        inputs = _build(tokenizer, features, images, kept)
+    if inputs["input_ids"].shape[1] > max_tokens:
+        raise ValueError(f"the last turn alone is over the {max_tokens}-token budget")
+    return inputs, dropped
 
 
 def _build(

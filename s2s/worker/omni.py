@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 FRAME_SAMPLES = AUDIO_RATE // 50
 #: Prompt budget: the oldest turns are left out of a prompt longer than this.
 PROMPT_TOKENS = 8192
+#: Over budget, a prompt's oldest turns are left out until it is within this share of it, and
+#: its next turns start from there until the budget is reached again (the Realtime API's
+#: ``retention_ratio``), so a call's kept cache matches all but the new turn.
+PROMPT_RETAIN = 0.8
 #: Prompt positions prefilled per tick: what a new turn may add to the others' step time.
 PREFILL_TOKENS = 512
 
@@ -67,6 +71,8 @@ class OmniWorker:
         self.default_speaker = speakers[0]
         #: Every joined call and how many responses it has had (each response's seed).
         self.calls: dict[str, int] = {}
+        #: The oldest turns each call's prompts leave out now (``PROMPT_RETAIN``).
+        self.dropped: dict[str, int] = {}
         #: Turns waiting for their prefill, oldest first (one call appears at most once).
         self.waiting: dict[str, Respond] = {}
         #: The engine row answering each call, and what the row was asked.
@@ -118,10 +124,11 @@ class OmniWorker:
         if change.kind == "join":
             self.calls.setdefault(call, 0)
         elif change.kind in ("leave", "reset"):
-            self._cancel(call)
-            self.engine.forget(call)
+            self._cancel(call)  # a reset (barge-in) keeps the cache for the turn that follows
             if change.kind == "leave":
                 self.calls.pop(call, None)
+                self.dropped.pop(call, None)
+                self.engine.forget(call)
         elif change.kind == "respond" and change.respond is not None and call in self.calls:
             self._cancel(call)
             self.waiting[call] = change.respond
@@ -152,7 +159,10 @@ class OmniWorker:
     def _respond(self, call: str, respond: Respond) -> None:
         messages = [_message(turn.role, turn.text, turn.audio, turn.pictures)
                     for turn in respond.turns]  # fmt: skip
-        inputs = self.prompter.build(messages, max_tokens=respond.prompt_tokens or PROMPT_TOKENS)
+        budget = respond.prompt_tokens or PROMPT_TOKENS
+        inputs, self.dropped[call] = self.prompter.fit(
+            messages, budget, self.dropped.get(call, 0), PROMPT_RETAIN
+        )
         speaker = self.speakers.get(respond.voice.lower(), self.default_speaker)
         count = self.calls.get(call, 0)
         self.calls[call] = count + 1
