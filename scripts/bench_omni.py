@@ -337,20 +337,21 @@ def _next_turn(model: Any, prompter: Prompter, args: argparse.Namespace) -> None
     )
     print(f"\nthe next turn of a {before['input_ids'].shape[1]}-token conversation "
           f"({after['input_ids'].shape[1]} tokens now)")  # fmt: skip
-    print(f"{'cache':>7} {'prefill ms':>11} {'positions run':>14}")
+    print(f"{'cache':>7} {'prefill ms':>11} {'thinker positions run':>22} {'talker reused':>14}")
     for kept in (True, False):
         request = Request(after, max_text_tokens=args.max_text, max_frames=args.max_frames,
                           decoding=GREEDY, fixed_length=True,
                           conversation="call" if kept else None)  # fmt: skip
         target = engine if kept else OmniEngine(model, max_rows=1)
-        reused = target.reused
+        reused, talker = target.reused, target.talker_reused
         _sync(args.device)
         start = time.perf_counter()
         target.add(request)
         _sync(args.device)
         took = 1000 * (time.perf_counter() - start)
         ran = after["input_ids"].shape[1] - (target.reused - reused)
-        print(f"{'kept' if kept else 'none':>7} {took:>11.0f} {ran:>14}")
+        spared = target.talker_reused - talker
+        print(f"{'kept' if kept else 'none':>7} {took:>11.0f} {ran:>22} {spared:>14}")
         while target.active:
             target.step()
 

@@ -599,8 +599,10 @@ def test_a_conversations_next_turn_prefills_only_what_is_new(model: Any, pieces:
     assert list(engine.kept) == ["call"] and len(engine.free) == 2
     second = _turns(pieces, said)
     row = engine.add(replace(_request(second), conversation="call"))
-    # All the slot holds: turn one's prompt and its reply's tokens but the last (never fed).
+    # All the slot holds: turn one's prompt and its reply's tokens but the last (never fed);
+    # and of the talker's prompt, turn one's user part.
     assert engine.reused == first["input_ids"].shape[1] + len(said) - 1
+    assert engine.talker_reused > 10, engine.talker_reused
     replies = {row: Reply()}
     _run(engine, replies)
     _same_reply(replies[row], _alone(model, _request(second)))

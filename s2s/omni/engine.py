@@ -78,6 +78,7 @@ class _Row:
     talker_delta: int = 0
     frames: int = 0  # first codes picked so far
     prompt: ThinkerPrompt | None = None  # kept for the conversation's next turn
+    talker_prompt: Pieces | None = None  # likewise
     made: list[int] = field(default_factory=list)  # every text token made
 
 
@@ -108,6 +109,7 @@ class _Kept:
     delta: int
     embeds: Tensor  # (1, prompt length, hidden)
     hidden: Tensor  # (1, prompt length, hidden)
+    talker: Pieces | None  # the talker's prompt, whose positions its cache holds first
 
 
 def load_model(path: str, device: str = "cpu", dtype: torch.dtype | None = None) -> Any:
@@ -159,8 +161,9 @@ class OmniEngine:
         self._free = [slot for slot in range(slots) if slot != SCRATCH]
         #: Finished conversations' slots, least recently finished first (``Request.conversation``).
         self.kept: OrderedDict[str, _Kept] = OrderedDict()
-        #: Prompt positions whose prefill a kept cache spared, in all.
+        #: Prompt positions whose prefill a kept cache spared, in all: the thinker's, the talker's.
         self.reused = 0
+        self.talker_reused = 0
         self.rows: dict[int, _Row] = {}
         self.prefills: dict[int, _Prefill] = {}
         # The thinker's hidden state that the talker's prompt reads (transformers' index).
@@ -336,7 +339,11 @@ class OmniEngine:
             tts = (self.tts_pad, self.tts_bos, self.tts_eos)
             state.talker = talker_prompt(self.model, prompt, row.first_token, speaker, tts)
             row.talker_delta = state.talker.delta
-            self.talker_cache.clear(row.slot)
+            reused = 0 if state.kept is None else _reuse_talker(state.talker, state.kept)
+            self.talker_cache.clear(row.slot, keep=reused)
+            self.talker_reused += reused
+            if row.request.conversation is not None:
+                row.talker_prompt = state.talker
         talker = state.talker
         while not talker.complete and budget > 0:
             start, end = talker.take(budget)
@@ -407,8 +414,9 @@ class OmniEngine:
         ids = (prompt.ids[0].tolist() + row.made)[:held]
         self.forget(row.request.conversation)
         self.kept[row.request.conversation] = _Kept(
-            row.slot, ids, prompt.positions[:, 0], prompt.delta, prompt.embeds, prompt.hidden
-        )
+            row.slot, ids, prompt.positions[:, 0], prompt.delta, prompt.embeds, prompt.hidden,
+            row.talker_prompt,
+        )  # fmt: skip
 
     def _drop(self, state: _Prefill) -> None:
         del self.prefills[state.id]
@@ -662,6 +670,23 @@ class OmniEngine:
         )
         next_codes = self._next_codes(sent, hidden[:, -1], shape.speech_samples)
         return [frame, next_codes, audio]
+
+
+def _reuse_talker(prompt: Pieces, kept: _Kept) -> int:
+    """How many of the talker ``prompt``'s first positions the slot's talker cache holds already
+    from ``kept`` (the same input embedding and RoPE position at each; never the last, whose
+    hidden state picks the first code): the earlier user turns, when they are unchanged. Marks
+    them done."""
+    old = kept.talker
+    if old is None:
+        return 0
+    count = min(prompt.length - 1, old.length)
+    same = (prompt.embeds[0, :count] == old.embeds[0, :count]).all(-1)
+    same &= (prompt.positions[:, 0, :count] == old.positions[:, 0, :count]).all(0)
+    differs = (~same).nonzero()
+    count = int(differs[0, 0]) if differs.numel() else count
+    prompt.done = count
+    return count
 
 
 #: Batch sizes a step with fixed shapes runs as (the smallest that holds its calls).
