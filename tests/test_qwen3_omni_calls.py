@@ -309,17 +309,42 @@ def test_a_turn_can_ask_for_its_own_prefill_piece(tiny_models: Path) -> None:
     )
     history = [Turn("user" if i % 2 == 0 else "assistant", f"turn {i}: tell me more about it")
                for i in range(12)]  # fmt: skip
-    worker.handle(Tick([Change("join", "a")]))
     ticks = {}
-    for piece in (100_000, 16):
+    # Two calls: a call's second turn would reuse its first one's cache.
+    for piece, call in ((100_000, "a"), (16, "b")):
+        worker.handle(Tick([Change("join", call)]))
         respond = Respond(f"r{piece}", history, prefill_tokens=piece)
-        worker.handle(Tick([Change("respond", "a", respond=respond)]))
+        worker.handle(Tick([Change("respond", call, respond=respond)]))
         ticks[piece] = 1
         while worker.engine.prefilling:
             worker.handle(Tick())
             ticks[piece] += 1
-        worker.handle(Tick([Change("reset", "a")]))
+        worker.handle(Tick([Change("leave", call)]))
     assert ticks[100_000] == 1 and ticks[16] > 10, ticks
+
+
+def test_a_calls_next_turn_reuses_its_cache_until_it_leaves(tiny_models: Path) -> None:
+    """Through the worker: a barge-in (reset) keeps the call's cache, its next turn prefills
+    only what is new, and leaving gives the cache up."""
+    from s2s.worker.messages import Change, Respond, Tick, Turn
+    from s2s.worker.omni import OmniWorker
+
+    worker = OmniWorker.load(str(tiny_models / "tiny-qwen3-omni"), "cpu", max_calls=2)
+    history = [Turn("user" if i % 2 == 0 else "assistant", f"turn {i}: tell me more about it")
+               for i in range(5)]  # fmt: skip
+    worker.handle(Tick([Change("join", "a")]))
+    worker.handle(Tick([Change("respond", "a", respond=Respond("r1", history))]))
+    for _ in range(20):
+        if not worker.engine.prefilling:
+            break
+        worker.handle(Tick())
+    worker.handle(Tick([Change("reset", "a")]))  # barge-in
+    assert list(worker.engine.kept) == ["a"]
+    more = [*history, Turn("assistant", "well"), Turn("user", "and then?")]
+    worker.handle(Tick([Change("respond", "a", respond=Respond("r2", more))]))
+    assert worker.engine.reused > 50  # the first turn's prompt
+    worker.handle(Tick([Change("leave", "a")]))
+    assert not worker.engine.kept and len(worker.engine.free) == 2
 
 
 def test_replies_decode_as_the_checkpoints_generation_config_says() -> None:

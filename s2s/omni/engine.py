@@ -219,10 +219,14 @@ class OmniEngine:
         return self._free + [kept.slot for kept in self.kept.values()]
 
     def forget(self, conversation: str) -> None:
-        """Give up ``conversation``'s kept cache (its call has ended)."""
+        """Give up ``conversation``'s kept cache (its call has ended), and keep none of a reply
+        of it still under way (one cancelled ends at the next step)."""
         kept = self.kept.pop(conversation, None)
         if kept is not None:
             self._free.append(kept.slot)
+        for row in self.rows.values():
+            if row.request.conversation == conversation:
+                row.prompt = row.talker_prompt = None
 
     @property
     def active(self) -> list[int]:
