@@ -21,6 +21,7 @@ What makes capture safe:
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -31,6 +32,15 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 _WARMUP_RUNS = 2
+
+#: Batch sizes a captured step runs as: the smallest that holds the batch (past the last, the
+#: batch's own size).
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128, 192, 256)
+
+
+def bucket(count: int) -> int:
+    """The size of ``BUCKETS`` a batch of ``count`` rows runs as."""
+    return BUCKETS[bisect.bisect_left(BUCKETS, count)] if count <= BUCKETS[-1] else count
 
 
 class StepGraphs:

@@ -12,13 +12,13 @@ state itself:
   cache memory. Keys are stored already rotated (RoPE at the slot's own absolute position), so
   the ring's order does not matter to attention.
 - **Fixed shapes**: a step computes the first ``n`` slots, ``n`` the smallest bucket that
-  holds every allocated slot (``BUCKETS``). Slots without a frame this tick compute too, but
-  their results are dropped and their state does not move (their cache write lands on the
-  position they will overwrite first when they do step). A step reads the ring only as far as
-  the longest of those calls has written, rounded up to ``SPAN_STEP`` positions (known on the
-  host without asking the device), so young calls do not pay for the whole window. So each
-  (bucket, span) step is one fixed sequence of kernels, replayed from a CUDA graph on a GPU
-  (``s2s.backends.graphs``).
+  holds every allocated slot (``s2s.backends.graphs.BUCKETS``). Slots without a frame this
+  tick compute too, but their results are dropped and their state does not move (their cache
+  write lands on the position they will overwrite first when they do step). A step reads the
+  ring only as far as the longest of those calls has written, rounded up to ``SPAN_STEP``
+  positions (known on the host without asking the device), so young calls do not pay for the
+  whole window. So each (bucket, span) step is one fixed sequence of kernels, replayed from a
+  CUDA graph on a GPU (``s2s.backends.graphs``).
 - **The depth decoder incrementally**: ``K`` steps, each one codebook, with a ``K``-position
   cache of its own; each codebook's weights are applied as a plain matrix product with that
   codebook's slice (transformers' ``MoshiFlexibleLinear`` broadcasts the weights over the batch).
@@ -46,11 +46,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from s2s.backends.graphs import StepGraphs
+from s2s.backends.graphs import BUCKETS, StepGraphs, bucket
 from s2s.noise import gumbel
 
-#: Slot counts a step is computed for (the smallest that holds every allocated slot).
-BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128, 192, 256)
 #: A step reads the ring up to the longest call's length, rounded up to this many positions.
 SPAN_STEP = 256
 _MASK32 = 0xFFFFFFFF
@@ -226,8 +224,7 @@ class MoshiEngine:
 
     def bucket(self) -> int:
         """How many slots a step computes now."""
-        used = max(self.rows, default=0) + 1
-        return BUCKETS[bisect.bisect_left(BUCKETS, used)] if used <= BUCKETS[-1] else used
+        return bucket(max(self.rows, default=0) + 1)
 
     # -- the step ----------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 from transformers import Qwen3OmniMoeForConditionalGeneration
 
+from s2s.backends.graphs import bucket
 from s2s.hosttraffic import download, split, upload, upload_flat
 from s2s.omni.code2wav import Code2WavStream
 from s2s.omni.graphs import OmniGraphs
@@ -139,7 +140,8 @@ class OmniEngine:
     def __init__(
         self, model: Any, max_rows: int = 8, fixed_shapes: bool = False, graphs: bool = False
     ) -> None:
-        """``fixed_shapes``: pad each step's batches to ``BUCKETS`` and its attention spans to
+        """``fixed_shapes``: pad each step's batches to a size of
+        ``s2s.backends.graphs.BUCKETS`` and its attention spans to
         multiples of ``SPAN`` (what a captured step needs; the results are the same).
         ``graphs`` (a CUDA device; implies ``fixed_shapes``): replay each step's device work
         from a CUDA graph per shape (``s2s.omni.graphs``)."""
@@ -453,9 +455,7 @@ class OmniEngine:
 
     def _rows(self, count: int) -> int:
         """How many rows a batch of ``count`` calls runs as (a bucket with fixed shapes)."""
-        if not self.fixed_shapes:
-            return count
-        return next((b for b in BUCKETS if b >= count), -(-count // BUCKETS[-1]) * BUCKETS[-1])
+        return bucket(count) if self.fixed_shapes else count
 
     def _think_columns(
         self, rows: list[_Row], count: int
@@ -693,8 +693,6 @@ def _reuse_talker(prompt: Pieces, kept: _Kept) -> int:
     return count
 
 
-#: Batch sizes a step with fixed shapes runs as (the smallest that holds its calls).
-BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
 #: With fixed shapes, attention looks this many positions further at a time.
 SPAN = 1024
 

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from s2s.backends.graphs import StepGraphs
+from s2s.backends.graphs import BUCKETS, StepGraphs
 from s2s.backends.mimi_stream import MimiStreamDecoder, MimiStreamEncoder
-from s2s.backends.moshi_engine import BUCKETS, MoshiEngine, Row
+from s2s.backends.moshi_engine import MoshiEngine, Row
 from s2s.worker.messages import CallOutput, Change, Hello, Tick, TickResult
 from s2s.worker.process import pick_device_and_dtype
 
