@@ -1,6 +1,6 @@
 """The Qwen3-Omni decode step replayed from CUDA graphs, one graph per step shape.
 
-Eager, a decode step at Qwen3-Omni's real depth dispatches about 9,500 operators (48 thinker
+Eager, a decode step at Qwen3-Omni's real depth dispatches about 9,400 operators (48 thinker
 layers, 15 code predictor passes of 5 layers, 20 talker layers, code2wav): at a few µs of host
 time each, more than half of an 80 ms frame before the GPU has done anything. With fixed shapes
 (``OmniEngine(fixed_shapes=True)``: batches padded to a size of ``s2s.backends.graphs.BUCKETS``

@@ -50,6 +50,34 @@ class Rotary:
         return Rotary(self.cos[:, :, positions], self.sin[:, :, positions])
 
 
+def causal_rows(start: int, count: int, groups: int, device: torch.device) -> Tensor:
+    """The mask ``(groups * count, start + count)`` of ``count`` new positions from ``start``,
+    each seeing every earlier position and itself, with ``grouped_attention``'s rows: one set
+    per query head that shares a key head."""
+    new = torch.arange(start, start + count, device=device)
+    mask = torch.arange(start + count, device=device)[None, :] <= new[:, None]
+    return mask.repeat(groups, 1)
+
+
+def grouped_attention(
+    query: Tensor, keys: Tensor, values: Tensor, scale: float, mask: Tensor | None = None
+) -> Tensor:
+    """Grouped-query attention without copying keys per query head: the query heads that share
+    a key head become that head's rows. ``query`` ``(batch, heads, count, head_dim)``, ``keys``
+    and ``values`` ``(batch, kv_heads, positions, head_dim)``, ``mask`` broadcastable to
+    ``(batch, kv_heads, heads // kv_heads * count, positions)`` (``causal_rows``; None: every
+    position). Returns ``(batch, count, heads * head_dim)``, ready for the output projection."""
+    batch, heads, count, head_dim = query.shape
+    kv_heads = keys.shape[1]
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads * count, head_dim)
+    out = functional.scaled_dot_product_attention(
+        grouped, keys, values, attn_mask=mask, scale=scale
+    )
+    if count == 1:
+        return out.reshape(batch, 1, -1)
+    return out.view(batch, heads, count, head_dim).transpose(1, 2).reshape(batch, count, -1)
+
+
 def project(attention: Any, hidden: Tensor, rotary: Rotary, head_dim: int
             ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``attention``'s queries, keys and values for ``hidden`` ``(batch, positions, hidden)``, as

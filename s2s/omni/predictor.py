@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn import functional
 
-from s2s.omni.layers import Rotary, project, rms_norm
+from s2s.omni.layers import Rotary, causal_rows, grouped_attention, project, rms_norm
 
 
 class CodePredictor:
@@ -34,6 +33,7 @@ class CodePredictor:
         attention = self.model.layers[0].self_attn
         self.head_dim = int(attention.head_dim)
         self.kv_heads = attention.k_proj.out_features // self.head_dim
+        self.heads_per_kv = attention.q_proj.out_features // self.head_dim // self.kv_heads
         self.positions = int(config.num_code_groups)
         weight = attention.k_proj.weight
         shape = (rows, self.kv_heads, self.positions, self.head_dim)
@@ -61,6 +61,10 @@ class CodePredictor:
         batch, count = hidden.shape[:2]
         end = start + count
         rotary = self.rotary[start:end]
+        # One position sees all the frame's earlier ones: no mask. More need a causal one.
+        mask = None
+        if count > 1:
+            mask = causal_rows(start, count, self.heads_per_kv, hidden.device)
         for number, layer in enumerate(self.model.layers):
             attention = layer.self_attn
             query, key, value = project(
@@ -68,21 +72,13 @@ class CodePredictor:
             )
             self.keys[number][:batch, :, start:end] = key
             self.values[number][:batch, :, start:end] = value
-            # Grouped-query attention without copying keys per query head (as SlotCache's).
-            groups = query.shape[1] // self.kv_heads
-            grouped = query.reshape(batch, self.kv_heads, groups * count, self.head_dim)
-            mask = None
-            if count > 1:
-                causal = torch.ones(count, end, dtype=torch.bool, device=hidden.device).tril(start)
-                mask = causal.repeat(groups, 1)
-            attended = functional.scaled_dot_product_attention(
-                grouped,
+            attended = grouped_attention(
+                query,
                 self.keys[number][:batch, :, :end],
                 self.values[number][:batch, :, :end],
-                attn_mask=mask,
-                scale=attention.scaling,
+                attention.scaling,
+                mask,
             )
-            attended = attended.view(batch, groups * self.kv_heads, count, self.head_dim)
-            hidden = hidden + attention.o_proj(attended.transpose(1, 2).reshape(batch, count, -1))
+            hidden = hidden + attention.o_proj(attended)
             hidden = hidden + layer.mlp(rms_norm(layer.post_attention_layernorm, hidden))
         return rms_norm(self.model.norm, hidden)

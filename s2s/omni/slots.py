@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional
 
-from s2s.omni.layers import Rotary, project, rms_norm
+from s2s.omni.layers import Rotary, causal_rows, grouped_attention, project, rms_norm
 from s2s.omni.moe import feed_forward
 
 
@@ -87,20 +87,13 @@ class SlotCache:
     def attend(self, layer: int, attention: Any, hidden: Tensor, step: _Decode) -> Tensor:
         """One new position per slot of ``step`` (``hidden`` ``(batch, 1, hidden)``) through
         ``attention``; its key and value are appended to those slots."""
-        batch = hidden.shape[0]
         query, key, value = self._project(attention, hidden, step.rotary)
         self.keys[layer][step.index, :, step.lengths] = key[:, :, 0]
         self.values[layer][step.index, :, step.lengths] = value[:, :, 0]
         keys = self.keys[layer][step.index, :, : step.visible]
         values = self.values[layer][step.index, :, : step.visible]
-        # Grouped-query attention without copying the keys per query head: the query heads
-        # that share a key head become that head's query rows (one position each here).
-        heads = query.shape[1]
-        grouped = query.reshape(batch, self.kv_heads, heads // self.kv_heads, self.head_dim)
-        attended = functional.scaled_dot_product_attention(
-            grouped, keys, values, attn_mask=step.mask, scale=attention.scaling
-        )
-        out: Tensor = attention.o_proj(attended.reshape(batch, 1, -1))
+        attended = grouped_attention(query, keys, values, attention.scaling, step.mask)
+        out: Tensor = attention.o_proj(attended)
         return out
 
     def _project(self, attention: Any, hidden: Tensor, rotary: Rotary
@@ -130,9 +123,7 @@ class SlotCache:
         end = start + count
         self.reserve(end + 1)
         rotary = Rotary.of(*model.rotary_emb(hidden, positions))
-        new = torch.arange(start, end, device=hidden.device)
-        mask = torch.arange(end, device=hidden.device)[None, :] <= new[:, None]
-        grouped_mask = mask.repeat(self.heads_per_kv, 1)
+        mask = causal_rows(start, count, self.heads_per_kv, hidden.device)
         kept = hidden if keep == 0 else None
         for number, layer in enumerate(model.layers):
             attention = layer.self_attn
@@ -141,17 +132,14 @@ class SlotCache:
             )
             self.keys[number][slot, :, start:end] = key[0]
             self.values[number][slot, :, start:end] = value[0]
-            # As in ``attend``: each key head's query heads, one after another, as its rows.
-            groups = query.shape[1] // self.kv_heads
-            attended = functional.scaled_dot_product_attention(
-                query.reshape(1, self.kv_heads, groups * count, self.head_dim),
+            attended = grouped_attention(
+                query,
                 self.keys[number][slot : slot + 1, :, :end],
                 self.values[number][slot : slot + 1, :, :end],
-                attn_mask=grouped_mask[None, None],
-                scale=attention.scaling,
+                attention.scaling,
+                mask,
             )
-            attended = attended.view(1, groups * self.kv_heads, count, self.head_dim)
-            hidden = hidden + attention.o_proj(attended.transpose(1, 2).reshape(1, count, -1))
+            hidden = hidden + attention.o_proj(attended)
             hidden = hidden + feed_forward(
                 layer.mlp, rms_norm(layer.post_attention_layernorm, hidden)
             )
