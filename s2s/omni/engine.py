@@ -47,6 +47,7 @@ from s2s.backends.graphs import bucket
 from s2s.hosttraffic import download, split, upload, upload_flat
 from s2s.omni.code2wav import Code2WavStream
 from s2s.omni.graphs import OmniGraphs
+from s2s.omni.kept import Kept, reuse_talker, reuse_thinker
 from s2s.omni.predictor import CodePredictor
 from s2s.omni.prefill import Pieces, ThinkerPrompt, encode, talker_prompt
 from s2s.omni.request import Request, RowStep
@@ -94,23 +95,7 @@ class _Prefill:
     thinker: ThinkerPrompt | None = None  # once the encoders have run
     row: _Row | None = None  # once the thinker's prefill is complete
     talker: Pieces | None = None
-    kept: _Kept | None = None  # the conversation's last turn, in this slot
-
-
-@dataclass(frozen=True, slots=True)
-class _Kept:
-    """A finished reply's thinker cache, left in its slot for the conversation's next turn:
-    what each position the slot holds was (``ids``: the prompt, then the reply tokens fed back),
-    and of the prompt's positions their RoPE positions, input embeddings and the hidden states
-    the talker reads (reply positions are text at ``index + delta`` on every axis)."""
-
-    slot: int
-    ids: list[int]
-    positions: Tensor  # (3, prompt length)
-    delta: int
-    embeds: Tensor  # (1, prompt length, hidden)
-    hidden: Tensor  # (1, prompt length, hidden)
-    talker: Pieces | None  # the talker's prompt, whose positions its cache holds first
+    kept: Kept | None = None  # the conversation's last turn, in this slot
 
 
 def load_model(path: str, device: str = "cpu", dtype: torch.dtype | None = None) -> Any:
@@ -162,7 +147,7 @@ class OmniEngine:
         self.predictor = CodePredictor(self.talker.code_predictor, self._rows(max_rows))
         self._free = [slot for slot in range(slots) if slot != SCRATCH]
         #: Finished conversations' slots, least recently finished first (``Request.conversation``).
-        self.kept: OrderedDict[str, _Kept] = OrderedDict()
+        self.kept: OrderedDict[str, Kept] = OrderedDict()
         #: Prompt positions whose prefill a kept cache spared, in all: the thinker's, the talker's.
         self.reused = 0
         self.talker_reused = 0
@@ -318,7 +303,7 @@ class OmniEngine:
     def _prefill(self, state: _Prefill, budget: int) -> bool:
         if state.thinker is None:
             state.thinker = encode(self.thinker, state.inputs, self.accept)
-            reused = 0 if state.kept is None else self._reuse(state.thinker, state.kept)
+            reused = 0 if state.kept is None else reuse_thinker(state.thinker, state.kept)
             self.thinker_cache.clear(state.slot, keep=reused)
             self.reused += reused
         prompt = state.thinker
@@ -345,7 +330,7 @@ class OmniEngine:
             tts = (self.tts_pad, self.tts_bos, self.tts_eos)
             state.talker = talker_prompt(self.model, prompt, row.first_token, speaker, tts)
             row.talker_delta = state.talker.delta
-            reused = 0 if state.kept is None else _reuse_talker(state.talker, state.kept)
+            reused = 0 if state.kept is None else reuse_talker(state.talker, state.kept)
             self.talker_cache.clear(row.slot, keep=reused)
             self.talker_reused += reused
             if row.request.conversation is not None:
@@ -386,43 +371,14 @@ class OmniEngine:
         self._ends_text(row, token)
         return row
 
-    def _reuse(self, prompt: ThinkerPrompt, kept: _Kept) -> int:
-        """How many of ``prompt``'s first positions the slot's cache from ``kept`` holds already
-        (the same token, RoPE position and input embedding at each; never the last, whose
-        logits pick the first token); marks them done and copies their hidden states."""
-        ids = prompt.ids[0].tolist()
-        count = 0
-        for new, old in zip(ids[: len(ids) - 1], kept.ids, strict=False):
-            if new != old:
-                break
-            count += 1
-        if count == 0:
-            return 0
-        known = kept.positions.shape[1]
-        reply = torch.arange(known, len(kept.ids), device=self.device) + kept.delta
-        old_positions = torch.cat([kept.positions, reply.expand(3, -1)], dim=1)[:, :count]
-        same = (prompt.positions[:, 0, :count] == old_positions).all(0)
-        shared = min(count, known)
-        same[:shared] &= (prompt.embeds[0, :shared] == kept.embeds[0, :shared]).all(-1)
-        differs = (~same).nonzero()
-        count = int(differs[0, 0]) if differs.numel() else count
-        shared = min(count, known)
-        prompt.hidden[:, :shared] = kept.hidden[:, :shared]
-        prompt.hidden[:, shared:count] = 0  # reply text: the talker reads no hidden state there
-        prompt.done = count
-        return count
-
     def _keep(self, row: _Row) -> None:
-        """Leave ``row``'s thinker cache in its slot for its conversation's next turn."""
+        """Leave ``row``'s caches in its slot for its conversation's next turn."""
         assert row.request.conversation is not None and row.prompt is not None
-        prompt = row.prompt
         held = self.thinker_cache.host_lengths[row.slot]
-        ids = (prompt.ids[0].tolist() + row.made)[:held]
         self.forget(row.request.conversation)
-        self.kept[row.request.conversation] = _Kept(
-            row.slot, ids, prompt.positions[:, 0], prompt.delta, prompt.embeds, prompt.hidden,
-            row.talker_prompt,
-        )  # fmt: skip
+        self.kept[row.request.conversation] = Kept.of(
+            row.slot, row.prompt, row.made, held, row.talker_prompt
+        )
 
     def _drop(self, state: _Prefill) -> None:
         del self.prefills[state.id]
@@ -547,8 +503,9 @@ class OmniEngine:
         if speaking:
             first = self.code2wav.first(out[-3], ints, sent)
         host = download(*out, *(first or []))
+        computed, firsts = host[: len(out)], host[len(out) :]
         if thinking:
-            for row, token in zip(thinking, host[0].astype(np.int64).tolist(), strict=False):
+            for row, token in zip(thinking, computed[0].astype(np.int64).tolist(), strict=False):
                 row.tokens += 1
                 row.made.append(token)
                 results[row.id].text.append(token)
@@ -556,8 +513,8 @@ class OmniEngine:
             self.thinker_cache.advance([r.slot for r in thinking])
         if not speaking:
             return
-        frames, codes, later = host[-3:] if first is None else host[-3 - len(first) : -len(first)]
-        fresh = dict(zip(ints["c2w.fresh.rows"], host[len(host) - len(first or []) :], strict=True))
+        frames, codes, later = computed[-3:]
+        fresh = dict(zip(ints["c2w.fresh.rows"], firsts, strict=True))
         frames = frames.astype(np.int64)
         for index, row in enumerate(speaking):
             results[row.id].codes = torch.from_numpy(frames[index])
@@ -674,23 +631,6 @@ class OmniEngine:
         )
         next_codes = self._next_codes(sent, hidden[:, -1], shape.speech_samples)
         return [frame, next_codes, audio]
-
-
-def _reuse_talker(prompt: Pieces, kept: _Kept) -> int:
-    """How many of the talker ``prompt``'s first positions the slot's talker cache holds already
-    from ``kept`` (the same input embedding and RoPE position at each; never the last, whose
-    hidden state picks the first code): the earlier user turns, when they are unchanged. Marks
-    them done."""
-    old = kept.talker
-    if old is None:
-        return 0
-    count = min(prompt.length - 1, old.length)
-    same = (prompt.embeds[0, :count] == old.embeds[0, :count]).all(-1)
-    same &= (prompt.positions[:, 0, :count] == old.positions[:, 0, :count]).all(0)
-    differs = (~same).nonzero()
-    count = int(differs[0, 0]) if differs.numel() else count
-    prompt.done = count
-    return count
 
 
 #: With fixed shapes, attention looks this many positions further at a time.
