@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,7 @@ from benchlib import host_traffic, percentile, profile_step  # noqa: E402
 from omni_sizes import borrow_token_ids, real_config, shrunk_config  # noqa: E402
 
 from s2s.omni.engine import OmniEngine, load_model, prepare_model  # noqa: E402
+from s2s.omni.media import Media  # noqa: E402
 from s2s.omni.prompt import Message, Prompter  # noqa: E402
 from s2s.omni.request import GREEDY, Request  # noqa: E402
 
@@ -315,45 +317,62 @@ def _prefill_beside(
 
 
 def _next_turn(model: Any, prompter: Prompter, args: argparse.Namespace) -> None:
-    """A call's next turn after a long conversation, with the thinker cache of its previous turn
-    kept in its slot and without: the prefill's time and the positions it ran."""
+    """A call's next turn after a long spoken conversation (every user turn a 3 s clip, the
+    first one also the picture): building its prompt and its prefill, with what the call kept
+    from its previous turn (the thinker and talker caches in its slot, ``Request.conversation``;
+    its media prepared and encoded, ``Media``), with the caches alone, and from nothing."""
+    rng = np.random.default_rng(1)
     words = " ".join(["and then we talked about the weather"] * 8)
-    history = [Message("user" if i % 2 == 0 else "assistant", f"turn {i}: {words}")
-               for i in range(args.next_turn // 60 + 2)]  # fmt: skip
-    first, *_ = _messages()
-    asked = [first, *history, *_messages()[1:]]
+    first, asked = _messages()
+    history: list[Message] = []
+    for i in range(args.next_turn // 110 + 2):
+        clip = (rng.standard_normal(48_000) * 0.1).astype(np.float32)
+        history += [Message("user", f"turn {i}", audio=[clip]), Message("assistant", words)]
+    history[0] = replace(history[0], images=asked.images)
+    asked = [first, *history, replace(asked, images=[])]
     whole = 10**9  # no turn left out: a prompt budget that cuts the oldest turns moves the start
-    before = prompter.build(asked, max_tokens=whole)
-    turn = Request(before, max_text_tokens=args.max_text, max_frames=args.max_frames,
-                   decoding=GREEDY, fixed_length=True, conversation="call")  # fmt: skip
-    engine = OmniEngine(model, max_rows=1)
-    row, made = engine.add(turn), []
-    while engine.active:
-        made += [t for out in engine.step() if out.row == row for t in out.text]
+
+    def first_turn(media: Media) -> tuple[OmniEngine, list[int]]:
+        inputs = prompter.build(asked, max_tokens=whole, media=media)
+        engine = OmniEngine(model, max_rows=1)
+        row = engine.add(Request(inputs, max_text_tokens=args.max_text,
+                                 max_frames=args.max_frames, decoding=GREEDY, fixed_length=True,
+                                 conversation="call", media=media.latest))  # fmt: skip
+        made: list[int] = []
+        while engine.active:
+            made += [t for out in engine.step() if out.row == row for t in out.text]
+        return engine, made
+
+    media = Media()
+    kept_all, made = first_turn(media)
+    engines = {"caches+media": kept_all, "caches": first_turn(Media())[0],
+               "nothing": OmniEngine(model, max_rows=1)}  # fmt: skip
     said = prompter.tokenizer.decode(made, skip_special_tokens=True)
-    after = prompter.build(
-        [*asked, Message("assistant", said), Message("user", "and what colour is it")],
-        max_tokens=whole,
-    )
-    print(f"\nthe next turn of a {before['input_ids'].shape[1]}-token conversation "
-          f"({after['input_ids'].shape[1]} tokens now)")  # fmt: skip
-    print(f"{'cache':>7} {'prefill ms':>11} {'thinker positions run':>22} {'talker reused':>14}")
-    for kept in (True, False):
+    clip = (rng.standard_normal(32_000) * 0.1).astype(np.float32)
+    then = [*asked, Message("assistant", said), Message("user", "and now?", audio=[clip])]
+    clips = sum(len(m.audio) for m in then)
+    tokens = prompter.build(asked, max_tokens=whole)["input_ids"].shape[1]
+    print(f"\nthe next turn of a {tokens}-token conversation ({clips} clips and a picture)")
+    print(f"{'kept':>13} {'build ms':>9} {'prefill ms':>11} {'thinker run':>12} "
+          f"{'talker reused':>14} {'encoded':>8}")  # fmt: skip
+    for kept, engine in engines.items():
+        memo = media if kept == "caches+media" else Media()
+        start = time.perf_counter()
+        after = prompter.build(then, max_tokens=whole, media=memo)
+        built = 1000 * (time.perf_counter() - start)
         request = Request(after, max_text_tokens=args.max_text, max_frames=args.max_frames,
-                          decoding=GREEDY, fixed_length=True,
-                          conversation="call" if kept else None)  # fmt: skip
-        target = engine if kept else OmniEngine(model, max_rows=1)
-        reused, talker = target.reused, target.talker_reused
+                          decoding=GREEDY, fixed_length=True, media=memo.latest,
+                          conversation="call" if kept != "nothing" else None)  # fmt: skip
+        reused, talker, encoded = engine.reused, engine.talker_reused, memo.encoded
         _sync(args.device)
         start = time.perf_counter()
-        target.add(request)
+        engine.add(request)
         _sync(args.device)
         took = 1000 * (time.perf_counter() - start)
-        ran = after["input_ids"].shape[1] - (target.reused - reused)
-        spared = target.talker_reused - talker
-        print(f"{'kept' if kept else 'none':>7} {took:>11.0f} {ran:>22} {spared:>14}")
-        while target.active:
-            target.step()
+        ran = after["input_ids"].shape[1] - (engine.reused - reused)
+        spared = engine.talker_reused - talker
+        print(f"{kept:>13} {built:>9.0f} {took:>11.0f} {ran:>12} {spared:>14} "
+              f"{memo.encoded - encoded:>8}")  # fmt: skip
 
 
 if __name__ == "__main__":

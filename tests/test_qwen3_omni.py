@@ -23,6 +23,7 @@ from s2s.hosttraffic import HostTraffic, split
 from s2s.omni.code2wav import Code2WavStream
 from s2s.omni.engine import OmniEngine, load_model
 from s2s.omni.graphs import zeroed
+from s2s.omni.media import Media
 from s2s.omni.moe import experts_forward, feed_forward
 from s2s.omni.prompt import Message, Prompter, build_inputs, fit_inputs
 from s2s.omni.request import GREEDY, Decoding, Request
@@ -608,6 +609,59 @@ def test_a_conversations_next_turn_prefills_only_what_is_new(model: Any, pieces:
     _same_reply(replies[row], _alone(model, _request(second)))
     engine.forget("call")
     assert not engine.kept and len(engine.free) == 2
+
+
+def test_a_next_turn_prepares_and_encodes_only_its_new_media(model: Any, pieces: Any) -> None:
+    """With the conversation's ``Media``, a next turn computes features and runs the audio
+    encoder for its new clip alone, takes the earlier clip's and the picture's from before
+    (its prefill still reuses all of the first prompt), and is answered as a build from
+    nothing is."""
+    rng = np.random.default_rng(7)
+    clips = [(rng.standard_normal(16_000 + 3_200 * i) * 0.1).astype(np.float32) for i in (0, 1)]
+    picture = Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    asked = [
+        Message("system", "You are a helpful voice assistant."),
+        Message("user", QUESTIONS[0], audio=[clips[0]], images=[picture]),
+    ]
+    media, engine = Media(), OmniEngine(model, max_rows=1)
+    first = build_inputs(*pieces, asked, media=media)
+    row = engine.add(replace(_request(first), conversation="call", media=media.latest))
+    replies = {row: Reply()}
+    _run(engine, replies)
+    assert (media.prepared, media.encoded) == (2, 2)
+    said = pieces[0].decode(replies[row].text, skip_special_tokens=True)
+    turns = [*asked, Message("assistant", said), Message("user", "and this?", audio=[clips[1]])]
+    second = build_inputs(*pieces, turns, media=media)
+    assert media.prepared == 3
+    whole = build_inputs(*pieces, turns)
+    assert whole.keys() == second.keys()
+    assert all(torch.equal(whole[key], second[key]) for key in whole)
+    row = engine.add(replace(_request(second), conversation="call", media=media.latest))
+    assert media.encoded == 3 and engine.reused >= first["input_ids"].shape[1]
+    replies = {row: Reply()}
+    _run(engine, replies)
+    _same_reply(replies[row], _alone(model, _request(whole)))
+    # Only the latest prompt's media are held: a turn without the picture lets it go.
+    build_inputs(*pieces, [asked[0], turns[-1]], media=media)
+    assert len(media) == 1
+
+
+def test_a_clips_features_do_not_depend_on_the_other_clips(pieces: Any) -> None:
+    """Each clip's features are its own: Qwen's processor pads a prompt's clips to the longest
+    together, which changes a shorter clip's last frame with the clips beside it, and so a
+    kept turn's embeddings with every longer clip that comes after."""
+    rng = np.random.default_rng(8)
+    short, long = ((rng.standard_normal(n) * 0.1).astype(np.float32) for n in (16_000, 24_000))
+    alone = build_inputs(*pieces, [Message("user", "", audio=[short])])
+    beside = build_inputs(*pieces, [Message("user", "", audio=[long, short])])
+    frames = int(alone["feature_attention_mask"].sum())
+    assert int(beside["feature_attention_mask"][1].sum()) == frames
+    assert torch.equal(beside["input_features"][1, :, :frames], alone["input_features"][0])
+
+
+def test_a_picture_that_is_no_image_is_a_clear_error(pieces: Any) -> None:
+    with pytest.raises(ValueError, match="cannot be decoded"):
+        build_inputs(*pieces, [Message("user", "look", images=[b"not a jpeg"])])
 
 
 def test_a_kept_cache_gives_way_to_another_call(model: Any, pieces: Any) -> None:

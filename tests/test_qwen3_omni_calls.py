@@ -325,13 +325,20 @@ def test_a_turn_can_ask_for_its_own_prefill_piece(tiny_models: Path) -> None:
 
 def test_a_calls_next_turn_reuses_its_cache_until_it_leaves(tiny_models: Path) -> None:
     """Through the worker: a barge-in (reset) keeps the call's cache, its next turn prefills
-    only what is new, and leaving gives the cache up."""
+    only what is new (and encodes only its own audio: the earlier turn's and the picture are
+    the call's already), and leaving gives the cache up."""
+    import numpy as np
+
     from s2s.worker.messages import Change, Respond, Tick, Turn
     from s2s.worker.omni import OmniWorker
 
     worker = OmniWorker.load(str(tiny_models / "tiny-qwen3-omni"), "cpu", max_calls=2)
     history = [Turn("user" if i % 2 == 0 else "assistant", f"turn {i}: tell me more about it")
                for i in range(5)]  # fmt: skip
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 48), (20, 200, 30)).save(jpeg, "JPEG")
+    speech = (np.sin(np.arange(16_000) / 5) * 8000).astype(np.int16)
+    history[-1] = Turn("user", "what is this", speech.tobytes(), [jpeg.getvalue()])
     worker.handle(Tick([Change("join", "a")]))
     worker.handle(Tick([Change("respond", "a", respond=Respond("r1", history))]))
     for _ in range(20):
@@ -340,11 +347,14 @@ def test_a_calls_next_turn_reuses_its_cache_until_it_leaves(tiny_models: Path) -
         worker.handle(Tick())
     worker.handle(Tick([Change("reset", "a")]))  # barge-in
     assert list(worker.engine.kept) == ["a"]
-    more = [*history, Turn("assistant", "well"), Turn("user", "and then?")]
+    media = worker.media["a"]
+    assert (media.prepared, media.encoded) == (2, 2)
+    more = [*history, Turn("assistant", "well"), Turn("user", "and then?", speech[::2].tobytes())]
     worker.handle(Tick([Change("respond", "a", respond=Respond("r2", more))]))
     assert worker.engine.reused > 50  # the first turn's prompt
+    assert (media.prepared, media.encoded) == (3, 3)
     worker.handle(Tick([Change("leave", "a")]))
-    assert not worker.engine.kept and len(worker.engine.free) == 2
+    assert not worker.engine.kept and len(worker.engine.free) == 2 and not worker.media
 
 
 def test_replies_decode_as_the_checkpoints_generation_config_says() -> None:

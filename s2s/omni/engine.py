@@ -302,7 +302,7 @@ class OmniEngine:
 
     def _prefill(self, state: _Prefill, budget: int) -> bool:
         if state.thinker is None:
-            state.thinker = encode(self.thinker, state.inputs, self.accept)
+            state.thinker = encode(self.thinker, state.inputs, self.accept, state.request.media)
             reused = 0 if state.kept is None else reuse_thinker(state.thinker, state.kept)
             self.thinker_cache.clear(state.slot, keep=reused)
             self.reused += reused

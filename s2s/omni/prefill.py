@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from s2s.omni.media import MediaPlan
 from s2s.omni.slots import Visual
 
 
@@ -73,10 +74,13 @@ class ThinkerPrompt(Pieces):
         return Visual(self.pictures[start:end], [f[lo:hi] for f in self.deepstack])
 
 
-def encode(thinker: Any, inputs: dict[str, Tensor], keep: int) -> ThinkerPrompt:
+def encode(
+    thinker: Any, inputs: dict[str, Tensor], keep: int, media: MediaPlan | None = None
+) -> ThinkerPrompt:
     """Run the audio and vision encoders of ``thinker`` once over a batch-of-one prompt and
     prepare it for a prefill in pieces that keeps ``hidden_states[keep]`` (see
-    ``SlotCache.extend``)."""
+    ``SlotCache.extend``). With the prompt's ``media`` plan, the clips and pictures its
+    conversation's earlier prompts held are not encoded again."""
     if "pixel_values_videos" in inputs:
         raise ValueError("video input is not supported")
     model, config = thinker.model, thinker.config
@@ -86,15 +90,23 @@ def encode(thinker: Any, inputs: dict[str, Tensor], keep: int) -> ThinkerPrompt:
     feature_mask = inputs.get("feature_attention_mask")
     audio_lengths = None if feature_mask is None else feature_mask.sum(-1)
     if features is not None:
-        audio = model.get_audio_features(features, feature_mask, return_dict=True)
+        if media is None or feature_mask is None:
+            heard = model.get_audio_features(features, feature_mask, return_dict=True)
+            audio = heard.last_hidden_state
+        else:
+            audio = media.audio_embeds(model, features, feature_mask)
         places = (ids == config.audio_token_id)[..., None]
-        embeds = embeds.masked_scatter(places, audio.last_hidden_state.to(embeds.dtype))
+        embeds = embeds.masked_scatter(places, audio.to(embeds.dtype))
     grid = inputs.get("image_grid_thw")
     pixels = inputs.get("pixel_values")
     pictures, before, deepstack = None, [], []
     if pixels is not None:
-        image = model.get_image_features(pixels, grid, return_dict=True)
-        image_embeds = torch.cat(image.pooler_output)
+        if media is None or grid is None:
+            image = model.get_image_features(pixels, grid, return_dict=True)
+            image_embeds = torch.cat(image.pooler_output)
+            deepstack = [torch.cat(feature) for feature in image.deepstack_features]
+        else:
+            image_embeds, deepstack = media.image_embeds(model, pixels, grid)
         pictures = ids[0] == config.image_token_id
         before = [0, *torch.cumsum(pictures, 0).tolist()]
         if before[-1] != image_embeds.shape[0]:
@@ -102,7 +114,6 @@ def encode(thinker: Any, inputs: dict[str, Tensor], keep: int) -> ThinkerPrompt:
                 f"{before[-1]} image tokens for {image_embeds.shape[0]} image features"
             )
         embeds = embeds.masked_scatter(pictures[None, :, None], image_embeds.to(embeds.dtype))
-        deepstack = [torch.cat(feature) for feature in image.deepstack_features]
     positions, deltas = model.get_rope_index(
         ids, grid, None, torch.ones_like(ids), False, audio_lengths, None
     )

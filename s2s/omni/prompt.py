@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-AUDIO_RATE = 16_000  # Whisper features
+from s2s.omni.media import AUDIO_RATE, Media, audio_tokens
+
+__all__ = ["AUDIO_RATE", "Message", "Prompter", "audio_tokens", "build_inputs", "fit_inputs"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,15 +41,25 @@ class Prompter:
             Qwen2VLImageProcessorPil.from_pretrained(path),
         )
 
-    def build(self, messages: list[Message], max_tokens: int | None = None) -> dict[str, Any]:
+    def build(self, messages: list[Message], max_tokens: int | None = None,
+              media: Media | None = None) -> dict[str, Any]:  # fmt: skip
         """``build_inputs`` with these pieces."""
-        return build_inputs(self.tokenizer, self.features, self.images, messages, max_tokens)
+        return build_inputs(self.tokenizer, self.features, self.images, messages, max_tokens, media)
 
-    def fit(self, messages: list[Message], max_tokens: int, dropped: int = 0,
-            retain: float = 1.0) -> tuple[dict[str, Any], int]:  # fmt: skip
+    def fit(
+        self, messages: list[Message], max_tokens: int, dropped: int = 0, retain: float = 1.0,
+        media: Media | None = None,
+    ) -> tuple[dict[str, Any], int]:  # fmt: skip
         """``fit_inputs`` with these pieces."""
         return fit_inputs(
-            self.tokenizer, self.features, self.images, messages, max_tokens, dropped, retain
+            self.tokenizer,
+            self.features,
+            self.images,
+            messages,
+            max_tokens,
+            dropped,
+            retain,
+            media,
         )
 
 
@@ -58,18 +70,7 @@ class Message:
     role: str  # "system", "user" or "assistant"
     text: str = ""
     audio: list[np.ndarray] = field(default_factory=list)  # float32 mono at AUDIO_RATE
-    images: list[Any] = field(default_factory=list)  # PIL images
-
-
-def audio_tokens(frames: int, n_window: int = 50) -> int:
-    """How many ``<|audio_pad|>`` stand for ``frames`` mel frames (the encoder's output length).
-
-    The audio encoder cuts features into windows of ``2 * n_window`` frames; each full window
-    gives 13 outputs and the rest three stride-2 convolutions' worth.
-    """
-    window = 2 * n_window
-    rest = (frames % window - 1) // 2 + 1
-    return ((rest - 1) // 2 + 1 - 1) // 2 + 1 + (frames // window) * 13
+    images: list[Any] = field(default_factory=list)  # PIL images or an image file's bytes
 
 
 def build_inputs(
@@ -78,17 +79,18 @@ def build_inputs(
     images: Any,
     messages: list[Message],
     max_tokens: int | None = None,
+    media: Media | None = None,
 ) -> dict[str, torch.Tensor]:
     """The thinker's keyword arguments (``input_ids``, ``attention_mask`` and, when there is
     audio or a picture, ``input_features``/``feature_attention_mask`` and
-    ``pixel_values``/``image_grid_thw``) for ``messages``, batch of one.
+    ``pixel_values``/``image_grid_thw``) for ``messages``, batch of one; with ``media``, the
+    conversation's clips and pictures already prepared are taken from it (and ``media.latest``
+    is this prompt's plan).
 
     With ``max_tokens``, the oldest turns after the leading system message are left out until
     the prompt fits; ``ValueError`` if even the last turn alone does not.
     """
-    if max_tokens is None:
-        return _build(tokenizer, features, images, messages)
-    return fit_inputs(tokenizer, features, images, messages, max_tokens)[0]
+    return fit_inputs(tokenizer, features, images, messages, max_tokens, media=media)[0]
 
 
 def fit_inputs(
@@ -96,9 +98,10 @@ def fit_inputs(
     features: Any,
     images: Any,
     messages: list[Message],
-    max_tokens: int,
+    max_tokens: int | None,
     dropped: int = 0,
     retain: float = 1.0,
+    media: Media | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """``build_inputs`` for ``messages`` without their ``dropped`` oldest turns (after the
     leading system message) and, if that is still over ``max_tokens``, without as many more as
@@ -107,67 +110,69 @@ def fit_inputs(
     Cutting to less than the budget (``retain`` < 1, as the Realtime API's ``retention_ratio``)
     and passing the count back in next turn keeps the prompt's start where it was for the turns
     after, until the budget is reached again: what a kept cache of the last turn needs
-    (``OmniEngine``), since a prompt that starts elsewhere shares nothing with it."""
+    (``OmniEngine``), since a prompt that starts elsewhere shares nothing with it.
+
+    Each turn is tokenized once and on its own (every turn begins and ends with a special
+    token, which the tokenizer never merges across), so what fits is counted, not rebuilt."""
+    media = Media() if media is None else media
     first = 1 if messages and messages[0].role == "system" else 0
     dropped = min(dropped, max(len(messages) - first - 1, 0))
-    kept = messages[:first] + messages[first + dropped :]
-    inputs = _build(tokenizer, features, images, kept)
-    if inputs["input_ids"].shape[1] <= max_tokens:
-        return inputs, dropped
-    target = max_tokens * retain
-    while inputs["input_ids"].shape[1] > target and len(kept) - first > 1:
-        del kept[first]
-        dropped += 1
-        inputs = _build(tokenizer, features, images, kept)
-    if inputs["input_ids"].shape[1] > max_tokens:
-        raise ValueError(f"the last turn alone is over the {max_tokens}-token budget")
-    return inputs, dropped
+    opening = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    turns = [_turn(tokenizer, features, images, media, m) for m in messages[:first]]
+    rest = [_turn(tokenizer, features, images, media, m) for m in messages[first + dropped :]]
+    total = len(opening) + sum(len(t.ids) for t in turns + rest)
+    if max_tokens is not None and total > max_tokens:
+        target = max_tokens * retain
+        while total > target and len(rest) > 1:
+            total -= len(rest.pop(0).ids)
+            dropped += 1
+        if total > max_tokens:
+            raise ValueError(f"the last turn alone is over the {max_tokens}-token budget")
+    return _assemble(media, [*turns, *rest], opening), dropped
 
 
-def _build(
-    tokenizer: Any, features: Any, images: Any, messages: list[Message]
-) -> dict[str, torch.Tensor]:
-    prompt = ""
-    clips: list[np.ndarray] = []
-    pictures: list[Any] = []
-    for message in messages:
-        if message.role not in ("system", "user", "assistant"):
-            raise ValueError(f"unknown role {message.role!r}")
-        body = ""
-        for clip in message.audio:
-            clips.append(np.asarray(clip, dtype=np.float32))
-            body += "<|audio_start|>{audio}<|audio_end|>"
-        for picture in message.images:
-            pictures.append(picture)
-            body += "<|vision_start|>{image}<|vision_end|>"
-        prompt += f"<|im_start|>{message.role}\n{body}{message.text}<|im_end|>\n"
-    prompt += "<|im_start|>assistant\n"
-    kwargs: dict[str, torch.Tensor] = {}
-    pads: list[str] = []
-    if clips:
-        feats = features(
-            clips, sampling_rate=AUDIO_RATE, return_attention_mask=True, padding="longest",
-            return_tensors="pt",
-        )  # fmt: skip
-        mask = feats["attention_mask"]
-        kwargs["input_features"] = feats["input_features"]
-        kwargs["feature_attention_mask"] = mask
-        pads += ["<|audio_pad|>" * audio_tokens(int(n)) for n in mask.sum(-1)]
+@dataclass(slots=True)
+class _Turn:
+    """One message's tokens and, in order, its clips' and pictures' digests and inputs."""
+
+    ids: list[int]
+    audio: list[tuple[bytes, torch.Tensor]]  # features (mel bins, frames)
+    pictures: list[tuple[bytes, torch.Tensor, torch.Tensor]]  # pixels, grid
+
+
+def _turn(tokenizer: Any, features: Any, images: Any, media: Media, message: Message) -> _Turn:
+    if message.role not in ("system", "user", "assistant"):
+        raise ValueError(f"unknown role {message.role!r}")
+    body = ""
+    audio = [media.clip(features, clip) for clip in message.audio]
+    for _, feats in audio:
+        body += "<|audio_start|>" + "<|audio_pad|>" * audio_tokens(feats.shape[1])
+        body += "<|audio_end|>"
+    pictures = [media.picture(images, picture) for picture in message.images]
+    merged = images.merge_size**2
+    for _, _, grid in pictures:
+        body += "<|vision_start|>" + "<|image_pad|>" * (int(grid.prod()) // merged)
+        body += "<|vision_end|>"
+    text = f"<|im_start|>{message.role}\n{body}{message.text}<|im_end|>\n"
+    return _Turn(tokenizer(text, add_special_tokens=False)["input_ids"], audio, pictures)
+
+
+def _assemble(media: Media, turns: list[_Turn], opening: list[int]) -> dict[str, torch.Tensor]:
+    ids = torch.tensor([[token for turn in turns for token in turn.ids] + opening])
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    audio = [clip for turn in turns for clip in turn.audio]
+    pictures = [picture for turn in turns for picture in turn.pictures]
+    if audio:
+        # Each clip's features alone, zero-padded to the longest; the mask says how far.
+        lengths = [feats.shape[1] for _, feats in audio]
+        batch = torch.zeros(len(audio), audio[0][1].shape[0], max(lengths))
+        mask = torch.zeros(len(audio), max(lengths), dtype=torch.int32)
+        for row, ((_, feats), length) in enumerate(zip(audio, lengths, strict=True)):
+            batch[row, :, :length] = feats
+            mask[row, :length] = 1
+        kwargs["input_features"], kwargs["feature_attention_mask"] = batch, mask
     if pictures:
-        pixels = images(images=pictures, return_tensors="pt")
-        kwargs["pixel_values"] = pixels["pixel_values"]
-        kwargs["image_grid_thw"] = pixels["image_grid_thw"]
-        merged = images.merge_size**2
-        pads_image = ["<|image_pad|>" * (int(g.prod()) // merged) for g in pixels["image_grid_thw"]]
-    else:
-        pads_image = []
-    # Fill the placeholders in order of appearance, audio and pictures each in their own order.
-    audio_iter, image_iter = iter(pads), iter(pads_image)
-    parts = prompt.split("{audio}")
-    prompt = parts[0] + "".join(next(audio_iter) + part for part in parts[1:])
-    parts = prompt.split("{image}")
-    prompt = parts[0] + "".join(next(image_iter) + part for part in parts[1:])
-    ids = tokenizer(prompt, return_tensors="pt")
-    kwargs["input_ids"] = ids["input_ids"]
-    kwargs["attention_mask"] = ids["attention_mask"]
+        kwargs["pixel_values"] = torch.cat([pixels for _, pixels, _ in pictures])
+        kwargs["image_grid_thw"] = torch.stack([grid for _, _, grid in pictures])
+    media.plan([key for key, _ in audio], [key for key, _, _ in pictures])
     return kwargs

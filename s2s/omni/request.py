@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from s2s.omni.media import MediaPlan
 from s2s.omni.sampling import Sampling
 
 #: Qwen's defaults in ``generate()``: talker and code predictor sample; text is greedy.
@@ -49,6 +50,9 @@ class Request:
     #: the next request with the same key prefills only what follows the longest prefix the two
     #: prompts share (``OmniEngine.begin``).
     conversation: str | None = None
+    #: The prompt's clips and pictures as its conversation's ``Media`` holds them (``latest``
+    #: after building ``inputs`` with it): those an earlier prompt held are not encoded again.
+    media: MediaPlan | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.seed < 2**63:

@@ -16,7 +16,6 @@ server's business (``s2s.backends.qwen3_omni``). Each response samples with its 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import time
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from s2s.omni.engine import OmniEngine, load_model
+from s2s.omni.media import Media
 from s2s.omni.prompt import AUDIO_RATE, Message, Prompter
 from s2s.omni.request import TALKER_SAMPLING, Decoding, Request
 from s2s.omni.sampling import Sampling
@@ -73,6 +73,8 @@ class OmniWorker:
         self.calls: dict[str, int] = {}
         #: The oldest turns each call's prompts leave out now (``PROMPT_RETAIN``).
         self.dropped: dict[str, int] = {}
+        #: Each call's clips and pictures, prepared and encoded for its next prompts.
+        self.media: dict[str, Media] = {}
         #: Turns waiting for their prefill, oldest first (one call appears at most once).
         self.waiting: dict[str, Respond] = {}
         #: The engine row answering each call, and what the row was asked.
@@ -128,6 +130,7 @@ class OmniWorker:
             if change.kind == "leave":
                 self.calls.pop(call, None)
                 self.dropped.pop(call, None)
+                self.media.pop(call, None)
                 self.engine.forget(call)
         elif change.kind == "respond" and change.respond is not None and call in self.calls:
             self._cancel(call)
@@ -160,8 +163,9 @@ class OmniWorker:
         messages = [_message(turn.role, turn.text, turn.audio, turn.pictures)
                     for turn in respond.turns]  # fmt: skip
         budget = respond.prompt_tokens or PROMPT_TOKENS
+        media = self.media.setdefault(call, Media())
         inputs, self.dropped[call] = self.prompter.fit(
-            messages, budget, self.dropped.get(call, 0), PROMPT_RETAIN
+            messages, budget, self.dropped.get(call, 0), PROMPT_RETAIN, media
         )
         speaker = self.speakers.get(respond.voice.lower(), self.default_speaker)
         count = self.calls.get(call, 0)
@@ -169,7 +173,7 @@ class OmniWorker:
         request = Request(
             inputs, speaker=speaker, speak=respond.speak, max_text_tokens=self.max_text_tokens,
             max_frames=self.max_frames, decoding=self.decoding, seed=response_seed(call, count),
-            conversation=call,
+            conversation=call, media=media.latest,
         )  # fmt: skip
         row = self.engine.begin(request)
         self.answering[call] = row
@@ -235,13 +239,8 @@ class _Answer:
 
 
 def _message(role: str, text: str, audio: bytes, pictures: list[bytes]) -> Message:
-    from PIL import Image
-
     clips = []
     if audio:
         clips.append(np.frombuffer(audio, np.int16).astype(np.float32) / 32768)
-    images = []
-    for data in pictures:
-        with Image.open(io.BytesIO(data)) as picture:
-            images.append(picture.convert("RGB"))
-    return Message(role=role, text=text, audio=clips, images=images)
+    # Pictures stay JPEG bytes: the call's Media decodes only those it has not seen.
+    return Message(role=role, text=text, audio=clips, images=list(pictures))
