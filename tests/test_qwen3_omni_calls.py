@@ -213,6 +213,64 @@ async def test_a_streamed_tool_call_is_held_back_and_becomes_a_call(tiny_models:
     assert plain[0].text and plain[0].audio.size  # not held: spoken as it comes
 
 
+async def test_turns_keep_their_pictures_and_their_audio_crosses_once() -> None:
+    """The stream's side: a picture goes with the user turn it is first shown with and stays
+    there as the conversation goes on (a newer one joins the newer turn), so a call's prompts
+    share their start; a turn's audio crosses to the worker with the first respond that holds
+    it and is named after (``heard``), until a response fails; the oldest turns' audio is let
+    go only past what a prompt of the budget could hold."""
+    import numpy as np
+
+    from s2s.backends import ResponseRequest
+    from s2s.backends.qwen3_omni import Qwen3OmniStream
+    from s2s.images import Picture
+    from s2s.protocol.items import InputAudio, MessageItem, OutputAudio
+    from s2s.worker.messages import CallOutput
+
+    changes: list[Any] = []
+
+    class Recorder:  # where the stream's changes for the worker go
+        prompt_tokens, prefill_tokens, input_rate = 120, 0, 16_000
+
+        def change(self, change: Any) -> None:
+            changes.append(change)
+
+    stream = Qwen3OmniStream(Recorder(), "call")  # type: ignore[arg-type]
+    items: list[Any] = []
+    seen = [Picture(bytes([i]) * 100, 64, 48, "a picture") for i in range(2)]
+
+    async def turn(
+        item: str, seconds: float, pictures: list[Picture], done: str = "stop"
+    ) -> list[Any]:
+        await stream.step(np.ones(int(16_000 * seconds), np.int16))
+        await stream.commit(item)
+        items.append(MessageItem(role="user", content=[InputAudio()], id=item))
+        await stream.respond(ResponseRequest(
+            response_id=f"r-{item}", instructions="Be brief.", voice="", speed=1.0,
+            modalities=["audio"], conversation=list(items), pictures=pictures))  # fmt: skip
+        items.append(MessageItem(role="assistant", content=[OutputAudio("ok")], id=f"a-{item}"))
+        stream.receive(CallOutput(response_id=f"r-{item}", done=done))
+        return [t for t in changes[-1].respond.turns if t.role == "user"]
+
+    (first,) = await turn("u1", 1, seen[:1])
+    assert first.audio and not first.heard and first.pictures == [seen[0].jpeg]
+    one, two = await turn("u2", 1, seen[:1])  # the same picture: it stays where it was shown
+    assert (one.audio, one.heard, one.pictures) == (b"", True, [seen[0].jpeg])
+    assert two.audio and not two.heard and two.pictures == []
+    # A new one goes with the new turn; that response fails.
+    one, two, three = await turn("u3", 1, seen, "failed: the model's step failed")
+    assert one.pictures == [seen[0].jpeg] and three.pictures == [seen[1].jpeg]
+    assert [t.heard for t in (one, two, three)] == [True, True, False]
+    users = await turn("u4", 1, [])  # after a failure, every turn's audio is sent again
+    assert all(t.audio and not t.heard for t in users) and len(users) == 4
+    # A 120-token budget holds at most 10 s of audio: u1 is let go once the newer turns' audio
+    # alone is past that, and not before.
+    await turn("u5", 6, [])
+    assert list(stream._committed) == ["u1", "u2", "u3", "u4", "u5"]
+    await turn("u6", 1, [])
+    assert list(stream._committed) == ["u2", "u3", "u4", "u5", "u6"]
+
+
 def test_the_prompt_budget_leaves_out_the_oldest_turns(tiny_models: Path) -> None:
     from s2s.worker.messages import Change, Respond, Tick, Turn
     from s2s.worker.omni import OmniWorker
@@ -237,6 +295,36 @@ def test_the_prompt_budget_leaves_out_the_oldest_turns(tiny_models: Path) -> Non
     assert cut.request.inputs["input_ids"].shape[1] < whole.request.inputs["input_ids"].shape[1]
     output, rows = prompt(5)  # not even the last turn fits: that response fails, clearly
     assert not rows and output.done.startswith("failed") and "budget" in output.done
+
+
+def test_a_cut_prompt_keeps_its_start_turn_when_older_ones_are_no_longer_sent(
+    tiny_models: Path,
+) -> None:
+    """Over budget, a call's prompt starts at a later turn, and its next prompts start at that
+    turn again (found by its item id: the server may stop sending the oldest turns), so they
+    share all but the new turns with the last one."""
+    from s2s.worker.messages import Change, Respond, Tick, Turn
+    from s2s.worker.omni import OmniWorker
+
+    worker = OmniWorker.load(str(tiny_models / "tiny-qwen3-omni"), "cpu", max_calls=1)
+    turns = [Turn("user" if i % 2 == 0 else "assistant", f"turn number {i}", item=f"i{i}")
+             for i in range(15)]  # fmt: skip
+
+    def prompt(sent: list[Turn]) -> list[int]:
+        respond = Respond("r", [Turn("system", "Be brief."), *sent], prompt_tokens=200)
+        worker.handle(Tick([Change("join", "a"), Change("respond", "a", respond=respond)]))
+        while worker.engine.prefilling:
+            worker.handle(Tick())
+        (row,) = worker.engine.rows.values()
+        worker.handle(Tick([Change("reset", "a")]))
+        ids: list[int] = row.request.inputs["input_ids"][0].tolist()
+        return ids
+
+    first = prompt(turns[:13])
+    start = worker.start["a"][0]
+    assert start not in ("", "i0") and len(first) <= 160
+    then = prompt(turns[2:])  # the two oldest are no longer sent, and two more are
+    assert worker.start["a"][0] == start and then[: len(first) - 3] == first[:-3]
 
 
 async def test_a_turn_over_the_prompt_budget_fails_clearly_and_the_call_goes_on(
@@ -327,18 +415,19 @@ def test_a_calls_next_turn_reuses_its_cache_until_it_leaves(tiny_models: Path) -
     """Through the worker: a barge-in (reset) keeps the call's cache, its next turn prefills
     only what is new (and encodes only its own audio: the earlier turn's and the picture are
     the call's already), and leaving gives the cache up."""
+    import msgspec
     import numpy as np
 
     from s2s.worker.messages import Change, Respond, Tick, Turn
     from s2s.worker.omni import OmniWorker
 
     worker = OmniWorker.load(str(tiny_models / "tiny-qwen3-omni"), "cpu", max_calls=2)
-    history = [Turn("user" if i % 2 == 0 else "assistant", f"turn {i}: tell me more about it")
-               for i in range(5)]  # fmt: skip
+    history = [Turn("user" if i % 2 == 0 else "assistant", f"turn {i}: tell me more about it",
+                    item=f"i{i}") for i in range(5)]  # fmt: skip
     jpeg = io.BytesIO()
     Image.new("RGB", (64, 48), (20, 200, 30)).save(jpeg, "JPEG")
     speech = (np.sin(np.arange(16_000) / 5) * 8000).astype(np.int16)
-    history[-1] = Turn("user", "what is this", speech.tobytes(), [jpeg.getvalue()])
+    history[-1] = Turn("user", "what is this", speech.tobytes(), [jpeg.getvalue()], item="i4")
     worker.handle(Tick([Change("join", "a")]))
     worker.handle(Tick([Change("respond", "a", respond=Respond("r1", history))]))
     for _ in range(20):
@@ -349,12 +438,20 @@ def test_a_calls_next_turn_reuses_its_cache_until_it_leaves(tiny_models: Path) -
     assert list(worker.engine.kept) == ["a"]
     media = worker.media["a"]
     assert (media.prepared, media.encoded) == (2, 2)
-    more = [*history, Turn("assistant", "well"), Turn("user", "and then?", speech[::2].tobytes())]
+    # The spoken turn's audio was sent with r1: r2 names it, and a respond that replaced r2
+    # before its prefill would too.
+    history[-1] = msgspec.structs.replace(history[-1], audio=b"", heard=True)
+    more = [*history, Turn("assistant", "well", item="i5"),
+            Turn("user", "and then?", speech[::2].tobytes(), item="i6")]  # fmt: skip
     worker.handle(Tick([Change("respond", "a", respond=Respond("r2", more))]))
     assert worker.engine.reused > 50  # the first turn's prompt
     assert (media.prepared, media.encoded) == (3, 3)
     worker.handle(Tick([Change("leave", "a")]))
     assert not worker.engine.kept and len(worker.engine.free) == 2 and not worker.media
+    # Audio this worker was never sent (the call was on another) fails the response, clearly.
+    again = Change("respond", "a", respond=Respond("r3", more))
+    result = worker.handle(Tick([Change("join", "a"), again]))
+    assert "another worker" in result.outputs["a"].done
 
 
 def test_replies_decode_as_the_checkpoints_generation_config_says() -> None:

@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 
+import msgspec
 import numpy as np
 
 from s2s.backends.base import (
@@ -55,7 +56,11 @@ from s2s.worker.process import WorkerError, WorkerProcess
 log = logging.getLogger(__name__)
 
 _MAX_TURN_FRAMES = 1500  # 30 s of uncommitted audio, in 20 ms frames
-_KEPT_TURNS = 16  # committed turns whose audio stays available to later prompts
+#: Qwen3-Omni's audio encoder gives 13 tokens per second of speech (a little more for short
+#: clips); 12 is below it, so turns whose audio is let go (``Qwen3OmniStream.commit``) never fit
+#: in a prompt anyway.
+_AUDIO_TOKENS_PER_S = 12
+_KEPT_PICTURES = 32  # pictures shown with earlier turns that stay there
 KEEPALIVE_S = 1.0
 
 
@@ -143,6 +148,7 @@ class Qwen3OmniBackend:
         self._changes = [Change("join", call) for call in self._streams] + pending
         message = "the model's worker restarted: this call's response ended"
         for stream in self._streams.values():
+            stream.sent.clear()
             stream.notices.append(ModelUnavailable(message))
             stream.end_response("failed: the worker died")
         self._wake.set()
@@ -158,6 +164,10 @@ class Qwen3OmniStream:
         self._turn: collections.deque[np.ndarray] = collections.deque(maxlen=_MAX_TURN_FRAMES)
         self._committed: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self._last_committed: str | None = None
+        #: The pictures shown with each user turn (by item id), and the turns whose audio the
+        #: worker has been sent (it keeps them by item id; a new worker has none).
+        self._shown: collections.OrderedDict[str, list[bytes]] = collections.OrderedDict()
+        self.sent: set[str] = set()
         self._out: collections.deque[StepResult] = collections.deque()
         #: The response the worker is making for this call, or None.
         self.answering: str | None = None
@@ -181,10 +191,18 @@ class Qwen3OmniStream:
         return None
 
     async def commit(self, item_id: str) -> None:
+        """Keep the turn's audio for the prompts that follow: the newest turns' audio, as long as
+        all of it could fit in a prompt (no prompt of the budget holds a turn older than the
+        newest turns' audio alone would fill), so letting the oldest go never changes a prompt
+        the model would read."""
         frames = list(self._turn)
         self._committed[item_id] = np.concatenate(frames) if frames else EMPTY_PCM
-        while len(self._committed) > _KEPT_TURNS:
-            self._committed.popitem(last=False)
+        limit = self._b.prompt_tokens / _AUDIO_TOKENS_PER_S * self._b.input_rate
+        total = sum(len(audio) for audio in self._committed.values())
+        while (
+            len(self._committed) > 1 and total - len(next(iter(self._committed.values()))) >= limit
+        ):
+            total -= len(self._committed.popitem(last=False)[1])
         self._last_committed = item_id
         self._turn.clear()
 
@@ -194,8 +212,15 @@ class Qwen3OmniStream:
     async def respond(self, request: ResponseRequest) -> None:
         self.answering = request.response_id
         self._tools, self._said, self._held = request.tools, "", []
+        turns = []
+        for turn in self.turns_for(request):
+            if turn.audio and turn.item in self.sent:
+                turn = msgspec.structs.replace(turn, audio=b"", heard=True)
+            elif turn.audio and turn.item:
+                self.sent.add(turn.item)
+            turns.append(turn)
         respond = Respond(
-            response_id=request.response_id, turns=self.turns_for(request),
+            response_id=request.response_id, turns=turns,
             voice=request.voice, speak="audio" in request.modalities,
             prompt_tokens=self._b.prompt_tokens, prefill_tokens=self._b.prefill_tokens,
         )  # fmt: skip
@@ -219,35 +244,48 @@ class Qwen3OmniStream:
 
     def turns_for(self, request: ResponseRequest) -> list[Turn]:
         """The conversation as the model reads it: the instructions, then every turn with its
-        text (and a user turn's committed audio); the latest picture goes with the last user
-        turn. The worker drops the oldest turns to fit its prompt budget."""
+        text (and a user turn's committed audio). A picture goes with the last user turn when
+        it is first shown, and stays with that turn after, so the prompts of a call's turns
+        share their start (its kept cache) and the model can tell an earlier view from the
+        latest. The worker drops the oldest turns to fit its prompt budget."""
         system = request.instructions + tools_prompt(request.tools, request.tool_required)
         turns = [Turn("system", system.strip())] if system.strip() else []
         for item in request.conversation:
             if isinstance(item, FunctionCallItem):
                 call = json.dumps({"name": item.name, "arguments": _json(item.arguments)})
-                turns.append(Turn("assistant", f"<tool_call>\n{call}\n</tool_call>"))
+                text = f"<tool_call>\n{call}\n</tool_call>"
+                turns.append(Turn("assistant", text, item=item.id or ""))
             elif isinstance(item, FunctionCallOutputItem):
-                turns.append(Turn("user", f"<tool_response>\n{item.output}\n</tool_response>"))
+                text = f"<tool_response>\n{item.output}\n</tool_response>"
+                turns.append(Turn("user", text, item=item.id or ""))
             elif not isinstance(item, MessageItem):
                 continue
             elif item.role == "user":
                 text = " ".join(p.text for p in item.content if isinstance(p, InputText))
                 audio = self._committed.get(item.id) if item.id is not None else None
-                turns.append(Turn("user", text, b"" if audio is None else audio.tobytes()))
+                shown = self._shown.get(item.id or "", [])
+                heard = b"" if audio is None else audio.tobytes()
+                turns.append(Turn("user", text, heard, list(shown), item=item.id or ""))
             elif item.role == "assistant":
                 # The response being made has its (empty, in progress) message here already.
                 said = " ".join(s for s in (_said(part) for part in item.content) if s)
                 if said and item.status != "in_progress":
-                    turns.append(Turn("assistant", said))
+                    turns.append(Turn("assistant", said, item=item.id or ""))
         users = [i for i, turn in enumerate(turns) if turn.role == "user"]
         if not users and self._last_committed is not None:
             # A response to audio the conversation has no item for (yet): the last turn.
-            turns.append(Turn("user", audio=self._committed[self._last_committed].tobytes()))
+            last_id = self._last_committed
+            clip = self._committed[last_id].tobytes()
+            shown = list(self._shown.get(last_id, []))
+            turns.append(Turn("user", audio=clip, pictures=shown, item=last_id))
             users = [len(turns) - 1]
-        if request.pictures and users:
+        latest = request.pictures[-1].jpeg if request.pictures else None
+        if latest is not None and users and not any(latest in p for p in self._shown.values()):
             last = turns[users[-1]]
-            turns[users[-1]] = Turn("user", last.text, last.audio, [request.pictures[-1].jpeg])
+            turns[users[-1]] = msgspec.structs.replace(last, pictures=[*last.pictures, latest])
+            self._shown.setdefault(last.item, []).append(latest)
+            while sum(len(p) for p in self._shown.values()) > _KEPT_PICTURES:
+                self._shown.popitem(last=False)
         return turns
 
     def receive(self, output: CallOutput) -> None:
@@ -275,6 +313,7 @@ class Qwen3OmniStream:
         if how.startswith("failed"):
             self._log.warning("response %s %s", rid, how)
             self._held = []
+            self.sent.clear()  # the worker may have lost them (it failed, or is another)
             reason = how.removeprefix("failed: ")
             failed = ResponseFailed(rid, f"the model could not answer: {reason}")
             self._out.append(StepResult(response_id=rid, events=[failed]))

@@ -71,12 +71,21 @@ class Media:
 
     # -- the host's part: what the prompt builder needs -----------------------------------------
 
-    def clip(self, extractor: Any, samples: np.ndarray) -> tuple[bytes, Tensor]:
-        """The digest and Whisper features ``(mel bins, frames)`` of float32 ``samples``."""
-        samples = np.ascontiguousarray(samples, dtype=np.float32)
-        key = _digest(b"clip", samples.tobytes())
+    def clip(
+        self, extractor: Any, samples: np.ndarray, name: str | None = None
+    ) -> tuple[bytes, Tensor]:
+        """The key and Whisper features ``(mel bins, frames)`` of ``samples`` (float32 in
+        [-1, 1], or int16): the digest of the samples, or of ``name`` and their length where
+        the caller names a clip that never changes (a conversation item's)."""
+        if name is not None:
+            key = _digest(b"named", name.encode(), len(samples).to_bytes(8, "big"))
+        else:
+            key = _digest(b"clip", str(samples.dtype).encode(), samples.tobytes())
         entry = self._clips.get(key)
         if entry is None:
+            if samples.dtype == np.int16:
+                samples = samples.astype(np.float32) / 32768
+            samples = np.ascontiguousarray(samples, dtype=np.float32)
             made = extractor(
                 [samples], sampling_rate=AUDIO_RATE, return_attention_mask=True,
                 return_tensors="pt",

@@ -69,8 +69,12 @@ class Message:
 
     role: str  # "system", "user" or "assistant"
     text: str = ""
-    audio: list[np.ndarray] = field(default_factory=list)  # float32 mono at AUDIO_RATE
+    #: Mono at AUDIO_RATE: float32 in [-1, 1], or int16.
+    audio: list[np.ndarray] = field(default_factory=list)
     images: list[Any] = field(default_factory=list)  # PIL images or an image file's bytes
+    #: The conversation item it is, if any: its clips are known by it (an item's audio never
+    #: changes), not by hashing their samples every turn.
+    item: str = ""
 
 
 def build_inputs(
@@ -144,7 +148,10 @@ def _turn(tokenizer: Any, features: Any, images: Any, media: Media, message: Mes
     if message.role not in ("system", "user", "assistant"):
         raise ValueError(f"unknown role {message.role!r}")
     body = ""
-    audio = [media.clip(features, clip) for clip in message.audio]
+    audio = [
+        media.clip(features, clip, f"{message.item}#{i}" if message.item else None)
+        for i, clip in enumerate(message.audio)
+    ]
     for _, feats in audio:
         body += "<|audio_start|>" + "<|audio_pad|>" * audio_tokens(feats.shape[1])
         body += "<|audio_end|>"

@@ -25,6 +25,12 @@ class Turn(msgspec.Struct, frozen=True):
     audio: bytes = b""
     #: Pictures (JPEG), oldest first.
     pictures: list[bytes] = msgspec.field(default_factory=list)
+    #: The conversation item it is (empty for the instructions): a worker knows a call's
+    #: prompt start and the audio it was sent by it.
+    item: str = ""
+    #: Its audio went with an earlier ``respond`` of this call, so ``audio`` is empty and the
+    #: worker takes what it kept for ``item`` (each turn's audio crosses once, not every turn).
+    heard: bool = False
 
 
 class Respond(msgspec.Struct, frozen=True):

@@ -30,7 +30,7 @@ from s2s.omni.media import Media
 from s2s.omni.prompt import AUDIO_RATE, Message, Prompter
 from s2s.omni.request import TALKER_SAMPLING, Decoding, Request
 from s2s.omni.sampling import Sampling
-from s2s.worker.messages import CallOutput, Change, Hello, Respond, Tick, TickResult
+from s2s.worker.messages import CallOutput, Change, Hello, Respond, Tick, TickResult, Turn
 from s2s.worker.process import pick_device_and_dtype
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,10 @@ class OmniWorker:
         self.default_speaker = speakers[0]
         #: Every joined call and how many responses it has had (each response's seed).
         self.calls: dict[str, int] = {}
-        #: The oldest turns each call's prompts leave out now (``PROMPT_RETAIN``).
-        self.dropped: dict[str, int] = {}
+        #: The turn (item id) each call's prompts start from now, after the oldest turns they
+        #: leave out (``PROMPT_RETAIN``), and the audio of each call's turns by item id.
+        self.start: dict[str, tuple[str, int]] = {}
+        self.heard: dict[str, dict[str, np.ndarray]] = {}
         #: Each call's clips and pictures, prepared and encoded for its next prompts.
         self.media: dict[str, Media] = {}
         #: Turns waiting for their prefill, oldest first (one call appears at most once).
@@ -129,12 +131,20 @@ class OmniWorker:
             self._cancel(call)  # a reset (barge-in) keeps the cache for the turn that follows
             if change.kind == "leave":
                 self.calls.pop(call, None)
-                self.dropped.pop(call, None)
+                self.start.pop(call, None)
+                self.heard.pop(call, None)
                 self.media.pop(call, None)
                 self.engine.forget(call)
         elif change.kind == "respond" and change.respond is not None and call in self.calls:
             self._cancel(call)
             self.waiting[call] = change.respond
+            # Kept now: a respond that replaces this one before its prefill may refer to it.
+            heard = self.heard.get(call, {})
+            self.heard[call] = {
+                turn.item: np.frombuffer(turn.audio, np.int16) if turn.audio else heard[turn.item]
+                for turn in change.respond.turns
+                if turn.item and (turn.audio or (turn.heard and turn.item in heard))
+            }
 
     def _prefill(self, outputs: dict[str, CallOutput]) -> None:
         """One piece of the oldest turn's prefill, beginning the next queued turn if none is
@@ -160,13 +170,18 @@ class OmniWorker:
         outputs[call] = CallOutput(response_id=response_id, done=f"failed: {exc}")
 
     def _respond(self, call: str, respond: Respond) -> None:
-        messages = [_message(turn.role, turn.text, turn.audio, turn.pictures)
-                    for turn in respond.turns]  # fmt: skip
+        messages = [self._message(call, turn) for turn in respond.turns]
         budget = respond.prompt_tokens or PROMPT_TOKENS
         media = self.media.setdefault(call, Media())
-        inputs, self.dropped[call] = self.prompter.fit(
-            messages, budget, self.dropped.get(call, 0), PROMPT_RETAIN, media
-        )
+        first = 1 if messages and messages[0].role == "system" else 0
+        # The turns before the last prompt's start stay out: found by its item id (none if that
+        # turn is gone), or for turns without one, counted.
+        item, dropped = self.start.get(call, ("", 0))
+        if item:
+            found = (i for i, m in enumerate(messages[first:]) if m.item == item)
+            dropped = next(found, 0)
+        inputs, dropped = self.prompter.fit(messages, budget, dropped, PROMPT_RETAIN, media)
+        self.start[call] = (messages[first + dropped].item, dropped)
         speaker = self.speakers.get(respond.voice.lower(), self.default_speaker)
         count = self.calls.get(call, 0)
         self.calls[call] = count + 1
@@ -178,6 +193,18 @@ class OmniWorker:
         row = self.engine.begin(request)
         self.answering[call] = row
         self.rows[row] = _Answer(call, respond.response_id, respond.prefill_tokens)
+
+    def _message(self, call: str, turn: Turn) -> Message:
+        """``turn`` as the prompt builder reads it, with its audio (int16, sent now or with an
+        earlier respond) and its pictures as JPEG bytes: the call's ``Media`` converts, decodes
+        and encodes only what it has not seen."""
+        audio = self.heard.get(call, {}).get(turn.item) if turn.item else None
+        if audio is None and turn.audio:
+            audio = np.frombuffer(turn.audio, np.int16)
+        if audio is None and turn.heard:
+            raise ValueError(f"the audio of item {turn.item} was sent to another worker")
+        clips = [] if audio is None else [audio]
+        return Message(turn.role, turn.text, clips, list(turn.pictures), item=turn.item)
 
     def _cancel(self, call: str) -> None:
         self.waiting.pop(call, None)
@@ -236,11 +263,3 @@ class _Answer:
             return ""
         new, self.said = whole[len(self.said) :], whole
         return new
-
-
-def _message(role: str, text: str, audio: bytes, pictures: list[bytes]) -> Message:
-    clips = []
-    if audio:
-        clips.append(np.frombuffer(audio, np.int16).astype(np.float32) / 32768)
-    # Pictures stay JPEG bytes: the call's Media decodes only those it has not seen.
-    return Message(role=role, text=text, audio=clips, images=list(pictures))
