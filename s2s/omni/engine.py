@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import sys
 from collections import OrderedDict
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -51,6 +51,15 @@ from s2s.omni.kept import Kept, reuse_talker, reuse_thinker
 from s2s.omni.predictor import CodePredictor
 from s2s.omni.prefill import Pieces, ThinkerPrompt, encode, talker_prompt
 from s2s.omni.request import Request, RowStep
+from s2s.omni.rows import (
+    SPAN,
+    Row,
+    StepShape,
+    pad,
+    padded,
+    speech_columns,
+    think_columns,
+)
 from s2s.omni.sampling import Draws, penalize, pick
 from s2s.omni.slots import SlotCache
 
@@ -65,26 +74,6 @@ SCRATCH = 0
 
 
 @dataclass(slots=True)
-class _Row:
-    id: int
-    slot: int
-    request: Request
-    text: list[int]  # text tokens made since the last step, reported with it
-    first_token: int
-    tokens: int = 1
-    thinking: bool = True
-    speaking: bool = False
-    cut: bool = False  # a part stopped at its length limit
-    cancelled: bool = False
-    thinker_delta: int = 0
-    talker_delta: int = 0
-    frames: int = 0  # first codes picked so far
-    prompt: ThinkerPrompt | None = None  # kept for the conversation's next turn
-    talker_prompt: Pieces | None = None  # likewise
-    made: list[int] = field(default_factory=list)  # every text token made
-
-
-@dataclass(slots=True)
 class _Prefill:
     """A call begun whose prompts are being prefilled, piece by piece."""
 
@@ -93,7 +82,7 @@ class _Prefill:
     request: Request
     inputs: dict[str, Tensor]
     thinker: ThinkerPrompt | None = None  # once the encoders have run
-    row: _Row | None = None  # once the thinker's prefill is complete
+    row: Row | None = None  # once the thinker's prefill is complete
     talker: Pieces | None = None
     kept: Kept | None = None  # the conversation's last turn, in this slot
 
@@ -151,7 +140,7 @@ class OmniEngine:
         #: Prompt positions whose prefill a kept cache spared, in all: the thinker's, the talker's.
         self.reused = 0
         self.talker_reused = 0
-        self.rows: dict[int, _Row] = {}
+        self.rows: dict[int, Row] = {}
         self.prefills: dict[int, _Prefill] = {}
         # The thinker's hidden state that the talker's prompt reads (transformers' index).
         self.accept = int(self.config.talker_config.accept_hidden_layer)
@@ -347,14 +336,14 @@ class OmniEngine:
                 self.seen[row.slot] = False
                 self.code2wav.reset(row.slot)
                 row.speaking = True
-                ints, floats = self._speech_columns([row], 1)
+                ints, floats = speech_columns([row], 1)
                 sent = self._upload(ints, floats)
                 sampled = Draws.samples([row.request.decoding.speech])
                 code = int(self._next_codes(sent, hidden[:, -1], sampled)[0])
                 self._count_frame(row, code)
         return talker.complete
 
-    def _first_token(self, state: _Prefill, logits: Tensor) -> _Row:
+    def _first_token(self, state: _Prefill, logits: Tensor) -> Row:
         """The call's row, from the thinker's logits at the prompt's last position."""
         request = state.request
         draws = Draws.send(self.device, [request.decoding.text], [(request.seed, 0)])
@@ -363,7 +352,7 @@ class OmniEngine:
         tokens = pick(logits, draws, TEXT_STREAM)
         self.token[state.slot] = tokens[0]
         token = int(tokens[0])  # a prefill reads its first token back; a step reads nothing
-        row = _Row(state.id, state.slot, state.request, text=[token], first_token=token)
+        row = Row(state.id, state.slot, state.request, text=[token], first_token=token)
         row.thinker_delta = state.thinker.delta if state.thinker is not None else 0
         row.made.append(token)
         if request.conversation is not None:
@@ -371,7 +360,7 @@ class OmniEngine:
         self._ends_text(row, token)
         return row
 
-    def _keep(self, row: _Row) -> None:
+    def _keep(self, row: Row) -> None:
         """Leave ``row``'s caches in its slot for its conversation's next turn."""
         assert row.request.conversation is not None and row.prompt is not None
         held = self.thinker_cache.host_lengths[row.slot]
@@ -384,7 +373,7 @@ class OmniEngine:
         del self.prefills[state.id]
         self._free.append(state.slot)
 
-    def _ends_text(self, row: _Row, token: int) -> bool:
+    def _ends_text(self, row: Row, token: int) -> bool:
         """Whether ``token`` is the row's last text token; marks the row when it is."""
         if token in self.text_end or row.tokens >= row.request.max_text_tokens:
             row.thinking = False
@@ -392,7 +381,7 @@ class OmniEngine:
             return True
         return False
 
-    def _count_frame(self, row: _Row, code: int) -> None:
+    def _count_frame(self, row: Row, code: int) -> None:
         """The talker picked ``code``, the first code of the row's next frame."""
         row.frames += 1
         if code == self.codec_end:
@@ -412,35 +401,6 @@ class OmniEngine:
     def _rows(self, count: int) -> int:
         """How many rows a batch of ``count`` calls runs as (a bucket with fixed shapes)."""
         return bucket(count) if self.fixed_shapes else count
-
-    def _think_columns(
-        self, rows: list[_Row], count: int
-    ) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
-        """What thinking the rows' next text tokens reads, padded to ``count`` rows."""
-        settings = [r.request.decoding.text for r in rows]
-        ints, floats = Draws.columns("text", settings, [(r.request.seed, r.tokens) for r in rows])
-        ints |= {
-            "think.slot": [r.slot for r in rows],
-            "think.delta": [r.thinker_delta for r in rows],
-            "think.fixed": [int(r.request.fixed_length) for r in rows],
-            # The token this step makes is the last the row may make.
-            "think.limit": [int(r.tokens + 1 >= r.request.max_text_tokens) for r in rows],
-        }
-        return _padded(ints, count), _padded(floats, count)
-
-    def _speech_columns(
-        self, rows: list[_Row], count: int
-    ) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
-        """What picking the rows' next first codes reads (``_next_codes``), padded to ``count``
-        rows."""
-        settings = [r.request.decoding.speech for r in rows]
-        ints, floats = Draws.columns("speech", settings, [(r.request.seed, r.frames) for r in rows])
-        ints |= {
-            "speak.slot": [r.slot for r in rows],
-            "speak.fixed": [int(r.request.fixed_length) for r in rows],
-        }
-        floats["speak.penalty"] = [r.request.decoding.repetition_penalty for r in rows]
-        return _padded(ints, count), _padded(floats, count)
 
     def _next_codes(self, sent: dict[str, Tensor], hidden: Tensor, sampled: bool) -> Tensor:
         """Pick each row's next first code from the talker's last ``hidden`` ``(batch, hidden)``
@@ -481,16 +441,14 @@ class OmniEngine:
                 self._release(row)
         return list(results.values())
 
-    def _release(self, row: _Row) -> None:
+    def _release(self, row: Row) -> None:
         del self.rows[row.id]
         if row.prompt is not None:
             self._keep(row)
         else:
             self._free.append(row.slot)
 
-    def _step(
-        self, thinking: list[_Row], speaking: list[_Row], results: dict[int, RowStep]
-    ) -> None:
+    def _step(self, thinking: list[Row], speaking: list[Row], results: dict[int, RowStep]) -> None:
         shape, ints, floats = self._shape(thinking, speaking)
         int_flat = upload_flat(self.device, torch.int64, **ints)
         float_flat = upload_flat(self.device, torch.float32, **floats)
@@ -526,18 +484,18 @@ class OmniEngine:
             self._count_frame(row, code)
 
     def _shape(
-        self, thinking: list[_Row], speaking: list[_Row]
-    ) -> tuple[_Shape, dict[str, list[int]], dict[str, list[float]]]:
+        self, thinking: list[Row], speaking: list[Row]
+    ) -> tuple[StepShape, dict[str, list[int]], dict[str, list[float]]]:
         """A step's shape, and its host columns (what ``_compute`` reads, then the columns of
         code2wav's first frames, which run apart)."""
         span = SPAN if self.fixed_shapes else 1
         think = self._rows(len(thinking)) if thinking else 0
         speak = self._rows(len(speaking)) if speaking else 0
-        ints, floats = self._think_columns(thinking, think)
-        more_ints, more_floats = self._speech_columns(speaking, speak)
+        ints, floats = think_columns(thinking, think)
+        more_ints, more_floats = speech_columns(speaking, speak)
         ints |= more_ints
         floats |= more_floats
-        shape = _Shape(think=think, speak=speak)
+        shape = StepShape(think=think, speak=speak)
         if thinking:
             settings = [r.request.decoding.text for r in thinking]
             shape.think_sees = self.thinker_cache.visible([r.slot for r in thinking], span)
@@ -551,10 +509,10 @@ class OmniEngine:
             keys = [(r.request.seed, r.frames - 1) for r in speaking]  # the frame's own index
             residual_ints, residual_floats = Draws.columns("residual", settings, keys)
             thinks = {r.id: i for i, r in enumerate(thinking)}
-            ints |= _padded(residual_ints, speak)
-            floats |= _padded(residual_floats, speak)
-            ints["speak.delta"] = _pad([r.talker_delta for r in speaking], speak, 0)
-            ints["speak.thinks"] = _pad([thinks.get(r.id, -1) for r in speaking], speak, -1)
+            ints |= padded(residual_ints, speak)
+            floats |= padded(residual_floats, speak)
+            ints["speak.delta"] = pad([r.talker_delta for r in speaking], speak, 0)
+            ints["speak.thinks"] = pad([thinks.get(r.id, -1) for r in speaking], speak, -1)
             # Last: code2wav's first frames run apart, after the fixed-shape part.
             columns = self.code2wav.columns(slots, speak)
             shape.c2w_span = (
@@ -564,7 +522,7 @@ class OmniEngine:
         shape.capacities = (self.thinker_cache.capacity, self.talker_cache.capacity)
         return shape, ints, floats
 
-    def _compute(self, sent: dict[str, Tensor], shape: _Shape) -> list[Tensor]:
+    def _compute(self, sent: dict[str, Tensor], shape: StepShape) -> list[Tensor]:
         """A step's device work, for the rows ``shape`` says: each thinking row's next text
         token, then each speaking row's frame ``(rows, groups)``, its next first code, and the
         frame's audio as a later frame of its call ``(rows, 1920)``. Nothing is read back and
@@ -578,7 +536,7 @@ class OmniEngine:
             out += self._speak(sent, shape, text_in)
         return out
 
-    def _think(self, sent: dict[str, Tensor], shape: _Shape) -> tuple[Tensor, Tensor]:
+    def _think(self, sent: dict[str, Tensor], shape: StepShape) -> tuple[Tensor, Tensor]:
         """The rows' next text tokens, and what the talker reads of them (the projected token,
         or the end marker in place of the last one, as generate()'s trailing_text_hidden)."""
         slots = sent["think.slot"]
@@ -596,7 +554,7 @@ class OmniEngine:
         projected = self.talker.text_projection(embed(tokens[:, None]))
         return tokens, torch.where(ends[:, None, None], self.tts_eos, projected)
 
-    def _speak(self, sent: dict[str, Tensor], shape: _Shape, text_in: Tensor | None
+    def _speak(self, sent: dict[str, Tensor], shape: StepShape, text_in: Tensor | None
                ) -> list[Tensor]:  # fmt: skip
         """The residual codes of the frame whose first code each row has (the frame), the next
         frame's first codes, and the frame's audio as a later frame of its call."""
@@ -631,44 +589,3 @@ class OmniEngine:
         )
         next_codes = self._next_codes(sent, hidden[:, -1], shape.speech_samples)
         return [frame, next_codes, audio]
-
-
-#: With fixed shapes, attention looks this many positions further at a time.
-SPAN = 1024
-
-#: Padding rows' values, by column name's end: greedy, neutral settings, no text this step.
-_PADDING = {"greedy": 1, "temperature": 1.0, "top_p": 1.0, "penalty": 1.0, "thinks": -1}
-
-
-def _pad(column: list[Any], count: int, value: Any) -> list[Any]:
-    return column + [value] * (count - len(column))
-
-
-def _padded(columns: dict[str, list[Any]], count: int) -> dict[str, list[Any]]:
-    """``columns`` padded to ``count`` rows: on the scratch slot (0), with ``_PADDING``."""
-    return {
-        name: _pad(column, count, _PADDING.get(name.rsplit(".", 1)[-1], 0))
-        for name, column in columns.items()
-    }
-
-
-@dataclass(slots=True)
-class _Shape:
-    """What a step's device work depends on besides its uploaded columns: its batch sizes,
-    how far each decoder's attention looks, which draws sample, how many code2wav slots its
-    transformer spans, and the caches' capacities (a captured step is valid for exactly one
-    shape)."""
-
-    think: int
-    speak: int
-    think_sees: int = 0
-    speak_sees: int = 0
-    think_samples: bool = False
-    speech_samples: bool = False
-    residual_samples: bool = False
-    c2w_span: int = 0
-    capacities: tuple[int, int] = (0, 0)
-
-    @property
-    def key(self) -> tuple[Any, ...]:
-        return astuple(self)
