@@ -4,9 +4,9 @@ Each turn's prompt carries the conversation so far, its media included. Built fr
 turn redoes for each earlier clip and picture the host's work (Whisper features, decoding and
 resizing a picture: 71 ms for sixteen 5 s clips and 25 ms for a 640x480 JPEG on this CPU) and the
 device's (the audio and vision encoders), in the tick every other call's next frame waits on.
-``Media`` keeps both by the digest of each clip's samples or picture's bytes, so a turn prepares
-and encodes only what is new; it holds just the media of the conversation's latest prompt
-(``plan``), so it is bounded by the prompt budget.
+``Media`` keeps both by the digest of each clip's samples or picture's bytes (and each turn's
+tokens by its text), so a turn prepares, tokenizes and encodes only what is new; it holds just
+what the conversation's latest prompt holds (``plan``), so it is bounded by the prompt budget.
 
 A clip's features are computed alone (Qwen's processor pads a prompt's clips to the longest
 together, which changes a shorter clip's last frames with whatever else the prompt holds), and
@@ -60,6 +60,8 @@ class Media:
     def __init__(self) -> None:
         self._clips: dict[bytes, _Clip] = {}
         self._pictures: dict[bytes, _Picture] = {}
+        self._tokens: dict[str, list[int]] = {}  # each turn's text, tokenized
+        self._used: set[str] = set()  # the texts of the prompt being built
         #: Clips and pictures prepared on the host, and run through an encoder, in all.
         self.prepared = 0
         self.encoded = 0
@@ -113,9 +115,20 @@ class Media:
             self.prepared += 1
         return key, entry.pixels, entry.grid
 
+    def tokens(self, tokenizer: Any, text: str) -> list[int]:
+        """``text`` (one turn of the chat template) tokenized, once for as long as the
+        conversation's prompts hold it: most of a prompt build's time otherwise."""
+        ids = self._tokens.get(text)
+        if ids is None:
+            ids = self._tokens[text] = tokenizer(text, add_special_tokens=False)["input_ids"]
+        self._used.add(text)
+        return ids
+
     def plan(self, audio: list[bytes], pictures: list[bytes]) -> MediaPlan:
         """The plan of a prompt holding these clips and pictures (``latest`` from now on);
         everything else is let go."""
+        self._tokens = {text: self._tokens[text] for text in self._used}
+        self._used = set()
         self._clips = {key: self._clips[key] for key in audio}
         self._pictures = {key: self._pictures[key] for key in pictures}
         clips = tuple(self._clips[key] for key in audio)

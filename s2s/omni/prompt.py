@@ -161,7 +161,7 @@ def _turn(tokenizer: Any, features: Any, images: Any, media: Media, message: Mes
         body += "<|vision_start|>" + "<|image_pad|>" * (int(grid.prod()) // merged)
         body += "<|vision_end|>"
     text = f"<|im_start|>{message.role}\n{body}{message.text}<|im_end|>\n"
-    return _Turn(tokenizer(text, add_special_tokens=False)["input_ids"], audio, pictures)
+    return _Turn(media.tokens(tokenizer, text), audio, pictures)
 
 
 def _assemble(media: Media, turns: list[_Turn], opening: list[int]) -> dict[str, torch.Tensor]:
