@@ -62,6 +62,7 @@ async def _model_and_calls(app: web.Application) -> AsyncIterator[None]:
         backend = await load_backend(
             settings.model, settings.device, max_calls=settings.max_sessions,
             prompt_tokens=settings.prompt_tokens, prefill_tokens=settings.prefill_tokens,
+            cuda_graphs=settings.cuda_graphs,
         )  # fmt: skip
     app[BACKEND] = backend
     vad = VadService()

@@ -15,7 +15,7 @@ import uvloop
 
 from s2s import __version__
 from s2s import log as s2s_log
-from s2s.config import Settings
+from s2s.config import CUDA_GRAPHS, Settings
 from s2s.pool import MAX_WORKERS
 from s2s.server import serve
 from s2s.supervisor import supervise
@@ -61,6 +61,14 @@ _FIELD_OPTIONS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
         "tick, between the other calls' steps; smaller keeps their frames steadier, larger "
         "starts a long turn's reply sooner (0: the worker's default, 512)",
         {},
+    ),
+    (
+        "--cuda-graphs",
+        "cuda_graphs",
+        "replay a GPU model worker's steps from CUDA graphs: auto is on for moshi and off for "
+        "qwen3-omni (its graphs have not yet run on a GPU); graphs that fail to set up fall back "
+        "to eager steps, with the reason in the log",
+        {"choices": CUDA_GRAPHS},
     ),
     (
         "--workers",
@@ -200,6 +208,10 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds a call may go untouched by its edge before its slot is freed (default "
         "%(default)s)",
     )
+    worker.add_argument(
+        "--cuda-graphs", choices=CUDA_GRAPHS, default="auto",
+        help="CUDA graphs for its steps, as for serve (default %(default)s)",
+    )  # fmt: skip
     worker.add_argument("--name", default="", help="the worker's name (default: a new one)")
     worker.add_argument(
         "--max-restarts",
@@ -277,6 +289,7 @@ def run_worker(args: argparse.Namespace) -> int:
         name, actor, hello = cluster.start_worker(
             args.model, name=args.name, device=args.device, max_calls=args.max_calls,
             evict_after_s=args.peer_timeout, max_restarts=args.max_restarts,
+            cuda_graphs=args.cuda_graphs,
         )  # fmt: skip
     except (ClusterUnavailable, WorkerError) as exc:
         log.error("%s", exc)

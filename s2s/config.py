@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+#: ``--cuda-graphs`` values.
+CUDA_GRAPHS = ("auto", "on", "off")
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +27,10 @@ class Settings:
     #: Turn-based models' prefill piece: at most this many prompt positions per tick, between
     #: the other calls' steps (0: the model worker's default, 512).
     prefill_tokens: int = 0
+    #: CUDA graphs for the model worker's steps: "auto" (Moshi's on a GPU; Qwen3-Omni's not
+    #: until they have been checked on one), "on" or "off". Graphs that fail to set up fall
+    #: back to eager steps, with the reason in the log.
+    cuda_graphs: str = "auto"
     #: Server processes, each pinned to a core; 0 is one per usable core. 1 serves in-process.
     workers: int = 0
     #: Seconds a call may go without inbound audio (no track, or RTP stopped) before it ends.

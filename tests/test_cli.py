@@ -120,6 +120,9 @@ def test_every_flag_reaches_its_setting(tmp_path: Path) -> None:
         "--webhook": ("http://x/hook", "webhook_url", "http://x/hook"),
         "--webhook-secret": ("s", "webhook_secret", "s"),
         "--log-level": ("debug", "log_level", "DEBUG"),
+        "--cuda-graphs": ("off", "cuda_graphs", "off"),
+        "--prompt-tokens": ("4096", "prompt_tokens", 4096),
+        "--prefill-tokens": ("128", "prefill_tokens", 128),
     }
     argv = ["serve", "--api-key", "k1", "--api-key-file", str(keys), "--allow-origin", "https://a"]
     for flag, (value, _, _) in given.items():

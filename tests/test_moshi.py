@@ -184,6 +184,24 @@ def test_a_step_with_no_slot_ready_changes_nothing(
     assert _same(first, second)
 
 
+def test_a_worker_whose_graphs_fail_serves_eagerly(
+    tiny_moshi: MoshiForConditionalGeneration,
+) -> None:
+    """Graphs that cannot be set up (here: asked for on a CPU, where there are none) leave a
+    worker that says why and steps its calls eagerly, not one that fails to load."""
+    from s2s.worker.messages import Change, Tick
+    from s2s.worker.moshi import MoshiWorker
+
+    worker = MoshiWorker(tiny_moshi, None, "cpu", max_calls=2, graphs=True)
+    assert worker.engine.graphs is None and "CUDA" in worker.graphs_failed
+    frame = np.zeros(worker.frame_samples, np.int16).tobytes()
+    outputs = [worker.handle(Tick([Change("join", "a")], {"a": frame})).outputs["a"]]
+    outputs += [worker.handle(Tick([], {"a": frame})).outputs["a"] for _ in range(5)]
+    assert not any(o.error for o in outputs) and any(o.audio for o in outputs)
+    with pytest.raises(ValueError, match="CUDA"):  # nothing to fall back from without graphs
+        MoshiEngine(tiny_moshi, max_calls=2, graphs=True)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.gpu
 def test_graph_replay_equals_the_eager_step(tiny_moshi: MoshiForConditionalGeneration) -> None:

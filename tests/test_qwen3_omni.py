@@ -696,6 +696,25 @@ class _WarmedEveryStep(OmniEngine):
         super()._step(thinking, speaking, results)
 
 
+class _FailingCapture:
+    """What a CUDA graph capture that fails looks like to the engine (there is none on a CPU)."""
+
+    def __call__(self, *args: Any) -> list[Tensor]:
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+
+def test_a_step_whose_capture_fails_runs_eagerly_from_then_on(model: Any, pieces: Any) -> None:
+    """A capture that fails mid-reply costs no call anything: that step and the ones after run
+    eagerly, and the reply is the one an engine without graphs gives."""
+    request = _request(_inputs(pieces, "audio"))
+    engine = OmniEngine(model, max_rows=2, fixed_shapes=True)
+    engine.graphs = _FailingCapture()  # type: ignore[assignment]
+    reply = Reply()
+    _run(engine, {engine.add(request): reply})
+    assert engine.graphs is None and "capturing" in engine.graphs_failed
+    _same_reply(reply, _alone(model, request))
+
+
 def test_a_capture_warm_up_moves_no_call(model: Any, pieces: Any) -> None:
     """A graph's warm-up and capture run the real step on the real state (a CPU cannot capture,
     but it can run that): with zeroed columns every row is on the scratch slot, so running it

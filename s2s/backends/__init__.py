@@ -42,11 +42,13 @@ async def load_backend(
     max_calls: int = 32,
     prompt_tokens: int = 8192,
     prefill_tokens: int = 0,
+    cuda_graphs: str = "auto",
 ) -> Backend:
     """Load the backend named by ``spec`` (``local``, ``echo``, or ``NAME:PATH_OR_HUB_ID``);
     ``max_calls``: the calls a batched model reserves state for (``--max-sessions``);
     ``prompt_tokens``: a turn-based streamed model's prompt budget (``--prompt-tokens``);
-    ``prefill_tokens``: its prefill's piece per tick (``--prefill-tokens``, 0: the worker's)."""
+    ``prefill_tokens``: its prefill's piece per tick (``--prefill-tokens``, 0: the worker's);
+    ``cuda_graphs``: a model worker's CUDA graphs (``--cuda-graphs``)."""
     name, _, location = spec.partition(":")
     match name:
         case "echo":
@@ -56,7 +58,9 @@ async def load_backend(
         case "moshi" if location:
             from s2s.backends.moshi import MoshiBackend
 
-            moshi: Backend = await MoshiBackend.load(location, device, max_calls=max_calls)
+            moshi: Backend = await MoshiBackend.load(
+                location, device, max_calls=max_calls, cuda_graphs=cuda_graphs
+            )
             return moshi
         case "qwen-omni" if location:
             from s2s.backends.qwen_omni import QwenOmniBackend
@@ -68,7 +72,7 @@ async def load_backend(
 
             omni: Backend = await Qwen3OmniBackend.load(
                 location, device, max_calls=max_calls, prompt_tokens=prompt_tokens,
-                prefill_tokens=prefill_tokens,
+                prefill_tokens=prefill_tokens, cuda_graphs=cuda_graphs,
             )  # fmt: skip
             return omni
         case "local":

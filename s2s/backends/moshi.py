@@ -69,10 +69,12 @@ class MoshiBackend:
 
     @classmethod
     async def load(
-        cls, location: str, device: str | None = None, *, max_calls: int = 32
-    ) -> MoshiBackend:
+        cls, location: str, device: str | None = None, *, max_calls: int = 32,
+        cuda_graphs: str = "auto",
+    ) -> MoshiBackend:  # fmt: skip
         """A backend whose model worker is a child process of this one."""
-        return cls(await WorkerProcess.start(f"moshi:{location}", device, max_calls))
+        spec = f"moshi:{location}"
+        return cls(await WorkerProcess.start(spec, device, max_calls, cuda_graphs))
 
     async def open_stream(self, call_id: str) -> MoshiStream:
         stream = MoshiStream(self, call_id)

@@ -85,9 +85,10 @@ class Qwen3OmniBackend:
     @classmethod
     async def load(
         cls, location: str, device: str | None = None, *, max_calls: int = 8,
-        prompt_tokens: int = 8192, prefill_tokens: int = 0,
+        prompt_tokens: int = 8192, prefill_tokens: int = 0, cuda_graphs: str = "auto",
     ) -> Qwen3OmniBackend:  # fmt: skip
-        worker = await WorkerProcess.start(f"qwen3-omni:{location}", device, max_calls)
+        spec = f"qwen3-omni:{location}"
+        worker = await WorkerProcess.start(spec, device, max_calls, cuda_graphs)
         return cls(worker, prompt_tokens, prefill_tokens)
 
     async def open_stream(self, call_id: str) -> Qwen3OmniStream:

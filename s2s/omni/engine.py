@@ -33,6 +33,7 @@ Everything runs on the caller's thread under ``torch.inference_mode()``; nothing
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -62,6 +63,8 @@ from s2s.omni.rows import (
 )
 from s2s.omni.sampling import Draws, penalize, pick
 from s2s.omni.slots import SlotCache
+
+log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 24_000
 #: Noise streams (``s2s.noise``) of a call's draws: text tokens, the talker's first codes, and
@@ -128,6 +131,8 @@ class OmniEngine:
         self.text_model = model.thinker.model.language_model
         self.device = next(model.parameters()).device
         self.graphs = OmniGraphs(self._compute, self.device) if graphs else None
+        #: Why the steps run eagerly though graphs were asked for, if they do.
+        self.graphs_failed = ""
         # Slot SCRATCH is no call's: a batch's padding rows run on it (its state is garbage).
         slots = max_rows + 1
         self.thinker_cache = SlotCache(self.text_model.layers, slots, scratch=SCRATCH)
@@ -453,9 +458,15 @@ class OmniEngine:
         int_flat = upload_flat(self.device, torch.int64, **ints)
         float_flat = upload_flat(self.device, torch.float32, **floats)
         sent = split(int_flat, ints) | split(float_flat, floats)
+        out = None
         if self.graphs is not None:
-            out = self.graphs(int_flat, float_flat, ints, floats, shape)
-        else:
+            try:
+                out = self.graphs(int_flat, float_flat, ints, floats, shape)
+            except RuntimeError as exc:  # a capture that failed moved no call (its warm-up
+                # runs on the scratch slot), so the step runs eagerly, now and from now on
+                self.graphs, self.graphs_failed = None, f"{type(exc).__name__}: {exc}"
+                log.error("CUDA graphs failed (%s); steps run eagerly", self.graphs_failed)
+        if out is None:
             out = self._compute(sent, shape)
         first = None
         if speaking:

@@ -223,13 +223,14 @@ class ModelWorkerActor:
     registers anew."""
 
     def __init__(
-        self, name: str, spec: str, device: str | None, max_calls: int, evict_after_s: float
-    ) -> None:
+        self, name: str, spec: str, device: str | None, max_calls: int, evict_after_s: float,
+        cuda_graphs: str = "auto",
+    ) -> None:  # fmt: skip
         logging.basicConfig(
             level=logging.INFO,
             format=f"%(asctime)s %(levelname)s %(name)s [worker {name}] %(message)s",
         )
-        self._worker = load_worker(spec, device, max_calls)
+        self._worker = load_worker(spec, device, max_calls, cuda_graphs)
         self._hello = self._worker.hello(spec)
         self._name, self._evict_after_s = name, evict_after_s
         self._incarnation = uuid.uuid4().hex
@@ -339,6 +340,7 @@ def start_worker(
     max_calls: int = 32,
     evict_after_s: float = 15.0,
     max_restarts: int = -1,
+    cuda_graphs: str = "auto",
 ) -> tuple[str, Any, Hello]:
     """Start a worker actor for ``spec`` on the cluster this process joined and wait until its
     model is loaded: its name, actor handle and hello. It asks for one GPU when ``device`` is
@@ -357,7 +359,9 @@ def start_worker(
                 "max_restarts": max_restarts}  # fmt: skip
     options["runtime_env"] = {"env_vars": INLINE_TICKS}
     actor_class: Any = ray.remote(ModelWorkerActor)
-    actor = actor_class.options(**options).remote(name, spec, device, max_calls, evict_after_s)
+    actor = actor_class.options(**options).remote(
+        name, spec, device, max_calls, evict_after_s, cuda_graphs
+    )
     try:
         hello = hello_decoder.decode(ray.get(actor.hello.remote(), timeout=LOAD_TIMEOUT_S))
     except (ray.exceptions.RayError, TimeoutError) as exc:

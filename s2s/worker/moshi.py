@@ -60,7 +60,12 @@ def codec_graphs(
 class MoshiWorker:
     """Every call's Moshi state on one device, stepped together once per 80 ms frame."""
 
-    def __init__(self, model: Any, tokenizer: Any | None, device: str, max_calls: int) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any | None, device: str, max_calls: int,
+        graphs: bool | None = None,
+    ) -> None:  # fmt: skip
+        """``graphs``: replay the steps from CUDA graphs (None: on a CUDA device). If setting
+        them up fails, the worker says why in its log and runs eagerly (slower, but serving)."""
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -73,7 +78,24 @@ class MoshiWorker:
         self.frame_samples = int(self.rate / config.audio_encoder_config.frame_rate)
         # Moshi's own window (3000 frames, 4 minutes): longer calls go on over its last 3000.
         context = int(getattr(config, "sliding_window", None) or 3000)
-        self.engine = MoshiEngine(model, context=context, max_calls=max_calls)
+        #: Why the steps run eagerly though graphs were asked for, if they do.
+        self.graphs_failed = ""
+        try:
+            self._build(model, context, max_calls, graphs)
+        except (RuntimeError, ValueError) as exc:  # torch's CUDA errors are RuntimeErrors
+            if graphs is False:
+                raise
+            self.graphs_failed = f"{type(exc).__name__}: {exc}"
+            log.error("CUDA graphs failed (%s); the steps run eagerly, slower", self.graphs_failed)
+            self._build(model, context, max_calls, graphs=False)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # what the graphs captured so far held
+        self.calls: dict[str, Row] = {}
+        #: Calls whose join was refused (every slot in use), and why, until they leave.
+        self.refused: dict[str, str] = {}
+
+    def _build(self, model: Any, context: int, max_calls: int, graphs: bool | None) -> None:
+        self.engine = MoshiEngine(model, context=context, max_calls=max_calls, graphs=graphs)
         # The codec's rows are the engine's slots: a call's codec state is in its slot's row.
         self.encoder = MimiStreamEncoder(model.audio_encoder, slots=max_calls)
         self.decoder = MimiStreamDecoder(model.audio_encoder, slots=max_calls)
@@ -81,9 +103,6 @@ class MoshiWorker:
         self._decode: StepGraphs | None = None
         if self.engine.graphs is not None:
             self._capture_codec_graphs(model)
-        self.calls: dict[str, Row] = {}
-        #: Calls whose join was refused (every slot in use), and why, until they leave.
-        self.refused: dict[str, str] = {}
 
     def _capture_codec_graphs(self, model: Any) -> None:
         """CUDA graphs of the codec's steps, and every shape of them and of the engine's step
@@ -95,9 +114,11 @@ class MoshiWorker:
         self.engine.capture_graphs()
 
     @classmethod
-    def load(cls, location: str, device: str | None, max_calls: int) -> MoshiWorker:
+    def load(
+        cls, location: str, device: str | None, max_calls: int, graphs: bool | None = None
+    ) -> MoshiWorker:
         model, tokenizer, chosen = load_moshi(location, device)
-        return cls(model, tokenizer, chosen, max_calls)
+        return cls(model, tokenizer, chosen, max_calls, graphs)
 
     def hello(self, spec: str) -> Hello:
         return Hello(

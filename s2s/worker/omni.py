@@ -53,13 +53,21 @@ class OmniWorker:
     def __init__(
         self, model: Any, prompter: Prompter, device: str, max_calls: int,
         limits: dict[str, Any] | None = None, prefill_tokens: int = PREFILL_TOKENS,
+        graphs: bool = False,
     ) -> None:  # fmt: skip
+        """``graphs``: replay the steps from CUDA graphs (``--cuda-graphs on``); if they cannot
+        be set up, the worker says why in its log and steps eagerly."""
         limits = limits or {}
         self.prefill_tokens = prefill_tokens
         self.model = model
         self.prompter = prompter
         self.device = device
-        self.engine = OmniEngine(model, max_rows=max_calls)
+        try:
+            self.engine = OmniEngine(model, max_rows=max_calls, graphs=graphs)
+        except (RuntimeError, ValueError) as exc:
+            log.error("CUDA graphs failed (%s); steps run eagerly", exc)
+            self.engine = OmniEngine(model, max_rows=max_calls)
+            self.engine.graphs_failed = f"{type(exc).__name__}: {exc}"
         self.max_calls = max_calls
         # generate()'s defaults unless the checkpoint's generation_config.json says otherwise
         # (the tiny test checkpoint does: its random model never stops by itself).
@@ -85,14 +93,14 @@ class OmniWorker:
 
     @classmethod
     def load(cls, location: str, device: str | None, max_calls: int,
-             prefill_tokens: int = PREFILL_TOKENS) -> OmniWorker:  # fmt: skip
+             prefill_tokens: int = PREFILL_TOKENS, graphs: bool = False) -> OmniWorker:  # fmt: skip
         chosen, dtype = pick_device_and_dtype(device)
         model = load_model(location, chosen, dtype)
         prompter = Prompter.from_pretrained(location)
         config = Path(location) / "generation_config.json"
         limits = json.loads(config.read_text()) if config.is_file() else {}
         log.info("loaded %s on %s (%s)", location, chosen, dtype)
-        return cls(model, prompter, chosen, max_calls, limits, prefill_tokens)
+        return cls(model, prompter, chosen, max_calls, limits, prefill_tokens, graphs)
 
     def hello(self, spec: str) -> Hello:
         return Hello(

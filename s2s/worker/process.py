@@ -19,6 +19,7 @@ from collections.abc import Collection
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
+from s2s.config import CUDA_GRAPHS
 from s2s.worker.messages import (
     Hello,
     Stop,
@@ -44,25 +45,29 @@ class WorkerProcess:
     """A running model worker; ``tick()`` is its whole interface."""
 
     def __init__(
-        self, process: Any, conn: Connection, hello: Hello, device: str | None, max_calls: int
-    ) -> None:
+        self, process: Any, conn: Connection, hello: Hello, device: str | None, max_calls: int,
+        cuda_graphs: str = "auto",
+    ) -> None:  # fmt: skip
         self.process = process
         self.hello = hello
         #: What it was started with, so a replacement can be started the same way.
         self.spec, self.device, self.max_calls = hello.model, device, max_calls
+        self.cuda_graphs = cuda_graphs
         self._conn = conn
         # One thread: ticks are strictly one at a time, as the worker handles them.
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model-worker")
         self._closed = False
 
     @classmethod
-    async def start(cls, spec: str, device: str | None, max_calls: int) -> WorkerProcess:
+    async def start(
+        cls, spec: str, device: str | None, max_calls: int, cuda_graphs: str = "auto"
+    ) -> WorkerProcess:
         """Spawn a worker for ``spec`` (``moshi:PATH_OR_HUB_ID``) and wait for its model."""
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe()
         level = logging.getLogger("s2s").getEffectiveLevel()
         process = context.Process(
-            target=_serve, args=(child, spec, device, max_calls, level),
+            target=_serve, args=(child, spec, device, max_calls, level, cuda_graphs),
             name=f"s2s-worker[{spec}]", daemon=True,
         )  # fmt: skip
         process.start()
@@ -80,11 +85,11 @@ class WorkerProcess:
             raise WorkerError(f"the model worker for {spec} failed to load: {hello.error}")
         log.info("model worker pid %s: %s on %s, %s slots", process.pid, spec, hello.device,
                  hello.slots)  # fmt: skip
-        return cls(process, parent, hello, device, max_calls)
+        return cls(process, parent, hello, device, max_calls, cuda_graphs)
 
     async def replacement(self) -> WorkerProcess:
         """Start another worker as this one was started (this one having died)."""
-        return await WorkerProcess.start(self.spec, self.device, self.max_calls)
+        return await WorkerProcess.start(self.spec, self.device, self.max_calls, self.cuda_graphs)
 
     async def tick(self, tick: Tick) -> TickResult:
         """Send one tick and wait for its result; ``WorkerError`` if the worker is gone."""
@@ -145,28 +150,38 @@ def pick_device_and_dtype(device: str | None) -> tuple[str, Any]:
     return chosen, dtype
 
 
-def load_worker(spec: str, device: str | None, max_calls: int) -> ModelWorker:
-    """Load the model of ``spec`` (``moshi:…`` or ``qwen3-omni:…``) for ``max_calls`` calls."""
+def load_worker(
+    spec: str, device: str | None, max_calls: int, cuda_graphs: str = "auto"
+) -> ModelWorker:
+    """Load the model of ``spec`` (``moshi:…`` or ``qwen3-omni:…``) for ``max_calls`` calls,
+    its steps replayed from CUDA graphs as ``cuda_graphs`` says (``--cuda-graphs``: ``auto``
+    is Moshi's on a GPU, not Qwen3-Omni's, whose graphs have not yet been checked on one)."""
+    if cuda_graphs not in CUDA_GRAPHS:
+        raise ValueError(f"cuda_graphs is one of {CUDA_GRAPHS}, not {cuda_graphs!r}")
     name, _, location = spec.partition(":")
     match name:
         case "moshi" if location:
             from s2s.worker.moshi import MoshiWorker
 
-            return MoshiWorker.load(location, device, max_calls)
+            graphs = {"auto": None, "on": True, "off": False}[cuda_graphs]
+            return MoshiWorker.load(location, device, max_calls, graphs)
         case "qwen3-omni" if location:
             from s2s.worker.omni import OmniWorker
 
-            return OmniWorker.load(location, device, max_calls)
+            return OmniWorker.load(location, device, max_calls, graphs=cuda_graphs == "on")
     raise ValueError(f"no model worker for {spec!r}")
 
 
-def _serve(conn: Connection, spec: str, device: str | None, max_calls: int, level: int) -> None:
+def _serve(
+    conn: Connection, spec: str, device: str | None, max_calls: int, level: int,
+    cuda_graphs: str = "auto",
+) -> None:  # fmt: skip
     """The worker process: load the model, say hello, then one tick at a time until Stop."""
     logging.basicConfig(
         level=level, format=f"%(asctime)s %(levelname)s %(name)s [worker {os.getpid()}] %(message)s"
     )
     try:
-        worker = load_worker(spec, device, max_calls)
+        worker = load_worker(spec, device, max_calls, cuda_graphs)
     except Exception as exc:
         log.exception("loading %s failed", spec)
         conn.send_bytes(encoder.encode(Hello(spec, "", 0, 0, 0, 0, error=repr(exc))))
