@@ -254,16 +254,19 @@ async def test_turns_keep_their_pictures_and_their_audio_crosses_once() -> None:
         return [t for t in changes[-1].respond.turns if t.role == "user"]
 
     (first,) = await turn("u1", 1, seen[:1])
-    assert first.audio and not first.heard and first.pictures == [seen[0].jpeg]
-    one, two = await turn("u2", 1, seen[:1])  # the same picture: it stays where it was shown
-    assert (one.audio, one.heard, one.pictures) == (b"", True, [seen[0].jpeg])
-    assert two.audio and not two.heard and two.pictures == []
+    assert first.audio and not first.heard and (first.pictures, first.seen) == ([seen[0].jpeg], 0)
+    # The same picture: it stays with the turn it was shown with, and neither it nor that
+    # turn's audio is sent again.
+    one, two = await turn("u2", 1, seen[:1])
+    assert (one.audio, one.heard, one.pictures, one.seen) == (b"", True, [], 1)
+    assert two.audio and not two.heard and (two.pictures, two.seen) == ([], 0)
     # A new one goes with the new turn; that response fails.
     one, two, three = await turn("u3", 1, seen, "failed: the model's step failed")
-    assert one.pictures == [seen[0].jpeg] and three.pictures == [seen[1].jpeg]
+    assert (one.seen, three.pictures, three.seen) == (1, [seen[1].jpeg], 0)
     assert [t.heard for t in (one, two, three)] == [True, True, False]
-    users = await turn("u4", 1, [])  # after a failure, every turn's audio is sent again
-    assert all(t.audio and not t.heard for t in users) and len(users) == 4
+    users = await turn("u4", 1, [])  # after a failure, everything is sent again
+    assert all(t.audio and not t.heard and not t.seen for t in users) and len(users) == 4
+    assert (users[0].pictures, users[2].pictures) == ([seen[0].jpeg], [seen[1].jpeg])
     # A 120-token budget holds at most 10 s of audio: u1 is let go once the newer turns' audio
     # alone is past that, and not before.
     await turn("u5", 6, [])
@@ -441,7 +444,7 @@ def test_a_calls_next_turn_reuses_its_cache_until_it_leaves(tiny_models: Path) -
     assert (media.prepared, media.encoded) == (2, 2)
     # The spoken turn's audio was sent with r1: r2 names it, and a respond that replaced r2
     # before its prefill would too.
-    history[-1] = msgspec.structs.replace(history[-1], audio=b"", heard=True)
+    history[-1] = msgspec.structs.replace(history[-1], audio=b"", heard=True, pictures=[], seen=1)
     more = [*history, Turn("assistant", "well", item="i5"),
             Turn("user", "and then?", speech[::2].tobytes(), item="i6")]  # fmt: skip
     worker.handle(Tick([Change("respond", "a", respond=Respond("r2", more))]))

@@ -149,7 +149,7 @@ class Qwen3OmniBackend:
         self._changes = [Change("join", call) for call in self._streams] + pending
         message = "the model's worker restarted: this call's response ended"
         for stream in self._streams.values():
-            stream.sent.clear()
+            stream.worker_lost()
             stream.notices.append(ModelUnavailable(message))
             stream.end_response("failed: the worker died")
         self._wake.set()
@@ -169,6 +169,7 @@ class Qwen3OmniStream:
         #: worker has been sent (it keeps them by item id; a new worker has none).
         self._shown: collections.OrderedDict[str, list[bytes]] = collections.OrderedDict()
         self.sent: set[str] = set()
+        self.sent_pictures: dict[str, int] = {}
         self._out: collections.deque[StepResult] = collections.deque()
         #: The response the worker is making for this call, or None.
         self.answering: str | None = None
@@ -213,19 +214,36 @@ class Qwen3OmniStream:
     async def respond(self, request: ResponseRequest) -> None:
         self.answering = request.response_id
         self._tools, self._said, self._held = request.tools, "", []
-        turns = []
-        for turn in self.turns_for(request):
-            if turn.audio and turn.item in self.sent:
-                turn = msgspec.structs.replace(turn, audio=b"", heard=True)
-            elif turn.audio and turn.item:
-                self.sent.add(turn.item)
-            turns.append(turn)
+        turns = [self._by_reference(turn) for turn in self.turns_for(request)]
         respond = Respond(
             response_id=request.response_id, turns=turns,
             voice=request.voice, speak="audio" in request.modalities,
             prompt_tokens=self._b.prompt_tokens, prefill_tokens=self._b.prefill_tokens,
         )  # fmt: skip
         self._b.change(Change("respond", self.call_id, respond=respond))
+
+    def _by_reference(self, turn: Turn) -> Turn:
+        """``turn`` without what the worker was sent for its item before: its audio, and the
+        pictures it has had from the start."""
+        if not turn.item:
+            return turn
+        if turn.audio and turn.item in self.sent:
+            turn = msgspec.structs.replace(turn, audio=b"", heard=True)
+        elif turn.audio:
+            self.sent.add(turn.item)
+        seen = self.sent_pictures.get(turn.item, 0)
+        if seen > len(turn.pictures):  # fewer than before: send them all again
+            seen = 0
+        self.sent_pictures[turn.item] = len(turn.pictures)
+        if seen:
+            turn = msgspec.structs.replace(turn, pictures=turn.pictures[seen:], seen=seen)
+        return turn
+
+    def worker_lost(self) -> None:
+        """The worker may have lost what it was sent (it failed, or is another): send it all
+        with the next respond."""
+        self.sent.clear()
+        self.sent_pictures.clear()
 
     async def steer(self, steering: Steering) -> None:
         # The prompt is fixed once the response is prefilled; new instructions reach the next
@@ -314,7 +332,7 @@ class Qwen3OmniStream:
         if how.startswith("failed"):
             self._log.warning("response %s %s", rid, how)
             self._held = []
-            self.sent.clear()  # the worker may have lost them (it failed, or is another)
+            self.worker_lost()
             reason = how.removeprefix("failed: ")
             failed = ResponseFailed(rid, f"the model could not answer: {reason}")
             self._out.append(StepResult(response_id=rid, events=[failed]))

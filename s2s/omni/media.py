@@ -97,11 +97,17 @@ class Media:
             self.prepared += 1
         return key, entry.features
 
-    def picture(self, processor: Any, picture: Any) -> tuple[bytes, Tensor, Tensor]:
-        """The digest, pixel patches and patch grid of ``picture``: an encoded image's bytes
-        (decoded only when new) or a PIL image. ``ValueError`` if the bytes are no image."""
+    def picture(
+        self, processor: Any, picture: Any, name: str | None = None
+    ) -> tuple[bytes, Tensor, Tensor]:
+        """The key, pixel patches and patch grid of ``picture``: an encoded image's bytes
+        (decoded only when new; known by ``name`` and their length where the caller names a
+        picture that never changes, else by their digest) or a PIL image. ``ValueError`` if the
+        bytes are no image."""
         raw = bytes(picture) if isinstance(picture, bytes | bytearray | memoryview) else None
-        if raw is not None:
+        if raw is not None and name is not None:
+            key = _digest(b"named file", name.encode(), len(raw).to_bytes(8, "big"))
+        elif raw is not None:
             key = _digest(b"file", raw)
         else:
             head = f"{picture.mode} {picture.size}".encode()

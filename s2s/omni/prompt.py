@@ -72,8 +72,8 @@ class Message:
     #: Mono at AUDIO_RATE: float32 in [-1, 1], or int16.
     audio: list[np.ndarray] = field(default_factory=list)
     images: list[Any] = field(default_factory=list)  # PIL images or an image file's bytes
-    #: The conversation item it is, if any: its clips are known by it (an item's audio never
-    #: changes), not by hashing their samples every turn.
+    #: The conversation item it is, if any: its clips and pictures are known by it and their
+    #: place (neither ever changes for an item), not by hashing their bytes every turn.
     item: str = ""
 
 
@@ -155,7 +155,10 @@ def _turn(tokenizer: Any, features: Any, images: Any, media: Media, message: Mes
     for _, feats in audio:
         body += "<|audio_start|>" + "<|audio_pad|>" * audio_tokens(feats.shape[1])
         body += "<|audio_end|>"
-    pictures = [media.picture(images, picture) for picture in message.images]
+    pictures = [
+        media.picture(images, picture, f"{message.item}#picture{i}" if message.item else None)
+        for i, picture in enumerate(message.images)
+    ]
     merged = images.merge_size**2
     for _, _, grid in pictures:
         body += "<|vision_start|>" + "<|image_pad|>" * (int(grid.prod()) // merged)

@@ -31,6 +31,9 @@ class Turn(msgspec.Struct, frozen=True):
     #: Its audio went with an earlier ``respond`` of this call, so ``audio`` is empty and the
     #: worker takes what it kept for ``item`` (each turn's audio crosses once, not every turn).
     heard: bool = False
+    #: Its first ``seen`` pictures went with an earlier ``respond`` of this call: ``pictures``
+    #: holds only those after them, and the worker takes the first ones it kept for ``item``.
+    seen: int = 0
 
 
 class Respond(msgspec.Struct, frozen=True):

@@ -83,6 +83,7 @@ class OmniWorker:
         #: leave out (``PROMPT_RETAIN``), and the audio of each call's turns by item id.
         self.start: dict[str, tuple[str, int]] = {}
         self.heard: dict[str, dict[str, np.ndarray]] = {}
+        self.pictures: dict[str, dict[str, list[bytes]]] = {}
         #: Each call's clips and pictures, prepared and encoded for its next prompts.
         self.media: dict[str, Media] = {}
         #: Turns waiting for their prefill, oldest first (one call appears at most once).
@@ -141,17 +142,24 @@ class OmniWorker:
                 self.calls.pop(call, None)
                 self.start.pop(call, None)
                 self.heard.pop(call, None)
+                self.pictures.pop(call, None)
                 self.media.pop(call, None)
                 self.engine.forget(call)
         elif change.kind == "respond" and change.respond is not None and call in self.calls:
             self._cancel(call)
             self.waiting[call] = change.respond
             # Kept now: a respond that replaces this one before its prefill may refer to it.
-            heard = self.heard.get(call, {})
+            heard, seen = self.heard.get(call, {}), self.pictures.get(call, {})
+            turns = [turn for turn in change.respond.turns if turn.item]
             self.heard[call] = {
                 turn.item: np.frombuffer(turn.audio, np.int16) if turn.audio else heard[turn.item]
-                for turn in change.respond.turns
-                if turn.item and (turn.audio or (turn.heard and turn.item in heard))
+                for turn in turns
+                if turn.audio or (turn.heard and turn.item in heard)
+            }
+            self.pictures[call] = {
+                turn.item: seen.get(turn.item, [])[: turn.seen] + list(turn.pictures)
+                for turn in turns
+                if len(seen.get(turn.item, [])) >= turn.seen
             }
 
     def _prefill(self, outputs: dict[str, CallOutput]) -> None:
@@ -212,7 +220,11 @@ class OmniWorker:
         if audio is None and turn.heard:
             raise ValueError(f"the audio of item {turn.item} was sent to another worker")
         clips = [] if audio is None else [audio]
-        return Message(turn.role, turn.text, clips, list(turn.pictures), item=turn.item)
+        pictures = self.pictures.get(call, {}).get(turn.item) if turn.item else None
+        if pictures is None and turn.seen:
+            raise ValueError(f"the pictures of item {turn.item} were sent to another worker")
+        pictures = list(turn.pictures) if pictures is None else pictures
+        return Message(turn.role, turn.text, clips, pictures, item=turn.item)
 
     def _cancel(self, call: str) -> None:
         self.waiting.pop(call, None)
