@@ -267,12 +267,17 @@ async def test_turns_keep_their_pictures_and_their_audio_crosses_once() -> None:
     users = await turn("u4", 1, [])  # after a failure, everything is sent again
     assert all(t.audio and not t.heard and not t.seen for t in users) and len(users) == 4
     assert (users[0].pictures, users[2].pictures) == ([seen[0].jpeg], [seen[1].jpeg])
+    # The turn a picture went with is deleted: shown again, with the next turn.
+    del items[4]  # u3
+    users = await turn("u5", 1, seen)
+    assert [t.item for t in users] == ["u1", "u2", "u4", "u5"]
+    assert users[-1].pictures == [seen[1].jpeg]
     # A 120-token budget holds at most 10 s of audio: u1 is let go once the newer turns' audio
     # alone is past that, and not before.
-    await turn("u5", 6, [])
-    assert list(stream._committed) == ["u1", "u2", "u3", "u4", "u5"]
-    await turn("u6", 1, [])
-    assert list(stream._committed) == ["u2", "u3", "u4", "u5", "u6"]
+    await turn("u6", 5, [])
+    assert list(stream._committed) == ["u1", "u2", "u3", "u4", "u5", "u6"]
+    await turn("u7", 1, [])
+    assert list(stream._committed) == ["u2", "u3", "u4", "u5", "u6", "u7"]
 
 
 def test_the_prompt_budget_leaves_out_the_oldest_turns(tiny_models: Path) -> None:

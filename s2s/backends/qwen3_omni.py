@@ -299,7 +299,8 @@ class Qwen3OmniStream:
             turns.append(Turn("user", audio=clip, pictures=shown, item=last_id))
             users = [len(turns) - 1]
         latest = request.pictures[-1].jpeg if request.pictures else None
-        if latest is not None and users and not any(latest in p for p in self._shown.values()):
+        # Shown already if a turn of the conversation has it (not one since deleted).
+        if latest is not None and users and not any(latest in t.pictures for t in turns):
             last = turns[users[-1]]
             turns[users[-1]] = msgspec.structs.replace(last, pictures=[*last.pictures, latest])
             self._shown.setdefault(last.item, []).append(latest)
