@@ -465,14 +465,16 @@ def test_a_calls_next_turn_reuses_its_cache_until_it_leaves(tiny_models: Path) -
 
 def test_graphs_that_fail_leave_a_worker_that_steps_eagerly(tiny_models: Path) -> None:
     """``--cuda-graphs on`` where graphs cannot be set up (here: a CPU) leaves a worker that
-    says why and answers with eager steps, not one that fails to load; a value that is no
-    setting is refused."""
+    says why and answers with eager steps (here a prompt of instructions alone, which once
+    crashed the worker's tick), not one that fails to load; a value that is no setting is
+    refused."""
     from s2s.worker.messages import Change, Respond, Tick, Turn
     from s2s.worker.process import load_worker
 
     worker: Any = load_worker(f"qwen3-omni:{tiny_models / 'tiny-qwen3-omni'}", "cpu", 1, "on")
     assert worker.engine.graphs is None and "CUDA" in worker.engine.graphs_failed
-    respond = Respond("r", [Turn("user", "hello")])
+    # Instructions alone (a response.create on an empty conversation) are a prompt too.
+    respond = Respond("r", [Turn("system", "Say hello.")])
     outputs = [worker.handle(Tick([Change("join", "a"), Change("respond", "a", respond=respond)]))]
     while "a" not in outputs[-1].outputs or not outputs[-1].outputs["a"].done:
         assert len(outputs) < 200

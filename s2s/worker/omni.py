@@ -197,7 +197,8 @@ class OmniWorker:
             found = (i for i, m in enumerate(messages[first:]) if m.item == item)
             dropped = next(found, 0)
         inputs, dropped = self.prompter.fit(messages, budget, dropped, PROMPT_RETAIN, media)
-        self.start[call] = (messages[first + dropped].item, dropped)
+        start = messages[first + dropped].item if first + dropped < len(messages) else ""
+        self.start[call] = (start, dropped)
         speaker = self.speakers.get(respond.voice.lower(), self.default_speaker)
         count = self.calls.get(call, 0)
         self.calls[call] = count + 1
