@@ -484,6 +484,26 @@ def test_graphs_that_fail_leave_a_worker_that_steps_eagerly(tiny_models: Path) -
         load_worker(f"qwen3-omni:{tiny_models / 'tiny-qwen3-omni'}", "cpu", 1, "yes")
 
 
+def test_a_turn_the_worker_cannot_read_fails_alone(tiny_models: Path) -> None:
+    """A turn whose audio is no 16-bit samples (or whose prompt cannot be built) fails that
+    call's response with the reason; the call beside it is answered."""
+    from s2s.worker.messages import Change, Respond, Tick, Turn
+    from s2s.worker.omni import OmniWorker
+
+    worker = OmniWorker.load(str(tiny_models / "tiny-qwen3-omni"), "cpu", max_calls=2)
+    bad = Respond("bad", [Turn("user", "hi", b"\x01\x02\x03", item="u1")])
+    good = Respond("good", [Turn("user", "hi", item="u1")])
+    changes = [Change("join", "a"), Change("join", "b"), Change("respond", "a", respond=bad),
+               Change("respond", "b", respond=good)]  # fmt: skip
+    outputs = [worker.handle(Tick(changes))]
+    while "b" not in outputs[-1].outputs or not outputs[-1].outputs["b"].done:
+        assert len(outputs) < 200
+        outputs.append(worker.handle(Tick()))
+    failed = [o.outputs["a"] for o in outputs if "a" in o.outputs]
+    assert len(failed) == 1 and "16-bit" in failed[0].done and failed[0].response_id == "bad"
+    assert outputs[-1].outputs["b"].done in ("stop", "length")
+
+
 def test_replies_decode_as_the_checkpoints_generation_config_says() -> None:
     from s2s.omni.request import Decoding
     from s2s.omni.sampling import Sampling

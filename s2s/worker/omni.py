@@ -82,7 +82,7 @@ class OmniWorker:
         #: The turn (item id) each call's prompts start from now, after the oldest turns they
         #: leave out (``PROMPT_RETAIN``), and the audio of each call's turns by item id.
         self.start: dict[str, tuple[str, int]] = {}
-        self.heard: dict[str, dict[str, np.ndarray]] = {}
+        self.heard: dict[str, dict[str, bytes]] = {}
         self.pictures: dict[str, dict[str, list[bytes]]] = {}
         #: Each call's clips and pictures, prepared and encoded for its next prompts.
         self.media: dict[str, Media] = {}
@@ -152,7 +152,7 @@ class OmniWorker:
             heard, seen = self.heard.get(call, {}), self.pictures.get(call, {})
             turns = [turn for turn in change.respond.turns if turn.item]
             self.heard[call] = {
-                turn.item: np.frombuffer(turn.audio, np.int16) if turn.audio else heard[turn.item]
+                turn.item: turn.audio or heard[turn.item]
                 for turn in turns
                 if turn.audio or (turn.heard and turn.item in heard)
             }
@@ -171,6 +171,9 @@ class OmniWorker:
             try:
                 self._respond(call, respond)
             except (RuntimeError, ValueError) as exc:  # a prompt over budget, a bad request...
+                self._fail(outputs, call, respond.response_id, exc)
+            except Exception as exc:  # a fault in one call's prompt fails its turn, not all
+                log.exception("call %s: building the prompt failed", call)
                 self._fail(outputs, call, respond.response_id, exc)
         for row in self.engine.prefilling[:1]:
             answer = self.rows[row]
@@ -216,11 +219,12 @@ class OmniWorker:
         earlier respond) and its pictures as JPEG bytes: the call's ``Media`` converts, decodes
         and encodes only what it has not seen."""
         audio = self.heard.get(call, {}).get(turn.item) if turn.item else None
-        if audio is None and turn.audio:
-            audio = np.frombuffer(turn.audio, np.int16)
         if audio is None and turn.heard:
             raise ValueError(f"the audio of item {turn.item} was sent to another worker")
-        clips = [] if audio is None else [audio]
+        audio = audio or turn.audio
+        if len(audio) % 2:
+            raise ValueError(f"{len(audio)} bytes of audio are not 16-bit samples")
+        clips = [np.frombuffer(audio, np.int16)] if audio else []
         pictures = self.pictures.get(call, {}).get(turn.item) if turn.item else None
         if pictures is None and turn.seen:
             raise ValueError(f"the pictures of item {turn.item} were sent to another worker")
