@@ -202,6 +202,24 @@ def test_a_worker_whose_graphs_fail_serves_eagerly(
         MoshiEngine(tiny_moshi, max_calls=2, graphs=True)
 
 
+def test_a_frame_of_the_wrong_size_fails_that_call_alone(
+    tiny_moshi: MoshiForConditionalGeneration,
+) -> None:
+    """A frame the worker cannot step (here: too short) is that call's error for that tick;
+    the call beside it steps, and both go on with the frames after."""
+    from s2s.worker.messages import Change, Tick
+    from s2s.worker.moshi import MoshiWorker
+
+    worker = MoshiWorker(tiny_moshi, None, "cpu", max_calls=2, graphs=False)
+    frame = (np.sin(np.arange(worker.frame_samples) / 3) * 3000).astype(np.int16).tobytes()
+    joins = [Change("join", "a"), Change("join", "b")]
+    first = worker.handle(Tick(joins, {"a": frame[:-2], "b": frame})).outputs
+    assert "bytes" in first["a"].error and not first["b"].error
+    later = [worker.handle(Tick([], {"a": frame, "b": frame})).outputs for _ in range(5)]
+    assert not any(out[call].error for out in later for call in "ab")
+    assert all(any(out[call].audio for out in later) for call in "ab")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.gpu
 def test_graph_replay_equals_the_eager_step(tiny_moshi: MoshiForConditionalGeneration) -> None:

@@ -130,11 +130,14 @@ class MoshiWorker:
         started = time.perf_counter()
         for change in tick.changes:
             self._apply(change)
-        ready = [call for call in tick.frames if call in self.calls]
+        size = 2 * self.frame_samples
+        ready = [c for c, frame in tick.frames.items() if c in self.calls and len(frame) == size]
         outputs = self._step(ready, tick.frames) if ready else {}
-        for call in tick.frames:
+        for call, frame in tick.frames.items():
             if call in self.refused:
                 outputs[call] = CallOutput(error=self.refused[call])
+            elif call in self.calls and len(frame) != size:  # this frame only: skip it
+                outputs[call] = CallOutput(error=f"a frame of {len(frame)} bytes, not {size}")
         return TickResult(outputs, step_ms=1000 * (time.perf_counter() - started))
 
     @torch.inference_mode()
