@@ -628,16 +628,19 @@ def test_a_next_turn_prepares_and_encodes_only_its_new_media(model: Any, pieces:
     row = engine.add(replace(_request(first), conversation="call", media=media.latest))
     replies = {row: Reply()}
     _run(engine, replies)
-    assert (media.prepared, media.encoded) == (2, 2)
+    assert (media.prepared, media.encoded, media.held_bytes) == (2, 2, 0)
     said = pieces[0].decode(replies[row].text, skip_special_tokens=True)
     turns = [*asked, Message("assistant", said), Message("user", "and this?", audio=[clips[1]])]
     second = build_inputs(*pieces, turns, media=media)
-    assert media.prepared == 3
+    assert media.prepared == 3 and media.held_bytes > 0  # the new clip's features
     whole = build_inputs(*pieces, turns)
-    assert whole.keys() == second.keys()
-    assert all(torch.equal(whole[key], second[key]) for key in whole)
+    # Planned inputs are a whole build's without the features and pixels, which the media
+    # hold until they are encoded and then let go.
+    assert whole.keys() - second.keys() == {"input_features", "pixel_values"}
+    assert all(torch.equal(whole[key], second[key]) for key in second)
     row = engine.add(replace(_request(second), conversation="call", media=media.latest))
     assert media.encoded == 3 and engine.reused >= first["input_ids"].shape[1]
+    assert media.held_bytes == 0
     replies = {row: Reply()}
     _run(engine, replies)
     _same_reply(replies[row], _alone(model, _request(whole)))

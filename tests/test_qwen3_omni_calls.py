@@ -122,7 +122,7 @@ def test_the_worker_prompts_with_every_turn_its_audio_and_the_picture(tiny_model
     worker.handle(Tick([Change("respond", "a", respond=Respond("r2", turns, voice="Ethan"))]))
     (row,) = worker.engine.rows.values()
     inputs = row.request.inputs
-    assert "pixel_values" in inputs and "input_features" in inputs
+    assert "image_grid_thw" in inputs and "feature_attention_mask" in inputs
     assert row.request.speaker == "ethan"
     assert row.request.seed == response_seed("a", 1) != response_seed("a", 0)
     outputs = []

@@ -60,7 +60,7 @@ _MAX_TURN_FRAMES = 1500  # 30 s of uncommitted audio, in 20 ms frames
 #: clips); 12 is below it, so turns whose audio is let go (``Qwen3OmniStream.commit``) never fit
 #: in a prompt anyway.
 _AUDIO_TOKENS_PER_S = 12
-_KEPT_PICTURES = 32  # pictures shown with earlier turns that stay there
+_KEPT_PICTURES = 16  # pictures shown with earlier turns that stay there
 KEEPALIVE_S = 1.0
 
 

@@ -41,14 +41,15 @@ def audio_tokens(frames: int, n_window: int = 50) -> int:
 
 @dataclass(slots=True)
 class _Clip:
-    features: Tensor  # (mel bins, frames)
+    frames: int
+    features: Tensor | None  # (mel bins, frames) until encoded, then let go
     encoded: Tensor | None = None  # (tokens, hidden), on the model's device
 
 
 @dataclass(slots=True)
 class _Picture:
-    pixels: Tensor  # (patches, values per patch)
     grid: Tensor  # (3,): patches in time, height and width
+    pixels: Tensor | None  # (patches, values per patch) until encoded, then let go
     encoded: Tensor | None = None  # (tokens, hidden), on the model's device
     deepstack: list[Tensor] = field(default_factory=list)  # per deepstack layer, (tokens, hidden)
 
@@ -71,14 +72,21 @@ class Media:
     def __len__(self) -> int:
         return len(self._clips) + len(self._pictures)
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of features and pixels held on the host: those of media not encoded yet."""
+        held = [c.features for c in self._clips.values()]
+        held += [p.pixels for p in self._pictures.values()]
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
     # -- the host's part: what the prompt builder needs -----------------------------------------
 
     def clip(
         self, extractor: Any, samples: np.ndarray, name: str | None = None
-    ) -> tuple[bytes, Tensor]:
-        """The key and Whisper features ``(mel bins, frames)`` of ``samples`` (float32 in
-        [-1, 1], or int16): the digest of the samples, or of ``name`` and their length where
-        the caller names a clip that never changes (a conversation item's)."""
+    ) -> tuple[bytes, int]:
+        """The key and Whisper feature frames of ``samples`` (float32 in [-1, 1], or int16):
+        the digest of the samples, or of ``name`` and their length where the caller names a
+        clip that never changes (a conversation item's)."""
         if name is not None:
             key = _digest(b"named", name.encode(), len(samples).to_bytes(8, "big"))
         else:
@@ -93,14 +101,14 @@ class Media:
                 return_tensors="pt",
             )  # fmt: skip
             frames = int(made["attention_mask"][0].sum())
-            entry = self._clips[key] = _Clip(made["input_features"][0, :, :frames])
+            entry = self._clips[key] = _Clip(frames, made["input_features"][0, :, :frames])
             self.prepared += 1
-        return key, entry.features
+        return key, entry.frames
 
     def picture(
         self, processor: Any, picture: Any, name: str | None = None
-    ) -> tuple[bytes, Tensor, Tensor]:
-        """The key, pixel patches and patch grid of ``picture``: an encoded image's bytes
+    ) -> tuple[bytes, Tensor]:
+        """The key and patch grid of ``picture``: an encoded image's bytes
         (decoded only when new; known by ``name`` and their length where the caller names a
         picture that never changes, else by their digest) or a PIL image. ``ValueError`` if the
         bytes are no image."""
@@ -116,10 +124,24 @@ class Media:
         if entry is None:
             image = picture if raw is None else _decode(raw)
             made = processor(images=[image], return_tensors="pt")
-            entry = _Picture(made["pixel_values"], made["image_grid_thw"][0])
+            entry = _Picture(made["image_grid_thw"][0], made["pixel_values"])
             self._pictures[key] = entry
             self.prepared += 1
-        return key, entry.pixels, entry.grid
+        return key, entry.grid
+
+    def features(self, key: bytes) -> Tensor:
+        """A clip's Whisper features, before it is encoded."""
+        features = self._clips[key].features
+        if features is None:
+            raise ValueError("that clip's features were let go once it was encoded")
+        return features
+
+    def pixels(self, key: bytes) -> Tensor:
+        """A picture's pixel patches, before it is encoded."""
+        pixels = self._pictures[key].pixels
+        if pixels is None:
+            raise ValueError("that picture's pixels were let go once it was encoded")
+        return pixels
 
     def tokens(self, tokenizer: Any, text: str) -> list[int]:
         """``text`` (one turn of the chat template) tokenized, once for as long as the
@@ -144,54 +166,66 @@ class Media:
 
 @dataclass(frozen=True, slots=True)
 class MediaPlan:
-    """The media of one built prompt, in order: its ``input_features`` rows' clips and its
-    ``pixel_values``' pictures, as ``media`` holds them; what the engine encodes with them."""
+    """The media of one built prompt, in order, as ``media`` holds them: what the engine
+    encodes (the new ones) or takes as encoded before. A planned prompt's inputs carry no
+    features or pixels (``feature_attention_mask`` and ``image_grid_thw`` only): the entries
+    hold them until they are encoded, and let them go then."""
 
     media: Media
     clips: tuple[_Clip, ...]
     pictures: tuple[_Picture, ...]
 
-    def audio_embeds(self, model: Any, features: Tensor, mask: Tensor) -> Tensor:
+    def audio_embeds(self, model: Any) -> Tensor:
         """The audio encoder's outputs for the prompt's clips, in order ``(tokens, hidden)``:
         run for the clips not encoded yet, all of them in one batch."""
         clips = self.clips
-        if len(clips) != features.shape[0]:
-            raise ValueError(f"{features.shape[0]} clips in the prompt, {len(clips)} planned")
-        new = [i for i, clip in enumerate(clips) if clip.encoded is None]
+        new = [clip for clip in clips if clip.encoded is None]
         if new:
-            index = torch.tensor(new, device=features.device)
-            lengths = mask[index].sum(-1)
-            width = int(lengths.max())
+            device, dtype = model.device, model.audio_tower.dtype
+            width = max(clip.frames for clip in new)
+            features = torch.zeros(len(new), _features(new[0]).shape[0], width)
+            mask = torch.zeros(len(new), width, dtype=torch.int32)
+            for row, clip in enumerate(new):
+                features[row, :, : clip.frames] = _features(clip)
+                mask[row, : clip.frames] = 1
             out = model.get_audio_features(
-                features[index, :, :width], mask[index, :width], return_dict=True
+                features.to(device, dtype), mask.to(device), return_dict=True
             ).last_hidden_state
-            sizes = [audio_tokens(int(n)) for n in lengths]
-            for i, encoded in zip(new, out.split(sizes), strict=True):
-                clips[i].encoded = encoded
+            sizes = [audio_tokens(clip.frames) for clip in new]
+            for clip, encoded in zip(new, out.split(sizes), strict=True):
+                clip.encoded, clip.features = encoded, None
             self.media.encoded += len(new)
         return torch.cat([clip.encoded for clip in clips if clip.encoded is not None])
 
-    def image_embeds(self, model: Any, pixels: Tensor, grid: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def image_embeds(self, model: Any) -> tuple[Tensor, list[Tensor]]:
         """The vision encoder's outputs for the prompt's pictures, in order: their embeddings
         ``(tokens, hidden)`` and deepstack features (one such per deepstack layer); run for the
         pictures not encoded yet, all of them in one batch."""
         pictures = self.pictures
-        if len(pictures) != grid.shape[0]:
-            raise ValueError(f"{grid.shape[0]} pictures in the prompt, {len(pictures)} planned")
-        new = [i for i, picture in enumerate(pictures) if picture.encoded is None]
+        new = [picture for picture in pictures if picture.encoded is None]
         if new:
-            patches = grid.prod(-1).tolist()
-            starts = [0, *np.cumsum(patches).tolist()]
-            rows = torch.cat([pixels[starts[i] : starts[i + 1]] for i in new])
-            out = model.get_image_features(rows, grid[new], return_dict=True)
-            for j, i in enumerate(new):
-                pictures[i].encoded = out.pooler_output[j]
-                pictures[i].deepstack = [layer[j] for layer in out.deepstack_features]
+            device, dtype = model.device, model.visual.dtype
+            rows = torch.cat([_pixels(picture) for picture in new]).to(device, dtype)
+            grid = torch.stack([picture.grid for picture in new]).to(device)
+            out = model.get_image_features(rows, grid, return_dict=True)
+            for j, picture in enumerate(new):
+                picture.encoded, picture.pixels = out.pooler_output[j], None
+                picture.deepstack = [layer[j] for layer in out.deepstack_features]
             self.media.encoded += len(new)
         embeds = torch.cat([p.encoded for p in pictures if p.encoded is not None])
         layers = len(pictures[0].deepstack)
         deepstack = [torch.cat([p.deepstack[n] for p in pictures]) for n in range(layers)]
         return embeds, deepstack
+
+
+def _features(clip: _Clip) -> Tensor:
+    assert clip.features is not None, "a clip not encoded yet has its features"
+    return clip.features
+
+
+def _pixels(picture: _Picture) -> Tensor:
+    assert picture.pixels is not None, "a picture not encoded yet has its pixels"
+    return picture.pixels
 
 
 def _digest(kind: bytes, *parts: bytes) -> bytes:

@@ -86,27 +86,26 @@ def encode(
     model, config = thinker.model, thinker.config
     ids = inputs["input_ids"]
     embeds = model.get_input_embeddings()(ids)
-    features = inputs.get("input_features")
     feature_mask = inputs.get("feature_attention_mask")
     audio_lengths = None if feature_mask is None else feature_mask.sum(-1)
-    if features is not None:
-        if media is None or feature_mask is None:
+    if feature_mask is not None:
+        if media is None:
+            features = inputs["input_features"]
             heard = model.get_audio_features(features, feature_mask, return_dict=True)
             audio = heard.last_hidden_state
         else:
-            audio = media.audio_embeds(model, features, feature_mask)
+            audio = media.audio_embeds(model)
         places = (ids == config.audio_token_id)[..., None]
         embeds = embeds.masked_scatter(places, audio.to(embeds.dtype))
     grid = inputs.get("image_grid_thw")
-    pixels = inputs.get("pixel_values")
     pictures, before, deepstack = None, [], []
-    if pixels is not None:
-        if media is None or grid is None:
-            image = model.get_image_features(pixels, grid, return_dict=True)
+    if grid is not None:
+        if media is None:
+            image = model.get_image_features(inputs["pixel_values"], grid, return_dict=True)
             image_embeds = torch.cat(image.pooler_output)
             deepstack = [torch.cat(feature) for feature in image.deepstack_features]
         else:
-            image_embeds, deepstack = media.image_embeds(model, pixels, grid)
+            image_embeds, deepstack = media.image_embeds(model)
         pictures = ids[0] == config.image_token_id
         before = [0, *torch.cumsum(pictures, 0).tolist()]
         if before[-1] != image_embeds.shape[0]:

@@ -117,7 +117,12 @@ def fit_inputs(
     (``OmniEngine``), since a prompt that starts elsewhere shares nothing with it.
 
     Each turn is tokenized once and on its own (every turn begins and ends with a special
-    token, which the tokenizer never merges across), so what fits is counted, not rebuilt."""
+    token, which the tokenizer never merges across), so what fits is counted, not rebuilt.
+
+    With ``media`` (a conversation's, for ``OmniEngine``) the inputs are planned: they carry
+    the audio masks and picture grids but no features or pixels, which the engine takes from
+    ``media.latest`` for the clips and pictures it has not encoded yet."""
+    planned = media is not None
     media = Media() if media is None else media
     first = 1 if messages and messages[0].role == "system" else 0
     dropped = min(dropped, max(len(messages) - first - 1, 0))
@@ -132,7 +137,7 @@ def fit_inputs(
             dropped += 1
         if total > max_tokens:
             raise ValueError(f"the last turn alone is over the {max_tokens}-token budget")
-    return _assemble(media, [*turns, *rest], opening), dropped
+    return _assemble(media, [*turns, *rest], opening, planned), dropped
 
 
 @dataclass(slots=True)
@@ -140,8 +145,8 @@ class _Turn:
     """One message's tokens and, in order, its clips' and pictures' digests and inputs."""
 
     ids: list[int]
-    audio: list[tuple[bytes, torch.Tensor]]  # features (mel bins, frames)
-    pictures: list[tuple[bytes, torch.Tensor, torch.Tensor]]  # pixels, grid
+    audio: list[tuple[bytes, int]]  # feature frames
+    pictures: list[tuple[bytes, torch.Tensor]]  # patch grid
 
 
 def _turn(tokenizer: Any, features: Any, images: Any, media: Media, message: Message) -> _Turn:
@@ -152,37 +157,43 @@ def _turn(tokenizer: Any, features: Any, images: Any, media: Media, message: Mes
         media.clip(features, clip, f"{message.item}#{i}" if message.item else None)
         for i, clip in enumerate(message.audio)
     ]
-    for _, feats in audio:
-        body += "<|audio_start|>" + "<|audio_pad|>" * audio_tokens(feats.shape[1])
+    for _, frames in audio:
+        body += "<|audio_start|>" + "<|audio_pad|>" * audio_tokens(frames)
         body += "<|audio_end|>"
     pictures = [
         media.picture(images, picture, f"{message.item}#picture{i}" if message.item else None)
         for i, picture in enumerate(message.images)
     ]
     merged = images.merge_size**2
-    for _, _, grid in pictures:
+    for _, grid in pictures:
         body += "<|vision_start|>" + "<|image_pad|>" * (int(grid.prod()) // merged)
         body += "<|vision_end|>"
     text = f"<|im_start|>{message.role}\n{body}{message.text}<|im_end|>\n"
     return _Turn(media.tokens(tokenizer, text), audio, pictures)
 
 
-def _assemble(media: Media, turns: list[_Turn], opening: list[int]) -> dict[str, torch.Tensor]:
+def _assemble(
+    media: Media, turns: list[_Turn], opening: list[int], planned: bool
+) -> dict[str, torch.Tensor]:
     ids = torch.tensor([[token for turn in turns for token in turn.ids] + opening])
     kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     audio = [clip for turn in turns for clip in turn.audio]
     pictures = [picture for turn in turns for picture in turn.pictures]
     if audio:
         # Each clip's features alone, zero-padded to the longest; the mask says how far.
-        lengths = [feats.shape[1] for _, feats in audio]
-        batch = torch.zeros(len(audio), audio[0][1].shape[0], max(lengths))
+        lengths = [frames for _, frames in audio]
         mask = torch.zeros(len(audio), max(lengths), dtype=torch.int32)
-        for row, ((_, feats), length) in enumerate(zip(audio, lengths, strict=True)):
-            batch[row, :, :length] = feats
+        for row, length in enumerate(lengths):
             mask[row, :length] = 1
-        kwargs["input_features"], kwargs["feature_attention_mask"] = batch, mask
+        kwargs["feature_attention_mask"] = mask
+        if not planned:
+            batch = torch.zeros(len(audio), media.features(audio[0][0]).shape[0], max(lengths))
+            for row, ((key, _), length) in enumerate(zip(audio, lengths, strict=True)):
+                batch[row, :, :length] = media.features(key)
+            kwargs["input_features"] = batch
     if pictures:
-        kwargs["pixel_values"] = torch.cat([pixels for _, pixels, _ in pictures])
-        kwargs["image_grid_thw"] = torch.stack([grid for _, _, grid in pictures])
-    media.plan([key for key, _ in audio], [key for key, _, _ in pictures])
+        kwargs["image_grid_thw"] = torch.stack([grid for _, grid in pictures])
+        if not planned:
+            kwargs["pixel_values"] = torch.cat([media.pixels(key) for key, _ in pictures])
+    media.plan([key for key, _ in audio], [key for key, _ in pictures])
     return kwargs
