@@ -330,10 +330,10 @@ def test_a_cut_prompt_keeps_its_start_turn_when_older_ones_are_no_longer_sent(
         return ids
 
     first = prompt(turns[:13])
-    start = worker.start["a"][0]
+    start = worker.calls["a"].start[0]
     assert start not in ("", "i0") and len(first) <= 160
     then = prompt(turns[2:])  # the two oldest are no longer sent, and two more are
-    assert worker.start["a"][0] == start and then[: len(first) - 3] == first[:-3]
+    assert worker.calls["a"].start[0] == start and then[: len(first) - 3] == first[:-3]
 
 
 async def test_a_turn_over_the_prompt_budget_fails_clearly_and_the_call_goes_on(
@@ -445,7 +445,7 @@ def test_a_calls_next_turn_reuses_its_cache_until_it_leaves(tiny_models: Path) -
         worker.handle(Tick())
     worker.handle(Tick([Change("reset", "a")]))  # barge-in
     assert list(worker.engine.kept) == ["a"]
-    media = worker.media["a"]
+    media = worker.calls["a"].media
     assert (media.prepared, media.encoded) == (2, 2)
     # The spoken turn's audio was sent with r1: r2 names it, and a respond that replaced r2
     # before its prefill would too.
@@ -456,7 +456,7 @@ def test_a_calls_next_turn_reuses_its_cache_until_it_leaves(tiny_models: Path) -
     assert worker.engine.reused > 50  # the first turn's prompt
     assert (media.prepared, media.encoded) == (3, 3)
     worker.handle(Tick([Change("leave", "a")]))
-    assert not worker.engine.kept and len(worker.engine.free) == 2 and not worker.media
+    assert not worker.engine.kept and len(worker.engine.free) == 2 and not worker.calls
     # Audio this worker was never sent (the call was on another) fails the response, clearly.
     again = Change("respond", "a", respond=Respond("r3", more))
     result = worker.handle(Tick([Change("join", "a"), again]))

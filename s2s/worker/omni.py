@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,15 +78,8 @@ class OmniWorker:
         speakers = list(model.config.talker_config.speaker_id)
         self.speakers = {name.lower(): name for name in speakers}
         self.default_speaker = speakers[0]
-        #: Every joined call and how many responses it has had (each response's seed).
-        self.calls: dict[str, int] = {}
-        #: The turn (item id) each call's prompts start from now, after the oldest turns they
-        #: leave out (``PROMPT_RETAIN``), and the audio of each call's turns by item id.
-        self.start: dict[str, tuple[str, int]] = {}
-        self.heard: dict[str, dict[str, bytes]] = {}
-        self.pictures: dict[str, dict[str, list[bytes]]] = {}
-        #: Each call's clips and pictures, prepared and encoded for its next prompts.
-        self.media: dict[str, Media] = {}
+        #: Every joined call's state between its turns.
+        self.calls: dict[str, _Call] = {}
         #: Turns waiting for their prefill, oldest first (one call appears at most once).
         self.waiting: dict[str, Respond] = {}
         #: The engine row answering each call, and what the row was asked.
@@ -135,32 +129,17 @@ class OmniWorker:
         """A join, leave, reset or respond, between steps."""
         call = change.call
         if change.kind == "join":
-            self.calls.setdefault(call, 0)
+            self.calls.setdefault(call, _Call())
         elif change.kind in ("leave", "reset"):
             self._cancel(call)  # a reset (barge-in) keeps the cache for the turn that follows
             if change.kind == "leave":
                 self.calls.pop(call, None)
-                self.start.pop(call, None)
-                self.heard.pop(call, None)
-                self.pictures.pop(call, None)
-                self.media.pop(call, None)
                 self.engine.forget(call)
         elif change.kind == "respond" and change.respond is not None and call in self.calls:
             self._cancel(call)
             self.waiting[call] = change.respond
             # Kept now: a respond that replaces this one before its prefill may refer to it.
-            heard, seen = self.heard.get(call, {}), self.pictures.get(call, {})
-            turns = [turn for turn in change.respond.turns if turn.item]
-            self.heard[call] = {
-                turn.item: turn.audio or heard[turn.item]
-                for turn in turns
-                if turn.audio or (turn.heard and turn.item in heard)
-            }
-            self.pictures[call] = {
-                turn.item: seen.get(turn.item, [])[: turn.seen] + list(turn.pictures)
-                for turn in turns
-                if len(seen.get(turn.item, [])) >= turn.seen
-            }
+            self.calls[call].keep(change.respond.turns)
 
     def _prefill(self, outputs: dict[str, CallOutput]) -> None:
         """One piece of the oldest turn's prefill, beginning the next queued turn if none is
@@ -189,22 +168,22 @@ class OmniWorker:
         outputs[call] = CallOutput(response_id=response_id, done=f"failed: {exc}")
 
     def _respond(self, call: str, respond: Respond) -> None:
-        messages = [self._message(call, turn) for turn in respond.turns]
+        state = self.calls[call]
+        messages = [state.message(turn) for turn in respond.turns]
         budget = respond.prompt_tokens or PROMPT_TOKENS
-        media = self.media.setdefault(call, Media())
         first = 1 if messages and messages[0].role == "system" else 0
         # The turns before the last prompt's start stay out: found by its item id (none if that
         # turn is gone), or for turns without one, counted.
-        item, dropped = self.start.get(call, ("", 0))
+        item, dropped = state.start
         if item:
             found = (i for i, m in enumerate(messages[first:]) if m.item == item)
             dropped = next(found, 0)
+        media = state.media
         inputs, dropped = self.prompter.fit(messages, budget, dropped, PROMPT_RETAIN, media)
         start = messages[first + dropped].item if first + dropped < len(messages) else ""
-        self.start[call] = (start, dropped)
+        state.start = (start, dropped)
         speaker = self.speakers.get(respond.voice.lower(), self.default_speaker)
-        count = self.calls.get(call, 0)
-        self.calls[call] = count + 1
+        count, state.responses = state.responses, state.responses + 1
         request = Request(
             inputs, speaker=speaker, speak=respond.speak, max_text_tokens=self.max_text_tokens,
             max_frames=self.max_frames, decoding=self.decoding, seed=response_seed(call, count),
@@ -213,23 +192,6 @@ class OmniWorker:
         row = self.engine.begin(request)
         self.answering[call] = row
         self.rows[row] = _Answer(call, respond.response_id, respond.prefill_tokens)
-
-    def _message(self, call: str, turn: Turn) -> Message:
-        """``turn`` as the prompt builder reads it, with its audio (int16, sent now or with an
-        earlier respond) and its pictures as JPEG bytes: the call's ``Media`` converts, decodes
-        and encodes only what it has not seen."""
-        audio = self.heard.get(call, {}).get(turn.item) if turn.item else None
-        if audio is None and turn.heard:
-            raise ValueError(f"the audio of item {turn.item} was sent to another worker")
-        audio = audio or turn.audio
-        if len(audio) % 2:
-            raise ValueError(f"{len(audio)} bytes of audio are not 16-bit samples")
-        clips = [np.frombuffer(audio, np.int16)] if audio else []
-        pictures = self.pictures.get(call, {}).get(turn.item) if turn.item else None
-        if pictures is None and turn.seen:
-            raise ValueError(f"the pictures of item {turn.item} were sent to another worker")
-        pictures = list(turn.pictures) if pictures is None else pictures
-        return Message(turn.role, turn.text, clips, pictures, item=turn.item)
 
     def _cancel(self, call: str) -> None:
         self.waiting.pop(call, None)
@@ -267,6 +229,51 @@ def response_seed(call: str, index: int) -> int:
     is the same in every process and run (Python's ``hash()`` of a string is not)."""
     digest = hashlib.blake2b(f"{call}\n{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1  # below 2**63, as Request wants
+
+
+@dataclass(slots=True)
+class _Call:
+    """One joined call's state between its turns: its responses so far (each one's seed), the
+    turn its prompts start from (``PROMPT_RETAIN``), and what it was sent by item id (each
+    turn's audio and pictures cross once) and has prepared and encoded (``Media``)."""
+
+    responses: int = 0
+    start: tuple[str, int] = ("", 0)  # the first kept turn's item id, and the turns before it
+    heard: dict[str, bytes] = field(default_factory=dict)
+    pictures: dict[str, list[bytes]] = field(default_factory=dict)
+    media: Media = field(default_factory=Media)
+
+    def keep(self, turns: list[Turn]) -> None:
+        """What a respond's ``turns`` carry or name, by item id; nothing else."""
+        heard, seen = self.heard, self.pictures
+        named = [turn for turn in turns if turn.item]
+        self.heard = {
+            turn.item: turn.audio or heard[turn.item]
+            for turn in named
+            if turn.audio or (turn.heard and turn.item in heard)
+        }
+        self.pictures = {
+            turn.item: seen.get(turn.item, [])[: turn.seen] + list(turn.pictures)
+            for turn in named
+            if len(seen.get(turn.item, [])) >= turn.seen
+        }
+
+    def message(self, turn: Turn) -> Message:
+        """``turn`` as the prompt builder reads it, with its audio (int16, sent now or with an
+        earlier respond) and its pictures as JPEG bytes: ``media`` converts, decodes and
+        encodes only what it has not seen."""
+        audio = self.heard.get(turn.item) if turn.item else None
+        if audio is None and turn.heard:
+            raise ValueError(f"the audio of item {turn.item} was sent to another worker")
+        audio = audio or turn.audio
+        if len(audio) % 2:
+            raise ValueError(f"{len(audio)} bytes of audio are not 16-bit samples")
+        clips = [np.frombuffer(audio, np.int16)] if audio else []
+        pictures = self.pictures.get(turn.item) if turn.item else None
+        if pictures is None and turn.seen:
+            raise ValueError(f"the pictures of item {turn.item} were sent to another worker")
+        pictures = list(turn.pictures) if pictures is None else pictures
+        return Message(turn.role, turn.text, clips, pictures, item=turn.item)
 
 
 class _Answer:
