@@ -165,11 +165,12 @@ class Qwen3OmniStream:
         self._turn: collections.deque[np.ndarray] = collections.deque(maxlen=_MAX_TURN_FRAMES)
         self._committed: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self._last_committed: str | None = None
-        #: The pictures shown with each user turn (by item id), and the turns whose audio the
-        #: worker has been sent (it keeps them by item id; a new worker has none).
+        #: The pictures shown with each user turn (by item id), the turns whose audio the
+        #: worker has been sent and how many of each turn's pictures (it keeps them by item
+        #: id; a new worker has none: ``worker_lost``).
         self._shown: collections.OrderedDict[str, list[bytes]] = collections.OrderedDict()
-        self.sent: set[str] = set()
-        self.sent_pictures: dict[str, int] = {}
+        self._sent: set[str] = set()
+        self._sent_pictures: dict[str, int] = {}
         self._out: collections.deque[StepResult] = collections.deque()
         #: The response the worker is making for this call, or None.
         self.answering: str | None = None
@@ -227,14 +228,14 @@ class Qwen3OmniStream:
         pictures it has had from the start."""
         if not turn.item:
             return turn
-        if turn.audio and turn.item in self.sent:
+        if turn.audio and turn.item in self._sent:
             turn = msgspec.structs.replace(turn, audio=b"", heard=True)
         elif turn.audio:
-            self.sent.add(turn.item)
-        seen = self.sent_pictures.get(turn.item, 0)
+            self._sent.add(turn.item)
+        seen = self._sent_pictures.get(turn.item, 0)
         if seen > len(turn.pictures):  # fewer than before: send them all again
             seen = 0
-        self.sent_pictures[turn.item] = len(turn.pictures)
+        self._sent_pictures[turn.item] = len(turn.pictures)
         if seen:
             turn = msgspec.structs.replace(turn, pictures=turn.pictures[seen:], seen=seen)
         return turn
@@ -242,8 +243,8 @@ class Qwen3OmniStream:
     def worker_lost(self) -> None:
         """The worker may have lost what it was sent (it failed, or is another): send it all
         with the next respond."""
-        self.sent.clear()
-        self.sent_pictures.clear()
+        self._sent.clear()
+        self._sent_pictures.clear()
 
     async def steer(self, steering: Steering) -> None:
         # The prompt is fixed once the response is prefilled; new instructions reach the next
