@@ -184,6 +184,21 @@ def test_a_step_with_no_slot_ready_changes_nothing(
     assert _same(first, second)
 
 
+def test_every_width_a_step_takes_is_captured_up_front(
+    tiny_moshi: MoshiForConditionalGeneration,
+) -> None:
+    """A step computes a bucket of slots, capped at ``max_calls``: every width it takes as
+    calls join is one ``capture_graphs`` captures at load (30 slots once stepped 30 wide, a
+    shape captured mid-call), and no other."""
+    for max_calls in (1, 3, 30, 32):
+        engine = MoshiEngine(tiny_moshi, max_calls=max_calls, context=64)
+        taken = set()
+        for call in range(max_calls):
+            engine.join(call)
+            taken.add(engine.width())
+        assert taken == set(engine.widths()), max_calls
+
+
 def test_a_worker_whose_graphs_fail_serves_eagerly(
     tiny_moshi: MoshiForConditionalGeneration,
 ) -> None:

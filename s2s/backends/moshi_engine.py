@@ -273,13 +273,18 @@ class MoshiEngine:
         """How many slots the next step computes (and ``step_slots`` takes rows for)."""
         return min(self.bucket(), self.max_calls)
 
+    def widths(self) -> list[int]:
+        """Every width a step may have: the buckets below ``max_calls``, and ``max_calls``."""
+        return sorted(
+            {min(b, self.max_calls) for b in BUCKETS if b < self.max_calls} | {self.max_calls}
+        )
+
     def capture_graphs(self) -> None:
         """Capture the step for every bucket and span now (CUDA), not when first needed."""
         if self.graphs is not None:
             context, step = self.context, SPAN_STEP
             spans = sorted({min(context, s) for s in range(step, context + step, step)})
-            buckets = [b for b in BUCKETS if b <= self.max_calls]
-            self.graphs.capture((n, span) for n in buckets for span in spans)
+            self.graphs.capture((n, span) for n in self.widths() for span in spans)
 
     def span(self, n: int) -> int:
         """How much of the ring a step over ``n`` slots reads: every position any of them may

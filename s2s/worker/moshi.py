@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from s2s.backends.graphs import BUCKETS, StepGraphs
+from s2s.backends.graphs import StepGraphs
 from s2s.backends.mimi_stream import MimiStreamDecoder, MimiStreamEncoder
 from s2s.backends.moshi_engine import MoshiEngine, Row
 from s2s.worker.messages import CallOutput, Change, Hello, Tick, TickResult
@@ -108,9 +108,9 @@ class MoshiWorker:
         """CUDA graphs of the codec's steps, and every shape of them and of the engine's step
         captured now, so that no call waits for a capture mid-conversation."""
         self._encode, self._decode = codec_graphs(self.encoder, self.decoder, self.engine.k)
-        buckets = [(n,) for n in BUCKETS if n <= self.engine.max_calls]
-        self._encode.capture(buckets)
-        self._decode.capture(buckets)
+        widths = [(n,) for n in self.engine.widths()]
+        self._encode.capture(widths)
+        self._decode.capture(widths)
         self.engine.capture_graphs()
 
     @classmethod
