@@ -27,7 +27,9 @@
 # tests/omni_graphs_check.py on the real-size model), then prints an eager and a graphed row
 # per batch size (GRAPHS=on: graphed only, for time); each graphed batch runs twice, the first
 # to capture its shapes. Graphs add to the estimate above: perhaps 1-2 minutes more, so
-# CALLS=1,4,8 GRAPHS=on is the fallback if the first try is cut.
+# CALLS=1,4,8 GRAPHS=on is the fallback if the first try is cut. Last, it times a call's next
+# turn after a ~4,500-token spoken conversation with its caches and media kept, with its caches
+# alone and from nothing (--next-turn; NEXT_TURN=0 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/device_wheels.sh
@@ -48,5 +50,5 @@ graphs=()
 [ "${DEVICE:-cuda}" = cpu ] || graphs=(--graphs "${GRAPHS:-both}" --check-graphs)
 timeout 240 python3 scripts/bench_omni.py --random-size "${SIZE:-qwen3-omni}" \
     --device "${DEVICE:-cuda}" --calls "${CALLS:-1,4,8,16}" --max-text 20 --max-frames 30 \
-    "${graphs[@]}" 2>&1 |
+    --next-turn "${NEXT_TURN:-2000}" "${graphs[@]}" 2>&1 |
     grep -v 'Unrecognized keys in `rope_parameters`' | tee -a "$log"
