@@ -29,6 +29,30 @@ def test_schema_names_every_extension_event() -> None:
     assert '"s2s.response.steer"' in text and '"s2s.response.steered"' in text
 
 
+def test_truncation_is_a_session_setting_as_the_realtime_api_defines_it() -> None:
+    """``session.update`` takes ``truncation`` (``auto``, ``disabled`` or a retention ratio with
+    token limits), ``session.updated`` reports it, and a value outside the API's is an
+    ``invalid_event`` naming the field."""
+    import pytest
+
+    from s2s.protocol.session_config import SessionConfig
+
+    config = SessionConfig(id="sess_1", model="m")
+    assert config.to_wire()["truncation"] == "auto"
+    ratio = {"type": "retention_ratio", "retention_ratio": 0.5,
+             "token_limits": {"post_instructions": 1000}}  # fmt: skip
+    for truncation in ("disabled", ratio):
+        raw = json.dumps({"type": "session.update", "session": {"truncation": truncation}})
+        config.apply(decode_client_event(raw, max_bytes=10_000).session)  # type: ignore[union-attr]
+        assert config.to_wire()["truncation"] == truncation
+    for bad in ("sometimes", {**ratio, "retention_ratio": 1.5}):
+        raw = json.dumps({"type": "session.update", "session": {"truncation": bad}})
+        with pytest.raises(EventError) as caught:
+            decode_client_event(raw, max_bytes=10_000)
+        assert caught.value.detail.code == "invalid_event"
+        assert "truncation" in caught.value.detail.message
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda inner: (

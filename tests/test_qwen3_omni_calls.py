@@ -280,28 +280,67 @@ async def test_turns_keep_their_pictures_and_their_audio_crosses_once() -> None:
     assert list(stream._committed) == ["u2", "u3", "u4", "u5", "u6", "u7"]
 
 
+async def test_the_sessions_truncation_reaches_the_worker() -> None:
+    """``auto``: the worker's own cut; ``disabled``: none (over the budget is an error); a
+    retention ratio with token limits: its share and its budget after the instructions."""
+    from s2s.backends import ResponseRequest
+    from s2s.backends.qwen3_omni import Qwen3OmniStream
+    from s2s.protocol.session_config import RetentionRatio, TokenLimits
+
+    changes: list[Any] = []
+
+    class Recorder:  # where the stream's changes for the worker go
+        prompt_tokens, prefill_tokens, input_rate = 8192, 0, 16_000
+
+        def change(self, change: Any) -> None:
+            changes.append(change)
+
+    stream = Qwen3OmniStream(Recorder(), "call")  # type: ignore[arg-type]
+    ratio = RetentionRatio(0.5, TokenLimits(post_instructions=1000))
+    for truncation in ("auto", "disabled", ratio):
+        await stream.respond(ResponseRequest(
+            response_id="r", instructions="Be brief.", voice="", speed=1.0,
+            modalities=["audio"], conversation=[], truncation=truncation))  # fmt: skip
+    sent = [(c.respond.truncate, c.respond.retain, c.respond.post_instructions) for c in changes]
+    assert sent == [(True, None, 0), (False, None, 0), (True, 0.5, 1000)]
+
+
 def test_the_prompt_budget_leaves_out_the_oldest_turns(tiny_models: Path) -> None:
+    from s2s.omni.prompt import Message
     from s2s.worker.messages import Change, Respond, Tick, Turn
     from s2s.worker.omni import OmniWorker
 
     worker = OmniWorker.load(str(tiny_models / "tiny-qwen3-omni"), "cpu", max_calls=1)
     old = [Turn("user" if i % 2 == 0 else "assistant", f"turn number {i} " * 5) for i in range(9)]
 
-    def prompt(budget: int) -> Any:
-        respond = Respond("r", [Turn("system", "Be brief."), *old], prompt_tokens=budget)
+    def prompt(budget: int, **truncation: Any) -> Any:
+        turns = [Turn("system", "Be brief."), *old]
+        respond = Respond("r", turns, prompt_tokens=budget, **truncation)
         result = worker.handle(Tick([Change("join", "a"), Change("respond", "a", respond=respond)]))
         for _ in range(5):  # a long prompt is prefilled over a few ticks
             if "a" in result.outputs:
                 break
             result = worker.handle(Tick())
         rows = list(worker.engine.rows.values())
-        worker.handle(Tick([Change("reset", "a")]))
+        worker.handle(Tick([Change("leave", "a")]))  # each prompt from a fresh call
         return result.outputs["a"], rows
+
+    def length(row: Any) -> int:
+        return int(row.request.inputs["input_ids"].shape[1])
 
     _, (whole,) = prompt(10_000)
     _, (cut,) = prompt(80)
-    assert cut.request.inputs["input_ids"].shape[1] <= 80
-    assert cut.request.inputs["input_ids"].shape[1] < whole.request.inputs["input_ids"].shape[1]
+    assert length(cut) <= 80 and length(cut) < length(whole)
+    # The session's truncation (each turn here is about 60 tokens): down to 80% of the budget
+    # by default, to a retention ratio's share, or within a budget after the instructions.
+    _, (kept,) = prompt(300)
+    _, (deeper,) = prompt(300, retain=0.5)
+    assert length(deeper) <= 150 < length(kept) <= 240
+    instructions = worker.prompter.build([Message("system", "Be brief.")])["input_ids"].shape[1]
+    _, (after,) = prompt(10_000, post_instructions=130)
+    assert instructions + 60 < length(after) <= instructions + 130 < length(whole)
+    output, rows = prompt(300, truncate=False)  # disabled: over the budget is an error
+    assert not rows and "truncation is disabled" in output.done
     output, rows = prompt(5)  # not even the last turn fits: that response fails, clearly
     assert not rows and output.done.startswith("failed") and "budget" in output.done
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from s2s.images import Picture
 from s2s.protocol.items import Item
-from s2s.protocol.session_config import FunctionTool
+from s2s.protocol.session_config import FunctionTool, Truncation
 
 EMPTY_PCM = np.zeros(0, np.int16)
 
@@ -102,6 +102,9 @@ class ResponseRequest:
     #: must call one (``required``, or a named function: then ``tools`` holds only that one).
     tools: list[FunctionTool] = field(default_factory=list)
     tool_required: bool = False
+    #: The session's ``truncation``: how a conversation past the prompt budget is cut (the
+    #: turn-based streamed model's; the others read the whole conversation or none of it).
+    truncation: Truncation = "auto"
 
 
 @dataclass(frozen=True, slots=True)

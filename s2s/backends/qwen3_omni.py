@@ -47,7 +47,7 @@ from s2s.protocol.items import (
     OutputAudio,
     OutputText,
 )
-from s2s.protocol.session_config import FunctionTool
+from s2s.protocol.session_config import FunctionTool, RetentionRatio
 from s2s.tools import split_tool_calls, tools_prompt
 from s2s.worker.handle import WorkerHandle
 from s2s.worker.messages import CallOutput, Change, Respond, Tick, Turn
@@ -216,10 +216,15 @@ class Qwen3OmniStream:
         self.answering = request.response_id
         self._tools, self._said, self._held = request.tools, "", []
         turns = [self._by_reference(turn) for turn in self.turns_for(request)]
+        cut = request.truncation
+        ratio = cut if isinstance(cut, RetentionRatio) else None
+        limits = ratio.token_limits if ratio is not None else None
         respond = Respond(
             response_id=request.response_id, turns=turns,
             voice=request.voice, speak="audio" in request.modalities,
             prompt_tokens=self._b.prompt_tokens, prefill_tokens=self._b.prefill_tokens,
+            truncate=cut != "disabled", retain=ratio.retention_ratio if ratio else None,
+            post_instructions=(limits.post_instructions or 0) if limits else 0,
         )  # fmt: skip
         self._b.change(Change("respond", self.call_id, respond=respond))
 

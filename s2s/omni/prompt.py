@@ -48,19 +48,11 @@ class Prompter:
 
     def fit(
         self, messages: list[Message], max_tokens: int, dropped: int = 0, retain: float = 1.0,
-        media: Media | None = None,
+        media: Media | None = None, **truncation: Any,
     ) -> tuple[dict[str, Any], int]:  # fmt: skip
-        """``fit_inputs`` with these pieces."""
-        return fit_inputs(
-            self.tokenizer,
-            self.features,
-            self.images,
-            messages,
-            max_tokens,
-            dropped,
-            retain,
-            media,
-        )
+        """``fit_inputs`` with these pieces (``truncation``: its keyword arguments)."""
+        pieces = (self.tokenizer, self.features, self.images)
+        return fit_inputs(*pieces, messages, max_tokens, dropped, retain, media, **truncation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +98,9 @@ def fit_inputs(
     dropped: int = 0,
     retain: float = 1.0,
     media: Media | None = None,
+    *,
+    truncate: bool = True,
+    post_instructions: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """``build_inputs`` for ``messages`` without their ``dropped`` oldest turns (after the
     leading system message) and, if that is still over ``max_tokens``, without as many more as
@@ -119,6 +114,10 @@ def fit_inputs(
     Each turn is tokenized once and on its own (every turn begins and ends with a special
     token, which the tokenizer never merges across), so what fits is counted, not rebuilt.
 
+    Without ``truncate``, a conversation over the budget is a ``ValueError`` (the Realtime API's
+    ``truncation: disabled``); ``post_instructions`` is a lower budget for the turns after the
+    leading system message (its ``token_limits``).
+
     With ``media`` (a conversation's, for ``OmniEngine``) the inputs are planned: they carry
     the audio masks and picture grids but no features or pixels, which the engine takes from
     ``media.latest`` for the clips and pictures it has not encoded yet."""
@@ -130,6 +129,14 @@ def fit_inputs(
     turns = [_turn(tokenizer, features, images, media, m) for m in messages[:first]]
     rest = [_turn(tokenizer, features, images, media, m) for m in messages[first + dropped :]]
     total = len(opening) + sum(len(t.ids) for t in turns + rest)
+    if post_instructions is not None:
+        after = post_instructions + len(opening) + sum(len(t.ids) for t in turns)
+        max_tokens = after if max_tokens is None else min(max_tokens, after)
+    if max_tokens is not None and total > max_tokens and not truncate:
+        raise ValueError(
+            f"the conversation is {total} tokens, over the {max_tokens}-token budget, and its "
+            "truncation is disabled"
+        )
     if max_tokens is not None and total > max_tokens:
         target = max_tokens * retain
         while total > target and len(rest) > 1:

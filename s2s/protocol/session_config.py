@@ -1,7 +1,8 @@
 """The session's configuration: what ``session.update`` patches and ``session.updated`` reports.
 
 Turn detection (server or semantic VAD), output audio (voice, speed), the function tools the model
-may call and how it must choose among them.
+may call and how it must choose among them, and how a conversation past the model's prompt budget
+is truncated.
 """
 
 from __future__ import annotations
@@ -68,6 +69,25 @@ class ToolChoiceFunction(msgspec.Struct, tag="function", tag_field="type"):
 ToolChoice = Literal["auto", "none", "required"] | ToolChoiceFunction
 
 
+class TokenLimits(msgspec.Struct, omit_defaults=True):
+    """A lower budget for the conversation after the instructions, in tokens."""
+
+    post_instructions: Annotated[int, Meta(ge=1)] | None = None
+
+
+class RetentionRatio(msgspec.Struct, tag="retention_ratio", tag_field="type", omit_defaults=True):
+    """Past the budget, drop the oldest turns until this share of it is left, so the next turns
+    keep the same start (and a model's cache of it) until the budget is reached again."""
+
+    retention_ratio: Threshold
+    token_limits: TokenLimits | None = None
+
+
+#: ``auto``: drop the oldest turns past the budget (s2s keeps 80% of it, as a retention ratio
+#: of 0.8); ``disabled``: answer a response over the budget with an error instead.
+Truncation = Literal["auto", "disabled"] | RetentionRatio
+
+
 class SessionPatch(msgspec.Struct, omit_defaults=True):
     """A partial session, as ``session.update`` (or the call's ``session`` form field) sends."""
 
@@ -78,6 +98,7 @@ class SessionPatch(msgspec.Struct, omit_defaults=True):
     audio: AudioConfig | UnsetType = UNSET
     tools: list[FunctionTool] | UnsetType = UNSET
     tool_choice: ToolChoice | UnsetType = UNSET
+    truncation: Truncation | UnsetType = UNSET
 
 
 class SessionConfig(msgspec.Struct):
@@ -92,6 +113,7 @@ class SessionConfig(msgspec.Struct):
     turn_detection: TurnDetection | None = msgspec.field(default_factory=ServerVad)
     tools: list[FunctionTool] = msgspec.field(default_factory=list)
     tool_choice: ToolChoice = "auto"
+    truncation: Truncation = "auto"
 
     def apply(self, patch: SessionPatch) -> None:
         """Take every field ``patch`` sets; leave the rest as they are."""
@@ -103,6 +125,8 @@ class SessionConfig(msgspec.Struct):
             self.tools = patch.tools
         if not isinstance(patch.tool_choice, UnsetType):
             self.tool_choice = patch.tool_choice
+        if not isinstance(patch.truncation, UnsetType):
+            self.truncation = patch.truncation
         audio = patch.audio
         if isinstance(audio, UnsetType):
             return
@@ -135,4 +159,5 @@ class SessionConfig(msgspec.Struct):
             },
             "tools": msgspec.to_builtins(self.tools),
             "tool_choice": msgspec.to_builtins(self.tool_choice),
+            "truncation": msgspec.to_builtins(self.truncation),
         }

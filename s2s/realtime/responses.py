@@ -208,6 +208,7 @@ class Responses:
             speed=speed or self.config.speed, modalities=list(r.modalities),
             conversation=self._conversation.items(), trigger=trigger,  # type: ignore[arg-type]
             pictures=self._conversation.pictures(), tools=callable_tools, tool_required=required,
+            truncation=self.config.truncation,
         )  # fmt: skip
         try:
             await self._stream.respond(request)

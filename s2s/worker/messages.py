@@ -50,6 +50,12 @@ class Respond(msgspec.Struct, frozen=True):
     #: worker's default): smaller pieces keep their frames steadier, larger ones start this
     #: reply sooner.
     prefill_tokens: int = 0
+    #: The session's ``truncation``: past the budget, whether the oldest turns are left out
+    #: (else the response fails), down to what share of it (None: the worker's, 0.8), and a
+    #: lower budget for the turns after the instructions (0: none).
+    truncate: bool = True
+    retain: float | None = None
+    post_instructions: int = 0
 
 
 class Change(msgspec.Struct, frozen=True):

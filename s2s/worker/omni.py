@@ -178,8 +178,13 @@ class OmniWorker:
         if item:
             found = (i for i, m in enumerate(messages[first:]) if m.item == item)
             dropped = next(found, 0)
-        media = state.media
-        inputs, dropped = self.prompter.fit(messages, budget, dropped, PROMPT_RETAIN, media)
+        if not respond.truncate:
+            dropped = 0  # the whole conversation, or an error
+        retain = PROMPT_RETAIN if respond.retain is None else respond.retain
+        inputs, dropped = self.prompter.fit(
+            messages, budget, dropped, retain, state.media, truncate=respond.truncate,
+            post_instructions=respond.post_instructions or None,
+        )  # fmt: skip
         start = messages[first + dropped].item if first + dropped < len(messages) else ""
         state.start = (start, dropped)
         speaker = self.speakers.get(respond.voice.lower(), self.default_speaker)
@@ -187,7 +192,7 @@ class OmniWorker:
         request = Request(
             inputs, speaker=speaker, speak=respond.speak, max_text_tokens=self.max_text_tokens,
             max_frames=self.max_frames, decoding=self.decoding, seed=response_seed(call, count),
-            conversation=call, media=media.latest,
+            conversation=call, media=state.media.latest,
         )  # fmt: skip
         row = self.engine.begin(request)
         self.answering[call] = row
