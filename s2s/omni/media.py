@@ -39,6 +39,21 @@ def audio_tokens(frames: int, n_window: int = 50) -> int:
     return ((rest - 1) // 2 + 1 - 1) // 2 + 1 + (frames // window) * 13
 
 
+def clip_mask(frames: list[int]) -> Tensor:
+    """The feature mask of clips of these lengths in one batch ``(clips, longest)``."""
+    return (torch.arange(max(frames))[None, :] < torch.tensor(frames)[:, None]).int()
+
+
+def clip_batch(features: list[Tensor]) -> Tensor:
+    """Clips' features ``(mel bins, frames)`` in one batch, each alone and zero-padded to the
+    longest ``(clips, mel bins, longest)``; ``clip_mask`` says how far each goes."""
+    longest = max(clip.shape[1] for clip in features)
+    batch = features[0].new_zeros(len(features), features[0].shape[0], longest)
+    for row, clip in enumerate(features):
+        batch[row, :, : clip.shape[1]] = clip
+    return batch
+
+
 @dataclass(slots=True)
 class _Clip:
     frames: int
@@ -182,12 +197,8 @@ class MediaPlan:
         new = [clip for clip in clips if clip.encoded is None]
         if new:
             device, dtype = model.device, model.audio_tower.dtype
-            width = max(clip.frames for clip in new)
-            features = torch.zeros(len(new), _features(new[0]).shape[0], width)
-            mask = torch.zeros(len(new), width, dtype=torch.int32)
-            for row, clip in enumerate(new):
-                features[row, :, : clip.frames] = _features(clip)
-                mask[row, : clip.frames] = 1
+            features = clip_batch([_features(clip) for clip in new])
+            mask = clip_mask([clip.frames for clip in new])
             out = model.get_audio_features(
                 features.to(device, dtype), mask.to(device), return_dict=True
             ).last_hidden_state

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from s2s.omni.media import AUDIO_RATE, Media, audio_tokens
+from s2s.omni.media import AUDIO_RATE, Media, audio_tokens, clip_batch, clip_mask
 
 __all__ = ["AUDIO_RATE", "Message", "Prompter", "audio_tokens", "build_inputs", "fit_inputs"]
 
@@ -187,17 +187,9 @@ def _assemble(
     audio = [clip for turn in turns for clip in turn.audio]
     pictures = [picture for turn in turns for picture in turn.pictures]
     if audio:
-        # Each clip's features alone, zero-padded to the longest; the mask says how far.
-        lengths = [frames for _, frames in audio]
-        mask = torch.zeros(len(audio), max(lengths), dtype=torch.int32)
-        for row, length in enumerate(lengths):
-            mask[row, :length] = 1
-        kwargs["feature_attention_mask"] = mask
+        kwargs["feature_attention_mask"] = clip_mask([frames for _, frames in audio])
         if not planned:
-            batch = torch.zeros(len(audio), media.features(audio[0][0]).shape[0], max(lengths))
-            for row, ((key, _), length) in enumerate(zip(audio, lengths, strict=True)):
-                batch[row, :, :length] = media.features(key)
-            kwargs["input_features"] = batch
+            kwargs["input_features"] = clip_batch([media.features(key) for key, _ in audio])
     if pictures:
         kwargs["image_grid_thw"] = torch.stack([grid for _, grid in pictures])
         if not planned:
