@@ -19,6 +19,18 @@ from tests.signals import rms
 from tests.speech import speak
 
 
+class _Recorder:
+    """Where a ``Qwen3OmniStream``'s changes for its worker go, in tests of the stream alone:
+    the backend's settings it reads, and every change it makes."""
+
+    def __init__(self, prompt_tokens: int = 8192) -> None:
+        self.prompt_tokens, self.prefill_tokens, self.input_rate = prompt_tokens, 0, 16_000
+        self.changes: list[Any] = []
+
+    def change(self, change: Any) -> None:
+        self.changes.append(change)
+
+
 def _picture_item() -> dict[str, Any]:
     out = io.BytesIO()
     Image.new("RGB", (64, 48), (200, 30, 30)).save(out, "JPEG")
@@ -181,16 +193,9 @@ async def test_a_streamed_tool_call_is_held_back_and_becomes_a_call(tiny_models:
     frame = (np.ones(1920, np.int16) * 1000).tobytes()
 
     async def reply(text: str) -> list[Any]:
-        changes: list[Any] = []
-
-        class Recorder:  # where the stream's changes for the worker go
-            prompt_tokens = 8192
-            prefill_tokens = 0
-
-            def change(self, change: Any) -> None:
-                changes.append(change)
-
-        stream = Qwen3OmniStream(Recorder(), "call")  # type: ignore[arg-type]
+        recorder = _Recorder()
+        changes = recorder.changes
+        stream = Qwen3OmniStream(recorder, "call")  # type: ignore[arg-type]
         await stream.respond(ResponseRequest(
             response_id="r", instructions="", voice="", speed=1.0, modalities=["audio"],
             conversation=[], tools=[weather]))  # fmt: skip
@@ -228,15 +233,9 @@ async def test_turns_keep_their_pictures_and_their_audio_crosses_once() -> None:
     from s2s.protocol.items import InputAudio, MessageItem, OutputAudio
     from s2s.worker.messages import CallOutput
 
-    changes: list[Any] = []
-
-    class Recorder:  # where the stream's changes for the worker go
-        prompt_tokens, prefill_tokens, input_rate = 120, 0, 16_000
-
-        def change(self, change: Any) -> None:
-            changes.append(change)
-
-    stream = Qwen3OmniStream(Recorder(), "call")  # type: ignore[arg-type]
+    recorder = _Recorder(prompt_tokens=120)
+    changes = recorder.changes
+    stream = Qwen3OmniStream(recorder, "call")  # type: ignore[arg-type]
     items: list[Any] = []
     seen = [Picture(bytes([i]) * 100, 64, 48, "a picture") for i in range(2)]
 
@@ -287,15 +286,9 @@ async def test_the_sessions_truncation_reaches_the_worker() -> None:
     from s2s.backends.qwen3_omni import Qwen3OmniStream
     from s2s.protocol.session_config import RetentionRatio, TokenLimits
 
-    changes: list[Any] = []
-
-    class Recorder:  # where the stream's changes for the worker go
-        prompt_tokens, prefill_tokens, input_rate = 8192, 0, 16_000
-
-        def change(self, change: Any) -> None:
-            changes.append(change)
-
-    stream = Qwen3OmniStream(Recorder(), "call")  # type: ignore[arg-type]
+    recorder = _Recorder()
+    changes = recorder.changes
+    stream = Qwen3OmniStream(recorder, "call")  # type: ignore[arg-type]
     ratio = RetentionRatio(0.5, TokenLimits(post_instructions=1000))
     for truncation in ("auto", "disabled", ratio):
         await stream.respond(ResponseRequest(
