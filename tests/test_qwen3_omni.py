@@ -695,7 +695,7 @@ class _WarmedEveryStep(OmniEngine):
         int_zeros, float_zeros = zeroed(ints, floats, self.device)
         sent = split(int_zeros, ints) | split(float_zeros, floats)
         for _ in range(3):
-            self._compute(sent, shape)
+            self.decode.compute(sent, shape)
         super()._step(thinking, speaking, results)
 
 

@@ -16,7 +16,8 @@ after the whole reply:
   turns that frame into 1920 samples at once, and the talker, fed the frame and the next text
   token (one text token per frame, as ``generate()`` feeds ``trailing_text_hidden``), picks the
   next frame's first code. The talker needs text token ``j`` for frame ``j``, which the thinker
-  made in the same step, so it never waits.
+  made in the same step, so it never waits. The engine picks the step's rows and uploads their
+  columns (``s2s.omni.rows``); the device work is ``s2s.omni.decode.DecodeStep``.
 - ``cancel(row)`` ends a call at the next step; nothing of it is decoded after that.
 - A request with a ``conversation`` key leaves its thinker cache in its slot when it ends
   (``kept``); that conversation's next request takes the slot back and prefills the thinker
@@ -47,6 +48,7 @@ from transformers import Qwen3OmniMoeForConditionalGeneration
 from s2s.backends.graphs import bucket
 from s2s.hosttraffic import download, split, upload, upload_flat
 from s2s.omni.code2wav import Code2WavStream
+from s2s.omni.decode import DecodeStep
 from s2s.omni.graphs import OmniGraphs
 from s2s.omni.kept import Kept, reuse_talker, reuse_thinker
 from s2s.omni.predictor import CodePredictor
@@ -61,16 +63,12 @@ from s2s.omni.rows import (
     speech_columns,
     think_columns,
 )
-from s2s.omni.sampling import Draws, penalize, pick
+from s2s.omni.sampling import Draws
 from s2s.omni.slots import SlotCache
 
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 24_000
-#: Noise streams (``s2s.noise``) of a call's draws: text tokens, the talker's first codes, and
-#: from RESIDUAL_STREAM on, one per code predictor codebook. Each is counted in its own units
-#: (text tokens, frames), so no two draws of one call share noise.
-TEXT_STREAM, SPEECH_STREAM, RESIDUAL_STREAM = 0, 1, 2
 #: The slot no call owns: padding rows run on it. It is 0 so that a zero in a slot column
 #: means it (padding, and a graph capture's zeroed columns: ``s2s.omni.graphs``).
 SCRATCH = 0
@@ -130,7 +128,6 @@ class OmniEngine:
         self.talker = model.talker
         self.text_model = model.thinker.model.language_model
         self.device = next(model.parameters()).device
-        self.graphs = OmniGraphs(self._compute, self.device) if graphs else None
         #: Why the steps run eagerly though graphs were asked for, if they do.
         self.graphs_failed = ""
         # Slot SCRATCH is no call's: a batch's padding rows run on it (its state is garbage).
@@ -150,49 +147,25 @@ class OmniEngine:
         # The thinker's hidden state that the talker's prompt reads (transformers' index).
         self.accept = int(self.config.talker_config.accept_hidden_layer)
         self._next_id = 0
-        config = self.config
-        talker = config.talker_config
-        text_vocab = int(self.thinker.lm_head.out_features)
-        self.is_text_end = torch.zeros(text_vocab, dtype=torch.bool, device=self.device)
-        self.text_end = {config.im_end_token_id}
-        self.codec_end = int(talker.codec_eos_token_id)
-        vocab = int(talker.text_config.vocab_size)
-        # generate() keeps the talker off its top 1024 ids (control codes) but for the end code.
-        self.suppressed = torch.zeros(vocab, dtype=torch.bool, device=self.device)
-        self.suppressed[max(vocab - 1024, 0) :] = True
-        self.suppressed[self.codec_end] = False
-        self.seen = torch.zeros(slots, vocab, dtype=torch.bool, device=self.device)
-        self.is_codec_end = torch.zeros(vocab, dtype=torch.bool, device=self.device)
-        self.is_codec_end[self.codec_end] = True
-        if max(vocab, text_vocab) > 2**24:
-            raise ValueError("token ids must fit float32 exactly (s2s.hosttraffic.download)")
-        # What a step reads of the step before, kept per slot on the device so that a step
-        # sends no host values but its one upload: each call's last text token, the talker's
-        # last first code and its last hidden state.
-        self.token = torch.zeros(slots, dtype=torch.long, device=self.device)
-        self.code = torch.zeros(slots, dtype=torch.long, device=self.device)
-        head = self.talker.codec_head
-        self.past = head.weight.new_zeros(slots, head.in_features)
-        with torch.inference_mode():
-            special = torch.tensor(
-                [[config.tts_bos_token_id, config.tts_eos_token_id, config.tts_pad_token_id]],
-                device=self.device,
-            )
-            embeds = self.talker.text_projection(self.thinker.get_input_embeddings()(special))
-            self.tts_bos, self.tts_eos, self.tts_pad = embeds.chunk(3, dim=1)
+        self.decode = DecodeStep(
+            model, self.thinker_cache, self.talker_cache, self.code2wav, self.predictor, slots
+        )
+        self.graphs = OmniGraphs(self.decode.compute, self.device) if graphs else None
+        self.codec_end = self.decode.codec_end
+        self.text_end = {self.config.im_end_token_id}
 
     @property
     def text_end(self) -> set[int]:
-        """The text tokens that end a reply (on the host; ``is_text_end`` marks them on the
-        device)."""
+        """The text tokens that end a reply (on the host; ``DecodeStep.is_text_end`` marks them
+        on the device)."""
         return self._text_end
 
     @text_end.setter
     def text_end(self, tokens: set[int]) -> None:
         self._text_end = set(tokens)
-        self.is_text_end.zero_()
+        self.decode.is_text_end.zero_()
         for token in tokens:
-            self.is_text_end[token] = True
+            self.decode.is_text_end[token] = True
 
     @property
     def free(self) -> list[int]:
@@ -321,7 +294,7 @@ class OmniEngine:
             return True
         if state.talker is None:
             speaker = self.config.talker_config.speaker_id[row.request.speaker.lower()]
-            tts = (self.tts_pad, self.tts_bos, self.tts_eos)
+            tts = (self.decode.tts_pad, self.decode.tts_bos, self.decode.tts_eos)
             state.talker = talker_prompt(self.model, prompt, row.first_token, speaker, tts)
             row.talker_delta = state.talker.delta
             reused = 0 if state.kept is None else reuse_talker(state.talker, state.kept)
@@ -338,13 +311,13 @@ class OmniEngine:
                 talker.positions[..., start:end], row.slot,
             )  # fmt: skip
             if talker.complete:
-                self.seen[row.slot] = False
+                self.decode.start_speech(row.slot)
                 self.code2wav.reset(row.slot)
                 row.speaking = True
                 ints, floats = speech_columns([row], 1)
                 sent = self._upload(ints, floats)
                 sampled = Draws.samples([row.request.decoding.speech])
-                code = int(self._next_codes(sent, hidden[:, -1], sampled)[0])
+                code = int(self.decode.next_codes(sent, hidden[:, -1], sampled)[0])
                 self._count_frame(row, code)
         return talker.complete
 
@@ -352,10 +325,7 @@ class OmniEngine:
         """The call's row, from the thinker's logits at the prompt's last position."""
         request = state.request
         draws = Draws.send(self.device, [request.decoding.text], [(request.seed, 0)])
-        if request.fixed_length:
-            logits = logits.masked_fill(self.is_text_end, float("-inf"))
-        tokens = pick(logits, draws, TEXT_STREAM)
-        self.token[state.slot] = tokens[0]
+        tokens = self.decode.first_token(state.slot, logits, draws, request.fixed_length)
         token = int(tokens[0])  # a prefill reads its first token back; a step reads nothing
         row = Row(state.id, state.slot, state.request, text=[token], first_token=token)
         row.thinker_delta = state.thinker.delta if state.thinker is not None else 0
@@ -407,21 +377,6 @@ class OmniEngine:
         """How many rows a batch of ``count`` calls runs as (a bucket with fixed shapes)."""
         return bucket(count) if self.fixed_shapes else count
 
-    def _next_codes(self, sent: dict[str, Tensor], hidden: Tensor, sampled: bool) -> Tensor:
-        """Pick each row's next first code from the talker's last ``hidden`` ``(batch, hidden)``
-        and keep it, with ``hidden``, in the row's slot for the next step."""
-        slots = sent["speak.slot"]
-        logits = self.talker.codec_head(hidden)
-        logits = penalize(logits, self.seen[slots], sent["speak.penalty"])
-        logits = logits.masked_fill(self.suppressed, float("-inf"))
-        fixed = sent["speak.fixed"].bool()[:, None] & self.is_codec_end
-        logits = logits.masked_fill(fixed, float("-inf"))
-        codes = pick(logits, Draws.of("speech", sent, sampled), SPEECH_STREAM)
-        self.seen[slots, codes] = True
-        self.code[slots] = codes
-        self.past[slots] = hidden
-        return codes
-
     @torch.inference_mode()
     def step(self) -> list[RowStep]:
         """Advance every call by one text token and one frame of speech; finished and cancelled
@@ -467,7 +422,7 @@ class OmniEngine:
                 self.graphs, self.graphs_failed = None, f"{type(exc).__name__}: {exc}"
                 log.error("CUDA graphs failed (%s); steps run eagerly", self.graphs_failed)
         if out is None:
-            out = self._compute(sent, shape)
+            out = self.decode.compute(sent, shape)
         first = None
         if speaking:
             first = self.code2wav.first(out[-3], ints, sent)
@@ -497,7 +452,7 @@ class OmniEngine:
     def _shape(
         self, thinking: list[Row], speaking: list[Row]
     ) -> tuple[StepShape, dict[str, list[int]], dict[str, list[float]]]:
-        """A step's shape, and its host columns (what ``_compute`` reads, then the columns of
+        """A step's shape, and its host columns (what ``DecodeStep.compute`` reads, then the columns of
         code2wav's first frames, which run apart)."""
         span = SPAN if self.fixed_shapes else 1
         think = self._rows(len(thinking)) if thinking else 0
@@ -532,71 +487,3 @@ class OmniEngine:
             ints |= columns
         shape.capacities = (self.thinker_cache.capacity, self.talker_cache.capacity)
         return shape, ints, floats
-
-    def _compute(self, sent: dict[str, Tensor], shape: StepShape) -> list[Tensor]:
-        """A step's device work, for the rows ``shape`` says: each thinking row's next text
-        token, then each speaking row's frame ``(rows, groups)``, its next first code, and the
-        frame's audio as a later frame of its call ``(rows, 1920)``. Nothing is read back and
-        every shape follows from ``shape``, so it can be captured and replayed."""
-        out: list[Tensor] = []
-        text_in = None
-        if shape.think:
-            tokens, text_in = self._think(sent, shape)
-            out.append(tokens)
-        if shape.speak:
-            out += self._speak(sent, shape, text_in)
-        return out
-
-    def _think(self, sent: dict[str, Tensor], shape: StepShape) -> tuple[Tensor, Tensor]:
-        """The rows' next text tokens, and what the talker reads of them (the projected token,
-        or the end marker in place of the last one, as generate()'s trailing_text_hidden)."""
-        slots = sent["think.slot"]
-        embed = self.thinker.get_input_embeddings()
-        hidden = self.thinker_cache.decode(
-            self.text_model, embed(self.token[slots][:, None]), sent["think.delta"], slots,
-            shape.think_sees,
-        )  # fmt: skip
-        logits = self.thinker.lm_head(hidden[:, -1])
-        fixed = sent["think.fixed"].bool()[:, None] & self.is_text_end
-        logits = logits.masked_fill(fixed, float("-inf"))
-        tokens = pick(logits, Draws.of("text", sent, shape.think_samples), TEXT_STREAM)
-        self.token[slots] = tokens
-        ends = self.is_text_end[tokens] | sent["think.limit"].bool()
-        projected = self.talker.text_projection(embed(tokens[:, None]))
-        return tokens, torch.where(ends[:, None, None], self.tts_eos, projected)
-
-    def _speak(self, sent: dict[str, Tensor], shape: StepShape, text_in: Tensor | None
-               ) -> list[Tensor]:  # fmt: skip
-        """The residual codes of the frame whose first code each row has (the frame), the next
-        frame's first codes, and the frame's audio as a later frame of its call."""
-        talker = self.talker
-        predictor = self.predictor
-        slots = sent["speak.slot"]
-        first = self.code[slots][:, None]
-        first_embeds = talker.get_input_embeddings()(first)
-        inputs = torch.cat([self.past[slots][:, None], first_embeds], dim=1)
-        codes, embeds = [first[:, 0]], [first_embeds]
-        draws = Draws.of("residual", sent, shape.residual_samples)
-        position = 0
-        for group in range(predictor.positions - 1):
-            hidden = predictor.run(inputs, position)
-            position += inputs.shape[1]
-            code = pick(predictor.logits(group, hidden), draws, RESIDUAL_STREAM + group)
-            codes.append(code)
-            inputs = predictor.embed(group, code)
-            embeds.append(inputs)
-        frame = torch.stack(codes, dim=1)
-        audio = self.code2wav.later(frame, sent, shape.c2w_span)
-        # A row that thought in this step reads its token; one whose text has ended, the pad.
-        if text_in is None:
-            text = self.tts_pad
-        else:
-            thinks = sent["speak.thinks"]
-            thought = text_in[thinks.clamp(min=0)]
-            text = torch.where((thinks >= 0)[:, None, None], thought, self.tts_pad)
-        step_input = torch.cat(embeds, dim=1).sum(1, keepdim=True) + text
-        hidden = self.talker_cache.decode(
-            talker.model, step_input, sent["speak.delta"], slots, shape.speak_sees
-        )
-        next_codes = self._next_codes(sent, hidden[:, -1], shape.speech_samples)
-        return [frame, next_codes, audio]

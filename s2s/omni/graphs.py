@@ -5,7 +5,7 @@ layers, 15 code predictor passes of 5 layers, 20 talker layers, code2wav): at a 
 time each, more than half of an 80 ms frame before the GPU has done anything. With fixed shapes
 (``OmniEngine(fixed_shapes=True)``: batches padded to a size of ``s2s.backends.graphs.BUCKETS``
 on a scratch slot, attention spans rounded up to ``SPAN``) the step's device work
-(``OmniEngine._compute``) is one fixed sequence of kernels per ``StepShape`` that reads nothing
+(``DecodeStep.compute``) is one fixed sequence of kernels per ``StepShape`` that reads nothing
 back, so it is captured once per shape and replayed with one launch.
 
 - Inputs: the step's uploaded columns, copied into the graph's own buffers (one copy per dtype

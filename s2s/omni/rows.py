@@ -53,7 +53,7 @@ def think_columns(rows: list[Row], count: int) -> Columns:
 
 
 def speech_columns(rows: list[Row], count: int) -> Columns:
-    """What picking the rows' next first codes reads (``OmniEngine._next_codes``), padded to
+    """What picking the rows' next first codes reads (``DecodeStep.next_codes``), padded to
     ``count`` rows."""
     settings = [r.request.decoding.speech for r in rows]
     ints, floats = Draws.columns("speech", settings, [(r.request.seed, r.frames) for r in rows])
