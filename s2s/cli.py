@@ -20,7 +20,7 @@ from s2s.pool import MAX_WORKERS
 from s2s.server import serve
 from s2s.supervisor import supervise
 from s2s.worker.handle import ClusterUnavailable
-from s2s.worker.process import WorkerError
+from s2s.worker.process import WorkerError, WorkerOptions
 
 log = logging.getLogger("s2s")
 
@@ -212,6 +212,11 @@ def _parser() -> argparse.ArgumentParser:
         "--cuda-graphs", choices=CUDA_GRAPHS, default="auto",
         help="CUDA graphs for its steps, as for serve (default %(default)s)",
     )  # fmt: skip
+    worker.add_argument(
+        "--prompt-tokens", type=int, default=Settings().prompt_tokens,
+        help="a qwen3-omni worker's prompt budget: its caches are allocated for it at load, and "
+        "an edge's larger --prompt-tokens is cut to it (default %(default)s)",
+    )  # fmt: skip
     worker.add_argument("--name", default="", help="the worker's name (default: a new one)")
     worker.add_argument(
         "--max-restarts",
@@ -286,10 +291,12 @@ def run_worker(args: argparse.Namespace) -> int:
 
     try:
         cluster.connect(args.ray_address)
+        options = WorkerOptions(
+            args.model, args.device, args.max_calls, args.cuda_graphs, args.prompt_tokens
+        )
         name, actor, hello = cluster.start_worker(
-            args.model, name=args.name, device=args.device, max_calls=args.max_calls,
-            evict_after_s=args.peer_timeout, max_restarts=args.max_restarts,
-            cuda_graphs=args.cuda_graphs,
+            options, name=args.name, evict_after_s=args.peer_timeout,
+            max_restarts=args.max_restarts,
         )  # fmt: skip
     except (ClusterUnavailable, WorkerError) as exc:
         log.error("%s", exc)

@@ -116,7 +116,7 @@ async def main() -> None:
 
     from s2s.worker import cluster
     from s2s.worker.edge import ClusterWorker
-    from s2s.worker.process import WorkerProcess
+    from s2s.worker.process import WorkerOptions, WorkerProcess
 
     if args.ray_address:
         cluster.connect(args.ray_address)
@@ -126,7 +126,7 @@ async def main() -> None:
                  namespace=cluster.NAMESPACE, log_to_driver=False)  # fmt: skip
     loop = asyncio.get_running_loop()
     name, actor, _ = await loop.run_in_executor(
-        None, lambda: cluster.start_worker(args.model, device=args.device, max_calls=args.calls)
+        None, lambda: cluster.start_worker(WorkerOptions(args.model, args.device, args.calls))
     )
     results: dict[str, dict[str, float]] = {}
     try:
@@ -139,7 +139,7 @@ async def main() -> None:
         results["ray actor"] = await _drive(remote, args.calls, args.seconds, pid)
     finally:
         await loop.run_in_executor(None, cluster.stop_worker, name, actor)
-    local = await WorkerProcess.start(args.model, args.device, args.calls)
+    local = await WorkerProcess.start(WorkerOptions(args.model, args.device, args.calls))
     timed = Timed(local)
     results["local process"] = await _drive(timed, args.calls, args.seconds, local.process.pid)
 

@@ -22,10 +22,11 @@ the calls' arrival to each one's first audio frame (p50/p95), which INCLUDES the
 ahead of it (a burst's worst case: every call of a burst gets its first frame in the first
 step after the last prefill, so p50 and p95 are close and grow with N); the mean step time;
 the real-time factor (step time over the 80 ms of speech a step yields per call; under 1 keeps
-up); and, on CUDA, peak memory. ``--random-size`` runs use ``Request.fixed_length`` (end
-tokens never picked), so every call makes exactly ``--max-text`` text tokens and
-``--max-frames`` first codes and runs compare; a checkpoint ends its replies itself unless
-``--fixed-length`` is given.
+up); and, on CUDA, peak memory, with every slot's caches allocated up front as the worker
+allocates them (``--prompt-tokens``, 8,192 by default there). ``--random-size`` runs use
+``Request.fixed_length`` (end tokens never picked), so every call makes exactly ``--max-text``
+text tokens and ``--max-frames`` first codes and runs compare; a checkpoint ends its replies
+itself unless ``--fixed-length`` is given.
 
 ``--graphs on`` (CUDA) replays each step from CUDA graphs (``s2s.omni.graphs``; each batch size
 runs once untimed first, to capture its shapes), ``--graphs both`` prints an eager row and a
@@ -65,7 +66,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from benchlib import host_traffic, percentile, profile_step  # noqa: E402
 from omni_sizes import borrow_token_ids, real_config, shrunk_config  # noqa: E402
 
-from s2s.omni.engine import OmniEngine, load_model, prepare_model  # noqa: E402
+from s2s.omni.engine import OmniEngine, cache_positions, load_model, prepare_model  # noqa: E402
 from s2s.omni.media import Media  # noqa: E402
 from s2s.omni.prompt import Message, Prompter  # noqa: E402
 from s2s.omni.request import GREEDY, Request  # noqa: E402
@@ -210,6 +211,11 @@ def main() -> None:
         "and without",
     )  # fmt: skip
     parser.add_argument("--prefill-tokens", default="512", help="piece sizes, comma-separated")
+    parser.add_argument(
+        "--prompt-tokens", type=int, help="allocate every slot's caches at the start for a prompt "
+        "this long and the longest reply (1,024 text tokens, 4,096 frames), as the worker does, "
+        "so GiB is a server's; 0: start small and grow (default: 8192 on CUDA, 0 on a CPU)",
+    )  # fmt: skip
     parser.add_argument("--graphs", choices=["off", "on", "both"], default="off", help="(CUDA) "
                         "replay each step from CUDA graphs (each batch size runs once untimed "
                         "first, to capture); both: an eager row, then a graphed one")  # fmt: skip
@@ -221,6 +227,10 @@ def main() -> None:
     args.fixed_length = args.fixed_length or args.random_size is not None
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
+    if args.prompt_tokens is None:
+        args.prompt_tokens = 8192 if cuda else 0
+    # generate()'s longest reply, which the worker allocates for unless a checkpoint says less.
+    positions = cache_positions(args.prompt_tokens, 1024, 4096) if args.prompt_tokens else None
     dtype = torch.bfloat16 if cuda else torch.float32
     start = time.perf_counter()
     if args.random_size:
@@ -257,7 +267,7 @@ def main() -> None:
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.graphs]
     for calls in [int(n) for n in args.calls.split(",")]:
         for graphs in modes:
-            engine = OmniEngine(model, max_rows=calls, graphs=graphs)
+            engine = OmniEngine(model, max_rows=calls, graphs=graphs, positions=positions)
             if graphs:
                 run_batch(engine, request, calls, args.device)  # captures this batch's shapes
             if cuda:

@@ -33,6 +33,7 @@ from s2s.worker.cluster import (
 from s2s.worker.edge import ClusterBackend
 from s2s.worker.handle import ClusterUnavailable
 from s2s.worker.messages import Hello, encoder
+from s2s.worker.process import WorkerOptions
 from tests.conftest import StartServer
 from tests.peer import CallRefused, MicTrack, Peer
 from tests.signals import rms, tone
@@ -71,8 +72,11 @@ async def workers(ray_cluster: Cluster, tiny_models: Path) -> AsyncIterator[list
         await asyncio.to_thread(stop_worker, name, actor)
 
 
-async def start(started: list[Started], spec: str, name: str, **options: Any) -> Any:
-    name, actor, _ = await asyncio.to_thread(start_worker, spec, name=name, **options)
+async def start(
+    started: list[Started], spec: str, name: str, max_calls: int, **options: Any
+) -> Any:
+    worker = WorkerOptions(spec, max_calls=max_calls)
+    name, actor, _ = await asyncio.to_thread(start_worker, worker, name=name, **options)
     started.append((name, actor))
     return actor
 

@@ -18,7 +18,7 @@ from s2s.backends.moshi import MoshiBackend
 from s2s.backends.moshi_engine import MoshiEngine, RowOutput
 from s2s.hosttraffic import HostTraffic
 from s2s.signaling.state import BACKEND
-from s2s.worker.process import WorkerError, WorkerProcess
+from s2s.worker.process import WorkerError, WorkerOptions, WorkerProcess
 from tests.conftest import StartServer
 from tests.moshi_graphs_check import codec_graphs_equal_eager, graphs_equal_eager
 from tests.moshi_reference import MoshiEngine as ReferenceEngine
@@ -325,7 +325,7 @@ async def test_the_model_runs_in_a_worker_process_that_is_replaced_when_it_dies(
 
 async def test_a_checkpoint_that_does_not_load_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(WorkerError, match="failed to load"):
-        await WorkerProcess.start(f"moshi:{tmp_path / 'nothing-here'}", "cpu", 2)
+        await WorkerProcess.start(WorkerOptions(f"moshi:{tmp_path / 'nothing-here'}", "cpu", 2))
 
 
 async def test_a_call_outlives_its_model_worker(

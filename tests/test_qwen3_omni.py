@@ -21,12 +21,13 @@ from torch import Tensor
 
 from s2s.hosttraffic import HostTraffic, split
 from s2s.omni.code2wav import Code2WavStream
-from s2s.omni.engine import OmniEngine, load_model
+from s2s.omni.engine import OmniEngine, cache_positions, load_model
 from s2s.omni.graphs import zeroed
 from s2s.omni.media import Media
 from s2s.omni.moe import experts_forward, feed_forward
 from s2s.omni.prompt import Message, Prompter, build_inputs, fit_inputs
 from s2s.omni.request import GREEDY, Decoding, Request
+from s2s.omni.rows import SPAN
 from s2s.omni.sampling import Draws, Sampling, pick
 from tests.omni_graphs_check import mixed_requests, run_mixed
 
@@ -551,8 +552,15 @@ def test_fixed_shapes_give_the_replies_of_exact_shapes(model: Any, pieces: Any) 
     requests = mixed_requests(_inputs(pieces, "media"))
     exact = run_mixed(OmniEngine(model, max_rows=4), requests)
     fixed = run_mixed(OmniEngine(model, max_rows=4, fixed_shapes=True), requests)
+    # Caches allocated for just these replies, less than a span: the span is cut there.
+    prompt = int(requests[0].inputs["input_ids"].shape[1])
+    positions = cache_positions(prompt, 6, 12)
+    allocated = OmniEngine(model, max_rows=4, fixed_shapes=True, positions=positions)
+    assert max(positions) < SPAN
+    held = run_mixed(allocated, requests)
+    assert (allocated.thinker_cache.capacity, allocated.talker_cache.capacity) == positions
     assert all(out.done for out in (exact[0][-1], exact[1][-1], exact[2][-1]))
-    for a, b in zip(exact, fixed, strict=True):
+    for a, b in [*zip(exact, fixed, strict=True), *zip(exact, held, strict=True)]:
         assert [x.text for x in a] == [y.text for y in b]
         codes = [(x.codes, y.codes) for x, y in zip(a, b, strict=True) if x.codes is not None]
         assert len(codes) >= 5 and all(y is not None and torch.equal(x, y) for x, y in codes)

@@ -149,6 +149,39 @@ def test_the_worker_prompts_with_every_turn_its_audio_and_the_picture(tiny_model
     assert not worker.engine.rows and worker.handle(Tick()).outputs == {}
 
 
+def test_the_worker_allocates_its_caches_at_load_and_never_grows_them(tiny_models: Path) -> None:
+    """Every slot's caches hold the worker's prompt budget and the longest reply from load on,
+    so no step reallocates them (which would also drop captured steps); an edge that asks for
+    a larger budget is cut to the worker's, here by leaving out the oldest turns."""
+    from s2s.omni.engine import cache_positions
+    from s2s.omni.prompt import Message
+    from s2s.worker.messages import Change, Respond, Tick, Turn
+    from s2s.worker.omni import OmniWorker
+
+    budget = 60
+    worker = OmniWorker.load(
+        str(tiny_models / "tiny-qwen3-omni"), "cpu", max_calls=2, prompt_tokens=budget
+    )
+    engine = worker.engine
+    thinker, talker = cache_positions(budget, worker.max_text_tokens, worker.max_frames)
+    assert (engine.thinker_cache.capacity, engine.talker_cache.capacity) == (thinker, talker)
+    caches = (engine.thinker_cache.keys[0], engine.talker_cache.keys[0])
+    talk = [Turn("user", f"tell me about the number {n} please") for n in range(12)]
+    turns = [Turn("system", "Be brief."), *talk]
+    respond = Respond("r", turns, prompt_tokens=8192)
+    outputs = [worker.handle(Tick([Change("join", "a"), Change("respond", "a", respond=respond)]))]
+    (row,) = worker.engine.rows.values()
+    whole = worker.prompter.fit([Message(t.role, t.text, [], []) for t in turns], 8192)[0]
+    assert row.request.inputs["input_ids"].shape[1] <= budget < whole["input_ids"].shape[1]
+    while "a" not in outputs[-1].outputs or not outputs[-1].outputs["a"].done:
+        assert len(outputs) < 200
+        outputs.append(worker.handle(Tick()))
+    assert outputs[-1].outputs["a"].done in ("stop", "length")
+    assert sum(len(o.outputs["a"].audio) for o in outputs if "a" in o.outputs) > 0
+    # The same tensors, never reallocated.
+    assert engine.thinker_cache.keys[0] is caches[0] and engine.talker_cache.keys[0] is caches[1]
+
+
 def test_turns_are_prefilled_one_per_step_and_wait_for_a_free_slot(tiny_models: Path) -> None:
     from s2s.worker.messages import Change, Respond, Tick, Turn
     from s2s.worker.omni import OmniWorker
@@ -501,9 +534,10 @@ def test_graphs_that_fail_leave_a_worker_that_steps_eagerly(tiny_models: Path) -
     crashed the worker's tick), not one that fails to load; a value that is no setting is
     refused."""
     from s2s.worker.messages import Change, Respond, Tick, Turn
-    from s2s.worker.process import load_worker
+    from s2s.worker.process import WorkerOptions, load_worker
 
-    worker: Any = load_worker(f"qwen3-omni:{tiny_models / 'tiny-qwen3-omni'}", "cpu", 1, "on")
+    spec = f"qwen3-omni:{tiny_models / 'tiny-qwen3-omni'}"
+    worker: Any = load_worker(WorkerOptions(spec, "cpu", 1, "on"))
     assert worker.engine.graphs is None and "CUDA" in worker.engine.graphs_failed
     # Instructions alone (a response.create on an empty conversation) are a prompt too.
     respond = Respond("r", [Turn("system", "Say hello.")])
@@ -513,7 +547,7 @@ def test_graphs_that_fail_leave_a_worker_that_steps_eagerly(tiny_models: Path) -
         outputs.append(worker.handle(Tick()))
     assert outputs[-1].outputs["a"].done in ("stop", "length")
     with pytest.raises(ValueError, match="cuda_graphs"):
-        load_worker(f"qwen3-omni:{tiny_models / 'tiny-qwen3-omni'}", "cpu", 1, "yes")
+        WorkerOptions(spec, "cpu", 1, "yes")
 
 
 def test_a_turn_the_worker_cannot_read_fails_alone(tiny_models: Path) -> None:

@@ -38,7 +38,7 @@ from s2s.backends.base import (
 from s2s.protocol.ids import new_id
 from s2s.worker.handle import WorkerHandle
 from s2s.worker.messages import CallOutput, Change, Tick
-from s2s.worker.process import WorkerError, WorkerProcess
+from s2s.worker.process import WorkerError, WorkerOptions, WorkerProcess
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class MoshiBackend:
     ) -> MoshiBackend:  # fmt: skip
         """A backend whose model worker is a child process of this one."""
         spec = f"moshi:{location}"
-        return cls(await WorkerProcess.start(spec, device, max_calls, cuda_graphs))
+        return cls(await WorkerProcess.start(WorkerOptions(spec, device, max_calls, cuda_graphs)))
 
     async def open_stream(self, call_id: str) -> MoshiStream:
         stream = MoshiStream(self, call_id)

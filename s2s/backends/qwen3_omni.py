@@ -51,7 +51,7 @@ from s2s.protocol.session_config import FunctionTool, RetentionRatio
 from s2s.tools import split_tool_calls, tools_prompt
 from s2s.worker.handle import WorkerHandle
 from s2s.worker.messages import CallOutput, Change, Respond, Tick, Turn
-from s2s.worker.process import WorkerError, WorkerProcess
+from s2s.worker.process import WorkerError, WorkerOptions, WorkerProcess
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,8 @@ class Qwen3OmniBackend:
         prompt_tokens: int = 8192, prefill_tokens: int = 0, cuda_graphs: str = "auto",
     ) -> Qwen3OmniBackend:  # fmt: skip
         spec = f"qwen3-omni:{location}"
-        worker = await WorkerProcess.start(spec, device, max_calls, cuda_graphs)
+        options = WorkerOptions(spec, device, max_calls, cuda_graphs, prompt_tokens)
+        worker = await WorkerProcess.start(options)
         return cls(worker, prompt_tokens, prefill_tokens)
 
     async def open_stream(self, call_id: str) -> Qwen3OmniStream:

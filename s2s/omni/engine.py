@@ -69,6 +69,9 @@ from s2s.omni.slots import SlotCache
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 24_000
+#: The talker's prompt is the user turns of the thinker's (each turn's positions) and nine of its
+#: own, the three of the thinker's opening ``<|im_start|>assistant\n`` among them.
+TALKER_OPENING = 9
 #: The slot no call owns: padding rows run on it. It is 0 so that a zero in a slot column
 #: means it (padding, and a graph capture's zeroed columns: ``s2s.omni.graphs``).
 SCRATCH = 0
@@ -86,6 +89,14 @@ class _Prefill:
     row: Row | None = None  # once the thinker's prefill is complete
     talker: Pieces | None = None
     kept: Kept | None = None  # the conversation's last turn, in this slot
+
+
+def cache_positions(prompt_tokens: int, max_text_tokens: int, max_frames: int) -> tuple[int, int]:
+    """The positions a slot of the thinker's and of the talker's cache needs for a prompt of
+    ``prompt_tokens`` and the longest reply (its text tokens, its frames)."""
+    thinker = prompt_tokens + max_text_tokens + 1
+    talker = prompt_tokens - 3 + TALKER_OPENING + max_frames + 1
+    return thinker, talker
 
 
 def load_model(path: str, device: str = "cpu", dtype: torch.dtype | None = None) -> Any:
@@ -113,13 +124,16 @@ class OmniEngine:
     """Streaming, batched Qwen3-Omni over up to ``max_rows`` calls at once."""
 
     def __init__(
-        self, model: Any, max_rows: int = 8, fixed_shapes: bool = False, graphs: bool = False
-    ) -> None:
+        self, model: Any, max_rows: int = 8, fixed_shapes: bool = False, graphs: bool = False,
+        positions: tuple[int, int] | None = None,
+    ) -> None:  # fmt: skip
         """``fixed_shapes``: pad each step's batches to a size of
         ``s2s.backends.graphs.BUCKETS`` and its attention spans to
         multiples of ``SPAN`` (what a captured step needs; the results are the same).
         ``graphs`` (a CUDA device; implies ``fixed_shapes``): replay each step's device work
-        from a CUDA graph per shape (``s2s.omni.graphs``)."""
+        from a CUDA graph per shape (``s2s.omni.graphs``). ``positions``: each slot's capacity
+        in the thinker's and the talker's caches, allocated now (``cache_positions``); None:
+        a small start that grows as calls need."""
         self.model = model
         self.max_rows = max_rows
         self.fixed_shapes = fixed_shapes or graphs
@@ -132,8 +146,9 @@ class OmniEngine:
         self.graphs_failed = ""
         # Slot SCRATCH is no call's: a batch's padding rows run on it (its state is garbage).
         slots = max_rows + 1
-        self.thinker_cache = SlotCache(self.text_model.layers, slots, scratch=SCRATCH)
-        self.talker_cache = SlotCache(self.talker.model.layers, slots, scratch=SCRATCH)
+        think, talk = positions or (256, 256)
+        self.thinker_cache = SlotCache(self.text_model.layers, slots, think, scratch=SCRATCH)
+        self.talker_cache = SlotCache(self.talker.model.layers, slots, talk, scratch=SCRATCH)
         self.code2wav = Code2WavStream(model.code2wav, slots, scratch=SCRATCH)
         self.predictor = CodePredictor(self.talker.code_predictor, self._rows(max_rows))
         self._free = [slot for slot in range(slots) if slot != SCRATCH]
@@ -452,8 +467,8 @@ class OmniEngine:
     def _shape(
         self, thinking: list[Row], speaking: list[Row]
     ) -> tuple[StepShape, dict[str, list[int]], dict[str, list[float]]]:
-        """A step's shape, and its host columns (what ``DecodeStep.compute`` reads, then the columns of
-        code2wav's first frames, which run apart)."""
+        """A step's shape, and its host columns (what ``DecodeStep.compute`` reads, then the
+        columns of code2wav's first frames, which run apart)."""
         span = SPAN if self.fixed_shapes else 1
         think = self._rows(len(thinking)) if thinking else 0
         speak = self._rows(len(speaking)) if speaking else 0

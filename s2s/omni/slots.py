@@ -6,8 +6,10 @@ head_dim)`` and each slot's length. One call owns one slot from its prefill to i
 prefill runs into the slot piece by piece (``extend``: each piece attends to the slot's earlier
 positions and causally to itself), and each decode step appends one position to each stepping
 slot. Slots fill at different lengths, so a step masks every slot's keys past its own length: a
-call's output is the same whichever other calls step beside it. Capacity doubles when a slot
-would overflow.
+call's output is the same whichever other calls step beside it. A server allocates every slot's
+capacity at load (``OmniEngine``'s ``positions``, from the prompt budget and the longest reply),
+so no step reallocates; past it, capacity doubles (a copy of every layer, which also drops the
+captured steps), as it does from a small start where nothing was set.
 
 ``extend`` (a piece of one slot's prompt) and ``decode`` (one new position per stepping slot)
 run through the layers of a Qwen3-style decoder (the thinker's text model or the talker's): the
@@ -71,6 +73,11 @@ class SlotCache:
         self.host_lengths = [0] * slots
         self.capacity = capacity
         self.scratch = scratch
+
+    @property
+    def nbytes(self) -> int:
+        """The keys and values of every slot and layer, in bytes."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
     def reserve(self, length: int) -> None:
         """Grow every layer so a slot can hold ``length`` positions."""
@@ -160,7 +167,10 @@ class SlotCache:
         plus its new position, rounded up to a multiple of ``span`` (a few fixed sizes, so a
         captured step is reused; positions past a slot's own are masked). Grows the cache to
         hold it."""
-        visible = -(-(max(self.host_lengths[slot] for slot in slots) + 1) // span) * span
+        needed = max(self.host_lengths[slot] for slot in slots) + 1
+        visible = -(-needed // span) * span
+        if needed <= self.capacity:  # the last span is cut at the capacity: one more size
+            visible = min(visible, self.capacity)
         self.reserve(visible)
         return visible
 

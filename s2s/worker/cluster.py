@@ -37,7 +37,7 @@ from s2s.worker.messages import (
     hello_decoder,
     request_decoder,
 )
-from s2s.worker.process import LOAD_TIMEOUT_S, WorkerError, load_worker
+from s2s.worker.process import LOAD_TIMEOUT_S, WorkerError, WorkerOptions, load_worker
 
 log = logging.getLogger(__name__)
 
@@ -222,16 +222,13 @@ class ModelWorkerActor:
     whatever calls the ticks carry, from any edge. Ray restarts it (``max_restarts``); it
     registers anew."""
 
-    def __init__(
-        self, name: str, spec: str, device: str | None, max_calls: int, evict_after_s: float,
-        cuda_graphs: str = "auto",
-    ) -> None:  # fmt: skip
+    def __init__(self, name: str, options: WorkerOptions, evict_after_s: float) -> None:
         logging.basicConfig(
             level=logging.INFO,
             format=f"%(asctime)s %(levelname)s %(name)s [worker {name}] %(message)s",
         )
-        self._worker = load_worker(spec, device, max_calls, cuda_graphs)
-        self._hello = self._worker.hello(spec)
+        self._worker = load_worker(options)
+        self._hello = self._worker.hello(options.spec)
         self._name, self._evict_after_s = name, evict_after_s
         self._incarnation = uuid.uuid4().hex
         #: When a tick last named each call, to evict those of edges that died.
@@ -247,7 +244,8 @@ class ModelWorkerActor:
         self._registry = registry()
         self._register()
         threading.Thread(target=self._upkeep, name="s2s-worker-upkeep", daemon=True).start()
-        log.info("%s on %s, %d slots, registered", spec, self._hello.device, self._hello.slots)
+        hello = self._hello
+        log.info("%s on %s, %d slots, registered", options.spec, hello.device, hello.slots)
 
     def _register(self) -> None:
         me = ray.get_runtime_context().current_actor
@@ -333,18 +331,13 @@ class ModelWorkerActor:
 
 
 def start_worker(
-    spec: str,
-    *,
-    name: str = "",
-    device: str | None = None,
-    max_calls: int = 32,
-    evict_after_s: float = 15.0,
-    max_restarts: int = -1,
-    cuda_graphs: str = "auto",
+    options: WorkerOptions, *, name: str = "", evict_after_s: float = 15.0, max_restarts: int = -1
 ) -> tuple[str, Any, Hello]:
-    """Start a worker actor for ``spec`` on the cluster this process joined and wait until its
-    model is loaded: its name, actor handle and hello. It asks for one GPU when ``device`` is
-    CUDA (or None on a cluster with GPUs), else for one ``s2s_worker`` resource."""
+    """Start a worker actor for ``options.spec`` on the cluster this process joined and wait
+    until its model is loaded: its name, actor handle and hello. It asks for one GPU when
+    ``options.device`` is CUDA (or None on a cluster with GPUs), else for one ``s2s_worker``
+    resource."""
+    spec, device = options.spec, options.device
     name = name or f"{spec.partition(':')[0]}-{uuid.uuid4().hex[:8]}"
     resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
     gpu = device.startswith("cuda") if device else resources.get("GPU", 0) > 0
@@ -354,14 +347,12 @@ def start_worker(
             f"no node of the cluster offers {need!r}: start a node with "
             + ("GPUs" if gpu else f"ray start --resources '{{\"{WORKER_RESOURCE}\": 1}}'")
         )
-    options: dict[str, Any] = {"num_gpus": 1} if gpu else {"resources": {WORKER_RESOURCE: 1}}
-    options |= {"name": name, "namespace": NAMESPACE, "lifetime": "detached", "num_cpus": 0,
-                "max_restarts": max_restarts}  # fmt: skip
-    options["runtime_env"] = {"env_vars": INLINE_TICKS}
+    placement: dict[str, Any] = {"num_gpus": 1} if gpu else {"resources": {WORKER_RESOURCE: 1}}
+    placement |= {"name": name, "namespace": NAMESPACE, "lifetime": "detached", "num_cpus": 0,
+                  "max_restarts": max_restarts}  # fmt: skip
+    placement["runtime_env"] = {"env_vars": INLINE_TICKS}
     actor_class: Any = ray.remote(ModelWorkerActor)
-    actor = actor_class.options(**options).remote(
-        name, spec, device, max_calls, evict_after_s, cuda_graphs
-    )
+    actor = actor_class.options(**placement).remote(name, options, evict_after_s)
     try:
         hello = hello_decoder.decode(ray.get(actor.hello.remote(), timeout=LOAD_TIMEOUT_S))
     except (ray.exceptions.RayError, TimeoutError) as exc:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from s2s.omni.engine import OmniEngine, load_model
+from s2s.omni.engine import OmniEngine, cache_positions, load_model
 from s2s.omni.media import Media
 from s2s.omni.prompt import AUDIO_RATE, Message, Prompter
 from s2s.omni.request import TALKER_SAMPLING, Decoding, Request
@@ -54,26 +54,38 @@ class OmniWorker:
     def __init__(
         self, model: Any, prompter: Prompter, device: str, max_calls: int,
         limits: dict[str, Any] | None = None, prefill_tokens: int = PREFILL_TOKENS,
-        graphs: bool = False,
+        graphs: bool = False, prompt_tokens: int = PROMPT_TOKENS,
     ) -> None:  # fmt: skip
         """``graphs``: replay the steps from CUDA graphs (``--cuda-graphs on``); if they cannot
-        be set up, the worker says why in its log and steps eagerly."""
+        be set up, the worker says why in its log and steps eagerly. ``prompt_tokens``: the
+        prompt budget; every slot's caches are allocated now to hold such a prompt and the
+        longest reply, and a respond's larger budget is cut to it."""
         limits = limits or {}
         self.prefill_tokens = prefill_tokens
+        self.prompt_tokens = prompt_tokens
         self.model = model
         self.prompter = prompter
         self.device = device
-        try:
-            self.engine = OmniEngine(model, max_rows=max_calls, graphs=graphs)
-        except (RuntimeError, ValueError) as exc:
-            log.error("CUDA graphs failed (%s); steps run eagerly", exc)
-            self.engine = OmniEngine(model, max_rows=max_calls)
-            self.engine.graphs_failed = f"{type(exc).__name__}: {exc}"
-        self.max_calls = max_calls
         # generate()'s defaults unless the checkpoint's generation_config.json says otherwise
         # (the tiny test checkpoint does: its random model never stops by itself).
         self.max_text_tokens = int(limits.get("thinker_max_new_tokens", 1024))
         self.max_frames = int(limits.get("talker_max_new_tokens", 4096))
+        positions = cache_positions(prompt_tokens, self.max_text_tokens, self.max_frames)
+        try:
+            self.engine = _engine(model, max_calls, graphs, positions)
+        except torch.OutOfMemoryError as exc:
+            raise RuntimeError(
+                f"the key/value caches of {max_calls} calls do not fit beside the model "
+                f"({positions[0]} thinker and {positions[1]} talker positions each, for a "
+                f"{prompt_tokens}-token prompt and the longest reply): lower --max-sessions or "
+                f"--prompt-tokens"
+            ) from exc
+        cached = self.engine.thinker_cache.nbytes + self.engine.talker_cache.nbytes
+        log.info(
+            "key/value caches: %d slots of %d thinker and %d talker positions, %.2f GiB",
+            max_calls, *positions, cached / 2**30,
+        )  # fmt: skip
+        self.max_calls = max_calls
         self.decoding = decoding_from(limits)
         speakers = list(model.config.talker_config.speaker_id)
         self.speakers = {name.lower(): name for name in speakers}
@@ -88,14 +100,16 @@ class OmniWorker:
 
     @classmethod
     def load(cls, location: str, device: str | None, max_calls: int,
-             prefill_tokens: int = PREFILL_TOKENS, graphs: bool = False) -> OmniWorker:  # fmt: skip
+             prefill_tokens: int = PREFILL_TOKENS, graphs: bool = False,
+             prompt_tokens: int = PROMPT_TOKENS) -> OmniWorker:  # fmt: skip
         chosen, dtype = pick_device_and_dtype(device)
         model = load_model(location, chosen, dtype)
         prompter = Prompter.from_pretrained(location)
         config = Path(location) / "generation_config.json"
         limits = json.loads(config.read_text()) if config.is_file() else {}
         log.info("loaded %s on %s (%s)", location, chosen, dtype)
-        return cls(model, prompter, chosen, max_calls, limits, prefill_tokens, graphs)
+        return cls(model, prompter, chosen, max_calls, limits, prefill_tokens, graphs,
+                   prompt_tokens)  # fmt: skip
 
     def hello(self, spec: str) -> Hello:
         return Hello(
@@ -170,7 +184,8 @@ class OmniWorker:
     def _respond(self, call: str, respond: Respond) -> None:
         state = self.calls[call]
         messages = [state.message(turn) for turn in respond.turns]
-        budget = respond.prompt_tokens or PROMPT_TOKENS
+        # What the caches were allocated for bounds what an edge may ask.
+        budget = min(respond.prompt_tokens or self.prompt_tokens, self.prompt_tokens)
         first = 1 if messages and messages[0].role == "system" else 0
         # The turns before the last prompt's start stay out: found by its item id (none if that
         # turn is gone), or for turns without one, counted.
@@ -209,6 +224,22 @@ class OmniWorker:
         row = self.answering.pop(call, None)
         if row is not None:
             self.rows.pop(row, None)
+
+
+def _engine(model: Any, max_calls: int, graphs: bool, positions: tuple[int, int]) -> OmniEngine:
+    """The engine, with CUDA graphs if asked; if they cannot be set up, it says why in the log
+    and steps eagerly."""
+    if graphs:
+        try:
+            return OmniEngine(model, max_rows=max_calls, graphs=True, positions=positions)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError) as exc:
+            log.error("CUDA graphs failed (%s); steps run eagerly", exc)
+            engine = OmniEngine(model, max_rows=max_calls, positions=positions)
+            engine.graphs_failed = f"{type(exc).__name__}: {exc}"
+            return engine
+    return OmniEngine(model, max_rows=max_calls, positions=positions)
 
 
 def decoding_from(config: dict[str, Any]) -> Decoding:

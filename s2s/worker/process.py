@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import os
 from collections.abc import Collection
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
@@ -41,33 +42,55 @@ class WorkerError(RuntimeError):
     """The worker could not start, or it died: its calls' model state is gone."""
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerOptions:
+    """What a model worker loads and what it sets aside for its calls, all at load."""
+
+    #: The model: ``moshi:PATH_OR_HUB_ID`` or ``qwen3-omni:PATH_OR_HUB_ID``.
+    spec: str
+    #: cpu, cuda or cuda:N; None: CUDA when there is one.
+    device: str | None = None
+    #: Call slots (``--max-sessions``, ``s2s worker --max-calls``).
+    max_calls: int = 32
+    #: ``--cuda-graphs``: ``auto`` is Moshi's on a GPU, not Qwen3-Omni's, whose graphs have not
+    #: yet been checked on one.
+    cuda_graphs: str = "auto"
+    #: A turn-based model's prompt budget (``--prompt-tokens``): its key/value caches are
+    #: allocated at load to hold a prompt this long and the longest reply, in every slot.
+    prompt_tokens: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.cuda_graphs not in CUDA_GRAPHS:
+            raise ValueError(f"cuda_graphs is one of {CUDA_GRAPHS}, not {self.cuda_graphs!r}")
+        if self.max_calls < 1 or self.prompt_tokens < 1:
+            raise ValueError("a worker needs at least one call slot and one prompt token")
+
+
 class WorkerProcess:
     """A running model worker; ``tick()`` is its whole interface."""
 
     def __init__(
-        self, process: Any, conn: Connection, hello: Hello, device: str | None, max_calls: int,
-        cuda_graphs: str = "auto",
-    ) -> None:  # fmt: skip
+        self, process: Any, conn: Connection, hello: Hello, options: WorkerOptions
+    ) -> None:
         self.process = process
         self.hello = hello
         #: What it was started with, so a replacement can be started the same way.
-        self.spec, self.device, self.max_calls = hello.model, device, max_calls
-        self.cuda_graphs = cuda_graphs
+        self.options = options
         self._conn = conn
         # One thread: ticks are strictly one at a time, as the worker handles them.
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model-worker")
         self._closed = False
 
     @classmethod
-    async def start(
-        cls, spec: str, device: str | None, max_calls: int, cuda_graphs: str = "auto"
-    ) -> WorkerProcess:
-        """Spawn a worker for ``spec`` (``moshi:PATH_OR_HUB_ID``) and wait for its model."""
+    async def start(cls, options: WorkerOptions) -> WorkerProcess:
+        """Spawn a worker for ``options.spec`` (``moshi:PATH_OR_HUB_ID``) and wait for its
+        model."""
+        spec = options.spec
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe()
         level = logging.getLogger("s2s").getEffectiveLevel()
         process = context.Process(
-            target=_serve, args=(child, spec, device, max_calls, level, cuda_graphs),
+            target=_serve, args=(child, options, level),
             name=f"s2s-worker[{spec}]", daemon=True,
         )  # fmt: skip
         process.start()
@@ -85,11 +108,11 @@ class WorkerProcess:
             raise WorkerError(f"the model worker for {spec} failed to load: {hello.error}")
         log.info("model worker pid %s: %s on %s, %s slots", process.pid, spec, hello.device,
                  hello.slots)  # fmt: skip
-        return cls(process, parent, hello, device, max_calls, cuda_graphs)
+        return cls(process, parent, hello, options)
 
     async def replacement(self) -> WorkerProcess:
         """Start another worker as this one was started (this one having died)."""
-        return await WorkerProcess.start(self.spec, self.device, self.max_calls, self.cuda_graphs)
+        return await WorkerProcess.start(self.options)
 
     async def tick(self, tick: Tick) -> TickResult:
         """Send one tick and wait for its result; ``WorkerError`` if the worker is gone."""
@@ -150,38 +173,35 @@ def pick_device_and_dtype(device: str | None) -> tuple[str, Any]:
     return chosen, dtype
 
 
-def load_worker(
-    spec: str, device: str | None, max_calls: int, cuda_graphs: str = "auto"
-) -> ModelWorker:
-    """Load the model of ``spec`` (``moshi:…`` or ``qwen3-omni:…``) for ``max_calls`` calls,
-    its steps replayed from CUDA graphs as ``cuda_graphs`` says (``--cuda-graphs``: ``auto``
-    is Moshi's on a GPU, not Qwen3-Omni's, whose graphs have not yet been checked on one)."""
-    if cuda_graphs not in CUDA_GRAPHS:
-        raise ValueError(f"cuda_graphs is one of {CUDA_GRAPHS}, not {cuda_graphs!r}")
+def load_worker(options: WorkerOptions) -> ModelWorker:
+    """Load the model of ``options.spec`` (``moshi:…`` or ``qwen3-omni:…``) as ``options``
+    say."""
+    spec, device, max_calls = options.spec, options.device, options.max_calls
     name, _, location = spec.partition(":")
     match name:
         case "moshi" if location:
             from s2s.worker.moshi import MoshiWorker
 
-            graphs = {"auto": None, "on": True, "off": False}[cuda_graphs]
+            graphs = {"auto": None, "on": True, "off": False}[options.cuda_graphs]
             return MoshiWorker.load(location, device, max_calls, graphs)
         case "qwen3-omni" if location:
             from s2s.worker.omni import OmniWorker
 
-            return OmniWorker.load(location, device, max_calls, graphs=cuda_graphs == "on")
+            return OmniWorker.load(
+                location, device, max_calls, graphs=options.cuda_graphs == "on",
+                prompt_tokens=options.prompt_tokens,
+            )  # fmt: skip
     raise ValueError(f"no model worker for {spec!r}")
 
 
-def _serve(
-    conn: Connection, spec: str, device: str | None, max_calls: int, level: int,
-    cuda_graphs: str = "auto",
-) -> None:  # fmt: skip
+def _serve(conn: Connection, options: WorkerOptions, level: int) -> None:
     """The worker process: load the model, say hello, then one tick at a time until Stop."""
+    spec = options.spec
     logging.basicConfig(
         level=level, format=f"%(asctime)s %(levelname)s %(name)s [worker {os.getpid()}] %(message)s"
     )
     try:
-        worker = load_worker(spec, device, max_calls, cuda_graphs)
+        worker = load_worker(options)
     except Exception as exc:
         log.exception("loading %s failed", spec)
         conn.send_bytes(encoder.encode(Hello(spec, "", 0, 0, 0, 0, error=repr(exc))))
