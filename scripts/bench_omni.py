@@ -64,6 +64,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from benchlib import host_traffic, percentile, profile_step  # noqa: E402
+from omni_floor import step_bytes  # noqa: E402
 from omni_sizes import borrow_token_ids, real_config, shrunk_config  # noqa: E402
 
 from s2s.omni.engine import OmniEngine, cache_positions, load_model, prepare_model  # noqa: E402
@@ -221,6 +222,8 @@ def main() -> None:
                         "first, to capture); both: an eager row, then a graphed one")  # fmt: skip
     parser.add_argument("--check-graphs", action="store_true", help="(CUDA) first check that "
                         "graph replay gives the eager step's text, codes and audio")  # fmt: skip
+    parser.add_argument("--bandwidth", type=float, default=4.3, help="(CUDA) device memory "
+                        "bandwidth in TB/s for the floor column (H200: ~4.3)")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="count what one step dispatches: "
                         "ops, host syncs, allocations, host reads and uploads")  # fmt: skip
     args = parser.parse_args()
@@ -262,8 +265,9 @@ def main() -> None:
     run_batch(OmniEngine(model, max_rows=1), warm, 1, args.device)
     counts = ("ops", "syncs", "allocs", "reads", "uploads") if args.profile else ()
     print(f"{'calls':>5} {'graphs':>6} {'prefill ms':>10} {'first audio p50':>16} {'p95':>8} "
-          f"{'step ms':>8} {'steps':>5} {'RTF':>6} {'GiB':>6}"
+          f"{'step ms':>8} {'floor':>6} {'steps':>5} {'RTF':>6} {'GiB':>6}"
           + "".join(f" {name:>7}" for name in counts))  # fmt: skip
+    prompt = int(request.inputs["input_ids"].shape[1])
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.graphs]
     for calls in [int(n) for n in args.calls.split(",")]:
         for graphs in modes:
@@ -274,8 +278,11 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats()
             row = run_batch(engine, request, calls, args.device, args.profile)
             memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+            # What a step must read, its context about the prompt (a GPU's figure alone).
+            floor = step_bytes(model, calls, prompt, prompt).floor_ms(args.bandwidth)
             print(f"{calls:>5} {'yes' if graphs else 'no':>6} {row['prefill']:>10.0f} "
                   f"{row['p50']:>14.0f}ms {row['p95']:>6.0f}ms {row['step']:>8.1f} "
+                  f"{floor if cuda else float('nan'):>6.1f} "
                   f"{row['steps']:>5} {row['rtf']:>6.2f} {memory:>6.2f}"
                   + "".join(f" {row.get(name, 0):>7.0f}" for name in counts),
                   flush=True)  # fmt: skip

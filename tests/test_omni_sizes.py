@@ -33,6 +33,7 @@ def _script(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 
@@ -93,3 +94,31 @@ def test_a_shrunk_random_model_streams_finite_audio(tiny_models: Path) -> None:
                 audio.append(out.audio)
     assert not engine.active and len(text) == 3 and len(audio) == 3
     assert torch.cat(audio).isfinite().all()
+
+
+def test_the_step_floor_counts_what_a_step_reads() -> None:
+    """``scripts/omni_floor.py`` on the real config: one call reads its 8 experts a layer and
+    the dense parts; many calls read every expert at most; the caches are read once, and the
+    engine's attention moves them three times when few slots step, once per slot otherwise."""
+    floor = _script("omni_floor")
+    sizes = _script("omni_sizes")
+    with torch.device("meta"):
+        model: Any = Qwen3OmniMoeForConditionalGeneration._from_config(  # type: ignore[no-untyped-call]
+            sizes.real_config(), dtype=torch.bfloat16
+        )
+    one, every = floor.step_bytes(model, 1, 0, 0), floor.step_bytes(model, 10_000, 0, 0)
+    # A token picks 8 of the thinker's 128 experts a layer, 6 of the talker's 128.
+    unread = 0.0
+    for decoder, picked in ((model.thinker.model.language_model, 8), (model.talker.model, 6)):
+        assert decoder.config.num_experts_per_tok == picked
+        experts = sum(2 * _count(layer.mlp.experts) for layer in decoder.layers)
+        unread += experts * (1 - picked / 128)
+    assert abs((every.weights - one.weights) - unread) < 1e-4 * unread
+    # The thinker's and talker's dense parts, its heads, 15 predictor passes, code2wav: 9.5 GB.
+    assert 9.3e9 < one.weights < 9.7e9
+    # 48 layers x 4 key heads x 128 x 2 bytes, keys and values; the talker's 20 x 2 x 128 x 2.
+    per_call = floor.step_bytes(model, 1, 1000, 1000, slots=9)
+    assert per_call.caches == 1000 * (48 * 4 * 128 * 2 * 2 + 20 * 2 * 128 * 2 * 2)
+    assert per_call.moved == 3 * per_call.caches
+    many = floor.step_bytes(model, 8, 1000, 1000, slots=9)
+    assert many.moved == 9 * per_call.caches == 9 * many.caches // 8

@@ -44,13 +44,16 @@ class Visual:
 class _Decode:
     """What every layer of one decode step reads: the stepping slots (``index``), their lengths
     before the step, how far into the cache they look and the mask of their positions there,
-    and the new positions' rotary angles."""
+    and the new positions' rotary angles. With ``queries`` (one row per slot of the cache, zero
+    where no call steps), attention runs over every slot of the cache in place, and ``mask`` is
+    every slot's."""
 
     index: Tensor
     lengths: Tensor
     visible: int
     mask: Tensor
     rotary: Rotary
+    queries: Tensor | None
 
 
 class SlotCache:
@@ -68,6 +71,7 @@ class SlotCache:
         shape = (slots, self.kv_heads, capacity, self.head_dim)
         self.keys = [weight.new_zeros(shape) for _ in layers]
         self.values = [weight.new_zeros(shape) for _ in layers]
+        self.slots = slots
         self.lengths = torch.zeros(slots, dtype=torch.long, device=weight.device)
         # The same on the host, so a step sizes its attention without waiting for the device.
         self.host_lengths = [0] * slots
@@ -97,9 +101,19 @@ class SlotCache:
         query, key, value = self._project(attention, hidden, step.rotary)
         self.keys[layer][step.index, :, step.lengths] = key[:, :, 0]
         self.values[layer][step.index, :, step.lengths] = value[:, :, 0]
-        keys = self.keys[layer][step.index, :, : step.visible]
-        values = self.values[layer][step.index, :, : step.visible]
-        attended = grouped_attention(query, keys, values, attention.scaling, step.mask)
+        if step.queries is not None:
+            # The cache read where it lies; each slot's query in its place (padding rows all
+            # write the scratch slot's, whose output nobody reads).
+            keys = self.keys[layer][:, :, : step.visible]
+            values = self.values[layer][:, :, : step.visible]
+            queries = step.queries
+            queries[step.index] = query
+            everyone = grouped_attention(queries, keys, values, attention.scaling, step.mask)
+            attended = everyone[step.index]
+        else:
+            keys = self.keys[layer][step.index, :, : step.visible]
+            values = self.values[layer][step.index, :, : step.visible]
+            attended = grouped_attention(query, keys, values, attention.scaling, step.mask)
         out: Tensor = attention.o_proj(attended)
         return out
 
@@ -193,9 +207,18 @@ class SlotCache:
         # Text positions continue from the prompt; all three RoPE axes move together.
         positions = (lengths + deltas)[None, :, None].expand(3, -1, -1)
         rotary = Rotary.of(*model.rotary_emb(hidden, positions))
+        # Picking the stepping slots' keys and values out of the cache copies them, so a step
+        # would move three times what it reads; over every slot in place it reads each slot
+        # once, steps or not: less whenever a third of the slots step (a choice of the batch
+        # size alone, so a captured step keeps it).
+        queries = None
+        if 3 * index.shape[0] >= self.slots:
+            heads = self.kv_heads * self.heads_per_kv
+            queries = hidden.new_zeros(self.slots, heads, 1, self.head_dim)
+        seen = lengths if queries is None else self.lengths
         # Each slot sees its own positions and the new one, whatever the others hold.
-        mask = torch.arange(visible, device=hidden.device) <= lengths[:, None]
-        step = _Decode(index, lengths, visible, mask[:, None, None, :], rotary)
+        mask = torch.arange(visible, device=hidden.device) <= seen[:, None]
+        step = _Decode(index, lengths, visible, mask[:, None, None, :], rotary, queries)
         for number, layer in enumerate(model.layers):
             residual = hidden
             normed = rms_norm(layer.input_layernorm, hidden)
