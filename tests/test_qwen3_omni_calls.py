@@ -550,6 +550,49 @@ def test_graphs_that_fail_leave_a_worker_that_steps_eagerly(tiny_models: Path) -
         WorkerOptions(spec, "cpu", 1, "yes")
 
 
+def test_a_step_that_fails_ends_its_responses_and_the_worker_goes_on(tiny_models: Path) -> None:
+    """A step that raises (out of GPU memory, say) ends the responses it was making with the
+    reason, frees their slots and keeps nothing half-stepped; the tick itself does not fail,
+    and the calls' next turns are answered in full."""
+    from s2s.worker.messages import Change, Respond, Tick, Turn
+    from s2s.worker.omni import OmniWorker
+
+    worker = OmniWorker.load(str(tiny_models / "tiny-qwen3-omni"), "cpu", max_calls=2)
+    ask = [Turn("user", "hello there", item="u1")]
+    joined = [Change("join", c) for c in "ab"]
+    asked = [Change("respond", c, respond=Respond(f"r{c}", ask)) for c in "ab"]
+    worker.handle(Tick(joined + asked))
+    worker.handle(Tick())
+    assert len(worker.engine.rows) == 2
+    compute = worker.engine.decode.compute
+    failures = []
+
+    def fails_once(*args: Any) -> Any:
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("CUDA out of memory (forced)")
+        return compute(*args)
+
+    worker.engine.decode.compute = fails_once  # type: ignore[method-assign]
+    failed = worker.handle(Tick())
+    assert not failed.error
+    for call in "ab":
+        output = failed.outputs[call]
+        assert output.response_id == f"r{call}" and output.done == (
+            "failed: CUDA out of memory (forced)"
+        )
+    assert not worker.engine.rows and not worker.engine.kept and len(worker.engine.free) == 2
+    assert worker.handle(Tick()).outputs == {}  # nothing of them afterwards
+    again = Respond("again", [*ask, Turn("user", "and now?", item="u2")])
+    outputs = [worker.handle(Tick([Change("respond", "a", respond=again)]))]
+    while "a" not in outputs[-1].outputs or not outputs[-1].outputs["a"].done:
+        assert len(outputs) < 200
+        outputs.append(worker.handle(Tick()))
+    assert outputs[-1].outputs["a"].done in ("stop", "length")
+    assert all(o.outputs["a"].response_id == "again" for o in outputs if "a" in o.outputs)
+    assert sum(len(o.outputs["a"].audio) for o in outputs if "a" in o.outputs) > 0
+
+
 def test_a_turn_the_worker_cannot_read_fails_alone(tiny_models: Path) -> None:
     """A turn whose audio is no 16-bit samples (or whose prompt cannot be built) fails that
     call's response with the reason; the call beside it is answered."""

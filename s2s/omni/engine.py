@@ -217,6 +217,16 @@ class OmniEngine:
             raise KeyError(f"no row {row} is generating")
         self.rows[row].cancelled = True
 
+    def abandon(self) -> None:
+        """Drop every stepping row at once, unreported, after a step that failed part way: their
+        slots are free again and nothing of them is kept (their caches may hold half a step).
+        Rows still prefilling, and kept conversations, stay."""
+        for row in list(self.rows.values()):
+            del self.rows[row.id]
+            if row.request.conversation is not None:
+                self.forget(row.request.conversation)
+            self._free.append(row.slot)
+
     @torch.inference_mode()
     def add(self, request: Request) -> int:
         """Prefill one call whole (``begin`` and one unlimited ``prefill``) and return its row

@@ -124,7 +124,17 @@ class OmniWorker:
             self._apply(change)
         self._prefill(outputs)
         if self.engine.active:
-            for step in self.engine.step():
+            try:
+                steps = self.engine.step()
+            except Exception as exc:  # out of memory, say: these responses end, the rest go on
+                log.exception("the step failed; the responses it was making end")
+                for call, row in list(self.answering.items()):
+                    if row in self.engine.rows:
+                        self._fail(outputs, call, self.rows[row].response_id, exc)
+                        self._forget(call)
+                self.engine.abandon()
+                steps = []
+            for step in steps:
                 answer = self.rows.get(step.row)
                 if answer is None:  # cancelled before this step
                     continue
