@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""The default ``local`` model under load: turn latency and CPU per talking call.
+"""A turn-based model under load (the default ``local``, or ``--model``): turn latency and CPU
+per talking call.
 
-Starts ``s2s serve`` (``local``) in its own process; callers run in another process. Each caller
+Starts ``s2s serve`` (``local``, or ``--model``, whose worker process is counted with it) in its
+own process; callers run in another process. Each caller
 speaks an espeak-ng sentence, waits for the whole reply, pauses, and speaks again, for the
 measured window. Printed per number of simultaneous calls: turn latency (the caller's last
 speech sample sent -> first loud reply frame received; it includes the VAD's 500 ms of silence
@@ -9,6 +11,7 @@ before a turn ends) p50/p95, server CPU in cores, CPU per talking call, and whet
 got every reply.
 
     .venv/bin/python scripts/bench_local.py --levels 1,2,4,8 --measure 30
+    .venv/bin/python scripts/bench_local.py --model qwen3-omni:models/tiny-qwen3-omni --levels 1,4
 """
 
 from __future__ import annotations
@@ -97,8 +100,9 @@ def main() -> None:
     )
     parser.add_argument("--levels", default="1,2,4,8")
     parser.add_argument("--measure", type=float, default=30.0, help="seconds of talking")
+    parser.add_argument("--model", default="local", help="as for s2s serve")
     args = parser.parse_args()
-    with serve() as (url, pid):
+    with serve("--model", args.model) as (url, pid):
         print(f"{'calls':>6} {'turns':>6} {'replies':>8} {'turn_p50_ms':>12} {'turn_p95_ms':>12} "
               f"{'server_cores':>13} {'cores_per_call':>15}")  # fmt: skip
         for n in (int(x) for x in args.levels.split(",")):
