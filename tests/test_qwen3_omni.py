@@ -22,7 +22,7 @@ from torch import Tensor
 from s2s.hosttraffic import HostTraffic, split
 from s2s.omni.code2wav import Code2WavStream
 from s2s.omni.engine import OmniEngine, cache_positions, load_model
-from s2s.omni.graphs import zeroed
+from s2s.omni.graphs import OmniGraphs, zeroed
 from s2s.omni.media import Media
 from s2s.omni.moe import experts_forward, feed_forward
 from s2s.omni.prompt import Message, Prompter, build_inputs, fit_inputs
@@ -735,6 +735,25 @@ def test_a_capture_warm_up_moves_no_call(model: Any, pieces: Any) -> None:
     plain = run_mixed(OmniEngine(model, max_rows=3, fixed_shapes=True), requests)
     warmed = run_mixed(_WarmedEveryStep(model, max_rows=3, fixed_shapes=True), requests)
     for a, b in zip(plain, warmed, strict=True):
+        assert [x.text for x in a] == [y.text for y in b]
+        for x, y in zip(a, b, strict=True):
+            assert (x.codes is None) == (y.codes is None)
+            assert x.codes is None or y.codes is None or torch.equal(x.codes, y.codes)
+            assert x.audio is None or y.audio is None or torch.equal(x.audio, y.audio)
+
+
+def test_steps_replayed_per_shape_give_the_eager_steps(model: Any, pieces: Any) -> None:
+    """The graphs' bookkeeping without CUDA (``OmniGraphs(rerun=True)``: a replay runs the
+    step again on the captured buffers and copies into the captured outputs): each step's
+    columns reach its shape's buffers and the outputs are read back right, through joins,
+    leaves, first frames beside later ones and text that ends before speech."""
+    requests = mixed_requests(_inputs(pieces, "media"))
+    plain = run_mixed(OmniEngine(model, max_rows=3, fixed_shapes=True), requests)
+    engine = OmniEngine(model, max_rows=3, fixed_shapes=True)
+    graphs = engine.graphs = OmniGraphs(engine.decode.compute, engine.device, rerun=True)
+    replayed = run_mixed(engine, requests)
+    assert engine.graphs is graphs and graphs.captured >= 4  # batches of 1, 2 and 4; text ends
+    for a, b in zip(plain, replayed, strict=True):
         assert [x.text for x in a] == [y.text for y in b]
         for x, y in zip(a, b, strict=True):
             assert (x.codes is None) == (y.codes is None)

@@ -21,7 +21,10 @@ back, so it is captured once per shape and replayed with one launch.
 - Shapes are captured when first met (each costs one capture, some tens of ms, in that step).
 
 Not measured on a GPU yet: ``tests/omni_graphs_check.py`` compares replay with the eager step
-there (``scripts/bench_omni.py --check-graphs``).
+there (``scripts/bench_omni.py --check-graphs``). On a CPU, ``rerun=True`` stands in for the
+graphs: a "replay" runs the step again on the same buffers and copies its results into the
+tensors the capture returned, so everything here but CUDA itself (buffers, layouts, warm-up,
+one graph per shape, outputs read after the replay) is tested without a GPU.
 """
 
 from __future__ import annotations
@@ -57,27 +60,39 @@ def zeroed(
 
 @dataclass(frozen=True, slots=True)
 class _Graph:
-    graph: torch.cuda.CUDAGraph
+    graph: torch.cuda.CUDAGraph | None  # None: rerun
     ints: Tensor
     floats: Tensor
     layout: tuple[tuple[str, int], ...]
     out: list[Tensor]
+    run: Callable[[], list[Tensor]]
+
+    def replay(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        for captured, fresh in zip(self.out, self.run(), strict=True):
+            captured.copy_(fresh)
 
 
 class OmniGraphs:
     """``compute(sent, shape)`` replayed from a CUDA graph per ``shape.key``."""
 
     def __init__(
-        self, compute: Callable[[dict[str, Tensor], Any], list[Tensor]], device: torch.device
-    ) -> None:
-        if device.type != "cuda":
+        self, compute: Callable[[dict[str, Tensor], Any], list[Tensor]], device: torch.device,
+        rerun: bool = False,
+    ) -> None:  # fmt: skip
+        """``rerun``: no CUDA graphs, each replay runs ``compute`` again (tests on a CPU)."""
+        if device.type != "cuda" and not rerun:
             raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
         self._compute = compute
         self._device = device
+        self._rerun = rerun
         self._graphs: dict[tuple[Any, ...], _Graph] = {}
         self._capacities: Any = None
-        self._pool = torch.cuda.graph_pool_handle()
-        self._stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
+        if not rerun:
+            self._pool = torch.cuda.graph_pool_handle()
+            self._stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
 
     @property
     def captured(self) -> int:
@@ -102,7 +117,7 @@ class OmniGraphs:
             raise RuntimeError("a step shape met with a different column layout")
         found.ints.copy_(ints[: found.ints.numel()])
         found.floats.copy_(floats[: found.floats.numel()])
-        found.graph.replay()
+        found.replay()
         return found.out
 
     @torch.inference_mode()
@@ -119,15 +134,24 @@ class OmniGraphs:
         started = time.perf_counter()
         ints, floats = zeroed(int_columns, float_columns, self._device)
         sent = split(ints, int_columns) | split(floats, float_columns)
-        self._stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self._stream):
+
+        def run() -> list[Tensor]:
+            return self._compute(sent, shape)
+
+        if self._rerun:
             for _ in range(_WARMUP_RUNS):
-                self._compute(sent, shape)
-        torch.cuda.current_stream().wait_stream(self._stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
-            out = self._compute(sent, shape)
-        found = _Graph(graph, ints, floats, layout, out)
+                run()
+            found = _Graph(None, ints, floats, layout, run(), run)
+        else:
+            self._stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._stream):
+                for _ in range(_WARMUP_RUNS):
+                    run()
+            torch.cuda.current_stream().wait_stream(self._stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+                out = run()
+            found = _Graph(graph, ints, floats, layout, out, run)
         self._graphs[shape.key] = found
         log.info("captured the Qwen3-Omni step for %s in %.0f ms (%d graphs)", shape.key,
                  1000 * (time.perf_counter() - started), len(self._graphs))  # fmt: skip
