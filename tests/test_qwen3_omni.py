@@ -750,7 +750,8 @@ def test_steps_replayed_per_shape_give_the_eager_steps(model: Any, pieces: Any) 
     requests = mixed_requests(_inputs(pieces, "media"))
     plain = run_mixed(OmniEngine(model, max_rows=3, fixed_shapes=True), requests)
     engine = OmniEngine(model, max_rows=3, fixed_shapes=True)
-    graphs = engine.graphs = OmniGraphs(engine.decode.compute, engine.device, rerun=True)
+    parts = {"think": engine.decode.think, "speak": engine.decode.speak}
+    graphs = engine.graphs = OmniGraphs(parts, engine.device, rerun=True)
     replayed = run_mixed(engine, requests)
     assert engine.graphs is graphs and graphs.captured >= 4  # batches of 1, 2 and 4; text ends
     for a, b in zip(plain, replayed, strict=True):
@@ -759,6 +760,32 @@ def test_steps_replayed_per_shape_give_the_eager_steps(model: Any, pieces: Any) 
             assert (x.codes is None) == (y.codes is None)
             assert x.codes is None or y.codes is None or torch.equal(x.codes, y.codes)
             assert x.audio is None or y.audio is None or torch.equal(x.audio, y.audio)
+
+
+def test_every_shape_is_captured_before_the_calls_come(model: Any, pieces: Any) -> None:
+    """``OmniEngine.capture`` captures each part for every batch size and span of the caches
+    as allocated (a worker's load): calls decoding that way then meet no new shape, and their
+    replies are the eager ones."""
+    inputs = _inputs(pieces, "media")
+    requests = [
+        Request(inputs, max_text_tokens=6, max_frames=12, decoding=GREEDY),
+        Request(inputs, max_text_tokens=3, max_frames=12, decoding=GREEDY),
+        Request(inputs, max_text_tokens=6, max_frames=12, decoding=GREEDY, fixed_length=True),
+    ]
+    positions = (SPAN + 100, 2 * SPAN + 100)
+    eager = run_mixed(OmniEngine(model, 3, fixed_shapes=True, positions=positions), requests)
+    engine = OmniEngine(model, max_rows=3, fixed_shapes=True, positions=positions)
+    parts = {"think": engine.decode.think, "speak": engine.decode.speak}
+    graphs = engine.graphs = OmniGraphs(parts, engine.device, rerun=True)
+    # Batches of 1, 2 and 4 rows; the thinker's spans 1024 and 1124, the talker's three.
+    assert engine.capture(GREEDY) == graphs.captured == 3 * (2 + 3)
+    replayed = run_mixed(engine, requests)
+    assert graphs.captured == 15
+    for a, b in zip(eager, replayed, strict=True):
+        assert [x.text for x in a] == [y.text for y in b]
+        pairs = zip(a, b, strict=True)
+        assert all(y.codes is not None and torch.equal(x.codes, y.codes) for x, y in pairs
+                   if x.codes is not None)  # fmt: skip
 
 
 @pytest.mark.gpu

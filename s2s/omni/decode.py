@@ -11,10 +11,13 @@
 
 What a step reads of the step before is kept on the device per slot, so that a step sends no
 host values but its columns: each call's last text token, the talker's last first code and
-hidden state, and the codes the talker has picked (its repetition penalty). ``compute`` reads
-nothing back and every shape follows from its ``StepShape``, so it can be captured as a CUDA
-graph and replayed (``s2s.omni.graphs``). Everything runs under the caller's
-``torch.inference_mode()``.
+hidden state, and the codes the talker has picked (its repetition penalty). The thinker's part
+leaves what the talker reads of its token in the slot too, so the step is two parts, ``think``
+and ``speak``, each reading only its own columns (``THINK_COLUMNS``; the rest are the speak
+part's) and shaped by its own half of the ``StepShape``. Neither reads anything back and every
+shape follows from the ``StepShape``, so each part can be captured as a CUDA graph and replayed
+(``s2s.omni.graphs``): as many graphs as think shapes plus speak shapes, not their product.
+Everything runs under the caller's ``torch.inference_mode()``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from s2s.omni.slots import SlotCache
 #: from RESIDUAL_STREAM on, one per code predictor codebook. Each is counted in its own units
 #: (text tokens, frames), so no two draws of one call share noise.
 TEXT_STREAM, SPEECH_STREAM, RESIDUAL_STREAM = 0, 1, 2
+#: The columns the think part reads, by name's start; the speak part reads the others.
+THINK_COLUMNS = ("think.", "text.")
 
 
 class DecodeStep:
@@ -73,6 +78,8 @@ class DecodeStep:
         self.code = torch.zeros(slots, dtype=torch.long, device=device)
         head = self.talker.codec_head
         self.past = head.weight.new_zeros(slots, head.in_features)
+        #: What the talker reads of the text token each slot's thinker made this step.
+        self.text = head.weight.new_zeros(slots, 1, head.in_features)
         with torch.inference_mode():
             special = torch.tensor(
                 [[config.tts_bos_token_id, config.tts_eos_token_id, config.tts_pad_token_id]],
@@ -116,17 +123,16 @@ class DecodeStep:
         frame's audio as a later frame of its call ``(rows, 1920)``. Nothing is read back and
         every shape follows from ``shape``, so it can be captured and replayed."""
         out: list[Tensor] = []
-        text_in = None
         if shape.think:
-            tokens, text_in = self._think(sent, shape)
-            out.append(tokens)
+            out += self.think(sent, shape)
         if shape.speak:
-            out += self._speak(sent, shape, text_in)
+            out += self.speak(sent, shape)
         return out
 
-    def _think(self, sent: dict[str, Tensor], shape: StepShape) -> tuple[Tensor, Tensor]:
-        """The rows' next text tokens, and what the talker reads of them (the projected token,
-        or the end marker in place of the last one, as generate()'s trailing_text_hidden)."""
+    def think(self, sent: dict[str, Tensor], shape: StepShape) -> list[Tensor]:
+        """The thinking rows' next text tokens; what the talker reads of each (the projected
+        token, or the end marker in place of the last one, as generate()'s
+        trailing_text_hidden) is left in the row's slot for the speak part."""
         slots = sent["think.slot"]
         embed = self.thinker.get_input_embeddings()
         hidden = self.thinker_cache.decode(
@@ -140,12 +146,12 @@ class DecodeStep:
         self.token[slots] = tokens
         ends = self.is_text_end[tokens] | sent["think.limit"].bool()
         projected = self.talker.text_projection(embed(tokens[:, None]))
-        return tokens, torch.where(ends[:, None, None], self.tts_eos, projected)
+        self.text[slots] = torch.where(ends[:, None, None], self.tts_eos, projected)
+        return [tokens]
 
-    def _speak(self, sent: dict[str, Tensor], shape: StepShape, text_in: Tensor | None
-               ) -> list[Tensor]:  # fmt: skip
-        """The residual codes of the frame whose first code each row has (the frame), the next
-        frame's first codes, and the frame's audio as a later frame of its call."""
+    def speak(self, sent: dict[str, Tensor], shape: StepShape) -> list[Tensor]:
+        """The residual codes of the frame whose first code each speaking row has (the frame),
+        the next frame's first codes, and the frame's audio as a later frame of its call."""
         talker = self.talker
         predictor = self.predictor
         slots = sent["speak.slot"]
@@ -165,12 +171,8 @@ class DecodeStep:
         frame = torch.stack(codes, dim=1)
         audio = self.code2wav.later(frame, sent, shape.c2w_span)
         # A row that thought in this step reads its token; one whose text has ended, the pad.
-        if text_in is None:
-            text = self.tts_pad
-        else:
-            thinks = sent["speak.thinks"]
-            thought = text_in[thinks.clamp(min=0)]
-            text = torch.where((thinks >= 0)[:, None, None], thought, self.tts_pad)
+        thought = sent["speak.thought"].bool()[:, None, None]
+        text = torch.where(thought, self.text[slots], self.tts_pad)
         step_input = torch.cat(embeds, dim=1).sum(1, keepdim=True) + text
         hidden = self.talker_cache.decode(
             talker.model, step_input, sent["speak.delta"], slots, shape.speak_sees

@@ -53,7 +53,7 @@ from s2s.omni.graphs import OmniGraphs
 from s2s.omni.kept import Kept, reuse_talker, reuse_thinker
 from s2s.omni.predictor import CodePredictor
 from s2s.omni.prefill import Pieces, ThinkerPrompt, encode, talker_prompt
-from s2s.omni.request import Request, RowStep
+from s2s.omni.request import Decoding, Request, RowStep
 from s2s.omni.rows import (
     SPAN,
     Row,
@@ -89,6 +89,12 @@ class _Prefill:
     row: Row | None = None  # once the thinker's prefill is complete
     talker: Pieces | None = None
     kept: Kept | None = None  # the conversation's last turn, in this slot
+
+
+def _spans(capacity: int) -> list[int]:
+    """How far a fixed-shape step may look into a cache of ``capacity`` positions
+    (``SlotCache.visible``): each multiple of ``SPAN``, the last cut at the capacity."""
+    return [min(end, capacity) for end in range(SPAN, capacity + SPAN, SPAN)]
 
 
 def cache_positions(prompt_tokens: int, max_text_tokens: int, max_frames: int) -> tuple[int, int]:
@@ -165,7 +171,8 @@ class OmniEngine:
         self.decode = DecodeStep(
             model, self.thinker_cache, self.talker_cache, self.code2wav, self.predictor, slots
         )
-        self.graphs = OmniGraphs(self.decode.compute, self.device) if graphs else None
+        parts = {"think": self.decode.think, "speak": self.decode.speak}
+        self.graphs = OmniGraphs(parts, self.device) if graphs else None
         self.codec_end = self.decode.codec_end
         self.text_end = {self.config.im_end_token_id}
 
@@ -482,10 +489,7 @@ class OmniEngine:
         span = SPAN if self.fixed_shapes else 1
         think = self._rows(len(thinking)) if thinking else 0
         speak = self._rows(len(speaking)) if speaking else 0
-        ints, floats = think_columns(thinking, think)
-        more_ints, more_floats = speech_columns(speaking, speak)
-        ints |= more_ints
-        floats |= more_floats
+        ints, floats = self._columns(thinking, speaking, think, speak)
         shape = StepShape(think=think, speak=speak)
         if thinking:
             settings = [r.request.decoding.text for r in thinking]
@@ -495,20 +499,56 @@ class OmniEngine:
             slots = [r.slot for r in speaking]
             shape.speak_sees = self.talker_cache.visible(slots, span)
             shape.speech_samples = Draws.samples([r.request.decoding.speech for r in speaking])
+            shape.residual_samples = Draws.samples([r.request.decoding.residual for r in speaking])
+            fixed = self.fixed_shapes
+            shape.c2w_span = self.code2wav.slots if fixed else self.code2wav.span(ints)
+        shape.capacities = (self.thinker_cache.capacity, self.talker_cache.capacity)
+        return shape, ints, floats
+
+    def _columns(
+        self, thinking: list[Row], speaking: list[Row], think: int, speak: int
+    ) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
+        """The host columns of a step of these rows, padded to ``think`` and ``speak`` rows:
+        the think part's, the speak part's (if ``speak``), code2wav's first frames'."""
+        ints, floats = think_columns(thinking, think)
+        more_ints, more_floats = speech_columns(speaking, speak)
+        ints |= more_ints
+        floats |= more_floats
+        if speak:
             settings = [r.request.decoding.residual for r in speaking]
-            shape.residual_samples = Draws.samples(settings)
             keys = [(r.request.seed, r.frames - 1) for r in speaking]  # the frame's own index
             residual_ints, residual_floats = Draws.columns("residual", settings, keys)
-            thinks = {r.id: i for i, r in enumerate(thinking)}
+            thinks = {r.id for r in thinking}
             ints |= padded(residual_ints, speak)
             floats |= padded(residual_floats, speak)
             ints["speak.delta"] = pad([r.talker_delta for r in speaking], speak, 0)
-            ints["speak.thinks"] = pad([thinks.get(r.id, -1) for r in speaking], speak, -1)
-            # Last: code2wav's first frames run apart, after the fixed-shape part.
-            columns = self.code2wav.columns(slots, speak)
-            shape.c2w_span = (
-                self.code2wav.slots if self.fixed_shapes else self.code2wav.span(columns)
-            )
-            ints |= columns
-        shape.capacities = (self.thinker_cache.capacity, self.talker_cache.capacity)
-        return shape, ints, floats
+            ints["speak.thought"] = pad([int(r.id in thinks) for r in speaking], speak, 0)
+            # Last: code2wav's first frames run apart, after the fixed-shape parts.
+            ints |= self.code2wav.columns([r.slot for r in speaking], speak)
+        return ints, floats
+
+    def capture(self, decoding: Decoding) -> int:
+        """Capture now every shape of each part of a step (``s2s.omni.graphs``) that calls
+        decoding as ``decoding`` can meet, so none is captured while calls wait: every batch
+        size up to ``max_rows``, every span of the caches as allocated. Returns how many."""
+        if self.graphs is None:
+            return 0
+        sizes = sorted({self._rows(n) for n in range(1, self.max_rows + 1)})
+        capacities = (self.thinker_cache.capacity, self.talker_cache.capacity)
+        count = 0
+        for rows in sizes:
+            ints, floats = self._columns([], [], rows, rows)
+            for sees in _spans(self.thinker_cache.capacity):
+                shape = StepShape(rows, 0, think_sees=sees, capacities=capacities,
+                                  think_samples=decoding.text is not None)  # fmt: skip
+                self.graphs.capture("think", ints, floats, shape)
+                count += 1
+            for sees in _spans(self.talker_cache.capacity):
+                shape = StepShape(
+                    0, rows, speak_sees=sees, c2w_span=self.code2wav.slots, capacities=capacities,
+                    speech_samples=decoding.speech is not None,
+                    residual_samples=decoding.residual is not None,
+                )  # fmt: skip
+                self.graphs.capture("speak", ints, floats, shape)
+                count += 1
+        return count

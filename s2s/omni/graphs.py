@@ -1,28 +1,36 @@
-"""The Qwen3-Omni decode step replayed from CUDA graphs, one graph per step shape.
+"""The Qwen3-Omni decode step replayed from CUDA graphs: each of its two parts, one graph per
+shape of that part.
 
 Eager, a decode step at Qwen3-Omni's real depth dispatches about 9,400 operators (48 thinker
 layers, 15 code predictor passes of 5 layers, 20 talker layers, code2wav): at a few µs of host
 time each, more than half of an 80 ms frame before the GPU has done anything. With fixed shapes
 (``OmniEngine(fixed_shapes=True)``: batches padded to a size of ``s2s.backends.graphs.BUCKETS``
-on a scratch slot, attention spans rounded up to ``SPAN``) the step's device work
-(``DecodeStep.compute``) is one fixed sequence of kernels per ``StepShape`` that reads nothing
-back, so it is captured once per shape and replayed with one launch.
+on a scratch slot, attention spans rounded up to ``SPAN``) each part of the step's device work
+(``DecodeStep.think``, ``DecodeStep.speak``) is one fixed sequence of kernels per shape of that
+part (``StepShape.think_key``, ``StepShape.speak_key``) that reads nothing back, so it is
+captured once per shape and replayed with one launch. The parts meet only through per-slot
+state, so a step of any think shape and any speak shape replays two graphs: as many graphs as
+think shapes plus speak shapes (40 + 52 at 8 calls of 8,192 positions), few enough to
+capture them all when the worker loads (``OmniEngine.capture``) instead of stalling every call
+when a new one is met.
 
-- Inputs: the step's uploaded columns, copied into the graph's own buffers (one copy per dtype
-  on the device) before each replay. The columns of code2wav's first frames come last and are
-  not the graph's: a call's first frame trims the clip's start, so it runs eagerly after the
-  replay, once per call.
-- Outputs: the graph's own tensors, valid until the next replay of any graph here (they share
-  one memory pool); the engine reads them back at once.
-- Warm-up and capture run the real step on the real state with the buffers at zero, which puts
+- Inputs: each part's uploaded columns (``THINK_COLUMNS``; the rest but code2wav's first
+  frames are the speak part's), copied into the graph's own buffers (one copy per dtype on the
+  device) before each replay. The columns of code2wav's first frames come last and are
+  nobody's: a call's first frame trims the clip's start, so it runs eagerly after the replay,
+  once per call.
+- Outputs: the graph's own tensors, valid until the next replay of a graph of the same part
+  (each part has its own memory pool, so replaying the speak part keeps the think part's
+  tokens); the engine reads them back at once.
+- Warm-up and capture run the real part on the real state with the buffers at zero, which puts
   every row on the scratch slot (slot 0, padding's slot), so no call's state moves.
 - A cache that grows (``SlotCache.reserve``) moves its tensors: the capacities are part of the
-  shape, and graphs of old capacities are dropped.
-- Shapes are captured when first met (each costs one capture, some tens of ms, in that step).
+  shapes, and graphs of old capacities are dropped (a worker allocates its caches at load, so
+  they do not grow).
 
 Not measured on a GPU yet: ``tests/omni_graphs_check.py`` compares replay with the eager step
 there (``scripts/bench_omni.py --check-graphs``). On a CPU, ``rerun=True`` stands in for the
-graphs: a "replay" runs the step again on the same buffers and copies its results into the
+graphs: a "replay" runs the part again on the same buffers and copies its results into the
 tensors the capture returned, so everything here but CUDA itself (buffers, layouts, warm-up,
 one graph per shape, outputs read after the replay) is tested without a GPU.
 """
@@ -39,10 +47,15 @@ import torch
 from torch import Tensor
 
 from s2s.hosttraffic import split
+from s2s.omni.decode import THINK_COLUMNS
 
 log = logging.getLogger(__name__)
 
 _WARMUP_RUNS = 2
+#: A part's device work: its uploaded columns and the step's shape in, its outputs out.
+Part = Callable[[dict[str, Tensor], Any], list[Tensor]]
+#: The columns of code2wav's first frames: no graph's (they run eagerly after the replay).
+_FRESH = "c2w.fresh."
 
 
 def zeroed(
@@ -56,6 +69,31 @@ def zeroed(
         torch.zeros(count, dtype=torch.int64, device=device),
         torch.zeros(floats, dtype=torch.float32, device=device),
     )
+
+
+def _part(name: str) -> str | None:
+    """Which part reads the column ``name``: "think", "speak", or none (code2wav's first)."""
+    if name.startswith(THINK_COLUMNS):
+        return "think"
+    return None if name.startswith(_FRESH) else "speak"
+
+
+def part_columns(part: str, columns: Mapping[str, Sized]) -> tuple[dict[str, Sized], int]:
+    """The columns of ``part`` ("think" or "speak") among a step's ``columns``, and where they
+    start in its upload (each part's are consecutive, the think part's first)."""
+    mine: dict[str, Sized] = {}
+    start = offset = 0
+    ended = False
+    for name, column in columns.items():
+        if _part(name) == part:
+            if ended:
+                raise ValueError(f"the {part} part's columns are not consecutive")
+            start = start if mine else offset
+            mine[name] = column
+        elif mine:
+            ended = True
+        offset += len(column)
+    return mine, start
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,22 +114,22 @@ class _Graph:
 
 
 class OmniGraphs:
-    """``compute(sent, shape)`` replayed from a CUDA graph per ``shape.key``."""
+    """A step's ``think`` and ``speak`` parts, each replayed from a CUDA graph per shape of it."""
 
     def __init__(
-        self, compute: Callable[[dict[str, Tensor], Any], list[Tensor]], device: torch.device,
-        rerun: bool = False,
-    ) -> None:  # fmt: skip
-        """``rerun``: no CUDA graphs, each replay runs ``compute`` again (tests on a CPU)."""
+        self, parts: Mapping[str, Part], device: torch.device, rerun: bool = False
+    ) -> None:
+        """``parts``: "think" and "speak", each ``part(sent, shape)``. ``rerun``: no CUDA
+        graphs, each replay runs the part again (tests on a CPU)."""
         if device.type != "cuda" and not rerun:
             raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
-        self._compute = compute
+        self._parts = dict(parts)
         self._device = device
         self._rerun = rerun
         self._graphs: dict[tuple[Any, ...], _Graph] = {}
         self._capacities: Any = None
         if not rerun:
-            self._pool = torch.cuda.graph_pool_handle()
+            self._pools = {name: torch.cuda.graph_pool_handle() for name in parts}
             self._stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
 
     @property
@@ -106,27 +144,55 @@ class OmniGraphs:
         float_columns: Mapping[str, Sized],
         shape: Any,
     ) -> list[Tensor]:
-        """Replay the step of ``shape`` on the uploaded ``ints`` and ``floats`` (laid out as
-        ``int_columns`` and ``float_columns``, ``c2w.fresh.*`` last and not read here)."""
-        mine = {k: v for k, v in int_columns.items() if not k.startswith("c2w.fresh.")}
-        layout = tuple((k, len(v)) for k, v in (*mine.items(), *float_columns.items()))
-        found = self._graphs.get(shape.key)
+        """Replay the parts of the step of ``shape`` on the uploaded ``ints`` and ``floats``
+        (laid out as ``int_columns`` and ``float_columns``): the think part's outputs, then the
+        speak part's, as ``DecodeStep.compute`` returns them."""
+        out: list[Tensor] = []
+        for part in self.parts_of(shape):
+            mine, int_start = part_columns(part, int_columns)
+            floating, float_start = part_columns(part, float_columns)
+            found = self._graph(part, mine, floating, shape)
+            found.ints.copy_(ints[int_start : int_start + found.ints.numel()])
+            found.floats.copy_(floats[float_start : float_start + found.floats.numel()])
+            found.replay()
+            out += found.out
+        return out
+
+    @staticmethod
+    def parts_of(shape: Any) -> list[str]:
+        """The parts a step of ``shape`` runs, in order."""
+        return [part for part, rows in (("think", shape.think), ("speak", shape.speak)) if rows]
+
+    def capture(
+        self, part: str, int_columns: Mapping[str, Sized], float_columns: Mapping[str, Sized],
+        shape: Any,
+    ) -> None:  # fmt: skip
+        """Capture ``part`` for ``shape`` now, if it is not yet (a worker's load)."""
+        self._graph(part, part_columns(part, int_columns)[0],
+                    part_columns(part, float_columns)[0], shape)  # fmt: skip
+
+    def _graph(
+        self, part: str, int_columns: Mapping[str, Sized], float_columns: Mapping[str, Sized],
+        shape: Any,
+    ) -> _Graph:  # fmt: skip
+        layout = tuple((k, len(v)) for k, v in (*int_columns.items(), *float_columns.items()))
+        key = (part, *(shape.think_key if part == "think" else shape.speak_key))
+        found = self._graphs.get(key)
         if found is None:
-            found = self._capture(mine, float_columns, layout, shape)
+            found = self._capture(part, int_columns, float_columns, layout, shape, key)
         elif found.layout != layout:
-            raise RuntimeError("a step shape met with a different column layout")
-        found.ints.copy_(ints[: found.ints.numel()])
-        found.floats.copy_(floats[: found.floats.numel()])
-        found.replay()
-        return found.out
+            raise RuntimeError(f"a {part} shape met with a different column layout")
+        return found
 
     @torch.inference_mode()
     def _capture(
         self,
+        part: str,
         int_columns: Mapping[str, Sized],
         float_columns: Mapping[str, Sized],
         layout: tuple[tuple[str, int], ...],
         shape: Any,
+        key: tuple[Any, ...],
     ) -> _Graph:
         if shape.capacities != self._capacities:
             self._graphs.clear()  # their caches were reallocated
@@ -134,9 +200,10 @@ class OmniGraphs:
         started = time.perf_counter()
         ints, floats = zeroed(int_columns, float_columns, self._device)
         sent = split(ints, int_columns) | split(floats, float_columns)
+        compute = self._parts[part]
 
         def run() -> list[Tensor]:
-            return self._compute(sent, shape)
+            return compute(sent, shape)
 
         if self._rerun:
             for _ in range(_WARMUP_RUNS):
@@ -149,10 +216,10 @@ class OmniGraphs:
                     run()
             torch.cuda.current_stream().wait_stream(self._stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+            with torch.cuda.graph(graph, pool=self._pools[part], stream=self._stream):
                 out = run()
             found = _Graph(graph, ints, floats, layout, out, run)
-        self._graphs[shape.key] = found
-        log.info("captured the Qwen3-Omni step for %s in %.0f ms (%d graphs)", shape.key,
+        self._graphs[key] = found
+        log.info("captured the Qwen3-Omni %s part for %s in %.0f ms (%d graphs)", part, key[1:],
                  1000 * (time.perf_counter() - started), len(self._graphs))  # fmt: skip
         return found

@@ -69,7 +69,7 @@ def speech_columns(rows: list[Row], count: int) -> Columns:
 SPAN = 1024
 
 #: Padding rows' values, by column name's end: greedy, neutral settings, no text this step.
-PADDING = {"greedy": 1, "temperature": 1.0, "top_p": 1.0, "penalty": 1.0, "thinks": -1}
+PADDING = {"greedy": 1, "temperature": 1.0, "top_p": 1.0, "penalty": 1.0}
 
 
 def pad(column: list[Any], count: int, value: Any) -> list[Any]:
@@ -104,3 +104,14 @@ class StepShape:
     @property
     def key(self) -> tuple[Any, ...]:
         return astuple(self)
+
+    @property
+    def think_key(self) -> tuple[Any, ...]:
+        """What the think part's device work depends on (``DecodeStep.think``)."""
+        return self.think, self.think_sees, self.think_samples, self.capacities[0]
+
+    @property
+    def speak_key(self) -> tuple[Any, ...]:
+        """What the speak part's device work depends on (``DecodeStep.speak``)."""
+        return (self.speak, self.speak_sees, self.speech_samples, self.residual_samples,
+                self.c2w_span, self.capacities[1])  # fmt: skip

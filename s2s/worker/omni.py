@@ -70,9 +70,10 @@ class OmniWorker:
         # (the tiny test checkpoint does: its random model never stops by itself).
         self.max_text_tokens = int(limits.get("thinker_max_new_tokens", 1024))
         self.max_frames = int(limits.get("talker_max_new_tokens", 4096))
+        self.decoding = decoding_from(limits)
         positions = cache_positions(prompt_tokens, self.max_text_tokens, self.max_frames)
         try:
-            self.engine = _engine(model, max_calls, graphs, positions)
+            self.engine = _engine(model, max_calls, graphs, positions, self.decoding)
         except torch.OutOfMemoryError as exc:
             raise RuntimeError(
                 f"the key/value caches of {max_calls} calls do not fit beside the model "
@@ -86,7 +87,6 @@ class OmniWorker:
             max_calls, *positions, cached / 2**30,
         )  # fmt: skip
         self.max_calls = max_calls
-        self.decoding = decoding_from(limits)
         speakers = list(model.config.talker_config.speaker_id)
         self.speakers = {name.lower(): name for name in speakers}
         self.default_speaker = speakers[0]
@@ -236,20 +236,34 @@ class OmniWorker:
             self.rows.pop(row, None)
 
 
-def _engine(model: Any, max_calls: int, graphs: bool, positions: tuple[int, int]) -> OmniEngine:
-    """The engine, with CUDA graphs if asked; if they cannot be set up, it says why in the log
-    and steps eagerly."""
-    if graphs:
-        try:
-            return OmniEngine(model, max_rows=max_calls, graphs=True, positions=positions)
-        except torch.OutOfMemoryError:
-            raise
-        except (RuntimeError, ValueError) as exc:
-            log.error("CUDA graphs failed (%s); steps run eagerly", exc)
-            engine = OmniEngine(model, max_rows=max_calls, positions=positions)
-            engine.graphs_failed = f"{type(exc).__name__}: {exc}"
-            return engine
-    return OmniEngine(model, max_rows=max_calls, positions=positions)
+def _engine(
+    model: Any, max_calls: int, graphs: bool, positions: tuple[int, int], decoding: Decoding
+) -> OmniEngine:
+    """The engine, with CUDA graphs if asked, every shape its replies (decoding as
+    ``decoding``) can meet captured now; if they cannot be set up or captured, it says why in
+    the log and steps eagerly."""
+    if not graphs:
+        return OmniEngine(model, max_rows=max_calls, positions=positions)
+    try:
+        engine = OmniEngine(model, max_rows=max_calls, graphs=True, positions=positions)
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError) as exc:  # no CUDA here
+        engine = OmniEngine(model, max_rows=max_calls, positions=positions)
+        return _eager(engine, exc)
+    started = time.perf_counter()
+    try:
+        count = engine.capture(decoding)
+    except (RuntimeError, ValueError) as exc:  # out of memory among them: graphs hold some
+        return _eager(engine, exc)
+    log.info("captured %d step graphs in %.1f s", count, time.perf_counter() - started)
+    return engine
+
+
+def _eager(engine: OmniEngine, exc: Exception) -> OmniEngine:
+    log.error("CUDA graphs failed (%s); steps run eagerly", exc)
+    engine.graphs, engine.graphs_failed = None, f"{type(exc).__name__}: {exc}"
+    return engine
 
 
 def decoding_from(config: dict[str, Any]) -> Decoding:
