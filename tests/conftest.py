@@ -159,6 +159,32 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield out
 
 
+@pytest.fixture(scope="module")
+def model(tiny_models: Path) -> Iterator[Any]:
+    """The tiny Qwen3-Omni checkpoint (the engine's tests), run on one thread."""
+    import torch
+
+    from s2s.omni.engine import load_model
+
+    # The tiny model's ops are far too small for threads to pay off; on a shared two-core
+    # machine they only contend (a step took 0.5 s with two threads, 0.05 s with one).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield load_model(str(tiny_models / "tiny-qwen3-omni"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pieces(tiny_models: Path) -> tuple[Any, Any, Any]:
+    """The tiny Qwen3-Omni checkpoint's tokenizer, feature extractor and image processor."""
+    from s2s.omni.prompt import Prompter
+
+    prompter = Prompter.from_pretrained(str(tiny_models / "tiny-qwen3-omni"))
+    return prompter.tokenizer, prompter.features, prompter.images
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     """In CI (``CI`` set, as ``.ci/run`` is started) a skipped test fails: ``scripts/setup``

@@ -1,5 +1,5 @@
 """Qwen3-Omni graph replay against the eager step on a GPU, shared by
-``tests/test_qwen3_omni.py`` (``-m gpu``) and ``scripts/bench_omni.py --check-graphs`` (the
+``tests/test_omni_graphs.py`` (``-m gpu``) and ``scripts/bench_omni.py --check-graphs`` (the
 device machine has no pytest)."""
 
 from __future__ import annotations

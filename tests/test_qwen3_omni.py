@@ -7,8 +7,7 @@ other, and a cancelled call must stop at the next step.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -19,102 +18,26 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from s2s.hosttraffic import HostTraffic, split
+from s2s.hosttraffic import HostTraffic
 from s2s.omni.code2wav import Code2WavStream
-from s2s.omni.engine import OmniEngine, cache_positions, load_model
-from s2s.omni.graphs import OmniGraphs, zeroed
+from s2s.omni.engine import OmniEngine, load_model
 from s2s.omni.media import Media
 from s2s.omni.moe import experts_forward, feed_forward
-from s2s.omni.prompt import Message, Prompter, build_inputs, fit_inputs
+from s2s.omni.prompt import Message, build_inputs, fit_inputs
 from s2s.omni.request import GREEDY, Decoding, Request
-from s2s.omni.rows import SPAN
 from s2s.omni.sampling import Draws, Sampling, pick
-from tests.omni_graphs_check import mixed_requests, run_mixed
-
-MAX_TEXT = 8
-QUESTIONS = ["what am I looking at", "say something nice please"]
-MAX_FRAMES = 40
-# generate() warns that its talker's repetition penalty sees only the new codes; that is what
-# the engine mirrors, and pytest turns warnings into errors.
-GENERATE_WARNING = "ignore:Passing `repetition_penalty` with `inputs_embeds`:UserWarning"
-
-
-@dataclass
-class Reply:
-    text: list[int] = field(default_factory=list)
-    codes: list[Tensor] = field(default_factory=list)
-    audio: list[Tensor] = field(default_factory=list)
-    first_audio_step: int | None = None
-    steps: int = 0
-    reason: str | None = None
-
-    def waveform(self) -> Tensor:
-        return torch.cat(self.audio)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_models: Path) -> Iterator[Any]:
-    # The tiny model's ops are far too small for threads to pay off; on a shared two-core
-    # machine they only contend (a step took 0.5 s with two threads, 0.05 s with one).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield load_model(str(tiny_models / "tiny-qwen3-omni"))
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def pieces(tiny_models: Path) -> tuple[Any, Any, Any]:
-    prompter = Prompter.from_pretrained(str(tiny_models / "tiny-qwen3-omni"))
-    return prompter.tokenizer, prompter.features, prompter.images
-
-
-def _inputs(pieces: tuple[Any, Any, Any], kind: str, seed: int = 0) -> dict[str, Tensor]:
-    rng = np.random.default_rng(seed)
-    system = Message("system", "You are a helpful voice assistant.")
-    if kind == "text":
-        messages = [system, Message("user", "what is the weather today")]
-    else:
-        clip = (rng.standard_normal(16_000 + 4_000 * seed) * 0.1).astype(np.float32)
-        picture = Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8))
-        messages = [
-            system,
-            Message("user", "hello there"),
-            Message("assistant", "good morning"),
-            Message("user", QUESTIONS[seed % len(QUESTIONS)], audio=[clip], images=[picture]),
-        ]
-    return build_inputs(*pieces, messages)
-
-
-def _request(inputs: dict[str, Tensor], decoding: Decoding = GREEDY) -> Request:
-    return Request(inputs, max_text_tokens=MAX_TEXT, max_frames=MAX_FRAMES, decoding=decoding)
-
-
-def _run(engine: OmniEngine, rows: dict[int, Reply], limit: int = 200) -> None:
-    """Step ``engine`` until it has nothing left, collecting each row's output."""
-    for _ in range(limit):
-        if not engine.active:
-            return
-        for out in engine.step():
-            reply = rows[out.row]
-            reply.steps += 1
-            reply.text += out.text
-            if out.audio is not None and out.codes is not None:
-                reply.codes.append(out.codes)
-                reply.audio.append(out.audio)
-                if reply.first_audio_step is None:
-                    reply.first_audio_step = reply.steps
-            if out.done:
-                reply.reason = out.reason
-    raise AssertionError(f"still generating after {limit} steps")
-
-
-def _alone(model: Any, request: Request) -> Reply:
-    engine = OmniEngine(model, max_rows=1)
-    reply = Reply()
-    _run(engine, {engine.add(request): reply})
-    return reply
+from tests.omni_replies import (
+    GENERATE_WARNING,
+    MAX_FRAMES,
+    MAX_TEXT,
+    QUESTIONS,
+    Reply,
+    make_inputs,
+    make_request,
+    run_alone,
+    run_engine,
+    same_reply,
+)
 
 
 def _generate(model: Any, inputs: dict[str, Tensor]) -> tuple[list[int], Tensor, Tensor]:
@@ -139,9 +62,9 @@ def _generate(model: Any, inputs: dict[str, Tensor]) -> tuple[list[int], Tensor,
 @pytest.mark.filterwarnings(GENERATE_WARNING)
 @pytest.mark.parametrize("kind", ["text", "media"])
 def test_greedy_stream_equals_generate(model: Any, pieces: Any, kind: str) -> None:
-    inputs = _inputs(pieces, kind)
+    inputs = make_inputs(pieces, kind)
     text, codes, wav = _generate(model, inputs)
-    reply = _alone(model, _request(inputs))
+    reply = run_alone(model, make_request(inputs))
     assert reply.text == text
     streamed = torch.stack(reply.codes, dim=1)
     assert streamed.shape[1] >= 5, "too short a reply to test streaming"
@@ -155,15 +78,18 @@ def test_greedy_stream_equals_generate(model: Any, pieces: Any, kind: str) -> No
 
 
 def test_first_audio_comes_early(model: Any, pieces: Any) -> None:
-    reply = _alone(model, _request(_inputs(pieces, "media")))
+    reply = run_alone(model, make_request(make_inputs(pieces, "media")))
     assert reply.first_audio_step is not None
     assert reply.first_audio_step < 0.3 * reply.steps
     assert reply.audio[0].numel() > 0
 
 
 def test_rows_do_not_affect_each_other(model: Any, pieces: Any) -> None:
-    first, second = _request(_inputs(pieces, "media")), _request(_inputs(pieces, "media", seed=1))
-    alone = [_alone(model, first), _alone(model, second)]
+    first, second = (
+        make_request(make_inputs(pieces, "media")),
+        make_request(make_inputs(pieces, "media", seed=1)),
+    )
+    alone = [run_alone(model, first), run_alone(model, second)]
     assert alone[0].text != alone[1].text, "two different calls to tell apart"
     engine = OmniEngine(model, max_rows=3)
     replies = {engine.add(first): Reply()}
@@ -175,7 +101,7 @@ def test_rows_do_not_affect_each_other(model: Any, pieces: Any) -> None:
                 reply.codes.append(out.codes)
                 reply.audio.append(out.audio)
     replies[engine.add(second)] = Reply()
-    _run(engine, replies)
+    run_engine(engine, replies)
     for reply, single in zip(replies.values(), alone, strict=True):
         assert reply.text == single.text
         assert len(reply.codes) == len(single.codes)
@@ -185,8 +111,8 @@ def test_rows_do_not_affect_each_other(model: Any, pieces: Any) -> None:
 
 def test_cancel_stops_a_row_at_the_next_step(model: Any, pieces: Any) -> None:
     engine = OmniEngine(model, max_rows=2)
-    keep = engine.add(_request(_inputs(pieces, "media")))
-    stop = engine.add(_request(_inputs(pieces, "text")))
+    keep = engine.add(make_request(make_inputs(pieces, "media")))
+    stop = engine.add(make_request(make_inputs(pieces, "text")))
     for _ in range(2):
         engine.step()
     engine.cancel(stop)
@@ -200,12 +126,12 @@ def test_cancel_stops_a_row_at_the_next_step(model: Any, pieces: Any) -> None:
     with pytest.raises(KeyError):
         engine.cancel(stop)
     # Its slot is free again: a new call takes it and gets the same reply as alone.
-    request = _request(_inputs(pieces, "text"))
+    request = make_request(make_inputs(pieces, "text"))
     replies = {engine.add(request): Reply()}
     replies[keep] = Reply()
-    _run(engine, replies)
+    run_engine(engine, replies)
     again = next(r for row, r in replies.items() if row != keep)
-    single = _alone(model, request)
+    single = run_alone(model, request)
     assert again.text == single.text
     assert all(torch.equal(a, b) for a, b in zip(again.codes, single.codes, strict=True))
 
@@ -222,13 +148,13 @@ def test_a_sampled_call_depends_on_its_seed_not_on_its_neighbours(model: Any, pi
     """Text, first codes and residual codes all sampled: the same request and seed give the same
     reply alone (twice) and beside another sampled call; another seed gives another reply."""
     sampled = Decoding(text=Sampling(temperature=1.0, top_k=20, top_p=0.9))
-    mine = Request(_inputs(pieces, "media"), max_text_tokens=MAX_TEXT, max_frames=MAX_FRAMES,
+    mine = Request(make_inputs(pieces, "media"), max_text_tokens=MAX_TEXT, max_frames=MAX_FRAMES,
                    decoding=sampled, seed=7)  # fmt: skip
-    alone = _alone(model, mine)
+    alone = run_alone(model, mine)
     assert len(alone.codes) >= 5 and alone.reason in ("stop", "length")
-    assert _same(_alone(model, mine), alone)
-    assert not _same(_alone(model, replace(mine, seed=8)), alone), "the seed must matter"
-    other = replace(mine, inputs=_inputs(pieces, "media", seed=1), seed=8)
+    assert _same(run_alone(model, mine), alone)
+    assert not _same(run_alone(model, replace(mine, seed=8)), alone), "the seed must matter"
+    other = replace(mine, inputs=make_inputs(pieces, "media", seed=1), seed=8)
     engine = OmniEngine(model, max_rows=2)
     replies = {engine.add(other): Reply()}
     for _ in range(2):  # mine joins while the other call is speaking, behind it in the batch
@@ -236,7 +162,7 @@ def test_a_sampled_call_depends_on_its_seed_not_on_its_neighbours(model: Any, pi
             replies[out.row].text += out.text
     row = engine.add(mine)
     replies[row] = Reply()
-    _run(engine, replies)
+    run_engine(engine, replies)
     assert _same(replies[row], alone)
     assert (replies[row].waveform() - alone.waveform()).abs().max() < 1e-4
     codebook = model.config.code2wav_config.codebook_size
@@ -288,15 +214,15 @@ def test_sampling_draws_from_the_filtered_softmax() -> None:
 
 def test_full_engine_and_bad_requests_are_refused(model: Any, pieces: Any) -> None:
     engine = OmniEngine(model, max_rows=1)
-    inputs = _inputs(pieces, "text")
+    inputs = make_inputs(pieces, "text")
     with pytest.raises(ValueError, match="speaker"):
         engine.add(Request(inputs, speaker="nobody"))
     cut = {key: value[:, :-1] for key, value in inputs.items()}
     with pytest.raises(ValueError, match="assistant turn"):
-        engine.add(_request(cut))
-    engine.add(_request(inputs))
+        engine.add(make_request(cut))
+    engine.add(make_request(inputs))
     with pytest.raises(RuntimeError, match="slots"):
-        engine.add(_request(inputs))
+        engine.add(make_request(inputs))
     tokenizer, features, images = pieces
     with pytest.raises(ValueError, match="role"):
         build_inputs(tokenizer, features, images, [Message("robot", "hi")])
@@ -353,7 +279,7 @@ def test_bfloat16_streams(tiny_models: Path, pieces: Any) -> None:
     torch.set_num_threads(1)
     try:
         half = load_model(str(tiny_models / "tiny-qwen3-omni"), dtype=torch.bfloat16)
-        reply = _alone(half, _request(_inputs(pieces, "media")))
+        reply = run_alone(half, make_request(make_inputs(pieces, "media")))
     finally:
         torch.set_num_threads(threads)
     assert 1 <= len(reply.text) <= MAX_TEXT and len(reply.codes) >= 5
@@ -405,9 +331,11 @@ def test_a_cut_history_keeps_its_start_until_the_budget_is_reached_again(pieces:
 
 
 def test_a_text_only_reply_has_the_same_text_and_no_audio(model: Any, pieces: Any) -> None:
-    inputs = _inputs(pieces, "media")
-    spoken = _alone(model, _request(inputs))
-    written = _alone(model, Request(inputs, speak=False, max_text_tokens=MAX_TEXT, decoding=GREEDY))
+    inputs = make_inputs(pieces, "media")
+    spoken = run_alone(model, make_request(inputs))
+    written = run_alone(
+        model, Request(inputs, speak=False, max_text_tokens=MAX_TEXT, decoding=GREEDY)
+    )
     assert written.text == spoken.text and written.audio == []
     assert written.steps == len(written.text) - 1  # the first token comes from the prefill
 
@@ -417,19 +345,19 @@ def test_a_fixed_length_reply_runs_past_the_end_tokens(model: Any, pieces: Any) 
     # code early; its thinker never picks the end token, so make this reply's own second token
     # the end, as such weights would. A benchmark's fixed-length request must still make
     # exactly its limits; an ordinary one stops early.
-    inputs = _inputs(pieces, "media")
-    free = _alone(model, _request(inputs))
+    inputs = make_inputs(pieces, "media")
+    free = run_alone(model, make_request(inputs))
     assert len(free.text) == MAX_TEXT and len(free.codes) < MAX_FRAMES - 1
     engine = OmniEngine(model, max_rows=2)
     engine.text_end = {free.text[1]}
     stopped, fixed = Reply(), Reply()
-    rows = {engine.add(_request(inputs)): stopped}
+    rows = {engine.add(make_request(inputs)): stopped}
     fixed_request = Request(
         inputs, max_text_tokens=MAX_TEXT, max_frames=MAX_FRAMES, decoding=GREEDY,
         fixed_length=True,
     )  # fmt: skip
     rows[engine.add(fixed_request)] = fixed
-    _run(engine, rows)
+    run_engine(engine, rows)
     assert len(stopped.text) < MAX_TEXT and len(stopped.codes) < MAX_FRAMES - 1
     assert stopped.reason == "stop"
     # generate()'s count: the last first code ends the reply without its residual codes.
@@ -458,17 +386,17 @@ def _edges_cut(ids: Tensor, token: int, size: int) -> bool:
 def test_a_prefill_in_small_pieces_equals_the_whole_one_and_generate(
     model: Any, pieces: Any
 ) -> None:
-    inputs = _inputs(pieces, "media")  # history, audio and a picture
+    inputs = make_inputs(pieces, "media")  # history, audio and a picture
     thinker = model.config.thinker_config
     for token in (thinker.audio_token_id, thinker.image_token_id):
         assert _edges_cut(inputs["input_ids"], token, 7), "a piece edge inside each span"
     text, codes, wav = _generate(model, inputs)
-    whole = _alone(model, _request(inputs))
+    whole = run_alone(model, make_request(inputs))
     engine = OmniEngine(model, max_rows=1)
-    row, count = _prefill_in_pieces(engine, _request(inputs), 7)
+    row, count = _prefill_in_pieces(engine, make_request(inputs), 7)
     assert count > inputs["input_ids"].shape[1] // 7, "the talker's prompt in pieces too"
     chunked = Reply()
-    _run(engine, {row: chunked})
+    run_engine(engine, {row: chunked})
     for reply in (whole, chunked):
         assert reply.text == text
         assert torch.equal(torch.stack(reply.codes, dim=1), codes)
@@ -494,10 +422,10 @@ def _long_inputs(pieces: Any) -> dict[str, Tensor]:
 def test_a_call_gets_a_frame_every_step_while_a_long_prompt_is_prefilled(
     model: Any, pieces: Any
 ) -> None:
-    first = _request(_inputs(pieces, "text"))  # 17 frames: it speaks through the prefill
-    second = _request(_long_inputs(pieces))
+    first = make_request(make_inputs(pieces, "text"))  # 17 frames: it speaks through the prefill
+    second = make_request(_long_inputs(pieces))
     assert second.inputs["input_ids"].shape[1] > 200
-    alone = [_alone(model, first), _alone(model, second)]
+    alone = [run_alone(model, first), run_alone(model, second)]
     engine = OmniEngine(model, max_rows=2)
     replies = {engine.add(first): Reply()}
     _run_steps(engine, replies, 1)
@@ -511,7 +439,7 @@ def test_a_call_gets_a_frame_every_step_while_a_long_prompt_is_prefilled(
             (out,) = _run_steps(engine, replies, 1)
             assert out.audio is not None and out.audio.numel() == 1920 and not out.done
     assert pieces_run >= 10
-    _run(engine, replies)
+    run_engine(engine, replies)
     for reply, single in zip(replies.values(), alone, strict=True):
         assert reply.text == single.text
         assert all(torch.equal(a, b) for a, b in zip(reply.codes, single.codes, strict=True))
@@ -533,40 +461,16 @@ def _run_steps(engine: OmniEngine, replies: dict[int, Reply], steps: int) -> lis
 
 def test_a_call_cancelled_while_prefilling_frees_its_slot(model: Any, pieces: Any) -> None:
     engine = OmniEngine(model, max_rows=1)
-    request = _request(_inputs(pieces, "media"))
+    request = make_request(make_inputs(pieces, "media"))
     row = engine.begin(request)
     assert not engine.prefill(row, 16) and engine.prefilling == [row] and not engine.free
     engine.cancel(row)
     assert engine.prefilling == [] and engine.active == [] and engine.step() == []
     again = Reply()
-    _run(engine, {engine.add(request): again})
-    single = _alone(model, request)
+    run_engine(engine, {engine.add(request): again})
+    single = run_alone(model, request)
     assert again.text == single.text
     assert all(torch.equal(a, b) for a, b in zip(again.codes, single.codes, strict=True))
-
-
-def test_fixed_shapes_give_the_replies_of_exact_shapes(model: Any, pieces: Any) -> None:
-    """Batches padded to their bucket on the scratch slot and attention spans rounded up (what a
-    captured step runs) change no call's text, codes or audio: three calls joining one by one,
-    greedy, sampled and fixed-length, so batches of 3 run as 4."""
-    requests = mixed_requests(_inputs(pieces, "media"))
-    exact = run_mixed(OmniEngine(model, max_rows=4), requests)
-    fixed = run_mixed(OmniEngine(model, max_rows=4, fixed_shapes=True), requests)
-    # Caches allocated for just these replies, less than a span: the span is cut there.
-    prompt = int(requests[0].inputs["input_ids"].shape[1])
-    positions = cache_positions(prompt, 6, 12)
-    allocated = OmniEngine(model, max_rows=4, fixed_shapes=True, positions=positions)
-    assert max(positions) < SPAN
-    held = run_mixed(allocated, requests)
-    assert (allocated.thinker_cache.capacity, allocated.talker_cache.capacity) == positions
-    assert all(out.done for out in (exact[0][-1], exact[1][-1], exact[2][-1]))
-    for a, b in [*zip(exact, fixed, strict=True), *zip(exact, held, strict=True)]:
-        assert [x.text for x in a] == [y.text for y in b]
-        codes = [(x.codes, y.codes) for x, y in zip(a, b, strict=True) if x.codes is not None]
-        assert len(codes) >= 5 and all(y is not None and torch.equal(x, y) for x, y in codes)
-        for x, y in zip(a, b, strict=True):
-            if x.audio is not None:
-                assert y.audio is not None and (x.audio - y.audio).abs().max() < 1e-5
 
 
 def _turns(pieces: Any, reply: list[int] | None = None) -> dict[str, Tensor]:
@@ -590,31 +494,25 @@ def _turns(pieces: Any, reply: list[int] | None = None) -> dict[str, Tensor]:
     return {**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _same_reply(a: Reply, b: Reply) -> None:
-    assert a.text == b.text and len(a.codes) == len(b.codes) > 0
-    assert all(torch.equal(x, y) for x, y in zip(a.codes, b.codes, strict=True))
-    assert (a.waveform() - b.waveform()).abs().max() < 1e-4
-
-
 def test_a_conversations_next_turn_prefills_only_what_is_new(model: Any, pieces: Any) -> None:
     """A reply's thinker cache stays in its slot for the call's next turn, whose prefill starts
     after the prefix both prompts share (the first turn's prompt at least), and the reply is the
     one a full prefill gives."""
     first = _turns(pieces)
     engine = OmniEngine(model, max_rows=2)
-    replies = {engine.add(replace(_request(first), conversation="call")): Reply()}
-    _run(engine, replies)
+    replies = {engine.add(replace(make_request(first), conversation="call")): Reply()}
+    run_engine(engine, replies)
     said = next(iter(replies.values())).text
     assert list(engine.kept) == ["call"] and len(engine.free) == 2
     second = _turns(pieces, said)
-    row = engine.add(replace(_request(second), conversation="call"))
+    row = engine.add(replace(make_request(second), conversation="call"))
     # All the slot holds: turn one's prompt and its reply's tokens but the last (never fed);
     # and of the talker's prompt, turn one's user part.
     assert engine.reused == first["input_ids"].shape[1] + len(said) - 1
     assert engine.talker_reused > 10, engine.talker_reused
     replies = {row: Reply()}
-    _run(engine, replies)
-    _same_reply(replies[row], _alone(model, _request(second)))
+    run_engine(engine, replies)
+    same_reply(replies[row], run_alone(model, make_request(second)))
     engine.forget("call")
     assert not engine.kept and len(engine.free) == 2
 
@@ -633,9 +531,9 @@ def test_a_next_turn_prepares_and_encodes_only_its_new_media(model: Any, pieces:
     ]
     media, engine = Media(), OmniEngine(model, max_rows=1)
     first = build_inputs(*pieces, asked, media=media)
-    row = engine.add(replace(_request(first), conversation="call", media=media.latest))
+    row = engine.add(replace(make_request(first), conversation="call", media=media.latest))
     replies = {row: Reply()}
-    _run(engine, replies)
+    run_engine(engine, replies)
     assert (media.prepared, media.encoded, media.held_bytes) == (2, 2, 0)
     said = pieces[0].decode(replies[row].text, skip_special_tokens=True)
     turns = [*asked, Message("assistant", said), Message("user", "and this?", audio=[clips[1]])]
@@ -646,12 +544,12 @@ def test_a_next_turn_prepares_and_encodes_only_its_new_media(model: Any, pieces:
     # hold until they are encoded and then let go.
     assert whole.keys() - second.keys() == {"input_features", "pixel_values"}
     assert all(torch.equal(whole[key], second[key]) for key in second)
-    row = engine.add(replace(_request(second), conversation="call", media=media.latest))
+    row = engine.add(replace(make_request(second), conversation="call", media=media.latest))
     assert media.encoded == 3 and engine.reused >= first["input_ids"].shape[1]
     assert media.held_bytes == 0
     replies = {row: Reply()}
-    _run(engine, replies)
-    _same_reply(replies[row], _alone(model, _request(whole)))
+    run_engine(engine, replies)
+    same_reply(replies[row], run_alone(model, make_request(whole)))
     # Only the latest prompt's media are held: a turn without the picture lets it go.
     build_inputs(*pieces, [asked[0], turns[-1]], media=media)
     assert len(media) == 1
@@ -680,123 +578,18 @@ def test_a_kept_cache_gives_way_to_another_call(model: Any, pieces: Any) -> None
     prefilled whole next time, with the same reply."""
     first = _turns(pieces)
     engine = OmniEngine(model, max_rows=1)
-    replies = {engine.add(replace(_request(first), conversation="a")): Reply()}
-    _run(engine, replies)
+    replies = {engine.add(replace(make_request(first), conversation="a")): Reply()}
+    run_engine(engine, replies)
     said = next(iter(replies.values())).text
-    other = engine.add(replace(_request(_inputs(pieces, "text")), conversation="b"))
+    other = engine.add(replace(make_request(make_inputs(pieces, "text")), conversation="b"))
     assert list(engine.kept) == [] and engine.reused == 0
-    _run(engine, {other: Reply()})
+    run_engine(engine, {other: Reply()})
     second = _turns(pieces, said)
-    row = engine.add(replace(_request(second), conversation="a"))
+    row = engine.add(replace(make_request(second), conversation="a"))
     assert engine.reused == 0 and list(engine.kept) == []  # b's cache gave way, a's was gone
     replies = {row: Reply()}
-    _run(engine, replies)
-    _same_reply(replies[row], _alone(model, _request(second)))
-
-
-class _WarmedEveryStep(OmniEngine):
-    """Before each step, what capturing that step's shape runs: the step twice on zeroed
-    columns (``OmniGraphs._capture``'s warm-up; the capture itself runs it once more)."""
-
-    def _step(self, thinking: Any, speaking: Any, results: Any) -> None:
-        shape, ints, floats = self._shape(thinking, speaking)
-        int_zeros, float_zeros = zeroed(ints, floats, self.device)
-        sent = split(int_zeros, ints) | split(float_zeros, floats)
-        for _ in range(3):
-            self.decode.compute(sent, shape)
-        super()._step(thinking, speaking, results)
-
-
-class _FailingCapture:
-    """What a CUDA graph capture that fails looks like to the engine (there is none on a CPU)."""
-
-    def __call__(self, *args: Any) -> list[Tensor]:
-        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
-
-
-def test_a_step_whose_capture_fails_runs_eagerly_from_then_on(model: Any, pieces: Any) -> None:
-    """A capture that fails mid-reply costs no call anything: that step and the ones after run
-    eagerly, and the reply is the one an engine without graphs gives."""
-    request = _request(_inputs(pieces, "audio"))
-    engine = OmniEngine(model, max_rows=2, fixed_shapes=True)
-    engine.graphs = _FailingCapture()  # type: ignore[assignment]
-    reply = Reply()
-    _run(engine, {engine.add(request): reply})
-    assert engine.graphs is None and "capturing" in engine.graphs_failed
-    _same_reply(reply, _alone(model, request))
-
-
-def test_a_capture_warm_up_moves_no_call(model: Any, pieces: Any) -> None:
-    """A graph's warm-up and capture run the real step on the real state (a CPU cannot capture,
-    but it can run that): with zeroed columns every row is on the scratch slot, so running it
-    before every step changes no call's text, codes or audio."""
-    requests = mixed_requests(_inputs(pieces, "media"))
-    # Three slots for three calls: every slot but the scratch one is some call's.
-    plain = run_mixed(OmniEngine(model, max_rows=3, fixed_shapes=True), requests)
-    warmed = run_mixed(_WarmedEveryStep(model, max_rows=3, fixed_shapes=True), requests)
-    for a, b in zip(plain, warmed, strict=True):
-        assert [x.text for x in a] == [y.text for y in b]
-        for x, y in zip(a, b, strict=True):
-            assert (x.codes is None) == (y.codes is None)
-            assert x.codes is None or y.codes is None or torch.equal(x.codes, y.codes)
-            assert x.audio is None or y.audio is None or torch.equal(x.audio, y.audio)
-
-
-def test_steps_replayed_per_shape_give_the_eager_steps(model: Any, pieces: Any) -> None:
-    """The graphs' bookkeeping without CUDA (``OmniGraphs(rerun=True)``: a replay runs the
-    step again on the captured buffers and copies into the captured outputs): each step's
-    columns reach its shape's buffers and the outputs are read back right, through joins,
-    leaves, first frames beside later ones and text that ends before speech."""
-    requests = mixed_requests(_inputs(pieces, "media"))
-    plain = run_mixed(OmniEngine(model, max_rows=3, fixed_shapes=True), requests)
-    engine = OmniEngine(model, max_rows=3, fixed_shapes=True)
-    parts = {"think": engine.decode.think, "speak": engine.decode.speak}
-    graphs = engine.graphs = OmniGraphs(parts, engine.device, rerun=True)
-    replayed = run_mixed(engine, requests)
-    assert engine.graphs is graphs and graphs.captured >= 4  # batches of 1, 2 and 4; text ends
-    for a, b in zip(plain, replayed, strict=True):
-        assert [x.text for x in a] == [y.text for y in b]
-        for x, y in zip(a, b, strict=True):
-            assert (x.codes is None) == (y.codes is None)
-            assert x.codes is None or y.codes is None or torch.equal(x.codes, y.codes)
-            assert x.audio is None or y.audio is None or torch.equal(x.audio, y.audio)
-
-
-def test_every_shape_is_captured_before_the_calls_come(model: Any, pieces: Any) -> None:
-    """``OmniEngine.capture`` captures each part for every batch size and span of the caches
-    as allocated (a worker's load): calls decoding that way then meet no new shape, and their
-    replies are the eager ones."""
-    inputs = _inputs(pieces, "media")
-    requests = [
-        Request(inputs, max_text_tokens=6, max_frames=12, decoding=GREEDY),
-        Request(inputs, max_text_tokens=3, max_frames=12, decoding=GREEDY),
-        Request(inputs, max_text_tokens=6, max_frames=12, decoding=GREEDY, fixed_length=True),
-    ]
-    positions = (SPAN + 100, 2 * SPAN + 100)
-    eager = run_mixed(OmniEngine(model, 3, fixed_shapes=True, positions=positions), requests)
-    engine = OmniEngine(model, max_rows=3, fixed_shapes=True, positions=positions)
-    parts = {"think": engine.decode.think, "speak": engine.decode.speak}
-    graphs = engine.graphs = OmniGraphs(parts, engine.device, rerun=True)
-    # Batches of 1, 2 and 4 rows; the thinker's spans 1024 and 1124, the talker's three.
-    assert engine.capture(GREEDY) == graphs.captured == 3 * (2 + 3)
-    replayed = run_mixed(engine, requests)
-    assert graphs.captured == 15
-    for a, b in zip(eager, replayed, strict=True):
-        assert [x.text for x in a] == [y.text for y in b]
-        pairs = zip(a, b, strict=True)
-        assert all(y.codes is not None and torch.equal(x.codes, y.codes) for x, y in pairs
-                   if x.codes is not None)  # fmt: skip
-
-
-@pytest.mark.gpu
-def test_graph_replay_equals_the_eager_step(tiny_models: Path, pieces: Any) -> None:
-    """On a GPU (``pytest -m gpu``; CI has no GPU and deselects it): the step replayed from CUDA
-    graphs gives the eager step's text and codes, and its audio within bf16 rounding."""
-    from tests.omni_graphs_check import graphs_equal_eager
-
-    cuda = load_model(str(tiny_models / "tiny-qwen3-omni"), "cuda", torch.bfloat16)
-    same, worst, captured = graphs_equal_eager(cuda, _inputs(pieces, "media"))
-    assert same and worst < 1e-2 and captured > 1
+    run_engine(engine, replies)
+    same_reply(replies[row], run_alone(model, make_request(second)))
 
 
 @pytest.mark.parametrize("fixed_shapes", [False, True])
@@ -811,12 +604,12 @@ def test_a_step_reads_back_once_and_uploads_once_per_dtype(
         text=Sampling(temperature=1.0, top_k=20, top_p=0.9), speech=Sampling(top_k=10),
         residual=Sampling(temperature=0.9),
     )  # fmt: skip
-    inputs = _inputs(pieces, "media")
+    inputs = make_inputs(pieces, "media")
     requests = [
-        _request(inputs),
+        make_request(inputs),
         Request(inputs, max_text_tokens=3, max_frames=MAX_FRAMES, decoding=sampled, seed=3),
         Request(
-            _inputs(pieces, "text"),
+            make_inputs(pieces, "text"),
             max_text_tokens=MAX_TEXT,
             max_frames=12,
             decoding=GREEDY,

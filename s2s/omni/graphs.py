@@ -62,7 +62,7 @@ def zeroed(
     int_columns: Mapping[str, Sized], float_columns: Mapping[str, Sized], device: torch.device
 ) -> tuple[Tensor, Tensor]:
     """Buffers for the columns, all zero: every row on the scratch slot, so a step run on them
-    (a capture's warm-up and capture) moves no call's state (``tests/test_qwen3_omni.py``)."""
+    (a capture's warm-up and capture) moves no call's state (``tests/test_omni_graphs.py``)."""
     count = sum(len(v) for v in int_columns.values())
     floats = sum(len(v) for v in float_columns.values())
     return (
