@@ -1,5 +1,6 @@
 """Graph replay against the eager step on a GPU, shared by ``tests/test_moshi.py`` (``-m gpu``)
-and ``scripts/bench_moshi.py --check-graphs`` (the device machine has no pytest)."""
+and ``scripts/bench_moshi.py --check-graphs`` (the device machine has no pytest); with
+``rerun=True`` on any device, the CPU's stand-in for graphs (``StepGraphs(rerun=True)``)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,19 @@ import torch
 from s2s.backends.moshi_engine import MoshiEngine
 
 
-def graphs_equal_eager(model: Any, steps: int = 300, context: int = 400) -> tuple[bool, int]:
-    """Two engines on ``model`` (a CUDA one), one graphed and one eager, through joins, a leave,
-    a reset and a span change; returns (every output equal, graphs captured)."""
+def graphs_equal_eager(
+    model: Any, steps: int = 300, context: int = 400, rerun: bool = False
+) -> tuple[bool, int]:
+    """Two engines on ``model`` (a CUDA one, unless ``rerun``), one graphed and one eager,
+    through joins, a leave, a reset and a span change; returns (every output equal, graphs
+    captured)."""
     k = int(model.config.num_codebooks)
     generator = torch.Generator().manual_seed(0)
-    codes = [torch.randint(0, 64, (k,), generator=generator).cuda() for _ in range(steps)]
-    graphed = MoshiEngine(model, max_calls=8, context=context, graphs=True)
+    device = model.device
+    codes = [torch.randint(0, 64, (k,), generator=generator).to(device) for _ in range(steps)]
+    graphed = MoshiEngine(model, max_calls=8, context=context, graphs=not rerun)
+    if rerun:
+        graphed.graphs = graphed.step_graphs(rerun=True)
     eager = MoshiEngine(model, max_calls=8, context=context, graphs=False)
     rows: list[tuple[Any, Any]] = [(graphed.join(0, seed=0), eager.join(0, seed=0))]
     same = True
@@ -40,9 +47,10 @@ def graphs_equal_eager(model: Any, steps: int = 300, context: int = 400) -> tupl
     return bool(same), graphed.graphs.captured
 
 
-def codec_graphs_equal_eager(mimi: Any, steps: int = 30) -> bool:
-    """The codec's steps replayed from graphs against eager ones, on 3 of 4 slots that skip
-    ticks and reset; True when codes and audio are identical."""
+def codec_graphs_equal_eager(mimi: Any, steps: int = 30, rerun: bool = False) -> bool:
+    """The codec's steps replayed from graphs (``rerun``: the CPU's stand-in) against eager
+    ones, on 3 of 4 slots that skip ticks and reset; True when codes and audio are
+    identical."""
     from s2s.backends.graphs import StepGraphs
     from s2s.backends.mimi_stream import MimiStreamDecoder, MimiStreamEncoder
 
@@ -56,12 +64,14 @@ def codec_graphs_equal_eager(mimi: Any, steps: int = 30) -> bool:
         lambda n, x, mask: graphed[0].step(x, mask),
         [torch.zeros((4, 1, frame), dtype=dtype, device=device), ready],
         (0.0, False),
+        rerun,
     )
     decode = StepGraphs(
         "decode",
         lambda n, x, mask: graphed[1].step(x, mask),
         [torch.zeros((4, quantizers, 1), dtype=torch.long, device=device), ready.clone()],
         (0, False),
+        rerun,
     )
     generator = torch.Generator().manual_seed(1)
     same = True

@@ -235,6 +235,17 @@ def test_a_frame_of_the_wrong_size_fails_that_call_alone(
     assert all(any(out[call].audio for out in later) for call in "ab")
 
 
+def test_steps_replayed_per_shape_give_the_eager_steps(
+    tiny_moshi: MoshiForConditionalGeneration,
+) -> None:
+    """The graphs' bookkeeping without CUDA (``StepGraphs(rerun=True)``: a replay runs the step
+    again on the graph's buffers and copies into its captured output): the engine's and the
+    codec's outputs are the eager ones across joins, a leave, a reset and a span change."""
+    same, captured = graphs_equal_eager(tiny_moshi, steps=120, context=40, rerun=True)
+    assert same and captured >= 3
+    assert codec_graphs_equal_eager(tiny_moshi.audio_encoder, rerun=True)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.gpu
 def test_graph_replay_equals_the_eager_step(tiny_moshi: MoshiForConditionalGeneration) -> None:

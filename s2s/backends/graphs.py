@@ -17,6 +17,11 @@ What makes capture safe:
   ``tests/test_moshi.py`` and ``tests/test_mimi_stream.py`` check this on the CPU).
 - Shapes are captured when first needed, or up front with ``capture()`` (the model worker does
   it at load), so no call waits for a capture mid-conversation.
+
+On a CPU, ``rerun=True`` stands in for CUDA: a "replay" runs the step again on the buffers and
+copies its result into the tensor the capture returned, so the bookkeeping (buffers, idle
+values, one graph per shape, outputs read after the replay) is tested without a GPU
+(``tests/test_moshi.py``).
 """
 
 from __future__ import annotations
@@ -52,17 +57,21 @@ class StepGraphs:
         step: Callable[..., Tensor],
         buffers: Sequence[Tensor],
         idle: Sequence[float | int | bool],
+        rerun: bool = False,
     ) -> None:
+        """``rerun``: no CUDA graphs, each replay runs ``step`` again (tests on a CPU)."""
         device = buffers[0].device
-        if device.type != "cuda":
+        if device.type != "cuda" and not rerun:
             raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
         self.name = name
         self._step = step
         self._buffers = list(buffers)
         self._idle = list(idle)
-        self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
-        self._pool = torch.cuda.graph_pool_handle()
-        self._stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
+        self._rerun = rerun
+        self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph | None, Tensor]] = {}
+        if not rerun:
+            self._pool = torch.cuda.graph_pool_handle()
+            self._stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
 
     def __call__(self, n: int, inputs: Sequence[Tensor | None], *key: int) -> Tensor:
         """Run the step for the first ``n`` slots; an input of None is its idle value."""
@@ -72,7 +81,11 @@ class StepGraphs:
                 buffer[:n].fill_(fill)
             else:
                 buffer[:n].copy_(value)
-        graph.replay()
+        if graph is None:
+            with torch.inference_mode():
+                out.copy_(self._step(n, *(b[:n] for b in self._buffers), *key))
+        else:
+            graph.replay()
         return out
 
     @property
@@ -89,10 +102,15 @@ class StepGraphs:
                  time.perf_counter() - started)  # fmt: skip
 
     @torch.inference_mode()
-    def _capture(self, n: int, key: tuple[int, ...]) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    def _capture(self, n: int, key: tuple[int, ...]) -> tuple[torch.cuda.CUDAGraph | None, Tensor]:
         for buffer, fill in zip(self._buffers, self._idle, strict=True):
             buffer.fill_(fill)  # the warm-up moves no slot's state (see the module's doc)
         args = [buffer[:n] for buffer in self._buffers]
+        if self._rerun:
+            for _ in range(_WARMUP_RUNS):
+                self._step(n, *args, *key)
+            self._graphs[(n, *key)] = None, self._step(n, *args, *key)
+            return self._graphs[(n, *key)]
         self._stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._stream):
             for _ in range(_WARMUP_RUNS):

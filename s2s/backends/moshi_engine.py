@@ -165,12 +165,18 @@ class MoshiEngine:
         self._stream_index = torch.arange(2 * self.k, device=dev)
         self.graphs: StepGraphs | None = None
         if graphs if graphs is not None else self.device.type == "cuda":
-            buffers = [
-                torch.zeros(s, dtype=torch.bool, device=dev),  # ready
-                torch.full((s, self.k), self.bos, dtype=torch.long, device=dev),  # user codes
-                torch.full((s,), -1, dtype=torch.long, device=dev),  # forced text
-            ]
-            self.graphs = StepGraphs("Moshi step", self.compute, buffers, (False, self.bos, -1))
+            self.graphs = self.step_graphs()
+
+    def step_graphs(self, rerun: bool = False) -> StepGraphs:
+        """The step's graphs, over buffers of its inputs (``rerun``: the CPU's stand-in)."""
+        s, dev = self.max_calls, self.device
+        buffers = [
+            torch.zeros(s, dtype=torch.bool, device=dev),  # ready
+            torch.full((s, self.k), self.bos, dtype=torch.long, device=dev),  # user codes
+            torch.full((s,), -1, dtype=torch.long, device=dev),  # forced text
+        ]
+        idle = (False, self.bos, -1)
+        return StepGraphs("Moshi step", self.compute, buffers, idle, rerun)
 
     # -- slots -------------------------------------------------------------------------------
 
