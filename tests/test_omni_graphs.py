@@ -123,6 +123,31 @@ def test_steps_replayed_per_shape_give_the_eager_steps(model: Any, pieces: Any) 
     _same_steps(plain, replayed)
 
 
+class _SpeakCaptureFails(OmniGraphs):
+    """Graphs whose speak part fails to capture once one of each part is captured."""
+
+    def _capture(self, part: str, *args: Any) -> Any:
+        if part == "speak" and self.captured >= 2:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return super()._capture(part, *args)
+
+
+def test_a_part_that_fails_to_capture_leaves_the_step_to_run_eagerly_once(
+    model: Any, pieces: Any
+) -> None:
+    """When a second call joins, the think part of the new batch size captures and the speak
+    part fails: nothing of that step has been replayed, so running it eagerly runs each part
+    once, and every reply is the eager engine's."""
+    requests = mixed_requests(make_inputs(pieces, "media"))
+    plain = run_mixed(OmniEngine(model, max_rows=3, fixed_shapes=True), requests)
+    engine = OmniEngine(model, max_rows=3, fixed_shapes=True)
+    parts = {"think": engine.decode.think, "speak": engine.decode.speak}
+    engine.graphs = _SpeakCaptureFails(parts, engine.device, rerun=True)
+    failing = run_mixed(engine, requests)
+    assert engine.graphs is None and "capturing" in engine.graphs_failed
+    _same_steps(plain, failing)
+
+
 def test_every_shape_is_captured_before_the_calls_come(model: Any, pieces: Any) -> None:
     """``OmniEngine.capture`` captures each part for every batch size and span of the caches
     as allocated (a worker's load): calls decoding that way then meet no new shape, and their

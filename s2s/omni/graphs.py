@@ -147,11 +147,15 @@ class OmniGraphs:
         """Replay the parts of the step of ``shape`` on the uploaded ``ints`` and ``floats``
         (laid out as ``int_columns`` and ``float_columns``): the think part's outputs, then the
         speak part's, as ``DecodeStep.compute`` returns them."""
-        out: list[Tensor] = []
+        # Every part's graph first: a capture that fails then leaves the step undone, so that
+        # the engine can run all of it eagerly (a think part replayed already would run twice).
+        graphs = []
         for part in self.parts_of(shape):
             mine, int_start = part_columns(part, int_columns)
             floating, float_start = part_columns(part, float_columns)
-            found = self._graph(part, mine, floating, shape)
+            graphs.append((self._graph(part, mine, floating, shape), int_start, float_start))
+        out: list[Tensor] = []
+        for found, int_start, float_start in graphs:
             found.ints.copy_(ints[int_start : int_start + found.ints.numel()])
             found.floats.copy_(floats[float_start : float_start + found.floats.numel()])
             found.replay()
