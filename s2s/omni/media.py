@@ -58,14 +58,14 @@ def clip_batch(features: list[Tensor]) -> Tensor:
 class _Clip:
     frames: int
     features: Tensor | None  # (mel bins, frames) until encoded, then let go
-    encoded: Tensor | None = None  # (tokens, hidden), on the model's device
+    encoded: Tensor | None = None  # (tokens, hidden), in host memory
 
 
 @dataclass(slots=True)
 class _Picture:
     grid: Tensor  # (3,): patches in time, height and width
     pixels: Tensor | None  # (patches, values per patch) until encoded, then let go
-    encoded: Tensor | None = None  # (tokens, hidden), on the model's device
+    encoded: Tensor | None = None  # (tokens, hidden), in host memory
     deepstack: list[Tensor] = field(default_factory=list)  # per deepstack layer, (tokens, hidden)
 
 
@@ -182,9 +182,12 @@ class Media:
 @dataclass(frozen=True, slots=True)
 class MediaPlan:
     """The media of one built prompt, in order, as ``media`` holds them: what the engine
-    encodes (the new ones) or takes as encoded before. A planned prompt's inputs carry no
-    features or pixels (``feature_attention_mask`` and ``image_grid_thw`` only): the entries
-    hold them until they are encoded, and let them go then."""
+        encodes (the new ones) or takes as encoded before. A planned prompt's inputs carry no
+        features or pixels (``feature_attention_mask`` and ``image_grid_thw`` only): the entries
+        hold them until they are encoded, and let them go then. Encoder outputs are kept in host
+    memory (a 1024x768 picture's are about 13 MB at the real size) and a prompt uploads its
+    media's when it is prefilled, so what a call holds on the device is its slot, set aside at
+    load."""
 
     media: Media
     clips: tuple[_Clip, ...]
@@ -203,10 +206,11 @@ class MediaPlan:
                 features.to(device, dtype), mask.to(device), return_dict=True
             ).last_hidden_state
             sizes = [audio_tokens(clip.frames) for clip in new]
-            for clip, encoded in zip(new, out.split(sizes), strict=True):
+            for clip, encoded in zip(new, out.cpu().split(sizes), strict=True):
                 clip.encoded, clip.features = encoded, None
             self.media.encoded += len(new)
-        return torch.cat([clip.encoded for clip in clips if clip.encoded is not None])
+        kept = torch.cat([clip.encoded for clip in clips if clip.encoded is not None])
+        return kept.to(model.device)
 
     def image_embeds(self, model: Any) -> tuple[Tensor, list[Tensor]]:
         """The vision encoder's outputs for the prompt's pictures, in order: their embeddings
@@ -220,12 +224,15 @@ class MediaPlan:
             grid = torch.stack([picture.grid for picture in new]).to(device)
             out = model.get_image_features(rows, grid, return_dict=True)
             for j, picture in enumerate(new):
-                picture.encoded, picture.pixels = out.pooler_output[j], None
-                picture.deepstack = [layer[j] for layer in out.deepstack_features]
+                picture.encoded, picture.pixels = out.pooler_output[j].cpu(), None
+                picture.deepstack = [layer[j].cpu() for layer in out.deepstack_features]
             self.media.encoded += len(new)
-        embeds = torch.cat([p.encoded for p in pictures if p.encoded is not None])
+        device = model.device
+        embeds = torch.cat([p.encoded for p in pictures if p.encoded is not None]).to(device)
         layers = len(pictures[0].deepstack)
-        deepstack = [torch.cat([p.deepstack[n] for p in pictures]) for n in range(layers)]
+        deepstack = [
+            torch.cat([p.deepstack[n] for p in pictures]).to(device) for n in range(layers)
+        ]
         return embeds, deepstack
 
 
