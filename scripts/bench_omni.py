@@ -28,8 +28,10 @@ allocates them (``--prompt-tokens``, 8,192 by default there). ``--random-size`` 
 text tokens and ``--max-frames`` first codes and runs compare; a checkpoint ends its replies
 itself unless ``--fixed-length`` is given.
 
-``--graphs on`` (CUDA) replays each step from CUDA graphs (``s2s.omni.graphs``; each batch size
-runs once untimed first, to capture its shapes), ``--graphs both`` prints an eager row and a
+``--graphs on`` (CUDA) replays each step from CUDA graphs (``s2s.omni.graphs``; for each batch
+size it runs once untimed first, to capture its shapes; for the largest it first captures every
+shape up front as a worker of that many slots does at load, printing how many, how long and how
+much memory), ``--graphs both`` prints an eager row and a
 graphed one per batch size, and ``--check-graphs`` first checks that replay gives the eager
 step's text and codes (``tests/omni_graphs_check.py``). On a CPU ``--profile`` counts what the
 eager step dispatches, which is what graphs would save.
@@ -269,9 +271,20 @@ def main() -> None:
           + "".join(f" {name:>7}" for name in counts))  # fmt: skip
     prompt = int(request.inputs["input_ids"].shape[1])
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.graphs]
-    for calls in [int(n) for n in args.calls.split(",")]:
+    sizes = [int(n) for n in args.calls.split(",")]
+    for calls in sizes:
         for graphs in modes:
             engine = OmniEngine(model, max_rows=calls, graphs=graphs, positions=positions)
+            if graphs and calls == max(sizes):
+                # What a worker of this many slots does at load: every shape of each part,
+                # captured up front (for the largest size only: the device call's budget).
+                reserved = torch.cuda.memory_reserved()
+                started = time.perf_counter()
+                count = engine.capture(request.decoding)
+                print(f"  ({calls} calls: {count} step graphs captured in "
+                      f"{time.perf_counter() - started:.1f} s, "
+                      f"{(torch.cuda.memory_reserved() - reserved) / 2**30:.2f} GiB)",
+                      flush=True)  # fmt: skip
             if graphs:
                 run_batch(engine, request, calls, args.device)  # captures this batch's shapes
             if cuda:

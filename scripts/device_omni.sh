@@ -26,7 +26,9 @@
 # On a GPU it first checks graph replay against the eager step (the tiny-shaped scenario of
 # tests/omni_graphs_check.py on the real-size model), then prints an eager and a graphed row
 # per batch size (GRAPHS=on: graphed only, for time); each graphed batch runs twice, the first
-# to capture its shapes. Graphs add to the estimate above: perhaps 1-2 minutes more, so
+# to capture its shapes, and the largest first captures every shape up front as a worker does
+# at load (16 calls of 8,192 positions: 5 batch sizes x (10 + 13) spans = 115 graphs, its time
+# and memory printed). Graphs add to the estimate above: perhaps 1-2 minutes more, so
 # CALLS=1,4,8 GRAPHS=on is the fallback if the first try is cut. Last, it times a call's next
 # turn after a ~4,500-token spoken conversation with its caches and media kept, with its caches
 # alone and from nothing (--next-turn; NEXT_TURN=0 skips it).
