@@ -72,7 +72,7 @@ from omni_sizes import borrow_token_ids, real_config, shrunk_config  # noqa: E40
 from s2s.omni.engine import OmniEngine, cache_positions, load_model, prepare_model  # noqa: E402
 from s2s.omni.media import Media  # noqa: E402
 from s2s.omni.prompt import Message, Prompter  # noqa: E402
-from s2s.omni.request import GREEDY, Request  # noqa: E402
+from s2s.omni.request import GREEDY, MAX_FRAMES, MAX_TEXT_TOKENS, Request  # noqa: E402
 
 FRAME_SECONDS = 0.08
 SIZES = {
@@ -235,7 +235,8 @@ def main() -> None:
     if args.prompt_tokens is None:
         args.prompt_tokens = 8192 if cuda else 0
     # generate()'s longest reply, which the worker allocates for unless a checkpoint says less.
-    positions = cache_positions(args.prompt_tokens, 1024, 4096) if args.prompt_tokens else None
+    longest = (args.prompt_tokens, MAX_TEXT_TOKENS, MAX_FRAMES)
+    positions = cache_positions(*longest) if args.prompt_tokens else None
     dtype = torch.bfloat16 if cuda else torch.float32
     start = time.perf_counter()
     if args.random_size:

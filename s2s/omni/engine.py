@@ -91,12 +91,6 @@ class _Prefill:
     kept: Kept | None = None  # the conversation's last turn, in this slot
 
 
-def _spans(capacity: int) -> list[int]:
-    """How far a fixed-shape step may look into a cache of ``capacity`` positions
-    (``SlotCache.visible``): each multiple of ``SPAN``, the last cut at the capacity."""
-    return [min(end, capacity) for end in range(SPAN, capacity + SPAN, SPAN)]
-
-
 def cache_positions(prompt_tokens: int, max_text_tokens: int, max_frames: int) -> tuple[int, int]:
     """The positions a slot of the thinker's and of the talker's cache needs for a prompt of
     ``prompt_tokens`` and the longest reply (its text tokens, its frames)."""
@@ -538,12 +532,12 @@ class OmniEngine:
         count = 0
         for rows in sizes:
             ints, floats = self._columns([], [], rows, rows)
-            for sees in _spans(self.thinker_cache.capacity):
+            for sees in self.thinker_cache.visible_sizes(SPAN):
                 shape = StepShape(rows, 0, think_sees=sees, capacities=capacities,
                                   think_samples=decoding.text is not None)  # fmt: skip
                 self.graphs.capture("think", ints, floats, shape)
                 count += 1
-            for sees in _spans(self.talker_cache.capacity):
+            for sees in self.talker_cache.visible_sizes(SPAN):
                 shape = StepShape(
                     0, rows, speak_sees=sees, c2w_span=self.code2wav.slots, capacities=capacities,
                     speech_samples=decoding.speech is not None,

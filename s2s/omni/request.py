@@ -27,6 +27,9 @@ class Decoding:
 
 
 GREEDY = Decoding(speech=None, residual=None)
+#: ``generate()``'s longest reply, unless a checkpoint's generation config says otherwise: text
+#: tokens (``thinker_max_new_tokens``) and frames (``talker_max_new_tokens``).
+MAX_TEXT_TOKENS, MAX_FRAMES = 1024, 4096
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ values a step uploads for its rows, padded to a bucket on the scratch slot, and 
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from s2s.omni.prefill import Pieces, ThinkerPrompt
@@ -100,10 +100,6 @@ class StepShape:
     residual_samples: bool = False
     c2w_span: int = 0
     capacities: tuple[int, int] = (0, 0)
-
-    @property
-    def key(self) -> tuple[Any, ...]:
-        return astuple(self)
 
     @property
     def think_key(self) -> tuple[Any, ...]:

@@ -188,6 +188,11 @@ class SlotCache:
         self.reserve(visible)
         return visible
 
+    def visible_sizes(self, span: int) -> list[int]:
+        """Every size ``visible(slots, span)`` can give within the capacity: each multiple of
+        ``span``, the last cut at the capacity (a graph is captured for each)."""
+        return [min(end, self.capacity) for end in range(span, self.capacity + span, span)]
+
     def advance(self, slots: list[int]) -> None:
         """The host's side of a decode step of ``slots``: one more position each."""
         for slot in slots:

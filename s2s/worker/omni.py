@@ -29,7 +29,7 @@ import torch
 from s2s.omni.engine import OmniEngine, cache_positions, load_model
 from s2s.omni.media import Media
 from s2s.omni.prompt import AUDIO_RATE, Message, Prompter
-from s2s.omni.request import TALKER_SAMPLING, Decoding, Request
+from s2s.omni.request import MAX_FRAMES, MAX_TEXT_TOKENS, TALKER_SAMPLING, Decoding, Request
 from s2s.omni.sampling import Sampling
 from s2s.worker.messages import CallOutput, Change, Hello, Respond, Tick, TickResult, Turn
 from s2s.worker.process import pick_device_and_dtype
@@ -68,8 +68,8 @@ class OmniWorker:
         self.device = device
         # generate()'s defaults unless the checkpoint's generation_config.json says otherwise
         # (the tiny test checkpoint does: its random model never stops by itself).
-        self.max_text_tokens = int(limits.get("thinker_max_new_tokens", 1024))
-        self.max_frames = int(limits.get("talker_max_new_tokens", 4096))
+        self.max_text_tokens = int(limits.get("thinker_max_new_tokens", MAX_TEXT_TOKENS))
+        self.max_frames = int(limits.get("talker_max_new_tokens", MAX_FRAMES))
         self.decoding = decoding_from(limits)
         positions = cache_positions(prompt_tokens, self.max_text_tokens, self.max_frames)
         try:
