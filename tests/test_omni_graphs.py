@@ -70,7 +70,7 @@ class _WarmedEveryStep(OmniEngine):
     columns (``OmniGraphs._capture``'s warm-up; the capture itself runs it once more)."""
 
     def _step(self, thinking: Any, speaking: Any, results: Any) -> None:
-        shape, ints, floats = self._shape(thinking, speaking)
+        shape, (ints, floats) = self.layout.plan(thinking, speaking)
         int_zeros, float_zeros = zeroed(ints, floats, self.device)
         sent = split(int_zeros, ints) | split(float_zeros, floats)
         for _ in range(3):

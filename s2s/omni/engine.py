@@ -45,7 +45,6 @@ import torch
 from torch import Tensor
 from transformers import Qwen3OmniMoeForConditionalGeneration
 
-from s2s.backends.graphs import bucket
 from s2s.hosttraffic import download, split, upload, upload_flat
 from s2s.omni.code2wav import Code2WavStream
 from s2s.omni.decode import DecodeStep
@@ -54,15 +53,7 @@ from s2s.omni.kept import Kept, reuse_talker, reuse_thinker
 from s2s.omni.predictor import CodePredictor
 from s2s.omni.prefill import Pieces, ThinkerPrompt, encode, talker_prompt
 from s2s.omni.request import Decoding, Request, RowStep
-from s2s.omni.rows import (
-    SPAN,
-    Row,
-    StepShape,
-    pad,
-    padded,
-    speech_columns,
-    think_columns,
-)
+from s2s.omni.rows import Row, StepLayout, speech_columns
 from s2s.omni.sampling import Draws
 from s2s.omni.slots import SlotCache
 
@@ -129,7 +120,7 @@ class OmniEngine:
     ) -> None:  # fmt: skip
         """``fixed_shapes``: pad each step's batches to a size of
         ``s2s.backends.graphs.BUCKETS`` and its attention spans to
-        multiples of ``SPAN`` (what a captured step needs; the results are the same).
+        multiples of ``s2s.omni.rows.SPAN`` (what a captured step needs; the results are the same).
         ``graphs`` (a CUDA device; implies ``fixed_shapes``): replay each step's device work
         from a CUDA graph per shape (``s2s.omni.graphs``). ``positions``: each slot's capacity
         in the thinker's and the talker's caches, allocated now (``cache_positions``); None:
@@ -150,7 +141,10 @@ class OmniEngine:
         self.thinker_cache = SlotCache(self.text_model.layers, slots, think, scratch=SCRATCH)
         self.talker_cache = SlotCache(self.talker.model.layers, slots, talk, scratch=SCRATCH)
         self.code2wav = Code2WavStream(model.code2wav, slots, scratch=SCRATCH)
-        self.predictor = CodePredictor(self.talker.code_predictor, self._rows(max_rows))
+        self.layout = StepLayout(
+            self.thinker_cache, self.talker_cache, self.code2wav, self.fixed_shapes
+        )
+        self.predictor = CodePredictor(self.talker.code_predictor, self.layout.rows(max_rows))
         self._free = [slot for slot in range(slots) if slot != SCRATCH]
         #: Finished conversations' slots, least recently finished first (``Request.conversation``).
         self.kept: OrderedDict[str, Kept] = OrderedDict()
@@ -399,10 +393,6 @@ class OmniEngine:
             self.device, torch.float32, **floats
         )
 
-    def _rows(self, count: int) -> int:
-        """How many rows a batch of ``count`` calls runs as (a bucket with fixed shapes)."""
-        return bucket(count) if self.fixed_shapes else count
-
     @torch.inference_mode()
     def step(self) -> list[RowStep]:
         """Advance every call by one text token and one frame of speech; finished and cancelled
@@ -435,7 +425,7 @@ class OmniEngine:
             self._free.append(row.slot)
 
     def _step(self, thinking: list[Row], speaking: list[Row], results: dict[int, RowStep]) -> None:
-        shape, ints, floats = self._shape(thinking, speaking)
+        shape, (ints, floats) = self.layout.plan(thinking, speaking)
         int_flat = upload_flat(self.device, torch.int64, **ints)
         float_flat = upload_flat(self.device, torch.float32, **floats)
         sent = split(int_flat, ints) | split(float_flat, floats)
@@ -475,74 +465,14 @@ class OmniEngine:
         for row, code in zip(speaking, codes.astype(np.int64).tolist(), strict=False):
             self._count_frame(row, code)
 
-    def _shape(
-        self, thinking: list[Row], speaking: list[Row]
-    ) -> tuple[StepShape, dict[str, list[int]], dict[str, list[float]]]:
-        """A step's shape, and its host columns (what ``DecodeStep.compute`` reads, then the
-        columns of code2wav's first frames, which run apart)."""
-        span = SPAN if self.fixed_shapes else 1
-        think = self._rows(len(thinking)) if thinking else 0
-        speak = self._rows(len(speaking)) if speaking else 0
-        ints, floats = self._columns(thinking, speaking, think, speak)
-        shape = StepShape(think=think, speak=speak)
-        if thinking:
-            settings = [r.request.decoding.text for r in thinking]
-            shape.think_sees = self.thinker_cache.visible([r.slot for r in thinking], span)
-            shape.think_samples = Draws.samples(settings)
-        if speaking:
-            slots = [r.slot for r in speaking]
-            shape.speak_sees = self.talker_cache.visible(slots, span)
-            shape.speech_samples = Draws.samples([r.request.decoding.speech for r in speaking])
-            shape.residual_samples = Draws.samples([r.request.decoding.residual for r in speaking])
-            fixed = self.fixed_shapes
-            shape.c2w_span = self.code2wav.slots if fixed else self.code2wav.span(ints)
-        shape.capacities = (self.thinker_cache.capacity, self.talker_cache.capacity)
-        return shape, ints, floats
-
-    def _columns(
-        self, thinking: list[Row], speaking: list[Row], think: int, speak: int
-    ) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
-        """The host columns of a step of these rows, padded to ``think`` and ``speak`` rows:
-        the think part's, the speak part's (if ``speak``), code2wav's first frames'."""
-        ints, floats = think_columns(thinking, think)
-        more_ints, more_floats = speech_columns(speaking, speak)
-        ints |= more_ints
-        floats |= more_floats
-        if speak:
-            settings = [r.request.decoding.residual for r in speaking]
-            keys = [(r.request.seed, r.frames - 1) for r in speaking]  # the frame's own index
-            residual_ints, residual_floats = Draws.columns("residual", settings, keys)
-            thinks = {r.id for r in thinking}
-            ints |= padded(residual_ints, speak)
-            floats |= padded(residual_floats, speak)
-            ints["speak.delta"] = pad([r.talker_delta for r in speaking], speak, 0)
-            ints["speak.thought"] = pad([int(r.id in thinks) for r in speaking], speak, 0)
-            # Last: code2wav's first frames run apart, after the fixed-shape parts.
-            ints |= self.code2wav.columns([r.slot for r in speaking], speak)
-        return ints, floats
-
     def capture(self, decoding: Decoding) -> int:
         """Capture now every shape of each part of a step (``s2s.omni.graphs``) that calls
         decoding as ``decoding`` can meet, so none is captured while calls wait: every batch
         size up to ``max_rows``, every span of the caches as allocated. Returns how many."""
         if self.graphs is None:
             return 0
-        sizes = sorted({self._rows(n) for n in range(1, self.max_rows + 1)})
-        capacities = (self.thinker_cache.capacity, self.talker_cache.capacity)
         count = 0
-        for rows in sizes:
-            ints, floats = self._columns([], [], rows, rows)
-            for sees in self.thinker_cache.visible_sizes(SPAN):
-                shape = StepShape(rows, 0, think_sees=sees, capacities=capacities,
-                                  think_samples=decoding.text is not None)  # fmt: skip
-                self.graphs.capture("think", ints, floats, shape)
-                count += 1
-            for sees in self.talker_cache.visible_sizes(SPAN):
-                shape = StepShape(
-                    0, rows, speak_sees=sees, c2w_span=self.code2wav.slots, capacities=capacities,
-                    speech_samples=decoding.speech is not None,
-                    residual_samples=decoding.residual is not None,
-                )  # fmt: skip
-                self.graphs.capture("speak", ints, floats, shape)
-                count += 1
+        for part, (ints, floats), shape in self.layout.every_shape(self.max_rows, decoding):
+            self.graphs.capture(part, ints, floats, shape)
+            count += 1
         return count

@@ -1,15 +1,20 @@
 """The host side of a Qwen3-Omni step: each answering call's state (``Row``), the columns of
 values a step uploads for its rows, padded to a bucket on the scratch slot, and the step's shape
-(``StepShape``: what its device work depends on besides those columns, one CUDA graph each)."""
+(``StepShape``: what its device work depends on besides those columns, one CUDA graph each),
+which ``StepLayout`` works out from the rows and the caches."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from s2s.backends.graphs import bucket
+from s2s.omni.code2wav import Code2WavStream
 from s2s.omni.prefill import Pieces, ThinkerPrompt
-from s2s.omni.request import Request
+from s2s.omni.request import Decoding, Request
 from s2s.omni.sampling import Draws
+from s2s.omni.slots import SlotCache
 
 
 @dataclass(slots=True)
@@ -111,3 +116,84 @@ class StepShape:
         """What the speak part's device work depends on (``DecodeStep.speak``)."""
         return (self.speak, self.speak_sees, self.speech_samples, self.residual_samples,
                 self.c2w_span, self.capacities[1])  # fmt: skip
+
+
+@dataclass(slots=True)
+class StepLayout:
+    """How a step of given rows is laid out: its shape and its host columns, padded to a bucket
+    with ``fixed_shapes`` (what a captured step needs; the results are the same)."""
+
+    thinker_cache: SlotCache
+    talker_cache: SlotCache
+    code2wav: Code2WavStream
+    fixed_shapes: bool
+
+    def rows(self, count: int) -> int:
+        """How many rows a batch of ``count`` calls runs as (a bucket with fixed shapes)."""
+        return bucket(count) if self.fixed_shapes else count
+
+    def plan(self, thinking: list[Row], speaking: list[Row]) -> tuple[StepShape, Columns]:
+        """A step's shape, and its host columns (what ``DecodeStep.compute`` reads, then the
+        columns of code2wav's first frames, which run apart)."""
+        span = SPAN if self.fixed_shapes else 1
+        think = self.rows(len(thinking)) if thinking else 0
+        speak = self.rows(len(speaking)) if speaking else 0
+        ints, floats = self.columns(thinking, speaking, think, speak)
+        shape = StepShape(think=think, speak=speak)
+        if thinking:
+            settings = [r.request.decoding.text for r in thinking]
+            shape.think_sees = self.thinker_cache.visible([r.slot for r in thinking], span)
+            shape.think_samples = Draws.samples(settings)
+        if speaking:
+            slots = [r.slot for r in speaking]
+            shape.speak_sees = self.talker_cache.visible(slots, span)
+            shape.speech_samples = Draws.samples([r.request.decoding.speech for r in speaking])
+            shape.residual_samples = Draws.samples([r.request.decoding.residual for r in speaking])
+            fixed = self.fixed_shapes
+            shape.c2w_span = self.code2wav.slots if fixed else self.code2wav.span(ints)
+        shape.capacities = self._capacities  # after visible(), which may grow the caches
+        return shape, (ints, floats)
+
+    def columns(self, thinking: list[Row], speaking: list[Row], think: int, speak: int) -> Columns:
+        """The host columns of a step of these rows, padded to ``think`` and ``speak`` rows:
+        the think part's, the speak part's (if ``speak``), code2wav's first frames'."""
+        ints, floats = think_columns(thinking, think)
+        more_ints, more_floats = speech_columns(speaking, speak)
+        ints |= more_ints
+        floats |= more_floats
+        if speak:
+            settings = [r.request.decoding.residual for r in speaking]
+            keys = [(r.request.seed, r.frames - 1) for r in speaking]  # the frame's own index
+            residual_ints, residual_floats = Draws.columns("residual", settings, keys)
+            thinks = {r.id for r in thinking}
+            ints |= padded(residual_ints, speak)
+            floats |= padded(residual_floats, speak)
+            ints["speak.delta"] = pad([r.talker_delta for r in speaking], speak, 0)
+            ints["speak.thought"] = pad([int(r.id in thinks) for r in speaking], speak, 0)
+            # Last: code2wav's first frames run apart, after the fixed-shape parts.
+            ints |= self.code2wav.columns([r.slot for r in speaking], speak)
+        return ints, floats
+
+    def every_shape(
+        self, max_rows: int, decoding: Decoding
+    ) -> Iterator[tuple[str, Columns, StepShape]]:
+        """Every shape of each part of a step that calls decoding as ``decoding`` can meet (with
+        fixed shapes): every batch size up to ``max_rows``, every span of the caches as
+        allocated; as ``(part, columns, shape)``."""
+        for rows in sorted({self.rows(n) for n in range(1, max_rows + 1)}):
+            columns = self.columns([], [], rows, rows)
+            for sees in self.thinker_cache.visible_sizes(SPAN):
+                shape = StepShape(rows, 0, think_sees=sees, capacities=self._capacities,
+                                  think_samples=decoding.text is not None)  # fmt: skip
+                yield "think", columns, shape
+            for sees in self.talker_cache.visible_sizes(SPAN):
+                shape = StepShape(
+                    0, rows, speak_sees=sees, c2w_span=self.code2wav.slots,
+                    capacities=self._capacities, speech_samples=decoding.speech is not None,
+                    residual_samples=decoding.residual is not None,
+                )  # fmt: skip
+                yield "speak", columns, shape
+
+    @property
+    def _capacities(self) -> tuple[int, int]:
+        return self.thinker_cache.capacity, self.talker_cache.capacity
