@@ -153,8 +153,8 @@ def test_the_worker_allocates_its_caches_at_load_and_never_grows_them(tiny_model
     """Every slot's caches hold the worker's prompt budget and the longest reply from load on,
     so no step reallocates them (which would also drop captured steps); an edge that asks for
     a larger budget is cut to the worker's, here by leaving out the oldest turns."""
-    from s2s.omni.engine import cache_positions
     from s2s.omni.prompt import Message
+    from s2s.omni.request import cache_positions
     from s2s.worker.messages import Change, Respond, Tick, Turn
     from s2s.worker.omni import OmniWorker
 

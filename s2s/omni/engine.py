@@ -59,10 +59,6 @@ from s2s.omni.slots import SlotCache
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 24_000
-#: The talker's prompt is the user turns of the thinker's (each turn's positions) and nine of its
-#: own, the three of the thinker's opening ``<|im_start|>assistant\n`` among them.
-TALKER_OPENING = 9
 #: The slot no call owns: padding rows run on it. It is 0 so that a zero in a slot column
 #: means it (padding, and a graph capture's zeroed columns: ``s2s.omni.graphs``).
 SCRATCH = 0
@@ -80,14 +76,6 @@ class _Prefill:
     row: Row | None = None  # once the thinker's prefill is complete
     talker: Pieces | None = None
     kept: Kept | None = None  # the conversation's last turn, in this slot
-
-
-def cache_positions(prompt_tokens: int, max_text_tokens: int, max_frames: int) -> tuple[int, int]:
-    """The positions a slot of the thinker's and of the talker's cache needs for a prompt of
-    ``prompt_tokens`` and the longest reply (its text tokens, its frames)."""
-    thinker = prompt_tokens + max_text_tokens + 1
-    talker = prompt_tokens - 3 + TALKER_OPENING + max_frames + 1
-    return thinker, talker
 
 
 def load_model(path: str, device: str = "cpu", dtype: torch.dtype | None = None) -> Any:
@@ -123,8 +111,8 @@ class OmniEngine:
         multiples of ``s2s.omni.rows.SPAN`` (what a captured step needs; the results are the same).
         ``graphs`` (a CUDA device; implies ``fixed_shapes``): replay each step's device work
         from a CUDA graph per shape (``s2s.omni.graphs``). ``positions``: each slot's capacity
-        in the thinker's and the talker's caches, allocated now (``cache_positions``); None:
-        a small start that grows as calls need."""
+        in the thinker's and the talker's caches, allocated now
+        (``s2s.omni.request.cache_positions``); None: a small start that grows as calls need."""
         self.model = model
         self.max_rows = max_rows
         self.fixed_shapes = fixed_shapes or graphs

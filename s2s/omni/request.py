@@ -30,6 +30,17 @@ GREEDY = Decoding(speech=None, residual=None)
 #: ``generate()``'s longest reply, unless a checkpoint's generation config says otherwise: text
 #: tokens (``thinker_max_new_tokens``) and frames (``talker_max_new_tokens``).
 MAX_TEXT_TOKENS, MAX_FRAMES = 1024, 4096
+#: The talker's prompt is the user turns of the thinker's (each turn's positions) and nine of its
+#: own, the three of the thinker's opening ``<|im_start|>assistant\n`` among them.
+TALKER_OPENING = 9
+
+
+def cache_positions(prompt_tokens: int, max_text_tokens: int, max_frames: int) -> tuple[int, int]:
+    """The positions a slot of the thinker's and of the talker's cache needs for a prompt of
+    ``prompt_tokens`` and the longest reply (its text tokens, its frames)."""
+    thinker = prompt_tokens + max_text_tokens + 1
+    talker = prompt_tokens - 3 + TALKER_OPENING + max_frames + 1
+    return thinker, talker
 
 
 @dataclass(frozen=True, slots=True)

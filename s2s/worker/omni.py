@@ -26,10 +26,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from s2s.omni.engine import OmniEngine, cache_positions, load_model
+from s2s.omni.engine import OmniEngine, load_model
 from s2s.omni.media import Media
 from s2s.omni.prompt import AUDIO_RATE, Message, Prompter
-from s2s.omni.request import MAX_FRAMES, MAX_TEXT_TOKENS, TALKER_SAMPLING, Decoding, Request
+from s2s.omni.request import (
+    MAX_FRAMES,
+    MAX_TEXT_TOKENS,
+    TALKER_SAMPLING,
+    Decoding,
+    Request,
+    cache_positions,
+)
 from s2s.omni.sampling import Sampling
 from s2s.worker.messages import CallOutput, Change, Hello, Respond, Tick, TickResult, Turn
 from s2s.worker.process import pick_device_and_dtype
