@@ -23,6 +23,7 @@ from s2s.signaling.state import BACKEND
 from s2s.worker.cluster import (
     NAMESPACE,
     WORKER_RESOURCE,
+    Liveness,
     WorkerRegistry,
     WorkerState,
     connect,
@@ -32,7 +33,7 @@ from s2s.worker.cluster import (
 )
 from s2s.worker.edge import ClusterBackend
 from s2s.worker.handle import ClusterUnavailable
-from s2s.worker.messages import Hello, encoder
+from s2s.worker.messages import Change, Hello, Tick, encoder
 from s2s.worker.process import WorkerOptions
 from tests.conftest import StartServer
 from tests.peer import CallRefused, MicTrack, Peer
@@ -265,7 +266,8 @@ async def test_a_qwen3_omni_worker_on_the_cluster_answers_an_edges_call(
 
 
 def test_the_registry_places_calls_on_the_worker_of_their_model_with_most_room() -> None:
-    reg = WorkerRegistry()
+    now = [100.0]
+    reg = WorkerRegistry(clock=lambda: now[0])
     reg.register("small", "1", _hello("moshi:a", 2), None, 15.0)
     reg.register("big", "1", _hello("moshi:a", 3), None, 15.0)
     reg.register("other", "1", _hello("moshi:b", 8), None, 15.0)
@@ -290,6 +292,43 @@ def test_the_registry_places_calls_on_the_worker_of_their_model_with_most_room()
     reg.down("big", "1")
     placed_again = reg.place("moshi:a", ["c8"])
     assert placed_again is not None and placed_again.incarnation == "2"
+
+
+def test_a_worker_found_gone_takes_calls_again_once_it_reports_past_its_eviction_time() -> None:
+    """An edge that missed a tick's deadline marks the worker down; one that was only slow
+    reports on and takes calls again once the calls moved off it were evicted; one that died
+    stops reporting and stays out."""
+    now = [100.0]
+    reg = WorkerRegistry(clock=lambda: now[0])
+    for name in ("slow", "dead"):
+        reg.register(name, "1", _hello("moshi:a", 2), None, 5.0)
+        reg.down(name, "1")
+    assert reg.place("moshi:a", ["c0"]) is None
+    now[0] += 6.5
+    reg.report("slow", "1", [], 1.0)
+    assert reg.place("moshi:a", ["c0"]) is None  # not yet: eviction time and two reports
+    now[0] += 1.0
+    reg.report("slow", "1", [], 1.0)
+    placed = reg.place("moshi:a", ["c0"])
+    assert placed is not None and placed.name == "slow"
+    assert reg.place("moshi:a", ["c1", "c2"]) is None  # "dead" never reported again
+
+
+def test_calls_no_edge_ticks_leave_with_the_next_tick_not_in_a_tick_of_their_own() -> None:
+    """An evicted call's leave goes in front of the next tick's changes: a tick of its own
+    would step every answering call of a turn-based worker, its outputs sent to no edge."""
+    liveness = Liveness(evict_after_s=5.0)
+    first = liveness.take(Tick([Change("join", "a"), Change("join", "b")]), now=0.0)
+    assert [c.kind for c in first.changes] == ["join", "join"]
+    liveness.take(Tick(frames={"b": b""}), now=4.0)
+    assert liveness.evict(now=6.0) == ["a"]
+    assert liveness.evict(now=6.5) == []  # once
+    assert liveness.leaving == ["a"]
+    tick = liveness.take(Tick([Change("reset", "b")], {"b": b""}), now=7.0)
+    assert [(c.kind, c.call) for c in tick.changes] == [("leave", "a"), ("reset", "b")]
+    assert tick.frames == {"b": b""} and liveness.leaving == []
+    assert liveness.take(Tick(frames={"b": b""}), now=8.0).changes == []
+    assert liveness.evict(now=12.0) == []  # "b" is ticked: it stays
 
 
 def test_a_bad_or_unreachable_ray_address_is_a_clear_error(

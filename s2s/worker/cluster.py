@@ -4,12 +4,13 @@ a cluster.
 Only ``s2s serve --ray-address`` and ``s2s worker`` import this module, so without them nothing
 imports Ray.
 
-A worker actor holds the same ``MoshiWorker`` a local worker process runs and takes the same
-ticks (msgpack bytes, ``s2s.worker.messages``) from any number of edges; ticks that arrive
-while a step runs go together into the next step. A call that no tick has named for
-``evict_after_s`` (its edge died) is dropped, so its slot is free again. The registry is one
-named, detached actor in the ``s2s`` namespace: workers register their model and slots and
-report which calls they hold, about once a second; edges ask it to place calls.
+A worker actor holds the same worker a local worker process runs (``MoshiWorker``,
+``OmniWorker``) and takes the same ticks (msgpack bytes, ``s2s.worker.messages``) from any
+number of edges; ticks that arrive while a step runs go together into the next step. A call
+that no tick has named for ``evict_after_s`` (its edge died) leaves with the next tick, so its
+slot is free again (``Liveness``). The registry is one named, detached actor in the ``s2s``
+namespace: workers register their model and slots and report which calls they hold, about once
+a second; edges ask it to place calls.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,29 +126,31 @@ class _Worker:
     #: Calls placed here that the worker has not reported yet, with when the place lapses.
     reserved: dict[str, float] = field(default_factory=dict)
     step_ms: float = 0.0
-    down: bool = False
+    #: An edge found it gone (``WorkerRegistry.down``): no new calls before then.
+    down_until: float = 0.0
 
     def held(self, now: float) -> set[str]:
         self.reserved = {c: t for c, t in self.reserved.items() if t > now}
         return self.calls | self.reserved.keys()
 
     def up(self, now: float) -> bool:
-        return not self.down and now - self.last_report < SILENT_AFTER_S
+        return now >= self.down_until and now - self.last_report < SILENT_AFTER_S
 
 
 class WorkerRegistry:
     """Which workers the cluster has, what model each serves and which calls it holds (run as
     the named actor ``registry()`` returns; a plain class, so it can be tested as one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._workers: dict[str, _Worker] = {}
+        self._clock = clock
 
     def register(
         self, name: str, incarnation: str, hello: bytes, actor: Any, evict_after_s: float
     ) -> None:
         """A worker started (or restarted: it starts again with no calls)."""
         self._workers[name] = _Worker(
-            name, incarnation, hello_decoder.decode(hello), actor, evict_after_s, time.monotonic()
+            name, incarnation, hello_decoder.decode(hello), actor, evict_after_s, self._clock()
         )
 
     def report(self, name: str, incarnation: str, calls: list[str], step_ms: float) -> bool:
@@ -157,7 +161,7 @@ class WorkerRegistry:
         worker.calls, worker.step_ms = set(calls), step_ms
         for call in calls:  # it has them: later reports say when they are gone
             worker.reserved.pop(call, None)
-        worker.last_report = time.monotonic()
+        worker.last_report = self._clock()
         return True
 
     def release(self, name: str, calls: list[str]) -> None:
@@ -168,9 +172,13 @@ class WorkerRegistry:
                 worker.calls.discard(call)
 
     def down(self, name: str, incarnation: str) -> None:
-        """An edge saw this incarnation of the worker die: no new calls until it registers."""
+        """An edge saw this incarnation of the worker die (or miss a tick's deadline): no new
+        calls for as long as it keeps calls no edge ticks, so the ones moved off it have left.
+        A worker that is dead stops reporting and stays out; one that was only slow for a while
+        reports on and takes calls again after that."""
         if (worker := self._current(name, incarnation)) is not None:
-            worker.down = True
+            hold = worker.evict_after_s + 2 * REPORT_INTERVAL_S
+            worker.down_until = self._clock() + hold
 
     def leave(self, name: str) -> None:
         """The worker is stopping for good."""
@@ -179,7 +187,7 @@ class WorkerRegistry:
     def place(self, model: str, calls: list[str], exclude: str = "") -> Placement | None:
         """Put ``calls`` together on the worker of ``model`` with the most free slots (not on
         ``exclude``); None if no worker of that model has room for them all."""
-        now = time.monotonic()
+        now = self._clock()
         fits = [
             (worker.hello.slots - len(worker.held(now)), worker)
             for worker in self._workers.values()
@@ -203,7 +211,7 @@ class WorkerRegistry:
         return None
 
     def workers(self) -> list[WorkerState]:
-        now = time.monotonic()
+        now = self._clock()
         states = []
         for w in self._workers.values():
             free = w.hello.slots - len(w.held(now))
@@ -215,6 +223,40 @@ class WorkerRegistry:
     def _current(self, name: str, incarnation: str) -> _Worker | None:
         worker = self._workers.get(name)
         return worker if worker is not None and worker.incarnation == incarnation else None
+
+
+class Liveness:
+    """When ticks last named each call, and the calls none has named for ``evict_after_s``
+    (their edge is gone). Their leaves go in front of the next tick's changes rather than in a
+    tick of their own: a turn-based worker steps every answering call on each tick it takes,
+    and the outputs of a tick no edge sent would reach no one."""
+
+    def __init__(self, evict_after_s: float) -> None:
+        self.evict_after_s = evict_after_s
+        self._seen: dict[str, float] = {}
+        #: Evicted calls whose leave the worker has not taken yet.
+        self.leaving: list[str] = []
+
+    def evict(self, now: float) -> list[str]:
+        """The calls found gone since the last time (their leaves wait for the next tick)."""
+        stale = [c for c, seen in self._seen.items() if now - seen > self.evict_after_s]
+        for call in stale:
+            del self._seen[call]
+        self.leaving += stale
+        return stale
+
+    def take(self, tick: Tick, now: float) -> Tick:
+        """``tick`` noted, with the evicted calls' leaves in front of its changes."""
+        if self.leaving:
+            tick = Tick([Change("leave", c) for c in self.leaving] + tick.changes, tick.frames)
+            self.leaving = []
+        for change in tick.changes:
+            if change.kind == "leave":
+                self._seen.pop(change.call, None)
+            else:
+                self._seen[change.call] = now
+        self._seen.update(dict.fromkeys(tick.frames, now))
+        return tick
 
 
 class ModelWorkerActor:
@@ -229,10 +271,10 @@ class ModelWorkerActor:
         )
         self._worker = load_worker(options)
         self._hello = self._worker.hello(options.spec)
-        self._name, self._evict_after_s = name, evict_after_s
+        self._name = name
         self._incarnation = uuid.uuid4().hex
         #: When a tick last named each call, to evict those of edges that died.
-        self._seen: dict[str, float] = {}
+        self._liveness = Liveness(evict_after_s)
         self._step_ms = 0.0
         #: Ticks waiting for the next step, and the task that runs steps while there are any.
         self._queue: list[tuple[Tick, asyncio.Future[TickResult]]] = []
@@ -251,7 +293,7 @@ class ModelWorkerActor:
         me = ray.get_runtime_context().current_actor
         hello = encoder.encode(self._hello)
         ray.get(self._registry.register.remote(
-            self._name, self._incarnation, hello, me, self._evict_after_s
+            self._name, self._incarnation, hello, me, self._liveness.evict_after_s
         ))  # fmt: skip
 
     def hello(self) -> bytes:
@@ -289,14 +331,8 @@ class ModelWorkerActor:
                     done.set_result(TickResult(outputs, result.step_ms, result.error))
 
     def _handle(self, tick: Tick) -> TickResult:
-        now = time.monotonic()
         with self._lock:
-            for change in tick.changes:
-                if change.kind == "leave":
-                    self._seen.pop(change.call, None)
-                else:
-                    self._seen[change.call] = now
-            self._seen.update(dict.fromkeys(tick.frames, now))
+            tick = self._liveness.take(tick, time.monotonic())
             try:
                 result = self._worker.handle(tick)
             except Exception as exc:
@@ -314,16 +350,13 @@ class ModelWorkerActor:
                 log.exception("upkeep failed")
 
     def _evict_and_report(self) -> None:
-        now = time.monotonic()
         with self._lock:
-            stale = [c for c, seen in self._seen.items() if now - seen > self._evict_after_s]
+            stale = self._liveness.evict(time.monotonic())
             if stale:
                 log.info("%d calls not ticked for %g s: their edge is gone; freeing their slots",
-                         len(stale), self._evict_after_s)  # fmt: skip
-                self._worker.handle(Tick([Change("leave", call) for call in stale]))
-                for call in stale:
-                    del self._seen[call]
-            calls = list(self._worker.calls)
+                         len(stale), self._liveness.evict_after_s)  # fmt: skip
+            leaving = set(self._liveness.leaving)
+            calls = [call for call in self._worker.calls if call not in leaving]
         report = self._registry.report.remote(self._name, self._incarnation, calls, self._step_ms)
         if not ray.get(report, timeout=10):
             log.warning("the registry did not know this worker (it restarted): registering again")
