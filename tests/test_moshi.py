@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -329,6 +330,18 @@ async def test_the_model_runs_in_a_worker_process_that_is_replaced_when_it_dies(
             again = [await stream.step(frame) for _ in range(2)]
         assert any(isinstance(e, ModelUnavailable) for e in after.events), after.events
         assert backend.worker.process.pid not in (dead, os.getpid())
+        assert rms(again[-1].audio) > 0
+        # A worker that hangs (stopped here) is killed once a tick waits past its limit; the
+        # call hears why at once and goes on with the next worker.
+        assert isinstance(backend.worker, WorkerProcess)
+        hung = backend.worker.process
+        backend.worker.hung_after_s = 1.0
+        os.kill(hung.pid, signal.SIGSTOP)
+        async with asyncio.timeout(120):
+            after = await stream.step(frame)
+            assert any(isinstance(e, ModelUnavailable) for e in after.events), after.events
+            again = [await stream.step(frame) for _ in range(2)]
+        assert not hung.is_alive() and backend.worker.process.pid != hung.pid
         assert rms(again[-1].audio) > 0
     finally:
         await backend.close()

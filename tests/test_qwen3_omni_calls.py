@@ -613,6 +613,46 @@ def test_a_turn_the_worker_cannot_read_fails_alone(tiny_models: Path) -> None:
     assert outputs[-1].outputs["b"].done in ("stop", "length")
 
 
+def test_a_prefill_that_raises_anything_fails_its_turn_alone(tiny_models: Path) -> None:
+    """A prefill that raises an error of any type (here an ``IndexError``, as torch raises for
+    an embedding out of range) fails that call's response; the tick does not fail, the call's
+    later changes and the other calls' changes in the same tick all apply, and a respond for a
+    call the worker does not hold fails clearly instead of waiting forever."""
+    from s2s.worker.messages import Change, Respond, Tick, Turn
+    from s2s.worker.omni import OmniWorker
+
+    worker = OmniWorker.load(str(tiny_models / "tiny-qwen3-omni"), "cpu", max_calls=2)
+    extend = worker.engine.thinker_cache.extend
+    failures = []
+
+    def fails_once(*args: Any, **kwargs: Any) -> Any:
+        if not failures:
+            failures.append(1)
+            raise IndexError("index out of range in self (forced)")
+        return extend(*args, **kwargs)
+
+    worker.engine.thinker_cache.extend = fails_once  # type: ignore[method-assign]
+    ask = [Turn("user", "hello there", item="u1")]
+    joined = [Change("join", "a"), Change("join", "b")]
+    first = worker.handle(Tick([*joined, Change("respond", "a", respond=Respond("r1", ask))]))
+    assert not first.error
+    assert first.outputs["a"].done == "failed: index out of range in self (forced)"
+    later = [
+        Change("reset", "a"), Change("respond", "a", respond=Respond("again", ask)),
+        Change("leave", "b"), Change("join", "c"),
+        Change("respond", "nobody", respond=Respond("lost", ask)),
+    ]  # fmt: skip
+    outputs = [worker.handle(Tick(later))]
+    assert not outputs[0].error and set(worker.calls) == {"a", "c"}
+    lost = outputs[0].outputs["nobody"]
+    assert lost.response_id == "lost" and "has not joined" in lost.done
+    while "a" not in outputs[-1].outputs or not outputs[-1].outputs["a"].done:
+        assert len(outputs) < 200
+        outputs.append(worker.handle(Tick()))
+    assert outputs[-1].outputs["a"].done in ("stop", "length")
+    assert all(o.outputs["a"].response_id == "again" for o in outputs if "a" in o.outputs)
+
+
 def test_replies_decode_as_the_checkpoints_generation_config_says() -> None:
     from s2s.omni.request import Decoding
     from s2s.omni.sampling import Sampling

@@ -36,12 +36,14 @@ from s2s.backends.base import (
     StepResult,
 )
 from s2s.protocol.ids import new_id
-from s2s.worker.handle import WorkerHandle
+from s2s.worker.handle import RESTART_BACKOFF_S, WorkerHandle
 from s2s.worker.messages import CallOutput, Change, Tick
 from s2s.worker.process import WorkerError, WorkerOptions, WorkerProcess
 
 log = logging.getLogger(__name__)
 
+#: Steps in a row that may fail (2 s) before the worker is replaced.
+MAX_FAILED_TICKS = 25
 _QUIET_FRAMES_END_TEXT = 12  # ~1 s without text closes the transcript's response
 
 
@@ -64,6 +66,7 @@ class MoshiBackend:
         self.frame_samples = hello.frame_samples
         self._pending: dict[MoshiStream, _Job] = {}
         self._changes: list[Change] = []
+        self._failed_ticks = 0
         self._wake = asyncio.Event()
         self._scheduler = asyncio.create_task(self._schedule(), name="moshi/scheduler")
 
@@ -128,9 +131,9 @@ class MoshiBackend:
                 await self._replace_worker(exc, batch)
                 continue
             except Exception as exc:
-                log.error("moshi step failed: %s", exc)
-                _fail(batch, exc)
+                await self._step_failed(exc, batch)
                 continue
+            self._failed_ticks = 0
             if result.step_ms > 1000 * period:
                 log.debug("moshi tick took %.0f ms for %d calls", result.step_ms, len(frames))
             for stream, job in batch.items():
@@ -140,38 +143,63 @@ class MoshiBackend:
                 if output is not None and output.error:
                     job.done.set_exception(WorkerError(output.error))
                     continue
-                step = stream.finish(output) if output else StepResult()
+                try:
+                    step = stream.finish(output) if output else StepResult()
+                except Exception as exc:  # a fault in one call's output fails that call alone
+                    log.exception("call %s: its step's output failed", stream.call_id)
+                    job.done.set_exception(exc)
+                    continue
                 step.events[:0] = stream.take_notices()
                 job.done.set_result(step)
             if self._pending or self._changes:
                 self._wake.set()
 
+    async def _step_failed(self, exc: Exception, batch: dict[MoshiStream, _Job]) -> None:
+        """A step the worker could not run (out of memory, say) is a frame of silence for each
+        of its calls, which hear ``model_unavailable`` once per run of failures; the calls go
+        on. A worker whose steps keep failing is replaced."""
+        self._failed_ticks += 1
+        log.error("moshi step failed (%d in a row): %s", self._failed_ticks, exc)
+        if self._failed_ticks >= MAX_FAILED_TICKS:
+            self._failed_ticks = 0
+            died = WorkerError(f"{MAX_FAILED_TICKS} steps in a row failed, the last: {exc}")
+            await self._replace_worker(died, batch)
+            return
+        if self._failed_ticks == 1:
+            for stream in batch:
+                stream.notices.append(ModelUnavailable(f"the model's step failed: {exc}"))
+        self._answer_silence(batch)
+
+    def _answer_silence(self, batch: dict[MoshiStream, _Job]) -> None:
+        silence = np.zeros(self.frame_samples, np.int16)
+        for stream, job in batch.items():
+            if not job.done.done():
+                job.done.set_result(StepResult(audio=silence, events=stream.take_notices()))
+
     async def _replace_worker(self, died: WorkerError, batch: dict[MoshiStream, _Job]) -> None:
         """The worker died: start another and rejoin every call with fresh model state; the
-        calls stay up, and each hears ``model_unavailable``. If no worker starts, the waiting
-        steps fail (their calls end)."""
+        calls stay up, and each hears ``model_unavailable`` at once, not once the new worker has
+        loaded. If no worker starts, the calls' next steps fail (the calls end)."""
         log.error("%s; starting another", died)
-        try:
-            self.worker = await self.worker.replacement()
-        except Exception as exc:
-            log.error("no model worker: %s", exc)
-            _fail(batch, exc)
-            return
-        # Every live call joins the new worker before anything else it asked for.
-        live = list(self._streams)
-        pending = [c for c in self._changes if c.kind != "join"]
-        self._changes = [Change("join", s.call_id) for s in live] + pending
         message = "the model's worker restarted: this call's model state starts afresh"
-        for stream in live:
+        for stream in self._streams:
             # The response Moshi was speaking is over; the call hears why with its next step.
             stream.notices.append(ModelUnavailable(message))
             if stream.response_id is not None:
                 stream.notices.append(ResponseFinished(stream.response_id))
             stream.response_id, stream.quiet = None, 0
-        silence = np.zeros(self.frame_samples, np.int16)
-        for stream, job in batch.items():
-            if not job.done.done():
-                job.done.set_result(StepResult(audio=silence, events=stream.take_notices()))
+        self._answer_silence(batch)
+        try:
+            self.worker = await self.worker.replacement()
+        except Exception as exc:
+            log.error("no model worker: %s", exc)
+            _fail(self._pending, exc)
+            self._pending = {}
+            await asyncio.sleep(RESTART_BACKOFF_S)  # before the next call's tick tries again
+            return
+        # Every live call joins the new worker before anything else it asked for.
+        pending = [c for c in self._changes if c.kind != "join"]
+        self._changes = [Change("join", s.call_id) for s in self._streams] + pending
         self._wake.set()
 
 

@@ -49,7 +49,7 @@ from s2s.protocol.items import (
 )
 from s2s.protocol.session_config import FunctionTool, RetentionRatio
 from s2s.tools import split_tool_calls, tools_prompt
-from s2s.worker.handle import WorkerHandle
+from s2s.worker.handle import RESTART_BACKOFF_S, WorkerHandle
 from s2s.worker.messages import CallOutput, Change, Respond, Tick, Turn
 from s2s.worker.process import WorkerError, WorkerOptions, WorkerProcess
 
@@ -132,27 +132,39 @@ class Qwen3OmniBackend:
                 for stream in self._streams.values():
                     stream.end_response("failed: the model's step failed")
             for call, output in result.outputs.items():
-                if (receiver := self._streams.get(call)) is not None:
+                if (receiver := self._streams.get(call)) is None:
+                    continue
+                try:
                     receiver.receive(output)
+                except Exception as exc:  # a fault in one call's output fails its response alone
+                    log.exception("call %s: its output failed", call)
+                    receiver.end_response(f"failed: {exc}")
             if self._changes or any(s.answering for s in self._streams.values()):
                 self._wake.set()
 
     async def _replace_worker(self, died: WorkerError) -> None:
+        """The worker died: every response under way or asked for fails now (not once another
+        worker has loaded), and each call hears ``model_unavailable``; then another worker
+        starts and every call joins it. Responses asked for while it loads go to it, with all of
+        their call's audio and pictures (``worker_lost``)."""
         log.error("%s; starting another", died)
+        self._changes = [c for c in self._changes if c.kind not in ("join", "respond")]
+        message = "the model's worker restarted: this call's response ended"
+        for stream in self._streams.values():
+            stream.worker_lost()
+            stream.notices.append(ModelUnavailable(message))
+            stream.end_response("failed: the worker died")
         try:
             self.worker = await self.worker.replacement()
         except Exception as exc:
             log.error("no model worker: %s", exc)
             for stream in self._streams.values():
                 stream.end_response(f"failed: {exc}")
+            self._changes = [c for c in self._changes if c.kind != "respond"]
+            await asyncio.sleep(RESTART_BACKOFF_S)  # before the next tick tries again
             return
-        pending = [c for c in self._changes if c.kind not in ("join", "respond")]
+        pending = [c for c in self._changes if c.kind != "join"]
         self._changes = [Change("join", call) for call in self._streams] + pending
-        message = "the model's worker restarted: this call's response ended"
-        for stream in self._streams.values():
-            stream.worker_lost()
-            stream.notices.append(ModelUnavailable(message))
-            stream.end_response("failed: the worker died")
         self._wake.set()
 
 

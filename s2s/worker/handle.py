@@ -1,9 +1,9 @@
 """The server's handle on one model worker, wherever it runs.
 
-``MoshiBackend``'s scheduler needs only this: the worker's ``hello`` (its rates and slots), one
-``tick`` per model frame, a ``replacement`` when the worker died, and ``close``. A worker in a
-child process (``s2s.worker.process.WorkerProcess``) and one on a Ray cluster
-(``s2s.worker.edge.ClusterWorker``) both are one.
+A backend's scheduler (``MoshiBackend``, ``Qwen3OmniBackend``) needs only this: the worker's
+``hello`` (its rates and slots), one ``tick`` per model frame, a ``replacement`` when the worker
+died, and ``close``. A worker in a child process (``s2s.worker.process.WorkerProcess``) and one
+on a Ray cluster (``s2s.worker.edge.ClusterWorker``) both are one.
 """
 
 from __future__ import annotations
@@ -11,6 +11,10 @@ from __future__ import annotations
 from typing import Protocol
 
 from s2s.worker.messages import Hello, Tick, TickResult
+
+#: After a replacement that failed, how long a scheduler waits before a tick tries again (a
+#: worker that cannot load fails fast, and would otherwise be retried back to back).
+RESTART_BACKOFF_S = 5.0
 
 
 class WorkerHandle(Protocol):

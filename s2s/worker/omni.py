@@ -128,7 +128,12 @@ class OmniWorker:
         started = time.perf_counter()
         outputs: dict[str, CallOutput] = {}
         for change in tick.changes:
-            self._apply(change)
+            try:
+                self._apply(change)
+            except Exception as exc:  # one call's change must not cost the others theirs
+                log.exception("call %s: %s failed", change.call, change.kind)
+                if change.respond is not None:
+                    self._fail(outputs, change.call, change.respond.response_id, exc)
         self._prefill(outputs)
         if self.engine.active:
             try:
@@ -166,7 +171,9 @@ class OmniWorker:
             if change.kind == "leave":
                 self.calls.pop(call, None)
                 self.engine.forget(call)
-        elif change.kind == "respond" and change.respond is not None and call in self.calls:
+        elif change.kind == "respond" and change.respond is not None:
+            if call not in self.calls:  # evicted, or this worker restarted: the edge rejoins
+                raise ValueError(f"call {call} has not joined this worker")
             self._cancel(call)
             self.waiting[call] = change.respond
             # Kept now: a respond that replaces this one before its prefill may refer to it.
@@ -189,7 +196,9 @@ class OmniWorker:
             answer = self.rows[row]
             try:
                 self.engine.prefill(row, answer.prefill_tokens or self.prefill_tokens)
-            except (RuntimeError, ValueError) as exc:  # a bad picture...
+            except Exception as exc:  # a bad picture...: the engine has dropped the row
+                if not isinstance(exc, RuntimeError | ValueError):
+                    log.exception("call %s: the prefill failed", answer.call)
                 self._forget(answer.call)
                 self._fail(outputs, answer.call, answer.response_id, exc)
 
@@ -234,7 +243,8 @@ class OmniWorker:
         self.waiting.pop(call, None)
         row = self.answering.get(call)
         if row is not None:
-            self.engine.cancel(row)
+            if row in self.engine.rows or row in self.engine.prefills:
+                self.engine.cancel(row)
             self._forget(call)
 
     def _forget(self, call: str) -> None:

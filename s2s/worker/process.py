@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 #: How long a worker may take to load its model and say hello (a real checkpoint from disk).
 LOAD_TIMEOUT_S = 600.0
+#: How long a tick may take before its worker counts as hung (``WorkerProcess.hung_after_s``).
+HUNG_AFTER_S = 60.0
 
 
 class WorkerError(RuntimeError):
@@ -80,6 +82,10 @@ class WorkerProcess:
         # One thread: ticks are strictly one at a time, as the worker handles them.
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model-worker")
         self._closed = False
+        #: A tick not answered in this long means the worker hangs (a stuck device, say): it is
+        #: killed, and the tick fails as if it had died. Far above any tick's work, a prefill's
+        #: included.
+        self.hung_after_s = HUNG_AFTER_S
 
     @classmethod
     async def start(cls, options: WorkerOptions) -> WorkerProcess:
@@ -104,6 +110,7 @@ class WorkerProcess:
             raise WorkerError(f"the model worker for {spec} did not start: {exc!r}") from exc
         hello = hello_decoder.decode(raw)
         if hello.error:
+            parent.close()
             await loop.run_in_executor(None, process.join, 5)
             raise WorkerError(f"the model worker for {spec} failed to load: {hello.error}")
         log.info("model worker pid %s: %s on %s, %s slots", process.pid, spec, hello.device,
@@ -111,7 +118,9 @@ class WorkerProcess:
         return cls(process, parent, hello, options)
 
     async def replacement(self) -> WorkerProcess:
-        """Start another worker as this one was started (this one having died)."""
+        """Start another worker as this one was started, this one having died (what is left of
+        it is closed first)."""
+        await self.close()
         return await WorkerProcess.start(self.options)
 
     async def tick(self, tick: Tick) -> TickResult:
@@ -121,10 +130,18 @@ class WorkerProcess:
         data = encoder.encode(tick)
         loop = asyncio.get_running_loop()
         try:
-            raw = await loop.run_in_executor(self._io, self._round_trip, data)
+            async with asyncio.timeout(self.hung_after_s):
+                raw = await loop.run_in_executor(self._io, self._round_trip, data)
         except (EOFError, OSError) as exc:
             self._closed = True
             raise WorkerError(f"the model worker (pid {self.process.pid}) died: {exc!r}") from exc
+        except TimeoutError as exc:
+            self._closed = True
+            self.process.kill()  # which ends the round trip waiting in the io thread
+            raise WorkerError(
+                f"the model worker (pid {self.process.pid}) did not answer a tick in "
+                f"{self.hung_after_s:g} s and was killed"
+            ) from exc
         return result_decoder.decode(raw)
 
     def _round_trip(self, data: bytes) -> bytes:
@@ -135,8 +152,11 @@ class WorkerProcess:
         if not self._closed:
             self._closed = True
             loop = asyncio.get_running_loop()
-            with contextlib.suppress(OSError, ValueError):  # already gone
-                await loop.run_in_executor(self._io, self._conn.send_bytes, encoder.encode(Stop()))
+            # Already gone; or hung with a tick in flight, the Stop queued behind it: killed below.
+            with contextlib.suppress(OSError, ValueError, TimeoutError):
+                async with asyncio.timeout(5):
+                    stop = encoder.encode(Stop())
+                    await loop.run_in_executor(self._io, self._conn.send_bytes, stop)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.process.join, 10)
         if self.process.is_alive():
