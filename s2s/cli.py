@@ -241,6 +241,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, str | N
     args = parser.parse_args(argv)
     if not 0 <= args.workers <= MAX_WORKERS:
         parser.error(f"--workers must be between 0 and {MAX_WORKERS}")
+    if args.prefill_tokens < 0 or args.prompt_tokens < 1:
+        parser.error("--prefill-tokens must be 0 or more and --prompt-tokens at least 1")
     keys = [k.strip() for k in args.api_key if k.strip()]
     if args.api_key_file:
         keys += [

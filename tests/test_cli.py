@@ -146,3 +146,14 @@ def test_a_public_host_without_keys_is_narrowed_to_loopback() -> None:
     assert (settings.host, warning) == ("0.0.0.0", None)
     with pytest.raises(SystemExit):
         parse_settings(["serve", "--workers", "-1"])
+
+
+@pytest.mark.parametrize("option", [["--prefill-tokens", "-1"], ["--prompt-tokens", "0"]])
+def test_a_prefill_piece_or_prompt_budget_out_of_range_is_refused(
+    option: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from s2s.cli import parse_settings
+
+    with pytest.raises(SystemExit):
+        parse_settings(["serve", "--model", "echo", *option])
+    assert "--prefill-tokens must be 0 or more" in capsys.readouterr().err

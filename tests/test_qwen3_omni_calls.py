@@ -653,6 +653,42 @@ def test_a_prefill_that_raises_anything_fails_its_turn_alone(tiny_models: Path) 
     assert all(o.outputs["a"].response_id == "again" for o in outputs if "a" in o.outputs)
 
 
+def test_a_turn_that_replaces_a_reply_takes_its_kept_cache(tiny_models: Path) -> None:
+    """A respond while the call's reply is under way cancels it; the new turn begins after the
+    step that ends that reply, so it takes the call's slot and reuses its cache (it began in the
+    same tick, in a second slot, and prefilled everything again)."""
+    from s2s.worker.messages import Change, Respond, Tick, Turn
+    from s2s.worker.omni import OmniWorker
+
+    worker = OmniWorker.load(str(tiny_models / "tiny-qwen3-omni"), "cpu", max_calls=2)
+    ask = [Turn("user", "hello there, what can you see", item="u1")]
+    worker.handle(Tick([Change("join", "a"), Change("respond", "a", respond=Respond("r1", ask))]))
+    worker.handle(Tick())
+    (slot,) = [row.slot for row in worker.engine.rows.values()]
+    reused = worker.engine.reused
+    again = Respond("r2", [*ask, Turn("user", "and now?", item="u2")])
+    outputs = [worker.handle(Tick([Change("respond", "a", respond=again)]))]
+    while "a" not in outputs[-1].outputs or not outputs[-1].outputs["a"].done:
+        assert len(outputs) < 200
+        outputs.append(worker.handle(Tick()))
+    assert outputs[-1].outputs["a"].response_id == "r2"
+    assert worker.engine.reused > reused
+    assert worker.engine.kept["a"].slot == slot and len(worker.engine.free) == 2
+
+
+def test_a_prefill_piece_of_no_tokens_is_refused_and_frees_the_slot(
+    model: Any, pieces: Any
+) -> None:
+    from s2s.omni.engine import OmniEngine
+    from tests.omni_replies import make_inputs, make_request
+
+    engine = OmniEngine(model, max_rows=1)
+    row = engine.begin(make_request(make_inputs(pieces, "audio")))
+    with pytest.raises(ValueError, match="at least one token"):
+        engine.prefill(row, 0)
+    assert not engine.prefilling and len(engine.free) == 1
+
+
 def test_replies_decode_as_the_checkpoints_generation_config_says() -> None:
     from s2s.omni.request import Decoding
     from s2s.omni.sampling import Sampling

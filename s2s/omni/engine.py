@@ -263,9 +263,9 @@ class OmniEngine:
         prefill is complete: the row then steps with the others from the next ``step()``. On
         an error the call is dropped (its slot freed) and the error raised."""
         state = self.prefills[row]
-        if tokens is not None and tokens < 1:
-            raise ValueError("a prefill piece needs at least one token")
         try:
+            if tokens is not None and tokens < 1:
+                raise ValueError("a prefill piece needs at least one token")
             complete = self._prefill(state, tokens or sys.maxsize)
         except BaseException:
             self._drop(state)
@@ -347,7 +347,11 @@ class OmniEngine:
         """Leave ``row``'s caches in its slot for its conversation's next turn."""
         assert row.request.conversation is not None and row.prompt is not None
         held = self.thinker_cache.host_lengths[row.slot]
-        self.forget(row.request.conversation)
+        # What an older reply of the conversation left (one that began while it was ending) is
+        # replaced; a reply of it still under way is not touched.
+        older = self.kept.pop(row.request.conversation, None)
+        if older is not None:
+            self._free.append(older.slot)
         self.kept[row.request.conversation] = Kept.of(
             row.slot, row.prompt, row.made, held, row.talker_prompt
         )

@@ -182,8 +182,12 @@ class OmniWorker:
     def _prefill(self, outputs: dict[str, CallOutput]) -> None:
         """One piece of the oldest turn's prefill, beginning the next queued turn if none is
         under way; a turn that fails is answered at once with its error."""
-        if not self.engine.prefilling and self.waiting and self.engine.free:
-            call, respond = next(iter(self.waiting.items()))
+        # A turn whose call's reply was just cancelled waits for the step that ends it, which
+        # leaves the call's caches for the turn to take (``OmniEngine.begin``).
+        ending = {r.request.conversation for r in self.engine.rows.values() if r.cancelled}
+        ready = ((c, r) for c, r in self.waiting.items() if c not in ending)
+        if not self.engine.prefilling and self.engine.free and (turn := next(ready, None)):
+            call, respond = turn
             del self.waiting[call]
             try:
                 self._respond(call, respond)
@@ -193,7 +197,10 @@ class OmniWorker:
                 log.exception("call %s: building the prompt failed", call)
                 self._fail(outputs, call, respond.response_id, exc)
         for row in self.engine.prefilling[:1]:
-            answer = self.rows[row]
+            answer = self.rows.get(row)
+            if answer is None:  # no turn of this worker's (it cannot be stepped): let it go
+                self.engine.cancel(row)
+                continue
             try:
                 self.engine.prefill(row, answer.prefill_tokens or self.prefill_tokens)
             except Exception as exc:  # a bad picture...: the engine has dropped the row
