@@ -8,7 +8,7 @@ A worker actor holds the same worker a local worker process runs (``MoshiWorker`
 ``OmniWorker``) and takes the same ticks (msgpack bytes, ``s2s.worker.messages``) from any
 number of edges; ticks that arrive while a step runs go together into the next step. A call
 that no tick has named for ``evict_after_s`` (its edge died) leaves with the next tick, so its
-slot is free again (``Liveness``). The registry is one named, detached actor in the ``s2s``
+slot is free again (``s2s.worker.shared``). The registry is one named, detached actor in the ``s2s``
 namespace: workers register their model and slots and report which calls they hold, about once
 a second; edges ask it to place calls.
 """
@@ -31,7 +31,6 @@ import ray
 
 from s2s.worker.handle import ClusterUnavailable
 from s2s.worker.messages import (
-    Change,
     Hello,
     Tick,
     TickResult,
@@ -40,6 +39,7 @@ from s2s.worker.messages import (
     request_decoder,
 )
 from s2s.worker.process import LOAD_TIMEOUT_S, WorkerError, WorkerOptions, load_worker
+from s2s.worker.shared import Liveness, Outbox, merged
 
 log = logging.getLogger(__name__)
 
@@ -225,40 +225,6 @@ class WorkerRegistry:
         return worker if worker is not None and worker.incarnation == incarnation else None
 
 
-class Liveness:
-    """When ticks last named each call, and the calls none has named for ``evict_after_s``
-    (their edge is gone). Their leaves go in front of the next tick's changes rather than in a
-    tick of their own: a turn-based worker steps every answering call on each tick it takes,
-    and the outputs of a tick no edge sent would reach no one."""
-
-    def __init__(self, evict_after_s: float) -> None:
-        self.evict_after_s = evict_after_s
-        self._seen: dict[str, float] = {}
-        #: Evicted calls whose leave the worker has not taken yet.
-        self.leaving: list[str] = []
-
-    def evict(self, now: float) -> list[str]:
-        """The calls found gone since the last time (their leaves wait for the next tick)."""
-        stale = [c for c, seen in self._seen.items() if now - seen > self.evict_after_s]
-        for call in stale:
-            del self._seen[call]
-        self.leaving += stale
-        return stale
-
-    def take(self, tick: Tick, now: float) -> Tick:
-        """``tick`` noted, with the evicted calls' leaves in front of its changes."""
-        if self.leaving:
-            tick = Tick([Change("leave", c) for c in self.leaving] + tick.changes, tick.frames)
-            self.leaving = []
-        for change in tick.changes:
-            if change.kind == "leave":
-                self._seen.pop(change.call, None)
-            else:
-                self._seen[change.call] = now
-        self._seen.update(dict.fromkeys(tick.frames, now))
-        return tick
-
-
 class ModelWorkerActor:
     """A model worker as a Ray actor (an async one): loads the model, registers, then steps
     whatever calls the ticks carry, from any edge. Ray restarts it (``max_restarts``); it
@@ -275,6 +241,8 @@ class ModelWorkerActor:
         self._incarnation = uuid.uuid4().hex
         #: When a tick last named each call, to evict those of edges that died.
         self._liveness = Liveness(evict_after_s)
+        #: Outputs of calls a step made that none of its ticks named, for their edges.
+        self._outbox = Outbox()
         self._step_ms = 0.0
         #: Ticks waiting for the next step, and the task that runs steps while there are any.
         self._queue: list[tuple[Tick, asyncio.Future[TickResult]]] = []
@@ -319,16 +287,12 @@ class ModelWorkerActor:
         loop = asyncio.get_running_loop()
         while self._queue:
             batch, self._queue = self._queue, []
-            # Edges' calls are distinct, so their changes may go in any order between edges.
-            merged = Tick(
-                [change for tick, _ in batch for change in tick.changes],
-                {call: pcm for tick, _ in batch for call, pcm in tick.frames.items()},
-            )
-            result = await loop.run_in_executor(self._steps, self._handle, merged)
-            for tick, done in batch:
+            ticks = [tick for tick, _ in batch]
+            result = await loop.run_in_executor(self._steps, self._handle, merged(ticks))
+            for (_, done), answer in zip(batch, self._outbox.split(ticks, result), strict=True):
                 if not done.done():  # its edge may have given up waiting
-                    outputs = {c: result.outputs[c] for c in tick.frames if c in result.outputs}
-                    done.set_result(TickResult(outputs, result.step_ms, result.error))
+                    done.set_result(answer)
+            self._outbox.keep_only(self._worker.calls)
 
     def _handle(self, tick: Tick) -> TickResult:
         with self._lock:
