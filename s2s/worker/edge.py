@@ -42,7 +42,10 @@ from s2s.worker.process import WorkerError
 log = logging.getLogger(__name__)
 
 #: A tick not answered in this long counts as the worker's death (a hung node): the calls move.
-TICK_TIMEOUT_S = 2.0
+#: A Moshi tick is one 80 ms frame; a turn-based model's may carry a prefill piece and, after a
+#: move, the encoders over a whole conversation's audio sent again, so it gets longer (a worker
+#: found gone takes no calls for a while: ``WorkerRegistry.down``).
+TICK_TIMEOUT_S = {"moshi": 2.0, "qwen3-omni": 10.0}
 #: How long a place given to an offer is kept for its call's stream.
 PLACE_KEPT_S = 60.0
 #: How often the edge refreshes its view of the workers (for /metrics).
@@ -55,6 +58,7 @@ class ClusterWorker:
     def __init__(self, registry: Any, model: str, placement: Placement) -> None:
         self.registry: Any = registry
         self.model = model
+        self._tick_timeout_s = TICK_TIMEOUT_S[model.partition(":")[0]]
         self.name, self.incarnation = placement.name, placement.incarnation
         self._hello = hello_decoder.decode(placement.hello)
         self._actor: Any = placement.actor
@@ -74,7 +78,7 @@ class ClusterWorker:
                 self.calls.discard(change.call)
                 left.append(change.call)
         try:
-            async with asyncio.timeout(TICK_TIMEOUT_S):
+            async with asyncio.timeout(self._tick_timeout_s):
                 raw = await self._actor.tick.remote(encoder.encode(tick))
         except (ray.exceptions.RayError, TimeoutError) as exc:
             raise WorkerError(f"model worker {self.name} is gone: {exc!r}") from exc
