@@ -19,6 +19,7 @@ from s2s.backends.moshi import MoshiBackend
 from s2s.backends.moshi_engine import MoshiEngine, RowOutput
 from s2s.hosttraffic import HostTraffic
 from s2s.signaling.state import BACKEND
+from s2s.worker.messages import Change
 from s2s.worker.process import WorkerError, WorkerOptions, WorkerProcess
 from tests.conftest import StartServer
 from tests.moshi_graphs_check import codec_graphs_equal_eager, graphs_equal_eager
@@ -343,6 +344,26 @@ async def test_the_model_runs_in_a_worker_process_that_is_replaced_when_it_dies(
             again = [await stream.step(frame) for _ in range(2)]
         assert not hung.is_alive() and backend.worker.process.pid != hung.pid
         assert rms(again[-1].audio) > 0
+    finally:
+        await backend.close()
+
+
+async def test_a_call_the_worker_let_go_joins_it_again(tiny_models: Path) -> None:
+    """A shared worker lets go of a call no tick named for a while (its edge seemed gone); when
+    the call's frames come again, it joins again with fresh model state and hears why, instead
+    of getting silence from then on."""
+    backend = await MoshiBackend.load(str(tiny_models / "tiny-moshi"), "cpu", max_calls=2)
+    try:
+        stream = await backend.open_stream("call")
+        frame = tone(440, 0.08, rate=backend.input_rate)
+        async with asyncio.timeout(60):
+            for _ in range(2):
+                await stream.step(frame)
+            backend.change(Change("leave", "call"))  # what the worker's eviction does
+            let_go = await stream.step(frame)
+            after = [await stream.step(frame) for _ in range(3)]
+        assert any(isinstance(e, ModelUnavailable) for e in let_go.events), let_go.events
+        assert rms(after[-1].audio) > 0
     finally:
         await backend.close()
 

@@ -140,6 +140,8 @@ class MoshiBackend:
                 if job.done.done():
                     continue
                 output = result.outputs.get(stream.call_id)
+                if output is None and stream.call_id in frames:
+                    self._rejoin(stream)
                 if output is not None and output.error:
                     job.done.set_exception(WorkerError(output.error))
                     continue
@@ -153,6 +155,18 @@ class MoshiBackend:
                 job.done.set_result(step)
             if self._pending or self._changes:
                 self._wake.set()
+
+    def _rejoin(self, stream: MoshiStream) -> None:
+        """The worker stepped without this call, so it does not hold it (a shared worker lets a
+        call go that no tick named for a while): it joins again, with fresh model state, and
+        hears why."""
+        log.warning("call %s: the model worker no longer held it; joining again", stream.call_id)
+        self.change(Change("join", stream.call_id))
+        message = "the model's worker had let this call go: its model state starts afresh"
+        stream.notices.append(ModelUnavailable(message))
+        if stream.response_id is not None:
+            stream.notices.append(ResponseFinished(stream.response_id))
+        stream.response_id, stream.quiet = None, 0
 
     async def _step_failed(self, exc: Exception, batch: dict[MoshiStream, _Job]) -> None:
         """A step the worker could not run (out of memory, say) is a frame of silence for each
