@@ -689,6 +689,54 @@ def test_a_prefill_piece_of_no_tokens_is_refused_and_frees_the_slot(
     assert not engine.prefilling and len(engine.free) == 1
 
 
+async def test_a_worker_that_dies_mid_reply_fails_it_at_once_and_the_next_is_answered(
+    tiny_models: Path,
+) -> None:
+    """The worker process dies while a reply streams: the reply fails, and the call hears
+    ``model_unavailable``, before another worker has loaded (not after); a turn asked for
+    while it loads is answered by it."""
+    import numpy as np
+
+    from s2s.backends import ModelUnavailable, ResponseFailed, ResponseFinished, ResponseRequest
+    from s2s.backends.qwen3_omni import Qwen3OmniBackend
+    from s2s.protocol.items import InputText, MessageItem
+
+    backend = await Qwen3OmniBackend.load(str(tiny_models / "tiny-qwen3-omni"), "cpu",
+                                          max_calls=1)  # fmt: skip
+    user = MessageItem(role="user", content=[InputText("hello there")], id="item_1")
+
+    def request(rid: str) -> ResponseRequest:
+        return ResponseRequest(response_id=rid, instructions="", voice="", speed=1.0,
+                               modalities=["audio"], conversation=[user])  # fmt: skip
+
+    silence = np.zeros(backend.frame_samples, np.int16)
+    events: list[Any] = []
+
+    async def step_until(done: Any) -> None:
+        """Step the call at its pace (a frame, then the others' turn) until ``done(step)``."""
+        while not done(step := await stream.step(silence)):
+            events.extend(step.events)
+            await asyncio.sleep(0.02)  # a mic's frames come at this pace
+        events.extend(step.events)
+
+    try:
+        stream = await backend.open_stream("call")
+        await stream.respond(request("r1"))
+        async with asyncio.timeout(60):
+            await step_until(lambda step: step.audio.size > 0)
+            worker = backend.worker
+            worker.process.kill()  # type: ignore[attr-defined]
+            await step_until(lambda step: any(isinstance(e, ResponseFailed) for e in step.events))
+        assert backend.worker is worker, "the reply failed only once another worker had loaded"
+        assert any(isinstance(e, ModelUnavailable) for e in events)
+        await stream.respond(request("r2"))
+        async with asyncio.timeout(120):
+            await step_until(lambda step: any(isinstance(e, ResponseFinished) for e in step.events))
+        assert backend.worker is not worker
+    finally:
+        await backend.close()
+
+
 def test_replies_decode_as_the_checkpoints_generation_config_says() -> None:
     from s2s.omni.request import Decoding
     from s2s.omni.sampling import Sampling
