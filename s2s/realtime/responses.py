@@ -125,10 +125,13 @@ class Responses:
             self._call_tool(self.active, name, arguments)
 
     def failed(self, response_id: str, message: str) -> None:
-        if self.active is not None and self.active.id == response_id:
+        """The model could not go on with ``response_id``: what of it has not played yet is
+        dropped (a failed response is over, and barge-in could no longer stop its tail)."""
+        if (r := self.active) is not None and r.id == response_id:
             self._send(Error(error=ErrorDetail(
                 code="model_error", type="server_error", message=message,
             )))  # fmt: skip
+            self._cut(r)
             self._finish("failed", "model_error")
 
     def play(self, result: StepResult, audio: np.ndarray) -> None:
@@ -239,15 +242,20 @@ class Responses:
         if r is None:
             return
         await self._stream.reset()
+        self._cut(r)
+        self._finish("cancelled", reason)
+
+    def _cut(self, r: ActiveResponse) -> None:
+        """Drop what of ``r``'s audio has not played; its text up to there is kept."""
         dropped = self._speaker.flush()
         played = self._speaker.played_samples
         r.end_pos = min(r.end_pos, played)
-        while r.markers and r.markers[0][0] <= played:
+        # A piece whose first sample is at ``played`` was flushed unheard.
+        while r.markers and r.markers[0][0] < played:
             self._emit_text(r, r.markers.popleft()[1])
         r.markers.clear()
         if r.playing or dropped:
             self._send(OutputAudioBufferCleared(response_id=r.id))
-        self._finish("cancelled", reason)
 
     async def steer(self, steering: Steering) -> None:
         r = self.active
