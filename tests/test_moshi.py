@@ -219,6 +219,69 @@ def test_a_worker_whose_graphs_fail_serves_eagerly(
         MoshiEngine(tiny_moshi, max_calls=2, graphs=True)
 
 
+def test_a_call_refused_for_want_of_a_slot_is_served_once_it_joins(
+    tiny_moshi: MoshiForConditionalGeneration,
+) -> None:
+    from s2s.worker.messages import Change, Tick
+    from s2s.worker.moshi import MoshiWorker
+
+    worker = MoshiWorker(tiny_moshi, None, "cpu", max_calls=1)
+    frame = np.zeros(worker.frame_samples, np.int16).tobytes()
+    full = worker.handle(Tick([Change("join", "a"), Change("join", "b")], {"a": frame, "b": frame}))
+    assert "slots" in full.outputs["b"].error and not full.outputs["a"].error
+    again = worker.handle(Tick([Change("leave", "a"), Change("join", "b")], {"b": frame}))
+    assert not again.outputs["b"].error and set(worker.calls) == {"b"}
+
+
+class _Announcing:
+    """A worker handle: the real worker process, each tick announced as it is sent."""
+
+    def __init__(self, worker: WorkerProcess) -> None:
+        self.worker = worker
+        self.sent = asyncio.Event()
+
+    @property
+    def hello(self) -> Any:
+        return self.worker.hello
+
+    async def tick(self, tick: Any) -> Any:
+        self.sent.set()
+        return await self.worker.tick(tick)
+
+    async def replacement(self) -> Any:
+        return await self.worker.replacement()
+
+    async def close(self) -> None:
+        await self.worker.close()
+
+
+async def test_a_step_under_way_when_the_call_is_reset_brings_nothing_of_it(
+    tiny_models: Path,
+) -> None:
+    """A cancel or barge-in resets the call while its frame's tick is at the worker: what that
+    tick made belongs to the response just ended, so it is dropped (it came back as the start
+    of a new response, its audio played after the flush)."""
+    spec = f"moshi:{tiny_models / 'tiny-moshi'}"
+    handle = _Announcing(await WorkerProcess.start(WorkerOptions(spec, "cpu", 1)))
+    backend = MoshiBackend(handle)
+    try:
+        stream = await backend.open_stream("call")
+        frame = tone(440, 0.08, rate=backend.input_rate)
+        async with asyncio.timeout(60):
+            before = [await stream.step(frame) for _ in range(3)]
+            handle.sent.clear()
+            under_way = asyncio.create_task(stream.step(frame))
+            await handle.sent.wait()
+            await stream.reset()
+            dropped = await under_way
+            after = [await stream.step(frame) for _ in range(3)]
+        assert before[-1].audio.size  # Moshi speaks from its second frame
+        assert dropped.audio.size == 0 and not dropped.text and dropped.response_id is None
+        assert all(step.audio.size for step in after)
+    finally:
+        await backend.close()
+
+
 def test_a_frame_of_the_wrong_size_fails_that_call_alone(
     tiny_moshi: MoshiForConditionalGeneration,
 ) -> None:

@@ -121,6 +121,7 @@ class MoshiBackend:
                 await asyncio.sleep(delay)
             self._wake.clear()
             batch, self._pending = self._pending, {}
+            resets = {stream: stream.resets for stream in batch}
             changes, self._changes = self._changes, []
             frames = {s.call_id: job.pcm.tobytes() for s, job in batch.items() if not s.closed}
             try:
@@ -138,6 +139,11 @@ class MoshiBackend:
                 log.debug("moshi tick took %.0f ms for %d calls", result.step_ms, len(frames))
             for stream, job in batch.items():
                 if job.done.done():
+                    continue
+                if stream.resets != resets[stream]:
+                    # Reset (cancel, barge-in) while this step ran: what it made is the old
+                    # response's; the reset reaches the model with the next tick.
+                    job.done.set_result(StepResult(events=stream.take_notices()))
                     continue
                 output = result.outputs.get(stream.call_id)
                 if output is None and stream.call_id in frames:
@@ -230,6 +236,8 @@ class MoshiStream(ContinuousStream):
     closed: bool = False
     response_id: str | None = None
     quiet: int = 0
+    #: How many times the call was reset: a step sent before the last reset is dropped.
+    resets: int = 0
     #: Events for the call's next step from outside the model (its worker was replaced).
     notices: list[ModelEvent] = field(default_factory=list)
 
@@ -246,6 +254,7 @@ class MoshiStream(ContinuousStream):
 
     async def reset(self) -> None:
         self.response_id = None
+        self.resets += 1
         self.backend.change(Change("reset", self.call_id))
 
     async def close(self) -> None:

@@ -9,6 +9,7 @@ server's business (``s2s.backends.moshi``).
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from typing import Any
@@ -86,10 +87,18 @@ class MoshiWorker:
             if graphs is False:
                 raise
             self.graphs_failed = f"{type(exc).__name__}: {exc}"
+        if self.graphs_failed:
+            # Out of the handler, whose traceback holds the failed engine, and with every
+            # reference to it dropped and its cycles (graphs hold its bound step) collected:
+            # its caches (1.5 GiB a slot at moshiko's size) are freed before new ones are made.
             log.error("CUDA graphs failed (%s); the steps run eagerly, slower", self.graphs_failed)
-            self._build(model, context, max_calls, graphs=False)
+            for part in ("engine", "encoder", "decoder", "_encode", "_decode"):
+                if hasattr(self, part):
+                    delattr(self, part)
+            gc.collect()
             if torch.cuda.is_available():
-                torch.cuda.empty_cache()  # what the graphs captured so far held
+                torch.cuda.empty_cache()
+            self._build(model, context, max_calls, graphs=False)
         self.calls: dict[str, Row] = {}
         #: Calls whose join was refused (every slot in use), and why, until they leave.
         self.refused: dict[str, str] = {}
@@ -185,6 +194,7 @@ class MoshiWorker:
             except RuntimeError as exc:  # every slot is in use
                 self.refused[call] = str(exc)
                 return
+            self.refused.pop(call, None)  # refused before, joined now
             self.encoder.reset(joined.slot)
             self.decoder.reset(joined.slot)
             return
