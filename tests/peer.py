@@ -293,6 +293,12 @@ class Peer:
             async with request as resp:
                 return resp.status, await resp.text(), dict(resp.headers)
 
+    @property
+    def call_id(self) -> str:
+        """The server's id of this call (the last part of its ``Location``)."""
+        assert self.call_url is not None
+        return self.call_url.rsplit("/", 1)[1]
+
     async def hangup(self) -> int:
         assert self.call_url is not None
         async with aiohttp.ClientSession() as http, http.post(self.call_url + "/hangup") as resp:

@@ -86,8 +86,7 @@ async def states() -> dict[str, WorkerState]:
 
 
 def call_id(peer: Peer) -> str:
-    assert peer.call_url is not None
-    return peer.call_url.rsplit("/", 1)[1]
+    return peer.call_id
 
 
 async def test_calls_spread_move_off_a_dead_worker_and_a_restarted_one_takes_calls(

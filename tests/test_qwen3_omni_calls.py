@@ -10,9 +10,12 @@ import io
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from s2s.backends.qwen3_omni import Qwen3OmniBackend
+from s2s.signaling.state import BACKEND
 from tests.conftest import StartServer
 from tests.peer import MicTrack, Peer
 from tests.signals import rms
@@ -56,13 +59,21 @@ async def test_spoken_turns_with_a_picture_are_answered_in_speech_by_calls_at_on
             await peer.next_event("session.created", timeout=10)
         peers[0].send(_picture_item())
         await peers[0].next_event("conversation.item.added", timeout=10)
-        for i, peer in enumerate(peers):
-            peer.mic.play(speak(["what am I looking at", "say something nice"][i]))
+        spoken = [speak(text) for text in ("what am I looking at", "say something nice")]
+        quiet = np.zeros(2 * 48_000, np.int16)  # before the turn: none of it is the turn's
+        for peer, clip in zip(peers, spoken, strict=True):
+            peer.mic.play(np.concatenate([quiet, clip]))
         began = loop.time()
-        for peer in peers:
+        backend = server.app[BACKEND]
+        assert isinstance(backend, Qwen3OmniBackend)
+        for peer, clip in zip(peers, spoken, strict=True):
             # The spoken turn's response is each call's first.
             done = await peer.next_event("response.done", timeout=60)
             assert done["response"]["status"] == "completed"
+            # The turn is the speech, the VAD's padding before it and silence after it.
+            (turn,) = backend._streams[peer.call_id]._committed.values()
+            seconds = turn.size / backend.input_rate
+            assert clip.size / 48_000 - 0.3 < seconds < clip.size / 48_000 + 1.2, seconds
             await peer.wait_audio(1.0, since=began, timeout=15)
             assert rms(peer.audio(since=began)) > 0.005
             # In order: the response opens, its transcript streams, then it is done.

@@ -46,11 +46,6 @@ class WorkerPeer(Peer):
         self.pinned = pinned  # send the marker: the worker takes the call itself
 
     @property
-    def call_id(self) -> str:
-        assert self.call_url is not None
-        return self.call_url.rsplit("/", 1)[1]
-
-    @property
     def owner(self) -> int:
         return int(self.call_id[4:6], 16)
 

@@ -123,8 +123,10 @@ class ModelStream(Protocol):
         """Feed one input frame; return what the model produced since the last step."""
         ...
 
-    async def speech_started(self, item_id: str) -> None:
-        """The caller started a turn (server VAD)."""
+    async def speech_started(self, item_id: str, since_ms: int) -> None:
+        """The caller started a turn (server VAD), ``since_ms`` before the end of the audio
+        ``step`` has had (the VAD's onset less its ``prefix_padding_ms``): what came before
+        that is not the turn's."""
         ...
 
     async def commit(self, item_id: str) -> None:
@@ -156,7 +158,7 @@ class ContinuousStream:
     """What streams of continuous models (echo, full duplex) share: they take no turns, so the
     turn hooks do nothing, and they never respond on request."""
 
-    async def speech_started(self, item_id: str) -> None:
+    async def speech_started(self, item_id: str, since_ms: int) -> None:
         return None
 
     async def commit(self, item_id: str) -> None:

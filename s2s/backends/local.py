@@ -139,7 +139,7 @@ class LocalStream:
             self._events = []
         return result
 
-    async def speech_started(self, item_id: str) -> None:
+    async def speech_started(self, item_id: str, since_ms: int) -> None:
         if not self._streaming:
             self._streaming = True
             prefix = list(self._turn)[-_PREFIX_FRAMES:]

@@ -203,8 +203,13 @@ class Qwen3OmniStream:
             result.events[:0], self.notices = self.notices, []
         return result
 
-    async def speech_started(self, item_id: str) -> None:
-        return None
+    async def speech_started(self, item_id: str, since_ms: int) -> None:
+        """The turn's audio starts here: what the caller's mic sent before it (while the model
+        spoke, a pause) stays out of the prompt, as it stays out of OpenAI's turns."""
+        keep = since_ms * self._b.input_rate // 1000
+        held = sum(len(frame) for frame in self._turn)
+        while self._turn and held - len(self._turn[0]) >= keep:
+            held -= len(self._turn.popleft())
 
     async def commit(self, item_id: str) -> None:
         """Keep the turn's audio for the prompts that follow: the newest turns' audio, as long as

@@ -235,8 +235,13 @@ class QwenOmniStream:
         self._turn.append(pcm)
         return self._out.popleft() if self._out else StepResult()
 
-    async def speech_started(self, item_id: str) -> None:
-        pass
+    async def speech_started(self, item_id: str, since_ms: int) -> None:
+        """The turn's audio starts here: what the caller's mic sent before it (while the model
+        spoke, a pause) stays out of the prompt, as it stays out of OpenAI's turns."""
+        keep = since_ms * self._b.input_rate // 1000
+        held = sum(len(frame) for frame in self._turn)
+        while self._turn and held - len(self._turn[0]) >= keep:
+            held -= len(self._turn.popleft())
 
     async def commit(self, item_id: str) -> None:
         frames = list(self._turn)

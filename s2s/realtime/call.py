@@ -145,7 +145,10 @@ class Realtime:
         if event.kind == "start":
             self._user_item = self._user_item or new_id("item")
             self._send(SpeechStarted(audio_start_ms=event.audio_ms, item_id=self._user_item))
-            await self._stream.speech_started(self._user_item)
+            # The VAD's clock counts the audio it was fed; it may lag the caller's (a VAD turned
+            # on mid-call, a backlog dropped), which only keeps more of the turn.
+            since_ms = max(0, self._input_ms - event.audio_ms)
+            await self._stream.speech_started(self._user_item, since_ms)
             if self._responses.active is not None and settings.interrupt_response:
                 await self._responses.cancel("turn_detected")
                 if self._metrics is not None:
