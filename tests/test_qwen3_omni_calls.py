@@ -323,6 +323,43 @@ async def test_turns_keep_their_pictures_and_their_audio_crosses_once() -> None:
     assert list(stream._committed) == ["u2", "u3", "u4", "u5", "u6", "u7"]
 
 
+async def test_a_deleted_turn_and_its_picture_are_not_in_the_next_prompt() -> None:
+    """``conversation.item.delete`` changes what the model reads next: a deleted spoken turn's
+    audio and a deleted picture item's picture are gone from the prompt (the audio came back as
+    a turn of its own when no user item was left; the picture went with the last user turn)."""
+    import numpy as np
+
+    from s2s.backends import ResponseRequest
+    from s2s.backends.qwen3_omni import Qwen3OmniStream
+    from s2s.images import ImageLimits, Picture
+    from s2s.protocol.items import InputAudio, InputImage, InputText, MessageItem
+    from s2s.realtime.conversation import Conversation
+
+    recorder = _Recorder()
+    stream = Qwen3OmniStream(recorder, "call")  # type: ignore[arg-type]
+    conversation = Conversation(ImageLimits(), 4, 1 << 20)
+    spoken = MessageItem(role="user", content=[InputAudio()], id="a1")
+    shown = MessageItem(role="user", content=[InputImage(image_url="data:")], id="img1")
+    conversation.add(spoken)
+    await stream.step(np.ones(16_000, np.int16))
+    await stream.commit("a1")
+    conversation.add(shown)
+    conversation.remember(shown, Picture(b"JPEG", 64, 48, "a picture"))
+    for item in ("a1", "img1"):
+        conversation.delete(item)
+    conversation.add(MessageItem(role="user", content=[InputText("hello")], id="u1"))
+    await stream.respond(ResponseRequest(
+        response_id="r", instructions="", voice="", speed=1.0, modalities=["audio"],
+        conversation=conversation.items(), pictures=conversation.pictures()))  # fmt: skip
+    turns = recorder.changes[-1].respond.turns
+    assert [(t.item, t.audio, t.pictures) for t in turns] == [("u1", b"", [])]
+    conversation.delete("u1")
+    await stream.respond(ResponseRequest(
+        response_id="r2", instructions="", voice="", speed=1.0, modalities=["audio"],
+        conversation=conversation.items(), pictures=conversation.pictures()))  # fmt: skip
+    assert recorder.changes[-1].respond.turns == []
+
+
 async def test_the_sessions_truncation_reaches_the_worker() -> None:
     """``auto``: the worker's own cut; ``disabled``: none (over the budget is an error); a
     retention ratio with token limits: its share and its budget after the instructions."""

@@ -177,7 +177,6 @@ class Qwen3OmniStream:
         self._log = CallLogger(log, call_id)
         self._turn: collections.deque[np.ndarray] = collections.deque(maxlen=_MAX_TURN_FRAMES)
         self._committed: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
-        self._last_committed: str | None = None
         #: The pictures shown with each user turn (by item id), the turns whose audio the
         #: worker has been sent and how many of each turn's pictures (it keeps them by item
         #: id; a new worker has none: ``worker_lost``).
@@ -224,7 +223,6 @@ class Qwen3OmniStream:
             len(self._committed) > 1 and total - len(next(iter(self._committed.values()))) >= limit
         ):
             total -= len(self._committed.popitem(last=False)[1])
-        self._last_committed = item_id
         self._turn.clear()
 
     async def clear_input(self) -> None:
@@ -314,14 +312,9 @@ class Qwen3OmniStream:
                 said = " ".join(s for s in (_said(part) for part in item.content) if s)
                 if said and item.status != "in_progress":
                     turns.append(Turn("assistant", said, item=item.id or ""))
+        # A committed turn's item is in the conversation before any response reads it, so audio
+        # no item holds was deleted with its item: the model does not hear it.
         users = [i for i, turn in enumerate(turns) if turn.role == "user"]
-        if not users and self._last_committed is not None:
-            # A response to audio the conversation has no item for (yet): the last turn.
-            last_id = self._last_committed
-            clip = self._committed[last_id].tobytes()
-            shown = list(self._shown.get(last_id, []))
-            turns.append(Turn("user", audio=clip, pictures=shown, item=last_id))
-            users = [len(turns) - 1]
         latest = request.pictures[-1].jpeg if request.pictures else None
         # Shown already if a turn of the conversation has it (not one since deleted).
         if latest is not None and users and not any(latest in t.pictures for t in turns):

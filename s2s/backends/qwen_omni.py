@@ -226,7 +226,6 @@ class QwenOmniStream:
         self._call_id = call_id
         self._turn: collections.deque[np.ndarray] = collections.deque(maxlen=_MAX_TURN_FRAMES)
         self._committed: dict[str, np.ndarray] = {}
-        self._last_committed: str | None = None
         self._out: collections.deque[StepResult] = collections.deque()
         self._generation = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -246,7 +245,6 @@ class QwenOmniStream:
     async def commit(self, item_id: str) -> None:
         frames = list(self._turn)
         self._committed = {item_id: np.concatenate(frames) if frames else np.zeros(0, np.int16)}
-        self._last_committed = item_id
         self._turn.clear()
 
     async def clear_input(self) -> None:
@@ -288,10 +286,8 @@ class QwenOmniStream:
         audio = None
         if user is not None:
             text = " ".join(p.text for p in user.content if isinstance(p, InputText))
-            if user.id is not None:
+            if user.id is not None:  # (a deleted turn's audio, with no item, is not heard)
                 audio = self._committed.get(user.id)
-        elif self._last_committed is not None:
-            audio = self._committed.get(self._last_committed)
         jpeg = request.pictures[-1].jpeg if request.pictures else None
         return Turn(system=system, text=text, audio=audio, jpeg=jpeg)
 

@@ -65,8 +65,10 @@ class Conversation:
         return item
 
     def delete(self, item_id: str) -> None:
+        """Take the item out of what the model reads next, its picture with it."""
         self.get(item_id)
         del self._items[item_id]
+        self._pictures.pop(item_id, None)
 
     def add(self, item: Item, previous: str | None = None) -> str | None:
         """Place ``item`` after ``previous`` (the last item if None, first if "root").
