@@ -99,6 +99,16 @@ async def test_cancel_stops_the_reply_and_the_call_answers_again(
         peer.send({"type": "conversation.item.create", "item": item})
         peer.send({"type": "response.create"})
         await peer.next_event("output_audio_buffer.started", timeout=30)
+        # Its prompt is fixed once prefilled: steering it is refused, not confirmed.
+        mark = len(peer.events)
+        peer.send({"type": "s2s.response.steer", "instructions": "be brief"})
+        refused = await peer.next_event("error", after=mark, timeout=5)
+        assert refused["error"]["code"] == "steering_not_supported"
+        again = len(peer.events)
+        peer.send({"type": "response.create"})
+        refused = await peer.next_event("error", after=again, timeout=5)
+        assert refused["error"]["code"] == "conversation_already_has_active_response"
+        assert "s2s.response.steered" not in [e["type"] for e in peer.events[mark:]]
         mark = len(peer.events)
         peer.send({"type": "response.cancel"})
         done = await peer.next_event("response.done", after=mark, timeout=10)

@@ -244,6 +244,12 @@ async def test_steering_mid_response_and_per_response_instructions(local: Server
         done = await peer.next_event("response.done", after=mark, timeout=20)
         assert done["response"]["output"][0]["content"][0]["type"] == "output_text"
         assert "response.output_text.delta" in types(peer, mark)
+        # An out-of-band response (outside the conversation) is refused, not spoken.
+        mark = len(peer.events)
+        peer.send({"type": "response.create", "response": {"conversation": "none", "input": []}})
+        error = await peer.next_event("error", after=mark)
+        assert error["error"]["code"] == "out_of_band_not_supported"
+        assert "response.created" not in types(peer, mark)
     finally:
         await peer.close()
 

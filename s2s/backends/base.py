@@ -179,6 +179,8 @@ class Backend(Protocol):
     output_rate: int
     frame_samples: int
     turn_based: bool
+    #: Whether it can change a response it is making (``ModelStream.steer``).
+    steers: bool
 
     async def open_stream(self, call_id: str) -> ModelStream:
         """Create the per-call state for a new call."""

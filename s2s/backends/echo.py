@@ -32,6 +32,7 @@ class EchoStream(ContinuousStream):
 class EchoBackend:
     name = "echo"
     turn_based = False
+    steers = False
     # WebRTC's own rate and packet size: the echo adds no resampling and no framing delay, so
     # what it measures is the transport.
     input_rate = 48_000

@@ -70,6 +70,7 @@ class _Pacing:
 class LocalBackend:
     name = "local"
     turn_based = True
+    steers = True
     input_rate = ASR_RATE
     frame_samples = _FRAME
 

@@ -56,6 +56,7 @@ class _Job:
 class MoshiBackend:
     name = "moshi"
     turn_based = False
+    steers = True
 
     def __init__(self, worker: WorkerHandle) -> None:
         self.worker = worker

@@ -67,6 +67,7 @@ KEEPALIVE_S = 1.0
 class Qwen3OmniBackend:
     name = "qwen3-omni"
     turn_based = True
+    steers = False  # the prompt is fixed once prefilled
 
     def __init__(
         self, worker: WorkerHandle, prompt_tokens: int = 8192, prefill_tokens: int = 0

@@ -115,6 +115,7 @@ def build_inputs(tokenizer: Any, features: Any, images: Any, turn: Turn) -> dict
 class QwenOmniBackend:
     name = "qwen-omni"
     turn_based = True
+    steers = False  # the response is generated whole before it plays
     input_rate = INPUT_RATE
     output_rate = OUTPUT_RATE
     frame_samples = _FRAME

@@ -62,6 +62,8 @@ class ResponseParams(msgspec.Struct, omit_defaults=True):
     output_modalities: Modalities | UnsetType = UNSET
     audio: AudioConfig | UnsetType = UNSET
     conversation: str | UnsetType = UNSET
+    #: An out-of-band response's own items (with ``conversation: "none"``): refused.
+    input: list[Any] | UnsetType = UNSET
     metadata: dict[str, Any] | None = None
     tools: list[FunctionTool] | UnsetType = UNSET
     tool_choice: ToolChoice | UnsetType = UNSET

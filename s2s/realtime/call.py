@@ -208,7 +208,7 @@ class Realtime:
                 self.watching.set()
                 self._send(SessionUpdated(session=self.config.to_wire()))
                 after = (self.config.instructions, self.config.voice, self.config.speed)
-                if self._responses.active is not None and after != before:
+                if self._responses.active is not None and after != before and self._backend.steers:
                     changed = [b if a != b else None for a, b in zip(before, after, strict=True)]
                     await self._responses.steer(Steering(*changed))  # type: ignore[arg-type]
             case InputAudioBufferAppend():
@@ -252,6 +252,19 @@ class Realtime:
             case ConversationItemTruncate():
                 await self._responses.truncate(event)
             case ResponseCreate(response=params):
+                if params.conversation not in (UNSET, "auto") or params.input is not UNSET:
+                    raise RequestError(
+                        "out_of_band_not_supported",
+                        "responses outside the conversation (conversation: none, input) are not "
+                        "supported",
+                        "response.conversation",
+                    )  # fmt: skip
+                if self._responses.active is not None and not self._backend.steers:
+                    raise RequestError(
+                        "conversation_already_has_active_response",
+                        f"a response is in progress, and the {self._backend.name} model cannot "
+                        "change it: cancel it first",
+                    )  # fmt: skip
                 if self._responses.active is not None:
                     # Mid-turn steering: the response in progress takes the new settings.
                     voice, speed = voice_speed(params)
@@ -280,6 +293,11 @@ class Realtime:
             case ResponseSteer(instructions=instructions, voice=voice, speed=speed):
                 if self._responses.active is None:
                     raise RequestError("no_active_response", "there is no response to steer")
+                if not self._backend.steers:
+                    raise RequestError(
+                        "steering_not_supported",
+                        f"the {self._backend.name} model cannot change a response it is making",
+                    )
                 await self._responses.steer(Steering(instructions, voice, speed))
 
     async def _create_item(

@@ -127,6 +127,7 @@ class ClusterBackend:
         self.name = model.partition(":")[0]
         self._scheduler_class = SCHEDULERS[self.name]
         self.turn_based = self._scheduler_class.turn_based
+        self.steers = self._scheduler_class.steers
         #: What a turn-based model's scheduler sends with each turn (--prompt-tokens,
         #: --prefill-tokens), as a local worker's gets it.
         self._options = (
