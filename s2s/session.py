@@ -154,6 +154,12 @@ class Session:
             await self.pc.setLocalDescription(await self.pc.createAnswer())
         except Exception as exc:
             raise OfferError(f"cannot answer the offer: {exc or type(exc).__name__}") from exc
+        if audio[0].currentDirection not in ("sendrecv", "sendonly"):
+            # The model's audio goes back on it, and a response's progress and end are paced by
+            # that audio being sent: with no sender, no response would ever finish.
+            offered = {"recvonly": "sendonly", "inactive": "inactive"}
+            direction = offered.get(str(audio[0].currentDirection), "not sendrecv")
+            raise OfferError(f"the offer's audio is {direction}: offer it sendrecv")
         answer = str(self.pc.localDescription.sdp)
         if codecs is not None:
             wait = self._settings.max_gap_wait_ms

@@ -57,6 +57,27 @@ async def test_offer_without_audio_is_400(server: Server) -> None:
     assert len(server.registry) == 0
 
 
+@pytest.mark.parametrize("direction", ["sendonly", "inactive"])
+async def test_offer_whose_audio_cannot_come_back_is_400(server: Server, direction: str) -> None:
+    """The model's audio goes back on the offer's audio (and paces every response's end), so an
+    offer that sends audio without taking any back is refused at once, not left hanging."""
+    from s2s.rtc import new_peer_connection
+
+    pc = new_peer_connection()
+    pc.addTransceiver("audio", direction=direction)
+    pc.createDataChannel("oai-events")
+    await pc.setLocalDescription(await pc.createOffer())
+    try:
+        status, _, text = await post(
+            server.url + CALLS, pc.localDescription.sdp, **{"Content-Type": "application/sdp"}
+        )
+    finally:
+        await pc.close()
+    assert status == 400, text
+    assert f"audio is {direction}" in (await _json(text))["error"]["message"]
+    assert len(server.registry) == 0
+
+
 async def test_wrong_content_type_is_415(server: Server) -> None:
     status, _, text = await post(
         server.url + CALLS, '{"sdp": "v=0"}', **{"Content-Type": "application/json"}
