@@ -36,6 +36,9 @@ from typing import Any
 
 import torch
 
+#: kyutai's sampling: the likeliest audio codes and text tokens drawn from.
+TOP_K, TEXT_TOP_K = 250, 25
+
 
 @dataclass(eq=False)
 class Row:
@@ -141,7 +144,8 @@ class MoshiEngine:
         self._cache = out.cache
         hidden = out.last_hidden_state  # (B, 1, D)
         noise = self._gumbel(user_codes)
-        text = self._pick(out.logits[:, -1], [r.text_temperature for r in self.rows], noise[:, 0])
+        text_t = [r.text_temperature for r in self.rows]
+        text = self._pick(out.logits[:, -1], text_t, noise[:, 0], TEXT_TOP_K)
         for i, row in enumerate(self.rows):
             if row in user_codes and row.forced_text:
                 text[i] = row.forced_text.pop(0)
@@ -151,7 +155,7 @@ class MoshiEngine:
                 input_ids=tokens, last_hidden_state=hidden.expand(-1, tokens.shape[1], -1)
             )
             logits = depth.logits[:, -1, : self.bos]
-            code = self._pick(logits, [r.temperature for r in self.rows], noise[:, c + 1])
+            code = self._pick(logits, [r.temperature for r in self.rows], noise[:, c + 1], TOP_K)
             tokens = torch.cat([tokens, code[:, None]], dim=1)
         generated = tokens[:, 1:]  # (B, K): codebook 0 of this frame, 1.. of the previous one
         results: dict[Row, RowOutput] = {}
@@ -174,8 +178,7 @@ class MoshiEngine:
     # -- helpers -----------------------------------------------------------------------------
 
     def _text_start(self) -> int:
-        start = getattr(self.config, "bos_token_id", None)
-        return int(start) if start is not None else 0
+        return int(self.config.vocab_size)  # the text embeddings' extra id
 
     def _reset_row_codes(self, row: Row) -> None:
         row.moshi = torch.full((self.k,), self.bos, dtype=torch.long, device=self.device)
@@ -192,9 +195,13 @@ class MoshiEngine:
         return torch.stack(noise)
 
     @staticmethod
-    def _pick(logits: torch.Tensor, temperatures: list[float], noise: torch.Tensor) -> torch.Tensor:
+    def _pick(
+        logits: torch.Tensor, temperatures: list[float], noise: torch.Tensor, top_k: int
+    ) -> torch.Tensor:
         t = torch.tensor(temperatures, device=logits.device)[:, None]
-        sampled = (logits / t.clamp_min(1e-6) + noise[:, : logits.shape[1]]).argmax(dim=-1)
+        kth = logits.topk(min(top_k, logits.shape[1]), dim=-1).values[:, -1:]
+        kept = logits.masked_fill(logits < kth, float("-inf"))
+        sampled = (kept / t.clamp_min(1e-6) + noise[:, : logits.shape[1]]).argmax(dim=-1)
         greedy = logits.argmax(dim=-1)
         return torch.where(t[:, 0] > 0, sampled, greedy)
 

@@ -201,6 +201,27 @@ def test_every_width_a_step_takes_is_captured_up_front(
         assert taken == set(engine.widths()), max_calls
 
 
+def test_sampling_draws_from_the_likeliest_only(
+    tiny_moshi: MoshiForConditionalGeneration,
+) -> None:
+    """As kyutai's server samples: however hot, a text token comes from the 25 likeliest and an
+    audio code from the 250 likeliest (all of the vocabulary was drawn from before)."""
+    engine = MoshiEngine(tiny_moshi, max_calls=4)
+    logits = torch.randn(4, 2048, generator=torch.Generator().manual_seed(0))
+    hot = torch.full((4,), 50.0)
+    drawn = set()
+    for step in range(30):
+        engine._length[:4] = step
+        for k in (engine.text_top_k, engine.top_k):
+            picked = engine._sample(logits, 4, 0, hot, k)
+            top = logits.topk(k, dim=-1).indices
+            assert all(int(p) in top[i].tolist() for i, p in enumerate(picked))
+            drawn.update(int(p) for p in picked)
+    assert len(drawn) > engine.text_top_k  # it samples, not just the top token
+    greedy = engine._sample(logits, 4, 0, torch.zeros(4), engine.text_top_k)
+    assert torch.equal(greedy, logits.argmax(-1))
+
+
 def test_a_worker_whose_graphs_fail_serves_eagerly(
     tiny_moshi: MoshiForConditionalGeneration,
 ) -> None:

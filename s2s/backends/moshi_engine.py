@@ -106,9 +106,13 @@ class MoshiEngine:
         max_calls: int = 64,
         temperature: float = 0.8,
         text_temperature: float = 0.7,
+        top_k: int = 250,
+        text_top_k: int = 25,
         graphs: bool | None = None,
     ) -> None:
-        """``graphs``: replay the step from CUDA graphs (default: on a CUDA device)."""
+        """Sampling as kyutai's own Moshi server samples: from the ``top_k`` likeliest audio
+        codes and ``text_top_k`` likeliest text tokens, at the temperatures. ``graphs``: replay
+        the step from CUDA graphs (default: on a CUDA device)."""
         config = model.config
         self.model = model
         self.k = int(config.num_codebooks)
@@ -118,6 +122,7 @@ class MoshiEngine:
         self.max_calls = max_calls
         self.temperature = temperature
         self.text_temperature = text_temperature
+        self.top_k, self.text_top_k = top_k, text_top_k
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
         self.rows: dict[int, Row] = {}
@@ -129,7 +134,8 @@ class MoshiEngine:
         # for moshiko in bf16).
         tables = [model.embed_tokens[i].weight for c in range(self.k) for i in (c, self.k + c)]
         self._audio_table = torch.stack(tables)
-        self._text_start = int(getattr(config, "bos_token_id", None) or 0)
+        # The text embeddings' extra id, "no text yet" (transformers' unconditional input).
+        self._text_start = self.text_vocab
         attn = self._main.layers[0].self_attn
         self._heads, self._kv_heads, self._head_dim = (
             attn.num_heads, attn.num_key_value_heads, attn.head_dim
@@ -317,7 +323,7 @@ class MoshiEngine:
         x = self._main.embed_tokens(self._text[:n]) + audio.sum(dim=1)
         hidden = self._main_decoder(x, n, length, span or self.context)
         text_logits = self.model.decoder.lm_head(hidden)
-        text = self._sample(text_logits, n, 0, self._temps[:n, 0])
+        text = self._sample(text_logits, n, 0, self._temps[:n, 0], self.text_top_k)
         if forced is not None:
             text = torch.where(forced >= 0, forced, text)
         generated = self._depth_decoder(hidden, text, n)
@@ -387,20 +393,26 @@ class MoshiEngine:
                 x = x + F.linear(out.reshape(n, -1), attn.o_proj.linear.weight[c])
                 x = x + _mlp(_rms(x, layer.post_attention_layernorm), layer.mlp, c)
             logits = F.linear(x, depth.lm_heads.weight[c])
-            token = self._sample(logits, n, c + 1, self._temps[:n, 1])
+            token = self._sample(logits, n, c + 1, self._temps[:n, 1], self.top_k)
             codes.append(token)
         return torch.stack(codes, dim=1)
 
     def _sample(
-        self, logits: torch.Tensor, n: int, stream: int, temperature: torch.Tensor
+        self, logits: torch.Tensor, n: int, stream: int, temperature: torch.Tensor, top_k: int
     ) -> torch.Tensor:
-        """Gumbel-max sampling at each slot's temperature (greedy at 0), all slots at once.
+        """Gumbel-max sampling from the ``top_k`` likeliest at each slot's temperature (greedy
+        at 0), all slots at once.
 
         The noise is ``s2s.noise.gumbel`` of (slot's seed, its step, ``stream``): counter-based,
         so it needs no generator state and is the same whichever slots share the batch.
         """
+        logits = logits.float()
         noise = gumbel(self._seed[:n], self._length[:n], stream, logits.shape[-1])
-        scores = logits.float() / temperature.clamp_min(1e-6)[:, None] + noise
+        kept = logits
+        if top_k < logits.shape[-1]:
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]
+            kept = logits.masked_fill(logits < kth, float("-inf"))
+        scores = kept / temperature.clamp_min(1e-6)[:, None] + noise
         return torch.where(temperature > 0, scores.argmax(dim=-1), logits.argmax(dim=-1))
 
 
