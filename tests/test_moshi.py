@@ -16,7 +16,7 @@ from transformers import MoshiForConditionalGeneration
 
 from s2s.backends import ModelUnavailable, StepResult
 from s2s.backends.moshi import MoshiBackend
-from s2s.backends.moshi_engine import MoshiEngine, RowOutput
+from s2s.backends.moshi_engine import MoshiEngine, RowOutput, reseeded
 from s2s.hosttraffic import HostTraffic
 from s2s.signaling.state import BACKEND
 from s2s.worker.messages import Change
@@ -121,9 +121,13 @@ def test_reset_makes_a_row_start_afresh(tiny_moshi: MoshiForConditionalGeneratio
         engine.step({row: codes[t], other: codes[t]})
     engine.reset(row)
     after = [engine.step({row: codes[t], other: codes[t]})[row] for t in range(10)]
+    # As a call joining afresh, its noise going on from a new seed (not its first draws again).
     fresh = MoshiEngine(tiny_moshi, max_calls=1)
-    new = fresh.join("a", seed=5)
+    new = fresh.join("a", seed=int(reseeded(5)))
     assert _same(after, [fresh.step({new: codes[t]})[new] for t in range(10)])
+    replay = MoshiEngine(tiny_moshi, max_calls=1)
+    first = replay.join("a", seed=5)
+    assert not _same(after, [replay.step({first: codes[t]})[first] for t in range(10)])
 
 
 def test_slots_are_reused_and_a_full_engine_says_so(

@@ -215,8 +215,11 @@ class MoshiEngine:
 
     @torch.inference_mode()
     def reset(self, row: Row) -> None:
-        """Forget the call's past: its positions restart and nothing it wrote is attended."""
+        """Forget the call's past: its positions restart and nothing it wrote is attended. Its
+        noise goes on to a new seed (``reseeded``): from the old one, the counter starting
+        over would draw what the call drew from its start, the same words again."""
         row.forced_text.clear()
+        self._seed[row.slot] = reseeded(self._seed[row.slot])
         self._restart(row.slot)
 
     def _restart(self, slot: int) -> None:
@@ -414,6 +417,12 @@ class MoshiEngine:
             kept = logits.masked_fill(logits < kth, float("-inf"))
         scores = kept / temperature.clamp_min(1e-6)[:, None] + noise
         return torch.where(temperature > 0, scores.argmax(dim=-1), logits.argmax(dim=-1))
+
+
+def reseeded(seed: torch.Tensor | int) -> torch.Tensor | int:
+    """The seed a call's noise goes on with after a reset: an odd multiplier and an increment
+    mod 2**32, a bijection, so distinct seeds stay distinct and a call never cycles back soon."""
+    return (seed * 0x9E3779B1 + 1) & _MASK32
 
 
 def _rms(x: torch.Tensor, norm: Any) -> torch.Tensor:
