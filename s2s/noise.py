@@ -55,3 +55,9 @@ def _mix(x: Tensor) -> Tensor:
     x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
     x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
     return (x >> 16) ^ x
+
+
+def reseeded(seed: torch.Tensor | int) -> torch.Tensor | int:
+    """The seed a call's noise goes on with after a reset: an odd multiplier and an increment
+    mod 2**32, a bijection, so distinct seeds stay distinct and a call never cycles back soon."""
+    return (seed * 0x9E3779B1 + 1) & _MASK32

@@ -16,8 +16,9 @@ from transformers import MoshiForConditionalGeneration
 
 from s2s.backends import ModelUnavailable, StepResult
 from s2s.backends.moshi import MoshiBackend
-from s2s.backends.moshi_engine import MoshiEngine, RowOutput, reseeded
+from s2s.backends.moshi_engine import SPAN_STEP, MoshiEngine, RowOutput
 from s2s.hosttraffic import HostTraffic
+from s2s.noise import reseeded
 from s2s.signaling.state import BACKEND
 from s2s.worker.messages import Change
 from s2s.worker.process import WorkerError, WorkerOptions, WorkerProcess
@@ -140,6 +141,13 @@ def test_slots_are_reused_and_a_full_engine_says_so(
         engine.join("one too many")
     engine.leave(rows[0])
     assert engine.join("again").slot == 0
+    # A long call that leaves no longer widens the steps over its slot.
+    codes = _codes(SPAN_STEP + 1)
+    for t in range(SPAN_STEP + 1):
+        engine.step({rows[1]: codes[t]})
+    assert engine.span(3) == 2 * SPAN_STEP
+    engine.leave(rows[1])
+    assert engine.span(3) == SPAN_STEP
 
 
 def test_the_step_has_no_host_sync_and_allocates_no_cache(

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from s2s.backends.graphs import BUCKETS, StepGraphs, bucket
-from s2s.noise import gumbel
+from s2s.noise import gumbel, reseeded
 
 #: A step reads the ring up to the longest call's length, rounded up to this many positions.
 SPAN_STEP = 256
@@ -209,8 +209,12 @@ class MoshiEngine:
         self._restart(slot)
         return row
 
+    @torch.inference_mode()
     def leave(self, row: Row) -> None:
         del self.rows[row.slot]
+        # An empty slot looks no further than a new one: a long call gone from it no longer
+        # widens every step's span over it until the slot is taken again.
+        self._restart(row.slot)
         bisect.insort(self._free, row.slot)
 
     @torch.inference_mode()
@@ -417,12 +421,6 @@ class MoshiEngine:
             kept = logits.masked_fill(logits < kth, float("-inf"))
         scores = kept / temperature.clamp_min(1e-6)[:, None] + noise
         return torch.where(temperature > 0, scores.argmax(dim=-1), logits.argmax(dim=-1))
-
-
-def reseeded(seed: torch.Tensor | int) -> torch.Tensor | int:
-    """The seed a call's noise goes on with after a reset: an odd multiplier and an increment
-    mod 2**32, a bijection, so distinct seeds stay distinct and a call never cycles back soon."""
-    return (seed * 0x9E3779B1 + 1) & _MASK32
 
 
 def _rms(x: torch.Tensor, norm: Any) -> torch.Tensor:
