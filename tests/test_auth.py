@@ -70,6 +70,11 @@ async def test_a_server_key_makes_a_call_and_hangs_up(locked: Server) -> None:
         async with aiohttp.ClientSession() as http:
             async with http.post(peer.call_url + "/hangup") as resp:
                 assert resp.status == 401
+            # Another key of the server cannot end a call it did not make.
+            other = {"Authorization": "Bearer sk-other"}
+            async with http.post(peer.call_url + "/hangup", headers=other) as resp:
+                assert resp.status == 403 and "not_call_owner" in await resp.text()
+            assert len(locked.registry) == 1
             headers = {"Authorization": f"Bearer {KEY}"}
             async with http.post(peer.call_url + "/hangup", headers=headers) as resp:
                 assert resp.status == 200

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
 import aiohttp
 import pytest
 
@@ -11,7 +15,7 @@ from tests.peer import CallRefused, Peer
 CALLS = "/v1/realtime/calls"
 
 
-async def post(url: str, body: bytes | str | aiohttp.FormData, **headers: str):
+async def post(url: str, body: Any, **headers: str):
     async with aiohttp.ClientSession() as http, http.post(url, data=body, headers=headers) as r:
         text = await r.text()
         return r.status, r.headers, text
@@ -197,3 +201,30 @@ async def _json(text: str) -> dict:
     import json
 
     return json.loads(text)
+
+
+async def test_an_offer_that_arrives_in_pieces_is_read_whole(server: Server) -> None:
+    """An offer often crosses the network in several segments: the server reads it all (it
+    read what the first brought, and refused or half-read the rest)."""
+    from s2s.rtc import new_peer_connection
+
+    pc = new_peer_connection()
+    pc.addTransceiver("audio", direction="sendrecv")
+    pc.createDataChannel("oai-events")
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp.encode()
+
+    async def in_pieces() -> AsyncIterator[bytes]:
+        half = len(sdp) // 2
+        yield sdp[:half]
+        await asyncio.sleep(0.05)  # the second segment comes later, as over a real network
+        yield sdp[half:]
+
+    try:
+        status, _, text = await post(
+            server.url + CALLS, in_pieces(), **{"Content-Type": "application/sdp"}
+        )
+    finally:
+        await pc.close()
+    assert status == 201, text
+    assert "a=mid:" in text and len(server.registry) == 1

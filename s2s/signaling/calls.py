@@ -177,10 +177,15 @@ def tools_refused(patch: SessionPatch | None, backend: Backend) -> web.Response 
 
 
 async def _read_limited(request: web.Request, max_bytes: int) -> bytes:
-    body = await request.content.read(max_bytes + 1)
-    if len(body) > max_bytes:
-        raise BadRequest(413, "offer_too_large", f"the offer exceeds {max_bytes} bytes")
-    return body
+    """The whole body, up to ``max_bytes`` (413 past it). ``content.read(n)`` would return what
+    the first network segment brought (a real offer often comes in several)."""
+    chunks, size = [], 0
+    while chunk := await request.content.readany():
+        size += len(chunk)
+        if size > max_bytes:
+            raise BadRequest(413, "offer_too_large", f"the offer exceeds {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _check_sdp(data: bytes) -> str:
@@ -196,10 +201,15 @@ def _check_sdp(data: bytes) -> str:
 
 async def hangup_call(request: web.Request) -> web.Response:
     """``POST /v1/realtime/calls/{call_id}/hangup``."""
-    denied = server_key(request)
-    if isinstance(denied, web.Response):
-        return denied
+    key = server_key(request)
+    if isinstance(key, web.Response):
+        return key
     call_id = request.match_info["call_id"]
+    session = request.app[REGISTRY].get(call_id)
+    if session is None:
+        return error_response(404, "call_not_found", f"no call {call_id!r}", param="call_id")
+    if request.app[KEYS].required and session.owner != key:
+        return error_response(403, "not_call_owner", "this key did not create that call")
     if not await request.app[REGISTRY].hangup(call_id):
         return error_response(404, "call_not_found", f"no call {call_id!r}", param="call_id")
     return web.Response(status=200)
