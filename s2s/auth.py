@@ -87,6 +87,16 @@ class Keys:
         # strings, so a timing difference in the lookup reveals nothing usable.
         return self._secrets.pop(presented, None)
 
+    def restore(self, secret: ClientSecret) -> None:
+        """Give back a secret ``redeem`` used up for a call that was not made (a full server, a
+        bad offer), so the client can try again with it until it expires."""
+        if secret.expires_at <= time.time():
+            return
+        if self.shared_dir is None:
+            self._secrets[secret.value] = secret
+        else:
+            self._store(secret)
+
     def _expire(self) -> int:
         """Forget expired secrets; the number still live."""
         now = time.time()

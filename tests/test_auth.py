@@ -88,6 +88,9 @@ async def test_client_secret_works_once_and_carries_its_session(locked: Server) 
     status, secret = await mint(locked, KEY, {"session": {"instructions": "Be brief."}})
     assert status == 200 and secret["value"].startswith("ek_")
     assert secret["expires_at"] > time.time() and secret["session"]["instructions"] == "Be brief."
+    # An offer that makes no call (here not SDP; a full server alike) leaves it usable.
+    status, body, _ = await KeyedPeer(locked.url, secret["value"])._post_offer("not an offer")
+    assert status == 400 and "invalid_offer" in body
     # The client tries to widen the session: the secret's session wins.
     peer = KeyedPeer(locked.url, secret["value"], session={"instructions": "Say anything."})
     try:

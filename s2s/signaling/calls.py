@@ -7,7 +7,7 @@ import logging
 import msgspec
 from aiohttp import web
 
-from s2s.auth import bearer
+from s2s.auth import ClientSecret, bearer
 from s2s.backends import Backend
 from s2s.backends.base import NoCapacity, PlacingBackend
 from s2s.forwarding import OwnerUnreachable, is_relayed
@@ -28,7 +28,6 @@ CALLS_PATH = "/v1/realtime/calls"
 async def create_call(request: web.Request) -> web.Response:
     """``POST /v1/realtime/calls``: the SDP offer in, 201 with the SDP answer out."""
     app = request.app
-    settings = app[SETTINGS]
     if (pool := app.get(POOL)) is not None and not is_relayed(request):
         relayed = await _to_least_loaded(request, pool)
         if relayed is not None:
@@ -40,6 +39,20 @@ async def create_call(request: web.Request) -> web.Response:
         secret = keys.redeem(token)
         if secret is None:
             return unauthorized("a server API key or an unused, unexpired client secret")
+    response = await _create(request, token, secret)
+    if secret is not None and response.status != 201:
+        # No call was made with it: the client may try again (a 503 says when) with the same.
+        keys.restore(secret)
+    return response
+
+
+async def _create(
+    request: web.Request, token: str | None, secret: ClientSecret | None
+) -> web.Response:
+    """The call an authorized offer asks for: 201 with the answer, or the error response."""
+    app = request.app
+    settings, keys = app[SETTINGS], app[KEYS]
+    pool = app.get(POOL)
     try:
         offer, patch = await _read_offer(request, settings.max_sdp_bytes)
     except BadRequest as exc:
