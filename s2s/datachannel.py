@@ -89,11 +89,13 @@ class EventChannel:
                 self.log.debug("bad client event: %s", exc)
                 self.send(Error(error=exc.detail))
 
-    def receive(self, message: bytes | str) -> None:
-        """A client event from the data channel or an app backend's sideband connection."""
+    def receive(self, message: bytes | str, rate: EventRate | None = None) -> bool:
+        """A client event from the data channel, or from an app backend's sideband connection
+        with its own ``rate`` (so its bursts neither cost the caller's events nor end the call).
+        False once that sender floods: it is to be cut off."""
         if self._cut_off:
-            return
-        match self._rate.take(len(message)):
+            return False
+        match (rate or self._rate).take(len(message)):
             case Verdict.ACCEPT:
                 pass
             case Verdict.REFUSE:
@@ -102,9 +104,11 @@ class EventChannel:
                     message="too many client events or bytes per second; events are being "
                     "dropped",
                 )))  # fmt: skip
-                return
+                return True
             case Verdict.REFUSE_QUIETLY:
-                return
+                return True
+            case Verdict.FLOOD if rate is not None:
+                return False
             case Verdict.FLOOD:
                 # The call ends a moment later, so the errors already queued reach the client.
                 self._cut_off = True
@@ -115,7 +119,7 @@ class EventChannel:
                 )))  # fmt: skip
                 loop = asyncio.get_running_loop()
                 loop.call_later(_CUT_OFF_GRACE_S, self._end, "rate_limited")
-                return
+                return False
         try:
             self._inbox.put_nowait(message)
         except asyncio.QueueFull:
@@ -127,3 +131,4 @@ class EventChannel:
                     )
                 )
             )
+        return True

@@ -39,6 +39,7 @@ from s2s.backends import Backend, ModelStream
 from s2s.callstats import CallStats
 from s2s.config import Settings
 from s2s.datachannel import EVENTS_LABEL, EventChannel
+from s2s.eventrate import EventRate
 from s2s.images import ImageLimits
 from s2s.log import CallLogger
 from s2s.metrics import CallMetrics, ServerMetrics
@@ -355,9 +356,10 @@ class Session:
         """
         self._events.send(event, keep=keep)
 
-    def receive(self, message: bytes | str) -> None:
-        """A client event from the data channel or an app backend's sideband connection."""
-        self._events.receive(message)
+    def receive(self, message: bytes | str, rate: EventRate | None = None) -> bool:
+        """A client event from the data channel or an app backend's sideband connection (with
+        its own ``rate``); False once that sender floods (``EventChannel.receive``)."""
+        return self._events.receive(message, rate)
 
     async def _read_events(self, realtime: Realtime) -> None:
         while True:

@@ -236,3 +236,33 @@ async def test_a_client_that_keeps_flooding_is_cut_off(start_server: StartServer
     finally:
         await flooder.close()
         await bystander.close()
+
+
+async def test_a_sideband_that_floods_is_cut_off_and_the_call_goes_on(
+    start_server: StartServer,
+) -> None:
+    """An app backend's events have limits of their own: its burst costs the caller none of
+    theirs, and a backend that keeps flooding loses its sideband (1008), not the call."""
+    server = await start_server(api_keys=(KEY,), max_events_per_s=5)
+    peer = KeyedPeer(server.url, KEY)
+    try:
+        await peer.connect()
+        await peer.next_event("session.created")
+        url = server.url + f"/v1/realtime?call_id={peer.call_id}"
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with aiohttp.ClientSession() as http, http.ws_connect(url, headers=headers) as ws:
+            for i in range(60):
+                await ws.send_json({"type": "session.update", "event_id": f"s{i}", "session": {}})
+            async with asyncio.timeout(10):
+                async for _ in ws:
+                    pass
+            assert ws.close_code == 1008
+        # The caller's own events are untouched by it, and the call is up.
+        mark = len(peer.events)
+        for i in range(8):
+            peer.send({"type": "session.update", "event_id": f"c{i}", "session": {}})
+        for _ in range(8):
+            mark = peer.events.index(await peer.next_event("session.updated", after=mark)) + 1
+        assert len(server.registry) == 1
+    finally:
+        await peer.close()

@@ -6,6 +6,7 @@ import asyncio
 
 from aiohttp import WSMsgType, web
 
+from s2s.eventrate import EventRate
 from s2s.signaling.errors import error_response, server_key
 from s2s.signaling.state import KEYS, REGISTRY, SETTINGS
 
@@ -32,6 +33,9 @@ async def sideband(request: web.Request) -> web.StreamResponse:
     outbox: asyncio.Queue[str | None] = asyncio.Queue(_SIDEBAND_BACKLOG)
 
     closing = {"code": 1000, "why": b"call ended"}
+    # Its own limits: an app backend's bursts neither cost the caller's events nor end the call.
+    settings = request.app[SETTINGS]
+    rate = EventRate(settings.max_events_per_s, settings.max_event_bytes_per_s)
 
     def forward(text: str) -> None:
         try:
@@ -57,8 +61,12 @@ async def sideband(request: web.Request) -> web.StreamResponse:
     watcher = asyncio.create_task(until_ended(), name=f"{call_id}/sideband-end")
     try:
         async for message in ws:
-            if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                session.receive(message.data)
+            events = message.type in (WSMsgType.TEXT, WSMsgType.BINARY)
+            if events and not session.receive(message.data, rate):
+                # A backend that keeps flooding is cut off; the call goes on.
+                session.log.warning("sideband closed: it flooded the call with events")
+                closing.update(code=1008, why=b"rate limited")
+                break
             if session.ended:
                 break
     finally:
@@ -66,5 +74,5 @@ async def sideband(request: web.Request) -> web.StreamResponse:
         for task in (sender, watcher):
             task.cancel()
         await asyncio.gather(sender, watcher, return_exceptions=True)
-        await ws.close()
+        await ws.close(code=closing["code"], message=closing["why"])  # type: ignore[arg-type]
     return ws
