@@ -12,9 +12,12 @@ import binascii
 import io
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+#: The EXIF tag saying how a photo is stored relative to how it is seen.
+_ORIENTATION = 0x0112
 _MAGIC = {b"\xff\xd8\xff": "jpeg", b"\x89PNG\r\n\x1a\n": "png"}
 _COLOURS = {
     "black": (20, 20, 20), "white": (235, 235, 235), "grey": (128, 128, 128),
@@ -79,7 +82,7 @@ def image_format(data: bytes) -> str:
 
 def load(data: bytes, limits: ImageLimits) -> Picture:
     """Check, decode, downscale and describe an image, or raise ``ImageError``."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     if len(data) > limits.max_bytes:
         raise ImageError(
@@ -100,7 +103,9 @@ def load(data: bytes, limits: ImageLimits) -> Picture:
                 )
             image.draft("RGB", (limits.max_side, limits.max_side))  # JPEG: decode at lower scale
             image.load()
-            rgb = image.convert("RGB")
+            if image.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):  # stored sideways
+                width, height = height, width
+            rgb = _rgb(ImageOps.exif_transpose(image))
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
@@ -111,6 +116,21 @@ def load(data: bytes, limits: ImageLimits) -> Picture:
     out = io.BytesIO()
     rgb.save(out, "JPEG", quality=85)
     return Picture(out.getvalue(), width, height, describe(rgb, width, height))
+
+
+def _rgb(image: Any) -> Any:
+    """``image`` as RGB the way it looks: see-through parts on white (not black), 16-bit grey
+    scaled to 8 bits (not clipped to white)."""
+    from PIL import Image
+
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+        image = image.convert("I").point(lambda v: v / 256).convert("L")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        white.paste(rgba, mask=rgba.getchannel("A"))
+        return white
+    return image.convert("RGB")
 
 
 def from_video_frame(frame: object, limits: ImageLimits) -> Picture:

@@ -322,6 +322,10 @@ class Session:
         Only the latest sampled frame is kept (as the call's newest picture); nothing queues.
         """
         track = await self._camera
+        if self._settings.camera_fps <= 0:
+            # aiortc hands over the track while the offer is applied, before ``accept`` turns
+            # the video off; with no sampling it is never read.
+            return
         loop = asyncio.get_running_loop()
         period = 1 / self._settings.camera_fps
         limits = realtime.image_limits

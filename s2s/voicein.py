@@ -174,7 +174,7 @@ class VoiceReceiver:
                 self.stats.red_frames += 1
             else:
                 self.stats.decoded_frames += 1
-            self._emit(self._decoder.decode(held.payload), held.timestamp)
+            self._emit(self._decoded(held.payload), held.timestamp)
         if not self._held and self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -229,10 +229,19 @@ class VoiceReceiver:
                 for i in range(gap - 1):
                     self._conceal(head.timestamp - (gap - i) * opus.FRAME)
                 self.stats.fec_frames += 1
-                self._emit(self._decoder.recover(head.payload), head.timestamp - opus.FRAME)
+                self._emit(self._decoded(head.payload, fec=True), head.timestamp - opus.FRAME)
                 self._next = first
             self._drain()
             force = force and len(self._held) > _MAX_HELD_FRAMES
+
+    def _decoded(self, payload: bytes, *, fec: bool = False) -> np.ndarray:
+        """A packet's frame (``fec``: the one before it, from its redundancy); a packet libopus
+        cannot read is a lost one, concealed (raised, it closed the call's whole transport)."""
+        try:
+            return self._decoder.recover(payload) if fec else self._decoder.decode(payload)
+        except opus.OpusError:
+            self.stats.bad_packets += 1
+            return self._decoder.conceal()
 
     def _conceal(self, timestamp: int) -> None:
         self.stats.concealed_frames += 1

@@ -174,3 +174,56 @@ async def test_a_video_track_is_sampled_and_its_latest_frame_answers(local: Serv
         assert "320 by 240" in answer and "green" in answer
     finally:
         await peer.close()
+
+
+async def test_a_server_that_samples_no_video_keeps_a_call_that_sends_some(
+    start_server: StartServer,
+) -> None:
+    """With ``--camera-fps 0`` a caller's camera is refused, and the call goes on (it ended
+    with internal_error: aiortc hands the track over before the video is turned off)."""
+    server = await start_server(model="local", camera_fps=0.0)
+    peer = Peer(server.url, MicTrack(), camera=ColourCamera((40, 170, 60)),
+                session={"audio": {"input": {"turn_detection": None}}})  # fmt: skip
+    try:
+        await peer.connect()
+        await peer.next_event("session.created")
+        loop = asyncio.get_running_loop()
+        await peer.wait_audio(1.0, since=loop.time())
+        mark = len(peer.events)
+        peer.send({"type": "session.update", "session": {}})
+        await peer.next_event("session.updated", after=mark, timeout=5)
+        assert len(server.registry) == 1
+    finally:
+        await peer.close()
+
+
+def _stored(image: Image.Image, kind: str, **options: object) -> bytes:
+    out = io.BytesIO()
+    image.save(out, kind, **options)
+    return out.getvalue()
+
+
+def test_a_picture_is_taken_as_it_looks() -> None:
+    """A phone's portrait photo, stored sideways with an EXIF orientation, is seen upright; a
+    see-through PNG is seen on white; a 16-bit grey one keeps its greys."""
+    from s2s.images import ImageLimits, load
+
+    limits = ImageLimits()
+    # Stored 200x100, left half red, to be turned a quarter clockwise (Orientation 6).
+    stored = Image.new("RGB", (200, 100), (40, 80, 200))
+    stored.paste((200, 30, 30), (0, 0, 100, 100))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright = load(_stored(stored, "JPEG", exif=exif), limits)
+    assert (upright.width, upright.height) == (100, 200)
+    seen = Image.open(io.BytesIO(upright.jpeg))
+    assert seen.size == (100, 200)
+    top, bottom = seen.getpixel((50, 20)), seen.getpixel((50, 180))
+    assert top[0] > 150 > bottom[0]  # the red half is on top once turned
+    clear = Image.new("RGBA", (64, 48), (0, 0, 0, 0))
+    assert (
+        min(Image.open(io.BytesIO(load(_stored(clear, "PNG"), limits).jpeg)).getpixel((5, 5))) > 240
+    )
+    grey = Image.new("I;16", (64, 48), 32768)
+    middle = Image.open(io.BytesIO(load(_stored(grey, "PNG"), limits).jpeg)).getpixel((5, 5))
+    assert all(110 < c < 145 for c in middle)

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -74,6 +75,15 @@ def test_decoder_answers_any_bytes_with_an_event_or_an_event_error(raw: bytes) -
         decode_client_event(raw, max_bytes=1000)
     except EventError as exc:
         assert exc.detail.code in {"invalid_json", "invalid_event", "unknown_event"}
+
+
+def test_json_nested_too_deeply_is_an_event_error() -> None:
+    """msgspec raises RecursionError, not a DecodeError, for deep nesting: it escaped and ended
+    the call as internal_error."""
+    deep = '{"type":"response.create","response":{"metadata":{"a":' + "[" * 5000 + "]" * 5000
+    with pytest.raises(EventError) as exc:
+        decode_client_event(deep + "}}}", max_bytes=100_000)
+    assert exc.value.detail.code == "invalid_json"
 
 
 @settings(max_examples=300, deadline=None)

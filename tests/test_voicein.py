@@ -175,6 +175,17 @@ async def test_nack_asks_for_the_gap_and_the_retransmission_fills_it(packets: li
     assert receiver.stats.nacks_sent == 2
 
 
+async def test_a_packet_libopus_cannot_read_is_concealed(packets: list[bytes]) -> None:
+    """A payload libopus refuses ("corrupted stream") is a lost frame, concealed; raised, it
+    ended the call's whole DTLS transport, media and data channel with it."""
+    sink = Sink()
+    receiver = VoiceReceiver(sink, min_wait_ms=1, max_wait_ms=5)
+    broken = [*packets[:5], b"\x03", *packets[6:12]]
+    feed(receiver, broken, range(len(broken)))
+    out = await sink.until(len(broken))
+    assert out.size == len(broken) * FRAME and receiver.stats.bad_packets == 1
+
+
 def test_parse_red_splits_blocks_and_refuses_short_payloads() -> None:
     older, primary = b"\x01\x02\x03", b"\x09\x08"
     header = bytes([0x80 | 111]) + ((960 << 10) | len(older)).to_bytes(3, "big") + bytes([111])

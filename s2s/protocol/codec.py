@@ -67,12 +67,14 @@ def decode_client_event(raw: bytes | str, *, max_bytes: int) -> AnyClientEvent:
         ) from None
     except msgspec.DecodeError as exc:
         raise EventError("invalid_json", f"message is not JSON: {exc}") from None
+    except RecursionError:  # msgspec's answer to JSON nested too deep
+        raise EventError("invalid_json", "message is nested too deeply") from None
 
 
 def _peek_header(raw: bytes | str) -> _Header:
     try:
         return msgspec.json.decode(raw, type=_Header)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return _Header()
 
 
