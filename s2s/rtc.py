@@ -149,6 +149,7 @@ class VoiceInput:
         self._codecs = codecs
         self._streams: dict[int, StreamStatistics] = getattr(receiver, _REMOTE_STREAMS)
         self._pipeline = VoiceReceiver(self._deliver, nack=codecs.nack, max_wait_ms=max_wait_ms)
+        self._ssrc: int | None = None  # the source whose packets the pipeline holds
 
     @classmethod
     def install(
@@ -181,6 +182,10 @@ class VoiceInput:
         stream = self._streams.get(packet.ssrc)
         if stream is None:
             stream = self._streams[packet.ssrc] = StreamStatistics(opus.RATE)
+        if packet.ssrc != self._ssrc:
+            if self._ssrc is not None:  # another source: its numbers start anywhere
+                self._pipeline.restart()
+            self._ssrc = packet.ssrc
         stream.add(packet)
         payload = packet.payload
         older: list[tuple[int, bytes]] | None = None

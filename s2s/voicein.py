@@ -28,6 +28,9 @@ _FADE_FRAMES = 3
 # More than this many frames buffered behind a gap: stop waiting, whatever the jitter says.
 _MAX_HELD_FRAMES = 10
 
+#: Packets behind the stream in a row (1 s) that mean it started over.
+_RESTART_AFTER_LATE = 50
+
 
 @dataclass(slots=True)
 class ReceiveStats:
@@ -49,8 +52,10 @@ class ReceiveStats:
     retransmits: int = 0
     #: Packets that came after their frame had been recovered or concealed, or twice.
     late_packets: int = 0
-    #: RED packets dropped because their payload was malformed or wrapped another codec.
+    #: Packets dropped as malformed (RED that is, or wraps another codec; Opus libopus refuses).
     bad_packets: int = 0
+    #: Times the stream started over (another source, or a run of packets all behind it).
+    restarts: int = 0
     #: Interarrival jitter (RFC 3550) and the current wait for a missing packet, in ms.
     jitter_ms: float = 0.0
     wait_ms: float = 0.0
@@ -100,6 +105,7 @@ class VoiceReceiver:
         self._jitter = 0.0
         self._transit: float | None = None
         self._rtt = 0.05
+        self._late_run = 0  # packets behind the stream in a row
         self.stats.wait_ms = 1000 * self.wait_s
 
     @property
@@ -134,7 +140,14 @@ class VoiceReceiver:
         held = self._held.get(ext)
         if ext < self._next or (held is not None and not held.redundant):
             self.stats.late_packets += 1
-            return []
+            self._late_run += 1
+            if self._late_run < _RESTART_AFTER_LATE:
+                return []
+            # So many in a row are no late packets: the stream started over further back (a
+            # sender restarted, a gateway switched source); its frames would all be dropped.
+            self.restart()
+            return self.push(seq, timestamp, payload, redundant)
+        self._late_run = 0
         self._held[ext] = _Held(timestamp, payload, now, redundant=False)
         for offset, data in redundant or ():
             older = ext - round(offset / opus.FRAME)
@@ -147,6 +160,17 @@ class VoiceReceiver:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def restart(self) -> None:
+        """A new stream (another source, a sender that started over): what was held of the old
+        one goes, its sequence numbers and jitter with it, and the decoder starts fresh."""
+        self.close()
+        self._held.clear()
+        self._nacked.clear()
+        self._next = self._transit = None
+        self._late_run = 0
+        self._decoder = opus.Decoder()
+        self.stats.restarts += 1
 
     # -- internals -------------------------------------------------------------------------------
 

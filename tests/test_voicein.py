@@ -193,3 +193,17 @@ def test_parse_red_splits_blocks_and_refuses_short_payloads() -> None:
     for bad in (b"", header[:3], header[:5] + older[:1]):
         with pytest.raises(ValueError):
             parse_red(bad)
+
+
+async def test_a_stream_that_starts_over_further_back_is_heard_again(packets: list[bytes]) -> None:
+    """A sender that restarts (or a gateway that switches source) with sequence numbers behind
+    the old ones: after a second of packets all "late", the stream starts over and is heard
+    (every packet was dropped until the numbers caught up, minutes later)."""
+    sink = Sink()
+    receiver = VoiceReceiver(sink, min_wait_ms=1, max_wait_ms=5)
+    feed(receiver, packets, range(10), seq0=40_000)
+    again = min(len(packets), 120)
+    feed(receiver, packets, range(again), seq0=20_000)
+    assert receiver.stats.restarts == 1
+    out = await sink.until(10 + again - 50)
+    assert out.size >= (10 + again - 50) * FRAME
