@@ -62,9 +62,10 @@ class Settings:
     max_call_s: float = 0.0
     #: Calls one server key may hold at once (0: only --max-sessions applies).
     max_calls_per_key: int = 0
-    #: Client events per second and bytes per second one call may send (bursts of 2 s allowed).
-    #: aiortc receives data-channel bytes at about 5 MB/s per core, so 1 MB/s is a fifth of a
-    #: core for a call that uploads flat out (a 1 MB picture still goes in one burst).
+    #: Client events per second and bytes per second one call may send (bursts of 2 s allowed,
+    #: and of bytes at least the largest picture's chunks). aiortc receives data-channel bytes
+    #: at about 5 MB/s per core, so 1 MB/s is a fifth of a core for a call that uploads flat
+    #: out (an 8 MB picture still goes in one burst).
     max_events_per_s: float = 100.0
     max_event_bytes_per_s: float = 1_000_000.0
     #: Seconds between a call's s2s.session.stats events (0: none; its metrics are then still

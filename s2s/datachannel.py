@@ -14,7 +14,7 @@ from collections.abc import Callable
 from aiortc import RTCDataChannel
 
 from s2s.config import Settings
-from s2s.eventrate import FLOOD_S, EventRate, Verdict
+from s2s.eventrate import FLOOD_S, EventRate, Verdict, event_rate
 from s2s.log import CallLogger
 from s2s.protocol.client_events import AnyClientEvent
 from s2s.protocol.codec import EventError, decode_client_event, encode_event
@@ -41,7 +41,7 @@ class EventChannel:
         self._channel: RTCDataChannel | None = None
         self._pending: deque[str] = deque(maxlen=_PENDING_EVENTS)
         self._inbox: asyncio.Queue[bytes | str] = asyncio.Queue(_INBOX_SIZE)
-        self._rate = EventRate(settings.max_events_per_s, settings.max_event_bytes_per_s)
+        self._rate = event_rate(settings)
         self._cut_off = False
 
     @property

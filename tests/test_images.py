@@ -227,3 +227,19 @@ def test_a_picture_is_taken_as_it_looks() -> None:
     grey = Image.new("I;16", (64, 48), 32768)
     middle = Image.open(io.BytesIO(load(_stored(grey, "PNG"), limits).jpeg)).getpixel((5, 5))
     assert all(110 < c < 145 for c in middle)
+
+
+def test_the_largest_picture_goes_in_one_burst_and_a_flood_is_still_one() -> None:
+    """A call's byte allowance holds the largest picture's chunks sent flat out (the 2 s burst,
+    2 MB, refused a 2 MB photo's end and ended the call over a 3 MB one); past that, pushing on
+    is still cut off as a flood."""
+    from s2s.config import Settings
+    from s2s.eventrate import Verdict, event_rate
+
+    settings = Settings()
+    rate = event_rate(settings)
+    chunk = 4 * CHUNK // 3 + 200  # one chunk message, base64 and its JSON
+    chunks = math.ceil(settings.image_max_bytes / CHUNK)
+    assert [rate.take(chunk) for _ in range(chunks)] == [Verdict.ACCEPT] * chunks
+    verdicts = [rate.take(chunk) for _ in range(20)]
+    assert Verdict.REFUSE in verdicts and verdicts[-1] == Verdict.FLOOD

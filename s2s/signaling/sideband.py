@@ -6,7 +6,7 @@ import asyncio
 
 from aiohttp import WSMsgType, web
 
-from s2s.eventrate import EventRate
+from s2s.eventrate import event_rate
 from s2s.signaling.errors import error_response, server_key
 from s2s.signaling.state import KEYS, REGISTRY, SETTINGS
 
@@ -35,7 +35,7 @@ async def sideband(request: web.Request) -> web.StreamResponse:
     closing = {"code": 1000, "why": b"call ended"}
     # Its own limits: an app backend's bursts neither cost the caller's events nor end the call.
     settings = request.app[SETTINGS]
-    rate = EventRate(settings.max_events_per_s, settings.max_event_bytes_per_s)
+    rate = event_rate(settings)
 
     def forward(text: str) -> None:
         try:
