@@ -109,3 +109,6 @@ async def drain(app: web.Application) -> None:
         session.send(ServerShutdown(grace_s=grace))
     log.info("draining %d calls for up to %g s", len(registry), grace)
     await registry.drain(grace)
+    # The calls left end now, not in the app's cleanup: aiohttp first waits for every open
+    # handler, and an app backend's sideband stays open as long as its call (60 s more).
+    await registry.close_all("server_shutdown")

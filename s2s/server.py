@@ -59,12 +59,12 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("shutting down")
+        deadline = loop.time() + settings.shutdown_grace_s
         await drain(app)
         if pool is not None:
             # Other workers may still be draining: keep answering (503) until they are done or
-            # the grace is up, so a connection the kernel hands this worker meanwhile gets a
-            # refusal rather than a reset.
-            deadline = loop.time() + settings.shutdown_grace_s
+            # the grace is up (counted from the signal, as the supervisor counts it), so a
+            # connection the kernel hands this worker meanwhile gets a refusal, not a reset.
             while sum(pool.counts()) and loop.time() < deadline:  # noqa: ASYNC110 - shared memory has no event
                 await asyncio.sleep(0.1)
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -26,6 +27,8 @@ _QUEUE = 1000  # undelivered webhooks kept; past this the oldest is dropped (and
 _ATTEMPTS = 5
 _FIRST_BACKOFF_S = 0.5
 _TIMEOUT_S = 10.0
+#: At shutdown, how long what is queued may take to go (within the supervisor's 15 s margin).
+_CLOSE_S = 5.0
 
 
 def sign(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
@@ -47,9 +50,15 @@ class Webhooks:
         self._task = asyncio.create_task(self._deliver(), name="webhooks/sender")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        """Deliver what is queued (the calls shutdown ended have their ``call.ended`` there),
+        for up to ``_CLOSE_S``, then stop."""
+        if self._task is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_CLOSE_S):
+                await self._queue.join()
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
 
     def emit(self, event_type: str, data: dict[str, Any]) -> None:
         """Queue one webhook; returns at once."""
@@ -59,6 +68,7 @@ class Webhooks:
         )
         if self._queue.full():
             dropped, _ = self._queue.get_nowait()
+            self._queue.task_done()
             log.warning("webhook queue full: dropped %s", dropped)
         self._queue.put_nowait((webhook_id, body))
 
@@ -66,7 +76,10 @@ class Webhooks:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=_TIMEOUT_S)) as http:
             while True:
                 webhook_id, body = await self._queue.get()
-                await self._post(http, webhook_id, body)
+                try:
+                    await self._post(http, webhook_id, body)
+                finally:
+                    self._queue.task_done()
 
     async def _post(self, http: aiohttp.ClientSession, webhook_id: str, body: bytes) -> None:
         backoff = _FIRST_BACKOFF_S

@@ -148,6 +148,64 @@ def test_a_public_host_without_keys_is_narrowed_to_loopback() -> None:
         parse_settings(["serve", "--workers", "-1"])
 
 
+async def test_a_call_that_outlives_the_grace_ends_with_its_sideband_and_webhook() -> None:
+    """Past the grace the calls left end at once, an app backend's sideband with them (its open
+    socket held the exit 60 s more), their call.ended webhooks are delivered (they were dropped)
+    and /healthz says draining (503) meanwhile."""
+    from aiohttp import web
+
+    from tests.peer import Peer
+
+    ended = asyncio.Event()
+
+    async def hook(request: web.Request) -> web.Response:
+        if (await request.json())["type"] == "realtime.call.ended":
+            ended.set()
+        return web.Response(status=204)
+
+    receiver = web.Application()
+    receiver.router.add_post("/hook", hook)
+    runner = web.AppRunner(receiver)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    hook_url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "s2s", "serve", "--model", "echo", "--port", str(port),
+        "--shutdown-grace", "1", "--webhook", hook_url, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    peer = Peer(base)
+    try:
+        assert proc.stderr is not None
+        async with asyncio.timeout(30):
+            while b"listening on" not in await proc.stderr.readline():
+                pass
+        drain = asyncio.create_task(proc.stderr.read())
+        await peer.connect()
+        await peer.next_event("session.created")
+        async with aiohttp.ClientSession() as http:
+            url = f"{base}/v1/realtime?call_id={peer.call_id}"
+            async with http.ws_connect(url) as sideband:
+                proc.send_signal(signal.SIGTERM)
+                await peer.next_event("s2s.server.shutdown", timeout=5)
+                async with http.get(base + "/healthz") as health:
+                    assert health.status == 503 and (await health.json())["status"] == "draining"
+                async with asyncio.timeout(10):  # the grace, then at once
+                    async for _ in sideband:
+                        pass
+                    assert await proc.wait() == 0
+        async with asyncio.timeout(5):
+            await ended.wait()
+        await drain
+    finally:
+        await peer.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await runner.cleanup()
+
+
 @pytest.mark.parametrize("option", [["--prefill-tokens", "-1"], ["--prompt-tokens", "0"]])
 def test_a_prefill_piece_or_prompt_budget_out_of_range_is_refused(
     option: list[str], capsys: pytest.CaptureFixture[str]

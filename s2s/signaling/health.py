@@ -18,8 +18,8 @@ log = logging.getLogger(__name__)
 
 async def healthz(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
-    body = {
-        "status": "ok",
+    body: dict[str, object] = {
+        "status": "draining" if registry.draining else "ok",
         "model": request.app[BACKEND].name,
         "calls": len(registry),
         "max_calls": registry.max_sessions,
@@ -28,7 +28,8 @@ async def healthz(request: web.Request) -> web.Response:
     if (pool := request.app.get(POOL)) is not None:
         # "calls" is this worker's; "worker_calls" every worker's, for the whole server's load.
         body.update(worker=pool.index, pid=os.getpid(), worker_calls=pool.counts())
-    return web.json_response(body)
+    # Shutting down: a load balancer should send new calls elsewhere (they would get 503).
+    return web.json_response(body, status=503 if registry.draining else 200)
 
 
 async def metrics(request: web.Request) -> web.Response:
