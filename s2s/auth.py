@@ -27,6 +27,10 @@ MAX_SECRET_TTL_S = 7200
 _MAX_LIVE_SECRETS = 10_000
 
 
+def is_client_secret(token: str | None) -> bool:
+    return token is not None and token.startswith(SECRET_PREFIX)
+
+
 @dataclass(frozen=True, slots=True)
 class ClientSecret:
     value: str

@@ -105,6 +105,25 @@ async def test_client_secret_works_once_and_carries_its_session(locked: Server) 
     assert refused.value.status == 401
 
 
+async def test_without_keys_a_minted_secret_still_carries_its_session(
+    start_server: StartServer,
+) -> None:
+    """A server with no keys lets any token in (a stock client insists on one that starts with
+    ``ek_``), but a secret an app backend minted still gives the call its session (it was
+    ignored)."""
+    server = await start_server()
+    status, secret = await mint(server, None, {"session": {"instructions": "Be brief."}})
+    assert status == 200
+    for token, instructions in ((secret["value"], "Be brief."), ("ek_anything", None)):
+        peer = KeyedPeer(server.url, token)
+        try:
+            await peer.connect()
+            created = await peer.next_event("session.created")
+            assert (created["session"]["instructions"] == "Be brief.") == bool(instructions)
+        finally:
+            await peer.close()
+
+
 async def test_an_expired_client_secret_is_refused(
     locked: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
