@@ -25,6 +25,8 @@ EVENTS_LABEL = "oai-events"
 _INBOX_SIZE = 256
 # Server events sent before the data channel opened, kept until it does.
 _PENDING_EVENTS = 256
+# Server events sent but not yet out on SCTP past which the call ends (``slow_consumer``).
+_MAX_BUFFERED_BYTES = 16 * 1024 * 1024
 # How long a flooding call lives on after it is cut off, for its last errors to leave.
 _CUT_OFF_GRACE_S = 0.2
 
@@ -43,6 +45,7 @@ class EventChannel:
         self._inbox: asyncio.Queue[bytes | str] = asyncio.Queue(_INBOX_SIZE)
         self._rate = event_rate(settings)
         self._cut_off = False
+        self._slow = False
 
     @property
     def attached(self) -> bool:
@@ -73,7 +76,16 @@ class EventChannel:
             text = encode_event(Error(error=detail))
         channel = self._channel
         if channel is not None and channel.readyState == "open":
-            channel.send(text)
+            if channel.bufferedAmount > _MAX_BUFFERED_BYTES:
+                # aiortc queues what SCTP has not sent without bound: a client that asks for
+                # more than it reads (or keeps its window shut) would fill the server's memory.
+                if not self._slow:
+                    self._slow = True
+                    self.log.warning("%d bytes of events unsent: ending the call",
+                                     channel.bufferedAmount)  # fmt: skip
+                    self._end("slow_consumer")
+            else:
+                channel.send(text)
         elif keep:
             self._pending.append(text)
         for listener in list(self.listeners):

@@ -10,6 +10,8 @@ import sys
 import weakref
 from pathlib import Path
 
+import pytest
+
 from s2s.audio import SpeakerTrack
 from tests.conftest import Server, StartServer
 from tests.peer import Peer
@@ -122,3 +124,29 @@ async def test_twenty_calls_leave_no_tasks_tracks_or_sessions(server: Server) ->
 def _current_name() -> str:
     task = asyncio.current_task()
     return task.get_name() if task else ""
+
+
+async def test_a_client_that_asks_for_more_events_than_it_reads_is_ended(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small requests can ask for big replies (a 200 KB item, retrieved again and again) faster
+    than SCTP sends them: past a cap of unsent bytes the call ends (``slow_consumer``) instead
+    of aiortc queueing them without bound in the server's memory."""
+    from s2s import datachannel
+
+    monkeypatch.setattr(datachannel, "_MAX_BUFFERED_BYTES", 1_000_000)
+    peer = Peer(server.url)
+    try:
+        await peer.connect()
+        await peer.next_event("session.created")
+        session = server.registry.get(peer.call_id)
+        text = {"type": "input_text", "text": "x" * 200_000}
+        item = {"type": "message", "role": "user", "id": "big", "content": [text]}
+        peer.send({"type": "conversation.item.create", "item": item})
+        await peer.next_event("conversation.item.added")
+        for _ in range(20):
+            peer.send({"type": "conversation.item.retrieve", "item_id": "big"})
+        await wait_until(lambda: len(server.registry) == 0, timeout=10, what="the call to end")
+        assert session is not None and session.end_reason == "slow_consumer"
+    finally:
+        await peer.close()
