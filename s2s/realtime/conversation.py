@@ -6,7 +6,6 @@ Pure bookkeeping plus image checking (run in a worker thread); no events are sen
 
 from __future__ import annotations
 
-import asyncio
 import collections
 
 import msgspec
@@ -136,7 +135,7 @@ class Conversation:
             if isinstance(part, InputImage) and i not in pictures:
                 try:
                     data = images.decode_data_url(part.image_url)
-                    pictures[i] = await asyncio.to_thread(images.load, data, self.image_limits)
+                    pictures[i] = await images.load_async(data, self.image_limits)
                 except ImageError as exc:
                     raise RequestError(exc.code, str(exc), f"item.content[{i}].image_url") from None
                 # Kept downscaled, once: what the model sees and what a retrieve returns.
@@ -147,7 +146,7 @@ class Conversation:
         """A finished chunked upload as a new (not yet added) user item, its picture, its size."""
         try:
             raw = self.uploads.commit(upload_id)
-            picture = await asyncio.to_thread(images.load, raw, self.image_limits)
+            picture = await images.load_async(raw, self.image_limits)
         except ImageError as exc:
             raise RequestError(exc.code, str(exc), "upload_id") from None
         item = MessageItem(role="user", content=[InputImage(image_url=picture.data_url)])
