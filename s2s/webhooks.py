@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import hashlib
 import hmac
@@ -32,8 +33,14 @@ _CLOSE_S = 5.0
 
 
 def sign(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
+    """Standard Webhooks' ``v1`` signature. A ``whsec_`` secret is base64 after its prefix, as
+    those libraries read it; any other is used as it is."""
     signed = f"{webhook_id}.{timestamp}.".encode() + body
-    digest = hmac.new(secret.encode(), signed, hashlib.sha256).digest()
+    key = secret.encode()
+    if secret.startswith("whsec_"):
+        with contextlib.suppress(binascii.Error):  # not base64 after all: the bytes as given
+            key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    digest = hmac.new(key, signed, hashlib.sha256).digest()
     return "v1," + base64.b64encode(digest).decode()
 
 

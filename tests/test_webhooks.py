@@ -97,3 +97,19 @@ def test_forged_or_stale_webhooks_are_refused() -> None:
         verify_webhook(SECRET, stale, body)
     with pytest.raises(WebhookError):
         verify_webhook(SECRET, {}, body)
+
+
+def test_a_whsec_secret_signs_as_standard_webhooks_libraries_check() -> None:
+    """A ``whsec_`` secret is base64 after its prefix: the key is its decoded bytes (used raw,
+    no Standard Webhooks library could check our signatures)."""
+    import base64
+    import hashlib
+    import hmac
+
+    from s2s.webhooks import sign
+
+    key = bytes(range(24))
+    secret = "whsec_" + base64.b64encode(key).decode()
+    body = b'{"type": "realtime.call.ended"}'
+    expected = hmac.new(key, b"wh_1.1700000000." + body, hashlib.sha256).digest()
+    assert sign(secret, "wh_1", 1_700_000_000, body) == "v1," + base64.b64encode(expected).decode()
