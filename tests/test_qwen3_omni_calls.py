@@ -152,7 +152,12 @@ def test_the_worker_prompts_with_every_turn_its_audio_and_the_picture(tiny_model
     # Each response samples with its own seed, a hash of the call and its count of responses
     # that every process computes alike (a salted hash() would not give this number).
     assert row.request.seed == response_seed("a", 0) == 4539640581616191226
-    worker.handle(Tick([Change("respond", "a", respond=Respond("r2", turns, voice="Ethan"))]))
+    replaced = worker.handle(
+        Tick([Change("respond", "a", respond=Respond("r2", turns, voice="Ethan"))])
+    )
+    assert "a" not in replaced.outputs  # r1 ends in this tick's step, unreported
+    # r2 begins with the next tick, in the slot r1 left (and its kept cache).
+    assert worker.handle(Tick()).outputs["a"].response_id == "r2"
     (row,) = worker.engine.rows.values()
     inputs = row.request.inputs
     assert "image_grid_thw" in inputs and "feature_attention_mask" in inputs
