@@ -285,3 +285,15 @@ async def test_a_sideband_that_floods_is_cut_off_and_the_call_goes_on(
         assert len(server.registry) == 1
     finally:
         await peer.close()
+
+
+async def test_past_the_live_secrets_cap_minting_is_429_not_500(
+    locked: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from s2s import auth
+
+    monkeypatch.setattr(auth, "_MAX_LIVE_SECRETS", 2)
+    statuses = [(await mint(locked, KEY, {}))[0] for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    _, body = await mint(locked, KEY, {})
+    assert body["error"]["code"] == "too_many_client_secrets"

@@ -25,7 +25,11 @@ async def create_client_secret(request: web.Request) -> web.Response:
     if refused is not None:
         return refused
     ttl = body.expires_after.seconds if body.expires_after else DEFAULT_SECRET_TTL_S
-    secret = request.app[KEYS].mint(owner or "", body.session, ttl)
+    try:
+        secret = request.app[KEYS].mint(owner or "", body.session, ttl)
+    except OverflowError as exc:  # too many live secrets: they expire, so later works
+        return error_response(429, "too_many_client_secrets", str(exc),
+                              headers={"Retry-After": "60"})  # fmt: skip
     session = msgspec.to_builtins(secret.session)
     return web.json_response(
         {"value": secret.value, "expires_at": secret.expires_at, "session": session}
