@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -100,15 +101,16 @@ async def _relay(app: web.Application) -> AsyncIterator[None]:
         await relay.close()
 
 
-async def drain(app: web.Application) -> None:
-    """Stop taking calls, tell every caller, and give calls the grace period to end."""
+async def drain(app: web.Application, hurry: asyncio.Event | None = None) -> None:
+    """Stop taking calls, tell every caller, and give calls the grace period to end (``hurry``
+    set: no longer)."""
     registry = app[REGISTRY]
     grace = app[SETTINGS].shutdown_grace_s
     registry.draining = True
     for session in registry.sessions():
         session.send(ServerShutdown(grace_s=grace))
     log.info("draining %d calls for up to %g s", len(registry), grace)
-    await registry.drain(grace)
+    await registry.drain(grace, hurry)
     # The calls left end now, not in the app's cleanup: aiohttp first waits for every open
     # handler, and an app backend's sideband stays open as long as its call (60 s more).
     await registry.close_all("server_shutdown")

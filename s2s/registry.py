@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from typing import Any
 
 from s2s.log import CallLogger
 from s2s.metrics import ServerMetrics
@@ -59,12 +60,23 @@ class SessionRegistry:
     def sessions(self) -> list[Session]:
         return list(self._sessions.values())
 
-    async def drain(self, grace_s: float) -> None:
-        """Admit no more calls and wait up to ``grace_s`` for the current ones to end."""
+    async def drain(self, grace_s: float, hurry: asyncio.Event | None = None) -> None:
+        """Admit no more calls and wait up to ``grace_s`` for the current ones to end, or until
+        ``hurry`` is set (an operator signalled again)."""
         self.draining = True
         tasks = list(self._tasks.values())
-        if tasks:
-            await asyncio.wait(tasks, timeout=grace_s)
+        if not tasks:
+            return
+        calls = asyncio.ensure_future(asyncio.wait(tasks))  # cancelling it leaves the calls be
+        waits: list[asyncio.Future[Any]] = [calls]
+        if hurry is not None:
+            waits.append(asyncio.ensure_future(hurry.wait()))
+        try:
+            await asyncio.wait(waits, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     def get(self, call_id: str) -> Session | None:
         return self._sessions.get(call_id)

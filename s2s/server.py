@@ -54,13 +54,21 @@ async def serve(
         if ready is not None:
             ready()
         stop = stop or asyncio.Event()
+        hurry = asyncio.Event()
+
+        def on_signal() -> None:
+            if stop.is_set() and not hurry.is_set():
+                log.warning("signalled again: the calls end now")
+                hurry.set()
+            stop.set()
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         await stop.wait()
         log.info("shutting down")
         deadline = loop.time() + settings.shutdown_grace_s
-        await drain(app)
+        await drain(app, hurry)
         if pool is not None:
             # Other workers may still be draining: keep answering (503) until they are done or
             # the grace is up (counted from the signal, as the supervisor counts it), so a

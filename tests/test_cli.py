@@ -206,6 +206,36 @@ async def test_a_call_that_outlives_the_grace_ends_with_its_sideband_and_webhook
         await runner.cleanup()
 
 
+async def test_a_second_sigterm_ends_the_calls_without_the_rest_of_the_grace() -> None:
+    from tests.peer import Peer
+
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "s2s", "serve", "--model", "echo", "--port", str(port),
+        "--shutdown-grace", "60", stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    peer = Peer(f"http://127.0.0.1:{port}")
+    try:
+        assert proc.stderr is not None
+        async with asyncio.timeout(30):
+            while b"listening on" not in await proc.stderr.readline():
+                pass
+        drain = asyncio.create_task(proc.stderr.read())
+        await peer.connect()
+        await peer.next_event("session.created")
+        proc.send_signal(signal.SIGTERM)
+        await peer.next_event("s2s.server.shutdown", timeout=5)
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):  # of a 60 s grace
+            assert await proc.wait() == 0
+        assert b"signalled again" in await drain
+    finally:
+        await peer.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 @pytest.mark.parametrize("option", [["--prefill-tokens", "-1"], ["--prompt-tokens", "0"]])
 def test_a_prefill_piece_or_prompt_budget_out_of_range_is_refused(
     option: list[str], capsys: pytest.CaptureFixture[str]
