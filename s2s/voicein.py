@@ -215,9 +215,10 @@ class VoiceReceiver:
             self._schedule(now)
         if not self._nack:
             return []
-        missing = [
-            s for s in range(self._next, newest) if s not in self._held and s not in self._nacked
-        ]
+        # Only the last few: a packet further back could not come back before its frame is
+        # concealed, and asking for a whole long gap on every packet was a storm of NACKs.
+        start = max(self._next, newest - _MAX_HELD_FRAMES)
+        missing = [s for s in range(start, newest) if s not in self._held and s not in self._nacked]
         for s in missing:
             self._nacked[s] = now
         if len(self._nacked) > 4 * _MAX_HELD_FRAMES:  # forget requests that never came back

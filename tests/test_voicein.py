@@ -207,3 +207,15 @@ async def test_a_stream_that_starts_over_further_back_is_heard_again(packets: li
     assert receiver.stats.restarts == 1
     out = await sink.until(10 + again - 50)
     assert out.size >= (10 + again - 50) * FRAME
+
+
+async def test_after_a_long_gap_only_the_last_frames_are_asked_for_once(
+    packets: list[bytes],
+) -> None:
+    """A 3 s outage with NACK on: the packets after it ask for the few frames that could still
+    come back in time, once (each asked for the whole gap again, 150 numbers a packet)."""
+    receiver = VoiceReceiver(Sink(), nack=True, max_wait_ms=200)
+    feed(receiver, packets, range(5))
+    after = [i for i in range(155, min(len(packets), 175))]
+    asked = [len(feed(receiver, packets, [i])) for i in after]
+    assert asked[0] <= 10 and sum(asked[1:]) <= len(after)
