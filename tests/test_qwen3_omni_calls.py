@@ -63,7 +63,7 @@ async def test_spoken_turns_with_a_picture_are_answered_in_speech_by_calls_at_on
         quiet = np.zeros(2 * 48_000, np.int16)  # before the turn: none of it is the turn's
         for peer, clip in zip(peers, spoken, strict=True):
             peer.mic.play(np.concatenate([quiet, clip]))
-        began = loop.time()
+        began = loop.time() + quiet.size / 48_000  # the turn, not the quiet before it
         backend = server.app[BACKEND]
         assert isinstance(backend, Qwen3OmniBackend)
         for peer, clip in zip(peers, spoken, strict=True):
