@@ -15,6 +15,7 @@ Turn-based backends (``turn_based = True``) also hear about the caller's turns
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -25,6 +26,15 @@ from s2s.protocol.items import Item
 from s2s.protocol.session_config import FunctionTool, Truncation
 
 EMPTY_PCM = np.zeros(0, np.int16)
+
+
+def keep_latest(frames: collections.deque[np.ndarray], samples: int) -> None:
+    """Drop the oldest of a turn's ``frames`` while the rest still hold ``samples`` (whole
+    frames only, so at least that many are kept): what a turn-based stream does when its
+    turn starts (``ModelStream.speech_started``)."""
+    held = sum(len(frame) for frame in frames)
+    while frames and held - len(frames[0]) >= samples:
+        held -= len(frames.popleft())
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,7 @@ from s2s.backends.base import (
     Steering,
     StepResult,
     ToolCalled,
+    keep_latest,
 )
 from s2s.log import CallLogger
 from s2s.protocol.items import InputText, Item, MessageItem
@@ -238,10 +239,7 @@ class QwenOmniStream:
     async def speech_started(self, item_id: str, since_ms: int) -> None:
         """The turn's audio starts here: what the caller's mic sent before it (while the model
         spoke, a pause) stays out of the prompt, as it stays out of OpenAI's turns."""
-        keep = since_ms * self._b.input_rate // 1000
-        held = sum(len(frame) for frame in self._turn)
-        while self._turn and held - len(self._turn[0]) >= keep:
-            held -= len(self._turn.popleft())
+        keep_latest(self._turn, since_ms * self._b.input_rate // 1000)
 
     async def commit(self, item_id: str) -> None:
         frames = list(self._turn)
