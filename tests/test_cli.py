@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -16,6 +19,39 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@dataclass
+class Served:
+    """``s2s serve`` running in a process of its own: its URL, and what it says once up."""
+
+    proc: asyncio.subprocess.Process
+    url: str
+    output: asyncio.Task[bytes]
+
+
+@contextlib.asynccontextmanager
+async def serving(*options: str) -> AsyncIterator[Served]:
+    """``s2s serve --port P *options``, once it listens; killed after, if still running."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "s2s", "serve", "--port", str(port), *options,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    output: asyncio.Task[bytes] | None = None
+    try:
+        async with asyncio.timeout(30):
+            while b"listening on" not in await proc.stderr.readline():
+                pass
+        output = asyncio.create_task(proc.stderr.read())  # read on, so a full pipe never blocks
+        yield Served(proc, f"http://127.0.0.1:{port}", output)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        if output is not None:
+            await output
 
 
 async def test_serve_starts_with_defaults_and_stops_on_sigterm() -> None:
@@ -53,32 +89,22 @@ async def test_serve_starts_with_defaults_and_stops_on_sigterm() -> None:
 async def test_sigterm_tells_callers_refuses_new_calls_and_exits_after_the_grace() -> None:
     from tests.peer import CallRefused, Peer
 
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "s2s", "serve", "--model", "echo", "--port", str(port),
-        "--shutdown-grace", "2", stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    peer = Peer(f"http://127.0.0.1:{port}")
-    try:
-        async with asyncio.timeout(30):
-            while b"listening on" not in await proc.stderr.readline():
-                pass
-        await peer.connect()
-        await peer.next_event("session.created")
-        proc.send_signal(signal.SIGTERM)
-        notice = await peer.next_event("s2s.server.shutdown", timeout=5)
-        assert notice["grace_s"] == 2
-        late = Peer(f"http://127.0.0.1:{port}")
-        with pytest.raises(CallRefused) as refused:
-            await late.connect()
-        assert refused.value.status == 503
-        async with asyncio.timeout(10):
-            assert await proc.wait() == 0
-    finally:
-        await peer.close()
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    async with serving("--model", "echo", "--shutdown-grace", "2") as served:
+        peer = Peer(served.url)
+        try:
+            await peer.connect()
+            await peer.next_event("session.created")
+            served.proc.send_signal(signal.SIGTERM)
+            notice = await peer.next_event("s2s.server.shutdown", timeout=5)
+            assert notice["grace_s"] == 2
+            late = Peer(served.url)
+            with pytest.raises(CallRefused) as refused:
+                await late.connect()
+            assert refused.value.status == 503
+            async with asyncio.timeout(10):
+                assert await served.proc.wait() == 0
+        finally:
+            await peer.close()
 
 
 def test_gpu_models_default_to_one_worker_cpu_models_to_one_per_core() -> None:
@@ -169,71 +195,49 @@ async def test_a_call_that_outlives_the_grace_ends_with_its_sideband_and_webhook
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     hook_url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "s2s", "serve", "--model", "echo", "--port", str(port),
-        "--shutdown-grace", "1", "--webhook", hook_url, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    peer = Peer(base)
+    options = ("--model", "echo", "--shutdown-grace", "1", "--webhook", hook_url)
     try:
-        assert proc.stderr is not None
-        async with asyncio.timeout(30):
-            while b"listening on" not in await proc.stderr.readline():
-                pass
-        drain = asyncio.create_task(proc.stderr.read())
-        await peer.connect()
-        await peer.next_event("session.created")
-        async with aiohttp.ClientSession() as http:
-            url = f"{base}/v1/realtime?call_id={peer.call_id}"
-            async with http.ws_connect(url) as sideband:
-                proc.send_signal(signal.SIGTERM)
-                await peer.next_event("s2s.server.shutdown", timeout=5)
-                async with http.get(base + "/healthz") as health:
-                    assert health.status == 503 and (await health.json())["status"] == "draining"
-                async with asyncio.timeout(10):  # the grace, then at once
-                    async for _ in sideband:
-                        pass
-                    assert await proc.wait() == 0
-        async with asyncio.timeout(5):
-            await ended.wait()
-        await drain
+        async with serving(*options) as served:
+            peer = Peer(served.url)
+            try:
+                await peer.connect()
+                await peer.next_event("session.created")
+                async with aiohttp.ClientSession() as http:
+                    url = f"{served.url}/v1/realtime?call_id={peer.call_id}"
+                    async with http.ws_connect(url) as sideband:
+                        served.proc.send_signal(signal.SIGTERM)
+                        await peer.next_event("s2s.server.shutdown", timeout=5)
+                        async with http.get(served.url + "/healthz") as health:
+                            assert health.status == 503
+                            assert (await health.json())["status"] == "draining"
+                        async with asyncio.timeout(10):  # the grace, then at once
+                            async for _ in sideband:
+                                pass
+                            assert await served.proc.wait() == 0
+                async with asyncio.timeout(5):
+                    await ended.wait()
+            finally:
+                await peer.close()
     finally:
-        await peer.close()
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
         await runner.cleanup()
 
 
 async def test_a_second_sigterm_ends_the_calls_without_the_rest_of_the_grace() -> None:
     from tests.peer import Peer
 
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "s2s", "serve", "--model", "echo", "--port", str(port),
-        "--shutdown-grace", "60", stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    peer = Peer(f"http://127.0.0.1:{port}")
-    try:
-        assert proc.stderr is not None
-        async with asyncio.timeout(30):
-            while b"listening on" not in await proc.stderr.readline():
-                pass
-        drain = asyncio.create_task(proc.stderr.read())
-        await peer.connect()
-        await peer.next_event("session.created")
-        proc.send_signal(signal.SIGTERM)
-        await peer.next_event("s2s.server.shutdown", timeout=5)
-        proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(10):  # of a 60 s grace
-            assert await proc.wait() == 0
-        assert b"signalled again" in await drain
-    finally:
-        await peer.close()
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    async with serving("--model", "echo", "--shutdown-grace", "60") as served:
+        peer = Peer(served.url)
+        try:
+            await peer.connect()
+            await peer.next_event("session.created")
+            served.proc.send_signal(signal.SIGTERM)
+            await peer.next_event("s2s.server.shutdown", timeout=5)
+            served.proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(10):  # of a 60 s grace
+                assert await served.proc.wait() == 0
+            assert b"signalled again" in await served.output
+        finally:
+            await peer.close()
 
 
 @pytest.mark.parametrize("option", [["--prefill-tokens", "-1"], ["--prompt-tokens", "0"]])

@@ -15,6 +15,20 @@ from tests.peer import CallRefused, Peer
 CALLS = "/v1/realtime/calls"
 
 
+async def offer(audio: str | None) -> str:
+    """An aiortc peer's SDP offer with the events channel and, unless None, audio of that
+    direction."""
+    from s2s.rtc import new_peer_connection
+
+    pc = new_peer_connection()
+    if audio is not None:
+        pc.addTransceiver("audio", direction=audio)
+    pc.createDataChannel("oai-events")
+    await pc.setLocalDescription(await pc.createOffer())
+    await pc.close()
+    return str(pc.localDescription.sdp)
+
+
 async def post(url: str, body: Any, **headers: str):
     async with aiohttp.ClientSession() as http, http.post(url, data=body, headers=headers) as r:
         text = await r.text()
@@ -45,17 +59,9 @@ async def test_malformed_offer_is_400_with_json_error(server: Server, body: str)
 
 
 async def test_offer_without_audio_is_400(server: Server) -> None:
-    from s2s.rtc import new_peer_connection
-
-    pc = new_peer_connection()
-    pc.createDataChannel("oai-events")
-    await pc.setLocalDescription(await pc.createOffer())
-    try:
-        status, _, text = await post(
-            server.url + CALLS, pc.localDescription.sdp, **{"Content-Type": "application/sdp"}
-        )
-    finally:
-        await pc.close()
+    status, _, text = await post(
+        server.url + CALLS, await offer(None), **{"Content-Type": "application/sdp"}
+    )
     assert status == 400
     assert "no audio" in (await _json(text))["error"]["message"]
     assert len(server.registry) == 0
@@ -65,18 +71,9 @@ async def test_offer_without_audio_is_400(server: Server) -> None:
 async def test_offer_whose_audio_cannot_come_back_is_400(server: Server, direction: str) -> None:
     """The model's audio goes back on the offer's audio (and paces every response's end), so an
     offer that sends audio without taking any back is refused at once, not left hanging."""
-    from s2s.rtc import new_peer_connection
-
-    pc = new_peer_connection()
-    pc.addTransceiver("audio", direction=direction)
-    pc.createDataChannel("oai-events")
-    await pc.setLocalDescription(await pc.createOffer())
-    try:
-        status, _, text = await post(
-            server.url + CALLS, pc.localDescription.sdp, **{"Content-Type": "application/sdp"}
-        )
-    finally:
-        await pc.close()
+    status, _, text = await post(
+        server.url + CALLS, await offer(direction), **{"Content-Type": "application/sdp"}
+    )
     assert status == 400, text
     assert f"audio is {direction}" in (await _json(text))["error"]["message"]
     assert len(server.registry) == 0
@@ -206,13 +203,7 @@ async def _json(text: str) -> dict:
 async def test_an_offer_that_arrives_in_pieces_is_read_whole(server: Server) -> None:
     """An offer often crosses the network in several segments: the server reads it all (it
     read what the first brought, and refused or half-read the rest)."""
-    from s2s.rtc import new_peer_connection
-
-    pc = new_peer_connection()
-    pc.addTransceiver("audio", direction="sendrecv")
-    pc.createDataChannel("oai-events")
-    await pc.setLocalDescription(await pc.createOffer())
-    sdp = pc.localDescription.sdp.encode()
+    sdp = (await offer("sendrecv")).encode()
 
     async def in_pieces() -> AsyncIterator[bytes]:
         half = len(sdp) // 2
@@ -220,11 +211,8 @@ async def test_an_offer_that_arrives_in_pieces_is_read_whole(server: Server) -> 
         await asyncio.sleep(0.05)  # the second segment comes later, as over a real network
         yield sdp[half:]
 
-    try:
-        status, _, text = await post(
-            server.url + CALLS, in_pieces(), **{"Content-Type": "application/sdp"}
-        )
-    finally:
-        await pc.close()
+    status, _, text = await post(
+        server.url + CALLS, in_pieces(), **{"Content-Type": "application/sdp"}
+    )
     assert status == 201, text
     assert "a=mid:" in text and len(server.registry) == 1
