@@ -69,8 +69,9 @@ from benchlib import host_traffic, percentile, profile_step  # noqa: E402
 from omni_floor import step_bytes  # noqa: E402
 from omni_sizes import borrow_token_ids, real_config, shrunk_config  # noqa: E402
 
-from s2s.omni.engine import OmniEngine, load_model, prepare_model  # noqa: E402
+from s2s.omni.engine import OmniEngine  # noqa: E402
 from s2s.omni.media import Media  # noqa: E402
+from s2s.omni.model import load_model, prepare_model  # noqa: E402
 from s2s.omni.prompt import Message, Prompter  # noqa: E402
 from s2s.omni.request import GREEDY, MAX_FRAMES, MAX_TEXT_TOKENS, Request, cache_positions  # noqa: E402
 

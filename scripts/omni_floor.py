@@ -100,7 +100,7 @@ def main() -> None:
     import torch
     from omni_sizes import real_config
 
-    from s2s.omni.engine import prepare_model
+    from s2s.omni.model import prepare_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", default="1,4,8,16")

@@ -164,7 +164,7 @@ def model(tiny_models: Path) -> Iterator[Any]:
     """The tiny Qwen3-Omni checkpoint (the engine's tests), run on one thread."""
     import torch
 
-    from s2s.omni.engine import load_model
+    from s2s.omni.model import load_model
 
     # The tiny model's ops are far too small for threads to pay off; on a shared two-core
     # machine they only contend (a step took 0.5 s with two threads, 0.05 s with one).

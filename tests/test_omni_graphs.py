@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 
 from s2s.hosttraffic import split
-from s2s.omni.engine import OmniEngine, load_model
+from s2s.omni.engine import OmniEngine
 from s2s.omni.graphs import OmniGraphs, zeroed
+from s2s.omni.model import load_model
 from s2s.omni.request import GREEDY, Request, cache_positions
 from s2s.omni.rows import SPAN
 from tests.omni_graphs_check import mixed_requests, run_mixed

@@ -20,8 +20,9 @@ from torch import Tensor
 
 from s2s.hosttraffic import HostTraffic
 from s2s.omni.code2wav import Code2WavStream
-from s2s.omni.engine import OmniEngine, load_model
+from s2s.omni.engine import OmniEngine
 from s2s.omni.media import Media
+from s2s.omni.model import load_model
 from s2s.omni.moe import experts_forward, feed_forward
 from s2s.omni.prompt import Message, build_inputs, fit_inputs
 from s2s.omni.request import GREEDY, Decoding, Request

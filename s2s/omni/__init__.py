@@ -5,6 +5,7 @@
 - ``media``: a call's clips and pictures prepared, tokenized and encoded once across its turns;
 - ``request``: what a call asks for (``Request``, ``Decoding``), a step's output per call, and
   the cache positions a slot needs (``cache_positions``);
+- ``model``: a checkpoint loaded for the engine (``load_model``, ``prepare_model``);
 - ``engine``: ``OmniEngine``, calls' slots and their lifecycle, with ``begin`` / ``prefill`` (or
   ``add``) / ``step`` / ``cancel``;
 - ``prefill``: a prompt's encoders, positions and pieces, for a prefill in pieces between steps;

@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from s2s.omni.engine import OmniEngine, load_model
+from s2s.omni.engine import OmniEngine
 from s2s.omni.media import Media
+from s2s.omni.model import load_model
 from s2s.omni.prompt import AUDIO_RATE, Message, Prompter
 from s2s.omni.request import (
     MAX_FRAMES,
