@@ -99,9 +99,6 @@ class Outbox:
         for call in [c for c in self._held if c not in calls]:
             del self._held[call]
 
-    def __len__(self) -> int:
-        return len(self._held)
-
 
 def joined(first: CallOutput, then: CallOutput) -> CallOutput:
     """One call's output of two steps as one. Of two responses, only the later counts: the
