@@ -204,13 +204,14 @@ def test_every_width_a_step_takes_is_captured_up_front(
     """A step computes a bucket of slots, capped at ``max_calls``: every width it takes as
     calls join is one ``capture_graphs`` captures at load (30 slots once stepped 30 wide, a
     shape captured mid-call), and no other."""
-    for max_calls in (1, 3, 30, 32):
+    for max_calls in (1, 3, 30, 32, 400):
         engine = MoshiEngine(tiny_moshi, max_calls=max_calls, context=64)
         taken = set()
         for call in range(max_calls):
             engine.join(call)
             taken.add(engine.width())
         assert taken == set(engine.widths()), max_calls
+    assert engine.widths()[-4:] == [256, 320, 384, 400], "past 256 slots, widths go in steps of 64"
 
 
 def test_sampling_draws_from_the_likeliest_only(

@@ -38,14 +38,18 @@ log = logging.getLogger(__name__)
 
 _WARMUP_RUNS = 2
 
-#: Batch sizes a captured step runs as: the smallest that holds the batch (past the last, the
-#: batch's own size).
+#: Batch sizes a captured step runs as: the smallest that holds the batch (past the last, a
+#: multiple of ``BUCKET_PAST_LAST``, so a server of many slots has a few dozen shapes to
+#: capture, not one per batch size).
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128, 192, 256)
+BUCKET_PAST_LAST = 64
 
 
 def bucket(count: int) -> int:
-    """The size of ``BUCKETS`` a batch of ``count`` rows runs as."""
-    return BUCKETS[bisect.bisect_left(BUCKETS, count)] if count <= BUCKETS[-1] else count
+    """The batch size a batch of ``count`` rows runs as."""
+    if count <= BUCKETS[-1]:
+        return BUCKETS[bisect.bisect_left(BUCKETS, count)]
+    return -(-count // BUCKET_PAST_LAST) * BUCKET_PAST_LAST
 
 
 class StepGraphs:

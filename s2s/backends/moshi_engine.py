@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from s2s.backends.graphs import BUCKETS, StepGraphs, bucket
+from s2s.backends.graphs import StepGraphs, bucket
 from s2s.noise import gumbel, reseeded
 
 #: A step reads the ring up to the longest call's length, rounded up to this many positions.
@@ -294,9 +294,7 @@ class MoshiEngine:
 
     def widths(self) -> list[int]:
         """Every width a step may have: the buckets below ``max_calls``, and ``max_calls``."""
-        return sorted(
-            {min(b, self.max_calls) for b in BUCKETS if b < self.max_calls} | {self.max_calls}
-        )
+        return sorted({min(bucket(n), self.max_calls) for n in range(1, self.max_calls + 1)})
 
     def capture_graphs(self) -> None:
         """Capture the step for every bucket and span now (CUDA), not when first needed."""
