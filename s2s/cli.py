@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +145,13 @@ _FIELD_OPTIONS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
         {},
     ),
     ("--webhook", "webhook_url", "URL that gets call started/ended webhooks", {}),
-    ("--webhook-secret", "webhook_secret", "secret that signs the webhooks", {}),
+    (
+        "--webhook-secret",
+        "webhook_secret",
+        "secret that signs the webhooks (argv is visible to every user of the machine: prefer "
+        "--webhook-secret-file or S2S_WEBHOOK_SECRET)",
+        {},
+    ),
     (
         "--log-level",
         "log_level",
@@ -176,6 +182,9 @@ def _parser() -> argparse.ArgumentParser:
         help="server API key clients must present as 'Authorization: Bearer KEY' (repeatable)",
     )
     serve.add_argument("--api-key-file", type=Path, help="a file of server API keys, one a line")
+    serve.add_argument(
+        "--webhook-secret-file", type=Path, help="a file holding the secret that signs webhooks"
+    )
     serve.add_argument(
         "--allow-origin",
         action="append",
@@ -235,8 +244,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, str | None]:
-    """The settings ``s2s serve`` runs with, and a warning to log if the host was narrowed."""
+def parse_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[Settings, str | None]:
+    """The settings ``s2s serve`` runs with (``argv``, and ``environ`` for the webhook secret:
+    ``os.environ`` by default), and a warning to log if the host was narrowed."""
+    environ = os.environ if environ is None else environ
     parser = _parser()
     args = parser.parse_args(argv)
     if not 0 <= args.workers <= MAX_WORKERS:
@@ -249,6 +262,17 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, str | N
             line.strip() for line in args.api_key_file.read_text().splitlines() if line.strip()
         ]
     fields = {field: getattr(args, field) for _, field, _, _ in _FIELD_OPTIONS}
+    if args.webhook_secret and args.webhook_secret_file:
+        parser.error("give the webhook secret once: --webhook-secret or --webhook-secret-file")
+    if args.webhook_secret_file:
+        try:
+            fields["webhook_secret"] = args.webhook_secret_file.read_text().strip()
+        except OSError as exc:
+            parser.error(f"--webhook-secret-file: {exc}")
+        if not fields["webhook_secret"]:
+            parser.error(f"--webhook-secret-file: {args.webhook_secret_file} is empty")
+    elif not args.webhook_secret:
+        fields["webhook_secret"] = environ.get("S2S_WEBHOOK_SECRET", "").strip()
     host = fields["host"]
     warning = None
     if not keys and host not in ("127.0.0.1", "::1", "localhost") and not args.insecure_public:

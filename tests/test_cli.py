@@ -162,6 +162,31 @@ def test_every_flag_reaches_its_setting(tmp_path: Path) -> None:
     assert warning is None
 
 
+def test_the_webhook_secret_can_stay_out_of_argv(tmp_path: Path) -> None:
+    """Out of argv (which every user of the machine can read): from a file, else from
+    S2S_WEBHOOK_SECRET; a flag wins over the environment, two flags are refused, and so is an
+    empty or missing file."""
+    from s2s.cli import parse_settings
+
+    secret = tmp_path / "secret"
+    secret.write_text("whsec_ZmlsZQ==\n")
+    env = {"S2S_WEBHOOK_SECRET": " from-env "}
+    by_file = ["serve", "--webhook-secret-file", str(secret)]
+    assert parse_settings(by_file, env)[0].webhook_secret == "whsec_ZmlsZQ=="
+    assert parse_settings(["serve"], env)[0].webhook_secret == "from-env"
+    assert parse_settings(["serve", "--webhook-secret", "s"], env)[0].webhook_secret == "s"
+    assert parse_settings(["serve"], {})[0].webhook_secret == ""
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    for argv in (
+        [*by_file, "--webhook-secret", "s"],
+        ["serve", "--webhook-secret-file", str(empty)],
+        ["serve", "--webhook-secret-file", str(tmp_path / "missing")],
+    ):
+        with pytest.raises(SystemExit):
+            parse_settings(argv, env)
+
+
 def test_a_public_host_without_keys_is_narrowed_to_loopback() -> None:
     from s2s.cli import parse_settings
 
