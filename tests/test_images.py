@@ -7,6 +7,7 @@ import base64
 import io
 import math
 import struct
+import threading
 import zlib
 from collections.abc import Iterable
 
@@ -243,3 +244,37 @@ def test_the_largest_picture_goes_in_one_burst_and_a_flood_is_still_one() -> Non
     assert [rate.take(chunk) for _ in range(chunks)] == [Verdict.ACCEPT] * chunks
     verdicts = [rate.take(chunk) for _ in range(20)]
     assert Verdict.REFUSE in verdicts and verdicts[-1] == Verdict.FLOOD
+
+
+async def test_pictures_decode_off_the_event_loop_two_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """However many callers send pictures at once, two decode (each can take a core and
+    340 MB), in the decoder's threads; the rest wait their turn and are then decoded."""
+    from s2s import images
+
+    decode, entered, gate = images.load, [], threading.Event()
+    loop, arrived = asyncio.get_running_loop(), asyncio.Semaphore(0)
+
+    def held(data: bytes, limits: images.ImageLimits) -> images.Picture:
+        entered.append(threading.current_thread().name)
+        loop.call_soon_threadsafe(arrived.release)
+        gate.wait(10)
+        return decode(data, limits)
+
+    monkeypatch.setattr(images, "load", held)
+    data, limits = photo((200, 40, 40), (64, 48)), images.ImageLimits()
+    loads = [asyncio.ensure_future(images.load_async(data, limits)) for _ in range(4)]
+    try:
+        async with asyncio.timeout(5):
+            for _ in range(2):
+                await arrived.acquire()
+        with pytest.raises(TimeoutError):  # a third decode would start here: none may
+            async with asyncio.timeout(0.5):
+                await arrived.acquire()
+    finally:
+        gate.set()
+    async with asyncio.timeout(10):
+        pictures = await asyncio.gather(*loads)
+    assert [(p.width, p.height) for p in pictures] == [(64, 48)] * 4
+    assert len(entered) == 4 and all(n.startswith("s2s-images") for n in entered), entered
