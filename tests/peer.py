@@ -389,13 +389,17 @@ class Peer:
             offset -= pcm.size
         raise IndexError("no such sample received")
 
-    async def wait_sound(self, *, level: float = 0.01, timeout: float = 10.0) -> float:
-        """Wait for the first received 20 ms frame louder than ``level`` (RMS, full scale 1);
-        returns its arrival (loop time)."""
+    async def wait_sound(
+        self, *, level: float = 0.01, since: float = 0.0, timeout: float = 10.0
+    ) -> float:
+        """Wait for the first 20 ms frame received from loop time ``since`` on louder than
+        ``level`` (RMS, full scale 1); returns its arrival (loop time)."""
         async with asyncio.timeout(timeout):
             while True:
                 for t, pcm in self.frames:
-                    if pcm.size and np.sqrt(np.mean(pcm.astype(np.float64) ** 2)) > level * 32768:
+                    if t < since or not pcm.size:
+                        continue
+                    if np.sqrt(np.mean(pcm.astype(np.float64) ** 2)) > level * 32768:
                         return t
                 self._audio_arrived.clear()
                 await self._audio_arrived.wait()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from s2s.audio import Resampler
@@ -84,3 +86,11 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
 
 def _words(text: str) -> list[str]:
     return "".join(c.lower() if c.isalnum() or c == "'" else " " for c in text).split()
+
+
+def local_reply_fits(heard: str, reply: str) -> bool:
+    """Whether the ``local`` model's ``reply`` answers ``heard``: a greeting is greeted back,
+    anything else is said back."""
+    if re.match(r"\s*(hello|hi|hey)\b", heard, re.I):
+        return reply.startswith("Hello!")
+    return bool(heard.strip()) and heard.strip() in reply

@@ -62,8 +62,9 @@ async def test_speaker_paces_20ms_frames_without_drift() -> None:
             # A stalled consumer: the schedule catches up instead of shifting.
             await asyncio.sleep(0.06)
     elapsed = loop.time() - start
-    # 100 frames are due over 1.98 s after the first; a drifting clock would be ~60 ms late.
-    assert 1.97 < elapsed < 2.0, elapsed
+    # 100 frames are due over 1.98 s after the first; a drifting clock would be ~60 ms late
+    # (the margin is for a loaded machine's late wake-ups).
+    assert 1.97 < elapsed < 2.03, elapsed
     track.stop()
 
 
@@ -183,8 +184,9 @@ async def test_live_speaker_sends_input_the_moment_it_arrives() -> None:
             samples = await waiting
         delays.append(loop.time() - written)
         assert samples.all()  # the frame itself, not a slot of silence before it
-    # A fixed 20 ms clock would have held these frames 13, 7 and 11 ms.
-    assert max(delays) < 0.004, delays
+    # A fixed 20 ms clock would have held these frames 13, 7 and 11 ms (the median leaves room
+    # for one late wake-up on a loaded machine).
+    assert sorted(delays)[1] < 0.005, delays
     track.stop()
 
 

@@ -36,7 +36,7 @@ async def test_stream_contract(name: str, tiny_models: Path) -> None:
             source[start : start + backend.frame_samples]
             for start in range(0, source.size - backend.frame_samples + 1, backend.frame_samples)
         ]
-        produced, events = [], []
+        produced, events, others = [], [], []
 
         async def step(frame: np.ndarray) -> None:
             result = await streams[0].step(frame)
@@ -44,9 +44,11 @@ async def test_stream_contract(name: str, tiny_models: Path) -> None:
             assert isinstance(result.text, str)
             produced.append(result.audio)
             events.extend(result.events)
-            # Another call's stream is independent of this one.
+            # Another call's stream is independent of this one: asked nothing, it answers
+            # nothing (a turn-based model), and nothing of this call's reply reaches it.
             other = await streams[1].step(silence)
             assert other.audio.dtype == np.int16
+            others.append(other)
             # Frames come at the caller's pace; background work (synthesis) runs in between.
             await asyncio.sleep(backend.frame_samples / backend.input_rate)
 
@@ -59,6 +61,9 @@ async def test_stream_contract(name: str, tiny_models: Path) -> None:
                 while ResponseFinished("resp_1") not in events:
                     await step(silence)
         assert sum(a.size for a in produced) > 0
+        assert not any(e for o in others for e in o.events)
+        if backend.turn_based:
+            assert not any(o.audio.size or o.text for o in others)
         await streams[0].reset()
         after = await streams[0].step(np.zeros(backend.frame_samples, np.int16))
         assert after.audio.dtype == np.int16

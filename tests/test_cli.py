@@ -41,9 +41,11 @@ async def serving(*options: str) -> AsyncIterator[Served]:
     assert proc.stderr is not None
     output: asyncio.Task[bytes] | None = None
     try:
+        said: list[bytes] = []
         async with asyncio.timeout(30):
-            while b"listening on" not in await proc.stderr.readline():
-                pass
+            while b"listening on" not in (line := await proc.stderr.readline()):
+                said.append(line)
+                assert line, b"".join(said).decode(errors="replace")  # it exited first
         output = asyncio.create_task(proc.stderr.read())  # read on, so a full pipe never blocks
         yield Served(proc, f"http://127.0.0.1:{port}", output)
     finally:
@@ -51,7 +53,8 @@ async def serving(*options: str) -> AsyncIterator[Served]:
             proc.kill()
             await proc.wait()
         if output is not None:
-            await output
+            async with asyncio.timeout(30):
+                await output
 
 
 async def test_serve_starts_with_defaults_and_stops_on_sigterm() -> None:
@@ -94,6 +97,7 @@ async def test_sigterm_tells_callers_refuses_new_calls_and_exits_after_the_grace
         try:
             await peer.connect()
             await peer.next_event("session.created")
+            signalled = asyncio.get_running_loop().time()
             served.proc.send_signal(signal.SIGTERM)
             notice = await peer.next_event("s2s.server.shutdown", timeout=5)
             assert notice["grace_s"] == 2
@@ -101,8 +105,12 @@ async def test_sigterm_tells_callers_refuses_new_calls_and_exits_after_the_grace
             with pytest.raises(CallRefused) as refused:
                 await late.connect()
             assert refused.value.status == 503
+            mark = len(peer.events)
+            peer.send({"type": "session.update", "session": {}})
+            await peer.next_event("session.updated", after=mark, timeout=1)  # served in grace
             async with asyncio.timeout(10):
                 assert await served.proc.wait() == 0
+            assert asyncio.get_running_loop().time() - signalled > 1.5  # the call had its grace
         finally:
             await peer.close()
 

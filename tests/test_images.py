@@ -194,6 +194,9 @@ async def test_a_server_that_samples_no_video_keeps_a_call_that_sends_some(
         peer.send({"type": "session.update", "session": {}})
         await peer.next_event("session.updated", after=mark, timeout=5)
         assert len(server.registry) == 1
+        assert peer.answer is not None
+        video = peer.answer[peer.answer.index("m=video") :]
+        assert "a=inactive" in video.split("m=", 2)[1]  # the camera is refused in the answer
     finally:
         await peer.close()
 

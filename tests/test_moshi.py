@@ -485,7 +485,10 @@ async def test_a_call_outlives_its_model_worker(
         assert error["error"]["code"] == "model_unavailable"
         # The WebRTC call stayed up, and Moshi's audio comes again from the new worker.
         assert peer.pc.connectionState == "connected"
-        since = asyncio.get_running_loop().time()
+        # Its replacement loads first (seconds on a busy machine): the call is silent till then.
+        since = await peer.wait_sound(
+            level=0.001, since=asyncio.get_running_loop().time(), timeout=60
+        )
         await peer.wait_audio(1.0, since=since, timeout=20)
         assert rms(peer.audio(since=since)) > 0.001
     finally:

@@ -7,6 +7,7 @@ import dataclasses
 import io
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -149,16 +150,24 @@ async def test_tools_go_into_the_prompt_and_a_tool_output_is_the_next_turn(
 
 
 async def test_reset_during_generation_discards_the_late_result(
-    backend: QwenOmniBackend,
+    backend: QwenOmniBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stream = await backend.open_stream("call_3")
     await _speak_turn(stream, "item_1", 0.5)
+    loop, generating = asyncio.get_running_loop(), asyncio.Event()
+    generate = backend.generate
+
+    def announced(*args: Any) -> Any:
+        loop.call_soon_threadsafe(generating.set)
+        return generate(*args)
+
+    monkeypatch.setattr(backend, "generate", announced)
     await stream.respond(_request(MessageItem(role="user", content=[InputAudio()], id="item_1")))
-    await asyncio.sleep(0)  # let the generation reach the executor
+    async with asyncio.timeout(30):
+        await generating.wait()  # the generation is on the device thread: reset under it
     await stream.reset()
     # The device thread runs one job at a time: once this returns, the generation is done.
-    await asyncio.get_running_loop().run_in_executor(backend.executor, lambda: None)
-    await asyncio.sleep(0.05)
+    await loop.run_in_executor(backend.executor, lambda: None)
 
     later = [await stream.step(SILENCE) for _ in range(20)]
     await stream.close()
@@ -178,6 +187,7 @@ async def test_a_text_only_response_has_text_and_no_audio(backend: QwenOmniBacke
     results = await _drain(stream, timeout=30)
     await stream.close()
     assert all(r.audio.size == 0 for r in results)
+    assert "".join(r.text for r in results)
     assert results[-1].events == [ResponseFinished("resp_1")]
 
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import numpy as np
 import pytest
 
 from tests.conftest import Server, StartServer
 from tests.peer import FRAME, RATE, MicTrack, Peer
 from tests.signals import loud_spans, rms
-from tests.speech import speak
+from tests.speech import local_reply_fits, speak
 
 VOICE = "en-us+f2"  # the espeak voice pocketsphinx hears best
 LONG = (
@@ -72,7 +71,7 @@ async def test_a_spoken_turn_is_transcribed_and_answered_in_order(local: Server)
         assert done["response"]["status"] == "completed"
         transcript = done["response"]["output"][0]["content"][0]["transcript"]
         deltas = "".join(e["delta"] for e in peer.events if e["type"].endswith("transcript.delta"))
-        assert transcript == deltas and transcript.startswith(("Hello!", "I heard you say"))
+        assert transcript == deltas and local_reply_fits(heard["transcript"], transcript)
         started = await peer.next_event("input_audio_buffer.speech_started")
         stopped = await peer.next_event("input_audio_buffer.speech_stopped")
         assert 0 <= started["audio_start_ms"] < stopped["audio_end_ms"]
@@ -283,6 +282,8 @@ async def test_echo_model_refuses_to_respond(server: Server) -> None:
         peer.send({"type": "response.create", "event_id": "r1"})
         error = (await peer.next_event("error"))["error"]
         assert error["code"] == "model_does_not_respond" and error["event_id"] == "r1"
-        assert np.isfinite(len(peer.events))
+        peer.send({"type": "session.update", "session": {"instructions": "x"}})
+        await peer.next_event("session.updated")  # it came after any reply to r1 would have
+        assert not [e for e in peer.events if e["type"].startswith("response.")]
     finally:
         await peer.close()

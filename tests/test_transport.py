@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from typing import Any
 
 import numpy as np
 
@@ -130,6 +131,13 @@ async def test_lost_uplink_packets_are_rebuilt_not_skipped(start_server: StartSe
         await peer.close()
 
 
+async def _bytes_sent(pc: Any) -> tuple[float, int]:
+    """When, and how many bytes of audio ``pc`` had sent then."""
+    report = await pc.getStats()
+    sent = [s for s in report.values() if s.type == "outbound-rtp"]
+    return asyncio.get_running_loop().time(), int(sent[0].bytesSent)
+
+
 async def test_outbound_bitrate_follows_the_setting(start_server: StartServer) -> None:
     speech = speak("Testing the bitrate of the outbound audio, one two three four five six.")
     rates = []
@@ -138,10 +146,12 @@ async def test_outbound_bitrate_follows_the_setting(start_server: StartServer) -
         peer = Peer(server.url, MicTrack(speech))
         try:
             await peer.connect()
+            pc = session_of(server, peer).pc
+            began, before = await _bytes_sent(pc)
             await peer.wait_audio(speech.size / 48_000 - 0.3, timeout=15)
-            report = await session_of(server, peer).pc.getStats()
-            sent = [s for s in report.values() if s.type == "outbound-rtp"]
-            rates.append(8 * sent[0].bytesSent / (speech.size / 48_000))
+            ended, after = await _bytes_sent(pc)
+            # Over the time measured, not the speech's length: a slow start adds no bytes.
+            rates.append(8 * (after - before) / (ended - began))
         finally:
             await peer.close()
     low, high = rates

@@ -63,6 +63,8 @@ async def test_call_started_and_ended_webhooks_are_signed_and_retried(
                     if event["type"] == "session.updated":
                         assert event["session"]["instructions"] == "Hi."
                         break
+                else:
+                    raise AssertionError("the sideband closed before session.updated")
         assert await peer.hangup() == 200
     finally:
         await peer.close()

@@ -254,23 +254,31 @@ async def test_a_dead_worker_is_replaced_and_sigterm_stops_them_all(
 async def test_metrics_from_any_worker_cover_every_worker(start_workers: StartWorkers) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    workers = await start_workers()
+    workers = await start_workers("--stats-interval", "0.5")
     peers = [WorkerPeer(workers, w, mic=MicTrack()) for w in (0, 1, 1)]
     try:
         for peer in peers:
             await peer.connect(timeout=20)
+        calls = {peer.call_id: worker for peer, worker in zip(peers, (0, 1, 1), strict=True)}
         for worker in (0, 1):
-            async with workers.http(worker) as http, http.get("http://w/metrics") as r:
-                assert r.status == 200
-                text = await r.text()
-            families = {f.name: f for f in text_string_to_metric_families(text)}
+            async with asyncio.timeout(20):
+                while True:  # per-call series appear with a call's first stats sample
+                    async with workers.http(worker) as http, http.get("http://w/metrics") as r:
+                        assert r.status == 200
+                        text = await r.text()
+                    families = {f.name: f for f in text_string_to_metric_families(text)}
+                    per_call = [
+                        sample
+                        for family in families.values()
+                        for sample in family.samples
+                        if "call_id" in sample.labels
+                    ]
+                    if {s.labels["call_id"] for s in per_call} == set(calls):
+                        break
+                    await asyncio.sleep(0.2)
             active = {s.labels["worker"]: s.value for s in families["s2s_active_calls"].samples}
             assert active == {"0": 1.0, "1": 2.0}
-            rtt = families["s2s_call_rtt_seconds"].samples
-            # Per-call series appear after the first stats sample (every 5 s); when they do,
-            # each is labelled with the worker that holds the call.
-            for sample in rtt:
-                owner = int(sample.labels["call_id"][4:6], 16)
-                assert sample.labels["worker"] == str(owner)
+            # Each call's series is labelled with the worker that holds it.
+            assert all(s.labels["worker"] == str(calls[s.labels["call_id"]]) for s in per_call)
     finally:
         await asyncio.gather(*(p.close() for p in peers))
