@@ -51,8 +51,10 @@ piece also runs the audio and vision encoders) and how many ticks the long call 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -193,6 +195,10 @@ def run_batch(
 
 
 def main() -> None:
+    # What capturing graphs took, and why one failed, are the unknowns of a first GPU run.
+    logging.basicConfig(format="%(name)s: %(message)s")
+    for name in ("s2s.backends.graphs", "s2s.omni.graphs", "s2s.omni.engine"):
+        logging.getLogger(name).setLevel(logging.INFO)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a local Qwen3-Omni checkpoint folder")
@@ -254,12 +260,6 @@ def main() -> None:
     print(f"model: {args.random_size or args.model}{depth}, {parameters / 1e9:.2f} B parameters, "
           f"{dtype}, built/loaded in {built:.1f} s, {weights:.1f} GiB on the device")  # fmt: skip
     request = _requests(prompter, args)
-    if args.check_graphs:
-        from tests.omni_graphs_check import graphs_equal_eager
-
-        same, worst, captured = graphs_equal_eager(model, request.inputs)
-        print(f"graph replay equals the eager step: {'yes' if same else 'NO'} (text and codes; "
-              f"audio within {worst:.1e}; {captured} graphs)", flush=True)  # fmt: skip
     print(f"prompt: {request.inputs['input_ids'].shape[1]} tokens; reply: "
           f"{args.max_text} text tokens, {args.max_frames} frames"
           f"{' (fixed)' if args.fixed_length else ' (or fewer)'}")  # fmt: skip
@@ -271,43 +271,85 @@ def main() -> None:
     print(f"{'calls':>5} {'graphs':>6} {'prefill ms':>10} {'first audio p50':>16} {'p95':>8} "
           f"{'step ms':>8} {'floor':>6} {'steps':>5} {'RTF':>6} {'GiB':>6}"
           + "".join(f" {name:>7}" for name in counts))  # fmt: skip
-    prompt = int(request.inputs["input_ids"].shape[1])
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.graphs]
     sizes = [int(n) for n in args.calls.split(",")]
     for calls in sizes:
         for graphs in modes:
-            engine = OmniEngine(model, max_rows=calls, graphs=graphs, positions=positions)
-            if graphs and calls == max(sizes):
-                # What a worker of this many slots does at load: every shape of each part,
-                # captured up front (for the largest size only: the device call's budget).
-                reserved = torch.cuda.memory_reserved()
-                started = time.perf_counter()
-                count = engine.capture(request.decoding)
-                print(f"  ({calls} calls: {count} step graphs captured in "
-                      f"{time.perf_counter() - started:.1f} s, "
-                      f"{(torch.cuda.memory_reserved() - reserved) / 2**30:.2f} GiB)",
-                      flush=True)  # fmt: skip
-            if graphs:
-                run_batch(engine, request, calls, args.device)  # captures this batch's shapes
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            row = run_batch(engine, request, calls, args.device, args.profile)
-            memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-            # What a step must read, its context about the prompt (a GPU's figure alone).
-            floor = step_bytes(model, calls, prompt, prompt).floor_ms(args.bandwidth)
-            print(f"{calls:>5} {'yes' if graphs else 'no':>6} {row['prefill']:>10.0f} "
-                  f"{row['p50']:>14.0f}ms {row['p95']:>6.0f}ms {row['step']:>8.1f} "
-                  f"{floor if cuda else float('nan'):>6.1f} "
-                  f"{row['steps']:>5} {row['rtf']:>6.2f} {memory:>6.2f}"
-                  + "".join(f" {row.get(name, 0):>7.0f}" for name in counts),
-                  flush=True)  # fmt: skip
-            del engine
+            try:
+                _row(model, request, calls, graphs, calls == max(sizes), positions, args)
+            except torch.OutOfMemoryError:
+                print(f"{calls:>5} does not fit in memory", flush=True)
+                break
+            except Exception:  # one size failing (a capture, say) must not cost the others
+                print(f"{calls:>5} {'yes' if graphs else 'no':>6} failed:", flush=True)
+                traceback.print_exc()
             if cuda:
                 torch.cuda.empty_cache()
+    if args.check_graphs:
+        _check_graphs(model, request)
     if args.beside_prompt:
         _prefill_beside(model, prompter, request, args)
     if args.next_turn:
         _next_turn(model, prompter, args)
+
+
+def _row(
+    model: Any,
+    request: Request,
+    calls: int,
+    graphs: bool,
+    largest: bool,
+    positions: tuple[int, int] | None,
+    args: argparse.Namespace,
+) -> None:
+    """Time ``calls`` calls' replies on one engine, eager or graphed, and print the row."""
+    cuda = args.device.startswith("cuda")
+    counts = ("ops", "syncs", "allocs", "reads", "uploads") if args.profile else ()
+    prompt = int(request.inputs["input_ids"].shape[1])
+    engine = OmniEngine(model, max_rows=calls, graphs=graphs, positions=positions)
+    if graphs and largest:
+        # What a worker of this many slots does at load: every shape of each part,
+        # captured up front (for the largest size only: the device call's budget).
+        reserved = torch.cuda.memory_reserved()
+        started = time.perf_counter()
+        count = engine.capture(request.decoding)
+        print(f"  ({calls} calls: {count} step graphs captured in "
+              f"{time.perf_counter() - started:.1f} s, "
+              f"{(torch.cuda.memory_reserved() - reserved) / 2**30:.2f} GiB)",
+              flush=True)  # fmt: skip
+    if graphs:
+        run_batch(engine, request, calls, args.device)  # captures this batch's shapes
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    row = run_batch(engine, request, calls, args.device, args.profile)
+    # What ran: a capture that failed left the engine eager (it says so in the log).
+    graphed = "yes" if engine.graphs is not None else ("failed" if graphs else "no")
+    if engine.graphs_failed:
+        print(f"  graphs failed at {calls} calls: {engine.graphs_failed}", flush=True)
+    memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    # What a step must read, its context about the prompt (a GPU's figure alone).
+    floor = step_bytes(model, calls, prompt, prompt).floor_ms(args.bandwidth)
+    print(f"{calls:>5} {graphed:>6} {row['prefill']:>10.0f} "
+          f"{row['p50']:>14.0f}ms {row['p95']:>6.0f}ms {row['step']:>8.1f} "
+          f"{floor if cuda else float('nan'):>6.1f} "
+          f"{row['steps']:>5} {row['rtf']:>6.2f} {memory:>6.2f}"
+          + "".join(f" {row.get(name, 0):>7.0f}" for name in counts),
+          flush=True)  # fmt: skip
+
+
+def _check_graphs(model: Any, request: Request) -> None:
+    """Graph replay against the eager step (CUDA), printed; a failure is printed, not raised."""
+    from tests.omni_graphs_check import graphs_equal_eager
+
+    try:
+        started = time.perf_counter()
+        same, worst, captured = graphs_equal_eager(model, request.inputs)
+        print(f"graph replay equals the eager step: {'yes' if same else 'NO'} (text and codes; "
+              f"audio within {worst:.1e}; {captured} graphs; "
+              f"{time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+    except Exception:
+        print("graph check failed:", flush=True)
+        traceback.print_exc()
 
 
 def _prefill_beside(

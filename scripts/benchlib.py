@@ -87,7 +87,7 @@ def profile_step(step: Any, device: str) -> tuple[int, int, int]:
     )  # fmt: skip
     allocations = sum(1 for e in events if e.name == "[memory]" and e.cpu_memory_usage > 0)
     if device.startswith("cuda"):
-        allocations = sum(1 for e in events if e.name == "[memory]" and e.cuda_memory_usage > 0)
+        allocations = sum(1 for e in events if e.name == "[memory]" and e.device_memory_usage > 0)
     return ops, syncs, allocations
 
 
