@@ -144,7 +144,8 @@ async def start_workers() -> AsyncIterator[StartWorkers]:
             except TimeoutError:
                 workers.proc.kill()
                 await workers.proc.wait()
-        await reader
+        async with asyncio.timeout(30):
+            await reader
 
 
 @pytest.fixture(scope="session")

@@ -69,7 +69,8 @@ async def workers(ray_cluster: Cluster, tiny_models: Path) -> AsyncIterator[list
     started: list[Started] = []
     yield started
     for name, actor in started:
-        await asyncio.to_thread(stop_worker, name, actor)
+        async with asyncio.timeout(60):
+            await asyncio.to_thread(stop_worker, name, actor)
 
 
 async def start(
@@ -81,8 +82,14 @@ async def start(
     return actor
 
 
+async def answer(ref: Any, timeout: float = 15.0) -> Any:
+    """What a Ray call returns, waited for at most ``timeout`` seconds."""
+    async with asyncio.timeout(timeout):
+        return await ref
+
+
 async def states() -> dict[str, WorkerState]:
-    return {s.name: s for s in await registry().workers.remote()}
+    return {s.name: s for s in await answer(registry().workers.remote())}
 
 
 def call_id(peer: Peer) -> str:
@@ -114,7 +121,7 @@ async def test_calls_spread_move_off_a_dead_worker_and_a_restarted_one_takes_cal
         # Worker a's process dies: its call hears why and goes on on b, its WebRTC leg up.
         on_a = next(p for p in peers if backend.where(call_id(p)) == "a")
         killed = loop.time()
-        os.kill(await a.pid.remote(), signal.SIGKILL)
+        os.kill(await answer(a.pid.remote()), signal.SIGKILL)
         error = await on_a.next_event("error", timeout=20)
         assert error["error"]["code"] == "model_unavailable"  # said at once, before the move
         async with asyncio.timeout(20):
@@ -143,7 +150,7 @@ async def test_calls_spread_move_off_a_dead_worker_and_a_restarted_one_takes_cal
     async with asyncio.timeout(30):
         while (await states())["b"].calls:  # noqa: ASYNC110 - the registry has no event to wait on
             await asyncio.sleep(0.2)
-    dead = await b.pid.remote()
+    dead = await answer(b.pid.remote())
     os.kill(dead, signal.SIGKILL)
     async with asyncio.timeout(90):
         while await _pid(b) in (dead, None):  # noqa: ASYNC110 - a restart has no event to wait on
@@ -170,18 +177,20 @@ async def test_two_edges_share_a_worker_503_when_full_and_a_killed_edge_frees_it
         "--model", spec, "--name", "shared", "--max-calls", "2", "--peer-timeout", "2",
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    await _wait_line(worker, _WORKER_UP)
     assert worker.stderr is not None
-    # What they say from now on is read, so that a full pipe never blocks them.
-    drains = [asyncio.create_task(worker.stderr.read())]
-    edge = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "s2s", "serve", "--port", "0", "--model", spec,
-        "--ray-address", ray_cluster.address, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert edge.stderr is not None
-    here = await start_server(model=spec, ray_address=ray_cluster.address)
+    edge: asyncio.subprocess.Process | None = None
+    drains: list[asyncio.Task[bytes]] = []
     peers: list[Peer] = []
     try:
+        await _wait_line(worker, _WORKER_UP)
+        # What they say from now on is read, so that a full pipe never blocks them.
+        drains.append(asyncio.create_task(worker.stderr.read()))
+        edge = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "s2s", "serve", "--port", "0", "--model", spec,
+            "--ray-address", ray_cluster.address, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert edge.stderr is not None
+        here = await start_server(model=spec, ray_address=ray_cluster.address)
         url = (await _wait_line(edge, _LISTENING))[1].decode()
         drains.append(asyncio.create_task(edge.stderr.read()))
         # One call from each edge, both on the one worker.
@@ -221,10 +230,18 @@ async def test_two_edges_share_a_worker_503_when_full_and_a_killed_edge_frees_it
         for peer in peers:
             await peer.close()
         for proc in (edge, worker):
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        await asyncio.gather(*drains)
+            if proc is not None and proc.returncode is None:
+                # SIGTERM: `s2s worker` takes its actor off the cluster, which outlives it
+                # (and would hold a slot in the next test's registry) if it were killed.
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    async with asyncio.timeout(30):
+                        await proc.wait()
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+        async with asyncio.timeout(30):
+            await asyncio.gather(*drains)
 
 
 def _hello(model: str, slots: int) -> bytes:
@@ -374,7 +391,7 @@ async def _wait_line(
 async def _pid(actor: Any) -> int | None:
     """The actor's process id; None while it is down or restarting."""
     try:
-        pid: int = await actor.pid.remote()
+        pid: int = await answer(actor.pid.remote())
     except ray.exceptions.RayActorError:  # ActorUnavailableError too
         return None
     return pid
