@@ -81,12 +81,18 @@ async def test_bad_events_get_errors_and_the_call_goes_on(start_server: StartSer
         await peer.close()
 
 
-async def test_output_audio_buffer_clear_is_acknowledged(server: Server) -> None:
+async def test_output_audio_buffer_clear_with_no_response_yet_is_quietly_taken(
+    server: Server,
+) -> None:
+    """Nothing to clear and no response to name (``output_audio_buffer.cleared`` must name
+    one): no event, and no error."""
     peer = Peer(server.url)
     try:
         await peer.connect()
         await peer.next_event("session.created")
         peer.send({"type": "output_audio_buffer.clear", "event_id": "c1"})
-        await peer.next_event("output_audio_buffer.cleared")
+        peer.send({"type": "session.update", "session": {}})
+        await peer.next_event("session.updated")
+        assert not [e for e in peer.events if e["type"] in ("error", "output_audio_buffer.cleared")]
     finally:
         await peer.close()

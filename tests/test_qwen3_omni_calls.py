@@ -74,8 +74,11 @@ async def test_spoken_turns_with_a_picture_are_answered_in_speech_by_calls_at_on
             (turn,) = backend._streams[peer.call_id]._committed.values()
             seconds = turn.size / backend.input_rate
             assert clip.size / 48_000 - 0.3 < seconds < clip.size / 48_000 + 1.2, seconds
-            await peer.wait_audio(1.0, since=began, timeout=15)
-            assert rms(peer.audio(since=began)) > 0.005
+            # Its reply is loud from its first sound on (measured from the turn, the wait
+            # for the reply diluted it: 0.0037 once against 0.005).
+            sounded = await peer.wait_sound(level=0.002, since=began, timeout=15)
+            await peer.wait_audio(1.0, since=sounded, timeout=15)
+            assert rms(peer.audio(since=sounded)) > 0.005
             # In order: the response opens, its transcript streams, then it is done.
             created = _first(peer.events, "response.created")
             delta = _first(peer.events, "response.output_audio_transcript.delta", created)

@@ -7,6 +7,9 @@ aiortc peer.
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,10 +31,33 @@ async def local(start_server: StartServer) -> Server:
     return await start_server(model="local")
 
 
+_CALLED: list[Peer] = []
+STOCK_PARSE = Path(__file__).resolve().parent / "browser" / "stock_parse.cjs"
+
+
+@pytest.fixture(autouse=True)
+async def stock_client_parses_every_event() -> AsyncIterator[None]:
+    """After each test, every OpenAI event its calls got (not the ``s2s.*`` extensions) parses
+    as that event in the stock @openai/agents-realtime client's own schemas: an event it cannot
+    parse it drops, however right the event may look."""
+    _CALLED.clear()
+    yield
+    events = [e for peer in _CALLED for e in peer.events if not e["type"].startswith("s2s.")]
+    assert events or not _CALLED
+    node = await asyncio.create_subprocess_exec(
+        "node", str(STOCK_PARSE), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(30):
+        out, _ = await node.communicate(json.dumps(events).encode())
+    assert node.returncode == 0
+    assert json.loads(out) == []
+
+
 async def call(server: Server, **session: Any) -> Peer:
     peer = Peer(
         server.url, MicTrack(), session={"type": "realtime", **session} if session else None
     )
+    _CALLED.append(peer)
     await peer.connect()
     await peer.next_event("session.created")
     return peer
@@ -58,16 +84,21 @@ async def test_a_spoken_turn_is_transcribed_and_answered_in_order(local: Server)
         peer.mic.play(speak("hello there how are you today", voice=VOICE))
         done = await peer.next_event("response.done", timeout=30)
         order = types(peer)
+        await peer.next_event("output_audio_buffer.stopped", timeout=5)
+        order = types(peer)
         expected = [
             "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
-            "input_audio_buffer.committed", "response.created", "output_audio_buffer.started",
-            "response.output_audio_transcript.delta", "output_audio_buffer.stopped",
-            "response.output_audio_transcript.done", "response.done",
+            "input_audio_buffer.committed", "conversation.item.added", "response.created",
+            "response.content_part.added", "output_audio_buffer.started",
+            "response.output_audio_transcript.delta", "response.output_audio.done",
+            "response.output_audio_transcript.done", "response.content_part.done",
+            "response.done", "output_audio_buffer.stopped",
         ]  # fmt: skip
         positions = [order.index(t) for t in expected]
         assert positions == sorted(positions), order
         heard = await peer.next_event("conversation.item.input_audio_transcription.completed")
         assert heard["transcript"]
+        assert heard["usage"]["type"] == "duration" and 1.0 < heard["usage"]["seconds"] < 4.0
         assert done["response"]["status"] == "completed"
         transcript = done["response"]["output"][0]["content"][0]["transcript"]
         deltas = "".join(e["delta"] for e in peer.events if e["type"].endswith("transcript.delta"))

@@ -57,3 +57,6 @@ async def test_a_failed_response_drops_its_unplayed_audio_and_keeps_what_was_hea
     assert done.transcript == "heard"
     (finished,) = [e for e in sent if isinstance(e, ResponseDone)]
     assert finished.response.status == "failed"
+    details = finished.response.status_details  # GA's shape: the failure in error, no reason
+    assert details is not None and details.reason is None and details.error is not None
+    assert (details.error.type, details.error.code) == ("server_error", "model_error")

@@ -47,12 +47,20 @@ class ConversationItemTruncated(ServerEvent, tag="conversation.item.truncated"):
     audio_end_ms: int
 
 
+class TranscriptionUsage(msgspec.Struct, kw_only=True):
+    """What transcribing a turn used: its audio's length (GA's ``duration`` usage)."""
+
+    type: Literal["duration"] = "duration"
+    seconds: float
+
+
 class InputAudioTranscriptionCompleted(
     ServerEvent, tag="conversation.item.input_audio_transcription.completed"
 ):
     item_id: str
     content_index: int
     transcript: str
+    usage: TranscriptionUsage
 
 
 class SpeechStarted(ServerEvent, tag="input_audio_buffer.speech_started"):
@@ -81,20 +89,32 @@ class InputAudioBufferTimeoutTriggered(ServerEvent, tag="input_audio_buffer.time
 
 
 class OutputAudioBufferStarted(ServerEvent, tag="output_audio_buffer.started"):
-    response_id: str | None = None
+    response_id: str
 
 
 class OutputAudioBufferStopped(ServerEvent, tag="output_audio_buffer.stopped"):
-    response_id: str | None = None
+    response_id: str
 
 
 class OutputAudioBufferCleared(ServerEvent, tag="output_audio_buffer.cleared"):
-    response_id: str | None = None
+    response_id: str
 
 
-class StatusDetails(msgspec.Struct):
+class StatusError(msgspec.Struct):
+    """Why a response failed (``status_details.error``)."""
+
+    type: str
+    code: str | None = None
+    message: str | None = None
+
+
+class StatusDetails(msgspec.Struct, omit_defaults=True):
+    """How a response ended when it did not complete: ``reason`` for a cancelled one
+    (``turn_detected``, ``client_cancelled``), ``error`` for a failed one."""
+
     type: str
     reason: str | None = None
+    error: StatusError | None = None
 
 
 class Response(msgspec.Struct, kw_only=True):
@@ -129,12 +149,27 @@ class ResponseOutputItemDone(ServerEvent, tag="response.output_item.done"):
     item: Item
 
 
+class ResponsePart(msgspec.Struct, omit_defaults=True):
+    """A content part as the ``response.content_part.*`` events carry it: typed ``audio`` or
+    ``text`` (not the item's ``output_audio``/``output_text``), as the GA API has it."""
+
+    type: Literal["audio", "text"]
+    transcript: str | None = None
+    text: str | None = None
+
+    @classmethod
+    def of(cls, part: OutputAudio | OutputText) -> ResponsePart:
+        if isinstance(part, OutputAudio):
+            return cls("audio", transcript=part.transcript)
+        return cls("text", text=part.text)
+
+
 class ResponseContentPartAdded(ServerEvent, tag="response.content_part.added"):
     response_id: str
     item_id: str
     output_index: int
     content_index: int
-    part: OutputAudio | OutputText
+    part: ResponsePart
 
 
 class ResponseContentPartDone(ServerEvent, tag="response.content_part.done"):
@@ -142,7 +177,16 @@ class ResponseContentPartDone(ServerEvent, tag="response.content_part.done"):
     item_id: str
     output_index: int
     content_index: int
-    part: OutputAudio | OutputText
+    part: ResponsePart
+
+
+class OutputAudioDone(ServerEvent, tag="response.output_audio.done"):
+    """The response's audio is complete (on WebRTC it went out on the media track)."""
+
+    response_id: str
+    item_id: str
+    output_index: int
+    content_index: int
 
 
 class TranscriptDelta(ServerEvent, tag="response.output_audio_transcript.delta"):
@@ -265,7 +309,8 @@ AnyServerEvent = (
     | InputAudioBufferCommitted | InputAudioBufferCleared | InputAudioBufferTimeoutTriggered
     | OutputAudioBufferStarted | OutputAudioBufferStopped | OutputAudioBufferCleared
     | ResponseCreated | ResponseDone | ResponseOutputItemAdded | ResponseOutputItemDone
-    | ResponseContentPartAdded | ResponseContentPartDone | TranscriptDelta | TranscriptDone
+    | ResponseContentPartAdded | ResponseContentPartDone | OutputAudioDone
+    | TranscriptDelta | TranscriptDone
     | OutputTextDelta | OutputTextDone | FunctionCallArgumentsDelta | FunctionCallArgumentsDone
     | ResponseSteered | ImageReceived | ServerShutdown
     | SessionStats | Error

@@ -65,6 +65,7 @@ from s2s.protocol.server_events import (
     SessionUpdated,
     SpeechStarted,
     SpeechStopped,
+    TranscriptionUsage,
 )
 from s2s.protocol.session_config import SessionConfig, SessionPatch
 from s2s.realtime.conversation import Conversation, RequestError, wire
@@ -73,6 +74,8 @@ from s2s.tools import ToolError, take_tools
 from s2s.vad import VadEvent, VadSettings, vad_settings
 
 _MIN_COMMIT_MS = 100
+#: Committed turns whose length is kept for their transcription's usage (one or two in flight).
+_TRANSCRIBING = 16
 
 
 class Realtime:
@@ -99,6 +102,7 @@ class Realtime:
         self._user_item: str | None = None
         self._input_ms = 0  # caller audio heard since the call began
         self._buffer_start_ms = 0  # where the uncommitted input audio buffer starts
+        self._turn_seconds: dict[str, float] = {}  # committed turns' lengths, till transcribed
         self._idle_since = asyncio.get_running_loop().time()
         self._idle_fired = False
         self.image_limits = image_limits or ImageLimits()
@@ -168,11 +172,11 @@ class Realtime:
                     item = self._conversation.find(item_id)
                     if isinstance(item, MessageItem):
                         item.content = [InputAudio(transcript=text)]
-                    self._send(
-                        InputAudioTranscriptionCompleted(
-                            item_id=item_id, content_index=0, transcript=text
-                        )
-                    )
+                    seconds = self._turn_seconds.pop(item_id, 0.0)
+                    self._send(InputAudioTranscriptionCompleted(
+                        item_id=item_id, content_index=0, transcript=text,
+                        usage=TranscriptionUsage(seconds=seconds),
+                    ))  # fmt: skip
                 case ResponseFinished(response_id=rid):
                     self._responses.finished(rid, silent=not (audio.size or result.text))
                 case ToolCalled(response_id=rid, name=name, arguments=arguments):
@@ -283,13 +287,12 @@ class Realtime:
                     )
                 await self._responses.cancel("client_cancelled")
             case OutputAudioBufferClear():
-                active = self._responses.active
-                rid = active.id if active is not None else None
-                if active is not None:
+                if self._responses.active is not None:
                     await self._responses.cancel("client_cancelled")
-                else:
+                else:  # cleared again (a client's interrupt cancels, then clears): say so
                     self._speaker.flush()
-                    self._send(OutputAudioBufferCleared(response_id=rid))
+                    if (rid := self._responses.last_id) is not None:
+                        self._send(OutputAudioBufferCleared(response_id=rid))
             case ResponseSteer(instructions=instructions, voice=voice, speed=speed):
                 if self._responses.active is None:
                     raise RequestError("no_active_response", "there is no response to steer")
@@ -320,9 +323,14 @@ class Realtime:
 
     async def _commit(self, item_id: str) -> None:
         item = MessageItem(id=item_id, role="user", content=[InputAudio()])
-        previous = self._add_item(item)
+        # As OpenAI's: the commit names the item, then the item is added.
+        previous = self._conversation.last()
         self._send(InputAudioBufferCommitted(item_id=item_id, previous_item_id=previous))
+        self._add_item(item)
         self._send(ConversationItemDone(item=item, previous_item_id=previous))
+        self._turn_seconds[item_id] = max(0, self._input_ms - self._buffer_start_ms) / 1000
+        while len(self._turn_seconds) > _TRANSCRIBING:  # a model that transcribes none
+            del self._turn_seconds[next(iter(self._turn_seconds))]
         self._user_item = None
         self._buffer_start_ms = self._input_ms
         await self._stream.commit(item_id)

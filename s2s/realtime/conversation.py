@@ -69,6 +69,10 @@ class Conversation:
         del self._items[item_id]
         self._pictures.pop(item_id, None)
 
+    def last(self) -> str | None:
+        """The id of the conversation's last item (None when it is empty)."""
+        return next(reversed(self._items), None)
+
     def add(self, item: Item, previous: str | None = None) -> str | None:
         """Place ``item`` after ``previous`` (the last item if None, first if "root").
 

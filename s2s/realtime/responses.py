@@ -33,6 +33,7 @@ from s2s.protocol.server_events import (
     OutputAudioBufferCleared,
     OutputAudioBufferStarted,
     OutputAudioBufferStopped,
+    OutputAudioDone,
     OutputTextDelta,
     OutputTextDone,
     Response,
@@ -42,9 +43,11 @@ from s2s.protocol.server_events import (
     ResponseDone,
     ResponseOutputItemAdded,
     ResponseOutputItemDone,
+    ResponsePart,
     ResponseSteered,
     ServerEvent,
     StatusDetails,
+    StatusError,
     TranscriptDelta,
     TranscriptDone,
 )
@@ -72,6 +75,7 @@ class ActiveResponse:
     generated: bool = False
     playing: bool = False
     requested_at: float | None = None  # loop time the caller's turn ended, for turn latency
+    previous: dict[str, str | None] = field(default_factory=dict)  # item id -> the one before
 
 
 class Responses:
@@ -107,6 +111,8 @@ class Responses:
         self._metrics = metrics
         self._timelines: dict[str, tuple[list[tuple[int, str]], int]] = {}
         self.active: ActiveResponse | None = None
+        #: The latest response's id: what an output_audio_buffer.clear with none active names.
+        self.last_id: str | None = None
 
     # -- model output ------------------------------------------------------------------------
 
@@ -132,7 +138,7 @@ class Responses:
                 code="model_error", type="server_error", message=message,
             )))  # fmt: skip
             self._cut(r)
-            self._finish("failed", "model_error")
+            self._finish("failed", error=StatusError("server_error", "model_error", message))
 
     def play(self, result: StepResult, audio: np.ndarray) -> None:
         """Queue one step's audio (already at 48 kHz) and mark where its text starts."""
@@ -175,9 +181,9 @@ class Responses:
         if r.generated and played >= r.end_pos:
             while r.markers:
                 self._emit_text(r, r.markers.popleft()[1])
-            if r.playing:
-                self._send(OutputAudioBufferStopped(response_id=r.id))
             self._finish("completed")
+            if r.playing:  # after response.done, as OpenAI's WebRTC calls send it
+                self._send(OutputAudioBufferStopped(response_id=r.id))
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -217,7 +223,8 @@ class Responses:
             await self._stream.respond(request)
         except Exception:
             log.exception("model failed to start a response")
-            self._finish("failed", "model_error")
+            error = StatusError("server_error", "model_error", "the model could not start it")
+            self._finish("failed", error=error)
 
     def open(
         self, params: ResponseParams, response_id: str | None, *, message: bool = True
@@ -229,7 +236,7 @@ class Responses:
             modalities = list(self.config.output_modalities)
         r = ActiveResponse(id=response_id or new_id("resp"), metadata=params.metadata,
                            modalities=list(modalities))  # fmt: skip
-        self.active = r
+        self.active, self.last_id = r, r.id
         self._send(ResponseCreated(response=self._response(r, "in_progress")))
         if message:
             self._open_message(r)
@@ -296,9 +303,10 @@ class Responses:
         index = len(r.outputs)
         r.outputs.append(item)
         self._send(ResponseOutputItemAdded(response_id=r.id, output_index=index, item=item))
-        self._add_item(item)
+        r.previous[item.id] = self._add_item(item)
         self._send(ResponseContentPartAdded(
-            response_id=r.id, item_id=item.id, output_index=index, content_index=0, part=part
+            response_id=r.id, item_id=item.id, output_index=index, content_index=0,
+            part=ResponsePart.of(part),
         ))  # fmt: skip
 
     def _call_tool(self, r: ActiveResponse, name: str, arguments: str) -> None:
@@ -310,14 +318,14 @@ class Responses:
         index = len(r.outputs)
         r.outputs.append(item)
         self._send(ResponseOutputItemAdded(response_id=r.id, output_index=index, item=item))
-        self._add_item(item)  # sent as it is now: the stored item is completed below
+        previous = self._add_item(item)  # sent as it is now: the stored item is completed below
         ids = {"response_id": r.id, "item_id": item.id, "output_index": index,
                "call_id": item.call_id}  # fmt: skip
         self._send(FunctionCallArgumentsDelta(delta=arguments, **ids))  # type: ignore[arg-type]
         self._send(FunctionCallArgumentsDone(name=name, arguments=arguments, **ids))  # type: ignore[arg-type]
         item.arguments, item.status = arguments, "completed"
         self._send(ResponseOutputItemDone(response_id=r.id, output_index=index, item=item))
-        self._send(ConversationItemDone(item=item))
+        self._send(ConversationItemDone(item=item, previous_item_id=previous))
 
     def _emit_text(self, r: ActiveResponse, text: str) -> None:
         r.spoken.append(text)
@@ -327,14 +335,16 @@ class Responses:
         delta = TranscriptDelta if "audio" in r.modalities else OutputTextDelta
         self._send(delta(delta=text, **ids))  # type: ignore[arg-type]
 
-    def _finish(self, status: str, reason: str | None = None) -> None:
+    def _finish(
+        self, status: str, reason: str | None = None, error: StatusError | None = None
+    ) -> None:
         r = self.active
         assert r is not None
         self.active = None
         self._touch()
         if r.item is not None:
             self._finish_message(r, r.item, status)
-        self._send(ResponseDone(response=self._response(r, status, reason)))
+        self._send(ResponseDone(response=self._response(r, status, reason, error)))
 
     def _finish_message(self, r: ActiveResponse, item: MessageItem, status: str) -> None:
         assert item.id is not None
@@ -348,19 +358,23 @@ class Responses:
         index = r.outputs.index(item)
         ids = {"response_id": r.id, "item_id": item.id, "output_index": index, "content_index": 0}
         if isinstance(part, OutputAudio):
+            self._send(OutputAudioDone(**ids))  # type: ignore[arg-type]
             self._send(TranscriptDone(transcript=transcript, **ids))  # type: ignore[arg-type]
         else:
             self._send(OutputTextDone(text=transcript, **ids))  # type: ignore[arg-type]
-        self._send(ResponseContentPartDone(part=part, **ids))  # type: ignore[arg-type]
+        self._send(ResponseContentPartDone(part=ResponsePart.of(part), **ids))  # type: ignore[arg-type]
         self._send(ResponseOutputItemDone(response_id=r.id, output_index=index, item=item))
-        self._send(ConversationItemDone(item=item))
+        self._send(ConversationItemDone(item=item, previous_item_id=r.previous.get(item.id)))
         start = r.start_pos if r.start_pos is not None else r.end_pos
         self._timelines[item.id] = (r.timeline, max(0, r.end_pos - start) // _SAMPLES_PER_MS)
 
-    def _response(self, r: ActiveResponse, status: str, reason: str | None = None) -> Response:
+    def _response(
+        self, r: ActiveResponse, status: str, reason: str | None = None,
+        error: StatusError | None = None,
+    ) -> Response:  # fmt: skip
         details = None
         if status in ("cancelled", "failed", "incomplete"):
-            details = StatusDetails(type=status, reason=reason)
+            details = StatusDetails(type=status, reason=reason, error=error)
         return Response(
             id=r.id, status=status, status_details=details,  # type: ignore[arg-type]
             output=list(r.outputs) if status != "in_progress" else [],
