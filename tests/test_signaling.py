@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -80,11 +81,33 @@ async def test_offer_whose_audio_cannot_come_back_is_400(server: Server, directi
 
 
 async def test_wrong_content_type_is_415(server: Server) -> None:
-    status, _, text = await post(
-        server.url + CALLS, '{"sdp": "v=0"}', **{"Content-Type": "application/json"}
-    )
+    status, _, text = await post(server.url + CALLS, "v=0", **{"Content-Type": "text/plain"})
     assert status == 415
     assert (await _json(text))["error"]["code"] == "unsupported_media_type"
+
+
+async def test_the_offer_as_each_openai_sdk_posts_it_is_answered(server: Server) -> None:
+    """openai-node's multipart parts typed application/sdp and application/json (aiohttp hands
+    those over as bytes: they were refused as missing), openai-python's JSON body, and a JSON
+    body with a bad session (400)."""
+    session = {"type": "realtime", "instructions": "Be brief."}
+    typed = aiohttp.FormData(default_to_multipart=True)
+    typed.add_field("sdp", await offer("sendrecv"), content_type="application/sdp")
+    typed.add_field("session", json.dumps(session), content_type="application/json")
+    as_json = json.dumps({"sdp": await offer("sendrecv"), "session": session})
+    for body, headers in ((typed, {}), (as_json, {"Content-Type": "application/json"})):
+        status, answered, text = await post(server.url + CALLS, body, **headers)
+        assert status == 201, text
+        assert "m=audio" in text and answered["Location"].startswith(CALLS + "/rtc_")
+        call = server.registry.get(answered["Location"].rsplit("/", 1)[1])
+        assert call is not None and call.config.instructions == "Be brief."
+        hung, _, _ = await post(server.url + answered["Location"] + "/hangup", b"")
+        assert hung == 200
+    bad = json.dumps({"sdp": await offer("sendrecv"), "session": {"instructions": 42}})
+    status, _, text = await post(server.url + CALLS, bad, **{"Content-Type": "application/json"})
+    assert status == 400 and (await _json(text))["error"]["code"] == "invalid_session"
+    status, _, text = await post(server.url + CALLS, "[]", **{"Content-Type": "application/json"})
+    assert status == 400 and (await _json(text))["error"]["code"] == "missing_sdp"
 
 
 async def test_oversized_offer_is_413(start_server: StartServer) -> None:

@@ -140,7 +140,8 @@ async def _to_least_loaded(request: web.Request, pool: Pool) -> web.Response | N
 
 
 async def _read_offer(request: web.Request, max_bytes: int) -> tuple[str, SessionPatch | None]:
-    """The offer SDP and optional session config, from an SDP or a multipart body."""
+    """The offer SDP and optional session config, from an SDP, a form or a JSON body (OpenAI's
+    SDKs send each: the raw offer, multipart ``sdp`` and ``session`` parts, and JSON)."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise BadRequest(413, "offer_too_large", f"the offer exceeds {max_bytes} bytes")
     ctype = request.content_type
@@ -148,10 +149,13 @@ async def _read_offer(request: web.Request, max_bytes: int) -> tuple[str, Sessio
         return _check_sdp(await _read_limited(request, max_bytes)), None
     if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         return await _read_form(request)
+    if ctype == "application/json":
+        return _read_json(await _read_limited(request, max_bytes))
     raise BadRequest(
         415,
         "unsupported_media_type",
-        f"expected application/sdp or multipart/form-data, got {ctype or 'no content type'}",
+        "expected application/sdp, multipart/form-data or application/json, got "
+        f"{ctype or 'no content type'}",
     )
 
 
@@ -161,19 +165,51 @@ async def _read_form(request: web.Request) -> tuple[str, SessionPatch | None]:
         form = await request.post()
     except ValueError as exc:  # aiohttp's multipart parser on a broken body
         raise BadRequest(400, "invalid_body", f"malformed form body: {exc}") from None
-    sdp, session = form.get("sdp"), form.get("session")
-    if not isinstance(sdp, str):
+    sdp, session = _part(form.get("sdp")), _part(form.get("session"))
+    if sdp is None:
         raise BadRequest(400, "missing_sdp", "the form has no 'sdp' field", "sdp")
     patch = None
     if session is not None:
-        if not isinstance(session, str):
-            raise BadRequest(400, "invalid_session", "'session' must be a JSON field", "session")
         try:
             patch = msgspec.json.decode(session, type=SessionPatch)
         except msgspec.DecodeError as exc:
             message = f"invalid session: {exc}"
             raise BadRequest(400, "invalid_session", message, "session") from None
-    return _check_sdp(sdp.encode()), patch
+    return _check_sdp(sdp), patch
+
+
+def _part(value: object) -> bytes | None:
+    """A form field's bytes: aiohttp gives a text part as ``str``, a part typed otherwise
+    (``application/sdp``, ``application/json``: openai-node's) as bytes, a file as a field."""
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    if isinstance(value, web.FileField):
+        return value.file.read()
+    return None
+
+
+class _JsonOffer(msgspec.Struct):
+    sdp: str
+    session: msgspec.Raw = msgspec.Raw()  # decoded as a SessionPatch below: its errors name it
+
+
+def _read_json(body: bytes) -> tuple[str, SessionPatch | None]:
+    """``{"sdp": ..., "session": {...}}``, as openai-python's ``calls.create`` posts it."""
+    try:
+        offer = msgspec.json.decode(body, type=_JsonOffer)
+    except msgspec.DecodeError as exc:
+        raise BadRequest(400, "missing_sdp", f"expected {{'sdp': ..., 'session': ...}}: {exc}",
+                         "sdp") from None  # fmt: skip
+    patch = None
+    if bytes(offer.session) not in (b"", b"null"):
+        try:
+            patch = msgspec.json.decode(offer.session, type=SessionPatch)
+        except msgspec.DecodeError as exc:
+            message = f"invalid session: {exc}"
+            raise BadRequest(400, "invalid_session", message, "session") from None
+    return _check_sdp(offer.sdp.encode()), patch
 
 
 def tools_refused(patch: SessionPatch | None, backend: Backend) -> web.Response | None:
