@@ -88,6 +88,12 @@ async def test_client_secret_works_once_and_carries_its_session(locked: Server) 
     status, secret = await mint(locked, KEY, {"session": {"instructions": "Be brief."}})
     assert status == 200 and secret["value"].startswith("ek_")
     assert secret["expires_at"] > time.time() and secret["session"]["instructions"] == "Be brief."
+    # The whole session its call gets, as GA answers (it was the patch alone).
+    session = secret["session"]
+    assert (session["type"], session["object"]) == ("realtime", "realtime.session")
+    assert session["audio"]["output"]["voice"] and session["output_modalities"] == ["audio"]
+    status, refused = await mint(locked, KEY, {"session": {"type": "transcription"}})
+    assert status == 400 and "type" in refused["error"]["message"]
     # An offer that makes no call (here not SDP; a full server alike) leaves it usable.
     status, body, _ = await KeyedPeer(locked.url, secret["value"])._post_offer("not an offer")
     assert status == 400 and "invalid_offer" in body

@@ -91,7 +91,8 @@ Truncation = Literal["auto", "disabled"] | RetentionRatio
 class SessionPatch(msgspec.Struct, omit_defaults=True):
     """A partial session, as ``session.update`` (or the call's ``session`` form field) sends."""
 
-    type: str | UnsetType = UNSET
+    #: Only ``realtime`` sessions (a ``transcription`` one would be a different service).
+    type: Literal["realtime"] | UnsetType = UNSET
     model: str | UnsetType = UNSET
     instructions: str | UnsetType = UNSET
     output_modalities: Modalities | UnsetType = UNSET
@@ -154,10 +155,13 @@ class SessionConfig(msgspec.Struct):
                 "input": {
                     "format": pcm,
                     "turn_detection": msgspec.to_builtins(self.turn_detection),
+                    "noise_reduction": None,  # s2s reduces none
                 },
                 "output": {"format": pcm, "voice": self.voice, "speed": self.speed},
             },
             "tools": msgspec.to_builtins(self.tools),
             "tool_choice": msgspec.to_builtins(self.tool_choice),
             "truncation": msgspec.to_builtins(self.truncation),
+            "max_output_tokens": "inf",  # a reply is bounded by the model's own limits
+            "tracing": None,
         }

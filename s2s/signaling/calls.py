@@ -10,6 +10,7 @@ from aiohttp import web
 from s2s.auth import ClientSecret, bearer, is_client_secret
 from s2s.backends import Backend
 from s2s.backends.base import NoCapacity, PlacingBackend
+from s2s.config import Settings
 from s2s.forwarding import OwnerUnreachable, is_relayed
 from s2s.pool import Pool, new_call_id
 from s2s.protocol.session_config import ServerVad, SessionConfig, SessionPatch
@@ -68,12 +69,7 @@ async def _create(
         owner = secret.owner
     backend = app[BACKEND]
     call_id = new_call_id(pool.index if pool is not None else None)
-    # Server VAD is on by default for models that take turns; continuous ones (echo) run none.
-    config = SessionConfig(
-        id=call_id, model=settings.model, turn_detection=ServerVad() if backend.turn_based else None
-    )
-    if patch is not None:
-        config.apply(patch)
+    config = session_config(call_id, settings, backend, patch)
     session = Session(
         call_id, new_peer_connection(), backend, app[VAD], settings, config, metrics=app[METRICS]
     )
@@ -210,6 +206,20 @@ def _read_json(body: bytes) -> tuple[str, SessionPatch | None]:
             message = f"invalid session: {exc}"
             raise BadRequest(400, "invalid_session", message, "session") from None
     return _check_sdp(offer.sdp.encode()), patch
+
+
+def session_config(
+    session_id: str, settings: Settings, backend: Backend, patch: SessionPatch | None
+) -> SessionConfig:
+    """A call's session: the server's defaults with ``patch`` applied."""
+    # Server VAD is on by default for models that take turns; continuous ones (echo) run none.
+    config = SessionConfig(
+        id=session_id, model=settings.model,
+        turn_detection=ServerVad() if backend.turn_based else None,
+    )  # fmt: skip
+    if patch is not None:
+        config.apply(patch)
+    return config
 
 
 def tools_refused(patch: SessionPatch | None, backend: Backend) -> web.Response | None:

@@ -6,10 +6,11 @@ import msgspec
 from aiohttp import web
 
 from s2s.auth import DEFAULT_SECRET_TTL_S
+from s2s.protocol.ids import new_id
 from s2s.protocol.session_config import SessionPatch
-from s2s.signaling.calls import tools_refused
+from s2s.signaling.calls import session_config, tools_refused
 from s2s.signaling.errors import error_response, server_key
-from s2s.signaling.state import BACKEND, KEYS
+from s2s.signaling.state import BACKEND, KEYS, SETTINGS
 
 
 async def create_client_secret(request: web.Request) -> web.Response:
@@ -30,7 +31,9 @@ async def create_client_secret(request: web.Request) -> web.Response:
     except OverflowError as exc:  # too many live secrets: they expire, so later works
         return error_response(429, "too_many_client_secrets", str(exc),
                               headers={"Retry-After": "60"})  # fmt: skip
-    session = msgspec.to_builtins(secret.session)
+    # The whole session a call made with it gets, as GA's answer holds (not just the patch).
+    backend, settings = request.app[BACKEND], request.app[SETTINGS]
+    session = session_config(new_id("sess"), settings, backend, secret.session).to_wire()
     return web.json_response(
         {"value": secret.value, "expires_at": secret.expires_at, "session": session}
     )
