@@ -30,7 +30,7 @@ log = logging.getLogger("s2s")
 _FIELD_OPTIONS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("--host", "host", "address to listen on", {}),
     ("--port", "port", "HTTP port", {}),
-    ("--model", "model", "model backend: echo, or NAME:PATH_OR_HUB_ID", {}),
+    ("--model", "model", "model backend: local, echo, or NAME:PATH_OR_HUB_ID", {}),
     (
         "--device",
         "device",
