@@ -16,7 +16,8 @@ from transformers import MoshiForConditionalGeneration
 
 from s2s.backends import ModelUnavailable, StepResult
 from s2s.backends.moshi import MoshiBackend
-from s2s.backends.moshi_engine import SPAN_STEP, MoshiEngine, RowOutput
+from s2s.backends.moshi_engine import SPAN_STEP, MoshiEngine
+from s2s.backends.moshi_rows import RowOutput
 from s2s.hosttraffic import HostTraffic
 from s2s.noise import reseeded
 from s2s.signaling.state import BACKEND

@@ -39,7 +39,6 @@ Everything here runs on the backend's single device thread; nothing here is asyn
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -47,54 +46,13 @@ import torch
 import torch.nn.functional as F
 
 from s2s.backends.graphs import StepGraphs, bucket
+from s2s.backends.moshi_layers import mlp, rms, rotate
+from s2s.backends.moshi_rows import Row, RowOutput, Stepped
 from s2s.noise import gumbel, reseeded
 
 #: A step reads the ring up to the longest call's length, rounded up to this many positions.
 SPAN_STEP = 256
 _MASK32 = 0xFFFFFFFF
-
-
-@dataclass(eq=False)
-class Row:
-    """One call: its slot and the host-side part of its state."""
-
-    #: Whose row it is (the caller's label, for logs and debugging).
-    key: object
-    slot: int
-    #: Text tokens to force into Moshi's text stream, one per step (steering).
-    forced_text: list[int] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class RowOutput:
-    text_token: int
-    #: (K,) a complete frame of Moshi's codes on the engine's device, or None (first step).
-    codes: torch.Tensor | None
-
-
-@dataclass(frozen=True, slots=True)
-class Stepped:
-    """One step's output for the first ``n`` slots: ``packed`` ``(n, 2 + K)`` on the device
-    (text token, frame flag, the frame's K codes) and its host copy ``host``."""
-
-    packed: torch.Tensor
-    host: np.ndarray
-
-    def text(self, slot: int) -> int:
-        return int(self.host[slot, 0])
-
-    def frame(self, slot: int) -> torch.Tensor | None:
-        """The slot's complete frame of codes (K,) on the device, or None (first step)."""
-        return self.packed[slot, 2:] if self.host[slot, 1] else None
-
-    @property
-    def frames(self) -> torch.Tensor:
-        """``(n, K)`` every slot's codes, meaningful where ``has_frame``."""
-        return self.packed[:, 2:]
-
-    @property
-    def has_frame(self) -> np.ndarray:
-        return self.host[:, 1].astype(bool)
 
 
 class MoshiEngine:
@@ -360,11 +318,11 @@ class MoshiEngine:
         sin = (angles.sin() * self._rope_scale).to(self.dtype)[:, None, :]
         for index, layer in enumerate(self._main.layers):
             attn = layer.self_attn
-            h = _rms(x, layer.input_layernorm)
+            h = rms(x, layer.input_layernorm)
             q = attn.q_proj.linear(h).view(n, self._heads, self._head_dim)
             k = attn.k_proj.linear(h).view(n, self._kv_heads, self._head_dim)
             v = attn.v_proj.linear(h).view(n, self._kv_heads, self._head_dim)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             keys, values = self._keys[index], self._values[index]
             keys[rows, :, write] = k
             values[rows, :, write] = v
@@ -373,8 +331,8 @@ class MoshiEngine:
                 enable_gqa=self._heads != self._kv_heads,
             )  # fmt: skip
             x = x + attn.o_proj.linear(out.reshape(n, -1))
-            x = x + _mlp(_rms(x, layer.post_attention_layernorm), layer.mlp, None)
-        return _rms(x, self._main.norm)
+            x = x + mlp(rms(x, layer.post_attention_layernorm), layer.mlp, None)
+        return rms(x, self._main.norm)
 
     def _depth_decoder(self, hidden: torch.Tensor, text: torch.Tensor, n: int) -> torch.Tensor:
         depth = self._depth
@@ -385,7 +343,7 @@ class MoshiEngine:
             x = table(token) + F.linear(hidden, depth.input_projections.weight[c])
             for index, layer in enumerate(depth.layers):
                 attn = layer.self_attn
-                h = _rms(x, layer.input_layernorm)
+                h = rms(x, layer.input_layernorm)
                 q = F.linear(h, attn.q_proj.linear.weight[c]).view(n, self._d_heads, 1, -1)
                 k = F.linear(h, attn.k_proj.linear.weight[c]).view(n, self._d_kv_heads, -1)
                 v = F.linear(h, attn.v_proj.linear.weight[c]).view(n, self._d_kv_heads, -1)
@@ -396,7 +354,7 @@ class MoshiEngine:
                     enable_gqa=self._d_heads != self._d_kv_heads,
                 )  # fmt: skip
                 x = x + F.linear(out.reshape(n, -1), attn.o_proj.linear.weight[c])
-                x = x + _mlp(_rms(x, layer.post_attention_layernorm), layer.mlp, c)
+                x = x + mlp(rms(x, layer.post_attention_layernorm), layer.mlp, c)
             logits = F.linear(x, depth.lm_heads.weight[c])
             token = self._sample(logits, n, c + 1, self._temps[:n, 1], self.top_k)
             codes.append(token)
@@ -419,27 +377,3 @@ class MoshiEngine:
             kept = logits.masked_fill(logits < kth, float("-inf"))
         scores = kept / temperature.clamp_min(1e-6)[:, None] + noise
         return torch.where(temperature > 0, scores.argmax(dim=-1), logits.argmax(dim=-1))
-
-
-def _rms(x: torch.Tensor, norm: Any) -> torch.Tensor:
-    # As transformers' MoshiRMSNorm: in float32, then back to the activations' dtype.
-    y = x.float()
-    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + norm.eps)
-    weight: torch.Tensor = norm.weight
-    return (y * weight.float()).to(x.dtype)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
-def _mlp(h: torch.Tensor, mlp: Any, codebook: int | None) -> torch.Tensor:
-    up = mlp.fc1(h) if codebook is None else F.linear(h, mlp.fc1.weight[codebook])
-    gate, value = up.view(*up.shape[:-1], 2, -1).unbind(dim=-2)
-    inner = mlp.activation_fn(gate) * value
-    if codebook is None:
-        out: torch.Tensor = mlp.fc2(inner)
-        return out
-    return F.linear(inner, mlp.fc2.weight[codebook])

@@ -19,7 +19,8 @@ import torch
 
 from s2s.backends.graphs import StepGraphs
 from s2s.backends.mimi_stream import MimiStreamDecoder, MimiStreamEncoder
-from s2s.backends.moshi_engine import MoshiEngine, Row
+from s2s.backends.moshi_engine import MoshiEngine
+from s2s.backends.moshi_rows import Row
 from s2s.worker.messages import CallOutput, Change, Hello, Tick, TickResult
 from s2s.worker.process import pick_device_and_dtype
 
