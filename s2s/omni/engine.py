@@ -37,7 +37,6 @@ from __future__ import annotations
 import logging
 import sys
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,7 +49,8 @@ from s2s.omni.decode import DecodeStep
 from s2s.omni.graphs import OmniGraphs
 from s2s.omni.kept import Kept, reuse_talker, reuse_thinker
 from s2s.omni.predictor import CodePredictor
-from s2s.omni.prefill import Pieces, ThinkerPrompt, encode, talker_prompt
+from s2s.omni.prefill import encode, talker_prompt
+from s2s.omni.prefilling import Prefilling, prompt_inputs
 from s2s.omni.request import Decoding, Request, RowStep
 from s2s.omni.rows import Row, StepLayout, speech_columns
 from s2s.omni.sampling import Draws
@@ -61,20 +61,6 @@ log = logging.getLogger(__name__)
 #: The slot no call owns: padding rows run on it. It is 0 so that a zero in a slot column
 #: means it (padding, and a graph capture's zeroed columns: ``s2s.omni.graphs``).
 SCRATCH = 0
-
-
-@dataclass(slots=True)
-class _Prefill:
-    """A call begun whose prompts are being prefilled, piece by piece."""
-
-    id: int
-    slot: int
-    request: Request
-    inputs: dict[str, Tensor]
-    thinker: ThinkerPrompt | None = None  # once the encoders have run
-    row: Row | None = None  # once the thinker's prefill is complete
-    talker: Pieces | None = None
-    kept: Kept | None = None  # the conversation's last turn, in this slot
 
 
 class OmniEngine:
@@ -118,7 +104,7 @@ class OmniEngine:
         self.reused = 0
         self.talker_reused = 0
         self.rows: dict[int, Row] = {}
-        self.prefills: dict[int, _Prefill] = {}
+        self.prefills: dict[int, Prefilling] = {}
         # The thinker's hidden state that the talker's prompt reads (transformers' index).
         self.accept = int(self.config.talker_config.accept_hidden_layer)
         self._next_id = 0
@@ -203,25 +189,7 @@ class OmniEngine:
         others once that is complete. Raises ``RuntimeError`` when every slot is taken."""
         if not self.free:
             raise RuntimeError(f"all {self.max_rows} slots are generating")
-        if request.speaker.lower() not in self.config.talker_config.speaker_id:
-            raise ValueError(f"unknown speaker {request.speaker!r}")
-        if request.max_text_tokens < 1 or request.max_frames < 1:
-            raise ValueError("max_text_tokens and max_frames must be at least 1")
-        # Features and pixels in the weights' dtype (bf16 on a GPU), ids and masks as they are.
-        dtype = self.thinker.dtype
-        inputs = {
-            k: v.to(self.device, dtype=dtype if v.is_floating_point() else v.dtype)
-            for k, v in request.inputs.items()
-        }
-        ids = inputs["input_ids"]
-        if ids.shape[0] != 1:
-            raise ValueError(f"one call per request, got a batch of {ids.shape[0]}")
-        if "attention_mask" in inputs and not bool(inputs["attention_mask"].all()):
-            raise ValueError("a padded prompt (attention_mask with zeros) is not supported")
-        opening = [self.config.im_start_token_id, self.config.assistant_token_id]
-        if ids.shape[1] < 3 or ids[0, -3:-1].tolist() != opening:
-            # The talker's prompt starts from these three tokens (as generate() assumes).
-            raise ValueError("the prompt must end with the open assistant turn")
+        inputs = prompt_inputs(request, self.config, self.device, self.thinker.dtype)
         kept = self.kept.pop(request.conversation, None) if request.conversation else None
         if kept is not None:
             slot = kept.slot
@@ -230,7 +198,7 @@ class OmniEngine:
         else:
             slot = self.kept.popitem(last=False)[1].slot  # the longest unused conversation's
         self._next_id += 1
-        self.prefills[self._next_id] = _Prefill(self._next_id, slot, request, inputs, kept=kept)
+        self.prefills[self._next_id] = Prefilling(self._next_id, slot, request, inputs, kept=kept)
         return self._next_id
 
     @torch.inference_mode()
@@ -253,7 +221,7 @@ class OmniEngine:
             self.rows[row] = state.row
         return complete
 
-    def _prefill(self, state: _Prefill, budget: int) -> bool:
+    def _prefill(self, state: Prefilling, budget: int) -> bool:
         if state.thinker is None:
             state.thinker = encode(self.thinker, state.inputs, self.accept, state.request.media)
             reused = 0 if state.kept is None else reuse_thinker(state.thinker, state.kept)
@@ -301,13 +269,14 @@ class OmniEngine:
                 self.code2wav.reset(row.slot)
                 row.speaking = True
                 ints, floats = speech_columns([row], 1)
-                sent = self._upload(ints, floats)
+                sent = upload(self.device, torch.int64, **ints)
+                sent |= upload(self.device, torch.float32, **floats)
                 sampled = Draws.samples([row.request.decoding.speech])
                 code = int(self.decode.next_codes(sent, hidden[:, -1], sampled)[0])
                 self._count_frame(row, code)
         return talker.complete
 
-    def _first_token(self, state: _Prefill, logits: Tensor) -> Row:
+    def _first_token(self, state: Prefilling, logits: Tensor) -> Row:
         """The call's row, from the thinker's logits at the prompt's last position."""
         request = state.request
         draws = Draws.send(self.device, [request.decoding.text], [(request.seed, 0)])
@@ -334,7 +303,7 @@ class OmniEngine:
             row.slot, row.prompt, row.made, held, row.talker_prompt
         )
 
-    def _drop(self, state: _Prefill) -> None:
+    def _drop(self, state: Prefilling) -> None:
         del self.prefills[state.id]
         self._free.append(state.slot)
 
@@ -354,14 +323,6 @@ class OmniEngine:
         elif row.frames >= row.request.max_frames:
             # generate() stops here without the residual codes of this last frame.
             row.speaking, row.cut = False, True
-
-    def _upload(
-        self, ints: dict[str, list[int]], floats: dict[str, list[float]]
-    ) -> dict[str, Tensor]:
-        """A step's host values on the device: one copy of its ints, one of its floats."""
-        return upload(self.device, torch.int64, **ints) | upload(
-            self.device, torch.float32, **floats
-        )
 
     @torch.inference_mode()
     def step(self) -> list[RowStep]:
