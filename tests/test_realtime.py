@@ -7,9 +7,6 @@ aiortc peer.
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +15,7 @@ from tests.conftest import Server, StartServer
 from tests.peer import FRAME, RATE, MicTrack, Peer
 from tests.signals import loud_spans, rms
 from tests.speech import local_reply_fits, speak
+from tests.stock_client import stock_client_parses_every_event, watch  # noqa: F401
 
 VOICE = "en-us+f2"  # the espeak voice pocketsphinx hears best
 LONG = (
@@ -31,33 +29,14 @@ async def local(start_server: StartServer) -> Server:
     return await start_server(model="local")
 
 
-_CALLED: list[Peer] = []
-STOCK_PARSE = Path(__file__).resolve().parent / "browser" / "stock_parse.cjs"
-
-
-@pytest.fixture(autouse=True)
-async def stock_client_parses_every_event() -> AsyncIterator[None]:
-    """After each test, every OpenAI event its calls got (not the ``s2s.*`` extensions) parses
-    as that event in the stock @openai/agents-realtime client's own schemas: an event it cannot
-    parse it drops, however right the event may look."""
-    _CALLED.clear()
-    yield
-    events = [e for peer in _CALLED for e in peer.events if not e["type"].startswith("s2s.")]
-    assert events or not _CALLED
-    node = await asyncio.create_subprocess_exec(
-        "node", str(STOCK_PARSE), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
-    )
-    async with asyncio.timeout(30):
-        out, _ = await node.communicate(json.dumps(events).encode())
-    assert node.returncode == 0
-    assert json.loads(out) == []
+pytestmark = pytest.mark.usefixtures("stock_client_parses_every_event")
 
 
 async def call(server: Server, **session: Any) -> Peer:
     peer = Peer(
         server.url, MicTrack(), session={"type": "realtime", **session} if session else None
     )
-    _CALLED.append(peer)
+    watch(peer)
     await peer.connect()
     await peer.next_event("session.created")
     return peer

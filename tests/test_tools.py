@@ -16,6 +16,7 @@ from s2s.client import Sideband, attach
 from tests.conftest import Server, StartServer
 from tests.peer import CallRefused, MicTrack, Peer
 from tests.schema import schema_problems
+from tests.stock_client import stock_client_parses_every_event, watch  # noqa: F401
 
 WEATHER = {
     "type": "function",
@@ -42,8 +43,11 @@ async def local(start_server: StartServer) -> Server:
     return await start_server(model="local")
 
 
+pytestmark = pytest.mark.usefixtures("stock_client_parses_every_event")
+
+
 async def call(server: Server, **session: Any) -> Peer:
-    peer = Peer(server.url, MicTrack(), session={"type": "realtime", **session})
+    peer = watch(Peer(server.url, MicTrack(), session={"type": "realtime", **session}))
     await peer.connect()
     await peer.next_event("session.created")
     return peer
