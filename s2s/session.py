@@ -56,6 +56,10 @@ log = logging.getLogger(__name__)
 _MODEL_BACKLOG = 50
 # Caller audio waiting for the VAD thread; past this the oldest is dropped.
 _VAD_BACKLOG = 50
+# An offer's media sections (audio, camera, data channel: 3 are used) and ICE candidates (a
+# browser offers a handful per network interface) past which it is refused.
+_MAX_SECTIONS = 8
+_MAX_CANDIDATES = 40
 
 
 class OfferError(ValueError):
@@ -134,6 +138,16 @@ class Session:
 
     async def accept(self, offer_sdp: str) -> str:
         """Apply the caller's offer and return the SDP answer, or raise ``OfferError``."""
+        lines = offer_sdp.splitlines()
+        sections = sum(line.startswith("m=") for line in lines)
+        candidates = sum(line.startswith("a=candidate:") for line in lines)
+        if sections > _MAX_SECTIONS or candidates > _MAX_CANDIDATES:
+            # Each section gets a receiver (with a decoder thread) and each candidate
+            # connectivity checks sent to the address it names, whatever that is.
+            raise OfferError(
+                f"the offer has {sections} media sections and {candidates} candidates: at most "
+                f"{_MAX_SECTIONS} and {_MAX_CANDIDATES}"
+            )
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
         except Exception as exc:  # aiortc raises ValueError, KeyError, IndexError... on bad SDP
@@ -141,6 +155,10 @@ class Session:
         audio = [t for t in self.pc.getTransceivers() if t.kind == "audio"]
         if not audio:
             raise OfferError("the offer has no audio section")
+        for transceiver in audio[1:]:
+            # One microphone: a second one's track would be decoded (a thread of its own) into
+            # a queue nothing reads, for as long as the call lasts.
+            transceiver.direction = "inactive"
         video = [t for t in self.pc.getTransceivers() if t.kind == "video"]
         for i, transceiver in enumerate(video):
             # One camera, received only; with sampling off, none: an unread remote track would

@@ -68,6 +68,41 @@ async def test_offer_without_audio_is_400(server: Server) -> None:
     assert len(server.registry) == 0
 
 
+async def test_an_offer_of_many_sections_or_candidates_is_refused_and_extra_mics_unused(
+    server: Server,
+) -> None:
+    """One microphone is heard: a second and third audio section are answered inactive (each
+    would decode into a queue nothing reads, on a thread of its own, all call long); past 8
+    sections or 40 candidates an offer is refused before it is parsed."""
+    from s2s.rtc import new_peer_connection
+
+    pc = new_peer_connection()
+    for _ in range(3):
+        pc.addTransceiver("audio", direction="sendrecv")
+    pc.createDataChannel("oai-events")
+    await pc.setLocalDescription(await pc.createOffer())
+    await pc.close()
+    sdp = str(pc.localDescription.sdp)
+    status, answered, text = await post(
+        server.url + CALLS, sdp, **{"Content-Type": "application/sdp"}
+    )
+    assert status == 201, text
+    audio = [section for section in text.split("m=")[1:] if section.startswith("audio")]
+    assert len(audio) == 3 and "a=sendrecv" in audio[0]
+    assert all("a=inactive" in section for section in audio[1:])
+    hung, _, _ = await post(server.url + answered["Location"] + "/hangup", b"")
+    assert hung == 200
+    sections = sdp + "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\n" * 6
+    candidates = sdp + "a=candidate:1 1 udp 1 10.0.0.1 9 typ host\r\n" * 41
+    for body in (sections, candidates):
+        status, _, text = await post(
+            server.url + CALLS, body, **{"Content-Type": "application/sdp"}
+        )
+        error = (await _json(text))["error"]
+        assert status == 400 and error["code"] == "invalid_offer" and "at most" in error["message"]
+    assert len(server.registry) == 0
+
+
 @pytest.mark.parametrize("direction", ["sendonly", "inactive"])
 async def test_offer_whose_audio_cannot_come_back_is_400(server: Server, direction: str) -> None:
     """The model's audio goes back on the offer's audio (and paces every response's end), so an
