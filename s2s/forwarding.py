@@ -44,7 +44,13 @@ class HandshakeRefused(Exception):
 
 def is_relayed(request: web.Request) -> bool:
     """Whether another worker relayed ``request`` (trusted only on the private unix socket)."""
-    if FORWARDED_HEADER not in request.headers or request.transport is None:
+    return FORWARDED_HEADER in request.headers and on_private_socket(request)
+
+
+def on_private_socket(request: web.Request) -> bool:
+    """Whether ``request`` came over a worker's unix socket (in the run directory, which only
+    the server's own user can open), not over the network."""
+    if request.transport is None:
         return False
     sock = request.transport.get_extra_info("socket")
     return sock is not None and sock.family == socket.AF_UNIX
@@ -54,7 +60,9 @@ def _headers(request: web.Request, pool: Pool) -> CIMultiDict[str]:
     headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _DROP)
     headers[FORWARDED_HEADER] = str(pool.index)
     if request.remote:
-        headers.setdefault("X-Forwarded-For", request.remote)
+        # The caller's address as this worker saw it; one the client wrote itself would end up
+        # in the owner's log as the caller's (it is not trusted on a direct request either).
+        headers["X-Forwarded-For"] = request.remote
     return headers
 
 

@@ -197,7 +197,7 @@ async def test_calls_past_the_limit_get_503_with_retry_after(start_server: Start
 
 
 async def test_cors_preflight_and_exposed_location(server: Server) -> None:
-    origin = "https://app.example"
+    origin = "http://localhost:5173"  # a local dev server's page (a keyless s2s takes no other)
     async with aiohttp.ClientSession() as http:
         async with http.options(
             server.url + CALLS,
@@ -220,6 +220,35 @@ async def test_cors_preflight_and_exposed_location(server: Server) -> None:
         async with http.post(server.url + CALLS + "/rtc_x/hangup", headers={"Origin": origin}) as r:
             assert r.headers["Access-Control-Allow-Origin"] == origin
             assert "Location" in r.headers["Access-Control-Expose-Headers"]
+
+
+async def test_without_keys_pages_of_other_sites_and_rebound_names_are_refused(
+    server: Server,
+) -> None:
+    """A keyless server is its machine's: a page of another site (which any page its user
+    opens could be) may not make calls, watch one over the sideband or hang one up, and a Host
+    that is not loopback (DNS rebinding) is refused; programs (no Origin), the server's own
+    page and local dev servers go on, and /metrics answers no other origin's page."""
+    evil = {"Origin": "https://evil.example"}
+    sdp = {"Content-Type": "application/sdp"}
+    async with aiohttp.ClientSession() as http:
+        for headers, code in (
+            (evil, "origin_not_allowed"),
+            ({"Origin": "null"}, "origin_not_allowed"),
+            ({"Host": "evil.example:80", "Origin": "http://evil.example:80"}, "host_not_allowed"),
+        ):
+            status, _, text = await post(server.url + CALLS, "v=0", **headers, **sdp)
+            assert status == 403 and (await _json(text))["error"]["code"] == code, headers
+        status, _, _ = await post(server.url + CALLS + "/rtc_x/hangup", b"", **evil)
+        assert status == 403
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(server.url + "/v1/realtime?call_id=rtc_x", headers=evil)
+        assert refused.value.status == 403
+        for headers in ({}, {"Origin": server.url}, {"Origin": "http://127.0.0.1:3000"}):
+            status, _, text = await post(server.url + CALLS, "v=0", **headers, **sdp)
+            assert status == 400 and (await _json(text))["error"]["code"] == "invalid_offer"
+        async with http.get(server.url + "/metrics", headers=evil) as r:
+            assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
 
 
 async def test_answer_is_201_with_location_and_sdp(server: Server) -> None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from yarl import URL
 
-from s2s.forwarding import HandshakeRefused, OwnerUnreachable, is_relayed
+from s2s.forwarding import HandshakeRefused, OwnerUnreachable, is_relayed, on_private_socket
 from s2s.signaling.errors import error_response, server_key
 from s2s.signaling.state import POOL, RELAY, SETTINGS
 
 _ALLOW_HEADERS = "Authorization, Content-Type, X-OpenAI-Agents-SDK, OpenAI-Beta"
 _ALLOW_METHODS = "GET, POST, OPTIONS"
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -57,9 +59,15 @@ async def route_to_owner(request: web.Request, handler: Handler) -> web.StreamRe
 async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Let a page on another origin create and hang up calls, as OpenAI's clients do."""
     origin = request.headers.get("Origin")
-    allowed = request.app[SETTINGS].allowed_origins
-    if origin and allowed and origin not in allowed and request.path.startswith("/v1/"):
+    settings = request.app[SETTINGS]
+    allowed = settings.allowed_origins
+    api = request.path.startswith("/v1/")
+    if origin and allowed and origin not in allowed and api:
         return error_response(403, "origin_not_allowed", f"origin {origin!r} is not allowed")
+    if api and not settings.api_keys and not allowed and not on_private_socket(request):
+        refused = _keyless_refusal(request, origin, settings.host)
+        if refused is not None:
+            return refused
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         response: web.StreamResponse = web.Response(status=204)
         response.headers["Access-Control-Allow-Methods"] = _ALLOW_METHODS
@@ -70,10 +78,32 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
             response = await handler(request)
         except web.HTTPException as exc:
             response = exc
-    if origin:
+    if origin and api:
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Expose-Headers"] = "Location"
         response.headers["Vary"] = "Origin"
     if isinstance(response, web.HTTPException):
         raise response
     return response
+
+
+def _keyless_refusal(request: web.Request, origin: str | None, bound: str) -> web.Response | None:
+    """Without keys the API is this machine's: any web page its user opens could otherwise
+    make calls, or watch, steer and hang up theirs (the sideband is a WebSocket, which no
+    browser keeps to its own origin). So a cross-site page is refused unless it is a local one
+    (another dev server) or ``--allow-origin`` names it, and on loopback a Host that is not a
+    loopback name is refused too (DNS rebinding: a page whose own name now points here)."""
+    host = request.url.host or ""
+    if bound in _LOOPBACK and host not in _LOOPBACK:
+        message = f"host {host!r} is not this machine's: without --api-key only loopback serves"
+        return error_response(403, "host_not_allowed", message)
+    if origin is None:
+        return None  # not a browser page: a program of this machine's user, or a sideband
+    named = URL(origin).host if origin != "null" else None
+    if named in _LOOPBACK or named == host:
+        return None
+    message = (
+        f"origin {origin!r} may not use a server without --api-key (a page of another site); "
+        "give --allow-origin or --api-key"
+    )
+    return error_response(403, "origin_not_allowed", message)
