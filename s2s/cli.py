@@ -273,6 +273,9 @@ def parse_settings(
             parser.error(f"--webhook-secret-file: {args.webhook_secret_file} is empty")
     elif not args.webhook_secret:
         fields["webhook_secret"] = environ.get("S2S_WEBHOOK_SECRET", "").strip()
+    if fields["webhook_url"] and not fields["webhook_secret"]:
+        # Signed with an empty key, anyone could forge them.
+        parser.error("--webhook needs a secret: --webhook-secret-file or S2S_WEBHOOK_SECRET")
     host = fields["host"]
     warning = None
     if not keys and host not in ("127.0.0.1", "::1", "localhost") and not args.insecure_public:

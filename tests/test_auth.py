@@ -94,6 +94,9 @@ async def test_client_secret_works_once_and_carries_its_session(locked: Server) 
     assert session["audio"]["output"]["voice"] and session["output_modalities"] == ["audio"]
     status, refused = await mint(locked, KEY, {"session": {"type": "transcription"}})
     assert status == 400 and "type" in refused["error"]["message"]
+    huge = {"session": {"instructions": "x" * 300_000}}
+    status, refused = await mint(locked, KEY, huge)
+    assert status == 413 and refused["error"]["code"] == "request_too_large"
     # An offer that makes no call (here not SDP; a full server alike) leaves it usable.
     status, body, _ = await KeyedPeer(locked.url, secret["value"])._post_offer("not an offer")
     assert status == 400 and "invalid_offer" in body
@@ -175,6 +178,13 @@ async def test_the_app_backend_watches_and_steers_its_call_over_the_sideband(
                 await http.ws_connect(server.url + "/v1/realtime?call_id=rtc_none",
                                       headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
             assert missing.value.status == 404
+            # At most 4 at once (each may hold 256 MiB of events a backend does not read).
+            auth = {"Authorization": f"Bearer {KEY}"}
+            extra = [await http.ws_connect(url, headers=auth) for _ in range(4)]
+            with pytest.raises(aiohttp.WSServerHandshakeError) as crowded:
+                await http.ws_connect(url, headers=auth)
+            assert crowded.value.status == 429
+            await extra.pop().close()  # one goes: there is room again
             async with http.ws_connect(url, headers={"Authorization": f"Bearer {KEY}"}) as ws:
                 # Steering from the backend: the caller hears the reply it asked for.
                 await ws.send_json(

@@ -184,6 +184,10 @@ def test_the_webhook_secret_can_stay_out_of_argv(tmp_path: Path) -> None:
     assert parse_settings(["serve"], env)[0].webhook_secret == "from-env"
     assert parse_settings(["serve", "--webhook-secret", "s"], env)[0].webhook_secret == "s"
     assert parse_settings(["serve"], {})[0].webhook_secret == ""
+    hooked = ["serve", "--webhook", "http://x/hook"]
+    assert parse_settings(hooked, env)[0].webhook_secret == "from-env"
+    with pytest.raises(SystemExit):  # signed with an empty key, anyone could forge them
+        parse_settings(hooked, {})
     empty = tmp_path / "empty"
     empty.write_text("\n")
     for argv in (
@@ -228,7 +232,8 @@ async def test_a_call_that_outlives_the_grace_ends_with_its_sideband_and_webhook
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     hook_url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
-    options = ("--model", "echo", "--shutdown-grace", "1", "--webhook", hook_url)
+    options = ("--model", "echo", "--shutdown-grace", "1", "--webhook", hook_url,
+               "--webhook-secret", "whsec_dGVzdA==")  # fmt: skip
     try:
         async with serving(*options) as served:
             peer = Peer(served.url)

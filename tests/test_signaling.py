@@ -147,9 +147,20 @@ async def test_the_offer_as_each_openai_sdk_posts_it_is_answered(server: Server)
 
 async def test_oversized_offer_is_413(start_server: StartServer) -> None:
     server = await start_server(max_sdp_bytes=1000)
-    status, _, _ = await post(
-        server.url + CALLS, "v=0\r\n" + "a=x\r\n" * 400, **{"Content-Type": "application/sdp"}
-    )
+    big = "v=0\r\n" + "a=x\r\n" * 400
+    status, _, _ = await post(server.url + CALLS, big, **{"Content-Type": "application/sdp"})
+    assert status == 413
+
+    # In a form sent chunked (no Content-Length to refuse it by), and as JSON.
+    async def chunks() -> AsyncIterator[bytes]:
+        yield big.encode()
+
+    form = aiohttp.FormData(default_to_multipart=True)
+    form.add_field("sdp", chunks(), content_type="application/sdp")
+    status, _, text = await post(server.url + CALLS, form)
+    assert status == 413, text
+    as_json = json.dumps({"sdp": big})
+    status, _, _ = await post(server.url + CALLS, as_json, **{"Content-Type": "application/json"})
     assert status == 413
 
 

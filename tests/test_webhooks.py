@@ -99,6 +99,9 @@ def test_forged_or_stale_webhooks_are_refused() -> None:
         verify_webhook(SECRET, stale, body)
     with pytest.raises(WebhookError):
         verify_webhook(SECRET, {}, body)
+    unkeyed = {**good, "webhook-signature": sign("", "wh_1", now, body)}
+    with pytest.raises(WebhookError):  # anyone can sign with an empty key
+        verify_webhook("", unkeyed, body)
 
 
 def test_a_whsec_secret_signs_as_standard_webhooks_libraries_check() -> None:

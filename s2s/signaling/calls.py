@@ -144,7 +144,7 @@ async def _read_offer(request: web.Request, max_bytes: int) -> tuple[str, Sessio
     if ctype == "application/sdp":
         return _check_sdp(await _read_limited(request, max_bytes)), None
     if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        return await _read_form(request)
+        return await _read_form(request, max_bytes)
     if ctype == "application/json":
         return _read_json(await _read_limited(request, max_bytes))
     raise BadRequest(
@@ -155,7 +155,7 @@ async def _read_offer(request: web.Request, max_bytes: int) -> tuple[str, Sessio
     )
 
 
-async def _read_form(request: web.Request) -> tuple[str, SessionPatch | None]:
+async def _read_form(request: web.Request, max_bytes: int) -> tuple[str, SessionPatch | None]:
     """OpenAI's unified interface: an ``sdp`` field and an optional ``session`` JSON field."""
     try:
         form = await request.post()
@@ -164,6 +164,8 @@ async def _read_form(request: web.Request) -> tuple[str, SessionPatch | None]:
     sdp, session = _part(form.get("sdp")), _part(form.get("session"))
     if sdp is None:
         raise BadRequest(400, "missing_sdp", "the form has no 'sdp' field", "sdp")
+    if len(sdp) > max_bytes:  # a chunked form has no Content-Length to refuse it by
+        raise BadRequest(413, "offer_too_large", f"the offer exceeds {max_bytes} bytes")
     patch = None
     if session is not None:
         try:

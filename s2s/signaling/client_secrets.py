@@ -18,8 +18,14 @@ async def create_client_secret(request: web.Request) -> web.Response:
     owner = server_key(request)
     if isinstance(owner, web.Response):
         return owner
+    raw = b""
+    while chunk := await request.content.readany():
+        raw += chunk
+        if len(raw) > _MAX_BODY_BYTES:  # its session is kept (of 10,000 secrets) till it expires
+            message = f"the body exceeds {_MAX_BODY_BYTES} bytes"
+            return error_response(413, "request_too_large", message)
     try:
-        body = msgspec.json.decode(await request.read() or b"{}", type=_SecretRequest)
+        body = msgspec.json.decode(raw or b"{}", type=_SecretRequest)
     except msgspec.DecodeError as exc:
         return error_response(400, "invalid_request", f"invalid body: {exc}")
     refused = tools_refused(body.session, request.app[BACKEND])
@@ -37,6 +43,9 @@ async def create_client_secret(request: web.Request) -> web.Response:
     return web.json_response(
         {"value": secret.value, "expires_at": secret.expires_at, "session": session}
     )
+
+
+_MAX_BODY_BYTES = 256 * 1024
 
 
 class _ExpiresAfter(msgspec.Struct):

@@ -11,6 +11,8 @@ from s2s.signaling.errors import error_response, server_key
 from s2s.signaling.state import KEYS, REGISTRY, SETTINGS
 
 _SIDEBAND_BACKLOG = 1024  # server events queued for a slow app backend before it is cut off
+#: Sidebands one call may have at once: each holds a backlog of up to 256 MiB of events.
+MAX_SIDEBANDS = 4
 
 
 async def sideband(request: web.Request) -> web.StreamResponse:
@@ -28,8 +30,11 @@ async def sideband(request: web.Request) -> web.StreamResponse:
         return error_response(404, "call_not_found", f"no call {call_id!r}", param="call_id")
     if request.app[KEYS].required and session.owner != key:
         return error_response(403, "not_call_owner", "this key did not create that call")
+    if len(session.listeners) >= MAX_SIDEBANDS:
+        return error_response(
+            429, "too_many_sidebands", f"the call has {MAX_SIDEBANDS} sidebands already"
+        )
     ws = web.WebSocketResponse(heartbeat=20, max_msg_size=request.app[SETTINGS].max_event_bytes)
-    await ws.prepare(request)
     outbox: asyncio.Queue[str | None] = asyncio.Queue(_SIDEBAND_BACKLOG)
 
     closing = {"code": 1000, "why": b"call ended"}
@@ -55,7 +60,14 @@ async def sideband(request: web.Request) -> web.StreamResponse:
         await session.wait_ended()
         await outbox.put(None)
 
+    # Counted before the handshake completes, so sidebands opened at once cannot all pass the
+    # limit above; what the call sends meanwhile waits in the outbox.
     session.listeners.add(forward)
+    try:
+        await ws.prepare(request)
+    except BaseException:
+        session.listeners.discard(forward)
+        raise
     session.log.info("sideband attached")
     sender = asyncio.create_task(pump(), name=f"{call_id}/sideband")
     watcher = asyncio.create_task(until_ended(), name=f"{call_id}/sideband-end")
