@@ -40,10 +40,14 @@ async def test_spoken_turns_get_spoken_replies_that_transcribe_back(local: Serve
         await peer.next_event("session.created")
         for sentence in SENTENCES:
             mark = len(peer.events)
-            peer.mic.play(speak(sentence, voice=VOICE))
+            spoken = speak(sentence, voice=VOICE)
+            peer.mic.play(spoken)
             heard = await peer.next_event(
                 "conversation.item.input_audio_transcription.completed", after=mark, timeout=30
             )
+            # The turn's own length: not the reply and the quiet since the last turn.
+            said = spoken.size / 48_000
+            assert said - 0.5 < heard["usage"]["seconds"] < said + 1.5, heard["usage"]
             await peer.next_event("output_audio_buffer.started", after=mark, timeout=30)
             began = loop.time() - 0.2
             done = await peer.next_event("response.done", after=mark, timeout=30)
