@@ -56,10 +56,11 @@ log = logging.getLogger(__name__)
 _MODEL_BACKLOG = 50
 # Caller audio waiting for the VAD thread; past this the oldest is dropped.
 _VAD_BACKLOG = 50
-# An offer's media sections (audio, camera, data channel: 3 are used) and ICE candidates (a
-# browser offers a handful per network interface) past which it is refused.
+# An offer's media sections (audio, camera, data channel: 3 are used) and distinct ICE
+# candidates (a few per network interface; a container host may have a dozen) past which it is
+# refused.
 _MAX_SECTIONS = 8
-_MAX_CANDIDATES = 40
+_MAX_CANDIDATES = 64
 
 
 class OfferError(ValueError):
@@ -140,7 +141,8 @@ class Session:
         """Apply the caller's offer and return the SDP answer, or raise ``OfferError``."""
         lines = offer_sdp.splitlines()
         sections = sum(line.startswith("m=") for line in lines)
-        candidates = sum(line.startswith("a=candidate:") for line in lines)
+        # Distinct ones: a client that does not trickle repeats its candidates in every section.
+        candidates = len({line for line in lines if line.startswith("a=candidate:")})
         if sections > _MAX_SECTIONS or candidates > _MAX_CANDIDATES:
             # Each section gets a receiver (with a decoder thread) and each candidate
             # connectivity checks sent to the address it names, whatever that is.

@@ -73,7 +73,7 @@ async def test_an_offer_of_many_sections_or_candidates_is_refused_and_extra_mics
 ) -> None:
     """One microphone is heard: a second and third audio section are answered inactive (each
     would decode into a queue nothing reads, on a thread of its own, all call long); past 8
-    sections or 40 candidates an offer is refused before it is parsed."""
+    sections or 64 distinct candidates an offer is refused before it is parsed."""
     from s2s.rtc import new_peer_connection
 
     pc = new_peer_connection()
@@ -93,7 +93,9 @@ async def test_an_offer_of_many_sections_or_candidates_is_refused_and_extra_mics
     hung, _, _ = await post(server.url + answered["Location"] + "/hangup", b"")
     assert hung == 200
     sections = sdp + "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\n" * 6
-    candidates = sdp + "a=candidate:1 1 udp 1 10.0.0.1 9 typ host\r\n" * 41
+    candidates = sdp + "".join(
+        f"a=candidate:{i} 1 udp 1 10.0.{i}.1 9 typ host\r\n" for i in range(65)
+    )
     for body in (sections, candidates):
         status, _, text = await post(
             server.url + CALLS, body, **{"Content-Type": "application/sdp"}
@@ -247,6 +249,8 @@ async def test_without_keys_pages_of_other_sites_and_rebound_names_are_refused(
             (evil, "origin_not_allowed"),
             ({"Origin": "null"}, "origin_not_allowed"),
             ({"Host": "evil.example:80", "Origin": "http://evil.example:80"}, "host_not_allowed"),
+            ({"Host": "localhost:99999"}, "host_not_allowed"),  # malformed: refused, not a 500
+            ({"Origin": "http://[::1"}, "origin_not_allowed"),
         ):
             status, _, text = await post(server.url + CALLS, "v=0", **headers, **sdp)
             assert status == 403 and (await _json(text))["error"]["code"] == code, headers
@@ -255,7 +259,12 @@ async def test_without_keys_pages_of_other_sites_and_rebound_names_are_refused(
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await http.ws_connect(server.url + "/v1/realtime?call_id=rtc_x", headers=evil)
         assert refused.value.status == 403
-        for headers in ({}, {"Origin": server.url}, {"Origin": "http://127.0.0.1:3000"}):
+        for headers in (
+            {},
+            {"Origin": server.url},
+            {"Origin": "http://127.0.0.1:3000"},
+            {"Host": "[::1]:8080", "Origin": "http://[::1]:8080"},
+        ):
             status, _, text = await post(server.url + CALLS, "v=0", **headers, **sdp)
             assert status == 400 and (await _json(text))["error"]["code"] == "invalid_offer"
         async with http.get(server.url + "/metrics", headers=evil) as r:

@@ -137,16 +137,21 @@ async def _to_least_loaded(request: web.Request, pool: Pool) -> web.Response | N
 
 async def _read_offer(request: web.Request, max_bytes: int) -> tuple[str, SessionPatch | None]:
     """The offer SDP and optional session config, from an SDP, a form or a JSON body (OpenAI's
-    SDKs send each: the raw offer, multipart ``sdp`` and ``session`` parts, and JSON)."""
-    if request.content_length is not None and request.content_length > max_bytes:
-        raise BadRequest(413, "offer_too_large", f"the offer exceeds {max_bytes} bytes")
+    SDKs send each: the raw offer, multipart ``sdp`` and ``session`` parts, and JSON). The SDP
+    is held to ``max_bytes``; a body that also holds a session, to that and ``_SESSION_BYTES``."""
     ctype = request.content_type
+    body_limit = max_bytes if ctype == "application/sdp" else max_bytes + _SESSION_BYTES
+    if request.content_length is not None and request.content_length > body_limit:
+        raise BadRequest(413, "offer_too_large", f"the offer exceeds {body_limit} bytes")
     if ctype == "application/sdp":
         return _check_sdp(await _read_limited(request, max_bytes)), None
     if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         return await _read_form(request, max_bytes)
     if ctype == "application/json":
-        return _read_json(await _read_limited(request, max_bytes))
+        sdp, patch = _read_json(await _read_limited(request, body_limit))
+        if len(sdp.encode()) > max_bytes:
+            raise BadRequest(413, "offer_too_large", f"the offer exceeds {max_bytes} bytes")
+        return sdp, patch
     raise BadRequest(
         415,
         "unsupported_media_type",
@@ -186,6 +191,10 @@ def _part(value: object) -> bytes | None:
     if isinstance(value, web.FileField):
         return value.file.read()
     return None
+
+
+#: What a form or JSON offer may hold beside its SDP: the session (as session.update's cap).
+_SESSION_BYTES = 256 * 1024
 
 
 class _JsonOffer(msgspec.Struct):

@@ -22,6 +22,7 @@ _REFUSALS = {
     401: ("invalid_api_key", "this endpoint needs a server API key"),
     403: ("not_call_owner", "this key did not create that call"),
     404: ("call_not_found", "no such call"),
+    429: ("too_many_sidebands", "the call has as many sidebands as it takes"),
 }
 
 
@@ -93,17 +94,28 @@ def _keyless_refusal(request: web.Request, origin: str | None, bound: str) -> we
     browser keeps to its own origin). So a cross-site page is refused unless it is a local one
     (another dev server) or ``--allow-origin`` names it, and on loopback a Host that is not a
     loopback name is refused too (DNS rebinding: a page whose own name now points here)."""
-    host = request.url.host or ""
+    host = _hostname(f"http://{request.host}")
     if bound in _LOOPBACK and host not in _LOOPBACK:
-        message = f"host {host!r} is not this machine's: without --api-key only loopback serves"
+        message = (
+            f"host {request.host!r} is not this machine's: without --api-key or --allow-origin "
+            "only loopback names are served"
+        )
         return error_response(403, "host_not_allowed", message)
     if origin is None:
         return None  # not a browser page: a program of this machine's user, or a sideband
-    named = URL(origin).host if origin != "null" else None
-    if named in _LOOPBACK or named == host:
+    named = _hostname(origin) if origin != "null" else None
+    if named is not None and (named in _LOOPBACK or named == host):
         return None
     message = (
         f"origin {origin!r} may not use a server without --api-key (a page of another site); "
         "give --allow-origin or --api-key"
     )
     return error_response(403, "origin_not_allowed", message)
+
+
+def _hostname(url: str) -> str | None:
+    """The host ``url`` names, or None for one that does not parse (a port out of range...)."""
+    try:
+        return URL(url).host
+    except ValueError:
+        return None
