@@ -273,18 +273,22 @@ def main() -> None:
           + "".join(f" {name:>7}" for name in counts))  # fmt: skip
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.graphs]
     sizes = [int(n) for n in args.calls.split(",")]
+    fits = True
     for calls in sizes:
         for graphs in modes:
             try:
                 _row(model, request, calls, graphs, calls == max(sizes), positions, args)
             except torch.OutOfMemoryError:
                 print(f"{calls:>5} does not fit in memory", flush=True)
+                fits = False  # nor will more calls: their time goes to what comes after
                 break
             except Exception:  # one size failing (a capture, say) must not cost the others
                 print(f"{calls:>5} {'yes' if graphs else 'no':>6} failed:", flush=True)
                 traceback.print_exc()
             if cuda:
                 torch.cuda.empty_cache()
+        if not fits:
+            break
     if args.check_graphs:
         _check_graphs(model, request)
     if args.beside_prompt:

@@ -15,10 +15,11 @@ const KEEP = 1000; // events kept in window.s2s.events / .sent (older ones are d
 
 // The call in progress, from Connect until it ends:
 // { pc, channel, mic, url, key, t0, abort, timer, open, contexts, previous, noTools,
-//   commitPending, answered, endHint }
+//   commitPending, answered, followUps, endHint }
 let call = null;
 const turns = new Map(); // item or response id -> transcript element (this call's)
 let turn = null; // timeline of the current turn: { t0, stoppedAt, responseId }
+let talking = false; // the hold-to-talk button is held (pointer or Space)
 
 // The built-in demo tool: the model may ask the browser for the time in its own time zone.
 // With the local model, type or say "current time" to have it called.
@@ -127,6 +128,8 @@ function setState(state) {
 // Hold-to-talk is for when the caller commits the turn: with server VAD on, the server does.
 function updateTalk() {
   $("talk").disabled = !isOpen() || $("vad").checked;
+  // A disabled button may never get the press's pointerup: the press is over, uncommitted.
+  if ($("talk").disabled) talking = false;
 }
 
 // -- connecting ---------------------------------------------------------------------------
@@ -138,6 +141,7 @@ async function connect() {
     pc: null, channel: null, mic: null, url: null, key: $("key").value.trim(),
     t0: performance.now(), abort: new AbortController(), timer: null, open: false,
     contexts: [], previous: null, noTools: false, commitPending: false, answered: new Set(),
+    followUps: new Set(), // responses that called the demo tool: answer when they are done
     endHint: null,
   };
   call = self;
@@ -322,7 +326,7 @@ function receive(event) {
       if (event.item.type === "function_call") {
         toolTurn(event.item.id, `${event.item.name}(${event.item.arguments})`);
         mark(`tool call: ${event.item.name}`);
-        runTool(event.item);
+        runTool(event.item, event.response_id);
       }
       break;
     case "response.created":
@@ -359,6 +363,9 @@ function receive(event) {
 }
 
 function responseDone(response) {
+  if (call.followUps.delete(response.id) && response.status === "completed") {
+    send({ type: "response.create" }); // the tool's output is in: the model answers with it
+  }
   if (response.status === "cancelled") afterReply(response.id, "cut", " (interrupted)");
   if (response.status === "failed") {
     const why = response.status_details?.error?.message ?? "the model failed";
@@ -434,11 +441,13 @@ function toolTurn(id, text) {
   turnElement(id, "tool").querySelector(".text").textContent = text;
 }
 
-function runTool(item) {
+function runTool(item, responseId) {
   if (item.name !== DEMO_TOOL.name || call.answered.has(item.call_id)) return;
   call.answered.add(item.call_id);
   const output = { type: "function_call_output", call_id: item.call_id, output: currentTime() };
-  if (send({ type: "conversation.item.create", item: output })) send({ type: "response.create" });
+  // The reply to the output is asked for once the response that called the tool is done (one
+  // that also speaks is still in progress now, and a second response would be refused).
+  if (send({ type: "conversation.item.create", item: output })) call.followUps.add(responseId);
 }
 
 function userTurn(id, text, partial) {
@@ -488,12 +497,13 @@ function interrupt() {
   send({ type: "output_audio_buffer.clear" });
 }
 
-let talking = false; // the hold-to-talk button is held (pointer or Space)
 
 function talkStart() {
   if (talking || $("talk").disabled) return;
   talking = true;
   call.commitPending = false; // a press before the last one's commit came back supersedes it
+  // Pressing to talk interrupts the model, as speaking does with server VAD.
+  if (!send({ type: "output_audio_buffer.clear" })) return;
   if (!send({ type: "input_audio_buffer.clear" })) return;
   startTurn();
   mark("you started talking");
@@ -586,7 +596,9 @@ async function sendPicture(blob) {
 
 // Resolves once the channel's send queue is down to its low-water mark (or the channel closed).
 function drained(channel) {
-  if (channel.bufferedAmount <= channel.bufferedAmountLowThreshold) return Promise.resolve();
+  // A closed channel keeps its last bufferedAmount and fires no more events: no waiting on it.
+  if (channel.readyState !== "open" ||
+      channel.bufferedAmount <= channel.bufferedAmountLowThreshold) return Promise.resolve();
   return new Promise((resolve) => {
     const done = () => {
       channel.removeEventListener("bufferedamountlow", done);
@@ -695,6 +707,7 @@ $("talk").onpointerdown = (e) => {
 };
 $("talk").onpointerup = talkEnd;
 $("talk").onpointercancel = talkEnd;
+$("talk").onlostpointercapture = talkEnd;
 $("talk").onkeydown = (e) => {
   if (e.key !== " ") return;
   e.preventDefault();
