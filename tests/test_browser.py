@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
@@ -231,13 +232,29 @@ async def test_our_page_hears_the_mic_replies_shows_stats_interrupts_and_sends_a
     await wait_for(page, "document.getElementById('error').textContent.length > 0", timeout=5)
     assert "audio" in await page.inner_text("#error")
 
+    # The demo tool: the model calls it, the page runs it and answers with its output, and
+    # asks for the reply once the response that called it is done.
+    await page.fill("#message", "current time")
+    await page.press("#message", "Enter")
+    await wait_for(page, "[...document.querySelectorAll('#transcript .turn.assistant .text')]"
+                   ".some(e => e.textContent.includes('It is'))", timeout=20)  # fmt: skip
+    assert "current_time(" in await page.inner_text("#transcript")
+    assert not await page.inner_text("#error")
+
     # On a phone-sized screen the panels stack and nothing overflows sideways.
     await page.set_viewport_size({"width": 390, "height": 844})
     assert await page.evaluate("document.documentElement.scrollWidth <= 390")
     await screenshot(page, "page-phone")
 
-    await page.click("#hangup")
-    await wait_for(page, "document.getElementById('status').textContent === 'idle'", timeout=5)
+    # The server ends the call (here: a hangup from elsewhere): the page says so and is idle.
+    (session,) = server.registry.sessions()
+    async with aiohttp.ClientSession() as http:
+        hangup = f"{server.url}/v1/realtime/calls/{session.call_id}/hangup"
+        async with http.post(hangup) as r:
+            assert r.status == 200
+    await wait_for(page, "document.getElementById('status').textContent === 'idle'", timeout=10)
+    assert "ended" in await page.inner_text("#error")
+    assert await page.is_enabled("#connect") and not await page.is_enabled("#message")
     async with asyncio.timeout(5):
         while len(server.registry):  # noqa: ASYNC110 - the registry has no event to await
             await asyncio.sleep(0.05)
