@@ -12,13 +12,23 @@ from s2s.auth import Keys
 from s2s.backends import Backend, load_backend
 from s2s.config import Settings
 from s2s.forwarding import Relay
-from s2s.metrics import ServerMetrics
+from s2s.metrics import MergedScrape, ServerMetrics
 from s2s.pool import Pool
 from s2s.protocol.server_events import ServerShutdown
 from s2s.registry import SessionRegistry
 from s2s.signaling.middleware import cors_middleware, route_to_owner
 from s2s.signaling.routes import add_routes
-from s2s.signaling.state import BACKEND, KEYS, METRICS, POOL, REGISTRY, RELAY, SETTINGS, VAD
+from s2s.signaling.state import (
+    BACKEND,
+    KEYS,
+    MERGED_SCRAPE,
+    METRICS,
+    POOL,
+    REGISTRY,
+    RELAY,
+    SETTINGS,
+    VAD,
+)
 from s2s.vad import VadService
 from s2s.webhooks import Webhooks
 
@@ -95,6 +105,7 @@ async def _model_and_calls(app: web.Application) -> AsyncIterator[None]:
 async def _relay(app: web.Application) -> AsyncIterator[None]:
     relay = Relay(app[POOL])
     app[RELAY] = relay
+    app[MERGED_SCRAPE] = MergedScrape()
     try:
         yield
     finally:

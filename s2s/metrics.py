@@ -12,6 +12,7 @@ expositions of several worker processes into one, each sample labelled with its 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
@@ -186,6 +187,14 @@ def _set(gauge: Gauge, value: float | None, *labels: str) -> None:
         gauge.remove(*labels)
     else:
         gauge.labels(*labels).set(value)
+
+
+@dataclass(slots=True)
+class MergedScrape:
+    """The last whole-server scrape of a worker of several, and when it was made (loop time)."""
+
+    at: float = float("-inf")
+    body: bytes = b""
 
 
 def merge_expositions(texts: Sequence[str], labels: Sequence[str]) -> bytes:

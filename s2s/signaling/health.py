@@ -11,7 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from s2s.forwarding import OwnerUnreachable, is_relayed
 from s2s.metrics import merge_expositions
-from s2s.signaling.state import BACKEND, METRICS, POOL, REGISTRY, RELAY
+from s2s.pool import Pool
+from s2s.signaling.state import BACKEND, MERGED_SCRAPE, METRICS, POOL, REGISTRY, RELAY
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +41,36 @@ async def metrics(request: web.Request) -> web.Response:
     body = request.app[METRICS].exposition()
     pool = request.app.get(POOL)
     if pool is not None and not is_relayed(request):
-        # Several workers: this one's figures and every other's, each labelled worker="i". A
-        # worker that does not answer (restarting) is left out of this scrape.
-        texts, labels = [body.decode()], [str(pool.index)]
-        for worker in range(pool.size):
-            if worker == pool.index:
-                continue
-            try:
-                texts.append(await request.app[RELAY].fetch(worker, "/metrics"))
-                labels.append(str(worker))
-            except OwnerUnreachable:
-                log.warning("worker %d did not answer for /metrics", worker)
-        body = merge_expositions(texts, labels)
+        body = await _whole_server(request, pool, body)
     # CONTENT_TYPE_LATEST carries a charset, which aiohttp wants apart from the content type.
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+#: How long a whole-server scrape is reused: each one asks every other worker, and /metrics is
+#: open, so a burst of requests would otherwise cost every worker a request each.
+_MERGED_FOR_S = 1.0
+
+
+async def _whole_server(request: web.Request, pool: Pool, body: bytes) -> bytes:
+    """This worker's figures and every other's, each labelled worker="i"; a worker that does not
+    answer (restarting) is left out of this scrape."""
+    now = asyncio.get_running_loop().time()
+    cached = request.app[MERGED_SCRAPE]
+    if now - cached.at < _MERGED_FOR_S:
+        return cached.body
+    others = [worker for worker in range(pool.size) if worker != pool.index]
+    relay = request.app[RELAY]
+    answers = await asyncio.gather(
+        *(relay.fetch(worker, "/metrics") for worker in others), return_exceptions=True
+    )
+    texts, labels = [body.decode()], [str(pool.index)]
+    for worker, answer in zip(others, answers, strict=True):
+        if isinstance(answer, OwnerUnreachable):
+            log.warning("worker %d did not answer for /metrics", worker)
+        elif isinstance(answer, BaseException):
+            raise answer
+        else:
+            texts.append(answer)
+            labels.append(str(worker))
+    cached.at, cached.body = now, merge_expositions(texts, labels)
+    return cached.body

@@ -8,7 +8,7 @@ from s2s.auth import Keys
 from s2s.backends import Backend
 from s2s.config import Settings
 from s2s.forwarding import Relay
-from s2s.metrics import ServerMetrics
+from s2s.metrics import MergedScrape, ServerMetrics
 from s2s.pool import Pool
 from s2s.registry import SessionRegistry
 from s2s.vad import VadService
@@ -22,3 +22,4 @@ METRICS = web.AppKey("metrics", ServerMetrics)
 #: Set only in a worker of ``s2s serve --workers N`` (N > 1).
 POOL = web.AppKey("pool", Pool)
 RELAY = web.AppKey("relay", Relay)
+MERGED_SCRAPE = web.AppKey("merged_scrape", MergedScrape)
