@@ -47,12 +47,16 @@ class Sideband:
 
 
 @asynccontextmanager
-async def attach(base_url: str, call_id: str, api_key: str | None) -> AsyncIterator[Sideband]:
-    """Watch and steer call ``call_id``; raises ``aiohttp.WSServerHandshakeError`` if refused."""
+async def attach(
+    base_url: str, call_id: str, api_key: str | None, *, s2s_events: bool = True
+) -> AsyncIterator[Sideband]:
+    """Watch and steer call ``call_id``; raises ``aiohttp.WSServerHandshakeError`` if refused.
+    With ``s2s_events``, s2s's own events (``s2s.session.stats``...) come too."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    params = {"call_id": call_id} | ({"s2s_events": "1"} if s2s_events else {})
     async with aiohttp.ClientSession() as http:
         url = f"{base_url.rstrip('/')}/v1/realtime"
-        async with http.ws_connect(url, params={"call_id": call_id}, headers=headers) as ws:
+        async with http.ws_connect(url, params=params, headers=headers) as ws:
             yield Sideband(ws)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -118,3 +119,35 @@ def test_a_whsec_secret_signs_as_standard_webhooks_libraries_check() -> None:
     body = b'{"type": "realtime.call.ended"}'
     expected = hmac.new(key, b"wh_1.1700000000." + body, hashlib.sha256).digest()
     assert sign(secret, "wh_1", 1_700_000_000, body) == "v1," + base64.b64encode(expected).decode()
+
+
+async def test_a_sideband_gets_s2s_events_only_when_it_asks(start_server: StartServer) -> None:
+    """OpenAI's Python agents check every event against OpenAI's own and report each unknown
+    one as an error (every 5 s for s2s.session.stats): a sideband gets s2s's events only with
+    ``s2s_events=1``, which ``attach`` asks for; the OpenAI events come to both."""
+    server = await start_server(stats_interval_s=0.3)
+    peer = Peer(server.url)
+    try:
+        await peer.connect()
+        await peer.next_event("session.created")
+        plain = attach(server.url, peer.call_id, None, s2s_events=False)
+        extended = attach(server.url, peer.call_id, None)
+        async with plain as openai_only, extended as everything:
+            peer.send({"type": "session.update", "session": {"instructions": "Hi."}})
+            seen: dict[str, list[str]] = {"plain": [], "extended": []}
+
+            async def read(name: str, sideband: Any) -> None:
+                async for event in sideband:
+                    seen[name].append(event["type"])
+                    if name == "extended" and seen[name].count("s2s.session.stats") >= 2:
+                        return
+
+            async with asyncio.timeout(10):
+                await read("extended", everything)
+            with pytest.raises(TimeoutError):  # what it was sent meanwhile, then nothing
+                async with asyncio.timeout(0.5):
+                    await read("plain", openai_only)
+        assert "session.updated" in seen["plain"] and "session.updated" in seen["extended"]
+        assert not [t for t in seen["plain"] if t.startswith("s2s.")], seen["plain"]
+    finally:
+        await peer.close()

@@ -13,13 +13,17 @@ from s2s.signaling.state import KEYS, REGISTRY, SETTINGS
 _SIDEBAND_BACKLOG = 1024  # server events queued for a slow app backend before it is cut off
 #: Sidebands one call may have at once: each holds a backlog of up to 256 MiB of events.
 MAX_SIDEBANDS = 4
+#: How an s2s extension event's text begins (msgspec writes a struct's tag first).
+_EXTENSION = '{"type":"s2s.'
 
 
 async def sideband(request: web.Request) -> web.StreamResponse:
     """``GET /v1/realtime?call_id=…`` (WebSocket): an app backend watches and steers a call.
 
     It receives every server event the call's data channel gets and may send client events into
-    the call. Only the key that created the call (or minted its client secret) may attach.
+    the call. Only the key that created the call (or minted its client secret) may attach. Our
+    ``s2s.*`` events come only with ``s2s_events=1``: OpenAI's Python agents validate every
+    event against OpenAI's own and report each one they do not know as an error.
     """
     key = server_key(request)
     if isinstance(key, web.Response):
@@ -42,7 +46,11 @@ async def sideband(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     rate = event_rate(settings)
 
+    extensions = request.query.get("s2s_events", "") in ("1", "true")
+
     def forward(text: str) -> None:
+        if not extensions and text.startswith(_EXTENSION):
+            return
         try:
             outbox.put_nowait(text)
         except asyncio.QueueFull:  # a backend that does not read: drop it, not the call
