@@ -39,6 +39,48 @@ log = logging.getLogger(__name__)
 _REMOTE_STREAMS = "_RTCRtpReceiver__remote_streams"
 
 
+#: An offer's media sections (audio, camera, data channel: 3 are used) and distinct ICE
+#: candidates (a few per network interface; a container host may have a dozen) past which it is
+#: refused.
+MAX_SECTIONS = 8
+MAX_CANDIDATES = 64
+
+
+class OfferError(ValueError):
+    """The SDP offer cannot be answered; the message says why."""
+
+
+def check_offer_size(offer_sdp: str) -> None:
+    """Refuse (``OfferError``) an offer of more sections or candidates than a call uses, before
+    aiortc parses it: each section gets a receiver (with a decoder thread), and each candidate
+    connectivity checks sent to whatever address it names."""
+    lines = offer_sdp.splitlines()
+    sections = sum(line.startswith("m=") for line in lines)
+    # Distinct ones: a client that does not trickle repeats its candidates in every section.
+    candidates = len({line for line in lines if line.startswith("a=candidate:")})
+    if sections > MAX_SECTIONS or candidates > MAX_CANDIDATES:
+        raise OfferError(
+            f"the offer has {sections} media sections and {candidates} candidates: at most "
+            f"{MAX_SECTIONS} and {MAX_CANDIDATES}"
+        )
+
+
+def receive_one_of_each(pc: RTCPeerConnection, *, camera: bool) -> list[RTCRtpTransceiver]:
+    """After the offer is applied: receive one microphone and (with ``camera``) one camera, and
+    nothing of any other section, whose tracks would be decoded (a thread each) into queues
+    nothing reads, for as long as the call lasts. Returns the audio transceivers, the one used
+    first; ``OfferError`` if there is none."""
+    audio = [t for t in pc.getTransceivers() if t.kind == "audio"]
+    if not audio:
+        raise OfferError("the offer has no audio section")
+    for transceiver in audio[1:]:
+        transceiver.direction = "inactive"
+    video = [t for t in pc.getTransceivers() if t.kind == "video"]
+    for i, transceiver in enumerate(video):
+        transceiver.direction = "recvonly" if camera and i == 0 else "inactive"
+    return audio
+
+
 def new_peer_connection(ice_servers: list[RTCIceServer] | None = None) -> RTCPeerConnection:
     """A peer connection that never reaches for a public STUN server unless told to.
 

@@ -46,7 +46,14 @@ from s2s.metrics import CallMetrics, ServerMetrics
 from s2s.protocol.server_events import Error, ErrorDetail, ServerEvent, SessionCreated
 from s2s.protocol.session_config import SessionConfig
 from s2s.realtime.call import Realtime
-from s2s.rtc import VoiceInput, prefer_red, tune_audio
+from s2s.rtc import (
+    OfferError,
+    VoiceInput,
+    check_offer_size,
+    prefer_red,
+    receive_one_of_each,
+    tune_audio,
+)
 from s2s.vad import VAD_RATE, SpeechDetector, VadService
 
 log = logging.getLogger(__name__)
@@ -56,15 +63,6 @@ log = logging.getLogger(__name__)
 _MODEL_BACKLOG = 50
 # Caller audio waiting for the VAD thread; past this the oldest is dropped.
 _VAD_BACKLOG = 50
-# An offer's media sections (audio, camera, data channel: 3 are used) and distinct ICE
-# candidates (a few per network interface; a container host may have a dozen) past which it is
-# refused.
-_MAX_SECTIONS = 8
-_MAX_CANDIDATES = 64
-
-
-class OfferError(ValueError):
-    """The SDP offer cannot be answered; the message says why."""
 
 
 class _Ended(Exception):
@@ -139,34 +137,12 @@ class Session:
 
     async def accept(self, offer_sdp: str) -> str:
         """Apply the caller's offer and return the SDP answer, or raise ``OfferError``."""
-        lines = offer_sdp.splitlines()
-        sections = sum(line.startswith("m=") for line in lines)
-        # Distinct ones: a client that does not trickle repeats its candidates in every section.
-        candidates = len({line for line in lines if line.startswith("a=candidate:")})
-        if sections > _MAX_SECTIONS or candidates > _MAX_CANDIDATES:
-            # Each section gets a receiver (with a decoder thread) and each candidate
-            # connectivity checks sent to the address it names, whatever that is.
-            raise OfferError(
-                f"the offer has {sections} media sections and {candidates} candidates: at most "
-                f"{_MAX_SECTIONS} and {_MAX_CANDIDATES}"
-            )
+        check_offer_size(offer_sdp)
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
         except Exception as exc:  # aiortc raises ValueError, KeyError, IndexError... on bad SDP
             raise OfferError(f"malformed SDP offer: {exc or type(exc).__name__}") from exc
-        audio = [t for t in self.pc.getTransceivers() if t.kind == "audio"]
-        if not audio:
-            raise OfferError("the offer has no audio section")
-        for transceiver in audio[1:]:
-            # One microphone: a second one's track would be decoded (a thread of its own) into
-            # a queue nothing reads, for as long as the call lasts.
-            transceiver.direction = "inactive"
-        video = [t for t in self.pc.getTransceivers() if t.kind == "video"]
-        for i, transceiver in enumerate(video):
-            # One camera, received only; with sampling off, none: an unread remote track would
-            # queue decoded frames forever.
-            wanted = i == 0 and self._settings.camera_fps > 0
-            transceiver.direction = "recvonly" if wanted else "inactive"
+        audio = receive_one_of_each(self.pc, camera=self._settings.camera_fps > 0)
         codecs = None
         if self._settings.transport == "tuned":
             codecs = tune_audio(audio[0], offer_sdp, self._settings.opus_bitrate)

@@ -15,8 +15,8 @@ from s2s.forwarding import OwnerUnreachable, is_relayed
 from s2s.pool import Pool, new_call_id
 from s2s.protocol.session_config import ServerVad, SessionConfig, SessionPatch
 from s2s.registry import KeyLimit, ServerFull
-from s2s.rtc import new_peer_connection
-from s2s.session import OfferError, Session
+from s2s.rtc import OfferError, new_peer_connection
+from s2s.session import Session
 from s2s.signaling.errors import BadRequest, error_response, server_key, unauthorized
 from s2s.signaling.state import BACKEND, KEYS, METRICS, POOL, REGISTRY, RELAY, SETTINGS, VAD
 from s2s.tools import ToolError, take_tools
