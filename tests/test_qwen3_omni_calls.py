@@ -312,7 +312,8 @@ async def test_turns_keep_their_pictures_and_their_audio_crosses_once() -> None:
             modalities=["audio"], conversation=list(items), pictures=pictures))  # fmt: skip
         items.append(MessageItem(role="assistant", content=[OutputAudio("ok")], id=f"a-{item}"))
         stream.receive(CallOutput(response_id=f"r-{item}", done=done))
-        return [t for t in changes[-1].respond.turns if t.role == "user"]
+        (*_, asked) = (c for c in changes if c.kind == "respond")  # a failure adds a reset
+        return [t for t in asked.respond.turns if t.role == "user"]
 
     (first,) = await turn("u1", 1, seen[:1])
     assert first.audio and not first.heard and (first.pictures, first.seen) == ([seen[0].jpeg], 0)
@@ -376,6 +377,51 @@ async def test_a_deleted_turn_and_its_picture_are_not_in_the_next_prompt() -> No
         response_id="r2", instructions="", voice="", speed=1.0, modalities=["audio"],
         conversation=conversation.items(), pictures=conversation.pictures()))  # fmt: skip
     assert recorder.changes[-1].respond.turns == []
+
+
+async def test_system_items_are_read_and_a_failed_reply_frees_its_worker_slot() -> None:
+    """A system message added mid-conversation is in the prompt, in its place (it was left
+    out); a response the stream gives up as failed is reset at the worker too (its row went on
+    generating there, holding the slot); a request that cannot be built leaves no response
+    for the scheduler to tick for."""
+    from s2s.backends import ResponseRequest
+    from s2s.backends.qwen3_omni import Qwen3OmniStream
+    from s2s.protocol.items import InputText, MessageItem
+    from s2s.worker.messages import CallOutput
+
+    recorder = _Recorder()
+    stream = Qwen3OmniStream(recorder, "call")  # type: ignore[arg-type]
+    conversation = [
+        MessageItem(role="user", content=[InputText("hello")], id="u1"),
+        MessageItem(role="system", content=[InputText("Answer in French.")], id="s1"),
+        MessageItem(role="user", content=[InputText("how are you")], id="u2"),
+    ]
+    await stream.respond(ResponseRequest(
+        response_id="r", instructions="Be brief.", voice="", speed=1.0, modalities=["audio"],
+        conversation=conversation))  # fmt: skip
+    turns = recorder.changes[-1].respond.turns
+    assert [(t.role, t.text) for t in turns] == [
+        ("system", "Be brief."),
+        ("user", "hello"),
+        ("system", "Answer in French."),
+        ("user", "how are you"),
+    ]
+    stream.receive(CallOutput(response_id="r", text="Bon", audio=b"\0\0" * 1920))
+    stream.receive(CallOutput(response_id="r", done="failed: its output could not be read"))
+    assert (recorder.changes[-1].kind, recorder.changes[-1].call) == ("reset", "call")
+    assert stream.answering is None
+    broken = ResponseRequest(
+        response_id="r2",
+        instructions="",
+        voice="",
+        speed=1.0,
+        modalities=["audio"],
+        conversation=[object()],
+        pictures=[object()],
+    )  # type: ignore[list-item]
+    with pytest.raises(AttributeError):
+        await stream.respond(broken)
+    assert stream.answering is None
 
 
 async def test_the_sessions_truncation_reaches_the_worker() -> None:

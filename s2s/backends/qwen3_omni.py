@@ -228,8 +228,6 @@ class Qwen3OmniStream:
         self._turn.clear()
 
     async def respond(self, request: ResponseRequest) -> None:
-        self.answering = request.response_id
-        self._tools, self._said, self._held = request.tools, "", []
         turns = [self._by_reference(turn) for turn in self.turns_for(request)]
         cut = request.truncation
         ratio = cut if isinstance(cut, RetentionRatio) else None
@@ -241,6 +239,10 @@ class Qwen3OmniStream:
             truncate=cut != "disabled", retain=ratio.retention_ratio if ratio else None,
             post_instructions=(limits.post_instructions or 0) if limits else 0,
         )  # fmt: skip
+        # Answering only once the request is built: one that failed to build (the caller
+        # hears it failed) would have kept the scheduler ticking for a response never sent.
+        self.answering = request.response_id
+        self._tools, self._said, self._held = request.tools, "", []
         self._b.change(Change("respond", self.call_id, respond=respond))
 
     def _by_reference(self, turn: Turn) -> Turn:
@@ -306,6 +308,10 @@ class Qwen3OmniStream:
                 shown = self._shown.get(item.id or "", [])
                 heard = b"" if audio is None else audio.tobytes()
                 turns.append(Turn("user", text, heard, list(shown), item=item.id or ""))
+            elif item.role == "system":  # instructions added mid-conversation, in their place
+                text = " ".join(p.text for p in item.content if isinstance(p, InputText))
+                if text.strip():
+                    turns.append(Turn("system", text.strip(), item=item.id or ""))
             elif item.role == "assistant":
                 # The response being made has its (empty, in progress) message here already.
                 said = " ".join(s for s in (_said(part) for part in item.content) if s)
@@ -350,6 +356,9 @@ class Qwen3OmniStream:
             self._log.warning("response %s %s", rid, how)
             self._held = []
             self.worker_lost()
+            # The worker may still be generating it (a step failed for the batch, or its output
+            # could not be read here): free its slot there now.
+            self._b.change(Change("reset", self.call_id))
             reason = how.removeprefix("failed: ")
             failed = ResponseFailed(rid, f"the model could not answer: {reason}")
             self._out.append(StepResult(response_id=rid, events=[failed]))
