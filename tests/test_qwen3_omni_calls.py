@@ -28,6 +28,7 @@ class _Recorder:
 
     def __init__(self, prompt_tokens: int = 8192) -> None:
         self.prompt_tokens, self.prefill_tokens, self.input_rate = prompt_tokens, 0, 16_000
+        self.output_rate = 24_000
         self.changes: list[Any] = []
 
     def change(self, change: Any) -> None:
@@ -278,7 +279,8 @@ async def test_a_streamed_tool_call_is_held_back_and_becomes_a_call(tiny_models:
     steps = await reply(broken)
     assert "".join(s.text for s in steps) == broken and sum(s.audio.size for s in steps) > 0
     plain = await reply("hello there")
-    assert plain[0].text and plain[0].audio.size  # not held: spoken as it comes
+    assert plain[0].audio.size  # not held: spoken as it comes (its text paced with it)
+    assert "".join(s.text for s in plain) == "hello there"
 
 
 async def test_turns_keep_their_pictures_and_their_audio_crosses_once() -> None:
@@ -422,6 +424,46 @@ async def test_system_items_are_read_and_a_failed_reply_frees_its_worker_slot() 
     with pytest.raises(AttributeError):
         await stream.respond(broken)
     assert stream.answering is None
+
+
+async def test_text_goes_with_the_speech_that_says_it_not_with_the_step_that_wrote_it() -> None:
+    """The thinker writes a token a step while a token takes about three frames to say: text
+    is handed over a token per three frames of speech (so a barge-in keeps about what was
+    heard), the rest when the reply ends; a text-only reply's text goes at once; a reset drops
+    what was not handed over."""
+    from s2s.backends import ResponseFinished, ResponseRequest
+    from s2s.backends.qwen3_omni import FRAMES_PER_TOKEN, Qwen3OmniStream
+    from s2s.worker.messages import CallOutput
+
+    assert FRAMES_PER_TOKEN == 3.0
+    stream = Qwen3OmniStream(_Recorder(), "call")  # type: ignore[arg-type]
+    frame = b"\1\0" * 1920  # 80 ms at 24 kHz
+    words = [f" w{i}" for i in range(6)]
+
+    async def reply(rid: str, modality: str, steps: int, done: str | None) -> list[Any]:
+        await stream.respond(ResponseRequest(
+            response_id=rid, instructions="", voice="", speed=1.0, modalities=[modality],
+            conversation=[]))  # fmt: skip
+        audio = frame if modality == "audio" else b""
+        for word in words[:steps]:
+            stream.receive(CallOutput(response_id=rid, text=word, audio=audio))
+        if done is not None:
+            stream.receive(CallOutput(response_id=rid, done=done))
+        out = list(stream._out)
+        stream._out.clear()
+        return out
+
+    spoken = await reply("r1", "audio", 6, "stop")
+    assert [r.text for r in spoken] == ["", "", " w0", "", "", " w1", " w2 w3 w4 w5", ""]
+    assert sum(r.audio.size for r in spoken) == 6 * 1920
+    assert spoken[-1].events == [ResponseFinished("r1")]
+    written = await reply("r2", "text", 3, "stop")
+    assert [r.text for r in written] == [" w0", " w1", " w2", ""]
+    cut = await reply("r3", "audio", 4, None)
+    assert "".join(r.text for r in cut) == " w0"
+    await stream.reset()
+    stream.receive(CallOutput(response_id="r3", done="stop"))  # late: dropped with the reply
+    assert not stream._out
 
 
 async def test_the_sessions_truncation_reaches_the_worker() -> None:

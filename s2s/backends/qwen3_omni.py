@@ -9,11 +9,15 @@ of after the whole reply.
 
 This side keeps each call's turns (its committed audio by item id) and sends a ``respond``
 change with the conversation; the scheduler ticks the worker back to back while any call is
-answering (each tick one step for all of them) and hands each call the frames of its response,
-text with the frame it was made with. A reset (barge-in, ``response.cancel``) cancels the call's
-response in the worker at its next tick; whatever of it is still on the way is dropped here by
-its response id. If the worker dies, another starts and every call rejoins it; a response in
-progress ends, and its call hears ``model_unavailable``.
+answering (each tick one step for all of them) and hands each call the frames of its response.
+The thinker writes ahead of the talker (one text token a step, while a token takes about
+``FRAMES_PER_TOKEN`` frames to say), so a token's text is handed over with the audio at that
+pace, the rest when the reply ends: transcript deltas then come about when their words are
+heard, and a barge-in keeps about what the caller heard, not the whole sentence already written.
+A reset (barge-in, ``response.cancel``) cancels the call's response in the worker at its next
+tick; whatever of it is still on the way is dropped here by its response id. If the worker dies,
+another starts and every call rejoins it; a response in progress ends, and its call hears
+``model_unavailable``.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from s2s.protocol.items import (
     OutputText,
 )
 from s2s.protocol.session_config import FunctionTool, RetentionRatio
-from s2s.tools import split_tool_calls, tools_prompt
+from s2s.tools import ToolCall, split_tool_calls, tools_prompt
 from s2s.worker.handle import RESTART_BACKOFF_S, WorkerHandle
 from s2s.worker.messages import CallOutput, Change, Respond, Tick, Turn
 from s2s.worker.process import WorkerError, WorkerOptions, WorkerProcess
@@ -62,6 +66,10 @@ _MAX_TURN_FRAMES = 1500  # 30 s of uncommitted audio, in 20 ms frames
 #: in a prompt anyway.
 _AUDIO_TOKENS_PER_S = 12
 _KEPT_PICTURES = 16  # pictures shown with earlier turns that stay there
+#: Codec frames (80 ms each) a text token takes to say, about: 12.5 frames a second over the
+#: 3-4 tokens a second of conversational English (a little fewer frames than that, so the text
+#: errs early, not late: a word heard is in the transcript).
+FRAMES_PER_TOKEN = 3.0
 KEEPALIVE_S = 1.0
 
 
@@ -194,6 +202,9 @@ class Qwen3OmniStream:
         self._tools: list[FunctionTool] = []
         self._said = ""
         self._held: list[StepResult] = []
+        self._unsaid: list[str] = []  # text written, not yet handed over with its audio
+        self._credit = 0.0  # tokens the audio handed over so far has room for
+        self._speaks = True
         #: Events from outside the model (its worker was replaced) for the next step.
         self.notices: list[ModelEvent] = []
 
@@ -243,6 +254,7 @@ class Qwen3OmniStream:
         # hears it failed) would have kept the scheduler ticking for a response never sent.
         self.answering = request.response_id
         self._tools, self._said, self._held = request.tools, "", []
+        self._unsaid, self._credit, self._speaks = [], 0.0, "audio" in request.modalities
         self._b.change(Change("respond", self.call_id, respond=respond))
 
     def _by_reference(self, turn: Turn) -> Turn:
@@ -274,6 +286,7 @@ class Qwen3OmniStream:
         return None
 
     async def reset(self) -> None:
+        self._unsaid = []
         if self.answering is not None:
             self.answering = None
             self._b.change(Change("reset", self.call_id))
@@ -336,9 +349,10 @@ class Qwen3OmniStream:
             return  # a response this call has since reset or replaced
         rid = output.response_id
         audio = np.frombuffer(output.audio, np.int16) if output.audio else EMPTY_PCM
-        if audio.size or output.text:
-            step = StepResult(audio=audio, text=output.text, response_id=rid)
-            self._said += output.text
+        self._said += output.text
+        text = self._paced(output.text, audio.size)
+        if audio.size or text:
+            step = StepResult(audio=audio, text=text, response_id=rid)
             if self._tools and _may_be_tool_call(self._said):
                 self._held.append(step)
             else:
@@ -347,9 +361,33 @@ class Qwen3OmniStream:
         if output.done:
             self.end_response(output.done)
 
+    def _paced(self, text: str, samples: int) -> str:
+        """What of the text written so far goes with ``samples`` of speech: a token per
+        ``FRAMES_PER_TOKEN`` frames (all of it at once for a reply that does not speak)."""
+        if text:
+            self._unsaid.append(text)
+        if not self._speaks:
+            out, self._unsaid = "".join(self._unsaid), []
+            return out
+        frame = self.output_frame_samples
+        self._credit += samples / frame / FRAMES_PER_TOKEN
+        count = min(len(self._unsaid), int(self._credit))
+        # Room the speech made while no text was waiting is not kept for later text, which
+        # would then run ahead of its audio again: at most one token's worth.
+        self._credit = min(self._credit - count, 1.0)
+        out = "".join(self._unsaid[:count])
+        del self._unsaid[:count]
+        return out
+
+    @property
+    def output_frame_samples(self) -> int:
+        """Samples of one 80 ms codec frame at the output rate."""
+        return self._b.output_rate * 2 // 25
+
     def end_response(self, how: str) -> None:
         """The response in progress is over (``how``: the worker's reason)."""
         rid, self.answering = self.answering, None
+        unsaid, self._unsaid = "".join(self._unsaid), []
         if rid is None:
             return
         if how.startswith("failed"):
@@ -364,6 +402,7 @@ class Qwen3OmniStream:
             self._out.append(StepResult(response_id=rid, events=[failed]))
             return
         events: list[ModelEvent] = []
+        calls: list[ToolCall] = []
         if self._held:
             # Its text was a tool call all along: the calls, and none of the speech that read
             # them out; anything else (a malformed call) is spoken as it was.
@@ -375,6 +414,8 @@ class Qwen3OmniStream:
             else:
                 self._out.extend(self._held)
             self._held = []
+        if unsaid and not calls:  # the rest of the text, written ahead of the speech now done
+            self._out.append(StepResult(text=unsaid, response_id=rid))
         self._out.append(StepResult(response_id=rid, events=[*events, ResponseFinished(rid)]))
 
 
