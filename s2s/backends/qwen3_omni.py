@@ -70,6 +70,8 @@ _KEPT_PICTURES = 16  # pictures shown with earlier turns that stay there
 #: 3-4 tokens a second of conversational English (a little fewer frames than that, so the text
 #: errs early, not late: a word heard is in the transcript).
 FRAMES_PER_TOKEN = 3.0
+#: Committed turns' audio kept at most, however short (a conversation holds 500 items).
+_COMMITTED_TURNS = 500
 KEEPALIVE_S = 1.0
 
 
@@ -229,7 +231,7 @@ class Qwen3OmniStream:
         self._committed[item_id] = np.concatenate(frames) if frames else EMPTY_PCM
         limit = self._b.prompt_tokens / _AUDIO_TOKENS_PER_S * self._b.input_rate
         total = sum(len(audio) for audio in self._committed.values())
-        while (
+        while len(self._committed) > _COMMITTED_TURNS or (
             len(self._committed) > 1 and total - len(next(iter(self._committed.values()))) >= limit
         ):
             total -= len(self._committed.popitem(last=False)[1])
@@ -330,6 +332,11 @@ class Qwen3OmniStream:
                 said = " ".join(s for s in (_said(part) for part in item.content) if s)
                 if said and item.status != "in_progress":
                     turns.append(Turn("assistant", said, item=item.id or ""))
+        # What was sent for items no longer in the conversation is not needed again.
+        live = {turn.item for turn in turns}
+        self._sent &= live
+        for gone in [item for item in self._sent_pictures if item not in live]:
+            del self._sent_pictures[gone]
         # A committed turn's item is in the conversation before any response reads it, so audio
         # no item holds was deleted with its item: the model does not hear it.
         users = [i for i, turn in enumerate(turns) if turn.role == "user"]

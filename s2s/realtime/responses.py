@@ -58,6 +58,9 @@ from s2s.tools import ToolError, allowed_tools, take_tools
 log = logging.getLogger(__name__)
 
 _SAMPLES_PER_MS = WEBRTC_RATE // 1000
+#: Replies whose word timings are kept for conversation.item.truncate (a conversation holds 500
+#: items).
+_TIMELINES = 500
 
 
 @dataclass(eq=False)
@@ -367,6 +370,8 @@ class Responses:
         self._send(ConversationItemDone(item=item, previous_item_id=r.previous.get(item.id)))
         start = r.start_pos if r.start_pos is not None else r.end_pos
         self._timelines[item.id] = (r.timeline, max(0, r.end_pos - start) // _SAMPLES_PER_MS)
+        while len(self._timelines) > _TIMELINES:  # the oldest replies' items have left by now
+            del self._timelines[next(iter(self._timelines))]
 
     def _response(
         self, r: ActiveResponse, status: str, reason: str | None = None,
