@@ -466,6 +466,30 @@ async def test_text_goes_with_the_speech_that_says_it_not_with_the_step_that_wro
     assert not stream._out
 
 
+async def test_a_long_call_keeps_bounded_bookkeeping() -> None:
+    """However many turns a call has, the stream keeps at most 500 committed turns (short ones
+    were never let go) and forgets what it sent for items the conversation no longer has."""
+    import numpy as np
+
+    from s2s.backends import ResponseRequest
+    from s2s.backends.qwen3_omni import Qwen3OmniStream
+    from s2s.protocol.items import InputAudio, MessageItem
+
+    stream = Qwen3OmniStream(_Recorder(), "call")  # type: ignore[arg-type]
+    for i in range(600):
+        await stream.commit(f"quiet{i}")
+    assert len(stream._committed) == 500 and "quiet599" in stream._committed
+    await stream.step(np.ones(1600, np.int16))
+    await stream.commit("u1")
+    spoken = MessageItem(role="user", content=[InputAudio()], id="u1")
+    for conversation in ([spoken], []):
+        await stream.respond(ResponseRequest(
+            response_id="r", instructions="", voice="", speed=1.0, modalities=["audio"],
+            conversation=conversation))  # fmt: skip
+        await stream.reset()
+    assert not stream._sent and not stream._sent_pictures
+
+
 async def test_the_sessions_truncation_reaches_the_worker() -> None:
     """``auto``: the worker's own cut; ``disabled``: none (over the budget is an error); a
     retention ratio with token limits: its share and its budget after the instructions."""
