@@ -472,6 +472,24 @@ def test_a_call_cancelled_while_prefilling_frees_its_slot(model: Any, pieces: An
     same_reply(again, single)
 
 
+def test_a_conversation_cancelled_while_prefilling_keeps_what_its_slot_holds(
+    model: Any, pieces: Any
+) -> None:
+    """A caller who barges in just after a turn cancels that turn's prefill: what the slot
+    holds by then is kept for the conversation (it was freed, and the whole conversation
+    prefilled again), and the next turn starts from it with the reply it would get alone."""
+    engine = OmniEngine(model, max_rows=1)
+    request = replace(make_request(make_inputs(pieces, "media")), conversation="call")
+    row = engine.begin(request)
+    assert not engine.prefill(row, 16) and not engine.prefill(row, 16)
+    engine.cancel(row)
+    assert engine.prefilling == [] and list(engine.kept) == ["call"]
+    again = Reply()
+    run_engine(engine, {engine.add(request): again})
+    assert engine.reused == 32  # the two pieces, not prefilled again
+    same_reply(again, run_alone(model, replace(request, conversation=None)))
+
+
 def _turns(pieces: Any, reply: list[int] | None = None) -> dict[str, Tensor]:
     """A spoken question with a picture; with ``reply`` (the tokens the model made), the
     conversation's next turn: that prompt, the reply's very tokens, and a new question."""

@@ -156,9 +156,13 @@ class OmniEngine:
 
     def cancel(self, row: int) -> None:
         """End ``row`` at the next step: reported done ("cancelled"), it makes nothing more. A
-        row still prefilling has made nothing yet: it goes at once, unreported."""
+        row still prefilling has made nothing yet: it goes at once, unreported (what its slot
+        holds is kept for its conversation's next turn, as a finished reply's is)."""
         if row in self.prefills:
-            self._drop(self.prefills[row])
+            state = self.prefills[row]
+            self._drop(state)
+            if state.request.conversation is not None:
+                self._keep_prefilled(state)
             return
         if row not in self.rows:
             raise KeyError(f"no row {row} is generating")
@@ -302,6 +306,26 @@ class OmniEngine:
         self.kept[row.request.conversation] = Kept.of(
             row.slot, row.prompt, row.made, held, row.talker_prompt
         )
+
+    def _keep_prefilled(self, state: Prefilling) -> None:
+        """Keep what a cancelled prefill's slot holds: the conversation's kept cache as it was,
+        if the new prompt has not touched it yet, else the new prompt's positions prefilled so
+        far (a caller who barges in just after a turn would otherwise have the whole
+        conversation prefilled again)."""
+        conversation = state.request.conversation
+        assert conversation is not None
+        if state.thinker is None:
+            kept = state.kept
+        else:
+            held = self.thinker_cache.host_lengths[state.slot]
+            kept = Kept.of(state.slot, state.thinker, [], held, None) if held else None
+        if kept is None:
+            return
+        self._free.remove(state.slot)  # _drop freed it
+        older = self.kept.pop(conversation, None)
+        if older is not None:
+            self._free.append(older.slot)
+        self.kept[conversation] = kept
 
     def _drop(self, state: Prefilling) -> None:
         del self.prefills[state.id]

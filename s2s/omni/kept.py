@@ -57,7 +57,9 @@ def reuse_thinker(prompt: ThinkerPrompt, kept: Kept) -> int:
     if count == 0:
         return 0
     known = kept.positions.shape[1]
-    reply = torch.arange(known, len(kept.ids), device=kept.positions.device) + kept.delta
+    # Past the prompt, the reply fed back (none when a prefill was cancelled part way).
+    reply = torch.arange(known, max(known, len(kept.ids)), device=kept.positions.device)
+    reply += kept.delta
     old_positions = torch.cat([kept.positions, reply.expand(3, -1)], dim=1)[:, :count]
     same = (prompt.positions[:, 0, :count] == old_positions).all(0)
     shared = min(count, known)
