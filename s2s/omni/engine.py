@@ -298,14 +298,16 @@ class OmniEngine:
         """Leave ``row``'s caches in its slot for its conversation's next turn."""
         assert row.request.conversation is not None and row.prompt is not None
         held = self.thinker_cache.host_lengths[row.slot]
+        kept = Kept.of(row.slot, row.prompt, row.made, held, row.talker_prompt)
+        self._hold(row.request.conversation, kept)
+
+    def _hold(self, conversation: str, kept: Kept) -> None:
         # What an older reply of the conversation left (one that began while it was ending) is
         # replaced; a reply of it still under way is not touched.
-        older = self.kept.pop(row.request.conversation, None)
+        older = self.kept.pop(conversation, None)
         if older is not None:
             self._free.append(older.slot)
-        self.kept[row.request.conversation] = Kept.of(
-            row.slot, row.prompt, row.made, held, row.talker_prompt
-        )
+        self.kept[conversation] = kept
 
     def _keep_prefilled(self, state: Prefilling) -> None:
         """Keep what a cancelled prefill's slot holds: the conversation's kept cache as it was,
@@ -319,13 +321,9 @@ class OmniEngine:
         else:
             held = self.thinker_cache.host_lengths[state.slot]
             kept = Kept.of(state.slot, state.thinker, [], held, None) if held else None
-        if kept is None:
-            return
-        self._free.remove(state.slot)  # _drop freed it
-        older = self.kept.pop(conversation, None)
-        if older is not None:
-            self._free.append(older.slot)
-        self.kept[conversation] = kept
+        if kept is not None:
+            self._free.remove(state.slot)  # _drop freed it
+            self._hold(conversation, kept)
 
     def _drop(self, state: Prefilling) -> None:
         del self.prefills[state.id]
