@@ -328,7 +328,7 @@ async def test_turns_keep_their_pictures_and_their_audio_crosses_once() -> None:
     one, two, three = await turn("u3", 1, seen, "failed: the model's step failed")
     assert (one.seen, three.pictures, three.seen) == (1, [seen[1].jpeg], 0)
     assert [t.heard for t in (one, two, three)] == [True, True, False]
-    users = await turn("u4", 1, [])  # after a failure, everything is sent again
+    users = await turn("u4", 1, seen)  # after a failure, everything is sent again
     assert all(t.audio and not t.heard and not t.seen for t in users) and len(users) == 4
     assert (users[0].pictures, users[2].pictures) == ([seen[0].jpeg], [seen[1].jpeg])
     # The turn a picture went with is deleted: shown again, with the next turn.
@@ -488,6 +488,46 @@ async def test_a_long_call_keeps_bounded_bookkeeping() -> None:
             conversation=conversation))  # fmt: skip
         await stream.reset()
     assert not stream._sent and not stream._sent_pictures
+
+
+async def test_an_uploaded_picture_leaves_with_its_item_a_camera_frame_stays() -> None:
+    """A picture shown with a later turn goes from the prompt when its own item is deleted (it
+    stayed, with the turn it was first shown with); a camera frame, which no item holds, stays
+    with the turn it was seen in when a newer frame comes."""
+    import numpy as np
+
+    from s2s.backends import ResponseRequest
+    from s2s.backends.qwen3_omni import Qwen3OmniStream
+    from s2s.images import ImageLimits, Picture
+    from s2s.protocol.items import InputAudio, InputImage, MessageItem
+    from s2s.realtime.conversation import Conversation
+
+    recorder = _Recorder()
+    stream = Qwen3OmniStream(recorder, "call")  # type: ignore[arg-type]
+    conversation = Conversation(ImageLimits(), 4, 1 << 20)
+    photo = MessageItem(role="user", content=[InputImage(image_url="data:")], id="img1")
+    conversation.add(photo)
+    conversation.remember(photo, Picture(b"PHOTO", 64, 48, "a photo"))
+
+    async def turn(item: str) -> list[Any]:
+        await stream.step(np.ones(16_000, np.int16))
+        await stream.commit(item)
+        conversation.add(MessageItem(role="user", content=[InputAudio()], id=item))
+        await stream.respond(ResponseRequest(
+            response_id=f"r-{item}", instructions="", voice="", speed=1.0,
+            modalities=["audio"], conversation=conversation.items(),
+            pictures=conversation.pictures(), camera=conversation.camera_seen))  # fmt: skip
+        (*_, asked) = (c for c in recorder.changes if c.kind == "respond")
+        await stream.reset()
+        stream.worker_lost()  # every turn's pictures in full, to read them here
+        return [(t.item, t.pictures) for t in asked.respond.turns]
+
+    assert await turn("u1") == [("img1", []), ("u1", [b"PHOTO"])]
+    conversation.delete("img1")
+    conversation.see(Picture(b"FRAME1", 64, 48, "a camera frame"))
+    assert await turn("u2") == [("u1", []), ("u2", [b"FRAME1"])]
+    conversation.see(Picture(b"FRAME2", 64, 48, "a camera frame"))
+    assert await turn("u3") == [("u1", []), ("u2", [b"FRAME1"]), ("u3", [b"FRAME2"])]
 
 
 async def test_the_sessions_truncation_reaches_the_worker() -> None:

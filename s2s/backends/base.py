@@ -108,6 +108,9 @@ class ResponseRequest:
     trigger: Literal["turn", "client", "idle"] = "client"
     #: The latest pictures the caller sent (oldest first), checked and downscaled on arrival.
     pictures: list[Picture] = field(default_factory=list)
+    #: Whether the last of ``pictures`` is a frame of the caller's camera (the others are
+    #: uploads, each in the conversation while its item is).
+    camera: bool = False
     #: The tools this response may call (none when ``tool_choice`` is ``none``), and whether it
     #: must call one (``required``, or a named function: then ``tools`` holds only that one).
     tools: list[FunctionTool] = field(default_factory=list)

@@ -193,6 +193,7 @@ class Qwen3OmniStream:
         #: worker has been sent and how many of each turn's pictures (it keeps them by item
         #: id; a new worker has none: ``worker_lost``).
         self._shown: collections.OrderedDict[str, list[bytes]] = collections.OrderedDict()
+        self._uploads: set[bytes] = set()  # of those shown, the uploaded ones (not camera)
         self._sent: set[str] = set()
         self._sent_pictures: dict[str, int] = {}
         self._out: collections.deque[StepResult] = collections.deque()
@@ -306,6 +307,7 @@ class Qwen3OmniStream:
         share their start (its kept cache) and the model can tell an earlier view from the
         latest. The worker drops the oldest turns to fit its prompt budget."""
         system = request.instructions + tools_prompt(request.tools, request.tool_required)
+        present = {picture.jpeg for picture in request.pictures}
         turns = [Turn("system", system.strip())] if system.strip() else []
         for item in request.conversation:
             if isinstance(item, FunctionCallItem):
@@ -320,7 +322,12 @@ class Qwen3OmniStream:
             elif item.role == "user":
                 text = " ".join(p.text for p in item.content if isinstance(p, InputText))
                 audio = self._committed.get(item.id) if item.id is not None else None
-                shown = self._shown.get(item.id or "", [])
+                # An uploaded picture leaves with its item (deleted, or past the image history);
+                # camera frames stay with the turn they were seen in.
+                shown = [
+                    p for p in self._shown.get(item.id or "", [])
+                    if p not in self._uploads or p in present
+                ]  # fmt: skip
                 heard = b"" if audio is None else audio.tobytes()
                 turns.append(Turn("user", text, heard, list(shown), item=item.id or ""))
             elif item.role == "system":  # instructions added mid-conversation, in their place
@@ -333,9 +340,9 @@ class Qwen3OmniStream:
                 if said and item.status != "in_progress":
                     turns.append(Turn("assistant", said, item=item.id or ""))
         # What was sent for items no longer in the conversation is not needed again.
-        live = {turn.item for turn in turns}
-        self._sent &= live
-        for gone in [item for item in self._sent_pictures if item not in live]:
+        items = {turn.item for turn in turns}
+        self._sent &= items
+        for gone in [item for item in self._sent_pictures if item not in items]:
             del self._sent_pictures[gone]
         # A committed turn's item is in the conversation before any response reads it, so audio
         # no item holds was deleted with its item: the model does not hear it.
@@ -346,8 +353,10 @@ class Qwen3OmniStream:
             last = turns[users[-1]]
             turns[users[-1]] = msgspec.structs.replace(last, pictures=[*last.pictures, latest])
             self._shown.setdefault(last.item, []).append(latest)
+            if not request.camera:
+                self._uploads.add(latest)
             while sum(len(p) for p in self._shown.values()) > _KEPT_PICTURES:
-                self._shown.popitem(last=False)
+                self._uploads.difference_update(self._shown.popitem(last=False)[1])
         return turns
 
     def receive(self, output: CallOutput) -> None:

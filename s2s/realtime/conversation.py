@@ -168,6 +168,11 @@ class Conversation:
         """A frame sampled from the caller's camera: the newest picture."""
         self._camera = picture
 
+    @property
+    def camera_seen(self) -> bool:
+        """Whether the last of ``pictures()`` is a frame of the caller's camera."""
+        return self._camera is not None
+
     def pictures(self) -> list[Picture]:
         """The pictures the model may look at, oldest first."""
         kept = list(self._pictures.values())

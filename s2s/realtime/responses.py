@@ -219,7 +219,8 @@ class Responses:
             response_id=r.id, instructions=instructions, voice=voice or self.config.voice,
             speed=speed or self.config.speed, modalities=list(r.modalities),
             conversation=self._conversation.items(), trigger=trigger,  # type: ignore[arg-type]
-            pictures=self._conversation.pictures(), tools=callable_tools, tool_required=required,
+            pictures=self._conversation.pictures(), camera=self._conversation.camera_seen,
+            tools=callable_tools, tool_required=required,
             truncation=self.config.truncation,
         )  # fmt: skip
         try:
