@@ -11,6 +11,7 @@ expositions of several worker processes into one, each sample labelled with its 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -191,10 +192,12 @@ def _set(gauge: Gauge, value: float | None, *labels: str) -> None:
 
 @dataclass(slots=True)
 class MergedScrape:
-    """The last whole-server scrape of a worker of several, and when it was made (loop time)."""
+    """The last whole-server scrape of a worker of several, when it was made (loop time), and
+    the one being made, which requests meanwhile wait for rather than make another."""
 
     at: float = float("-inf")
     body: bytes = b""
+    making: asyncio.Future[bytes] | None = None
 
 
 def merge_expositions(texts: Sequence[str], labels: Sequence[str]) -> bytes:

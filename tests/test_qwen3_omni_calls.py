@@ -255,7 +255,7 @@ async def test_a_streamed_tool_call_is_held_back_and_becomes_a_call(tiny_models:
     weather = FunctionTool(name="get_weather", parameters=schema)
     frame = (np.ones(1920, np.int16) * 1000).tobytes()
 
-    async def reply(text: str) -> list[Any]:
+    async def reply(text: str, audio: bytes = frame) -> list[Any]:
         recorder = _Recorder()
         changes = recorder.changes
         stream = Qwen3OmniStream(recorder, "call")  # type: ignore[arg-type]
@@ -265,7 +265,7 @@ async def test_a_streamed_tool_call_is_held_back_and_becomes_a_call(tiny_models:
         assert "get_weather" in changes[0].respond.turns[0].text  # offered in the prompt
         pieces = [tokenizer.decode([t]) for t in tokenizer.encode(text)]
         for piece in pieces:
-            stream.receive(CallOutput(text=piece, audio=frame, response_id="r"))
+            stream.receive(CallOutput(text=piece, audio=audio, response_id="r"))
         stream.receive(CallOutput(response_id="r", done="stop"))
         return list(stream._out)
 
@@ -275,6 +275,9 @@ async def test_a_streamed_tool_call_is_held_back_and_becomes_a_call(tiny_models:
     assert events == [ToolCalled("r", "get_weather", json.dumps({"city": "Paris"})),
                       ResponseFinished("r")]  # fmt: skip
     assert not any(s.audio.size for s in steps)
+    # Done before any frame came (the talker ended at once): still a call, not read out.
+    events = [e for s in await reply(call, audio=b"") for e in s.events]
+    assert [type(e) for e in events] == [ToolCalled, ResponseFinished]
     broken = '<tool_call>\n{"name": "get_weather", "arguments": {"city": </tool_call>'
     steps = await reply(broken)
     assert "".join(s.text for s in steps) == broken and sum(s.audio.size for s in steps) > 0

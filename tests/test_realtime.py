@@ -203,6 +203,20 @@ async def test_push_to_talk_commit_and_clear(local: Server) -> None:
         assert heard["item_id"] == committed["item_id"] and heard["transcript"]
         assert "response.created" not in types(peer, mark)  # no VAD: the client asks for replies
         assert "input_audio_buffer.speech_started" not in types(peer)
+        # Server VAD turned on mid-call: a turn's usage is its own length, not the call's
+        # (the VAD's clock starts when it is turned on, seconds into the call).
+        await peer.wait_audio(3.0, since=asyncio.get_running_loop().time())
+        mark = len(peer.events)
+        peer.send({"type": "session.update", "session": {"audio": {"input": {
+            "turn_detection": {"type": "server_vad"}}}}})  # fmt: skip
+        await peer.next_event("session.updated", after=mark)
+        sentence = speak("my name is john", voice=VOICE)
+        peer.mic.play(sentence)
+        heard = await peer.next_event(
+            "conversation.item.input_audio_transcription.completed", after=mark, timeout=20
+        )
+        said = sentence.size / 48_000
+        assert said - 0.5 < heard["usage"]["seconds"] < said + 1.5, heard["usage"]
     finally:
         await peer.close()
 

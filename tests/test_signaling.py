@@ -96,7 +96,12 @@ async def test_an_offer_of_many_sections_or_candidates_is_refused_and_extra_mics
     candidates = sdp + "".join(
         f"a=candidate:{i} 1 udp 1 10.0.{i}.1 9 typ host\r\n" for i in range(65)
     )
-    for body in (sections, candidates):
+    # Unbundled, each section checks its own candidates: they count in every section.
+    unbundled = (
+        "".join(line + "\r\n" for line in sdp.splitlines() if not line.startswith("a=group:BUNDLE"))
+        + "".join(f"a=candidate:{i} 1 udp 1 10.0.{i}.1 9 typ host\r\n" for i in range(40)) * 2
+    )
+    for body in (sections, candidates, unbundled):
         status, _, text = await post(
             server.url + CALLS, body, **{"Content-Type": "application/sdp"}
         )

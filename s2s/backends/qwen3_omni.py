@@ -195,7 +195,7 @@ class Qwen3OmniStream:
         self._shown: collections.OrderedDict[str, list[bytes]] = collections.OrderedDict()
         self._uploads: set[bytes] = set()  # of those shown, the uploaded ones (not camera)
         self._sent: set[str] = set()
-        self._sent_pictures: dict[str, int] = {}
+        self._sent_pictures: dict[str, list[bytes]] = {}
         self._out: collections.deque[StepResult] = collections.deque()
         #: The response the worker is making for this call, or None.
         self.answering: str | None = None
@@ -269,10 +269,11 @@ class Qwen3OmniStream:
             turn = msgspec.structs.replace(turn, audio=b"", heard=True)
         elif turn.audio:
             self._sent.add(turn.item)
-        seen = self._sent_pictures.get(turn.item, 0)
-        if seen > len(turn.pictures):  # fewer than before: send them all again
-            seen = 0
-        self._sent_pictures[turn.item] = len(turn.pictures)
+        sent = self._sent_pictures.get(turn.item, [])
+        # Sent before, and still its first pictures: name them; anything else (one left with
+        # its deleted item): send them all again.
+        seen = len(sent) if turn.pictures[: len(sent)] == sent else 0
+        self._sent_pictures[turn.item] = list(turn.pictures)
         if seen:
             turn = msgspec.structs.replace(turn, pictures=turn.pictures[seen:], seen=seen)
         return turn
@@ -342,8 +343,8 @@ class Qwen3OmniStream:
         # What was sent for items no longer in the conversation is not needed again.
         items = {turn.item for turn in turns}
         self._sent &= items
-        for gone in [item for item in self._sent_pictures if item not in items]:
-            del self._sent_pictures[gone]
+        for stale in [item for item in self._sent_pictures if item not in items]:
+            del self._sent_pictures[stale]
         # A committed turn's item is in the conversation before any response reads it, so audio
         # no item holds was deleted with its item: the model does not hear it.
         users = [i for i, turn in enumerate(turns) if turn.role == "user"]
@@ -356,7 +357,9 @@ class Qwen3OmniStream:
             if not request.camera:
                 self._uploads.add(latest)
             while sum(len(p) for p in self._shown.values()) > _KEPT_PICTURES:
-                self._uploads.difference_update(self._shown.popitem(last=False)[1])
+                evicted = self._shown.popitem(last=False)[1]
+                still = {p for pictures in self._shown.values() for p in pictures}
+                self._uploads.difference_update(p for p in evicted if p not in still)
         return turns
 
     def receive(self, output: CallOutput) -> None:
@@ -419,7 +422,8 @@ class Qwen3OmniStream:
             return
         events: list[ModelEvent] = []
         calls: list[ToolCall] = []
-        if self._held:
+        # (A reply may be done before any of it was handed over, its text all unsaid.)
+        if self._held or (self._tools and _may_be_tool_call(self._said)):
             # Its text was a tool call all along: the calls, and none of the speech that read
             # them out; anything else (a malformed call) is spoken as it was.
             spoken, calls = split_tool_calls(self._said, self._tools)

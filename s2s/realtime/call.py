@@ -102,7 +102,7 @@ class Realtime:
         self._user_item: str | None = None
         self._input_ms = 0  # caller audio heard since the call began
         self._buffer_start_ms = 0  # where the uncommitted input audio buffer starts
-        self._turn_start_ms: int | None = None  # where the VAD heard the turn begin
+        self._onset_ms: int | None = None  # where the VAD heard the turn begin (its own clock)
         self._turn_seconds: dict[str, float] = {}  # committed turns' lengths, till transcribed
         self._idle_since = asyncio.get_running_loop().time()
         self._idle_fired = False
@@ -153,8 +153,8 @@ class Realtime:
             # The VAD's clock counts the audio it was fed; it may lag the caller's (a VAD turned
             # on mid-call, a backlog dropped), which only keeps more of the turn.
             since_ms = max(0, self._input_ms - event.audio_ms)
-            if self._turn_start_ms is None:
-                self._turn_start_ms = self._input_ms - since_ms
+            if self._onset_ms is None:
+                self._onset_ms = event.audio_ms
             await self._stream.speech_started(self._user_item, since_ms)
             if self._responses.active is not None and settings.interrupt_response:
                 await self._responses.cancel("turn_detected")
@@ -163,7 +163,10 @@ class Realtime:
             return
         item_id = self._user_item or new_id("item")
         self._send(SpeechStopped(audio_end_ms=event.audio_ms, item_id=item_id))
-        await self._commit(item_id)
+        # The turn's length on the VAD's own clock (it counts only what it was fed, from when
+        # it was turned on, so it does not tell where in the call's audio the turn lies).
+        onset, self._onset_ms = self._onset_ms, None
+        await self._commit(item_id, None if onset is None else event.audio_ms - onset)
         if settings.create_response and self._backend.turn_based and self._responses.active is None:
             await self._responses.start("turn", ResponseParams(), requested_at=now)
 
@@ -232,7 +235,7 @@ class Realtime:
                 await self._commit(self._user_item or new_id("item"))
             case InputAudioBufferClear():
                 await self._stream.clear_input()
-                self._user_item, self._turn_start_ms = None, None
+                self._user_item, self._onset_ms = None, None
                 self._buffer_start_ms = self._input_ms
                 self._send(InputAudioBufferCleared())
             case ConversationItemCreate(item=item, previous_item_id=previous):
@@ -324,18 +327,19 @@ class Realtime:
         self._send(ConversationItemAdded(item=wire(item), previous_item_id=reported))
         return reported
 
-    async def _commit(self, item_id: str) -> None:
+    async def _commit(self, item_id: str, turn_ms: int | None = None) -> None:
         item = MessageItem(id=item_id, role="user", content=[InputAudio()])
         # As OpenAI's: the commit names the item, then the item is added.
         previous = self._conversation.last()
         self._send(InputAudioBufferCommitted(item_id=item_id, previous_item_id=previous))
         self._add_item(item)
         self._send(ConversationItemDone(item=item, previous_item_id=previous))
-        # The turn's length: from the VAD's onset (the buffer also holds the pause before it and
-        # the model's own reply coming back), else the whole buffer (push to talk).
-        start = self._buffer_start_ms if self._turn_start_ms is None else self._turn_start_ms
-        self._turn_seconds[item_id] = max(0, self._input_ms - start) / 1000
-        self._turn_start_ms = None
+        # The turn's length: the VAD's (the buffer also holds the pause before the turn and the
+        # model's own reply coming back), else the whole buffer (push to talk).
+        if turn_ms is None:
+            turn_ms = self._input_ms - self._buffer_start_ms
+        self._turn_seconds[item_id] = max(0, turn_ms) / 1000
+        self._onset_ms = None
         while len(self._turn_seconds) > _TRANSCRIBING:  # a model that transcribes none
             del self._turn_seconds[next(iter(self._turn_seconds))]
         self._user_item = None

@@ -54,10 +54,17 @@ _MERGED_FOR_S = 1.0
 async def _whole_server(request: web.Request, pool: Pool, body: bytes) -> bytes:
     """This worker's figures and every other's, each labelled worker="i"; a worker that does not
     answer (restarting) is left out of this scrape."""
-    now = asyncio.get_running_loop().time()
+    loop = asyncio.get_running_loop()
     cached = request.app[MERGED_SCRAPE]
-    if now - cached.at < _MERGED_FOR_S:
+    if loop.time() - cached.at < _MERGED_FOR_S:
         return cached.body
+    if cached.making is None or cached.making.done():
+        cached.making = loop.create_task(_merge(request, pool, body), name="metrics/merge")
+    # Shielded: a scraper that hangs up does not cancel the scrape the others wait for.
+    return await asyncio.shield(cached.making)
+
+
+async def _merge(request: web.Request, pool: Pool, body: bytes) -> bytes:
     others = [worker for worker in range(pool.size) if worker != pool.index]
     relay = request.app[RELAY]
     answers = await asyncio.gather(
@@ -72,5 +79,6 @@ async def _whole_server(request: web.Request, pool: Pool, body: bytes) -> bytes:
         else:
             texts.append(answer)
             labels.append(str(worker))
-    cached.at, cached.body = now, merge_expositions(texts, labels)
+    cached = request.app[MERGED_SCRAPE]
+    cached.at, cached.body = asyncio.get_running_loop().time(), merge_expositions(texts, labels)
     return cached.body
