@@ -144,11 +144,11 @@ async def _read_offer(request: web.Request, max_bytes: int) -> tuple[str, Sessio
     if request.content_length is not None and request.content_length > body_limit:
         raise BadRequest(413, "offer_too_large", f"the offer exceeds {body_limit} bytes")
     if ctype == "application/sdp":
-        return _check_sdp(await _read_limited(request, max_bytes)), None
+        return _check_sdp(await read_limited(request, max_bytes)), None
     if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         return await _read_form(request, max_bytes)
     if ctype == "application/json":
-        sdp, patch = _read_json(await _read_limited(request, body_limit))
+        sdp, patch = _read_json(await read_limited(request, body_limit))
         if len(sdp.encode()) > max_bytes:
             raise BadRequest(413, "offer_too_large", f"the offer exceeds {max_bytes} bytes")
         return sdp, patch
@@ -171,14 +171,15 @@ async def _read_form(request: web.Request, max_bytes: int) -> tuple[str, Session
         raise BadRequest(400, "missing_sdp", "the form has no 'sdp' field", "sdp")
     if len(sdp) > max_bytes:  # a chunked form has no Content-Length to refuse it by
         raise BadRequest(413, "offer_too_large", f"the offer exceeds {max_bytes} bytes")
-    patch = None
-    if session is not None:
-        try:
-            patch = msgspec.json.decode(session, type=SessionPatch)
-        except msgspec.DecodeError as exc:
-            message = f"invalid session: {exc}"
-            raise BadRequest(400, "invalid_session", message, "session") from None
-    return _check_sdp(sdp), patch
+    return _check_sdp(sdp), None if session is None else _session_patch(session)
+
+
+def _session_patch(raw: bytes) -> SessionPatch:
+    """An offer's ``session``, or a 400 that names what is wrong in it."""
+    try:
+        return msgspec.json.decode(raw, type=SessionPatch)
+    except msgspec.DecodeError as exc:
+        raise BadRequest(400, "invalid_session", f"invalid session: {exc}", "session") from None
 
 
 def _part(value: object) -> bytes | None:
@@ -209,13 +210,8 @@ def _read_json(body: bytes) -> tuple[str, SessionPatch | None]:
     except msgspec.DecodeError as exc:
         raise BadRequest(400, "missing_sdp", f"expected {{'sdp': ..., 'session': ...}}: {exc}",
                          "sdp") from None  # fmt: skip
-    patch = None
-    if bytes(offer.session) not in (b"", b"null"):
-        try:
-            patch = msgspec.json.decode(offer.session, type=SessionPatch)
-        except msgspec.DecodeError as exc:
-            message = f"invalid session: {exc}"
-            raise BadRequest(400, "invalid_session", message, "session") from None
+    session = bytes(offer.session)
+    patch = None if session in (b"", b"null") else _session_patch(session)
     return _check_sdp(offer.sdp.encode()), patch
 
 
@@ -247,14 +243,16 @@ def tools_refused(patch: SessionPatch | None, backend: Backend) -> web.Response 
     return None
 
 
-async def _read_limited(request: web.Request, max_bytes: int) -> bytes:
-    """The whole body, up to ``max_bytes`` (413 past it). ``content.read(n)`` would return what
-    the first network segment brought (a real offer often comes in several)."""
+async def read_limited(
+    request: web.Request, max_bytes: int, code: str = "offer_too_large", what: str = "the offer"
+) -> bytes:
+    """The whole body, up to ``max_bytes`` (413 ``code`` past it). ``content.read(n)`` would
+    return what the first network segment brought (a real offer often comes in several)."""
     chunks, size = [], 0
     while chunk := await request.content.readany():
         size += len(chunk)
         if size > max_bytes:
-            raise BadRequest(413, "offer_too_large", f"the offer exceeds {max_bytes} bytes")
+            raise BadRequest(413, code, f"{what} exceeds {max_bytes} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 

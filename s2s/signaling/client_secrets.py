@@ -8,8 +8,8 @@ from aiohttp import web
 from s2s.auth import DEFAULT_SECRET_TTL_S
 from s2s.protocol.ids import new_id
 from s2s.protocol.session_config import SessionPatch
-from s2s.signaling.calls import session_config, tools_refused
-from s2s.signaling.errors import error_response, server_key
+from s2s.signaling.calls import read_limited, session_config, tools_refused
+from s2s.signaling.errors import BadRequest, error_response, server_key
 from s2s.signaling.state import BACKEND, KEYS, SETTINGS
 
 
@@ -18,12 +18,10 @@ async def create_client_secret(request: web.Request) -> web.Response:
     owner = server_key(request)
     if isinstance(owner, web.Response):
         return owner
-    raw = b""
-    while chunk := await request.content.readany():
-        raw += chunk
-        if len(raw) > _MAX_BODY_BYTES:  # its session is kept (of 10,000 secrets) till it expires
-            message = f"the body exceeds {_MAX_BODY_BYTES} bytes"
-            return error_response(413, "request_too_large", message)
+    try:  # its session is kept (of 10,000 secrets) till it expires: a bounded body
+        raw = await read_limited(request, _MAX_BODY_BYTES, "request_too_large", "the body")
+    except BadRequest as exc:
+        return exc.response
     try:
         body = msgspec.json.decode(raw or b"{}", type=_SecretRequest)
     except msgspec.DecodeError as exc:
