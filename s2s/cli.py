@@ -15,7 +15,7 @@ import uvloop
 
 from s2s import __version__
 from s2s import log as s2s_log
-from s2s.config import CUDA_GRAPHS, Settings
+from s2s.config import CUDA_GRAPHS, LOOPBACK, Settings
 from s2s.pool import MAX_WORKERS
 from s2s.server import serve
 from s2s.supervisor import supervise
@@ -278,7 +278,7 @@ def parse_settings(
         parser.error("--webhook needs a secret: --webhook-secret-file or S2S_WEBHOOK_SECRET")
     host = fields["host"]
     warning = None
-    if not keys and host not in ("127.0.0.1", "::1", "localhost") and not args.insecure_public:
+    if not keys and host not in LOOPBACK and not args.insecure_public:
         warning = f"no --api-key given: listening on 127.0.0.1, not {host}"
         fields["host"] = "127.0.0.1"
     settings = Settings(**fields, api_keys=tuple(keys), allowed_origins=tuple(args.allow_origin))

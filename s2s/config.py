@@ -8,6 +8,8 @@ from pathlib import Path
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 #: ``--cuda-graphs`` values.
 CUDA_GRAPHS = ("auto", "on", "off")
+#: The names of this machine's loopback interface: a server bound to one is its own.
+LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 @dataclass(frozen=True, slots=True)

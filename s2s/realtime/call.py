@@ -165,7 +165,7 @@ class Realtime:
         self._send(SpeechStopped(audio_end_ms=event.audio_ms, item_id=item_id))
         # The turn's length on the VAD's own clock (it counts only what it was fed, from when
         # it was turned on, so it does not tell where in the call's audio the turn lies).
-        onset, self._onset_ms = self._onset_ms, None
+        onset = self._onset_ms  # _commit forgets it
         await self._commit(item_id, None if onset is None else event.audio_ms - onset)
         if settings.create_response and self._backend.turn_based and self._responses.active is None:
             await self._responses.start("turn", ResponseParams(), requested_at=now)

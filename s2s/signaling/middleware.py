@@ -7,13 +7,13 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from yarl import URL
 
+from s2s.config import LOOPBACK
 from s2s.forwarding import HandshakeRefused, OwnerUnreachable, is_relayed, on_private_socket
 from s2s.signaling.errors import error_response, server_key
 from s2s.signaling.state import POOL, RELAY, SETTINGS
 
 _ALLOW_HEADERS = "Authorization, Content-Type, X-OpenAI-Agents-SDK, OpenAI-Beta"
 _ALLOW_METHODS = "GET, POST, OPTIONS"
-_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -95,7 +95,7 @@ def _keyless_refusal(request: web.Request, origin: str | None, bound: str) -> we
     (another dev server) or ``--allow-origin`` names it, and on loopback a Host that is not a
     loopback name is refused too (DNS rebinding: a page whose own name now points here)."""
     host = _hostname(f"http://{request.host}")
-    if bound in _LOOPBACK and host not in _LOOPBACK:
+    if bound in LOOPBACK and host not in LOOPBACK:
         message = (
             f"host {request.host!r} is not this machine's: without --api-key or --allow-origin "
             "only loopback names are served"
@@ -104,7 +104,7 @@ def _keyless_refusal(request: web.Request, origin: str | None, bound: str) -> we
     if origin is None:
         return None  # not a browser page: a program of this machine's user, or a sideband
     named = _hostname(origin) if origin != "null" else None
-    if named is not None and (named in _LOOPBACK or named == host):
+    if named is not None and (named in LOOPBACK or named == host):
         return None
     message = (
         f"origin {origin!r} may not use a server without --api-key (a page of another site); "
