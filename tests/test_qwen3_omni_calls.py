@@ -286,6 +286,61 @@ async def test_a_streamed_tool_call_is_held_back_and_becomes_a_call(tiny_models:
     assert "".join(s.text for s in plain) == "hello there"
 
 
+async def test_a_tool_call_after_words_plays_the_words_and_makes_the_call() -> None:
+    """A reply that says something, then calls a tool: its words play with the speech that
+    comes until they are handed over, nothing after (that speech reads the call out); at the
+    end the call is made and words after it come as text. Malformed, it all plays, in order;
+    a ``<`` that turns out not to start a call holds nothing back for good."""
+    import json
+
+    import numpy as np
+
+    from s2s.backends import ResponseFinished, ResponseRequest, ToolCalled
+    from s2s.backends.qwen3_omni import Qwen3OmniStream
+    from s2s.backends.qwen3_reply import Reply
+    from s2s.protocol.session_config import FunctionTool
+    from s2s.worker.messages import CallOutput
+
+    weather = FunctionTool(name="get_weather", parameters={"type": "object"})
+    frame = (np.ones(1920, np.int16) * 1000).tobytes()  # 80 ms at 24 kHz
+
+    async def reply(pieces: list[str], frames: int) -> list[Any]:
+        stream = Qwen3OmniStream(_Recorder(), "call")  # type: ignore[arg-type]
+        await stream.respond(ResponseRequest(
+            response_id="r", instructions="", voice="", speed=1.0, modalities=["audio"],
+            conversation=[], tools=[weather]))  # fmt: skip
+        for i in range(frames):  # a piece of text and a frame a tick, then frames alone
+            text = pieces[i] if i < len(pieces) else ""
+            stream.receive(CallOutput(text=text, audio=frame, response_id="r"))
+        stream.receive(CallOutput(response_id="r", done="stop"))
+        return list(stream._out)
+
+    args = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    words = [" Let", " me", " check."]
+    steps = await reply([*words, "<tool_call>", args, "</tool_call>", " Done"], 12)
+    # " check." is handed over with the ninth frame (a token per three): nine frames play.
+    assert "".join(s.text for s in steps[:-2]) == " Let me check."
+    assert sum(s.audio.size for s in steps) == 9 * 1920
+    assert (steps[-2].text, steps[-2].audio.size) == ("Done", 0)
+    assert steps[-1].events == [
+        ToolCalled("r", "get_weather", json.dumps({"city": "Paris"})), ResponseFinished("r"),
+    ]  # fmt: skip
+    broken = [*words, "<tool_call>", '{"name": ', "</tool_call>"]
+    steps = await reply(broken, 12)
+    assert "".join(s.text for s in steps) == "".join(broken)
+    assert sum(s.audio.size for s in steps) == 12 * 1920
+    assert [type(e) for s in steps for e in s.events] == [ResponseFinished]
+    # "<" may start a call until "x" says it does not: held meanwhile, then all of it plays.
+    held = Reply("r", [weather], speaks=True, frame_samples=1920)
+    audio = np.frombuffer(frame, np.int16)
+    taken = [held.take(text, audio) for text in [" a", "", "", "<", "t", "x"]]
+    assert [len(t) for t in taken] == [1, 1, 1, 0, 0, 3]
+    assert "".join(s.text for t in taken for s in t) == " a<"  # paced: "<" with tick six
+    steps = [s for t in taken for s in t] + held.finish()
+    assert "".join(s.text for s in steps) == " a<tx"
+    assert sum(s.audio.size for s in steps) == 6 * 1920
+
+
 async def test_turns_keep_their_pictures_and_their_audio_crosses_once() -> None:
     """The stream's side: a picture goes with the user turn it is first shown with and stays
     there as the conversation goes on (a newer one joins the newer turn), so a call's prompts
@@ -435,7 +490,8 @@ async def test_text_goes_with_the_speech_that_says_it_not_with_the_step_that_wro
     heard), the rest when the reply ends; a text-only reply's text goes at once; a reset drops
     what was not handed over."""
     from s2s.backends import ResponseFinished, ResponseRequest
-    from s2s.backends.qwen3_omni import FRAMES_PER_TOKEN, Qwen3OmniStream
+    from s2s.backends.qwen3_omni import Qwen3OmniStream
+    from s2s.backends.qwen3_reply import FRAMES_PER_TOKEN
     from s2s.worker.messages import CallOutput
 
     assert FRAMES_PER_TOKEN == 3.0

@@ -10,10 +10,8 @@ of after the whole reply.
 This side keeps each call's turns (its committed audio by item id) and sends a ``respond``
 change with the conversation; the scheduler ticks the worker back to back while any call is
 answering (each tick one step for all of them) and hands each call the frames of its response.
-The thinker writes ahead of the talker (one text token a step, while a token takes about
-``FRAMES_PER_TOKEN`` frames to say), so a token's text is handed over with the audio at that
-pace, the rest when the reply ends: transcript deltas then come about when their words are
-heard, and a barge-in keeps about what the caller heard, not the whole sentence already written.
+Each response's text goes with the speech that says it, and a tool call in it is made, not
+read out (``s2s.backends.qwen3_reply``).
 A reset (barge-in, ``response.cancel``) cancels the call's response in the worker at its next
 tick; whatever of it is still on the way is dropped here by its response id. If the worker dies,
 another starts and every call rejoins it; a response in progress ends, and its call hears
@@ -36,13 +34,12 @@ from s2s.backends.base import (
     ModelEvent,
     ModelUnavailable,
     ResponseFailed,
-    ResponseFinished,
     ResponseRequest,
     Steering,
     StepResult,
-    ToolCalled,
     keep_latest,
 )
+from s2s.backends.qwen3_reply import Reply
 from s2s.log import CallLogger
 from s2s.protocol.items import (
     FunctionCallItem,
@@ -52,8 +49,8 @@ from s2s.protocol.items import (
     OutputAudio,
     OutputText,
 )
-from s2s.protocol.session_config import FunctionTool, RetentionRatio
-from s2s.tools import ToolCall, split_tool_calls, tools_prompt
+from s2s.protocol.session_config import RetentionRatio
+from s2s.tools import tools_prompt
 from s2s.worker.handle import RESTART_BACKOFF_S, WorkerHandle
 from s2s.worker.messages import CallOutput, Change, Respond, Tick, Turn
 from s2s.worker.process import WorkerError, WorkerOptions, WorkerProcess
@@ -66,10 +63,6 @@ _MAX_TURN_FRAMES = 1500  # 30 s of uncommitted audio, in 20 ms frames
 #: in a prompt anyway.
 _AUDIO_TOKENS_PER_S = 12
 _KEPT_PICTURES = 16  # pictures shown with earlier turns that stay there
-#: Codec frames (80 ms each) a text token takes to say, about: 12.5 frames a second over the
-#: 3-4 tokens a second of conversational English (a little fewer frames than that, so the text
-#: errs early, not late: a word heard is in the transcript).
-FRAMES_PER_TOKEN = 3.0
 #: Committed turns' audio kept at most, however short (a conversation holds 500 items).
 _COMMITTED_TURNS = 500
 KEEPALIVE_S = 1.0
@@ -198,18 +191,15 @@ class Qwen3OmniStream:
         self._sent_pictures: dict[str, list[bytes]] = {}
         self._out: collections.deque[StepResult] = collections.deque()
         #: The response the worker is making for this call, or None.
-        self.answering: str | None = None
+        self._reply: Reply | None = None
         self.closed = False
-        #: The tools it may call, its text so far, and its output held back while that text
-        #: may be a ``<tool_call>`` (a call is never spoken).
-        self._tools: list[FunctionTool] = []
-        self._said = ""
-        self._held: list[StepResult] = []
-        self._unsaid: list[str] = []  # text written, not yet handed over with its audio
-        self._credit = 0.0  # tokens the audio handed over so far has room for
-        self._speaks = True
         #: Events from outside the model (its worker was replaced) for the next step.
         self.notices: list[ModelEvent] = []
+
+    @property
+    def answering(self) -> str | None:
+        """The id of the response the worker is making for this call, or None."""
+        return self._reply.response_id if self._reply is not None else None
 
     async def step(self, pcm: np.ndarray) -> StepResult:
         self._turn.append(pcm)
@@ -255,9 +245,8 @@ class Qwen3OmniStream:
         )  # fmt: skip
         # Answering only once the request is built: one that failed to build (the caller
         # hears it failed) would have kept the scheduler ticking for a response never sent.
-        self.answering = request.response_id
-        self._tools, self._said, self._held = request.tools, "", []
-        self._unsaid, self._credit, self._speaks = [], 0.0, "audio" in request.modalities
+        speaks, frame = "audio" in request.modalities, self._b.output_rate * 2 // 25  # 80 ms
+        self._reply = Reply(request.response_id, request.tools, speaks, frame)
         self._b.change(Change("respond", self.call_id, respond=respond))
 
     def _by_reference(self, turn: Turn) -> Turn:
@@ -290,14 +279,13 @@ class Qwen3OmniStream:
         return None
 
     async def reset(self) -> None:
-        self._unsaid = []
-        if self.answering is not None:
-            self.answering = None
+        if self._reply is not None:
+            self._reply = None
             self._b.change(Change("reset", self.call_id))
         self._out.clear()
 
     async def close(self) -> None:
-        self.answering, self.closed = None, True
+        self._reply, self.closed = None, True
         self._b._streams.pop(self.call_id, None)
         self._b.change(Change("leave", self.call_id))
 
@@ -364,54 +352,22 @@ class Qwen3OmniStream:
 
     def receive(self, output: CallOutput) -> None:
         """One tick's output for this call from the worker."""
-        if not output.response_id or output.response_id != self.answering:
+        reply = self._reply
+        if reply is None or not output.response_id or output.response_id != reply.response_id:
             return  # a response this call has since reset or replaced
-        rid = output.response_id
         audio = np.frombuffer(output.audio, np.int16) if output.audio else EMPTY_PCM
-        self._said += output.text
-        text = self._paced(output.text, audio.size)
-        if audio.size or text:
-            step = StepResult(audio=audio, text=text, response_id=rid)
-            if self._tools and _may_be_tool_call(self._said):
-                self._held.append(step)
-            else:
-                self._out.extend([*self._held, step])
-                self._held = []
+        self._out.extend(reply.take(output.text, audio))
         if output.done:
             self.end_response(output.done)
 
-    def _paced(self, text: str, samples: int) -> str:
-        """What of the text written so far goes with ``samples`` of speech: a token per
-        ``FRAMES_PER_TOKEN`` frames (all of it at once for a reply that does not speak)."""
-        if text:
-            self._unsaid.append(text)
-        if not self._speaks:
-            out, self._unsaid = "".join(self._unsaid), []
-            return out
-        frame = self.output_frame_samples
-        self._credit += samples / frame / FRAMES_PER_TOKEN
-        count = min(len(self._unsaid), int(self._credit))
-        # Room the speech made while no text was waiting is not kept for later text, which
-        # would then run ahead of its audio again: at most one token's worth.
-        self._credit = min(self._credit - count, 1.0)
-        out = "".join(self._unsaid[:count])
-        del self._unsaid[:count]
-        return out
-
-    @property
-    def output_frame_samples(self) -> int:
-        """Samples of one 80 ms codec frame at the output rate."""
-        return self._b.output_rate * 2 // 25
-
     def end_response(self, how: str) -> None:
         """The response in progress is over (``how``: the worker's reason)."""
-        rid, self.answering = self.answering, None
-        unsaid, self._unsaid = "".join(self._unsaid), []
-        if rid is None:
+        reply, self._reply = self._reply, None
+        if reply is None:
             return
         if how.startswith("failed"):
+            rid = reply.response_id
             self._log.warning("response %s %s", rid, how)
-            self._held = []
             self.worker_lost()
             # The worker may still be generating it (a step failed for the batch, or its output
             # could not be read here): free its slot there now.
@@ -420,23 +376,7 @@ class Qwen3OmniStream:
             failed = ResponseFailed(rid, f"the model could not answer: {reason}")
             self._out.append(StepResult(response_id=rid, events=[failed]))
             return
-        events: list[ModelEvent] = []
-        calls: list[ToolCall] = []
-        # (A reply may be done before any of it was handed over, its text all unsaid.)
-        if self._held or (self._tools and _may_be_tool_call(self._said)):
-            # Its text was a tool call all along: the calls, and none of the speech that read
-            # them out; anything else (a malformed call) is spoken as it was.
-            spoken, calls = split_tool_calls(self._said, self._tools)
-            if calls:
-                events = [ToolCalled(rid, call.name, call.arguments) for call in calls]
-                if spoken:
-                    self._out.append(StepResult(text=spoken, response_id=rid))
-            else:
-                self._out.extend(self._held)
-            self._held = []
-        if unsaid and not calls:  # the rest of the text, written ahead of the speech now done
-            self._out.append(StepResult(text=unsaid, response_id=rid))
-        self._out.append(StepResult(response_id=rid, events=[*events, ResponseFinished(rid)]))
+        self._out.extend(reply.finish())
 
 
 def _said(part: object) -> str:
@@ -444,15 +384,6 @@ def _said(part: object) -> str:
     if isinstance(part, OutputText):
         return part.text
     return part.transcript if isinstance(part, OutputAudio) else ""
-
-
-def _may_be_tool_call(text: str) -> bool:
-    """Whether a reply that begins with ``text`` may be a ``<tool_call>``: it is one so far."""
-    start = text.lstrip()[: len(_CALL_TAG)]
-    return _CALL_TAG.startswith(start)
-
-
-_CALL_TAG = "<tool_call>"
 
 
 def _json(arguments: str) -> object:
