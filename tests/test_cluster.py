@@ -193,6 +193,13 @@ async def test_two_edges_share_a_worker_503_when_full_and_a_killed_edge_frees_it
         here = await start_server(model=spec, ray_address=ray_cluster.address)
         url = (await _wait_line(edge, _LISTENING))[1].decode()
         drains.append(asyncio.create_task(edge.stderr.read()))
+        # An offer refused once it had its place (its audio cannot come back) frees it at once,
+        # not when the place would lapse (the worker's eviction time and two reports: 4 s).
+        refused = await _post_offer(here.url, await _sendonly_offer())
+        assert refused.startswith("400"), refused
+        async with asyncio.timeout(1.0):
+            while (await states())["shared"].free != 2:  # noqa: ASYNC110 - no event to wait on
+                await asyncio.sleep(0.05)
         # One call from each edge, both on the one worker.
         peers += [Peer(url, MicTrack(tone(440, 60))), Peer(here.url, MicTrack(tone(660, 60)))]
         for peer in peers:
@@ -402,3 +409,24 @@ async def _get(url: str) -> str:
 
     async with aiohttp.ClientSession() as http, http.get(url) as resp:
         return await resp.text()
+
+
+async def _sendonly_offer() -> str:
+    """An aiortc offer whose audio only goes out: the server refuses it after placing it."""
+    from s2s.rtc import new_peer_connection
+
+    pc = new_peer_connection()
+    pc.addTransceiver("audio", direction="sendonly")
+    pc.createDataChannel("oai-events")
+    await pc.setLocalDescription(await pc.createOffer())
+    await pc.close()
+    return str(pc.localDescription.sdp)
+
+
+async def _post_offer(base: str, sdp: str) -> str:
+    """``"STATUS body"`` of an offer posted to the server at ``base``."""
+    import aiohttp
+
+    url, headers = base + "/v1/realtime/calls", {"Content-Type": "application/sdp"}
+    async with aiohttp.ClientSession() as http, http.post(url, data=sdp, headers=headers) as resp:
+        return f"{resp.status} {await resp.text()}"

@@ -283,8 +283,8 @@ class _Announcing:
         self.sent.set()
         return await self.worker.tick(tick)
 
-    async def replacement(self) -> Any:
-        return await self.worker.replacement()
+    async def replacement(self, calls: list[str]) -> Any:
+        return await self.worker.replacement(calls)
 
     async def close(self) -> None:
         await self.worker.close()

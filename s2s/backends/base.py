@@ -216,3 +216,7 @@ class PlacingBackend(Protocol):
     async def place(self, call_id: str) -> None:
         """Reserve a place for ``call_id``, which ``open_stream`` then takes; ``NoCapacity``."""
         ...
+
+    def unplace(self, call_id: str) -> None:
+        """Free the place of ``call_id``, whose offer was refused after ``place``."""
+        ...

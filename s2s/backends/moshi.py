@@ -211,7 +211,7 @@ class MoshiBackend:
             stream.response_id, stream.quiet = None, 0
         self._answer_silence(batch)
         try:
-            self.worker = await self.worker.replacement()
+            self.worker = await self.worker.replacement([s.call_id for s in self._streams])
         except Exception as exc:
             log.error("no model worker: %s", exc)
             _fail(self._pending, exc)

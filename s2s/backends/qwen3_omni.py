@@ -160,7 +160,7 @@ class Qwen3OmniBackend:
             stream.notices.append(ModelUnavailable(message))
             stream.end_response("failed: the worker died")
         try:
-            self.worker = await self.worker.replacement()
+            self.worker = await self.worker.replacement(list(self._streams))
         except Exception as exc:
             log.error("no model worker: %s", exc)
             for stream in self._streams.values():

@@ -41,7 +41,12 @@ async def create_call(request: web.Request) -> web.Response:
         secret = keys.redeem(token)
         if secret is None and keys.required:
             return unauthorized("a server API key or an unused, unexpired client secret")
-    response = await _create(request, token, secret)
+    try:
+        response = await _create(request, token, secret)
+    except BaseException:
+        if secret is not None:  # no call was made with it (a 500)
+            keys.restore(secret)
+        raise
     if secret is not None and response.status != 201:
         # No call was made with it: the client may try again (a 503 says when) with the same.
         keys.restore(secret)
@@ -90,20 +95,25 @@ async def _create(
             f"no capacity for another call ({exc})",
             headers={"Retry-After": str(settings.retry_after_s)},
         )
-    if isinstance(backend, PlacingBackend):
-        try:
-            await backend.place(call_id)
-        except NoCapacity as exc:
-            await registry.discard(session)
+    placing = backend if isinstance(backend, PlacingBackend) else None
+    try:
+        if placing is not None:
+            await placing.place(call_id)
+        answer = await session.accept(offer)
+    except BaseException as exc:
+        # Whatever failed, the call was not made: its place on a model worker and its count
+        # (a server's, a key's) are free again.
+        if placing is not None and not isinstance(exc, NoCapacity):
+            placing.unplace(call_id)
+        await registry.discard(session)
+        if isinstance(exc, NoCapacity):
             return error_response(
                 503, "server_full", f"no model worker has room for another call ({exc})",
                 headers={"Retry-After": str(settings.retry_after_s)},
             )  # fmt: skip
-    try:
-        answer = await session.accept(offer)
-    except OfferError as exc:
-        await registry.discard(session)
-        return error_response(400, "invalid_offer", str(exc), param="sdp")
+        if isinstance(exc, OfferError):
+            return error_response(400, "invalid_offer", str(exc), param="sdp")
+        raise
     registry.start(session)
     passed_on = is_relayed(request)
     remote = request.headers.get("X-Forwarded-For") if passed_on else request.remote

@@ -50,6 +50,9 @@ TICK_TIMEOUT_S = {"moshi": 2.0, "qwen3-omni": 10.0}
 PLACE_KEPT_S = 60.0
 #: How often the edge refreshes its view of the workers (for /metrics).
 REFRESH_S = 2.0
+#: How long a place is waited for: a registry that does not answer (its node died, it is being
+#: restarted) fails the offer (503) or the move instead of holding it up for good.
+REGISTRY_TIMEOUT_S = 5.0
 
 
 class ClusterWorker:
@@ -86,11 +89,15 @@ class ClusterWorker:
             self.registry.release.remote(self.name, left)
         return result_decoder.decode(raw)
 
-    async def replacement(self) -> ClusterWorker:
-        """Every call of this edge on the dead worker, placed together on another one."""
+    async def replacement(self, calls: list[str]) -> ClusterWorker:
+        """``calls`` (the scheduler's open calls: those on the dead worker and any whose join
+        had not reached it yet), placed together on another worker."""
         self.registry.down.remote(self.name, self.incarnation)
-        calls = sorted(self.calls)
-        placement = await self.registry.place.remote(self.model, calls, self.name)
+        try:
+            async with asyncio.timeout(REGISTRY_TIMEOUT_S):
+                placement = await self.registry.place.remote(self.model, calls, self.name)
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            raise WorkerError(f"the worker registry did not place the calls: {exc!r}") from exc
         if placement is None:
             raise WorkerError(f"no other worker of {self.model} has room for {len(calls)} calls")
         log.warning("%d calls of worker %s move to %s", len(calls), self.name, placement.name)
@@ -137,8 +144,9 @@ class ClusterBackend:
         )
         self.input_rate, self.output_rate = hello.input_rate, hello.output_rate
         self.frame_samples = hello.frame_samples
-        #: One scheduler per worker incarnation this edge placed calls on.
-        self._schedulers: dict[tuple[str, str], Scheduler] = {}
+        #: The schedulers of this edge's calls, each driving the worker its calls are on now
+        #: (after a move, another than the one they were placed on).
+        self._schedulers: list[Scheduler] = []
         #: Places given to offers not yet answered, with when they were given.
         self._placed: dict[str, tuple[Placement, float]] = {}
         #: Every open call's scheduler (whose worker is where the call is now) and stream.
@@ -176,7 +184,11 @@ class ClusterBackend:
 
     async def place(self, call_id: str) -> None:
         """Reserve a place for the call on the worker of its model with most free slots."""
-        placement = await self.registry.place.remote(self.model, [call_id])
+        try:
+            async with asyncio.timeout(REGISTRY_TIMEOUT_S):
+                placement = await self.registry.place.remote(self.model, [call_id])
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            raise NoCapacity(f"the worker registry did not answer: {exc!r}") from exc
         if placement is None:
             raise NoCapacity(f"every worker of {self.model} is full")
         # An offer refused after its place was given never opens a stream: forget its place
@@ -185,15 +197,23 @@ class ClusterBackend:
         self._placed = {c: p for c, p in self._placed.items() if now - p[1] < PLACE_KEPT_S}
         self._placed[call_id] = (placement, now)
 
+    def unplace(self, call_id: str) -> None:
+        """The offer ``call_id`` was placed for is refused: its place is free at once."""
+        kept = self._placed.pop(call_id, None)
+        if kept is not None:
+            self.registry.release.remote(kept[0].name, [call_id])
+
     async def open_stream(self, call_id: str) -> Stream:
         if call_id not in self._placed:
             await self.place(call_id)
         placement, _ = self._placed.pop(call_id)
         key = (placement.name, placement.incarnation)
-        scheduler = self._schedulers.get(key)
+        # The scheduler now driving that worker: one whose calls moved off it no longer is.
+        scheduler = next((s for s in self._schedulers if _driving(s) == key), None)
         if scheduler is None:
             worker = ClusterWorker(self.registry, self.model, placement)
-            scheduler = self._schedulers[key] = self._scheduler_class(worker, **self._options)
+            scheduler = self._scheduler_class(worker, **self._options)
+            self._schedulers.append(scheduler)
         log.info("call %s placed on model worker %s", call_id, placement.name)
         stream: Stream = await scheduler.open_stream(call_id)
         self._calls = {c: s for c, s in self._calls.items() if not s[1].closed}
@@ -218,7 +238,7 @@ class ClusterBackend:
     async def close(self) -> None:
         self._follow.cancel()
         await asyncio.gather(self._follow, return_exceptions=True)
-        for scheduler in self._schedulers.values():
+        for scheduler in self._schedulers:
             await scheduler.close()
 
     async def _follow_registry(self) -> None:
@@ -229,6 +249,12 @@ class ClusterBackend:
             except ray.exceptions.RayError as exc:
                 log.warning("the worker registry did not answer: %s", exc)
             await asyncio.sleep(REFRESH_S)
+
+
+def _driving(scheduler: Scheduler) -> tuple[str, str] | None:
+    """The worker (name, incarnation) ``scheduler`` ticks now."""
+    worker = scheduler.worker
+    return (worker.name, worker.incarnation) if isinstance(worker, ClusterWorker) else None
 
 
 class WorkerMetrics:

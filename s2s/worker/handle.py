@@ -29,8 +29,9 @@ class WorkerHandle(Protocol):
         """One tick there and back; ``WorkerError`` if the worker is gone."""
         ...
 
-    async def replacement(self) -> WorkerHandle:
-        """Another worker for this one's calls (this one having died); ``WorkerError`` if none."""
+    async def replacement(self, calls: list[str]) -> WorkerHandle:
+        """Another worker for ``calls`` (every open call of the scheduler; they join it next),
+        this one having died; ``WorkerError`` if none."""
         ...
 
     async def close(self) -> None:

@@ -117,9 +117,9 @@ class WorkerProcess:
                  hello.slots)  # fmt: skip
         return cls(process, parent, hello, options)
 
-    async def replacement(self) -> WorkerProcess:
+    async def replacement(self, calls: list[str]) -> WorkerProcess:
         """Start another worker as this one was started, this one having died (what is left of
-        it is closed first)."""
+        it is closed first); ``calls`` join it next."""
         await self.close()
         return await WorkerProcess.start(self.options)
 
