@@ -214,6 +214,9 @@ def run_worker(
     settings: Settings, index: int, size: int, run_dir: Path, parent: Connection
 ) -> None:
     """A worker process's main: serve as worker ``index`` until SIGTERM or the parent is gone."""
+    # Out of the terminal's process group: Ctrl-C reaches the supervisor alone, which passes it
+    # on as one SIGTERM (twice, and the worker's calls would end at once, with no grace).
+    os.setsid()
     s2s_log.configure(settings.log_level)
     pool = Pool(index, size, run_dir, settings.api_keys)
     try:

@@ -15,10 +15,14 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Collection
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
+
+import msgspec
 
 from s2s.config import CUDA_GRAPHS
 from s2s.worker.messages import (
@@ -38,6 +42,8 @@ log = logging.getLogger(__name__)
 LOAD_TIMEOUT_S = 600.0
 #: How long a tick may take before its worker counts as hung (``WorkerProcess.hung_after_s``).
 HUNG_AFTER_S = 60.0
+#: How often a worker looks whether its server is still there.
+ORPHAN_CHECK_S = 1.0
 
 
 class WorkerError(RuntimeError):
@@ -96,7 +102,7 @@ class WorkerProcess:
         parent, child = context.Pipe()
         level = logging.getLogger("s2s").getEffectiveLevel()
         process = context.Process(
-            target=_serve, args=(child, options, level),
+            target=_serve, args=(child, options, level, os.getpid()),
             name=f"s2s-worker[{spec}]", daemon=True,
         )  # fmt: skip
         process.start()
@@ -105,13 +111,22 @@ class WorkerProcess:
         try:
             async with asyncio.timeout(LOAD_TIMEOUT_S):
                 raw = await loop.run_in_executor(None, parent.recv_bytes)
-        except (EOFError, OSError, TimeoutError) as exc:
-            process.kill()
-            raise WorkerError(f"the model worker for {spec} did not start: {exc!r}") from exc
-        hello = hello_decoder.decode(raw)
+            hello = hello_decoder.decode(raw)
+        except BaseException as exc:
+            # Not started, or no longer wanted (the server shuts down while it loads): a child
+            # left loading would hold a second model on the device, and the thread waiting for
+            # its hello would hold up the server's exit until it said it.
+            process.kill()  # its end of the pipe closes: the thread waiting for hello returns
+            await asyncio.shield(loop.run_in_executor(None, process.join, 5))
+            parent.close()
+            if isinstance(exc, (EOFError, OSError, TimeoutError, msgspec.DecodeError)):
+                raise WorkerError(f"the model worker for {spec} did not start: {exc!r}") from exc
+            raise
         if hello.error:
             parent.close()
             await loop.run_in_executor(None, process.join, 5)
+            if process.is_alive():
+                process.kill()
             raise WorkerError(f"the model worker for {spec} failed to load: {hello.error}")
         log.info("model worker pid %s: %s on %s, %s slots", process.pid, spec, hello.device,
                  hello.slots)  # fmt: skip
@@ -214,12 +229,20 @@ def load_worker(options: WorkerOptions) -> ModelWorker:
     raise ValueError(f"no model worker for {spec!r}")
 
 
-def _serve(conn: Connection, options: WorkerOptions, level: int) -> None:
+def _serve(conn: Connection, options: WorkerOptions, level: int, server_pid: int) -> None:
     """The worker process: load the model, say hello, then one tick at a time until Stop."""
     spec = options.spec
     logging.basicConfig(
         level=level, format=f"%(asctime)s %(levelname)s %(name)s [worker {os.getpid()}] %(message)s"
     )
+    # A session of its own: Ctrl-C reaches the terminal's process group, and the worker must
+    # not end with it, since the server first drains its calls, still on this model, for its
+    # grace period (then says Stop). A service manager should signal the server alone, as
+    # systemd's KillMode=mixed does (README).
+    os.setsid()
+    # A server killed outright (SIGKILL, out of memory) closes no pipe while the model loads:
+    # the worker would load on, holding the device, beside the model a restarted server loads.
+    threading.Thread(target=_end_with, args=(server_pid,), name="s2s-orphan", daemon=True).start()
     try:
         worker = load_worker(options)
     except Exception as exc:
@@ -240,3 +263,10 @@ def _serve(conn: Connection, options: WorkerOptions, level: int) -> None:
             log.exception("tick failed")
             result = TickResult(error=repr(exc))
         conn.send_bytes(encoder.encode(result))
+
+
+def _end_with(server_pid: int) -> None:
+    """End this process once the server that started it is gone (it is then another's child)."""
+    while os.getppid() == server_pid:
+        time.sleep(ORPHAN_CHECK_S)
+    os._exit(1)
