@@ -26,6 +26,16 @@ comes out of the main decoder and the audio codebooks out of the depth decoder, 
 other. The acoustic delay means a frame of Moshi's audio is complete one step after its semantic
 code, so output lags input by one 80 ms frame.
 
+A row's first steps feed what transformers' ``MoshiForConditionalGeneration.generate`` feeds
+(``transformers/models/moshi/modeling_moshi.py`` 5.24): its first position is the unconditional
+frame, every stream's initial token (``get_unconditional_inputs``, l. 1638-1677, put first at
+l. 1143-1147), and ``build_delay_pattern_mask`` (l. 1593-1636) shifts the acoustic codebooks one
+position later (l. 1626), so the second position's acoustic codes are that frame's initial
+tokens, for Moshi's generated codes as well (the mask applied at l. 1522). So step 0 is all
+initial tokens (the caller's first frame is not heard) and step 1 has no acoustic codes, as
+kyutai's ``LMGen`` does (``offsets <= delays``). ``test_greedy_steps_equal_transformers_generate``
+checks the slot engine against ``generate`` itself.
+
 Everything here runs on the backend's single device thread; nothing here is async.
 """
 
@@ -129,23 +139,20 @@ class MoshiEngine:
                     if row.user_prev is not None
                     else now.new_full((self.k,), self.bos)
                 )
-                user_in[i, 0] = now[0]
-                user_in[i, 1:] = prev[1:]
+                # Semantic codes have no delay, acoustic ones one step: initial tokens until
+                # the stream has a frame of its own (see the module's docstring).
+                user_in[i, 0] = now[0] if row.steps > 0 else self.bos
+                user_in[i, 1:] = prev[1:] if row.steps > 1 else self.bos
+            if row.steps <= 1:
+                moshi_in[i, 1:] = self.bos
         embeds = self.model.decoder.model.embed_tokens(text_in)
         for c in range(self.k):
             embeds = embeds + self.model.embed_tokens[c](moshi_in[:, c : c + 1])
             embeds = embeds + self.model.embed_tokens[self.k + c](user_in[:, c : c + 1])
-        self._mask = torch.cat([self._mask, active.long()[:, None]], dim=1)
-        positions = torch.tensor([[r.steps] for r in self.rows], device=self.device)
-        out = self.model.decoder(
-            inputs_embeds=embeds, attention_mask=self._mask, position_ids=positions,
-            cache=self._cache, use_cache=True,
-        )  # fmt: skip
-        self._cache = out.cache
-        hidden = out.last_hidden_state  # (B, 1, D)
+        hidden, text_logits = self._decode(embeds, active)
         noise = self._gumbel(user_codes)
         text_t = [r.text_temperature for r in self.rows]
-        text = self._pick(out.logits[:, -1], text_t, noise[:, 0], TEXT_TOP_K)
+        text = self._pick(text_logits, text_t, noise[:, 0], TEXT_TOP_K)
         for i, row in enumerate(self.rows):
             if row in user_codes and row.forced_text:
                 text[i] = row.forced_text.pop(0)
@@ -174,6 +181,20 @@ class MoshiEngine:
             results[row] = RowOutput(int(text[i]), frame)
         self._trim()
         return results
+
+    def _decode(
+        self, embeds: torch.Tensor, active: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The main decoder on this step's ``(B, 1, D)`` inputs: its ``(B, 1, D)`` last hidden
+        state and ``(B, vocab)`` text logits."""
+        self._mask = torch.cat([self._mask, active.long()[:, None]], dim=1)
+        positions = torch.tensor([[r.steps] for r in self.rows], device=self.device)
+        out = self.model.decoder(
+            inputs_embeds=embeds, attention_mask=self._mask, position_ids=positions,
+            cache=self._cache, use_cache=True,
+        )  # fmt: skip
+        self._cache = out.cache
+        return out.last_hidden_state, out.logits[:, -1]
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -228,3 +249,32 @@ class MoshiEngine:
         for layer in self._layers():
             for name in ("keys", "values"):
                 setattr(layer, name, getattr(layer, name)[:, :, excess:])
+
+
+class WindowedReference(MoshiEngine):
+    """One call whose every step runs the main decoder over the whole sequence so far, each
+    position attending to the last ``window`` positions, itself included (kyutai's window), by
+    an explicit mask, with RoPE at absolute positions: no cache, no ring, so it checks the slot
+    engine's ring (its size, and what its positions are after the ring wraps)."""
+
+    def __init__(self, model: Any, *, window: int) -> None:
+        super().__init__(model)
+        self.window = window
+        self._inputs: list[torch.Tensor] = []
+
+    def _decode(
+        self, embeds: torch.Tensor, active: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self.rows) != 1 or not bool(active.all()):
+            raise ValueError("the windowed reference steps one call, every step")
+        self._inputs.append(embeds)
+        x = torch.cat(self._inputs, dim=1)  # (1, T, D)
+        t = torch.arange(x.shape[1], device=self.device)
+        behind = t[:, None] - t[None, :]  # query's position minus key's
+        seen = (behind >= 0) & (behind < self.window)
+        mask = torch.zeros(seen.shape, dtype=x.dtype, device=self.device)
+        mask = mask.masked_fill(~seen, torch.finfo(x.dtype).min)[None, None]
+        out = self.model.decoder(
+            inputs_embeds=x, attention_mask=mask, position_ids=t[None], use_cache=False
+        )
+        return out.last_hidden_state[:, -1:], out.logits[:, -1]

@@ -26,6 +26,7 @@ from s2s.worker.process import WorkerError, WorkerOptions, WorkerProcess
 from tests.conftest import StartServer
 from tests.moshi_graphs_check import codec_graphs_equal_eager, graphs_equal_eager
 from tests.moshi_reference import MoshiEngine as ReferenceEngine
+from tests.moshi_reference import WindowedReference
 from tests.peer import MicTrack, Peer
 from tests.signals import rms, tone
 
@@ -76,22 +77,63 @@ def test_greedy_steps_equal_transformers_own_forward(
     assert len({tuple(o.codes.tolist()) for o in ours if o.codes is not None}) > 10
 
 
+def test_greedy_steps_equal_transformers_generate(
+    tiny_moshi: MoshiForConditionalGeneration,
+) -> None:
+    """The engine's first frames are fed as transformers' own ``generate`` feeds them (all
+    initial tokens first, then no acoustic codes: ``tests/moshi_reference.py``). ``generate``
+    is offline, so it is prompted with what the engine made over 12 frames of varied caller
+    codes, and must then continue, greedy, with the engine's tokens for 30 frames more (the
+    caller silent, as ``generate`` has it: Mimi's codes for a frame of zeros)."""
+    model, prompt, more = tiny_moshi, 12, 30
+    frame = int(model.config.sampling_rate / model.config.audio_encoder_config.frame_rate)
+    with torch.inference_mode():
+        silence = model.audio_encoder.encode(torch.zeros(1, 1, frame), num_quantizers=8)
+    caller = _codes(prompt + 1) + [silence.audio_codes[0, :, 0]] * (more - 1)
+    engine = MoshiEngine(model, max_calls=1)
+    row = engine.join("a", temperature=0.0, text_temperature=0.0)
+    ours = [engine.step({row: codes})[row] for codes in caller]
+    # generate's prompt positions follow its unconditional first one: position t + 1 takes
+    # the text of step t, the caller's frame of step t + 1 (the first frame is not heard), and
+    # Moshi's frame t (complete at step t + 1).
+    out = model.generate(
+        input_ids=torch.tensor([[o.text_token for o in ours[:prompt]]]),
+        user_audio_codes=torch.stack(caller[1 : prompt + 1], dim=1)[None],
+        moshi_audio_codes=torch.stack([o.codes for o in ours[1 : prompt + 1]], dim=1)[None],  # type: ignore[misc]
+        do_sample=False, depth_decoder_do_sample=False, max_new_tokens=more,
+        return_audio_codes=True, return_audio_waveforms=False,
+    )  # fmt: skip
+    assert out.sequences[0, 1:].tolist() == [o.text_token for o in ours]
+    frames = torch.stack([o.codes for o in ours[1:]], dim=1)  # type: ignore[misc]
+    assert torch.equal(out.audio_codes[0], frames)
+
+
+def _windowed(
+    model: MoshiForConditionalGeneration, codes: list[torch.Tensor], window: int
+) -> list[Any]:
+    reference = WindowedReference(model, window=window)
+    row = reference.join("a")
+    row.temperature = row.text_temperature = 0.0
+    return [reference.step({row: frame})[row] for frame in codes]
+
+
 def test_a_call_longer_than_the_context_slides_its_window(
     tiny_moshi: MoshiForConditionalGeneration,
 ) -> None:
-    """A 12-frame ring: the same as an unbounded context until it is full, then it forgets the
-    oldest frames and goes on, for three times its length, without reallocating."""
+    """A 12-frame ring, greedy, for more than three times its length: each step's tokens are
+    those of the whole sequence recomputed through transformers' decoder with an explicit
+    window of the last 12 positions, the current one included, and RoPE at absolute positions;
+    the ring is never reallocated."""
     codes = _codes(40)
     short = MoshiEngine(tiny_moshi, context=12, max_calls=1)
-    long = MoshiEngine(tiny_moshi, context=100, max_calls=1)
     a = short.join("a", seed=1, temperature=0.0, text_temperature=0.0)
-    b = long.join("a", seed=1, temperature=0.0, text_temperature=0.0)
     cache = short._keys.data_ptr()
     ring = [short.step({a: codes[t]})[a] for t in range(40)]
-    unbounded = [long.step({b: codes[t]})[b] for t in range(40)]
-    assert _same(ring[:12], unbounded[:12])
-    assert not _same(ring[12:], unbounded[12:])
+    assert _same(ring, _windowed(tiny_moshi, codes, 12))
     assert short._keys.data_ptr() == cache and short._keys.shape[3] == 12
+    # The comparison can tell: a window one position longer or shorter, or none, differs.
+    for other in (11, 13, 40):
+        assert not _same(ring, _windowed(tiny_moshi, codes, other)), other
 
 
 def test_a_calls_output_does_not_change_when_others_join_or_leave(
@@ -215,6 +257,19 @@ def test_every_width_a_step_takes_is_captured_up_front(
     assert engine.widths()[-4:] == [256, 320, 384, 400], "past 256 slots, widths go in steps of 64"
 
 
+def test_a_call_joining_without_a_seed_leaves_torchs_generators_alone(
+    tiny_moshi: MoshiForConditionalGeneration,
+) -> None:
+    """A call's seed is drawn without reseeding torch's global generators (``torch.seed()``
+    reseeded the process's CPU and CUDA generators on every join)."""
+    engine = MoshiEngine(tiny_moshi, max_calls=2)
+    torch.manual_seed(0)
+    expected = torch.rand(1)
+    torch.manual_seed(0)
+    engine.join("a")
+    assert torch.equal(torch.rand(1), expected)
+
+
 def test_sampling_draws_from_the_likeliest_only(
     tiny_moshi: MoshiForConditionalGeneration,
 ) -> None:
@@ -252,6 +307,25 @@ def test_a_worker_whose_graphs_fail_serves_eagerly(
     assert not any(o.error for o in outputs) and any(o.audio for o in outputs)
     with pytest.raises(ValueError, match="CUDA"):  # nothing to fall back from without graphs
         MoshiEngine(tiny_moshi, max_calls=2, graphs=True)
+
+
+def test_text_padding_never_becomes_transcript_text(
+    tiny_moshi: MoshiForConditionalGeneration, tiny_models: Path
+) -> None:
+    """Moshi pads its text stream on most frames with ids 0 and 3 (kyutai's), which a
+    tokenizer need not name as special (hf-moshiko names only its unk token): dropped by
+    number, or every frame would carry text and a call's response would never end. A
+    checkpoint naming its own pad id is taken at its word."""
+    from transformers import AutoTokenizer, MoshiConfig
+
+    from s2s.worker.moshi import MoshiWorker, text_padding_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models / "tiny-moshi")
+    worker = MoshiWorker(tiny_moshi, tokenizer, "cpu", max_calls=1, graphs=False)
+    assert 3 not in tokenizer.all_special_ids  # a word in the tiny vocabulary, padding to Moshi
+    assert [worker._text(t) for t in (0, 3, 4)] == ["", "", " there"]
+    assert text_padding_ids(tiny_moshi.config) == {0, 3}
+    assert text_padding_ids(MoshiConfig(pad_token_id=7)) == {7}
 
 
 def test_a_call_refused_for_want_of_a_slot_is_served_once_it_joins(

@@ -31,7 +31,8 @@ Per step and slot: the caller's 8 Mimi codes (semantic codebook now, acoustic co
 step late: Moshi's acoustic delay), Moshi's own previous text token and audio codes go in; a
 text token comes out of the main decoder and the audio codebooks out of the depth decoder. The
 acoustic delay means a frame of Moshi's audio is complete one step after its semantic code, so
-output lags input by one 80 ms frame.
+output lags input by one 80 ms frame. A call's first step feeds initial tokens only, its second
+no acoustic codes (the delays, as kyutai's and transformers' generation have them).
 
 Everything here runs on the backend's single device thread; nothing here is async.
 """
@@ -39,6 +40,7 @@ Everything here runs on the backend's single device thread; nothing here is asyn
 from __future__ import annotations
 
 import bisect
+import secrets
 from typing import Any
 
 import numpy as np
@@ -127,6 +129,10 @@ class MoshiEngine:
         self._host_length = np.zeros(s, dtype=np.int64)
         self._slot_index = torch.arange(s, device=dev)
         self._stream_index = torch.arange(2 * self.k, device=dev)
+        # Each audio stream's delay in frames, in the interleaved order of ``streams`` in
+        # ``compute`` (Moshi's codebook c, then the caller's): semantic 0, acoustic 1.
+        delays = [0 if c == 0 else 1 for c in range(self.k) for _ in range(2)]
+        self._delays = torch.tensor(delays, device=dev)
         self.graphs: StepGraphs | None = None
         if graphs if graphs is not None else self.device.type == "cuda":
             self.graphs = self.step_graphs()
@@ -153,11 +159,13 @@ class MoshiEngine:
         temperature: float | None = None,
         text_temperature: float | None = None,
     ) -> Row:
-        """Give a call the lowest free slot; ``RuntimeError`` when every slot is taken."""
+        """Give a call the lowest free slot; ``RuntimeError`` when every slot is taken.
+        ``seed``: its sampling noise's (default: a fresh random one)."""
         if not self._free:
             raise RuntimeError(f"all {self.max_calls} Moshi slots are in use")
         slot = self._free.pop(0)
-        seed = int(seed if seed is not None else torch.seed()) & _MASK32
+        # Not torch.seed(): that would reseed the whole process's generators, CUDA's too.
+        seed = (seed if seed is not None else secrets.randbits(32)) & _MASK32
         row = Row(key=key, slot=slot)
         self.rows[slot] = row
         self._seed[slot] = seed
@@ -282,8 +290,16 @@ class MoshiEngine:
         # Acoustic delay on the caller's stream: codebook 0 of now, 1.. of the previous frame.
         user_in = torch.cat([user_now[:, :1], self._user_prev[:n, 1:]], dim=1)
         streams = torch.stack([self._moshi[:n], user_in], dim=2).reshape(n, 2 * self.k)
+        # A stream delayed by d frames has nothing of its own to give while length <= d: it
+        # gives its initial token. So a call's first step is all initial tokens (its caller's
+        # first frame is not heard), and its second has no acoustic codes yet, Moshi's (those
+        # generated at the first step complete no frame) nor the caller's. This is kyutai's
+        # LMGen (``offsets <= delays``) and what transformers' generate feeds (its
+        # unconditional first frame, then ``build_delay_pattern_mask``).
+        streams = torch.where(length[:, None] <= self._delays, self.bos, streams)
+        text_in = torch.where(length == 0, self._text_start, self._text[:n])
         audio = self._audio_table[self._stream_index, streams]
-        x = self._main.embed_tokens(self._text[:n]) + audio.sum(dim=1)
+        x = self._main.embed_tokens(text_in) + audio.sum(dim=1)
         hidden = self._main_decoder(x, n, length, span or self.context)
         text_logits = self.model.decoder.lm_head(hidden)
         text = self._sample(text_logits, n, 0, self._temps[:n, 0], self.text_top_k)

@@ -26,6 +26,21 @@ from s2s.worker.process import pick_device_and_dtype
 
 log = logging.getLogger(__name__)
 
+#: kyutai's text padding ids: 3 pads Moshi's text stream between words, 0 ends a run of padding
+#: (kyutai's servers drop ``text_token in (0, 3)``). Moshi emits them on most frames.
+KYUTAI_TEXT_PADDING = frozenset({0, 3})
+
+
+def text_padding_ids(config: Any) -> frozenset[int]:
+    """The text ids that are padding, not words: the checkpoint's ``pad_token_id`` when its
+    config names one (in transformers' ``MoshiConfig`` it is the text embeddings' padding id,
+    and no other field names text padding), else kyutai's. By number, as a tokenizer need not
+    name them as special tokens (hf-moshiko's names only its unk token)."""
+    named = getattr(config, "pad_token_id", None)
+    if isinstance(named, int):
+        return frozenset({named})
+    return KYUTAI_TEXT_PADDING
+
 
 def load_moshi(location: str, device: str | None) -> tuple[Any, Any | None, str]:
     """The checkpoint's model (bf16 on CUDA, fp32 on the CPU) and tokenizer, if it has one."""
@@ -74,8 +89,12 @@ class MoshiWorker:
         self._sentencepiece = tokenizer is not None and any(
             piece.startswith("▁") for piece in tokenizer.get_vocab()
         )
-        self._special = set(tokenizer.all_special_ids) if tokenizer is not None else set()
         config = model.config
+        # Ids that never become transcript text; padding comes on most frames, and as text
+        # it would keep a call's response from ever going quiet (MoshiStream.finish).
+        self._not_words = text_padding_ids(config)
+        if tokenizer is not None:
+            self._not_words |= frozenset(tokenizer.all_special_ids)
         self.rate = int(config.sampling_rate)
         self.frame_samples = int(self.rate / config.audio_encoder_config.frame_rate)
         # Moshi's own window (3000 frames, 4 minutes): longer calls go on over its last 3000.
@@ -214,7 +233,7 @@ class MoshiWorker:
             row.forced_text = list(self.tokenizer.encode(change.text, add_special_tokens=False))
 
     def _text(self, token: int) -> str:
-        if self.tokenizer is None or token in self._special:
+        if self.tokenizer is None or token in self._not_words:
             return ""
         piece: str = self.tokenizer.convert_ids_to_tokens(token)
         # SentencePiece marks a word's start with "▁"; a word-level vocabulary has whole words.
