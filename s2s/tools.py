@@ -23,6 +23,8 @@ _JSON_TYPES = {"object", "array", "string", "number", "integer", "boolean", "nul
 _ONE = ("items", "not", "if", "then", "else", "contains", "additionalProperties")
 _MANY = ("anyOf", "oneOf", "allOf", "prefixItems")
 _MAP = ("properties", "patternProperties", "$defs", "definitions")
+#: How deep a tool's parameters may nest (a JSON schema needs a few levels, never hundreds).
+MAX_NESTING = 64
 _CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
 
 
@@ -93,7 +95,27 @@ def _parameters_problem(schema: dict[str, Any]) -> str | None:
         return None  # no parameters
     if schema.get("type") != "object":
         return 'parameters must be a JSON schema with "type": "object"'
+    if _nesting(schema) > MAX_NESTING:
+        # Deeper, and encoding the session (in every event that shows it) would overflow the
+        # stack, ending the call.
+        return f"parameters nest more than {MAX_NESTING} levels deep"
     return _schema_problem(schema, "parameters")
+
+
+def _nesting(value: Any) -> int:
+    """How many objects and arrays deep ``value`` goes (without recursing: it may go deep)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = (
+            node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        )
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if depth <= MAX_NESTING:  # past the limit, how much deeper does not matter
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _schema_problem(node: Any, path: str) -> str | None:

@@ -117,6 +117,25 @@ def test_bad_parameter_schemas_are_named(parameters: dict[str, Any], problem: st
     assert problem in str(caught.value) and caught.value.code == "invalid_tool_schema"
 
 
+def _nested(key: str, depth: int) -> Any:
+    node: Any = {"type": "string"} if key == "items" else 1
+    for _ in range(depth):
+        node = {"items": node} if key == "items" else [node]
+    return node
+
+
+@pytest.mark.parametrize("key", ["items", "default"])
+def test_parameters_nested_hundreds_deep_are_refused(key: str) -> None:
+    """Schemas (or values in them) nested 900 deep get past the JSON decoder; encoding the
+    session with them overflowed the stack and ended the call. 64 levels are allowed."""
+    deep = {"type": "object", "properties": {"a": {key: _nested(key, 900)}}}
+    with pytest.raises(ToolError) as caught:
+        check_tools([FunctionTool(name="f", parameters=deep)], "auto", "session")
+    assert "64 levels" in str(caught.value) and caught.value.code == "invalid_tool_schema"
+    fine = {"type": "object", "properties": {"a": {key: _nested(key, 60)}}}
+    check_tools([FunctionTool(name="f", parameters=fine)], "auto", "session")
+
+
 def test_good_schemas_pass() -> None:
     nested = {"type": "object", "properties": {"a": {"type": ["string", "null"]},
               "b": {"type": "array", "items": {"anyOf": [True, {"enum": [1, 2]}]}}},

@@ -9,6 +9,7 @@ buffer, VAD, the idle timeout) and the dispatch of every client event.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -27,6 +28,7 @@ from s2s.backends import (
     ToolCalled,
 )
 from s2s.images import ImageLimits, Picture
+from s2s.log import CallLogger
 from s2s.metrics import CallMetrics
 from s2s.protocol.client_events import (
     AnyClientEvent,
@@ -73,6 +75,8 @@ from s2s.realtime.responses import Responses, voice_speed
 from s2s.tools import ToolError, take_tools
 from s2s.vad import VadEvent, VadSettings, vad_settings
 
+log = logging.getLogger(__name__)
+
 _MIN_COMMIT_MS = 100
 #: Committed turns whose length is kept for their transcription's usage (one or two in flight).
 _TRANSCRIBING = 16
@@ -95,6 +99,7 @@ class Realtime:
         metrics: CallMetrics | None = None,
     ) -> None:
         self.config = config
+        self._log = CallLogger(log, config.id)
         self._backend = backend
         self._stream = stream
         self._speaker = speaker
@@ -140,6 +145,15 @@ class Realtime:
                 message=str(exc), code=exc.code, param=exc.param, event_id=event.event_id
             )
             self._send(Error(error=detail))
+        except Exception as exc:
+            # A fault of ours in one event: that event fails, the call goes on (raised, it
+            # would end the call and its caller would never hear why).
+            kind = type(event).__struct_config__.tag
+            self._log.exception("%s failed", kind)
+            self._send(Error(error=ErrorDetail(
+                message=f"the server could not handle {kind}: {type(exc).__name__}",
+                code="internal_error", type="server_error", event_id=event.event_id,
+            )))  # fmt: skip
 
     async def on_vad(self, event: VadEvent) -> None:
         settings = self.vad
