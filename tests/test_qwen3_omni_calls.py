@@ -484,6 +484,48 @@ async def test_system_items_are_read_and_a_failed_reply_frees_its_worker_slot() 
     assert stream.answering is None
 
 
+async def test_a_call_its_worker_let_go_is_answered_after_one_failed_response(
+    tiny_models: Path,
+) -> None:
+    """A worker that no longer holds a call (a shared worker let it go when its ticks were
+    late; one restarted between ticks) fails its next response; the call joins again then, so
+    the response after that is answered (every later one failed: "has not joined")."""
+    from s2s.backends import ResponseFailed, ResponseFinished, ResponseRequest
+    from s2s.backends.qwen3_omni import Qwen3OmniStream
+    from s2s.protocol.items import InputText, MessageItem
+    from s2s.worker.messages import Change, Tick
+    from s2s.worker.omni import OmniWorker
+
+    worker = OmniWorker.load(str(tiny_models / "tiny-qwen3-omni"), "cpu", max_calls=1)
+    recorder = _Recorder()
+    stream = Qwen3OmniStream(recorder, "a")  # type: ignore[arg-type]
+    ask = [MessageItem(role="user", content=[InputText("hello there")], id="u1")]
+
+    def tick() -> None:  # what the scheduler does: this side's changes there, the output back
+        changes, recorder.changes = recorder.changes, []
+        output = worker.handle(Tick(changes)).outputs.get("a")
+        if output is not None:
+            stream.receive(output)
+
+    async def respond(response_id: str) -> list[Any]:
+        await stream.respond(ResponseRequest(
+            response_id=response_id, instructions="", voice="", speed=1.0,
+            modalities=["audio"], conversation=ask))  # fmt: skip
+        for _ in range(200):
+            tick()
+            if stream.answering is None:
+                break
+        events = [e for step in stream._out for e in step.events]
+        stream._out.clear()
+        return events
+
+    worker.handle(Tick([Change("join", "a")]))
+    worker.handle(Tick([Change("leave", "a")]))  # the worker lets it go
+    (failed,) = await respond("r1")
+    assert isinstance(failed, ResponseFailed) and "has not joined" in failed.message
+    assert await respond("r2") == [ResponseFinished("r2")]
+
+
 async def test_text_goes_with_the_speech_that_says_it_not_with_the_step_that_wrote_it() -> None:
     """The thinker writes a token a step while a token takes about three frames to say: text
     is handed over a token per three frames of speech (so a barge-in keeps about what was

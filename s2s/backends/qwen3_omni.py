@@ -127,6 +127,8 @@ class Qwen3OmniBackend:
             self._wake.clear()
             changes, self._changes = self._changes, []
             named = dict.fromkeys(self._streams, b"")
+            # The responses this tick is for: one asked for while it runs is not its to fail.
+            asked = {call: s.answering for call, s in self._streams.items() if s.answering}
             try:
                 result = await self.worker.tick(Tick(changes, named))
             except WorkerError as exc:
@@ -134,8 +136,10 @@ class Qwen3OmniBackend:
                 continue
             if result.error:
                 log.error("qwen3-omni step failed: %s", result.error)
-                for stream in self._streams.values():
-                    stream.end_response("failed: the model's step failed")
+                for call, response in asked.items():
+                    stream = self._streams.get(call)
+                    if stream is not None and stream.answering == response:
+                        stream.end_response("failed: the model's step failed")
             for call, output in result.outputs.items():
                 if (receiver := self._streams.get(call)) is None:
                     continue
@@ -370,7 +374,10 @@ class Qwen3OmniStream:
             self._log.warning("response %s %s", rid, how)
             self.worker_lost()
             # The worker may still be generating it (a step failed for the batch, or its output
-            # could not be read here): free its slot there now.
+            # could not be read here): free its slot there now. Or it may no longer hold the
+            # call at all (a shared worker let it go, one restarted): joining again is harmless
+            # where it does, and where it does not, the call's next response is answered.
+            self._b.change(Change("join", self.call_id))
             self._b.change(Change("reset", self.call_id))
             reason = how.removeprefix("failed: ")
             failed = ResponseFailed(rid, f"the model could not answer: {reason}")

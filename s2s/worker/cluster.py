@@ -38,7 +38,13 @@ from s2s.worker.messages import (
     hello_decoder,
     request_decoder,
 )
-from s2s.worker.process import LOAD_TIMEOUT_S, WorkerError, WorkerOptions, load_worker
+from s2s.worker.process import (
+    LOAD_TIMEOUT_S,
+    DeviceLost,
+    WorkerError,
+    WorkerOptions,
+    load_worker,
+)
 from s2s.worker.shared import Liveness, Outbox, merged
 
 log = logging.getLogger(__name__)
@@ -299,6 +305,11 @@ class ModelWorkerActor:
             tick = self._liveness.take(tick, time.monotonic())
             try:
                 result = self._worker.handle(tick)
+            except DeviceLost:
+                # Nothing will run on this device in this process again: it ends, and Ray
+                # starts the actor afresh (--max-restarts) while edges move the calls.
+                log.exception("the device failed for good; this worker ends")
+                os._exit(1)
             except Exception as exc:
                 log.exception("tick failed")
                 result = TickResult(error=repr(exc))

@@ -40,7 +40,7 @@ from s2s.omni.request import (
 )
 from s2s.omni.sampling import Sampling
 from s2s.worker.messages import CallOutput, Change, Hello, Respond, Tick, TickResult, Turn
-from s2s.worker.process import pick_device_and_dtype
+from s2s.worker.process import DeviceLost, device_broken, pick_device_and_dtype
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,10 @@ class OmniWorker:
                 steps = self.engine.step()
             except Exception as exc:  # out of memory, say: these responses end, the rest go on
                 log.exception("the step failed; the responses it was making end")
+                if device_broken(self.engine.device):
+                    # Every step and prefill from now on would fail too: this process ends,
+                    # and its server starts another (``WorkerProcess``), the calls rejoining.
+                    raise DeviceLost(f"{self.engine.device} no longer works: {exc!r}") from exc
                 for call, row in list(self.answering.items()):
                     if row in self.engine.rows:
                         self._fail(outputs, call, self.rows[row].response_id, exc)

@@ -208,6 +208,26 @@ def pick_device_and_dtype(device: str | None) -> tuple[str, Any]:
     return chosen, dtype
 
 
+class DeviceLost(RuntimeError):
+    """The device failed in a way that stays (a CUDA error after an illegal memory access, a
+    device-side assert): nothing more can run on it in this process."""
+
+
+def device_broken(device: Any) -> bool:
+    """Whether ``device`` (a ``torch.device``) is left unusable after an error: a CUDA context
+    with a sticky error fails every call from then on, a synchronisation included. Out of
+    memory is not that: the next step may fit."""
+    if device.type != "cuda":
+        return False
+    import torch
+
+    try:
+        torch.cuda.synchronize(device)
+    except RuntimeError:
+        return True
+    return False
+
+
 def load_worker(options: WorkerOptions) -> ModelWorker:
     """Load the model of ``options.spec`` (``moshi:…`` or ``qwen3-omni:…``) as ``options``
     say."""
@@ -259,6 +279,9 @@ def _serve(conn: Connection, options: WorkerOptions, level: int, server_pid: int
             return
         try:
             result = worker.handle(request)
+        except DeviceLost:
+            log.exception("the device failed for good; this worker ends")
+            return  # its server sees it gone, and starts another
         except Exception as exc:
             log.exception("tick failed")
             result = TickResult(error=repr(exc))
