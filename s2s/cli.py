@@ -206,7 +206,9 @@ def _parser() -> argparse.ArgumentParser:
         "--model", required=True,
         help="the model it serves: moshi:PATH_OR_HUB_ID or qwen3-omni:PATH_OR_HUB_ID",
     )  # fmt: skip
-    worker.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA on a GPU cluster)")
+    worker.add_argument(
+        "--device", help="cpu or cuda (the GPU Ray gives it; default: CUDA on a GPU cluster)"
+    )
     worker.add_argument(
         "--max-calls", type=int, default=32, help="call slots (default %(default)s)"
     )
@@ -284,6 +286,9 @@ def parse_settings(
     settings = Settings(**fields, api_keys=tuple(keys), allowed_origins=tuple(args.allow_origin))
     if settings.ray_address and settings.workers > 1:
         parser.error("--workers above 1 with --ray-address: run one edge per machine instead")
+    if settings.ray_address and (settings.device or settings.cuda_graphs != "auto"):
+        # The model runs on the workers, each started with its own (s2s worker --device ...).
+        parser.error("--device and --cuda-graphs are the workers' with --ray-address (s2s worker)")
     if settings.ray_address and settings.model.partition(":")[0] not in ("moshi", "qwen3-omni"):
         parser.error(
             "--ray-address serves moshi:PATH_OR_HUB_ID and qwen3-omni:PATH_OR_HUB_ID models only "
@@ -316,6 +321,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_worker(args: argparse.Namespace) -> int:
     """``s2s worker``: start a model worker actor on the cluster and keep it until SIGTERM."""
     s2s_log.configure(args.log_level)
+    if args.device and args.device.startswith("cuda:") and args.device != "cuda:0":
+        # Ray shows the actor the one GPU it was given, as cuda:0 (CUDA_VISIBLE_DEVICES).
+        log.error("--device %s: a worker sees only the GPU Ray gives it; use cuda", args.device)
+        return 2
     from s2s.worker import cluster  # Ray, only here and with serve --ray-address
 
     try:
@@ -325,7 +334,7 @@ def run_worker(args: argparse.Namespace) -> int:
         )
         name, actor, hello = cluster.start_worker(
             options, name=args.name, evict_after_s=args.peer_timeout,
-            max_restarts=args.max_restarts,
+            max_restarts=args.max_restarts, detached=args.detach,
         )  # fmt: skip
     except (ClusterUnavailable, WorkerError) as exc:
         log.error("%s", exc)

@@ -338,12 +338,39 @@ def test_a_worker_found_gone_takes_calls_again_once_it_reports_past_its_eviction
     assert reg.place("moshi:a", ["c1", "c2"]) is None  # "dead" never reported again
 
 
+def test_a_stopped_worker_stays_gone_and_a_long_silent_one_is_forgotten() -> None:
+    """A worker being stopped may report once more after it left: that report does not bring
+    it back (it registered again, taking calls for seconds and listed for good). One silent
+    for five minutes (dead for good: a lost node, its restarts used up) is forgotten; if it
+    reports after all, it registers again."""
+    now = [100.0]  # (incarnations are unique: a uuid each start)
+    reg = WorkerRegistry(clock=lambda: now[0])
+    reg.register("stopping", "1", _hello("moshi:a", 2), None, 5.0)
+    reg.register("lost", "l1", _hello("moshi:a", 2), None, 5.0)
+    reg.leave("stopping")
+    assert reg.report("stopping", "1", [], 1.0)  # no "register again"
+    reg.register("stopping", "1", _hello("moshi:a", 2), None, 5.0)
+    assert [s.name for s in reg.workers()] == ["lost"]
+    reg.register("stopping", "2", _hello("moshi:a", 2), None, 5.0)  # started anew: welcome
+    now[0] += 299.0
+    reg.report("stopping", "2", [], 1.0)
+    assert {s.name for s in reg.workers()} == {"stopping", "lost"}
+    now[0] += 2.0
+    assert [s.name for s in reg.workers()] == ["stopping"]
+    assert not reg.report("lost", "l1", [], 1.0)  # so it registers again
+
+
 def test_a_bad_or_unreachable_ray_address_is_a_clear_error(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     with pytest.raises(SystemExit):
         parse_settings(["serve", "--ray-address", "auto", "--model", "echo"])
     assert "--ray-address serves moshi:PATH_OR_HUB_ID and qwen3-omni:" in capsys.readouterr().err
+    # The model's device is each worker's own: an edge's would be ignored.
+    for ignored in (["--device", "cuda"], ["--cuda-graphs", "off"]):
+        with pytest.raises(SystemExit):
+            parse_settings(["serve", "--ray-address", "auto", "--model", "moshi:m", *ignored])
+        assert "are the workers' with --ray-address" in capsys.readouterr().err
     with pytest.raises(ClusterUnavailable, match="neither HOST:PORT nor auto"):
         connect("localhost")
     with pytest.raises(ClusterUnavailable, match=r"no Ray cluster answers at 127\.0\.0\.1:1"):
@@ -367,6 +394,14 @@ async def test_serve_reports_an_unreachable_cluster_and_never_imports_ray_withou
         _, err = await worker.communicate()
     assert worker.returncode == 2
     assert b"--ray-address 'nowhere' is neither HOST:PORT nor auto" in err
+    # Ray shows a worker the one GPU it gives it, as cuda:0: cuda:1 would fail to load.
+    gpu = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "s2s", "worker", "--model", "moshi:nowhere", "--device", "cuda:1",
+        "--ray-address", "nowhere", stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(60):
+        _, err = await gpu.communicate()
+    assert gpu.returncode == 2 and b"sees only the GPU Ray gives it" in err
     probe = (
         "import sys, asyncio\n"
         "from s2s.cli import parse_settings\n"

@@ -16,6 +16,7 @@ a second; edges ask it to place calls.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import os
@@ -58,6 +59,8 @@ WORKER_RESOURCE = "s2s_worker"
 REPORT_INTERVAL_S = 1.0
 #: A worker that has not reported for this long gets no new calls (it died or hangs).
 SILENT_AFTER_S = 5.0
+#: A worker silent this long is forgotten (its metrics go); one that reports again registers.
+FORGET_AFTER_S = 300.0
 
 
 #: Ray passes an argument or result over 100 KiB through its object store (a put, a fetch, a
@@ -150,11 +153,16 @@ class WorkerRegistry:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._workers: dict[str, _Worker] = {}
         self._clock = clock
+        #: Incarnations that left for good: one still reporting (it is being stopped) must not
+        #: register again.
+        self._left: collections.deque[str] = collections.deque(maxlen=1024)
 
     def register(
         self, name: str, incarnation: str, hello: bytes, actor: Any, evict_after_s: float
     ) -> None:
         """A worker started (or restarted: it starts again with no calls)."""
+        if incarnation in self._left:
+            return
         self._workers[name] = _Worker(
             name, incarnation, hello_decoder.decode(hello), actor, evict_after_s, self._clock()
         )
@@ -162,6 +170,8 @@ class WorkerRegistry:
     def report(self, name: str, incarnation: str, calls: list[str], step_ms: float) -> bool:
         """What a worker holds now (it sends this about once a second); False if the registry
         does not know it (the registry restarted): it should register again."""
+        if incarnation in self._left:
+            return True  # stopping: it has nothing more to tell
         if (worker := self._current(name, incarnation)) is None:
             return False
         worker.calls, worker.step_ms = set(calls), step_ms
@@ -188,12 +198,20 @@ class WorkerRegistry:
 
     def leave(self, name: str) -> None:
         """The worker is stopping for good."""
-        self._workers.pop(name, None)
+        if (worker := self._workers.pop(name, None)) is not None:
+            self._left.append(worker.incarnation)
+
+    def _forget_silent(self, now: float) -> None:
+        """Forget workers that stopped reporting long ago: dead for good (a lost node, restarts
+        used up, a detached worker gone), they would be listed, down, forever."""
+        for name in [n for n, w in self._workers.items() if now - w.last_report > FORGET_AFTER_S]:
+            del self._workers[name]
 
     def place(self, model: str, calls: list[str], exclude: str = "") -> Placement | None:
         """Put ``calls`` together on the worker of ``model`` with the most free slots (not on
         ``exclude``); None if no worker of that model has room for them all."""
         now = self._clock()
+        self._forget_silent(now)
         fits = [
             (worker.hello.slots - len(worker.held(now)), worker)
             for worker in self._workers.values()
@@ -218,6 +236,7 @@ class WorkerRegistry:
 
     def workers(self) -> list[WorkerState]:
         now = self._clock()
+        self._forget_silent(now)
         states = []
         for w in self._workers.values():
             free = w.hello.slots - len(w.held(now))
@@ -339,12 +358,18 @@ class ModelWorkerActor:
 
 
 def start_worker(
-    options: WorkerOptions, *, name: str = "", evict_after_s: float = 15.0, max_restarts: int = -1
+    options: WorkerOptions,
+    *,
+    name: str = "",
+    evict_after_s: float = 15.0,
+    max_restarts: int = -1,
+    detached: bool = False,
 ) -> tuple[str, Any, Hello]:
     """Start a worker actor for ``options.spec`` on the cluster this process joined and wait
     until its model is loaded: its name, actor handle and hello. It asks for one GPU when
     ``options.device`` is CUDA (or None on a cluster with GPUs), else for one ``s2s_worker``
-    resource."""
+    resource. It ends with this process unless ``detached``: a process killed while its worker
+    loads (or at any time) leaves no worker holding a GPU with no one to stop it."""  # fmt: skip
     spec, device = options.spec, options.device
     name = name or f"{spec.partition(':')[0]}-{uuid.uuid4().hex[:8]}"
     resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
@@ -356,11 +381,16 @@ def start_worker(
             + ("GPUs" if gpu else f"ray start --resources '{{\"{WORKER_RESOURCE}\": 1}}'")
         )
     placement: dict[str, Any] = {"num_gpus": 1} if gpu else {"resources": {WORKER_RESOURCE: 1}}
-    placement |= {"name": name, "namespace": NAMESPACE, "lifetime": "detached", "num_cpus": 0,
+    placement |= {"name": name, "namespace": NAMESPACE, "num_cpus": 0,
                   "max_restarts": max_restarts}  # fmt: skip
+    if detached:
+        placement["lifetime"] = "detached"
     placement["runtime_env"] = {"env_vars": INLINE_TICKS}
     actor_class: Any = ray.remote(ModelWorkerActor)
-    actor = actor_class.options(**placement).remote(name, options, evict_after_s)
+    try:
+        actor = actor_class.options(**placement).remote(name, options, evict_after_s)
+    except ValueError as exc:  # Ray's word for a name already taken
+        raise WorkerError(f"cannot start worker {name!r}: {exc}") from exc
     try:
         hello = hello_decoder.decode(ray.get(actor.hello.remote(), timeout=LOAD_TIMEOUT_S))
     except (ray.exceptions.RayError, TimeoutError) as exc:
@@ -370,6 +400,7 @@ def start_worker(
 
 
 def stop_worker(name: str, actor: Any) -> None:
-    """Take a worker off the registry and end it for good."""
+    """Take a worker off the registry and end it for good (its last reports, still on their
+    way, cannot register it again: ``WorkerRegistry.leave``)."""
     ray.get(registry().leave.remote(name))
     ray.kill(actor, no_restart=True)
