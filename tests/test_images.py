@@ -158,7 +158,20 @@ async def test_bad_images_each_get_their_error_and_the_call_goes_on(
         await peer.close()
 
 
-async def test_a_video_track_is_sampled_and_its_latest_frame_answers(local: Server) -> None:
+async def test_a_video_track_is_sampled_and_its_latest_frame_answers(
+    local: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sampled frames are turned into pictures in the picture decoder's threads, as uploads
+    are (they ran on the default executor, as many at once as calls had cameras)."""
+    from s2s import images
+
+    convert, threads = images.from_video_frame, set()
+
+    def recorded(frame: object, limits: images.ImageLimits) -> images.Picture:
+        threads.add(threading.current_thread().name)
+        return convert(frame, limits)
+
+    monkeypatch.setattr(images, "from_video_frame", recorded)
     camera = ColourCamera((40, 170, 60))
     peer = Peer(local.url, MicTrack(), camera=camera,
                 session={"audio": {"input": {"turn_detection": None}}})  # fmt: skip
@@ -173,6 +186,36 @@ async def test_a_video_track_is_sampled_and_its_latest_frame_answers(local: Serv
         done = await peer.next_event("response.done", timeout=20)
         answer = done["response"]["output"][0]["content"][0]["transcript"]
         assert "320 by 240" in answer and "green" in answer
+        assert threads and all(n.startswith("s2s-images") for n in threads), threads
+    finally:
+        await peer.close()
+
+
+async def test_camera_frames_over_the_pixel_cap_are_skipped_with_one_error(
+    start_server: StartServer,
+) -> None:
+    """A camera's frames are held to the pixel cap, as uploads are (a 9000x9000 frame took
+    1.2 s and 1 GB to convert, every second of a call): they are skipped, the caller is told
+    once, and the call goes on without a picture."""
+    server = await start_server(model="local", image_max_pixels=320 * 240 - 1)
+    camera = ColourCamera((40, 170, 60))
+    peer = Peer(server.url, MicTrack(), camera=camera,
+                session={"audio": {"input": {"turn_detection": None}}})  # fmt: skip
+    try:
+        await peer.connect()
+        await peer.next_event("session.created")
+        error = await peer.next_event("error", timeout=10)
+        assert error["error"]["code"] == "image_too_many_pixels"
+        assert "320x240" in error["error"]["message"]
+        loop = asyncio.get_running_loop()
+        # Two more seconds of video: two more frames sampled, and skipped without a word.
+        await peer.wait_audio(2.0, since=loop.time())
+        mark = len(peer.events)
+        ask_what_is_seen(peer)
+        done = await peer.next_event("response.done", after=mark, timeout=20)
+        answer = done["response"]["output"][0]["content"][0]["transcript"]
+        assert "no picture" in answer
+        assert [e for e in peer.events if e["type"] == "error"] == [error]
     finally:
         await peer.close()
 
@@ -199,6 +242,24 @@ async def test_a_server_that_samples_no_video_keeps_a_call_that_sends_some(
         assert "a=inactive" in video.split("m=", 2)[1]  # the camera is refused in the answer
     finally:
         await peer.close()
+
+
+def test_a_large_camera_frame_is_scaled_down_as_it_becomes_rgb() -> None:
+    """A frame larger than ``max_side`` comes out that large at most, its shape and colour
+    kept; one over the pixel cap is refused."""
+    import av
+
+    from s2s.images import ImageError, ImageLimits, from_video_frame
+
+    pixels = np.empty((3000, 4000, 3), np.uint8)
+    pixels[:] = (200, 30, 30)
+    frame = av.VideoFrame.from_ndarray(pixels, format="rgb24").reformat(format="yuv420p")
+    picture = from_video_frame(frame, ImageLimits())
+    assert (picture.width, picture.height) == (4000, 3000)
+    assert Image.open(io.BytesIO(picture.jpeg)).size == (1024, 768)
+    assert "4000 by 3000" in picture.description and "red" in picture.description
+    with pytest.raises(ImageError, match="4000x3000"):
+        from_video_frame(frame, ImageLimits(max_pixels=4000 * 3000 - 1))
 
 
 def _stored(image: Image.Image, kind: str, **options: object) -> bytes:

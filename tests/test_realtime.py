@@ -242,6 +242,51 @@ async def test_truncate_keeps_only_what_was_heard(local: Server) -> None:
         await peer.close()
 
 
+async def test_truncate_cuts_audio_and_refuses_text(local: Server) -> None:
+    """Truncate cuts assistant audio, also while it plays; text has no playback to cut to, so
+    truncating it, or a part that is not there, is refused and the item kept (it was replaced
+    by an empty transcript)."""
+    peer = await call(local, audio={"input": {"turn_detection": None}})
+    try:
+        said = {"type": "output_text", "text": "kept as written"}
+        peer.send({"type": "conversation.item.create", "item": {"type": "message",
+                   "role": "assistant", "id": "item_said", "content": [said]}})  # fmt: skip
+        mark = say_text(peer, "please say one two three", output_modalities=["text"])
+        done = await peer.next_event("response.done", after=mark, timeout=20)
+        written = done["response"]["output"][0]
+        assert written["content"][0]["type"] == "output_text"
+        playing = say_text(peer, LONG)
+        await peer.next_event("output_audio_buffer.started", after=playing, timeout=20)
+        spoken = (await peer.next_event("response.output_item.added", after=playing))["item"]
+
+        def truncate(event_id: str, item_id: str, index: int) -> int:
+            mark = len(peer.events)
+            peer.send({"type": "conversation.item.truncate", "event_id": event_id,
+                       "item_id": item_id, "content_index": index,
+                       "audio_end_ms": 300})  # fmt: skip
+            return mark
+
+        refused = [("item_said", 0), (written["id"], 0), (spoken["id"], 1)]
+        for n, (item_id, index) in enumerate(refused):
+            mark = truncate(f"evt_cut{n}", item_id, index)
+            error = (await peer.next_event("error", after=mark))["error"]
+            assert error["code"] == "unsupported_content_type", error
+            assert (error["event_id"], error["param"]) == (f"evt_cut{n}", "content_index")
+        assert "response.done" not in types(peer, playing)  # refused, the reply plays on
+        mark = truncate("evt_cut", spoken["id"], 0)
+        truncated = await peer.next_event("conversation.item.truncated", after=mark)
+        assert truncated["item_id"] == spoken["id"]
+        done = await peer.next_event("response.done", after=mark)
+        assert done["response"]["status"] == "cancelled"
+        for item_id, content in [("item_said", [said]), (written["id"], written["content"])]:
+            mark = len(peer.events)
+            peer.send({"type": "conversation.item.retrieve", "item_id": item_id})
+            kept = (await peer.next_event("conversation.item.retrieved", after=mark))["item"]
+            assert kept["content"] == content
+    finally:
+        await peer.close()
+
+
 async def test_steering_mid_response_and_per_response_instructions(local: Server) -> None:
     peer = await call(local, audio={"input": {"turn_detection": None}})
     try:

@@ -284,16 +284,23 @@ class Responses:
         item_id = event.item_id
         if not isinstance(item, MessageItem) or item.role != "assistant":
             raise RequestError("invalid_item", "only assistant audio can be truncated", "item_id")
-        if self.active is not None and self.active.item is item:
+        r = self.active if self.active is not None and self.active.item is item else None
+        # A reply being made gets its content once it ends: its audio, if it is spoken.
+        parts = item.content if r is None else [OutputAudio()] if "audio" in r.modalities else []
+        index = event.content_index
+        if not (0 <= index < len(parts) and isinstance(parts[index], OutputAudio)):
+            raise RequestError(  # text has no playback to cut to; "truncating" it erased it
+                "unsupported_content_type", f"content {index} of item {item_id} is not audio",
+                "content_index",
+            )  # fmt: skip
+        if r is not None:
             await self.cancel("client_cancelled")
         timeline, audio_ms = self._timelines.get(item_id, ([], 0))
         end = min(event.audio_end_ms, audio_ms)
         item.content = [OutputAudio(transcript="".join(t for ms, t in timeline if ms < end))]
         self._timelines[item_id] = ([(ms, t) for ms, t in timeline if ms < end], end)
         self._send(
-            ConversationItemTruncated(
-                item_id=item_id, content_index=event.content_index, audio_end_ms=end
-            )
+            ConversationItemTruncated(item_id=item_id, content_index=index, audio_end_ms=end)
         )
 
     # -- the events of one response ----------------------------------------------------------
