@@ -224,13 +224,17 @@ class VoiceInput:
         red = packet.payload_type == self._codecs.red
         if packet.payload_type != self._codecs.opus and not red:
             return
-        stream = self._streams.get(packet.ssrc)
-        if stream is None:
-            stream = self._streams[packet.ssrc] = StreamStatistics(opus.RATE)
         if packet.ssrc != self._ssrc:
             if self._ssrc is not None:  # another source: its numbers start anywhere
                 self._pipeline.restart()
+                # Only the current source is reported on: aiortc's receiver report holds one
+                # block per source it knows, and past about 57 it no longer fits a packet, which
+                # stops the receiver's RTCP task for good and with it the call's closing.
+                self._streams.pop(self._ssrc, None)
             self._ssrc = packet.ssrc
+        stream = self._streams.get(packet.ssrc)
+        if stream is None:
+            stream = self._streams[packet.ssrc] = StreamStatistics(opus.RATE)
         stream.add(packet)
         payload = packet.payload
         older: list[tuple[int, bytes]] | None = None

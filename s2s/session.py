@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 _MODEL_BACKLOG = 50
 # Caller audio waiting for the VAD thread; past this the oldest is dropped.
 _VAD_BACKLOG = 50
+#: How long closing the peer connection may take before the rest of the call is let go anyway.
+CLOSE_TIMEOUT_S = 5.0
 
 
 class _Ended(Exception):
@@ -222,7 +224,10 @@ class Session:
         """Close the peer connection, the track and the model stream. Safe to call twice."""
         self.end(self.end_reason or "released")
         try:
-            await self.pc.close()
+            # Bounded: a close that never returns (an aiortc task that died without saying so)
+            # would keep the model stream, the call's slot and its count forever.
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self.pc.close()
         except Exception:
             # aiortc can fail to close a connection built from a broken offer (a transceiver
             # without a transport); what it holds is dropped with it all the same.

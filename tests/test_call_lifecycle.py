@@ -62,6 +62,50 @@ async def test_client_closing_its_side_ends_the_call(server: Server) -> None:
     assert session is not None and session.end_reason in ("connection_closed", "peer_gone")
 
 
+async def test_a_caller_that_switches_its_audio_source_often_can_still_hang_up(
+    server: Server,
+) -> None:
+    """A peer sending its audio under 100 SSRCs: the server's receiver reports keep fitting a
+    packet, so its RTCP task lives on and the call closes (past about 57 sources, aiortc's
+    report overflowed, its task died, and closing the call waited for it forever: the call's
+    count and model stream were never let go)."""
+    import random
+    import time
+
+    from aiortc.rtp import RtpPacket
+
+    peer = Peer(server.url)
+    try:
+        await peer.connect()
+        await peer.next_event("session.created")
+        call_id = peer.call_url.rsplit("/", 1)[1]
+        audio = peer.pc.getTransceivers()[0]
+        sender = audio.sender
+        opus = next(c.payloadType for c in audio._codecs if c.mimeType.lower() == "audio/opus")
+        flooded = time.time()
+        for i in range(100):  # a hostile or broken peer: RTP straight onto its transport
+            packet = RtpPacket(payload_type=opus, sequence_number=i, timestamp=960 * i,
+                               ssrc=random.getrandbits(32), payload=b"\xf8\xff\xfe")  # fmt: skip
+            await sender.transport._send_rtp(packet.serialize())
+
+        async def reported_since_flood() -> bool:
+            stats = await sender.getStats()
+            return any(
+                s.type == "remote-inbound-rtp" and s.timestamp.timestamp() > flooded
+                for s in stats.values()
+            )
+
+        # The server's receiver reports on the peer's audio again (its RTCP task is alive).
+        async with asyncio.timeout(10):
+            while not await reported_since_flood():  # noqa: ASYNC110 - RTCP has no event here
+                await asyncio.sleep(0.1)
+        async with asyncio.timeout(10):
+            assert await peer.hangup() == 200
+        assert server.registry.get(call_id) is None
+    finally:
+        await peer.close()
+
+
 async def test_vanished_client_is_cleaned_up_within_peer_timeout(start_server: StartServer) -> None:
     server = await start_server(peer_timeout_s=1.5)
     proc = await asyncio.create_subprocess_exec(
