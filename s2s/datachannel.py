@@ -17,7 +17,7 @@ from s2s.config import Settings
 from s2s.eventrate import FLOOD_S, EventRate, Verdict, event_rate
 from s2s.log import CallLogger
 from s2s.protocol.client_events import AnyClientEvent
-from s2s.protocol.codec import EventError, decode_client_event, encode_event
+from s2s.protocol.codec import EventError, decode_client_event, encode_event, utf8_size
 from s2s.protocol.server_events import Error, ErrorDetail, ServerEvent
 
 EVENTS_LABEL = "oai-events"
@@ -66,12 +66,12 @@ class EventChannel:
         An event that is stale by then (``keep=False``) is not kept, only sent to listeners.
         """
         text = encode_event(event)
-        if len(text) > self._max_event_bytes:
+        if (size := utf8_size(text)) > self._max_event_bytes:
             # Our own bug if it happens; the call must survive it, and the client hear of it.
-            self.log.error("dropped a %d-byte %s event", len(text), type(event).__name__)
+            self.log.error("dropped a %d-byte %s event", size, type(event).__name__)
             detail = ErrorDetail(
                 type="server_error", code="event_too_large",
-                message=f"a server event of {len(text)} bytes was too large to send",
+                message=f"a server event of {size} bytes was too large to send",
             )  # fmt: skip
             text = encode_event(Error(error=detail))
         channel = self._channel
@@ -107,6 +107,10 @@ class EventChannel:
         False once that sender floods: it is to be cut off."""
         if self._cut_off:
             return False
+        if isinstance(message, str) and not message.isascii():
+            # Limits count bytes, not characters; encoded once here, the decoder's size check
+            # then costs nothing.
+            message = message.encode()
         match (rate or self._rate).take(len(message)):
             case Verdict.ACCEPT:
                 pass

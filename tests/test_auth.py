@@ -178,7 +178,7 @@ async def test_the_app_backend_watches_and_steers_its_call_over_the_sideband(
                 await http.ws_connect(server.url + "/v1/realtime?call_id=rtc_none",
                                       headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
             assert missing.value.status == 404
-            # At most 4 at once (each may hold 256 MiB of events a backend does not read).
+            # At most 4 at once (each may hold 16 MiB of events a backend does not read).
             auth = {"Authorization": f"Bearer {KEY}"}
             extra = [await http.ws_connect(url, headers=auth) for _ in range(4)]
             with pytest.raises(aiohttp.WSServerHandshakeError) as crowded:
@@ -299,6 +299,53 @@ async def test_a_sideband_that_floods_is_cut_off_and_the_call_goes_on(
         for _ in range(8):
             mark = peer.events.index(await peer.next_event("session.updated", after=mark)) + 1
         assert len(server.registry) == 1
+    finally:
+        await peer.close()
+
+
+async def test_a_sideband_that_does_not_read_is_cut_off_by_bytes_not_only_by_count(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller retrieves a 200 kB item again and again while the app backend reads nothing:
+    its backlog is capped in bytes (lowered here from 16 MiB to 1 MiB), so it loses its
+    sideband (1011) long before 1,024 such events (200 MB) wait for it. The call goes on."""
+    from s2s.signaling import sideband
+
+    monkeypatch.setattr(sideband, "_SIDEBAND_BACKLOG_BYTES", 1 << 20)
+    server = await start_server(api_keys=(KEY,))
+    peer = KeyedPeer(server.url, KEY)
+    try:
+        await peer.connect()
+        await peer.next_event("session.created")
+        session = server.registry.get(peer.call_id)
+        assert session is not None
+        url = server.url + f"/v1/realtime?call_id={peer.call_id}"
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with aiohttp.ClientSession() as http, http.ws_connect(url, headers=headers) as ws:
+            peer.send({"type": "conversation.item.create", "item": {
+                "id": "big", "type": "message", "role": "user",
+                "content": [{"type": "input_text", "text": "x" * 200_000}],
+            }})  # fmt: skip
+            await peer.next_event("conversation.item.done")
+            # Until the backend is dropped; the sockets between hold a few MB before the backlog
+            # grows, and 150 events (30 MB) is far past both but far short of 1,024.
+            retrieved = 0
+            while session.listeners and retrieved < 150:
+                mark = len(peer.events)
+                peer.send({"type": "conversation.item.retrieve", "item_id": "big"})
+                await peer.next_event("conversation.item.retrieved", after=mark)
+                retrieved += 1
+            assert not session.listeners, f"still attached after {retrieved} events of 200 kB"
+            # What was queued still arrives, then the close.
+            got = []
+            async with asyncio.timeout(10):
+                async for message in ws:
+                    got.append(json.loads(message.data)["type"])
+            assert ws.close_code == 1011
+            assert 0 < got.count("conversation.item.retrieved") < retrieved
+        mark = len(peer.events)
+        peer.send({"type": "session.update", "session": {}})
+        await peer.next_event("session.updated", after=mark)
     finally:
         await peer.close()
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
+import pytest
+
+from s2s.realtime import conversation
 from tests.conftest import Server, StartServer
 from tests.peer import Peer
 
@@ -94,5 +98,75 @@ async def test_output_audio_buffer_clear_with_no_response_yet_is_quietly_taken(
         peer.send({"type": "session.update", "session": {}})
         await peer.next_event("session.updated")
         assert not [e for e in peer.events if e["type"] in ("error", "output_audio_buffer.cleared")]
+    finally:
+        await peer.close()
+
+
+async def test_the_event_rate_counts_utf8_bytes_not_characters(start_server: StartServer) -> None:
+    """Events of 4-byte characters cost their bytes: 6,000 emoji are 24 kB, not 6 kB, so the
+    third goes past a 60 kB burst (ten passed it when characters were counted)."""
+    # A burst of two seconds' worth: small events and pictures, so it need not hold one's chunks.
+    server = await start_server(max_event_bytes_per_s=30_000, max_event_bytes=30_000,
+                                image_max_bytes=1_000)  # fmt: skip
+    peer = Peer(server.url)
+    try:
+        await peer.connect()
+        await peer.next_event("session.created")
+        event = json.dumps({"type": "session.update", "session": {"instructions": "😀" * 6_000}},
+                           ensure_ascii=False)  # fmt: skip
+        assert len(event) < 6_100 and 24_000 < len(event.encode()) < 24_100
+        for _ in range(3):
+            peer.send(event)
+        error = await peer.next_event("error")
+        assert error["error"]["code"] == "rate_limited"
+        assert "ended" not in error["error"]["message"]
+        # Events are handled in order: the two taken are answered before this one.
+        peer.send({"type": "session.update", "session": {"instructions": "Hi"}})
+        updates: list[dict[str, Any]] = []
+        mark = 0
+        while not updates or updates[-1]["session"]["instructions"] != "Hi":
+            updates.append(await peer.next_event("session.updated", after=mark))
+            mark = peer.events.index(updates[-1]) + 1
+        assert len(updates) == 3
+    finally:
+        await peer.close()
+
+
+async def test_the_oldest_items_are_forgotten_past_the_conversations_bytes(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Items are capped in bytes as well as in count (500 items of 256 kB would be 125 MB a
+    call): past the cap the oldest go, silently, as they do past 500. The cap is lowered here
+    from 16 MiB to 1 MB, so five 200 kB items pass it."""
+    monkeypatch.setattr(conversation, "_MAX_BYTES", 1_000_000)
+    server = await start_server()
+    peer = Peer(server.url)
+    try:
+        await peer.connect()
+        await peer.next_event("session.created")
+        text = "😀" * 50_000  # 200 kB as UTF-8: measured in bytes, not characters
+        for i in range(6):
+            peer.send(json.dumps({"type": "conversation.item.create", "item": {
+                "id": f"big{i}", "type": "message", "role": "user",
+                "content": [{"type": "input_text", "text": text}],
+            }}, ensure_ascii=False))  # fmt: skip
+        mark = 0
+        for i in range(6):
+            done = await peer.next_event("conversation.item.done", after=mark)
+            assert done["item"]["id"] == f"big{i}"
+            mark = peer.events.index(done) + 1
+        for i in range(6):
+            peer.send({"type": "conversation.item.retrieve", "item_id": f"big{i}"})
+        # Events are handled in order: every retrieve is answered before this.
+        peer.send({"type": "session.update", "session": {}})
+        end = peer.events.index(await peer.next_event("session.updated", after=mark))
+        answers = peer.events[mark:end]
+        assert [e["item"]["id"] for e in answers if e["type"] == "conversation.item.retrieved"] == [
+            "big2", "big3", "big4", "big5"
+        ]  # fmt: skip
+        assert [e["error"]["code"] for e in answers if e["type"] == "error"] == [
+            "item_not_found"
+        ] * 2
+        assert not [e for e in peer.events if e["type"] == "conversation.item.deleted"]
     finally:
         await peer.close()

@@ -86,6 +86,20 @@ def test_json_nested_too_deeply_is_an_event_error() -> None:
     assert exc.value.detail.code == "invalid_json"
 
 
+def test_the_size_limit_counts_utf8_bytes_not_characters() -> None:
+    """A str message of 4-byte characters is four times its ``len``: one of 300 emoji passed a
+    1000-byte limit at 1,240 bytes (and 261k of them a 256 KiB limit at 1 MB)."""
+    event = json.dumps({"type": "session.update", "session": {"instructions": "😀" * 300}},
+                       ensure_ascii=False)  # fmt: skip
+    assert len(event) < 1000 < len(event.encode())
+    for raw in (event, event.encode()):
+        with pytest.raises(EventError) as exc:
+            decode_client_event(raw, max_bytes=1000)
+        assert exc.value.detail.code == "message_too_large"
+        assert f"of {len(event.encode())} bytes" in exc.value.detail.message
+    decode_client_event(event, max_bytes=len(event.encode()))
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     event_types,

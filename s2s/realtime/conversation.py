@@ -24,6 +24,11 @@ from s2s.protocol.items import (
 from s2s.uploads import Uploads
 
 _MAX_ITEMS = 500  # oldest items are forgotten past this, as a model's context would be
+# Bytes of items (as JSON, pictures by reference) past which the oldest are forgotten too: 500
+# items of a 256 KiB event each would hold 125 MiB per call. Pictures are bounded apart, by the
+# image history. An item is measured when added: what grows after (a reply's transcript, a
+# turn's transcription) is the model's output, bounded by its own limits.
+_MAX_BYTES = 16 * 1024 * 1024
 _ALLOWED = {
     "user": ("input_text", "input_image"),
     "system": ("input_text",),
@@ -43,6 +48,8 @@ class Conversation:
     def __init__(self, image_limits: ImageLimits, image_history: int, upload_bytes: int) -> None:
         self.image_limits = image_limits
         self._items: collections.OrderedDict[str, Item] = collections.OrderedDict()
+        self._sizes: dict[str, int] = {}  # each item's bytes when added, summed in ``_bytes``
+        self._bytes = 0
         # Every function call's call_id, and whether its output has come: kept apart from the
         # items so an answer is checked even after the call's item was deleted or forgotten.
         self._calls: dict[str, bool] = {}
@@ -66,7 +73,7 @@ class Conversation:
     def delete(self, item_id: str) -> None:
         """Take the item out of what the model reads next, its picture with it."""
         self.get(item_id)
-        del self._items[item_id]
+        self._forget(item_id)
         self._pictures.pop(item_id, None)
 
     def last(self) -> str | None:
@@ -87,15 +94,23 @@ class Conversation:
         if previous is None:
             previous = last
         self._items[item.id] = item
+        size = len(msgspec.json.encode(wire(item)))
+        self._bytes += size - self._sizes.get(item.id, 0)
+        self._sizes[item.id] = size
         if previous != last:
             # Placed after an earlier item (or at the root): move the ones after it behind.
             ids = [i for i in self._items if i != item.id]
             at = 0 if previous == "root" or previous is None else ids.index(previous) + 1
             for later in ids[at:]:
                 self._items.move_to_end(later)
-        while len(self._items) > _MAX_ITEMS:
-            self._items.popitem(last=False)
+        while len(self._items) > _MAX_ITEMS or (self._bytes > _MAX_BYTES and len(self._items) > 1):
+            # The oldest other than the new one (which may have been placed first).
+            self._forget(next(i for i in self._items if i != item.id))
         return None if previous == "root" else previous
+
+    def _forget(self, item_id: str) -> None:
+        del self._items[item_id]
+        self._bytes -= self._sizes.pop(item_id)
 
     async def check(
         self, item: Item, previous: str | None, pictures: dict[int, Picture]

@@ -7,11 +7,15 @@ import asyncio
 from aiohttp import WSMsgType, web
 
 from s2s.eventrate import event_rate
+from s2s.protocol.codec import utf8_size
 from s2s.signaling.errors import error_response, server_key
 from s2s.signaling.state import KEYS, REGISTRY, SETTINGS
 
-_SIDEBAND_BACKLOG = 1024  # server events queued for a slow app backend before it is cut off
-#: Sidebands one call may have at once: each holds a backlog of up to 256 MiB of events.
+# Server events queued for a slow app backend before it is cut off, in count and in bytes: a
+# caller that retrieves a large item again and again makes 256 KiB events as fast as it may send.
+_SIDEBAND_BACKLOG = 1024
+_SIDEBAND_BACKLOG_BYTES = 16 * 1024 * 1024
+#: Sidebands one call may have at once: each holds a backlog of up to 16 MiB of events.
 MAX_SIDEBANDS = 4
 #: How an s2s extension event's text begins (msgspec writes a struct's tag first).
 _EXTENSION = '{"type":"s2s.'
@@ -39,7 +43,9 @@ async def sideband(request: web.Request) -> web.StreamResponse:
             429, "too_many_sidebands", f"the call has {MAX_SIDEBANDS} sidebands already"
         )
     ws = web.WebSocketResponse(heartbeat=20, max_msg_size=request.app[SETTINGS].max_event_bytes)
-    outbox: asyncio.Queue[str | None] = asyncio.Queue(_SIDEBAND_BACKLOG)
+    # Each event with its size, counted into ``backlog`` until it is sent; None closes the socket.
+    outbox: asyncio.Queue[tuple[str, int] | None] = asyncio.Queue(_SIDEBAND_BACKLOG)
+    backlog = {"bytes": 0}
 
     closing = {"code": 1000, "why": b"call ended"}
     # Its own limits: an app backend's bursts neither cost the caller's events nor end the call.
@@ -51,16 +57,22 @@ async def sideband(request: web.Request) -> web.StreamResponse:
     def forward(text: str) -> None:
         if not extensions and text.startswith(_EXTENSION):
             return
-        try:
-            outbox.put_nowait(text)
-        except asyncio.QueueFull:  # a backend that does not read: drop it, not the call
-            session.listeners.discard(forward)
-            closing.update(code=1011, why=b"too slow")
+        size = utf8_size(text)
+        if not outbox.full() and backlog["bytes"] + size <= _SIDEBAND_BACKLOG_BYTES:
+            outbox.put_nowait((text, size))
+            backlog["bytes"] += size
+            return
+        # A backend that does not read: drop it, not the call.
+        session.listeners.discard(forward)
+        closing.update(code=1011, why=b"too slow")
+        if outbox.full():
             outbox.get_nowait()
-            outbox.put_nowait(None)
+        outbox.put_nowait(None)
 
     async def pump() -> None:
-        while (text := await outbox.get()) is not None:
+        while (queued := await outbox.get()) is not None:
+            text, size = queued
+            backlog["bytes"] -= size
             await ws.send_str(text)
         await ws.close(code=closing["code"], message=closing["why"])  # type: ignore[arg-type]
 
