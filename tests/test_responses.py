@@ -60,3 +60,25 @@ async def test_a_failed_response_drops_its_unplayed_audio_and_keeps_what_was_hea
     details = finished.response.status_details  # GA's shape: the failure in error, no reason
     assert details is not None and details.reason is None and details.error is not None
     assert (details.error.type, details.error.code) == ("server_error", "model_error")
+
+
+async def test_a_full_duplex_reply_right_after_the_last_is_heard_whole() -> None:
+    """A continuous model (Moshi) may speak again while its last reply, generated whole, still
+    plays out: that reply completes then, and the new one opens with all its audio queued
+    behind (its first steps were dropped: a lost word, a gap)."""
+    backend = EchoBackend()
+    sent: list[Any] = []
+    speaker = SpeakerTrack(encode=False)
+    responses = Responses(
+        SessionConfig(id="sess_1", model="m"), backend, await backend.open_stream("call"),
+        speaker, sent.append, Conversation(ImageLimits(), 4, 1 << 20), lambda item: None,
+        lambda: None, asyncio.Event(), None,
+    )  # fmt: skip
+    chunk = np.full(5 * FRAME, 1000, np.int16)
+    responses.play(StepResult(chunk, "first", "r1"), chunk)
+    responses.finished("r1", silent=False)
+    responses.play(StepResult(chunk, "second", "r2"), chunk)
+    assert speaker.queued_samples == 2 * chunk.size
+    (done,) = [e for e in sent if isinstance(e, ResponseDone)]
+    assert (done.response.id, done.response.status) == ("r1", "completed")
+    assert responses.active is not None and responses.active.id == "r2"

@@ -150,7 +150,14 @@ class Responses:
                 self._speaker.write(audio)
             return
         r = self.active
-        if r is None and not self._backend.turn_based:
+        continuous = not self._backend.turn_based
+        if continuous and r is not None and r.generated and r.id != result.response_id:
+            # A full-duplex model speaks again while its last reply still plays out: that reply
+            # is over now (the rest of it plays on), and this one opens, its audio queued
+            # behind (it was dropped: a word lost, a gap heard).
+            self._complete(r)
+            r = None
+        if r is None and continuous:
             # A continuous (full-duplex) model starts speaking on its own: open a response.
             r = self.open(ResponseParams(), result.response_id)
         if r is None or r.id != result.response_id:
@@ -182,11 +189,15 @@ class Responses:
         while r.markers and r.markers[0][0] < played:
             self._emit_text(r, r.markers.popleft()[1])
         if r.generated and played >= r.end_pos:
-            while r.markers:
-                self._emit_text(r, r.markers.popleft()[1])
-            self._finish("completed")
-            if r.playing:  # after response.done, as OpenAI's WebRTC calls send it
-                self._send(OutputAudioBufferStopped(response_id=r.id))
+            self._complete(r)
+
+    def _complete(self, r: ActiveResponse) -> None:
+        """``r``, generated whole, is done: the rest of its text, then ``response.done``."""
+        while r.markers:
+            self._emit_text(r, r.markers.popleft()[1])
+        self._finish("completed")
+        if r.playing:  # after response.done, as OpenAI's WebRTC calls send it
+            self._send(OutputAudioBufferStopped(response_id=r.id))
 
     # -- requests ----------------------------------------------------------------------------
 
