@@ -25,6 +25,8 @@ EVENTS_LABEL = "oai-events"
 _INBOX_SIZE = 256
 # Server events sent before the data channel opened, kept until it does.
 _PENDING_EVENTS = 256
+# ... and at most this many characters of them (4 MiB of memory at most).
+_PENDING_CHARS = 1 << 20
 # Server events sent but not yet out on SCTP past which the call ends (``slow_consumer``).
 _MAX_BUFFERED_BYTES = 16 * 1024 * 1024
 # How long a flooding call lives on after it is cut off, for its last errors to leave.
@@ -41,7 +43,8 @@ class EventChannel:
         self._end = end
         self._max_event_bytes = settings.max_event_bytes
         self._channel: RTCDataChannel | None = None
-        self._pending: deque[str] = deque(maxlen=_PENDING_EVENTS)
+        self._pending: deque[str] = deque()
+        self._pending_chars = 0
         self._inbox: asyncio.Queue[bytes | str] = asyncio.Queue(_INBOX_SIZE)
         self._rate = event_rate(settings)
         self._cut_off = False
@@ -58,7 +61,9 @@ class EventChannel:
         channel.on("message", self.receive)
         self.send(first)
         while self._pending and channel.readyState == "open":
-            channel.send(self._pending.popleft())
+            text = self._pending.popleft()
+            self._pending_chars -= len(text)
+            channel.send(text)
 
     def send(self, event: ServerEvent, *, keep: bool = True) -> None:
         """Send a server event to the client, or keep it until the data channel opens.
@@ -88,6 +93,11 @@ class EventChannel:
                 channel.send(text)
         elif keep:
             self._pending.append(text)
+            self._pending_chars += len(text)
+            # The oldest go past either bound (an app backend's sideband can make events of
+            # 256 KiB each before the caller's channel opens).
+            while len(self._pending) > _PENDING_EVENTS or self._pending_chars > _PENDING_CHARS:
+                self._pending_chars -= len(self._pending.popleft())
         for listener in list(self.listeners):
             listener(text)
 

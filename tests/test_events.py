@@ -170,3 +170,22 @@ async def test_the_oldest_items_are_forgotten_past_the_conversations_bytes(
         assert not [e for e in peer.events if e["type"] == "conversation.item.deleted"]
     finally:
         await peer.close()
+
+
+async def test_events_kept_for_a_channel_not_yet_open_are_bounded_in_size() -> None:
+    """Server events made before the caller's data channel opens (an app backend's sideband
+    can make them, 256 KiB each) are kept to 1 Mi characters, the newest: 256 of them could
+    have held 64 MiB."""
+    import logging
+
+    from s2s.config import Settings
+    from s2s.datachannel import EventChannel
+    from s2s.log import CallLogger
+    from s2s.protocol.server_events import Error, ErrorDetail
+
+    events = EventChannel(Settings(), CallLogger(logging.getLogger(__name__), "call"), print)
+    for i in range(20):
+        events.send(Error(error=ErrorDetail(message=f"{i:02d}" + "x" * 200_000, code="big")))
+    kept = list(events._pending)
+    assert 0 < sum(map(len, kept)) <= 1 << 20 and len(kept) == 5
+    assert all(f'"message":"{i:02d}' in text for i, text in zip(range(15, 20), kept, strict=True))
