@@ -11,6 +11,7 @@ settings for them.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,11 @@ log = logging.getLogger(__name__)
 # (loss, jitter; what the caller's RTT and bitrate control see) stay right.
 _REMOTE_STREAMS = "_RTCRtpReceiver__remote_streams"
 
+
+#: Inbound audio packets a second a call takes (each is decoded on the event loop all calls
+#: share): ten times a 20 ms sender's, twice a 2.5 ms one's; past it they are dropped, so a
+#: flood (20,000 a second saturated the loop) costs the others nothing.
+MAX_PACKETS_PER_S = 500
 
 #: An offer's media sections (audio, camera, data channel: 3 are used) and distinct ICE
 #: candidates (a few per network interface; a container host may have a dozen) past which it is
@@ -195,6 +201,9 @@ class VoiceInput:
         self._streams: dict[int, StreamStatistics] = getattr(receiver, _REMOTE_STREAMS)
         self._pipeline = VoiceReceiver(self._deliver, nack=codecs.nack, max_wait_ms=max_wait_ms)
         self._ssrc: int | None = None  # the source whose packets the pipeline holds
+        # A token bucket of packets: each is decoded on the event loop every call shares.
+        self._allowance = float(MAX_PACKETS_PER_S)
+        self._counted_at = time.monotonic()
 
     @classmethod
     def install(
@@ -221,6 +230,13 @@ class VoiceInput:
     async def handle_rtp_packet(self, packet: RtpPacket, arrival_time_ms: int) -> None:
         if not self._receiver._enabled:
             return
+        now = time.monotonic()
+        elapsed, self._counted_at = now - self._counted_at, now
+        self._allowance = min(MAX_PACKETS_PER_S, self._allowance + elapsed * MAX_PACKETS_PER_S)
+        if self._allowance < 1:
+            self._pipeline.stats.excess_packets += 1
+            return
+        self._allowance -= 1
         red = packet.payload_type == self._codecs.red
         if packet.payload_type != self._codecs.opus and not red:
             return

@@ -56,6 +56,8 @@ class ReceiveStats:
     bad_packets: int = 0
     #: Times the stream started over (another source, or a run of packets all behind it).
     restarts: int = 0
+    #: Packets past the rate any real sender keeps (``s2s.rtc.MAX_PACKETS_PER_S``), dropped.
+    excess_packets: int = 0
     #: Interarrival jitter (RFC 3550) and the current wait for a missing packet, in ms.
     jitter_ms: float = 0.0
     wait_ms: float = 0.0

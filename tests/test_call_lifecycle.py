@@ -106,6 +106,40 @@ async def test_a_caller_that_switches_its_audio_source_often_can_still_hang_up(
         await peer.close()
 
 
+async def test_audio_packets_past_any_real_senders_rate_are_dropped_before_decoding(
+    server: Server,
+) -> None:
+    """A peer pushing RTP far faster than real time (each packet is decoded on the event loop
+    every call shares): past 500 packets a second they are counted and dropped, and the call
+    goes on."""
+    from aiortc.rtp import RtpPacket
+
+    peer = Peer(server.url)
+    try:
+        await peer.connect()
+        await peer.next_event("session.created")
+        session = server.registry.get(peer.call_url.rsplit("/", 1)[1])
+        assert session is not None and session.voice_in is not None
+        audio = peer.pc.getTransceivers()[0]
+        sender = audio.sender
+        opus = next(c.payloadType for c in audio._codecs if c.mimeType.lower() == "audio/opus")
+        # (A source of its own: SRTP would refuse the peer's own sequence numbers again.)
+        for i in range(3000):  # a few tenths of a second's sending: thousands a second
+            packet = RtpPacket(payload_type=opus, sequence_number=i, timestamp=960 * i,
+                               ssrc=1234, payload=b"\xf8\xff\xfe")  # fmt: skip
+            await sender.transport._send_rtp(packet.serialize())
+            if i % 10 == 0:  # paced: sent all at once, most would overflow the socket's buffer
+                await asyncio.sleep(0.002)
+        stats = session.voice_in.stats
+        async with asyncio.timeout(10):
+            while stats.excess_packets < 1000:  # noqa: ASYNC110 - no event for it
+                await asyncio.sleep(0.05)
+        peer.send({"type": "session.update", "session": {"type": "realtime"}})
+        await peer.next_event("session.updated", timeout=5)
+    finally:
+        await peer.close()
+
+
 async def test_vanished_client_is_cleaned_up_within_peer_timeout(start_server: StartServer) -> None:
     server = await start_server(peer_timeout_s=1.5)
     proc = await asyncio.create_subprocess_exec(
