@@ -21,7 +21,8 @@ from s2s.protocol.codec import EventError, decode_client_event, encode_event, ut
 from s2s.protocol.server_events import Error, ErrorDetail, ServerEvent
 
 EVENTS_LABEL = "oai-events"
-# Client events waiting to be handled; past this, new ones are refused with an error event.
+# Client events waiting to be handled (the caller's, and app backends' apart); past this, new
+# ones are refused with an error event.
 _INBOX_SIZE = 256
 # Server events sent before the data channel opened, kept until it does.
 _PENDING_EVENTS = 256
@@ -45,7 +46,12 @@ class EventChannel:
         self._channel: RTCDataChannel | None = None
         self._pending: deque[str] = deque()
         self._pending_chars = 0
-        self._inbox: asyncio.Queue[bytes | str] = asyncio.Queue(_INBOX_SIZE)
+        # The caller's events and app backends' (sidebands'), each bounded; a backend's are
+        # handled first, so its steering (a cancel, a tool's output) never waits behind the
+        # caller's backlog of, say, pictures to decode.
+        self._inbox: deque[bytes | str] = deque()
+        self._backend_inbox: deque[bytes | str] = deque()
+        self._arrived = asyncio.Event()
         self._rate = event_rate(settings)
         self._cut_off = False
         self._slow = False
@@ -104,7 +110,10 @@ class EventChannel:
     async def next_event(self) -> AnyClientEvent:
         """The next client event that decodes; each that does not is answered with an error."""
         while True:
-            raw = await self._inbox.get()
+            while not (self._backend_inbox or self._inbox):
+                self._arrived.clear()
+                await self._arrived.wait()
+            raw = (self._backend_inbox or self._inbox).popleft()
             try:
                 return decode_client_event(raw, max_bytes=self._max_event_bytes)
             except EventError as exc:
@@ -146,15 +155,13 @@ class EventChannel:
                 loop = asyncio.get_running_loop()
                 loop.call_later(_CUT_OFF_GRACE_S, self._end, "rate_limited")
                 return False
-        try:
-            self._inbox.put_nowait(message)
-        except asyncio.QueueFull:
-            self.send(
-                Error(
-                    error=ErrorDetail(
-                        code="event_queue_full",
-                        message=f"more than {_INBOX_SIZE} events are waiting; this one was dropped",
-                    )
-                )
-            )
+        inbox = self._inbox if rate is None else self._backend_inbox
+        if len(inbox) >= _INBOX_SIZE:
+            self.send(Error(error=ErrorDetail(
+                code="event_queue_full",
+                message=f"more than {_INBOX_SIZE} events are waiting; this one was dropped",
+            )))  # fmt: skip
+            return True
+        inbox.append(message)
+        self._arrived.set()
         return True

@@ -189,3 +189,26 @@ async def test_events_kept_for_a_channel_not_yet_open_are_bounded_in_size() -> N
     kept = list(events._pending)
     assert 0 < sum(map(len, kept)) <= 1 << 20 and len(kept) == 5
     assert all(f'"message":"{i:02d}' in text for i, text in zip(range(15, 20), kept, strict=True))
+
+
+async def test_an_app_backends_events_are_handled_before_the_callers_backlog() -> None:
+    """A sideband's events (a cancel, a tool's output) do not wait behind the caller's queued
+    events (pictures to decode, say): they are handled next."""
+    import logging
+
+    from s2s.config import Settings
+    from s2s.datachannel import EventChannel
+    from s2s.eventrate import event_rate
+    from s2s.log import CallLogger
+
+    settings = Settings()
+    events = EventChannel(settings, CallLogger(logging.getLogger(__name__), "call"), print)
+    for i in range(5):
+        assert events.receive(json.dumps({"type": "input_audio_buffer.clear", "event_id": f"c{i}"}))
+    backend = json.dumps({"type": "response.cancel", "event_id": "b0"})
+    assert events.receive(backend, event_rate(settings))
+    order = []
+    async with asyncio.timeout(5):
+        for _ in range(6):
+            order.append((await events.next_event()).event_id)
+    assert order == ["b0", "c0", "c1", "c2", "c3", "c4"]
