@@ -33,10 +33,10 @@ import numpy as np
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from s2s import images
 from s2s.audio import PACKET_MS, WEBRTC_RATE, FrameChunker, Resampler, SpeakerTrack
 from s2s.backends import Backend, ModelStream
 from s2s.callstats import CallStats
+from s2s.camera import sample_camera
 from s2s.config import Settings
 from s2s.datachannel import EVENTS_LABEL, EventChannel
 from s2s.eventrate import EventRate
@@ -318,48 +318,12 @@ class Session:
                 self._vad.release(detector)
 
     async def _sample_camera(self, realtime: Realtime) -> None:
-        """Drain the caller's video track, keeping one frame every ``1 / camera_fps`` seconds.
-
-        Only the latest sampled frame is kept (as the call's newest picture); nothing queues:
-        the track is drained (aiortc's queue is unbounded) while a frame waits its turn in the
-        server's picture decoder, and its picture is taken when the next frame arrives. Frames
-        over the pixel cap are skipped, with one ``error`` for the call.
-        """
         track = await self._camera
         if self._settings.camera_fps <= 0:
             # aiortc hands over the track while the offer is applied, before ``accept`` turns
             # the video off; with no sampling it is never read.
             return
-        loop = asyncio.get_running_loop()
-        period = 1 / self._settings.camera_fps
-        last, refused = -period, False
-        converting: asyncio.Future[images.Picture] | None = None
-        try:
-            while True:
-                try:
-                    frame = await track.recv()
-                except MediaStreamError:
-                    return
-                if converting is not None and converting.done():
-                    if (failed := converting.exception()) is None:
-                        realtime.see(converting.result())
-                    else:  # a frame PIL or av could not convert: the next one may do
-                        self.log.warning("a camera frame could not be converted: %r", failed)
-                    converting = None
-                if converting is not None or loop.time() - last < period:
-                    continue
-                last = loop.time()
-                assert isinstance(frame, av.VideoFrame)
-                try:
-                    converting = images.convert_video_frame(frame, realtime.image_limits)
-                except images.ImageError as exc:
-                    if not refused:  # once: the camera's next frames are as large
-                        message = f"camera frames skipped: {exc}"
-                        self.send(Error(error=ErrorDetail(message=message, code=exc.code)))
-                    refused = True
-        finally:
-            if converting is not None:
-                converting.cancel()
+        await sample_camera(track, self._settings.camera_fps, realtime, self.send, self.log)
 
     async def _follow_playout(self, realtime: Realtime) -> None:
         while True:
