@@ -10,6 +10,8 @@ settings for them.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -38,6 +40,9 @@ log = logging.getLogger(__name__)
 # Private receiver state that VoiceInput keeps up to date so aiortc's RTCP receiver reports
 # (loss, jitter; what the caller's RTT and bitrate control see) stay right.
 _REMOTE_STREAMS = "_RTCRtpReceiver__remote_streams"
+_ACTIVE_SOURCES = "_RTCRtpReceiver__active_ssrc"
+#: Sources (SSRCs) a receiver keeps statistics of: one a track, and some to spare.
+MAX_SOURCES = 4
 
 
 #: Inbound audio packets a second a call takes (each is decoded on the event loop all calls
@@ -88,6 +93,51 @@ def receive_one_of_each(pc: RTCPeerConnection, *, camera: bool) -> list[RTCRtpTr
     for i, transceiver in enumerate(video):
         transceiver.direction = "recvonly" if camera and i == 0 else "inactive"
     return audio
+
+
+def limit_sources(receiver: RTCRtpReceiver) -> None:
+    """Keep what ``receiver`` knows of its sources (SSRCs) to the newest ``MAX_SOURCES``.
+
+    aiortc routes RTP of any new SSRC with a known payload type to the receiver of that kind,
+    which keeps statistics of every one and reports on all of them: past about 57 its receiver
+    report no longer fits a packet, its RTCP task dies of it silently, and closing the call
+    waits for that task for ever. A peer needs one source per track (retransmissions come under
+    another)."""
+    known: list[dict[int, Any]] = [
+        k
+        for name in (_REMOTE_STREAMS, _ACTIVE_SOURCES)
+        if isinstance(k := getattr(receiver, name, None), dict)
+    ]
+    if len(known) < 2 or not hasattr(receiver, "_handle_rtp_packet"):
+        log.warning("aiortc's receiver internals changed; its sources are not limited")
+        return
+    handle = receiver._handle_rtp_packet
+
+    async def handle_limited(packet: RtpPacket, arrival_time_ms: int) -> None:
+        await handle(packet, arrival_time_ms)
+        for sources in known:
+            while len(sources) > MAX_SOURCES:
+                del sources[next(iter(sources))]  # the first seen
+
+    receiver._handle_rtp_packet = handle_limited  # type: ignore[method-assign]
+
+
+async def close_transports(pc: RTCPeerConnection) -> None:
+    """Stop ``pc``'s DTLS, ICE and SCTP transports (its sockets, its consent checks), as its
+    ``close`` does once its transceivers have stopped: for a close that hung before that."""
+    transports: list[Any] = []
+    if pc.sctp is not None:
+        transports.append(pc.sctp)
+    for transceiver in pc.getTransceivers():
+        dtls = transceiver.receiver.transport
+        if dtls is not None:
+            transports += [dtls, dtls.transport]
+    if pc.sctp is not None:
+        transports += [pc.sctp.transport, pc.sctp.transport.transport]
+    for transport in dict.fromkeys(transports):  # bundled: the same ones, once each
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2.0):
+                await transport.stop()
 
 
 def new_peer_connection(ice_servers: list[RTCIceServer] | None = None) -> RTCPeerConnection:
@@ -243,10 +293,6 @@ class VoiceInput:
         if packet.ssrc != self._ssrc:
             if self._ssrc is not None:  # another source: its numbers start anywhere
                 self._pipeline.restart()
-                # Only the current source is reported on: aiortc's receiver report holds one
-                # block per source it knows, and past about 57 it no longer fits a packet, which
-                # stops the receiver's RTCP task for good and with it the call's closing.
-                self._streams.pop(self._ssrc, None)
             self._ssrc = packet.ssrc
         stream = self._streams.get(packet.ssrc)
         if stream is None:

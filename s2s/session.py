@@ -50,6 +50,8 @@ from s2s.rtc import (
     OfferError,
     VoiceInput,
     check_offer_size,
+    close_transports,
+    limit_sources,
     prefer_red,
     receive_one_of_each,
     tune_audio,
@@ -164,6 +166,8 @@ class Session:
             wait = self._settings.max_gap_wait_ms
             self.stats.voice_in = VoiceInput.install(audio[0].receiver, codecs, wait)
             answer = prefer_red(answer, codecs)
+        for transceiver in self.pc.getTransceivers():
+            limit_sources(transceiver.receiver)
         return answer
 
     @property
@@ -228,6 +232,9 @@ class Session:
             # would keep the model stream, the call's slot and its count forever.
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 await self.pc.close()
+        except TimeoutError:
+            self.log.warning("the peer connection did not close in %g s", CLOSE_TIMEOUT_S)
+            await close_transports(self.pc)
         except Exception:
             # aiortc can fail to close a connection built from a broken offer (a transceiver
             # without a transport); what it holds is dropped with it all the same.

@@ -14,7 +14,7 @@ import pytest
 
 from s2s.audio import SpeakerTrack
 from tests.conftest import Server, StartServer
-from tests.peer import Peer
+from tests.peer import ColourCamera, Peer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,30 +62,33 @@ async def test_client_closing_its_side_ends_the_call(server: Server) -> None:
     assert session is not None and session.end_reason in ("connection_closed", "peer_gone")
 
 
-async def test_a_caller_that_switches_its_audio_source_often_can_still_hang_up(
-    server: Server,
+@pytest.mark.parametrize("kind", ["audio", "video"])
+async def test_a_caller_that_switches_its_sources_often_can_still_hang_up(
+    server: Server, kind: str
 ) -> None:
-    """A peer sending its audio under 100 SSRCs: the server's receiver reports keep fitting a
-    packet, so its RTCP task lives on and the call closes (past about 57 sources, aiortc's
-    report overflowed, its task died, and closing the call waited for it forever: the call's
-    count and model stream were never let go)."""
+    """A peer sending its audio, or its camera, under 100 SSRCs: the server's receiver reports
+    keep fitting a packet, so its RTCP task lives on and the call closes (past about 57
+    sources, aiortc's report overflowed, its task died, and closing the call waited for it
+    forever: the call's count and model stream were never let go)."""
     import random
     import time
 
     from aiortc.rtp import RtpPacket
 
-    peer = Peer(server.url)
+    peer = Peer(server.url, camera=ColourCamera((200, 30, 30)) if kind == "video" else None)
     try:
         await peer.connect()
         await peer.next_event("session.created")
         call_id = peer.call_url.rsplit("/", 1)[1]
-        audio = peer.pc.getTransceivers()[0]
-        sender = audio.sender
-        opus = next(c.payloadType for c in audio._codecs if c.mimeType.lower() == "audio/opus")
+        (media,) = [t for t in peer.pc.getTransceivers() if t.kind == kind]
+        sender = media.sender
+        codec = "audio/opus" if kind == "audio" else "video/vp8"
+        payload_type = next(c.payloadType for c in media._codecs if c.mimeType.lower() == codec)
+        payload = b"\xf8\xff\xfe" if kind == "audio" else b"\x10\x00\x00\x00"
         flooded = time.time()
         for i in range(100):  # a hostile or broken peer: RTP straight onto its transport
-            packet = RtpPacket(payload_type=opus, sequence_number=i, timestamp=960 * i,
-                               ssrc=random.getrandbits(32), payload=b"\xf8\xff\xfe")  # fmt: skip
+            packet = RtpPacket(payload_type=payload_type, sequence_number=i, timestamp=960 * i,
+                               ssrc=random.getrandbits(32), payload=payload)  # fmt: skip
             await sender.transport._send_rtp(packet.serialize())
 
         async def reported_since_flood() -> bool:
@@ -95,7 +98,7 @@ async def test_a_caller_that_switches_its_audio_source_often_can_still_hang_up(
                 for s in stats.values()
             )
 
-        # The server's receiver reports on the peer's audio again (its RTCP task is alive).
+        # The server's receiver reports on the peer's track again (its RTCP task is alive).
         async with asyncio.timeout(10):
             while not await reported_since_flood():  # noqa: ASYNC110 - RTCP has no event here
                 await asyncio.sleep(0.1)
