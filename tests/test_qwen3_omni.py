@@ -585,6 +585,30 @@ def test_a_clips_features_do_not_depend_on_the_other_clips(pieces: Any) -> None:
     assert torch.equal(beside["input_features"][1, :, :frames], alone["input_features"][0])
 
 
+def test_a_clips_features_are_made_as_qwens_processor_makes_them(pieces: Any) -> None:
+    """Not padded to 30 s nor cut there (the extractor's own defaults), as Qwen3-Omni's
+    processor asks for: a 40 s clip keeps its last 10 s, and a short clip's features are the
+    processor's for it alone."""
+    from transformers.models.qwen3_omni_moe.processing_qwen3_omni_moe import (
+        Qwen3OmniMoeProcessor,
+    )
+
+    from s2s.omni.media import Media
+
+    _, extractor, _ = pieces
+    rng = np.random.default_rng(3)
+    long, short = ((rng.standard_normal(n) * 0.1).astype(np.float32) for n in (640_000, 32_000))
+    media = Media()
+    key, frames = media.clip(extractor, long)
+    assert frames == 4000 and media.features(key).shape[-1] == 4000
+    key, frames = media.clip(extractor, short)
+    # The processor's own audio settings (it cannot be built here: its video part needs
+    # torchvision).
+    settings = Qwen3OmniMoeProcessor.audio_kwargs
+    made = extractor([short], **settings, return_tensors="pt")
+    assert torch.equal(media.features(key), made["input_features"][0, :, :frames])
+
+
 def test_a_picture_that_is_no_image_is_a_clear_error(pieces: Any) -> None:
     with pytest.raises(ValueError, match="cannot be decoded"):
         build_inputs(*pieces, [Message("user", "look", images=[b"not a jpeg"])])

@@ -217,6 +217,8 @@ def test_turns_are_prefilled_one_per_step_and_wait_for_a_free_slot(tiny_models: 
     from s2s.worker.omni import OmniWorker
 
     worker = OmniWorker.load(str(tiny_models / "tiny-qwen3-omni"), "cpu", max_calls=2)
+    # A voice the model does not have ("alloy") gets generate()'s default, not the first listed.
+    assert worker.default_speaker == "ethan" != next(iter(worker.speakers))
     ask = [Turn("user", "hello there")]
     calls = ["a", "b", "c"]
     tick = Tick([Change("join", c) for c in calls]
@@ -1067,4 +1069,5 @@ def test_replies_decode_as_the_checkpoints_generation_config_says() -> None:
     )
     assert tuned.speech == Sampling(temperature=0.7, top_k=10, top_p=1.0)
     assert tuned.repetition_penalty == 1.2
-    assert decoding_from({"talker_do_sample": False}).speech is None
+    # A greedy talker's code predictor is greedy too, as generate() has it.
+    assert decoding_from({"talker_do_sample": False}) == Decoding(speech=None, residual=None)

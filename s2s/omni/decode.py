@@ -106,7 +106,9 @@ class DecodeStep:
         """Pick each row's next first code from the talker's last ``hidden`` ``(batch, hidden)``
         and keep it, with ``hidden``, in the row's slot for the next step."""
         slots = sent["speak.slot"]
-        logits = self.talker.codec_head(hidden)
+        # In float32, as generate() hands logits to its processors: in bf16 the penalty (1.05)
+        # and the penalized logits round, and near-ties come out otherwise.
+        logits = self.talker.codec_head(hidden).float()
         logits = penalize(logits, self.seen[slots], sent["speak.penalty"])
         logits = logits.masked_fill(self.suppressed, float("-inf"))
         fixed = sent["speak.fixed"].bool()[:, None] & self.is_codec_end

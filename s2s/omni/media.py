@@ -112,8 +112,10 @@ class Media:
                 samples = samples.astype(np.float32) / 32768
             samples = np.ascontiguousarray(samples, dtype=np.float32)
             made = extractor(
+                # As Qwen3-Omni's processor calls it: the extractor's defaults pad every clip to
+                # 30 s (its last frame's features differ) and cut longer ones there.
                 [samples], sampling_rate=AUDIO_RATE, return_attention_mask=True,
-                return_tensors="pt",
+                return_tensors="pt", padding="longest", truncation=False,
             )  # fmt: skip
             frames = int(made["attention_mask"][0].sum())
             entry = self._clips[key] = _Clip(frames, made["input_features"][0, :, :frames])

@@ -33,6 +33,7 @@ from s2s.omni.prompt import AUDIO_RATE, Message, Prompter
 from s2s.omni.request import (
     MAX_FRAMES,
     MAX_TEXT_TOKENS,
+    RESIDUAL_SAMPLING,
     TALKER_SAMPLING,
     Decoding,
     Request,
@@ -97,7 +98,9 @@ class OmniWorker:
         self.max_calls = max_calls
         speakers = list(model.config.talker_config.speaker_id)
         self.speakers = {name.lower(): name for name in speakers}
-        self.default_speaker = speakers[0]
+        # generate()'s default voice where the checkpoint has it (OpenAI's voice names are not
+        # the model's: "alloy" gets it too).
+        self.default_speaker = self.speakers.get("ethan", speakers[0])
         #: Every joined call's state between its turns.
         self.calls: dict[str, _Call] = {}
         #: Turns waiting for their prefill, oldest first (one call appears at most once).
@@ -299,18 +302,20 @@ def decoding_from(config: dict[str, Any]) -> Decoding:
     """How replies pick their tokens: ``generate()``'s talker settings (``talker_do_sample``,
     ``talker_temperature``, ``talker_top_k``, ``talker_top_p``, ``talker_repetition_penalty``)
     where the checkpoint's ``generation_config.json`` gives them, else ``generate()``'s
-    defaults. (The tiny test checkpoint's talker is greedy, so a test's reply does not depend on
-    its call's random id.)"""
+    defaults. A greedy talker has a greedy code predictor, as ``generate()`` passes the talker's
+    ``do_sample`` on to it. (The tiny test checkpoint's talker is greedy, so a test's reply does
+    not depend on its call's random id.)"""
     default = TALKER_SAMPLING
-    speech = None
+    speech = residual = None
     if config.get("talker_do_sample", True):
         speech = Sampling(
             temperature=float(config.get("talker_temperature", default.temperature)),
             top_k=int(config.get("talker_top_k", default.top_k)),
             top_p=float(config.get("talker_top_p", default.top_p)),
         )
+        residual = RESIDUAL_SAMPLING
     penalty = float(config.get("talker_repetition_penalty", Decoding().repetition_penalty))
-    return Decoding(speech=speech, repetition_penalty=penalty)
+    return Decoding(speech=speech, residual=residual, repetition_penalty=penalty)
 
 
 def response_seed(call: str, index: int) -> int:
