@@ -46,8 +46,9 @@ MAX_SOURCES = 4
 
 
 #: Inbound audio packets a second a call takes (each is decoded on the event loop all calls
-#: share): ten times a 20 ms sender's, twice a 2.5 ms one's; past it they are dropped, so a
-#: flood (20,000 a second saturated the loop) costs the others nothing.
+#: share): ten times a 20 ms sender's, above even a 2.5 ms one's (400); past it they are
+#: dropped before decoding (20,000 a second saturated the loop). What comes before the count,
+#: SRTP and aiortc's routing, a flood still costs.
 MAX_PACKETS_PER_S = 500
 
 #: An offer's media sections (audio, camera, data channel: 3 are used) and distinct ICE

@@ -11,6 +11,7 @@ import threading
 import zlib
 from collections.abc import Iterable
 
+import av
 import numpy as np
 import pytest
 from PIL import Image
@@ -187,6 +188,36 @@ async def test_a_video_track_is_sampled_and_its_latest_frame_answers(
         answer = done["response"]["output"][0]["content"][0]["transcript"]
         assert "320 by 240" in answer and "green" in answer
         assert threads and all(n.startswith("s2s-images") for n in threads), threads
+    finally:
+        await peer.close()
+
+
+class _StalledCamera(ColourCamera):
+    """A camera that sends two frames, then nothing (a still screen share, a stalled camera):
+    the second lets the server's video jitter buffer give out the first."""
+
+    async def recv(self) -> av.VideoFrame:
+        if self.frames_sent >= 2:
+            await asyncio.Event().wait()
+        return await super().recv()
+
+
+async def test_a_cameras_last_frame_is_seen_though_no_frame_follows(local: Server) -> None:
+    """A sampled frame becomes the call's picture once converted, not when the next frame
+    comes: a camera that then sends nothing is still seen (it was not, till another frame)."""
+    peer = Peer(local.url, MicTrack(), camera=_StalledCamera((40, 170, 60)),
+                session={"audio": {"input": {"turn_detection": None}}})  # fmt: skip
+    try:
+        await peer.connect()
+        await peer.next_event("session.created")
+        answer = ""
+        async with asyncio.timeout(30):  # asked again until the one frame has come and is seen
+            while "green" not in answer:
+                mark = len(peer.events)
+                ask_what_is_seen(peer)
+                done = await peer.next_event("response.done", after=mark, timeout=20)
+                answer = done["response"]["output"][0]["content"][0]["transcript"]
+        assert "320 by 240" in answer
     finally:
         await peer.close()
 
