@@ -44,6 +44,7 @@ from s2s.worker.process import (
     DeviceLost,
     WorkerError,
     WorkerOptions,
+    device_broken,
     load_worker,
 )
 from s2s.worker.shared import Liveness, Outbox, merged
@@ -331,6 +332,9 @@ class ModelWorkerActor:
                 os._exit(1)
             except Exception as exc:
                 log.exception("tick failed")
+                if device_broken(getattr(self._worker, "device", "cpu")):
+                    log.error("the device no longer works; this worker ends")
+                    os._exit(1)
                 result = TickResult(error=repr(exc))
         self._step_ms = result.step_ms
         return result

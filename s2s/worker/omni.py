@@ -144,10 +144,7 @@ class OmniWorker:
                 steps = self.engine.step()
             except Exception as exc:  # out of memory, say: these responses end, the rest go on
                 log.exception("the step failed; the responses it was making end")
-                if device_broken(self.engine.device):
-                    # Every step and prefill from now on would fail too: this process ends,
-                    # and its server starts another (``WorkerProcess``), the calls rejoining.
-                    raise DeviceLost(f"{self.engine.device} no longer works: {exc!r}") from exc
+                self._give_up_if_lost(exc)
                 for call, row in list(self.answering.items()):
                     if row in self.engine.rows:
                         self._fail(outputs, call, self.rows[row].response_id, exc)
@@ -203,6 +200,7 @@ class OmniWorker:
                 self._fail(outputs, call, respond.response_id, exc)
             except Exception as exc:  # a fault in one call's prompt fails its turn, not all
                 log.exception("call %s: building the prompt failed", call)
+                self._give_up_if_lost(exc)
                 self._fail(outputs, call, respond.response_id, exc)
         for row in self.engine.prefilling[:1]:
             answer = self.rows.get(row)
@@ -214,8 +212,16 @@ class OmniWorker:
             except Exception as exc:  # a bad picture...: the engine has dropped the row
                 if not isinstance(exc, RuntimeError | ValueError):
                     log.exception("call %s: the prefill failed", answer.call)
+                self._give_up_if_lost(exc)
                 self._forget(answer.call)
                 self._fail(outputs, answer.call, answer.response_id, exc)
+
+    def _give_up_if_lost(self, exc: Exception) -> None:
+        """Raise ``DeviceLost`` if ``exc`` left the device unusable: every step and prefill
+        from now on would fail too, so this worker ends, and its server starts another (the
+        calls rejoining it)."""
+        if device_broken(self.engine.device):
+            raise DeviceLost(f"{self.engine.device} no longer works: {exc!r}") from exc
 
     @staticmethod
     def _fail(outputs: dict[str, CallOutput], call: str, response_id: str, exc: Exception) -> None:

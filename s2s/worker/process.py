@@ -214,13 +214,14 @@ class DeviceLost(RuntimeError):
 
 
 def device_broken(device: Any) -> bool:
-    """Whether ``device`` (a ``torch.device``) is left unusable after an error: a CUDA context
-    with a sticky error fails every call from then on, a synchronisation included. Out of
-    memory is not that: the next step may fit."""
-    if device.type != "cuda":
-        return False
+    """Whether ``device`` (a ``torch.device`` or its name) is left unusable after an error: a
+    CUDA context with a sticky error fails every call from then on, a synchronisation included.
+    Out of memory is not that: the next step may fit."""
     import torch
 
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
     try:
         torch.cuda.synchronize(device)
     except RuntimeError:
@@ -284,6 +285,9 @@ def _serve(conn: Connection, options: WorkerOptions, level: int, server_pid: int
             return  # its server sees it gone, and starts another
         except Exception as exc:
             log.exception("tick failed")
+            if device_broken(getattr(worker, "device", "cpu")):
+                log.error("the device no longer works; this worker ends")
+                return
             result = TickResult(error=repr(exc))
         conn.send_bytes(encoder.encode(result))
 
