@@ -16,6 +16,8 @@ from s2s.images import ImageLimits
 from s2s.protocol.client_events import ResponseParams
 from s2s.protocol.server_events import (
     OutputAudioBufferCleared,
+    OutputAudioBufferStarted,
+    OutputAudioBufferStopped,
     ResponseDone,
     TranscriptDelta,
     TranscriptDone,
@@ -76,9 +78,23 @@ async def test_a_full_duplex_reply_right_after_the_last_is_heard_whole() -> None
     )  # fmt: skip
     chunk = np.full(5 * FRAME, 1000, np.int16)
     responses.play(StepResult(chunk, "first", "r1"), chunk)
+    async with asyncio.timeout(5):  # r1 starts playing
+        while speaker.played_samples < 2 * FRAME:
+            await speaker.recv()
+            responses.follow_playout(responses.active)
     responses.finished("r1", silent=False)
     responses.play(StepResult(chunk, "second", "r2"), chunk)
-    assert speaker.queued_samples == 2 * chunk.size
+    assert speaker.queued_samples == 3 * FRAME + chunk.size
     (done,) = [e for e in sent if isinstance(e, ResponseDone)]
     assert (done.response.id, done.response.status) == ("r1", "completed")
     assert responses.active is not None and responses.active.id == "r2"
+    # r1's buffer stops once its audio has played, not when it completed; then r2's starts.
+    assert not [e for e in sent if isinstance(e, OutputAudioBufferStopped)]
+    async with asyncio.timeout(5):
+        while speaker.played_samples <= 5 * FRAME:
+            await speaker.recv()
+            responses.follow_playout(responses.active)
+    buffer = [(type(e).__name__, e.response_id) for e in sent
+              if isinstance(e, OutputAudioBufferStarted | OutputAudioBufferStopped)]  # fmt: skip
+    assert buffer == [("OutputAudioBufferStarted", "r1"), ("OutputAudioBufferStopped", "r1"),
+                      ("OutputAudioBufferStarted", "r2")]  # fmt: skip

@@ -212,14 +212,16 @@ class Realtime:
     async def on_playout(self) -> None:
         """Follow playback: transcript deltas, output buffer start/stop, response completion."""
         r = self._responses.active
+        self._responses.follow_playout(r)
         if r is None:
             await self._check_idle()
-            return
-        self._responses.follow_playout(r)
 
     def needs_playout(self) -> bool:
         vad = self.vad
-        return self._responses.active is not None or bool(vad and vad.idle_timeout_ms)
+        responses = self._responses
+        return (
+            responses.active is not None or responses.draining or bool(vad and vad.idle_timeout_ms)
+        )
 
     # -- client events -----------------------------------------------------------------------
 

@@ -116,6 +116,9 @@ class Responses:
         self.active: ActiveResponse | None = None
         #: The latest response's id: what an output_audio_buffer.clear with none active names.
         self.last_id: str | None = None
+        #: A full-duplex reply completed while its audio still plays (another began): its id
+        #: and where its audio ends, for its ``output_audio_buffer.stopped``.
+        self._draining: tuple[str, int] | None = None
 
     # -- model output ------------------------------------------------------------------------
 
@@ -153,9 +156,9 @@ class Responses:
         continuous = not self._backend.turn_based
         if continuous and r is not None and r.generated and r.id != result.response_id:
             # A full-duplex model speaks again while its last reply still plays out: that reply
-            # is over now (the rest of it plays on), and this one opens, its audio queued
-            # behind (it was dropped: a word lost, a gap heard).
-            self._complete(r)
+            # is over now (the rest of it plays on, its buffer stops when it has), and this one
+            # opens, its audio queued behind (it was dropped: a word lost, a gap heard).
+            self._complete(r, drained=False)
             r = None
         if r is None and continuous:
             # A continuous (full-duplex) model starts speaking on its own: open a response.
@@ -177,9 +180,14 @@ class Responses:
             self._speaker.write(audio)
             r.end_pos = pos + audio.size
 
-    def follow_playout(self, r: ActiveResponse) -> None:
-        """Transcript deltas, output buffer start/stop and completion of ``r`` as it plays."""
+    def follow_playout(self, r: ActiveResponse | None) -> None:
+        """Transcript deltas, output buffer start/stop and completion of ``r`` (the active
+        response, if any) as it plays."""
         played = self._speaker.played_samples
+        if self._draining is not None and played >= self._draining[1]:
+            self._stop_draining()
+        if r is None:
+            return
         if not r.playing and r.start_pos is not None and played > r.start_pos:
             r.playing = True
             if r.requested_at is not None and self._metrics is not None:
@@ -191,13 +199,28 @@ class Responses:
         if r.generated and played >= r.end_pos:
             self._complete(r)
 
-    def _complete(self, r: ActiveResponse) -> None:
-        """``r``, generated whole, is done: the rest of its text, then ``response.done``."""
+    def _complete(self, r: ActiveResponse, drained: bool = True) -> None:
+        """``r``, generated whole, is done: the rest of its text, then ``response.done``, then
+        (once its audio has played: ``drained``) ``output_audio_buffer.stopped``."""
         while r.markers:
             self._emit_text(r, r.markers.popleft()[1])
         self._finish("completed")
-        if r.playing:  # after response.done, as OpenAI's WebRTC calls send it
+        if not r.playing:
+            return
+        if drained:  # after response.done, as OpenAI's WebRTC calls send it
             self._send(OutputAudioBufferStopped(response_id=r.id))
+        else:
+            self._draining = (r.id, r.end_pos)
+
+    @property
+    def draining(self) -> bool:
+        """Whether a completed reply's audio still plays (its buffer's stop is due)."""
+        return self._draining is not None
+
+    def _stop_draining(self) -> None:
+        if self._draining is not None:
+            self._send(OutputAudioBufferStopped(response_id=self._draining[0]))
+            self._draining = None
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -270,6 +293,7 @@ class Responses:
     def _cut(self, r: ActiveResponse) -> None:
         """Drop what of ``r``'s audio has not played; its text up to there is kept."""
         dropped = self._speaker.flush()
+        self._stop_draining()  # the tail of the reply before it went with it
         played = self._speaker.played_samples
         r.end_pos = min(r.end_pos, played)
         # A piece whose first sample is at ``played`` was flushed unheard.
