@@ -195,8 +195,18 @@ async def test_two_edges_share_a_worker_503_when_full_and_a_killed_edge_frees_it
         drains.append(asyncio.create_task(edge.stderr.read()))
         # An offer refused once it had its place (its audio cannot come back) frees it at once,
         # not when the place would lapse (the worker's eviction time and two reports: 4 s).
+        edge_backend = here.app[BACKEND]
+        assert isinstance(edge_backend, ClusterBackend)
+        place, placed = edge_backend.place, []
+
+        async def recorded(call: str) -> None:  # the offer was placed before it was refused
+            placed.append(call)
+            await place(call)
+
+        edge_backend.place = recorded  # type: ignore[method-assign]
         refused = await _post_offer(here.url, await _sendonly_offer())
         assert refused.startswith("400"), refused
+        assert len(placed) == 1
         async with asyncio.timeout(1.0):
             while (await states())["shared"].free != 2:  # noqa: ASYNC110 - no event to wait on
                 await asyncio.sleep(0.05)
@@ -316,6 +326,11 @@ def test_the_registry_places_calls_on_the_worker_of_their_model_with_most_room()
     reg.down("big", "1")
     placed_again = reg.place("moshi:a", ["c8"])
     assert placed_again is not None and placed_again.incarnation == "2"
+    # An edge that gave up waiting for a place (the registry was slow) lets it go.
+    free = {s.name: s.free for s in reg.workers()}
+    assert reg.place("moshi:a", ["late"]) is not None
+    reg.forget(["late"])
+    assert {s.name: s.free for s in reg.workers()} == free
 
 
 def test_a_worker_found_gone_takes_calls_again_once_it_reports_past_its_eviction_time() -> None:

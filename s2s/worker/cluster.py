@@ -188,6 +188,12 @@ class WorkerRegistry:
                 worker.reserved.pop(call, None)
                 worker.calls.discard(call)
 
+    def forget(self, calls: list[str]) -> None:
+        """Calls whose placing an edge gave up waiting for: any place given them is free."""
+        for worker in self._workers.values():
+            for call in calls:
+                worker.reserved.pop(call, None)
+
     def down(self, name: str, incarnation: str) -> None:
         """An edge saw this incarnation of the worker die (or miss a tick's deadline): no new
         calls for as long as it keeps calls no edge ticks, so the ones moved off it have left.

@@ -97,6 +97,8 @@ class ClusterWorker:
             async with asyncio.timeout(REGISTRY_TIMEOUT_S):
                 placement = await self.registry.place.remote(self.model, calls, self.name)
         except (ray.exceptions.RayError, TimeoutError) as exc:
+            # The place may still be given once this has stopped waiting: let it go then.
+            self.registry.forget.remote(calls)
             raise WorkerError(f"the worker registry did not place the calls: {exc!r}") from exc
         if placement is None:
             raise WorkerError(f"no other worker of {self.model} has room for {len(calls)} calls")
@@ -188,6 +190,7 @@ class ClusterBackend:
             async with asyncio.timeout(REGISTRY_TIMEOUT_S):
                 placement = await self.registry.place.remote(self.model, [call_id])
         except (ray.exceptions.RayError, TimeoutError) as exc:
+            self.registry.forget.remote([call_id])  # as above: a place given late is let go
             raise NoCapacity(f"the worker registry did not answer: {exc!r}") from exc
         if placement is None:
             raise NoCapacity(f"every worker of {self.model} is full")
