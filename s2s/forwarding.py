@@ -76,7 +76,10 @@ class Relay:
     def _session(self, worker: int) -> aiohttp.ClientSession:
         http = self._http.get(worker)
         if http is None:
-            connector = aiohttp.UnixConnector(path=str(self._pool.socket_path(worker)))
+            # No cap on connections: each relayed sideband holds one for its whole life, and at
+            # aiohttp's default 100 every other relayed request (hang-ups, offers) would queue
+            # behind them for ever.
+            connector = aiohttp.UnixConnector(path=str(self._pool.socket_path(worker)), limit=0)
             # No timeout overall: a relayed hang-up waits for the call's release like a local one.
             http = aiohttp.ClientSession(
                 connector=connector, auto_decompress=False, timeout=aiohttp.ClientTimeout()
@@ -127,22 +130,27 @@ class Relay:
 
         Raises ``HandshakeRefused`` (before answering the client) if the owner refuses it.
         """
+        downstream = web.WebSocketResponse(heartbeat=20, max_msg_size=max_msg_size)
+        if not downstream.can_prepare(request).ok:
+            # Not a WebSocket request: refused here, before it takes one of the call's places.
+            raise web.HTTPBadRequest(text="a sideband is a WebSocket: send an upgrade request")
         url = f"http://worker-{worker}{request.path_qs}"
         try:
+            # The owner's events are server events: its own limit holds them, not a client's.
             upstream = await self._session(worker).ws_connect(
-                url, headers=_headers(request, self._pool), max_msg_size=max_msg_size
+                url, headers=_headers(request, self._pool), max_msg_size=0
             )
         except aiohttp.WSServerHandshakeError as exc:
             raise HandshakeRefused(exc.status) from None
         except aiohttp.ClientConnectionError as exc:
             raise OwnerUnreachable(f"worker {worker}: {exc}") from exc
-        downstream = web.WebSocketResponse(heartbeat=20, max_msg_size=max_msg_size)
         try:
             await downstream.prepare(request)
             await _splice(upstream, downstream, name=f"relay/{worker}{request.path_qs}")
         finally:
             await upstream.close()
-            await downstream.close()
+            if downstream.prepared:
+                await downstream.close()
         return downstream
 
 
@@ -163,6 +171,8 @@ async def _splice(
                 code, reason = int(message.data), str(message.extra or "")
                 break
             elif message.type in (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                # Gone without a close of its own (it crashed, the link broke): not a normal end.
+                code, reason = 1011, "the call's server is gone"
                 break
         # The owner's close code (1000 call ended, 1011 too slow) is what the client sees.
         await downstream.close(code=code, message=reason.encode())

@@ -99,10 +99,16 @@ class Webhooks:
                 "webhook-signature": sign(self._secret, webhook_id, timestamp, body),
             }
             try:
-                async with http.post(self.url, data=body, headers=headers) as resp:
+                # Not followed: a redirect turns the POST into a GET without its body (counted
+                # as delivered), and would take the signed headers to wherever it points.
+                async with http.post(
+                    self.url, data=body, headers=headers, allow_redirects=False
+                ) as resp:
                     if resp.status < 300:
                         return
                     why = f"HTTP {resp.status}"
+                    if 300 <= resp.status < 400:
+                        why += f" (a redirect to {resp.headers.get('Location')}: not followed)"
             except (aiohttp.ClientError, TimeoutError) as exc:
                 why = str(exc) or type(exc).__name__
             log.info("webhook %s attempt %d failed: %s", webhook_id, attempt, why)

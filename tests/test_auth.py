@@ -244,6 +244,28 @@ async def test_limits_per_key_duration_and_event_rate(start_server: StartServer)
         await second.close()
 
 
+async def test_keyless_calls_made_with_client_secrets_share_no_per_key_limit(
+    start_server: StartServer,
+) -> None:
+    """Without keys a minted secret has no key to count against: two browsers' calls made with
+    secrets are not one "key" (the second got 429 with --max-calls-per-key 1, while calls made
+    without a secret, and every call with --workers, were never limited)."""
+    server = await start_server(max_calls_per_key=1)
+    peers = []
+    try:
+        for _ in range(2):
+            status, secret = await mint(server, None, {})
+            assert status == 200
+            peer = KeyedPeer(server.url, secret["value"])
+            peers.append(peer)
+            await peer.connect()
+            await peer.next_event("session.created")
+        assert len(server.registry) == 2
+    finally:
+        for peer in peers:
+            await peer.close()
+
+
 async def test_a_client_that_keeps_flooding_is_cut_off(start_server: StartServer) -> None:
     server = await start_server(max_events_per_s=5)
     flooder, bystander = Peer(server.url), Peer(server.url)

@@ -17,21 +17,27 @@ SECRET = "whsec-test"
 
 
 class Receiver:
-    """An app backend's webhook endpoint that fails each webhook's first delivery."""
+    """An app backend's webhook endpoint that fails each webhook's first delivery: it answers
+    with a redirect (an http-to-https one, say), which must not count as delivered."""
 
     def __init__(self) -> None:
         self.attempts: dict[str, int] = {}
         self.events: list[dict] = []
         self.arrived = asyncio.Event()
+        self.redirected: list[str] = []  # requests that followed the redirect
 
     async def handle(self, request: web.Request) -> web.Response:
         webhook_id = request.headers["webhook-id"]
         self.attempts[webhook_id] = self.attempts.get(webhook_id, 0) + 1
         if self.attempts[webhook_id] == 1:
-            return web.Response(status=500)
+            raise web.HTTPFound("/elsewhere")
         self.events.append(verify_webhook(SECRET, request.headers, await request.read()))
         self.arrived.set()
         return web.Response(status=204)
+
+    async def elsewhere(self, request: web.Request) -> web.Response:
+        self.redirected.append(request.method)
+        return web.Response(status=200)
 
 
 @pytest.fixture
@@ -39,6 +45,7 @@ async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
     hook = Receiver()
     app = web.Application()
     app.router.add_post("/hook", hook.handle)
+    app.router.add_route("*", "/elsewhere", hook.elsewhere)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -78,6 +85,7 @@ async def test_call_started_and_ended_webhooks_are_signed_and_retried(
     assert ended["type"] == "realtime.call.ended" and ended["data"]["reason"] == "hangup"
     assert ended["data"]["duration_s"] > 0
     assert sorted(hook.attempts.values()) == [2, 2]  # each first delivery failed, then retried
+    assert hook.redirected == []  # a redirect is a failed attempt, not followed
 
 
 def test_forged_or_stale_webhooks_are_refused() -> None:

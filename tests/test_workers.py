@@ -143,6 +143,10 @@ async def test_sideband_reaches_a_call_on_the_other_worker(start_workers: StartW
                 assert event["session"]["instructions"] == "Relayed."
                 caller = await peer.next_event("session.updated", timeout=10)
                 assert caller["session"]["instructions"] == "Relayed."
+                # A GET that is no WebSocket is a clear 400 (it was a 500).
+                headers = {"Authorization": f"Bearer {KEY}"}
+                async with http.get(url, headers=headers) as plain:
+                    assert plain.status == 400, await plain.text()
                 # The call ending (hung up through the other worker) closes the relayed socket.
                 assert await hangup_via(workers, 1, peer, KEY) == 200
                 async with asyncio.timeout(10):

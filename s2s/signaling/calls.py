@@ -71,7 +71,7 @@ async def _create(
     if secret is not None:
         # The secret's session is the call's; the client cannot widen it with its own.
         patch = secret.session
-        owner = secret.owner
+        owner = secret.owner or None  # minted keyless: no key to count the call against
     backend = app[BACKEND]
     call_id = new_call_id(pool.index if pool is not None else None)
     config = session_config(call_id, settings, backend, patch)
