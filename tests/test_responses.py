@@ -29,18 +29,24 @@ from s2s.realtime.responses import Responses
 FRAME = 960  # one 20 ms packet at 48 kHz
 
 
-async def test_a_failed_response_drops_its_unplayed_audio_and_keeps_what_was_heard() -> None:
-    """A response the model fails part way stops at once: what had not played is dropped (the
-    client hears ``output_audio_buffer.cleared``; barge-in could no longer stop it), and its
-    transcript keeps just the pieces that began before the cut, not one that begins on it."""
+async def _responses(speaker: SpeakerTrack, sent: list[Any]) -> Responses:
+    """A call's responses on ``speaker`` with a continuous model (echo), its events into
+    ``sent``."""
     backend = EchoBackend()
-    sent: list[Any] = []
-    speaker = SpeakerTrack(encode=False)
-    responses = Responses(
+    return Responses(
         SessionConfig(id="sess_1", model="m"), backend, await backend.open_stream("call"),
         speaker, sent.append, Conversation(ImageLimits(), 4, 1 << 20), lambda item: None,
         lambda: None, asyncio.Event(), None,
     )  # fmt: skip
+
+
+async def test_a_failed_response_drops_its_unplayed_audio_and_keeps_what_was_heard() -> None:
+    """A response the model fails part way stops at once: what had not played is dropped (the
+    client hears ``output_audio_buffer.cleared``; barge-in could no longer stop it), and its
+    transcript keeps just the pieces that began before the cut, not one that begins on it."""
+    sent: list[Any] = []
+    speaker = SpeakerTrack(encode=False)
+    responses = await _responses(speaker, sent)
     responses.open(ResponseParams(), "r1")
     chunk = np.full(5 * FRAME, 1000, np.int16)
     for text in ("heard", " cut", " never"):
@@ -68,14 +74,9 @@ async def test_a_full_duplex_reply_right_after_the_last_is_heard_whole() -> None
     """A continuous model (Moshi) may speak again while its last reply, generated whole, still
     plays out: that reply completes then, and the new one opens with all its audio queued
     behind (its first steps were dropped: a lost word, a gap)."""
-    backend = EchoBackend()
     sent: list[Any] = []
     speaker = SpeakerTrack(encode=False)
-    responses = Responses(
-        SessionConfig(id="sess_1", model="m"), backend, await backend.open_stream("call"),
-        speaker, sent.append, Conversation(ImageLimits(), 4, 1 << 20), lambda item: None,
-        lambda: None, asyncio.Event(), None,
-    )  # fmt: skip
+    responses = await _responses(speaker, sent)
     chunk = np.full(5 * FRAME, 1000, np.int16)
     responses.play(StepResult(chunk, "first", "r1"), chunk)
     async with asyncio.timeout(5):  # r1 starts playing
