@@ -97,13 +97,13 @@ def receive_one_of_each(pc: RTCPeerConnection, *, camera: bool) -> list[RTCRtpTr
 
 
 def limit_sources(receiver: RTCRtpReceiver) -> None:
-    """Keep what ``receiver`` knows of its sources (SSRCs) to the newest ``MAX_SOURCES``.
+    """Keep what ``receiver`` knows of its sources (SSRCs) to the ``MAX_SOURCES`` heard last.
 
     aiortc routes RTP of any new SSRC with a known payload type to the receiver of that kind,
     which keeps statistics of every one and reports on all of them: past about 57 its receiver
     report no longer fits a packet, its RTCP task dies of it silently, and closing the call
     waits for that task for ever. A peer needs one source per track (retransmissions come under
-    another)."""
+    another). What aiortc's router and SRTP keep per source is not bounded here."""
     known: list[dict[int, Any]] = [
         k
         for name in (_REMOTE_STREAMS, _ACTIVE_SOURCES)
@@ -117,15 +117,24 @@ def limit_sources(receiver: RTCRtpReceiver) -> None:
     async def handle_limited(packet: RtpPacket, arrival_time_ms: int) -> None:
         await handle(packet, arrival_time_ms)
         for sources in known:
+            if packet.ssrc in sources:  # the live one last: never let go, and the one reported
+                sources[packet.ssrc] = sources.pop(packet.ssrc)
             while len(sources) > MAX_SOURCES:
-                del sources[next(iter(sources))]  # the first seen
+                del sources[next(iter(sources))]  # the least recently heard
 
     receiver._handle_rtp_packet = handle_limited  # type: ignore[method-assign]
 
 
 async def close_transports(pc: RTCPeerConnection) -> None:
-    """Stop ``pc``'s DTLS, ICE and SCTP transports (its sockets, its consent checks), as its
-    ``close`` does once its transceivers have stopped: for a close that hung before that."""
+    """What ``pc.close()`` stops, each part bounded on its own, for a close that hung on one:
+    every receiver and sender (a receiver stops its decoder thread before it waits for its
+    RTCP task, the part that hangs), then the DTLS, ICE and SCTP transports (sockets, consent
+    checks)."""
+    for transceiver in pc.getTransceivers():
+        for part in (transceiver.receiver, transceiver.sender):
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await part.stop()
     transports: list[Any] = []
     if pc.sctp is not None:
         transports.append(pc.sctp)
@@ -139,6 +148,7 @@ async def close_transports(pc: RTCPeerConnection) -> None:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2.0):
                 await transport.stop()
+    pc.remove_all_listeners()
 
 
 def new_peer_connection(ice_servers: list[RTCIceServer] | None = None) -> RTCPeerConnection:

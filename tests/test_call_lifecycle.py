@@ -102,6 +102,25 @@ async def test_a_caller_that_switches_its_sources_often_can_still_hang_up(
         async with asyncio.timeout(10):
             while not await reported_since_flood():  # noqa: ASYNC110 - RTCP has no event here
                 await asyncio.sleep(0.1)
+        # Its statistics are the live source's, even once another came and went since.
+        session = server.registry.get(call_id)
+        assert session is not None
+        (received,) = [t for t in session.pc.getTransceivers() if t.kind == kind]
+        packet = RtpPacket(payload_type=payload_type, sequence_number=1, timestamp=960,
+                           ssrc=12345, payload=payload)  # fmt: skip
+        await sender.transport._send_rtp(packet.serialize())
+        sources = received.receiver._RTCRtpReceiver__remote_streams  # type: ignore[attr-defined]
+        async with asyncio.timeout(5):  # it has come (aiortc's own record of sources)
+            while 12345 not in sources:  # noqa: ASYNC110 - no event for it
+                await asyncio.sleep(0.01)
+
+        async def reported() -> list[int]:
+            stats = await received.receiver.getStats()
+            return [s.ssrc for s in stats.values() if s.type == "inbound-rtp"]
+
+        async with asyncio.timeout(5):  # the live source's next packet
+            while await reported() != [sender._ssrc]:  # noqa: ASYNC110 - no event for it
+                await asyncio.sleep(0.05)
         async with asyncio.timeout(10):
             assert await peer.hangup() == 200
         assert server.registry.get(call_id) is None

@@ -1071,3 +1071,29 @@ def test_replies_decode_as_the_checkpoints_generation_config_says() -> None:
     assert tuned.repetition_penalty == 1.2
     # A greedy talker's code predictor is greedy too, as generate() has it.
     assert decoding_from({"talker_do_sample": False}) == Decoding(speech=None, residual=None)
+
+
+def test_a_device_left_unusable_ends_the_worker_whatever_failed(
+    tiny_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CUDA error that stays (every later synchronisation fails) is a RuntimeError like a
+    prompt over budget: where it left the device unusable, the worker ends (DeviceLost, and
+    its server starts another) instead of failing each turn for good. Here the device is
+    declared broken, as ``torch.cuda.synchronize`` would find it."""
+    from s2s.worker import omni
+    from s2s.worker.messages import Change, Respond, Tick, Turn
+    from s2s.worker.process import DeviceLost
+
+    worker = omni.OmniWorker.load(str(tiny_models / "tiny-qwen3-omni"), "cpu", max_calls=1)
+    ask = Respond("r", [Turn("user", "hello there", item="u1")])
+
+    def fails(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(worker.engine, "begin", fails)
+    # A RuntimeError on a device that still works fails the turn alone.
+    out = worker.handle(Tick([Change("join", "a"), Change("respond", "a", respond=ask)]))
+    assert out.outputs["a"].done.startswith("failed")
+    monkeypatch.setattr(omni, "device_broken", lambda device: True)
+    with pytest.raises(DeviceLost):
+        worker.handle(Tick([Change("respond", "a", respond=ask)]))

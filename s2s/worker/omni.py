@@ -136,6 +136,7 @@ class OmniWorker:
                 self._apply(change)
             except Exception as exc:  # one call's change must not cost the others theirs
                 log.exception("call %s: %s failed", change.call, change.kind)
+                self._give_up_if_lost(exc)
                 if change.respond is not None:
                     self._fail(outputs, change.call, change.respond.response_id, exc)
         self._prefill(outputs)
@@ -197,6 +198,7 @@ class OmniWorker:
             try:
                 self._respond(call, respond)
             except (RuntimeError, ValueError) as exc:  # a prompt over budget, a bad request...
+                self._give_up_if_lost(exc)  # (a CUDA error is a RuntimeError too)
                 self._fail(outputs, call, respond.response_id, exc)
             except Exception as exc:  # a fault in one call's prompt fails its turn, not all
                 log.exception("call %s: building the prompt failed", call)
