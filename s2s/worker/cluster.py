@@ -92,10 +92,13 @@ def connect(address: str) -> None:
 
 
 def registry() -> Any:
-    """The cluster's worker registry (an actor handle); the first caller starts it."""
+    """The cluster's worker registry (an actor handle); the first caller starts it, on the
+    head node: a GPU node it landed on would take it down with its workers (their calls could
+    not move while it restarted, and it would come back knowing no worker), while the cluster
+    lives and dies with its head anyway."""
     actor = ray.remote(WorkerRegistry).options(
         name=REGISTRY_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-        num_cpus=0, max_restarts=-1,
+        num_cpus=0, max_restarts=-1, resources={"node:__internal_head__": 0.001},
     )  # fmt: skip
     return actor.remote()
 
