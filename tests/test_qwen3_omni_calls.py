@@ -1097,3 +1097,73 @@ def test_a_device_left_unusable_ends_the_worker_whatever_failed(
     monkeypatch.setattr(omni, "device_broken", lambda device: True)
     with pytest.raises(DeviceLost):
         worker.handle(Tick([Change("respond", "a", respond=ask)]))
+
+
+class _HeldWorker:
+    """An in-process Qwen3-Omni worker as the scheduler's handle, whose next tick can be held
+    and then fail whole (as a tick the worker process could not run does)."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self.hold: asyncio.Event | None = None
+        self.holding = asyncio.Event()
+
+    @property
+    def hello(self) -> Any:
+        return self.worker.hello("qwen3-omni:tiny")
+
+    async def tick(self, tick: Any) -> Any:
+        from s2s.worker.messages import TickResult
+
+        result = self.worker.handle(tick)
+        if self.hold is None:
+            return result
+        held, self.hold = self.hold, None
+        self.holding.set()
+        await held.wait()
+        return TickResult(error="RuntimeError('forced')")
+
+    async def replacement(self, calls: list[str]) -> Any:
+        raise AssertionError("not replaced in this test")
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_failed_tick_fails_only_the_responses_it_was_for(tiny_models: Path) -> None:
+    """A response asked for while a tick is on its way is not that tick's: when the tick fails
+    whole, the responses it carried fail and the new one is answered (it failed too)."""
+    from s2s.backends import ResponseFailed, ResponseFinished, ResponseRequest
+    from s2s.protocol.items import InputText, MessageItem
+    from s2s.worker.omni import OmniWorker
+
+    worker = _HeldWorker(OmniWorker.load(str(tiny_models / "tiny-qwen3-omni"), "cpu", max_calls=2))
+    backend = Qwen3OmniBackend(worker)  # type: ignore[arg-type]
+    try:
+        a, b = await backend.open_stream("a"), await backend.open_stream("b")
+        ask = [MessageItem(role="user", content=[InputText("hello there")], id="u1")]
+
+        def request(response_id: str) -> ResponseRequest:
+            return ResponseRequest(response_id=response_id, instructions="", voice="", speed=1.0,
+                                   modalities=["audio"], conversation=ask)  # fmt: skip
+
+        async with asyncio.timeout(30):  # both have joined
+            while set(worker.worker.calls) != {"a", "b"}:  # noqa: ASYNC110 - no event for it
+                await asyncio.sleep(0.01)
+        gate = worker.hold = asyncio.Event()  # the tick that carries "a"'s turn is held
+        await a.respond(request("ra"))
+        async with asyncio.timeout(30):
+            await worker.holding.wait()
+        await b.respond(request("rb"))  # while the held tick is on its way
+        gate.set()  # it fails whole
+        events: dict[str, list[Any]] = {"a": [], "b": []}
+        async with asyncio.timeout(60):
+            while not any(isinstance(e, ResponseFinished | ResponseFailed) for e in events["b"]):
+                for name, stream in (("a", a), ("b", b)):
+                    while stream._out:
+                        events[name] += stream._out.popleft().events
+                await asyncio.sleep(0.01)
+        assert [type(e) for e in events["a"]] == [ResponseFailed]
+        assert events["b"] == [ResponseFinished("rb")]
+    finally:
+        await backend.close()
