@@ -128,6 +128,38 @@ async def test_a_caller_that_switches_its_sources_often_can_still_hang_up(
         await peer.close()
 
 
+async def test_a_call_whose_close_hangs_is_let_go_and_its_transports_stopped(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer connection whose close never returns (a receiver whose stop waits for a task that
+    died) is given up after a bound: the call is released, and its DTLS, ICE and SCTP
+    transports are stopped all the same (sockets, consent checks)."""
+    from s2s import session as session_module
+
+    monkeypatch.setattr(session_module, "CLOSE_TIMEOUT_S", 0.5)
+    peer = Peer(server.url)
+    try:
+        await peer.connect()
+        await peer.next_event("session.created")
+        call_id = peer.call_url.rsplit("/", 1)[1]
+        session = server.registry.get(call_id)
+        assert session is not None
+        receiver = session.pc.getTransceivers()[0].receiver
+
+        async def never() -> None:
+            await asyncio.Event().wait()
+
+        monkeypatch.setattr(receiver, "stop", never)
+        async with asyncio.timeout(10):
+            assert await peer.hangup() == 200
+        assert server.registry.get(call_id) is None
+        dtls = receiver.transport
+        assert (dtls.state, dtls.transport.state) == ("closed", "closed")
+        assert session.pc.sctp is not None and session.pc.sctp.state == "closed"
+    finally:
+        await peer.close()
+
+
 async def test_audio_packets_past_any_real_senders_rate_are_dropped_before_decoding(
     server: Server,
 ) -> None:
