@@ -145,11 +145,13 @@ async def test_a_call_whose_close_hangs_is_let_go_and_its_transports_stopped(
         session = server.registry.get(call_id)
         assert session is not None
         receiver = session.pc.getTransceivers()[0].receiver
+        stop = receiver.stop
 
-        async def never() -> None:
+        async def stops_then_hangs() -> None:  # its decoder thread and tasks do end
+            await stop()
             await asyncio.Event().wait()
 
-        monkeypatch.setattr(receiver, "stop", never)
+        monkeypatch.setattr(receiver, "stop", stops_then_hangs)
         async with asyncio.timeout(10):
             assert await peer.hangup() == 200
         assert server.registry.get(call_id) is None
