@@ -1080,7 +1080,7 @@ def test_a_device_left_unusable_ends_the_worker_whatever_failed(
     prompt over budget: where it left the device unusable, the worker ends (DeviceLost, and
     its server starts another) instead of failing each turn for good. Here the device is
     declared broken, as ``torch.cuda.synchronize`` would find it."""
-    from s2s.worker import omni
+    from s2s.worker import omni, process
     from s2s.worker.messages import Change, Respond, Tick, Turn
     from s2s.worker.process import DeviceLost
 
@@ -1094,7 +1094,7 @@ def test_a_device_left_unusable_ends_the_worker_whatever_failed(
     # A RuntimeError on a device that still works fails the turn alone.
     out = worker.handle(Tick([Change("join", "a"), Change("respond", "a", respond=ask)]))
     assert out.outputs["a"].done.startswith("failed")
-    monkeypatch.setattr(omni, "device_broken", lambda device: True)
+    monkeypatch.setattr(process, "device_broken", lambda device: True)
     with pytest.raises(DeviceLost):
         worker.handle(Tick([Change("respond", "a", respond=ask)]))
 

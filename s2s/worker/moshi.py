@@ -22,7 +22,7 @@ from s2s.backends.mimi_stream import MimiStreamDecoder, MimiStreamEncoder
 from s2s.backends.moshi_engine import MoshiEngine
 from s2s.backends.moshi_rows import Row
 from s2s.worker.messages import CallOutput, Change, Hello, Tick, TickResult
-from s2s.worker.process import DeviceLost, device_broken, pick_device_and_dtype
+from s2s.worker.process import give_up_if_lost, pick_device_and_dtype
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +212,7 @@ class MoshiWorker:
             try:
                 self.calls[call] = joined = self.engine.join(call)
             except RuntimeError as exc:  # every slot is in use
-                if device_broken(self.device):  # or a CUDA error: not a full worker
-                    raise DeviceLost(f"{self.device} no longer works: {exc!r}") from exc
+                give_up_if_lost(self.device, exc)  # or a CUDA error: not a full worker
                 self.refused[call] = str(exc)
                 return
             self.refused.pop(call, None)  # refused before, joined now

@@ -41,7 +41,7 @@ from s2s.omni.request import (
 )
 from s2s.omni.sampling import Sampling
 from s2s.worker.messages import CallOutput, Change, Hello, Respond, Tick, TickResult, Turn
-from s2s.worker.process import DeviceLost, device_broken, pick_device_and_dtype
+from s2s.worker.process import give_up_if_lost, pick_device_and_dtype
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +222,7 @@ class OmniWorker:
         """Raise ``DeviceLost`` if ``exc`` left the device unusable: every step and prefill
         from now on would fail too, so this worker ends, and its server starts another (the
         calls rejoining it)."""
-        if device_broken(self.engine.device):
-            raise DeviceLost(f"{self.engine.device} no longer works: {exc!r}") from exc
+        give_up_if_lost(self.engine.device, exc)
 
     @staticmethod
     def _fail(outputs: dict[str, CallOutput], call: str, response_id: str, exc: Exception) -> None:

@@ -229,6 +229,13 @@ def device_broken(device: Any) -> bool:
     return False
 
 
+def give_up_if_lost(device: Any, exc: BaseException) -> None:
+    """Raise ``DeviceLost`` if ``exc`` left ``device`` unusable (``device_broken``): every
+    step from now on would fail too, so the worker ends and its server starts another."""
+    if device_broken(device):
+        raise DeviceLost(f"{device} no longer works: {exc!r}") from exc
+
+
 def load_worker(options: WorkerOptions) -> ModelWorker:
     """Load the model of ``options.spec`` (``moshi:…`` or ``qwen3-omni:…``) as ``options``
     say."""
