@@ -4,7 +4,9 @@
 one unix socket per worker (calls are forwarded to their owner over it) and a table of live-call
 counts (``calls``) that every worker maps: one row per worker, written only by that worker, of
 its calls and then its calls per server key. The table's file lock makes "is the server (or this
-key) at its limit? if not, count this call" atomic across workers.
+key) at its limit? if not, count this call" atomic across workers. With webhooks, each started
+call also has a file in ``live`` (its start time), so that the calls of a worker that dies get
+their ``realtime.call.ended`` from the supervisor.
 Pure bookkeeping over files: the HTTP side is in ``signaling`` and ``forwarding``.
 """
 
@@ -14,6 +16,7 @@ import fcntl
 import mmap
 import os
 import secrets
+import time
 from array import array
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -23,6 +26,7 @@ from pathlib import Path
 MAX_WORKERS = 256  # the owner is one byte of the call id
 _SLOT = 8
 _COUNTS_FILE = "calls"
+_LIVE_DIR = "live"
 
 
 def new_call_id(worker: int | None = None) -> str:
@@ -35,6 +39,7 @@ def new_call_id(worker: int | None = None) -> str:
 def create_run_dir(run_dir: Path, size: int, keys: int) -> None:
     """Lay out a fresh run directory for ``size`` workers and ``keys`` server keys."""
     (run_dir / "secrets").mkdir(mode=0o700)
+    (run_dir / _LIVE_DIR).mkdir(mode=0o700)
     (run_dir / _COUNTS_FILE).write_bytes(bytes(_SLOT * (1 + keys) * size))
 
 
@@ -46,6 +51,20 @@ def forget_worker(run_dir: Path, worker: int, keys: int) -> None:
         os.pwrite(fd, bytes(_SLOT * (1 + keys)), _SLOT * (1 + keys) * worker)
     finally:
         os.close(fd)
+
+
+def take_live_calls(run_dir: Path, worker: int) -> list[tuple[str, float]]:
+    """After worker ``worker`` is gone: the calls it had started and not ended, each with its
+    start (``time.monotonic()``, one clock for every process of the machine); forgotten here."""
+    taken = []
+    for path in (run_dir / _LIVE_DIR).glob(f"rtc_{worker:02x}*"):
+        try:
+            started = float(path.read_text())
+        except ValueError:  # the worker died while writing it
+            started = path.stat().st_mtime - time.time() + time.monotonic()
+        path.unlink()
+        taken.append((path.name, started))
+    return taken
 
 
 def _socket_path(run_dir: Path, worker: int) -> Path:
@@ -117,6 +136,13 @@ class Pool:
         row = array("q", [calls, *(per_key.get(key, 0) for key in self._keys)])
         start = self.index * self._width
         self._slots[start : start + self._width] = memoryview(row)
+
+    def call_started(self, call_id: str, started: float) -> None:
+        """Note a started call (its ``time.monotonic()`` start) until ``call_ended``."""
+        (self.run_dir / _LIVE_DIR / call_id).write_text(repr(started))
+
+    def call_ended(self, call_id: str) -> None:
+        (self.run_dir / _LIVE_DIR / call_id).unlink(missing_ok=True)
 
     def least_loaded(self) -> int:
         """The worker with the fewest calls; this one on a tie, so a call moves only if it helps.

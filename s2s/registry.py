@@ -121,6 +121,8 @@ class SessionRegistry:
         self._metrics.call_started()
         if self._webhooks is not None:
             self._webhooks.emit("realtime.call.started", {"call_id": session.call_id})
+            if self._pool is not None:  # should this process die, the supervisor ends it
+                self._pool.call_started(session.call_id, self._started[session.call_id])
         self._tasks[session.call_id] = task
         task.add_done_callback(lambda t: self._finished(session, t))
 
@@ -135,6 +137,8 @@ class SessionRegistry:
                 "call_id": session.call_id, "reason": session.end_reason,
                 "duration_s": round(time.monotonic() - started, 3),
             })  # fmt: skip
+            if self._pool is not None:
+                self._pool.call_ended(session.call_id)
         if not task.cancelled() and (exc := task.exception()) is not None:
             CallLogger(log, session.call_id).error("call failed", exc_info=exc)
 

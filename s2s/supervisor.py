@@ -7,7 +7,8 @@ cores by the scheduler, holds about half as many as a pinned one. So: one worker
 Every worker binds the public port with ``SO_REUSEPORT`` and the kernel spreads connections over
 them; a call lives wholly in the worker that answered its offer (``s2s.pool``, ``s2s.forwarding``
 route everything else about it there). This parent only starts the workers, restarts one that
-dies, passes SIGTERM/SIGINT on, and removes the run directory they share when they are gone.
+dies, passes SIGTERM/SIGINT on, sends the ``realtime.call.ended`` webhooks of the calls a dead
+worker took with it, and removes the run directory they share when they are gone.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ import uvloop
 
 from s2s import log as s2s_log
 from s2s.config import Settings
-from s2s.pool import Pool, create_run_dir, forget_worker
+from s2s.pool import Pool, create_run_dir, forget_worker, take_live_calls
 from s2s.server import serve
+from s2s.webhooks import Webhooks
 
 log = logging.getLogger("s2s")
 
@@ -61,8 +63,19 @@ class Supervisor:
         self._procs: dict[int, BaseProcess] = {}
         self._run_dir = Path()
         self._stopping = asyncio.Event()
+        self._webhooks: Webhooks | None = None
 
     async def run(self) -> int:
+        if self._settings.webhook_url:
+            self._webhooks = Webhooks(self._settings.webhook_url, self._settings.webhook_secret)
+            self._webhooks.start()
+        try:
+            return await self._run()
+        finally:
+            if self._webhooks is not None:
+                await self._webhooks.close()
+
+    async def _run(self) -> int:
         host = self._settings.host
         # Bound but never listening, it takes no connections; it fixes the port every worker
         # binds (the one the kernel picked, with --port 0) for as long as the server runs.
@@ -132,6 +145,7 @@ class Supervisor:
             finally:
                 parent.close()
             forget_worker(self._run_dir, index, len(self._settings.api_keys))
+            self._end_calls_of(index, code)
             if self._stopping.is_set() or not started.result():
                 return  # stopping, or the server never came up (run() is stopping it)
             lived = time.monotonic() - born
@@ -143,6 +157,18 @@ class Supervisor:
                         await self._stopping.wait()
                 except TimeoutError:
                     pass
+
+    def _end_calls_of(self, index: int, code: int | None) -> None:
+        """The webhooks for calls a worker took with it (killed, crashed, or past the grace)."""
+        if self._webhooks is None:
+            return
+        now = time.monotonic()
+        for call_id, started in take_live_calls(self._run_dir, index):
+            log.warning("call %s ended with worker %d (exit code %s)", call_id, index, code)
+            self._webhooks.emit("realtime.call.ended", {
+                "call_id": call_id, "reason": "worker_died",
+                "duration_s": round(max(0.0, now - started), 3),
+            })  # fmt: skip
 
     def _spawn(self, index: int) -> tuple[BaseProcess, Connection]:
         core = self._cores[index % len(self._cores)]

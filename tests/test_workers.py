@@ -255,6 +255,53 @@ async def test_a_dead_worker_is_replaced_and_sigterm_stops_them_all(
     assert not workers.run_dir.exists()
 
 
+async def test_calls_of_a_killed_worker_get_their_ended_webhook_from_the_supervisor(
+    start_workers: StartWorkers,
+) -> None:
+    from aiohttp import web
+
+    from s2s.client import verify_webhook
+
+    hooks: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def receive(request: web.Request) -> web.Response:
+        hooks.put_nowait(verify_webhook("whsec-w", request.headers, await request.read()))
+        return web.Response(status=204)
+
+    async def next_hook() -> dict[str, Any]:
+        async with asyncio.timeout(15):
+            return await hooks.get()
+
+    app = web.Application()
+    app.router.add_post("/hook", receive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
+    workers = await start_workers("--webhook", url, "--webhook-secret", "whsec-w")
+    peers = [WorkerPeer(workers, w) for w in (0, 1)]
+    try:
+        for peer in peers:
+            await peer.connect(timeout=20)
+            started = await next_hook()
+            assert started["type"] == "realtime.call.started"
+            assert started["data"]["call_id"] == peer.call_id
+        os.kill((await workers.health(1))["pid"], signal.SIGKILL)
+        ended = await next_hook()
+        assert ended["type"] == "realtime.call.ended"
+        assert ended["data"]["call_id"] == peers[1].call_id
+        assert ended["data"]["reason"] == "worker_died" and ended["data"]["duration_s"] > 0
+        # Worker 0's call lives on, and ends with its own webhook when it is hung up.
+        await workers.wait_line(r"worker 1 ready", timeout=30)
+        assert await peers[0].hangup() == 200
+        ended = await next_hook()
+        assert (ended["data"]["call_id"], ended["data"]["reason"]) == (peers[0].call_id, "hangup")
+        assert hooks.empty() and not any((workers.run_dir / "live").iterdir())
+    finally:
+        await asyncio.gather(*(p.close() for p in peers))
+        await runner.cleanup()
+
+
 async def test_metrics_from_any_worker_cover_every_worker(start_workers: StartWorkers) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
