@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,9 @@ _REMOTE_STREAMS = "_RTCRtpReceiver__remote_streams"
 _ACTIVE_SOURCES = "_RTCRtpReceiver__active_ssrc"
 #: Sources (SSRCs) a receiver keeps statistics of: one a track, and some to spare.
 MAX_SOURCES = 4
+#: Distinct sources a peer may send under in one call (a browser uses one a track, and one
+#: more for retransmissions); past them the call ends (see ``watch_sources``).
+MAX_CALL_SOURCES = 100
 
 
 #: Inbound audio packets a second a call takes (each is decoded on the event loop all calls
@@ -103,7 +107,7 @@ def limit_sources(receiver: RTCRtpReceiver) -> None:
     which keeps statistics of every one and reports on all of them: past about 57 its receiver
     report no longer fits a packet, its RTCP task dies of it silently, and closing the call
     waits for that task for ever. A peer needs one source per track (retransmissions come under
-    another). What aiortc's router and SRTP keep per source is not bounded here."""
+    another). What aiortc's router and SRTP keep per source ``watch_sources`` bounds."""
     known: list[dict[int, Any]] = [
         k
         for name in (_REMOTE_STREAMS, _ACTIVE_SOURCES)
@@ -123,6 +127,51 @@ def limit_sources(receiver: RTCRtpReceiver) -> None:
                 del sources[next(iter(sources))]  # the least recently heard
 
     receiver._handle_rtp_packet = handle_limited  # type: ignore[method-assign]
+
+
+def watch_sources(pc: RTCPeerConnection, flooded: Callable[[], None]) -> None:
+    """Call ``flooded`` once the peer has sent RTP or RTCP under more than ``MAX_CALL_SOURCES``
+    SSRCs, and drop what comes under a new one from then on; every receiver keeps statistics of
+    its last few sources alone (``limit_sources``).
+
+    aiortc's router and libsrtp keep state for every source a peer ever sent under, for as long
+    as the call lasts: a peer cycling through SSRCs would grow both without bound."""
+    for receiver in pc.getReceivers():
+        limit_sources(receiver)
+    seen: set[int] = set()
+    over = False
+
+    def admits(ssrc: int) -> bool:
+        nonlocal over
+        if ssrc in seen:
+            return True
+        if len(seen) < MAX_CALL_SOURCES:
+            seen.add(ssrc)
+            return True
+        if not over:
+            over = True
+            flooded()
+        return False
+
+    bundled = {id(t): t for r in pc.getReceivers() if (t := r.transport) is not None}
+    for dtls in bundled.values():
+        if not hasattr(dtls, "_handle_rtp_data") or not hasattr(dtls, "_handle_rtcp_data"):
+            log.warning("aiortc's DTLS transport internals changed; sources are not counted")
+            return
+        # Both see a packet once SRTP has let it in, before aiortc routes it; the sender's SSRC
+        # is at bytes 8-12 of an RTP header and 4-8 of an RTCP one.
+        rtp, rtcp = dtls._handle_rtp_data, dtls._handle_rtcp_data
+
+        async def counted_rtp(data: bytes, arrival_time_ms: int, rtp: Any = rtp) -> None:
+            if len(data) < 12 or admits(int.from_bytes(data[8:12], "big")):
+                await rtp(data, arrival_time_ms=arrival_time_ms)
+
+        async def counted_rtcp(data: bytes, rtcp: Any = rtcp) -> None:
+            if len(data) < 8 or admits(int.from_bytes(data[4:8], "big")):
+                await rtcp(data)
+
+        dtls._handle_rtp_data = counted_rtp  # type: ignore[method-assign]
+        dtls._handle_rtcp_data = counted_rtcp  # type: ignore[method-assign]
 
 
 async def close_transports(pc: RTCPeerConnection) -> None:

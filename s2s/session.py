@@ -47,14 +47,15 @@ from s2s.protocol.server_events import Error, ErrorDetail, ServerEvent, SessionC
 from s2s.protocol.session_config import SessionConfig
 from s2s.realtime.call import Realtime
 from s2s.rtc import (
+    MAX_CALL_SOURCES,
     OfferError,
     VoiceInput,
     check_offer_size,
     close_transports,
-    limit_sources,
     prefer_red,
     receive_one_of_each,
     tune_audio,
+    watch_sources,
 )
 from s2s.vad import VAD_RATE, SpeechDetector, VadService
 
@@ -166,8 +167,8 @@ class Session:
             wait = self._settings.max_gap_wait_ms
             self.stats.voice_in = VoiceInput.install(audio[0].receiver, codecs, wait)
             answer = prefer_red(answer, codecs)
-        for transceiver in self.pc.getTransceivers():
-            limit_sources(transceiver.receiver)
+        too_many = f"the call sent media under more than {MAX_CALL_SOURCES} SSRCs"
+        watch_sources(self.pc, lambda: self.fail("too_many_sources", "too_many_sources", too_many))
         return answer
 
     @property
@@ -190,6 +191,11 @@ class Session:
             self.end_reason = reason
             self.log.info("ending: %s", reason)
             self._ended.set()
+
+    def fail(self, reason: str, code: str, why: str, kind: str = "invalid_request_error") -> None:
+        """End the call with an ``error`` event that says why."""
+        self.send(Error(error=ErrorDetail(code=code, type=kind, message=why)))
+        self.end(reason)
 
     async def run(self) -> None:
         """Serve the call until it ends, then free everything it holds."""
@@ -267,11 +273,8 @@ class Session:
                 if loop.time() - self._last_audio > timeout:
                     self.end("peer_timeout")
                 elif longest and loop.time() - started > longest:
-                    self.send(Error(error=ErrorDetail(
-                        code="call_duration_limit", type="limit_error",
-                        message=f"calls on this server last at most {longest:g} s",
-                    )))  # fmt: skip
-                    self.end("max_duration")
+                    limit = f"calls on this server last at most {longest:g} s"
+                    self.fail("max_duration", "call_duration_limit", limit, "limit_error")
 
     async def _pump_mic(self, realtime: Realtime) -> None:
         track = await self._mic

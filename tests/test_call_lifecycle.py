@@ -66,7 +66,7 @@ async def test_client_closing_its_side_ends_the_call(server: Server) -> None:
 async def test_a_caller_that_switches_its_sources_often_can_still_hang_up(
     server: Server, kind: str
 ) -> None:
-    """A peer sending its audio, or its camera, under 100 SSRCs: the server's receiver reports
+    """A peer sending its audio, or its camera, under 80 SSRCs: the server's receiver reports
     keep fitting a packet, so its RTCP task lives on and the call closes (past about 57
     sources, aiortc's report overflowed, its task died, and closing the call waited for it
     forever: the call's count and model stream were never let go)."""
@@ -86,7 +86,7 @@ async def test_a_caller_that_switches_its_sources_often_can_still_hang_up(
         payload_type = next(c.payloadType for c in media._codecs if c.mimeType.lower() == codec)
         payload = b"\xf8\xff\xfe" if kind == "audio" else b"\x10\x00\x00\x00"
         flooded = time.time()
-        for i in range(100):  # a hostile or broken peer: RTP straight onto its transport
+        for i in range(80):  # a hostile or broken peer: RTP straight onto its transport
             packet = RtpPacket(payload_type=payload_type, sequence_number=i, timestamp=960 * i,
                                ssrc=random.getrandbits(32), payload=payload)  # fmt: skip
             await sender.transport._send_rtp(packet.serialize())
@@ -124,6 +124,36 @@ async def test_a_caller_that_switches_its_sources_often_can_still_hang_up(
         async with asyncio.timeout(10):
             assert await peer.hangup() == 200
         assert server.registry.get(call_id) is None
+    finally:
+        await peer.close()
+
+
+async def test_a_caller_that_sends_under_ever_new_sources_is_ended(server: Server) -> None:
+    """Past ``MAX_CALL_SOURCES`` SSRCs the call ends with an error: aiortc's router and SRTP
+    keep state for every source a call ever used, which a peer cycling SSRCs grew for ever."""
+    import random
+
+    from aiortc.rtp import RtpPacket
+
+    from s2s.rtc import MAX_CALL_SOURCES
+
+    peer = Peer(server.url)
+    try:
+        await peer.connect()
+        await peer.next_event("session.created")
+        session = server.registry.get(peer.call_url.rsplit("/", 1)[1])
+        assert session is not None
+        (media,) = [t for t in peer.pc.getTransceivers() if t.kind == "audio"]
+        payload_type = next(c.payloadType for c in media._codecs if c.mimeType == "audio/opus")
+        for i in range(MAX_CALL_SOURCES + 50):
+            packet = RtpPacket(payload_type=payload_type, sequence_number=i, timestamp=960 * i,
+                               ssrc=random.getrandbits(32), payload=b"\xf8\xff\xfe")  # fmt: skip
+            await media.sender.transport._send_rtp(packet.serialize())
+        error = await peer.next_event("error", timeout=10)
+        assert error["error"]["code"] == "too_many_sources"
+        await wait_until(lambda: server.registry.get(session.call_id) is None, timeout=10,
+                         what="the call to end")  # fmt: skip
+        assert session.end_reason == "too_many_sources"
     finally:
         await peer.close()
 
