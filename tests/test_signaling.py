@@ -222,14 +222,25 @@ async def test_cors_preflight_and_exposed_location(server: Server) -> None:
             headers={
                 "Origin": origin,
                 "Access-Control-Request-Method": "POST",
-                "Access-Control-Request-Headers": "authorization,content-type,x-openai-agents-sdk",
+                # openai-node in a browser adds its own headers to whatever it calls
+                "Access-Control-Request-Headers": "authorization,content-type,"
+                "x-openai-agents-sdk, x-stainless-os,openai-organization",
             },
         ) as r:
             assert r.status == 204
             assert r.headers["Access-Control-Allow-Origin"] == origin
-            allowed = r.headers["Access-Control-Allow-Headers"].lower()
-            for header in ("authorization", "content-type", "x-openai-agents-sdk"):
+            allowed = {
+                h.strip().lower() for h in r.headers["Access-Control-Allow-Headers"].split(",")
+            }
+            for header in ("authorization", "content-type", "x-openai-agents-sdk",
+                           "x-stainless-os", "openai-organization"):  # fmt: skip
                 assert header in allowed
+        bad = "x-a;b"  # not a list of header names: the fixed list alone
+        async with http.options(server.url + CALLS, headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": bad,
+        }) as r:  # fmt: skip
+            assert r.status == 204 and "x-a" not in r.headers["Access-Control-Allow-Headers"]
         peer = Peer(server.url)
         try:
             await peer.connect()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -13,6 +14,11 @@ from s2s.signaling.errors import error_response, server_key
 from s2s.signaling.state import POOL, RELAY, SETTINGS
 
 _ALLOW_HEADERS = "Authorization, Content-Type, X-OpenAI-Agents-SDK, OpenAI-Beta"
+# A preflight's own list of headers, when it is one: openai-node in a browser sends its
+# X-Stainless-* and OpenAI-Organization/-Project headers, more than any fixed list keeps up with.
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_HEADER_LIST = re.compile(rf"{_TOKEN}(?:[ \t]*,[ \t]*{_TOKEN})*")
+_MAX_HEADER_LIST = 1024
 _ALLOW_METHODS = "GET, POST, OPTIONS"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -72,7 +78,11 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         response: web.StreamResponse = web.Response(status=204)
         response.headers["Access-Control-Allow-Methods"] = _ALLOW_METHODS
-        response.headers["Access-Control-Allow-Headers"] = _ALLOW_HEADERS
+        asked = request.headers.get("Access-Control-Request-Headers", "").strip()
+        echoed = len(asked) <= _MAX_HEADER_LIST and _HEADER_LIST.fullmatch(asked)
+        response.headers["Access-Control-Allow-Headers"] = (
+            f"{_ALLOW_HEADERS}, {asked}" if echoed else _ALLOW_HEADERS
+        )
         response.headers["Access-Control-Max-Age"] = "600"
     else:
         try:
