@@ -326,7 +326,12 @@ async def test_idle_timeout_asks_if_the_caller_is_there(local: Server) -> None:
     vad = {"type": "server_vad", "idle_timeout_ms": 1500}
     peer = await call(local, audio={"input": {"turn_detection": vad}})
     try:
-        await peer.next_event("input_audio_buffer.timeout_triggered", timeout=10)
+        fired = await peer.next_event("input_audio_buffer.timeout_triggered", timeout=10)
+        # The silent audio is committed as the item the event names, as OpenAI does.
+        committed = await peer.next_event("input_audio_buffer.committed", timeout=5)
+        assert committed["item_id"] == fired["item_id"]
+        added = await peer.next_event("conversation.item.added", timeout=5)
+        assert added["item"]["id"] == fired["item_id"] and added["item"]["role"] == "user"
         done = await peer.next_event("response.done", timeout=15)
         assert done["response"]["output"][0]["content"][0]["transcript"] == "Are you still there?"
     finally:

@@ -379,6 +379,7 @@ class Realtime:
         self._send(InputAudioBufferTimeoutTriggered(
             audio_start_ms=self._buffer_start_ms, audio_end_ms=self._input_ms, item_id=item_id
         ))  # fmt: skip
+        await self._commit(item_id)  # the silence, as OpenAI commits it: the item named above
         if vad.create_response and self._backend.turn_based:
             await self._responses.start("idle", ResponseParams())
 
