@@ -39,7 +39,8 @@ def create_app(settings: Settings, pool: Pool | None = None) -> web.Application:
     """The server's app; with ``pool``, one worker of several (``s2s serve --workers N``)."""
     app = web.Application(middlewares=[cors_middleware, route_to_owner])
     app[SETTINGS] = settings
-    app[KEYS] = Keys(settings.api_keys, pool.secrets_dir if pool is not None else None)
+    secrets_dir = pool.secrets_dir if pool is not None else None
+    app[KEYS] = Keys(settings.api_keys, secrets_dir, settings.single_use_client_secrets)
     if pool is not None:
         app[POOL] = pool
         app.cleanup_ctx.append(_relay)

@@ -1,10 +1,11 @@
-"""Who may call: server API keys, single-use ephemeral client secrets, allowed origins.
+"""Who may call: server API keys, ephemeral client secrets, allowed origins.
 
 Keys are compared in constant time and never logged. A client secret (``ek_…``) is minted by
-a holder of a server key, carries the session config the call must use, expires, and works once.
+a holder of a server key, carries the session config the call must use, and expires; until then
+it makes any number of calls, as OpenAI's do, or one (``single_use``).
 With ``--workers`` a secret minted in one process is redeemed in another, so they live as files in
-the server's run directory instead of a dict; deleting the file is what uses one up, and only one
-process can succeed at that. Pure bookkeeping: the HTTP side lives in ``signaling``.
+the server's run directory instead of a dict; deleting the file is what uses a single-use one up,
+and only one process can succeed at that. Pure bookkeeping: the HTTP side lives in ``signaling``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class Keys:
     api_keys: tuple[str, ...] = ()
     #: A directory every worker of the server shares; None keeps secrets in this process.
     shared_dir: Path | None = None
+    #: A secret makes one call (else any number until it expires).
+    single_use: bool = False
     _secrets: dict[str, ClientSecret] = field(default_factory=dict)
 
     @property
@@ -81,7 +84,7 @@ class Keys:
         return secret
 
     def redeem(self, presented: str | None) -> ClientSecret | None:
-        """Use up a client secret: the first use of a live one returns it, anything else None."""
+        """A live client secret's record, used up if single-use; None for any other token."""
         if presented is None or not presented.startswith(SECRET_PREFIX):
             return None
         if self.shared_dir is not None:
@@ -89,12 +92,14 @@ class Keys:
         self._expire()
         # The dict lookup is by value; a forged value is simply absent. Secrets are long random
         # strings, so a timing difference in the lookup reveals nothing usable.
-        return self._secrets.pop(presented, None)
+        if self.single_use:
+            return self._secrets.pop(presented, None)
+        return self._secrets.get(presented)
 
     def restore(self, secret: ClientSecret) -> None:
-        """Give back a secret ``redeem`` used up for a call that was not made (a full server, a
-        bad offer), so the client can try again with it until it expires."""
-        if secret.expires_at <= time.time():
+        """Give back a single-use secret ``redeem`` used up for a call that was not made (a full
+        server, a bad offer), so the client can try again with it until it expires."""
+        if not self.single_use or secret.expires_at <= time.time():
             return
         if self.shared_dir is None:
             self._secrets[secret.value] = secret
@@ -143,7 +148,8 @@ class Keys:
         path = self._path(presented)
         try:
             data = path.read_bytes()
-            path.unlink()  # the one process whose unlink succeeds has used the secret up
+            if self.single_use:
+                path.unlink()  # the one process whose unlink succeeds has used the secret up
         except FileNotFoundError:
             return None
         record = msgspec.json.decode(data, type=_StoredSecret)

@@ -192,6 +192,11 @@ def _parser() -> argparse.ArgumentParser:
         help="browser origin allowed to call the API (repeatable; default: any)",
     )
     serve.add_argument(
+        "--single-use-client-secrets",
+        action="store_true",
+        help="a client secret makes one call (default: as OpenAI's, any until it expires)",
+    )
+    serve.add_argument(
         "--insecure-public",
         action="store_true",
         help="listen on a public address even with no API key (anyone can call)",
@@ -283,7 +288,10 @@ def parse_settings(
     if not keys and host not in LOOPBACK and not args.insecure_public:
         warning = f"no --api-key given: listening on 127.0.0.1, not {host}"
         fields["host"] = "127.0.0.1"
-    settings = Settings(**fields, api_keys=tuple(keys), allowed_origins=tuple(args.allow_origin))
+    settings = Settings(
+        **fields, api_keys=tuple(keys), allowed_origins=tuple(args.allow_origin),
+        single_use_client_secrets=args.single_use_client_secrets,
+    )  # fmt: skip
     if settings.ray_address and settings.workers > 1:
         parser.error("--workers above 1 with --ray-address: run one edge per machine instead")
     if settings.ray_address and (settings.device or settings.cuda_graphs != "auto"):

@@ -78,6 +78,8 @@ class Settings:
     #: Where call started/ended webhooks go (none if empty), and the secret that signs them.
     webhook_url: str = ""
     webhook_secret: str = ""
+    #: A client secret makes one call (else, as OpenAI's, any number until it expires).
+    single_use_client_secrets: bool = False
     #: Server API keys; with none, every caller is trusted (and the CLI binds to loopback).
     api_keys: tuple[str, ...] = ()
     #: Browser origins allowed to use /v1/ endpoints; empty allows any.

@@ -82,7 +82,9 @@ async def test_a_server_key_makes_a_call_and_hangs_up(locked: Server) -> None:
         await peer.close()
 
 
-async def test_client_secret_works_once_and_carries_its_session(locked: Server) -> None:
+async def test_client_secret_carries_its_session_and_works_until_it_expires(
+    locked: Server,
+) -> None:
     status, _ = await mint(locked, None, {})
     assert status == 401
     status, secret = await mint(locked, KEY, {"session": {"instructions": "Be brief."}})
@@ -97,18 +99,36 @@ async def test_client_secret_works_once_and_carries_its_session(locked: Server) 
     huge = {"session": {"instructions": "x" * 300_000}}
     status, refused = await mint(locked, KEY, huge)
     assert status == 413 and refused["error"]["code"] == "request_too_large"
+    # The client tries to widen the session: the secret's session wins. As OpenAI's, the
+    # secret makes calls until it expires (a client that reconnects with it is let in).
+    peers = [
+        KeyedPeer(locked.url, secret["value"], session={"instructions": "Say anything."}),
+        KeyedPeer(locked.url, secret["value"]),
+    ]
+    try:
+        for peer in peers:
+            await peer.connect()
+            created = await peer.next_event("session.created")
+            assert created["session"]["instructions"] == "Be brief."
+        assert len(locked.registry) == 2
+    finally:
+        await asyncio.gather(*(p.close() for p in peers))
+
+
+async def test_a_single_use_client_secret_makes_one_call(start_server: StartServer) -> None:
+    server = await start_server(api_keys=(KEY,), single_use_client_secrets=True)
+    _, secret = await mint(server, KEY, {"session": {"instructions": "Be brief."}})
     # An offer that makes no call (here not SDP; a full server alike) leaves it usable.
-    status, body, _ = await KeyedPeer(locked.url, secret["value"])._post_offer("not an offer")
+    status, body, _ = await KeyedPeer(server.url, secret["value"])._post_offer("not an offer")
     assert status == 400 and "invalid_offer" in body
-    # The client tries to widen the session: the secret's session wins.
-    peer = KeyedPeer(locked.url, secret["value"], session={"instructions": "Say anything."})
+    peer = KeyedPeer(server.url, secret["value"])
     try:
         await peer.connect()
         created = await peer.next_event("session.created")
         assert created["session"]["instructions"] == "Be brief."
     finally:
         await peer.close()
-    again = KeyedPeer(locked.url, secret["value"])
+    again = KeyedPeer(server.url, secret["value"])
     with pytest.raises(CallRefused) as refused:
         await again.connect()
     assert refused.value.status == 401

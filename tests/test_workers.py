@@ -162,7 +162,7 @@ async def test_sideband_reaches_a_call_on_the_other_worker(start_workers: StartW
 async def test_a_client_secret_minted_in_one_worker_works_in_the_other(
     start_workers: StartWorkers,
 ) -> None:
-    workers = await start_workers("--api-key", KEY)
+    workers = await start_workers("--api-key", KEY, "--single-use-client-secrets")
 
     async def mint(worker: int) -> str:
         body = {"session": {"instructions": f"Minted by {worker}."}}
@@ -184,7 +184,7 @@ async def test_a_client_secret_minted_in_one_worker_works_in_the_other(
             assert peer.owner == user
             created = await peer.next_event("session.created", timeout=10)
             assert created["session"]["instructions"] == f"Minted by {minter}."
-            # Used up everywhere, the minting worker included.
+            # Single-use: used up everywhere, the minting worker included.
             for again in (0, 1):
                 with pytest.raises(CallRefused) as refused:
                     await WorkerPeer(workers, again, token=secret).connect(timeout=20)
