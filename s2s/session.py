@@ -40,6 +40,7 @@ from s2s.camera import sample_camera
 from s2s.config import Settings
 from s2s.datachannel import EVENTS_LABEL, EventChannel
 from s2s.eventrate import EventRate
+from s2s.feed import Feed
 from s2s.images import ImageLimits
 from s2s.log import CallLogger
 from s2s.metrics import CallMetrics, ServerMetrics
@@ -61,11 +62,6 @@ from s2s.vad import VAD_RATE, SpeechDetector, VadService
 
 log = logging.getLogger(__name__)
 
-# Model frames waiting for a slow model; past this the oldest are dropped (and counted) so a
-# stalled model never makes the caller's audio pile up in memory.
-_MODEL_BACKLOG = 50
-# Caller audio waiting for the VAD thread; past this the oldest is dropped.
-_VAD_BACKLOG = 50
 #: How long closing the peer connection may take before the rest of the call is let go anyway.
 CLOSE_TIMEOUT_S = 5.0
 
@@ -130,8 +126,8 @@ class Session:
         self._stream: ModelStream | None = None
         self._mic: asyncio.Future[MediaStreamTrack] = asyncio.get_running_loop().create_future()
         self._camera: asyncio.Future[MediaStreamTrack] = asyncio.get_running_loop().create_future()
-        self._model_in: asyncio.Queue[np.ndarray] = asyncio.Queue(_MODEL_BACKLOG)
-        self._vad_in: asyncio.Queue[np.ndarray] = asyncio.Queue(_VAD_BACKLOG)
+        self._model_in = Feed(backend.frame_samples, backend.input_rate)
+        self._vad_in = Feed(backend.frame_samples, backend.input_rate)  # any sizes: never waits
         self._ended = asyncio.Event()
         self._last_audio = asyncio.get_running_loop().time()
         pc.on("track", self._on_track)
@@ -296,15 +292,19 @@ class Session:
                 realtime.heard(1000 * frame.samples // frame.sample_rate)
                 pcm = resampler.from_frame(frame)
             for chunk in chunker.push(pcm):
-                self.frames_dropped += _put_dropping_oldest(self._model_in, chunk)
+                self.frames_dropped += self._model_in.put(chunk)
             if realtime.vad is not None:
-                _put_dropping_oldest(self._vad_in, pcm)
+                self._vad_in.put(pcm)
 
     async def _run_model(self, stream: ModelStream, realtime: Realtime) -> None:
         to_speaker = Resampler(WEBRTC_RATE)
         rate = self._backend.output_rate
+        # A turn-based model's reply goes on whatever the caller sends (nothing, if its track was
+        # removed or its uplink lost); a continuous one lives on the caller's time, frame for
+        # frame (silence standing in for late frames would delay all it hears after them).
+        turns = self._backend.turn_based
         while True:
-            frame = await self._model_in.get()
+            frame = await (self._model_in.next_or_silence() if turns else self._model_in.get())
             result = await stream.step(frame)
             realtime.on_step(result, to_speaker.from_pcm(result.audio, rate))
 
@@ -386,13 +386,3 @@ class Session:
             self.metrics.connected(asyncio.get_running_loop().time() - self._created_at)
         if state in ("failed", "closed"):
             self.end(f"connection_{state}")
-
-
-def _put_dropping_oldest(queue: asyncio.Queue[np.ndarray], item: np.ndarray) -> int:
-    """Queue ``item``; if the queue is full, drop its oldest entry. Returns the number dropped."""
-    dropped = 0
-    if queue.full():
-        queue.get_nowait()
-        dropped = 1
-    queue.put_nowait(item)
-    return dropped

@@ -322,6 +322,36 @@ async def test_steering_mid_response_and_per_response_instructions(local: Server
         await peer.close()
 
 
+class HeldMic(MicTrack):
+    """A microphone that stops sending at ``hold()``: no packets at all, as when a client
+    removes its track (``replaceTrack(null)``) or its uplink is gone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sending = asyncio.Event()
+        self.sending.set()
+
+    async def recv(self) -> Any:
+        await self.sending.wait()
+        return await super().recv()
+
+
+async def test_a_reply_plays_on_while_the_caller_sends_nothing(local: Server) -> None:
+    mic = HeldMic()
+    peer = Peer(local.url, mic)
+    watch(peer)
+    try:
+        await peer.connect()
+        await peer.next_event("session.created")
+        mic.sending.clear()
+        mark = say_text(peer, "please say good night moon")
+        done = await peer.next_event("response.done", after=mark, timeout=20)
+        assert done["response"]["output"][0]["content"][0]["transcript"] == "good night moon"
+        assert loud_spans(peer.audio())  # it was heard, not just reported
+    finally:
+        await peer.close()
+
+
 async def test_idle_timeout_asks_if_the_caller_is_there(local: Server) -> None:
     vad = {"type": "server_vad", "idle_timeout_ms": 1500}
     peer = await call(local, audio={"input": {"turn_detection": vad}})
