@@ -72,6 +72,10 @@ _lib.opus_decoder_destroy.argtypes = [ctypes.c_void_p]
 _lib.opus_packet_get_nb_samples.restype = ctypes.c_int
 _lib.opus_packet_get_nb_samples.argtypes = [ctypes.c_char_p, ctypes.c_int32, ctypes.c_int32]
 # opus_*_ctl are variadic: every request s2s makes takes one int (or none), passed as c_int.
+# Their fixed arguments are declared so that ctypes passes the rest as variadic ones: on Apple
+# arm64 those go on the stack, and undeclared ones would be read as garbage there.
+_lib.opus_encoder_ctl.restype = ctypes.c_int
+_lib.opus_encoder_ctl.argtypes = [ctypes.c_void_p, ctypes.c_int]
 
 
 def _check(code: int) -> int:
