@@ -59,10 +59,12 @@ class Keys:
         """The server key ``presented`` matches, compared in constant time, or None."""
         if presented is None:
             return None
+        # aiohttp hands bytes that are not UTF-8 over as surrogates: such a token is no key.
+        given = presented.encode("utf-8", "surrogateescape")
         match = None
         for key in self.api_keys:
             # Compare against every key so the time taken does not tell which one is close.
-            if hmac.compare_digest(presented.encode(), key.encode()):
+            if hmac.compare_digest(given, key.encode()):
                 match = key
         return match
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -339,3 +340,58 @@ async def test_an_offer_that_arrives_in_pieces_is_read_whole(server: Server) -> 
     )
     assert status == 201, text
     assert "a=mid:" in text and len(server.registry) == 1
+
+
+async def raw_request(server: Server, head: bytes, body: bytes = b"") -> tuple[int, dict]:
+    """Send ``head`` (and ``body``) as they are, on a connection of its own; the status and
+    JSON error of the answer."""
+    port = int(server.url.rsplit(":", 1)[1].rstrip("/"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head + b"\r\n\r\n" + body)
+        async with asyncio.timeout(10):  # not to the end: aiohttp lingers for a body's rest
+            answer = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", answer)[1])  # type: ignore[index]
+            payload = await reader.readexactly(length)
+    finally:
+        writer.close()
+    assert re.search(rb"(?i)content-type: *application/json", answer), answer
+    return int(answer.split()[1]), json.loads(payload)
+
+
+async def test_a_body_that_stalls_is_408_and_its_handler_let_go(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from s2s.signaling import calls
+
+    monkeypatch.setattr(calls, "BODY_TIMEOUT_S", 0.5)
+    for path, ctype in ((CALLS, "application/sdp"), (CALLS, "multipart/form-data; boundary=b"),
+                        ("/v1/realtime/client_secrets", "application/json")):  # fmt: skip
+        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
+                "Content-Length: 5000\r\nConnection: close").encode()  # fmt: skip
+        status, body = await raw_request(server, head, b"v=0\r\n")  # and then nothing
+        assert (status, body["error"]["code"]) == (408, "request_timeout"), path
+
+
+async def test_broken_headers_and_bodies_get_json_errors_not_500(start_server: StartServer) -> None:
+    server = await start_server(api_keys=("sk-signaling",))
+    for path in (CALLS, "/v1/realtime/client_secrets"):  # a token of bytes that are not UTF-8
+        head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n".encode()
+        status, body = await raw_request(server, head + b"Authorization: Bearer \xff\xfe")
+        assert (status, body["error"]["code"]) == (401, "invalid_api_key"), path
+    key = "Authorization: Bearer sk-signaling"
+    for part_head in (b"no colon here", b"Content-Transfer-Encoding: foo",
+                      b'Content-Type: text/plain; charset=nope'):  # fmt: skip
+        form = (b"--b\r\nContent-Disposition: form-data; name=\"sdp\"\r\n" + part_head
+                + b"\r\n\r\nv=0\r\n--b--\r\n")  # fmt: skip
+        head = (f"POST {CALLS} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{key}\r\n"
+                "Content-Type: multipart/form-data; boundary=b\r\n"
+                f"Content-Length: {len(form)}").encode()  # fmt: skip
+        status, body = await raw_request(server, head, form)
+        assert status == 400 and body["error"]["code"] in ("invalid_body", "invalid_offer")
+    async with aiohttp.ClientSession(headers={"Authorization": "Bearer sk-signaling"}) as http:
+        async with http.get(server.url + "/v1/nope") as r:
+            assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+        async with http.delete(server.url + CALLS) as r:
+            assert r.status == 405 and (await r.json())["error"]["code"] == "method_not_allowed"
+            assert "POST" in r.headers["Allow"]

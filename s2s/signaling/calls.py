@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
+import aiohttp
 import msgspec
 from aiohttp import web
 
@@ -173,9 +177,15 @@ async def _read_offer(request: web.Request, max_bytes: int) -> tuple[str, Sessio
 async def _read_form(request: web.Request, max_bytes: int) -> tuple[str, SessionPatch | None]:
     """OpenAI's unified interface: an ``sdp`` field and an optional ``session`` JSON field."""
     try:
-        form = await request.post()
-    except ValueError as exc:  # aiohttp's multipart parser on a broken body
-        raise BadRequest(400, "invalid_body", f"malformed form body: {exc}") from None
+        async with _body_in_time():
+            form = await request.post()
+    except BadRequest:
+        raise
+    except web.HTTPException as exc:  # past the server's body size, say
+        code = "offer_too_large" if exc.status == 413 else "invalid_body"
+        raise BadRequest(exc.status, code, exc.text or exc.reason) from None
+    except Exception as exc:  # aiohttp's multipart parser on a broken body raises many kinds
+        raise BadRequest(400, "invalid_body", f"malformed form body: {exc!r}") from None
     sdp, session = _part(form.get("sdp")), _part(form.get("session"))
     if sdp is None:
         raise BadRequest(400, "missing_sdp", "the form has no 'sdp' field", "sdp")
@@ -259,12 +269,32 @@ async def read_limited(
     """The whole body, up to ``max_bytes`` (413 ``code`` past it). ``content.read(n)`` would
     return what the first network segment brought (a real offer often comes in several)."""
     chunks, size = [], 0
-    while chunk := await request.content.readany():
-        size += len(chunk)
-        if size > max_bytes:
-            raise BadRequest(413, code, f"{what} exceeds {max_bytes} bytes")
-        chunks.append(chunk)
+    async with _body_in_time():
+        while chunk := await request.content.readany():
+            size += len(chunk)
+            if size > max_bytes:
+                raise BadRequest(413, code, f"{what} exceeds {max_bytes} bytes")
+            chunks.append(chunk)
     return b"".join(chunks)
+
+
+#: How long a request's body may take to arrive: one that stalls would hold its socket and its
+#: handler for ever (aiohttp has no such timeout of its own).
+BODY_TIMEOUT_S = 10.0
+
+
+@contextlib.asynccontextmanager
+async def _body_in_time() -> AsyncIterator[None]:
+    """Read a body within ``BODY_TIMEOUT_S`` (408 past it); a client gone halfway is a 400."""
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            yield
+    except TimeoutError:
+        message = f"the request body did not arrive within {BODY_TIMEOUT_S:g} s"
+        raise BadRequest(408, "request_timeout", message) from None
+    except (aiohttp.ClientError, ConnectionError) as exc:  # nobody is left to read the answer
+        log.info("a request's body was cut off: %r", exc)
+        raise BadRequest(400, "incomplete_body", "the connection closed mid-body") from None
 
 
 def _check_sdp(data: bytes) -> str:

@@ -88,7 +88,7 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
         try:
             response = await handler(request)
         except web.HTTPException as exc:
-            response = exc
+            response = _as_json(exc) if api else exc
     if origin and api:
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Expose-Headers"] = "Location"
@@ -96,6 +96,20 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if isinstance(response, web.HTTPException):
         raise response
     return response
+
+
+# aiohttp's own refusals (no such route, a method a route lacks, a body past its limit, a GET
+# that is no WebSocket) come as text: the API's errors are JSON, whoever raises them.
+_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def _as_json(exc: web.HTTPException) -> web.StreamResponse:
+    if exc.status < 400 or exc.content_type == "application/json":
+        return exc
+    headers = {name: exc.headers[name] for name in ("Allow", "Retry-After") if name in exc.headers}
+    message = exc.text if exc.text and exc.text != f"{exc.status}: {exc.reason}" else exc.reason
+    return error_response(exc.status, _CODES.get(exc.status, "invalid_request"), message,
+                          headers=headers)  # fmt: skip
 
 
 def _keyless_refusal(request: web.Request, origin: str | None, bound: str) -> web.Response | None:
