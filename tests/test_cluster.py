@@ -23,8 +23,6 @@ from s2s.signaling.state import BACKEND
 from s2s.worker.cluster import (
     NAMESPACE,
     WORKER_RESOURCE,
-    WorkerRegistry,
-    WorkerState,
     connect,
     registry,
     start_worker,
@@ -34,6 +32,7 @@ from s2s.worker.edge import ClusterBackend
 from s2s.worker.handle import ClusterUnavailable
 from s2s.worker.messages import Hello, encoder
 from s2s.worker.process import WorkerOptions
+from s2s.worker.registry import WorkerRegistry, WorkerState
 from tests.conftest import StartServer
 from tests.peer import CallRefused, MicTrack, Peer
 from tests.signals import rms, tone

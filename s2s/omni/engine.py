@@ -54,6 +54,7 @@ from s2s.omni.prefilling import Prefilling, prompt_inputs
 from s2s.omni.request import Decoding, Request, RowStep
 from s2s.omni.rows import Row, StepLayout, speech_columns
 from s2s.omni.sampling import Draws
+from s2s.omni.slot_owners import SlotOwners
 from s2s.omni.slots import SlotCache
 
 log = logging.getLogger(__name__)
@@ -97,9 +98,7 @@ class OmniEngine:
             self.thinker_cache, self.talker_cache, self.code2wav, self.fixed_shapes
         )
         self.predictor = CodePredictor(self.talker.code_predictor, self.layout.rows(max_rows))
-        self._free = [slot for slot in range(slots) if slot != SCRATCH]
-        #: Finished conversations' slots, least recently finished first (``Request.conversation``).
-        self.kept: OrderedDict[str, Kept] = OrderedDict()
+        self.owners = SlotOwners(slots, SCRATCH, self.thinker_cache)
         #: Prompt positions whose prefill a kept cache spared, in all: the thinker's, the talker's.
         self.reused = 0
         self.talker_reused = 0
@@ -132,14 +131,18 @@ class OmniEngine:
     @property
     def free(self) -> list[int]:
         """The slots a new call may take: unused ones, and kept ones (the oldest is given up)."""
-        return self._free + [kept.slot for kept in self.kept.values()]
+        return self.owners.free
+
+    @property
+    def kept(self) -> OrderedDict[str, Kept]:
+        """Finished conversations' slots, least recently finished first
+        (``Request.conversation``)."""
+        return self.owners.kept
 
     def forget(self, conversation: str) -> None:
         """Give up ``conversation``'s kept cache (its call has ended), and keep none of a reply
         of it still under way (one cancelled ends at the next step)."""
-        kept = self.kept.pop(conversation, None)
-        if kept is not None:
-            self._free.append(kept.slot)
+        self.owners.forget(conversation)
         for row in self.rows.values():
             if row.request.conversation == conversation:
                 row.prompt = row.talker_prompt = None
@@ -159,10 +162,7 @@ class OmniEngine:
         row still prefilling has made nothing yet: it goes at once, unreported (what its slot
         holds is kept for its conversation's next turn, as a finished reply's is)."""
         if row in self.prefills:
-            state = self.prefills[row]
-            self._drop(state)
-            if state.request.conversation is not None:
-                self._keep_prefilled(state)
+            self.owners.finish_prefill(self.prefills.pop(row))
             return
         if row not in self.rows:
             raise KeyError(f"no row {row} is generating")
@@ -176,7 +176,7 @@ class OmniEngine:
             del self.rows[row.id]
             if row.request.conversation is not None:
                 self.forget(row.request.conversation)
-            self._free.append(row.slot)
+            self.owners.release(row.slot)
 
     @torch.inference_mode()
     def add(self, request: Request) -> int:
@@ -194,13 +194,7 @@ class OmniEngine:
         if not self.free:
             raise RuntimeError(f"all {self.max_rows} slots are generating")
         inputs = prompt_inputs(request, self.config, self.device, self.thinker.dtype)
-        kept = self.kept.pop(request.conversation, None) if request.conversation else None
-        if kept is not None:
-            slot = kept.slot
-        elif self._free:
-            slot = self._free.pop()
-        else:
-            slot = self.kept.popitem(last=False)[1].slot  # the longest unused conversation's
+        slot, kept = self.owners.take(request.conversation)
         self._next_id += 1
         self.prefills[self._next_id] = Prefilling(self._next_id, slot, request, inputs, kept=kept)
         return self._next_id
@@ -294,40 +288,9 @@ class OmniEngine:
         self._ends_text(row, token)
         return row
 
-    def _keep(self, row: Row) -> None:
-        """Leave ``row``'s caches in its slot for its conversation's next turn."""
-        assert row.request.conversation is not None and row.prompt is not None
-        held = self.thinker_cache.host_lengths[row.slot]
-        kept = Kept.of(row.slot, row.prompt, row.made, held, row.talker_prompt)
-        self._hold(row.request.conversation, kept)
-
-    def _hold(self, conversation: str, kept: Kept) -> None:
-        # What an older reply of the conversation left (one that began while it was ending) is
-        # replaced; a reply of it still under way is not touched.
-        older = self.kept.pop(conversation, None)
-        if older is not None:
-            self._free.append(older.slot)
-        self.kept[conversation] = kept
-
-    def _keep_prefilled(self, state: Prefilling) -> None:
-        """Keep what a cancelled prefill's slot holds: the conversation's kept cache as it was,
-        if the new prompt has not touched it yet, else the new prompt's positions prefilled so
-        far (a caller who barges in just after a turn would otherwise have the whole
-        conversation prefilled again)."""
-        conversation = state.request.conversation
-        assert conversation is not None
-        if state.thinker is None:
-            kept = state.kept
-        else:
-            held = self.thinker_cache.host_lengths[state.slot]
-            kept = Kept.of(state.slot, state.thinker, [], held, None) if held else None
-        if kept is not None:
-            self._free.remove(state.slot)  # _drop freed it
-            self._hold(conversation, kept)
-
     def _drop(self, state: Prefilling) -> None:
         del self.prefills[state.id]
-        self._free.append(state.slot)
+        self.owners.release(state.slot)
 
     def _ends_text(self, row: Row, token: int) -> bool:
         """Whether ``token`` is the row's last text token; marks the row when it is."""
@@ -372,10 +335,7 @@ class OmniEngine:
 
     def _release(self, row: Row) -> None:
         del self.rows[row.id]
-        if row.prompt is not None:
-            self._keep(row)
-        else:
-            self._free.append(row.slot)
+        self.owners.finish(row)
 
     def _step(self, thinking: list[Row], speaking: list[Row], results: dict[int, RowStep]) -> None:
         shape, (ints, floats) = self.layout.plan(thinking, speaking)

@@ -9,10 +9,8 @@ done once the model has finished it and its last sample has been played.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 from msgspec import UnsetType
@@ -22,36 +20,22 @@ from s2s.backends import Backend, ModelStream, ResponseRequest, Steering, StepRe
 from s2s.metrics import CallMetrics
 from s2s.protocol.client_events import ConversationItemTruncate, ResponseParams
 from s2s.protocol.ids import new_id
-from s2s.protocol.items import FunctionCallItem, Item, MessageItem, OutputAudio, OutputText
+from s2s.protocol.items import Item, MessageItem, OutputAudio
 from s2s.protocol.server_events import (
-    ConversationItemDone,
     ConversationItemTruncated,
     Error,
     ErrorDetail,
-    FunctionCallArgumentsDelta,
-    FunctionCallArgumentsDone,
     OutputAudioBufferCleared,
     OutputAudioBufferStarted,
     OutputAudioBufferStopped,
-    OutputAudioDone,
-    OutputTextDelta,
-    OutputTextDone,
-    Response,
-    ResponseContentPartAdded,
-    ResponseContentPartDone,
     ResponseCreated,
     ResponseDone,
-    ResponseOutputItemAdded,
-    ResponseOutputItemDone,
-    ResponsePart,
     ResponseSteered,
     ServerEvent,
-    StatusDetails,
     StatusError,
-    TranscriptDelta,
-    TranscriptDone,
 )
 from s2s.protocol.session_config import SessionConfig
+from s2s.realtime.active_response import ActiveResponse
 from s2s.realtime.conversation import Conversation, RequestError
 from s2s.tools import ToolError, allowed_tools, take_tools
 
@@ -61,24 +45,6 @@ _SAMPLES_PER_MS = WEBRTC_RATE // 1000
 #: Replies whose word timings are kept for conversation.item.truncate (a conversation holds 500
 #: items).
 _TIMELINES = 500
-
-
-@dataclass(eq=False)
-class ActiveResponse:
-    id: str
-    metadata: dict[str, object] | None
-    modalities: list[str]
-    item: MessageItem | None = None  # the spoken (or text) message, once it has begun
-    outputs: list[Item] = field(default_factory=list)  # in output_index order
-    start_pos: int | None = None  # playback position of its first sample
-    end_pos: int = 0  # playback position after its last queued sample
-    markers: collections.deque[tuple[int, str]] = field(default_factory=collections.deque)
-    timeline: list[tuple[int, str]] = field(default_factory=list)  # (ms into the item, text)
-    spoken: list[str] = field(default_factory=list)
-    generated: bool = False
-    playing: bool = False
-    requested_at: float | None = None  # loop time the caller's turn ended, for turn latency
-    previous: dict[str, str | None] = field(default_factory=dict)  # item id -> the one before
 
 
 class Responses:
@@ -134,7 +100,7 @@ class Responses:
 
     def tool_called(self, response_id: str, name: str, arguments: str) -> None:
         if self.active is not None and self.active.id == response_id:
-            self._call_tool(self.active, name, arguments)
+            self.active.call_tool(name, arguments, self._send, self._add_item)
 
     def failed(self, response_id: str, message: str) -> None:
         """The model could not go on with ``response_id``: what of it has not played yet is
@@ -166,12 +132,12 @@ class Responses:
         if r is None or r.id != result.response_id:
             return  # output of a response that was cancelled while this step ran
         if r.item is None and (audio.size or result.text):
-            self._open_message(r)
+            r.open_message(self._send, self._add_item)
         pos = self._speaker.played_samples + self._speaker.queued_samples
         if r.start_pos is None and (audio.size or result.text):
             r.start_pos = pos
         if result.text and "audio" not in r.modalities:
-            self._emit_text(r, result.text)
+            r.emit_text(result.text, self._send)
         elif result.text:
             r.markers.append((pos, result.text))
             start = pos if r.start_pos is None else r.start_pos
@@ -195,7 +161,7 @@ class Responses:
             self._send(OutputAudioBufferStarted(response_id=r.id))
         # A piece of text goes out once the first sample it belongs to has been played.
         while r.markers and r.markers[0][0] < played:
-            self._emit_text(r, r.markers.popleft()[1])
+            r.emit_text(r.markers.popleft()[1], self._send)
         if r.generated and played >= r.end_pos:
             self._complete(r)
 
@@ -203,7 +169,7 @@ class Responses:
         """``r``, generated whole, is done: the rest of its text, then ``response.done``, then
         (once its audio has played: ``drained``) ``output_audio_buffer.stopped``."""
         while r.markers:
-            self._emit_text(r, r.markers.popleft()[1])
+            r.emit_text(r.markers.popleft()[1], self._send)
         self._finish("completed")
         if not r.playing:
             return
@@ -275,9 +241,9 @@ class Responses:
         r = ActiveResponse(id=response_id or new_id("resp"), metadata=params.metadata,
                            modalities=list(modalities))  # fmt: skip
         self.active, self.last_id = r, r.id
-        self._send(ResponseCreated(response=self._response(r, "in_progress")))
+        self._send(ResponseCreated(response=r.response("in_progress")))
         if message:
-            self._open_message(r)
+            r.open_message(self._send, self._add_item)
         self._watching.set()
         return r
 
@@ -298,7 +264,7 @@ class Responses:
         r.end_pos = min(r.end_pos, played)
         # A piece whose first sample is at ``played`` was flushed unheard.
         while r.markers and r.markers[0][0] < played:
-            self._emit_text(r, r.markers.popleft()[1])
+            r.emit_text(r.markers.popleft()[1], self._send)
         r.markers.clear()
         if r.playing or dropped:
             self._send(OutputAudioBufferCleared(response_id=r.id))
@@ -338,48 +304,7 @@ class Responses:
             ConversationItemTruncated(item_id=item_id, content_index=index, audio_end_ms=end)
         )
 
-    # -- the events of one response ----------------------------------------------------------
-
-    def _open_message(self, r: ActiveResponse) -> None:
-        text_only = "audio" not in r.modalities
-        part: OutputAudio | OutputText = OutputText(text="") if text_only else OutputAudio()
-        item = MessageItem(id=new_id("item"), role="assistant", status="in_progress", content=[])
-        assert item.id is not None
-        r.item = item
-        index = len(r.outputs)
-        r.outputs.append(item)
-        self._send(ResponseOutputItemAdded(response_id=r.id, output_index=index, item=item))
-        r.previous[item.id] = self._add_item(item)
-        self._send(ResponseContentPartAdded(
-            response_id=r.id, item_id=item.id, output_index=index, content_index=0,
-            part=ResponsePart.of(part),
-        ))  # fmt: skip
-
-    def _call_tool(self, r: ActiveResponse, name: str, arguments: str) -> None:
-        """Add the model's call of ``name`` to the response, as OpenAI streams one."""
-        item = FunctionCallItem(
-            id=new_id("item"), call_id=new_id("call"), name=name, status="in_progress"
-        )
-        assert item.id is not None
-        index = len(r.outputs)
-        r.outputs.append(item)
-        self._send(ResponseOutputItemAdded(response_id=r.id, output_index=index, item=item))
-        previous = self._add_item(item)  # sent as it is now: the stored item is completed below
-        ids = {"response_id": r.id, "item_id": item.id, "output_index": index,
-               "call_id": item.call_id}  # fmt: skip
-        self._send(FunctionCallArgumentsDelta(delta=arguments, **ids))  # type: ignore[arg-type]
-        self._send(FunctionCallArgumentsDone(name=name, arguments=arguments, **ids))  # type: ignore[arg-type]
-        item.arguments, item.status = arguments, "completed"
-        self._send(ResponseOutputItemDone(response_id=r.id, output_index=index, item=item))
-        self._send(ConversationItemDone(item=item, previous_item_id=previous))
-
-    def _emit_text(self, r: ActiveResponse, text: str) -> None:
-        r.spoken.append(text)
-        assert r.item is not None and r.item.id is not None
-        ids = {"response_id": r.id, "item_id": r.item.id,
-               "output_index": r.outputs.index(r.item), "content_index": 0}  # fmt: skip
-        delta = TranscriptDelta if "audio" in r.modalities else OutputTextDelta
-        self._send(delta(delta=text, **ids))  # type: ignore[arg-type]
+    # -- the end of a response ---------------------------------------------------------------
 
     def _finish(
         self, status: str, reason: str | None = None, error: StatusError | None = None
@@ -388,47 +313,14 @@ class Responses:
         assert r is not None
         self.active = None
         self._touch()
-        if r.item is not None:
-            self._finish_message(r, r.item, status)
-        self._send(ResponseDone(response=self._response(r, status, reason, error)))
-
-    def _finish_message(self, r: ActiveResponse, item: MessageItem, status: str) -> None:
-        assert item.id is not None
-        transcript = "".join(r.spoken)
-        part: OutputAudio | OutputText = (
-            OutputAudio(transcript=transcript) if "audio" in r.modalities
-            else OutputText(text=transcript)
-        )  # fmt: skip
-        item.content = [part]
-        item.status = "completed" if status == "completed" else "incomplete"
-        index = r.outputs.index(item)
-        ids = {"response_id": r.id, "item_id": item.id, "output_index": index, "content_index": 0}
-        if isinstance(part, OutputAudio):
-            self._send(OutputAudioDone(**ids))  # type: ignore[arg-type]
-            self._send(TranscriptDone(transcript=transcript, **ids))  # type: ignore[arg-type]
-        else:
-            self._send(OutputTextDone(text=transcript, **ids))  # type: ignore[arg-type]
-        self._send(ResponseContentPartDone(part=ResponsePart.of(part), **ids))  # type: ignore[arg-type]
-        self._send(ResponseOutputItemDone(response_id=r.id, output_index=index, item=item))
-        self._send(ConversationItemDone(item=item, previous_item_id=r.previous.get(item.id)))
-        start = r.start_pos if r.start_pos is not None else r.end_pos
-        self._timelines[item.id] = (r.timeline, max(0, r.end_pos - start) // _SAMPLES_PER_MS)
-        while len(self._timelines) > _TIMELINES:  # the oldest replies' items have left by now
-            del self._timelines[next(iter(self._timelines))]
-
-    def _response(
-        self, r: ActiveResponse, status: str, reason: str | None = None,
-        error: StatusError | None = None,
-    ) -> Response:  # fmt: skip
-        details = None
-        if status in ("cancelled", "failed", "incomplete"):
-            details = StatusDetails(type=status, reason=reason, error=error)
-        return Response(
-            id=r.id, status=status, status_details=details,  # type: ignore[arg-type]
-            output=list(r.outputs) if status != "in_progress" else [],
-            output_modalities=r.modalities,  # type: ignore[arg-type]
-            metadata=r.metadata,
-        )  # fmt: skip
+        if (item := r.item) is not None:
+            assert item.id is not None
+            r.finish_message(item, status, self._send)
+            start = r.start_pos if r.start_pos is not None else r.end_pos
+            self._timelines[item.id] = (r.timeline, max(0, r.end_pos - start) // _SAMPLES_PER_MS)
+            while len(self._timelines) > _TIMELINES:  # the oldest replies' items have left by now
+                del self._timelines[next(iter(self._timelines))]
+        self._send(ResponseDone(response=r.response(status, reason, error)))
 
 
 def voice_speed(params: ResponseParams) -> tuple[str | None, float | None]:

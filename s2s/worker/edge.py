@@ -26,7 +26,6 @@ from s2s.backends.base import NoCapacity
 from s2s.backends.moshi import MoshiBackend, MoshiStream
 from s2s.backends.qwen3_omni import Qwen3OmniBackend, Qwen3OmniStream
 from s2s.worker import cluster
-from s2s.worker.cluster import Placement, WorkerState
 from s2s.worker.handle import ClusterUnavailable
 from s2s.worker.messages import (
     Change,
@@ -38,6 +37,7 @@ from s2s.worker.messages import (
     result_decoder,
 )
 from s2s.worker.process import WorkerError
+from s2s.worker.registry import Placement, WorkerState
 
 log = logging.getLogger(__name__)
 
