@@ -66,11 +66,14 @@ class OfferError(ValueError):
     """The SDP offer cannot be answered; the message says why."""
 
 
-def check_offer_size(offer_sdp: str) -> None:
+def check_offer(offer_sdp: str) -> None:
     """Refuse (``OfferError``) an offer of more sections or candidates than a call uses, before
     aiortc parses it: each section gets a receiver (with a decoder thread), and each candidate
-    connectivity checks sent to whatever address it names."""
+    connectivity checks sent to whatever address it names; and one with no DTLS fingerprint,
+    which aiortc would answer and then fail on, leaving the call to wait out its peer timeout."""
     lines = offer_sdp.splitlines()
+    if not any(line.startswith("a=fingerprint:") for line in lines):
+        raise OfferError("the offer has no DTLS fingerprint (a=fingerprint)")
     sections = sum(line.startswith("m=") for line in lines)
     offered = [line for line in lines if line.startswith("a=candidate:")]
     # A client that does not trickle repeats its candidates in every section; with the sections

@@ -51,7 +51,7 @@ from s2s.rtc import (
     MAX_CALL_SOURCES,
     OfferError,
     VoiceInput,
-    check_offer_size,
+    check_offer,
     close_transports,
     prefer_red,
     receive_one_of_each,
@@ -138,7 +138,7 @@ class Session:
 
     async def accept(self, offer_sdp: str) -> str:
         """Apply the caller's offer and return the SDP answer, or raise ``OfferError``."""
-        check_offer_size(offer_sdp)
+        check_offer(offer_sdp)
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
         except Exception as exc:  # aiortc raises ValueError, KeyError, IndexError... on bad SDP

@@ -395,3 +395,19 @@ async def test_broken_headers_and_bodies_get_json_errors_not_500(start_server: S
         async with http.delete(server.url + CALLS) as r:
             assert r.status == 405 and (await r.json())["error"]["code"] == "method_not_allowed"
             assert "POST" in r.headers["Allow"]
+
+
+@pytest.mark.parametrize("broken", ["no-fingerprint", "no-known-codec"])
+async def test_an_offer_no_call_could_come_of_is_400(server: Server, broken: str) -> None:
+    """An offer with no DTLS fingerprint, or whose audio has no codec s2s speaks, is refused
+    (each was answered 201, and the call held its place until the peer timeout)."""
+    sdp = await offer("sendrecv")
+    if broken == "no-fingerprint":
+        sdp = re.sub(r"a=fingerprint:[^\r\n]*\r\n", "", sdp)
+    else:
+        sdp = re.sub(r"a=(rtpmap|fmtp|rtcp-fb):[^\r\n]*\r\n", "", sdp)
+        sdp = re.sub(r"(m=audio \S+ \S+)( \d+)+", r"\1 96", sdp)
+    status, _, text = await post(server.url + CALLS, sdp, **{"Content-Type": "application/sdp"})
+    assert status == 400, text
+    assert (await _json(text))["error"]["code"] == "invalid_offer"
+    assert len(server.registry) == 0
