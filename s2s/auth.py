@@ -26,6 +26,8 @@ SECRET_PREFIX = "ek_"
 DEFAULT_SECRET_TTL_S = 600
 MAX_SECRET_TTL_S = 7200
 _MAX_LIVE_SECRETS = 10_000
+#: The bytes of all live secrets' sessions (each may be 256 KiB: 10,000 of them were 2.5 GB).
+_MAX_LIVE_BYTES = 64 * 1024 * 1024
 
 
 def is_client_secret(token: str | None) -> bool:
@@ -38,6 +40,7 @@ class ClientSecret:
     expires_at: int  # unix seconds
     session: SessionPatch
     owner: str  # the server key that minted it (for sideband ownership)
+    size: int = 0  # bytes of its session, as kept
 
 
 @dataclass(eq=False)
@@ -69,15 +72,19 @@ class Keys:
         return match
 
     def mint(self, owner: str, session: SessionPatch, ttl_s: int) -> ClientSecret:
-        live = self._expire()
+        live, held = self._expire()
         if live >= _MAX_LIVE_SECRETS:
             raise OverflowError("too many live client secrets")
+        size = len(msgspec.json.encode(session))
+        if held + size > _MAX_LIVE_BYTES:
+            raise OverflowError(f"live client secrets' sessions hold {held} bytes")
         ttl = max(10, min(ttl_s, MAX_SECRET_TTL_S))
         secret = ClientSecret(
             value=SECRET_PREFIX + secrets.token_urlsafe(24),
             expires_at=int(time.time()) + ttl,
             session=session,
             owner=owner,
+            size=size,
         )
         if self.shared_dir is None:
             self._secrets[secret.value] = secret
@@ -108,26 +115,26 @@ class Keys:
         else:
             self._store(secret)
 
-    def _expire(self) -> int:
-        """Forget expired secrets; the number still live."""
+    def _expire(self) -> tuple[int, int]:
+        """Forget expired secrets; the number still live, and the bytes of their sessions."""
         now = time.time()
         if self.shared_dir is not None:
-            live = 0
+            live = held = 0
             for entry in os.scandir(self.shared_dir):
                 if entry.name.endswith(".part"):  # being written by a worker right now
                     continue
                 try:
-                    expires_at = entry.stat().st_mtime  # a stored secret's mtime: see _store
+                    stat = entry.stat()  # a stored secret's mtime is its expiry: see _store
                 except FileNotFoundError:  # redeemed by another worker meanwhile
                     continue
-                if expires_at > now:
-                    live += 1
+                if stat.st_mtime > now:
+                    live, held = live + 1, held + stat.st_size
                 else:
                     Path(entry.path).unlink(missing_ok=True)
-            return live
+            return live, held
         for value in [v for v, s in self._secrets.items() if s.expires_at <= now]:
             del self._secrets[value]
-        return len(self._secrets)
+        return len(self._secrets), sum(s.size for s in self._secrets.values())
 
     # -- secrets shared by the workers of one server ----------------------------------------------
 

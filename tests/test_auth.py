@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 
 from tests.conftest import Server, StartServer
@@ -402,3 +404,21 @@ async def test_past_the_live_secrets_cap_minting_is_429_not_500(
     assert statuses == [200, 200, 429]
     _, body = await mint(locked, KEY, {})
     assert body["error"]["code"] == "too_many_client_secrets"
+
+
+@pytest.mark.parametrize("workers", [False, True], ids=["one-process", "shared"])
+def test_live_secrets_are_capped_in_bytes_too(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, workers: bool
+) -> None:
+    """Live secrets' sessions are capped in bytes as well as in number (10,000 of 256 KiB each
+    were 2.5 GB), in one process and as the workers of one server keep them."""
+    from s2s import auth
+
+    monkeypatch.setattr(auth, "_MAX_LIVE_BYTES", 250_000)
+    keys = auth.Keys((KEY,), tmp_path if workers else None)
+    big = msgspec.convert({"instructions": "x" * 100_000}, auth.SessionPatch)
+    for _ in range(2):
+        keys.mint(KEY, big, 60)
+    with pytest.raises(OverflowError):
+        keys.mint(KEY, big, 60)
+    keys.mint(KEY, msgspec.convert({}, auth.SessionPatch), 60)  # a small one still fits
